@@ -1,0 +1,294 @@
+"""Block backends: the storage beneath an export.
+
+Every layer of the data path offers the same small interface (`BlockBackend`), in the
+manner of nbdkit's plugins and filters: the NBD server talks to whatever is at the top,
+the encryption layer (`nbdserver.crypto.XtsLayer`) wraps any backend and is itself one,
+and `FileBackend` at the bottom keeps the bytes in a sparse file.
+
+Conventions every implementation keeps:
+- Ranges are `(offset, length)` in bytes. The caller (the server) has already checked
+  them against `size` and the capabilities; a backend may still refuse with `OSError`.
+- Failures are `OSError` with an errno (EIO, ENOSPC, EPERM, EINVAL, ENOTSUP ...). The
+  server turns the errno into an NBD error once, at its boundary.
+- `nowait=True` asks for the operation only if it can finish without blocking on the
+  disk (Linux RWF_NOWAIT: page-cache hits). A backend that cannot tell raises
+  `BlockingIOError` and the server repeats the call on a worker thread. This lets the
+  event loop answer cached 4 KiB requests inline, with no thread hop, while cold reads
+  never stall other connections.
+- All methods are thread-safe for non-overlapping ranges; the server may run them from
+  several worker threads at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; the server derives the NBD transmission flags from it."""
+
+    writable: bool = True
+    flush: bool = True
+    fua: bool = True
+    trim: bool = True
+    zero: bool = True
+    fast_zero: bool = True
+    cache: bool = True
+    # True only when every client connected to this backend sees every other client's
+    # flushed writes (NBD_FLAG_CAN_MULTI_CONN, doc/proto.md): one shared file descriptor
+    # in one process gives that.
+    multi_conn: bool = True
+    extents: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of bytes with one allocation state (NBD `base:allocation`)."""
+
+    length: int
+    hole: bool = False  # NBD_STATE_HOLE: no storage allocated
+    zero: bool = False  # NBD_STATE_ZERO: reads as zeros
+
+
+class BlockBackend(ABC):
+    """The interface of every layer of the data path."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abstractmethod
+    def pread(self, buf: memoryview, offset: int, *, nowait: bool = False) -> None:
+        """Fill all of `buf` from `offset`."""
+
+    @abstractmethod
+    def pwrite(self, data: memoryview, offset: int, *, fua: bool = False, nowait: bool = False) -> None:
+        """Write all of `data` at `offset`; with `fua`, durable before returning."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every completed write durable (fdatasync)."""
+
+    @abstractmethod
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Hint that the range is unused; it may read back as anything (here: zeros)."""
+
+    @abstractmethod
+    def zero(self, offset: int, length: int, *, may_trim: bool = True, fua: bool = False,
+             fast: bool = False) -> None:
+        """Make the range read as zeros. `may_trim=False` (NBD_CMD_FLAG_NO_HOLE) keeps it
+        allocated. With `fast`, raise OSError(ENOTSUP) rather than fall back to writing
+        zeros (NBD_CMD_FLAG_FAST_ZERO)."""
+
+    @abstractmethod
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Allocation of the range, as consecutive extents starting at `offset`. May
+        describe less than `length` (at least one byte), never more."""
+
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch the range (NBD_CMD_CACHE). Advisory."""
+
+    def close(self) -> None:
+        """Release resources. Idempotent."""
+
+
+def enotsup(what: str) -> OSError:
+    return OSError(errno.ENOTSUP, f"{what} is not supported")
+
+
+# --- fallocate(2): Python exposes only posix_fallocate, not the hole-punching modes.
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def file_extents(fd: int, offset: int, length: int, size: int) -> list[Extent]:
+    """Data/hole runs of a sparse file from SEEK_DATA/SEEK_HOLE (holes read as zeros)."""
+    end = min(offset + length, size)
+    out: list[Extent] = []
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no data after pos, the rest is a hole
+                raise
+            data = end
+        if data > pos:
+            stop = min(data, end)
+            out.append(Extent(stop - pos, hole=True, zero=True))
+            pos = stop
+            continue
+        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        out.append(Extent(hole - pos))
+        pos = hole
+    return out
+
+
+_ZEROS = bytes(1 << 20)
+
+# Writes up to this size may run on the event loop (see FileBackend.pwrite).
+INLINE_WRITE_MAX = 128 * 1024
+
+
+def write_zeros(write, offset: int, length: int) -> None:
+    """Fallback zeroing by writing a shared zero buffer, 1 MiB at a time."""
+    view = memoryview(_ZEROS)
+    while length:
+        n = min(length, len(_ZEROS))
+        write(view[:n], offset)
+        offset += n
+        length -= n
+
+
+class FileBackend(BlockBackend):
+    """A disk kept in a sparse regular file, the bottom of every data path.
+
+    TRIM and WRITE_ZEROES punch holes, FLUSH and FUA reach stable storage with
+    fdatasync (RWF_DSYNC for FUA writes), and block status comes from SEEK_DATA/SEEK_HOLE.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, size: int | None = None, readonly: bool = False):
+        self.path = os.fspath(path)
+        self._readonly = readonly
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        if size is not None and not readonly:
+            flags |= os.O_CREAT
+        self._fd = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
+        if size is not None and not readonly and os.fstat(self._fd).st_size != size:
+            os.ftruncate(self._fd, size)
+        self._size = os.fstat(self._fd).st_size
+        self._nowait_ok = True  # cleared if the kernel/filesystem rejects RWF_NOWAIT
+        self._closed = threading.Event()
+        self._caps = Capabilities(
+            writable=not readonly, flush=not readonly, fua=not readonly,
+            trim=not readonly, zero=not readonly, fast_zero=not readonly,
+        )
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def pread(self, buf, offset, *, nowait=False):
+        buf = memoryview(buf).cast("B")
+        flags = 0
+        if nowait:
+            if not self._nowait_ok:
+                raise BlockingIOError(errno.EAGAIN, "nowait unsupported")
+            flags = os.RWF_NOWAIT
+        done = 0
+        total = len(buf)
+        while done < total:
+            try:
+                n = os.preadv(self._fd, [buf[done:]], offset + done, flags)
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP and nowait:
+                    self._nowait_ok = False
+                    raise BlockingIOError(errno.EAGAIN, "nowait unsupported") from None
+                raise
+            if n == 0:  # beyond the end of the file: zeros, like a hole
+                buf[done:] = bytes(total - done)
+                return
+            done += n
+
+    def pwrite(self, data, offset, *, fua=False, nowait=False):
+        if self._readonly:
+            raise OSError(errno.EPERM, "read-only")
+        data = memoryview(data).cast("B")
+        if nowait and (fua or len(data) > INLINE_WRITE_MAX):
+            raise BlockingIOError(errno.EAGAIN, "large or FUA write: use a worker")
+        # Buffered RWF_NOWAIT writes are not supported by ext4 (EOPNOTSUPP, seen on 6.18),
+        # so a small buffered write is taken as cheap: it lands in the page cache and
+        # blocks only under writeback throttling, which then slows every client alike.
+        flags = os.RWF_DSYNC if fua else 0
+        done = 0
+        while done < len(data):
+            done += os.pwritev(self._fd, [data[done:]], offset + done, flags)
+
+    def flush(self):
+        os.fdatasync(self._fd)
+
+    def trim(self, offset, length, *, fua=False):
+        if self._readonly:
+            raise OSError(errno.EPERM, "read-only")
+        try:
+            punch_hole(self._fd, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # TRIM is advisory (doc/proto.md): doing nothing is correct.
+        if fua:
+            self.flush()
+
+    def zero(self, offset, length, *, may_trim=True, fua=False, fast=False):
+        if self._readonly:
+            raise OSError(errno.EPERM, "read-only")
+        try:
+            if may_trim:
+                punch_hole(self._fd, offset, length)
+            else:
+                zero_range(self._fd, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            if fast:
+                raise enotsup("fast zeroing") from None
+            write_zeros(lambda d, o: self.pwrite(d, o), offset, length)
+        if fua:
+            self.flush()
+
+    def block_status(self, offset, length):
+        return file_extents(self._fd, offset, length, self._size)
+
+    def cache(self, offset, length):
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def close(self):
+        if not self._closed.is_set():
+            self._closed.set()
+            os.close(self._fd)
+
+
+def iter_chunks(offset: int, length: int, chunk: int) -> Iterable[tuple[int, int]]:
+    end = offset + length
+    while offset < end:
+        n = min(chunk, end - offset)
+        yield offset, n
+        offset += n

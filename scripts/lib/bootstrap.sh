@@ -1,0 +1,52 @@
+# Sourced by scripts/demo, scripts/test, scripts/bench: makes this machine ready to run the project.
+# Idempotent: Debian packages are installed only when missing, the venv is made once, and the
+# editable install is redone only when the build inputs change (a stamp of their hash).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="$ROOT/.venv"
+
+# Debian packages the project and its real-client tests use.
+DEB_PACKAGES=(
+    python3 python3-venv python3-dev python3-libnbd gcc libssl-dev
+    libnbd-bin fuse3 qemu-utils fio nbdkit nbd-client
+    e2fsprogs util-linux cryptsetup-bin openssl kmod iproute2 procps
+)
+
+bootstrap_debs() {
+    local missing=()
+    for p in "${DEB_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
+        if [ "$(id -u)" -ne 0 ]; then
+            echo "bootstrap: need root to install Debian packages" >&2; return 1
+        fi
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    fi
+}
+
+bootstrap_venv() {
+    # Debian's python3 because python3-libnbd is built for it; --system-site-packages to import `nbd`.
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "bootstrap: creating $VENV" >&2
+        /usr/bin/python3 -m venv --system-site-packages "$VENV"
+    fi
+    local stamp="$VENV/.install-stamp" want
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT"/setup.py "$ROOT"/nbdserver/crypto/*.c 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        echo "bootstrap: installing the project into $VENV" >&2
+        "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+        (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -e '.[test]' >&2)
+        echo "$want" > "$stamp"
+    fi
+    export PATH="$VENV/bin:$PATH"
+}
+
+bootstrap() {
+    bootstrap_debs
+    bootstrap_venv
+}
