@@ -36,7 +36,8 @@ bootstrap_venv() {
         /usr/bin/python3 -m venv --system-site-packages "$VENV"
     fi
     local stamp="$VENV/.install-stamp" want
-    want="$(cat "$ROOT/pyproject.toml" "$ROOT"/setup.py "$ROOT"/nbdserver/crypto/*.c 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    # The build inputs: a change to any of them re-runs the editable install (and the C build).
+    want="$(cd "$ROOT" && cat pyproject.toml $(ls setup.py nbdserver/crypto/*.c 2>/dev/null) | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "bootstrap: installing the project into $VENV" >&2
         "$VENV/bin/python" -m pip install -q --upgrade pip >&2
