@@ -1,0 +1,66 @@
+"""What every operation of the service shares: the store, the clock, who may
+touch a vault, and how a change and its events are committed together."""
+from contextlib import contextmanager
+from typing import Callable
+
+from . import policies
+from .clock import Clock, system_clock
+from .errors import Forbidden, NotFound, Unauthorized
+from .events import Event
+from .identities import Caller
+from .names import check_vault_name
+from .vaults import Vault, VaultState
+
+
+class ServiceCore:
+    def __init__(self, store, clock: Clock = system_clock, base_url: str = "http://127.0.0.1"):
+        self.store = store
+        self.clock = clock
+        self.base_url = base_url.rstrip("/")
+        self.notify: Callable[[int], None] = lambda seq: None  # set by the API: wakes subscribers
+
+    def kid(self, vault: str, name: str, version: str | None = None) -> str:
+        kid = f"{self.base_url}/vaults/{vault}/keys/{name}"
+        return f"{kid}/{version}" if version else kid
+
+    @contextmanager
+    def _change(self):
+        """One transaction for a change and the events describing it; subscribers
+        are woken only after the commit, so they never see an uncommitted change."""
+        pending: list[Event] = []
+        with self.store.transaction():
+            yield pending
+            for e in pending:
+                e.seq = self.store.add_event(e)
+        if pending:
+            self.notify(pending[-1].seq)
+
+    def _event(self, type_: str, vault: str, key=None, version=None, object_id=None) -> Event:
+        kid = self.kid(vault, key, version) if key else None
+        return Event(type=type_, vault=vault, key=key, version=version, kid=kid,
+                     objectId=object_id, time=self.clock())
+
+    def _vault(self, caller: Caller, name: str, *, deleted: bool = False) -> Vault:
+        """The vault in the expected state, visible to the caller's tenant."""
+        check_vault_name(name)
+        vault = self.store.vault(name)
+        wanted = VaultState.SOFT_DELETED if deleted else VaultState.ACTIVE
+        if vault is None or vault.state is not wanted:
+            what = "deleted vault" if deleted else "vault"
+            raise NotFound(f"The {what} '{name}' was not found", code="VaultNotFound")
+        if vault.tenant_id != caller.tenant_id:
+            # Key Vault answers a token from another tenant with 401 (AKV10032).
+            raise Unauthorized(f"The token's tenant '{caller.tenant_id}' is not the tenant of "
+                               f"key vault '{name}'")
+        return vault
+
+    def _require(self, caller: Caller, vault: Vault, permission: str) -> None:
+        policies.require(self.store.policies(vault.name), caller.object_id, vault.name, permission)
+
+    def _manage(self, caller: Caller, vault: Vault, action: str) -> None:
+        """Management-plane rights (delete, recover, purge, policies): the vault's
+        creator, or an admin of its tenant. Access policies govern keys only."""
+        if caller.object_id != vault.owner and not caller.is_admin:
+            raise Forbidden(f"The user, group or application '{caller.object_id}' may not "
+                            f"{action} key vault '{vault.name}': only its owner or an admin can",
+                            permission=f"vaults/{action}")

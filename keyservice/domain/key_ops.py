@@ -1,0 +1,151 @@
+"""Key operations. Each names the access-policy permission it needs, first thing."""
+from . import rsakeys
+from .core import ServiceCore
+from .errors import NotFound
+from .identities import Caller
+from .keys import (KEY_OPS, Attributes, Key, KeyState, KeyVersion, check_not_deleted_name,
+                   new_version_id)
+from .names import check_key_name, check_version
+from .vaults import Vault
+
+
+class KeyOperations(ServiceCore):
+    def _key(self, vault: Vault, name: str, *, deleted: bool = False) -> Key:
+        check_key_name(name)
+        key = self.store.key(vault.name, name)
+        wanted = KeyState.SOFT_DELETED if deleted else KeyState.ACTIVE
+        if key is None or key.state is not wanted:
+            what = "deleted key" if deleted else "key"
+            raise NotFound(f"A {what} with (name/id) {name} was not found in this key vault",
+                           code="KeyNotFound")
+        return key
+
+    def _add_version(self, caller: Caller, vault_name: str, name: str, permission: str,
+                     private, attributes: Attributes | None, event_new: str):
+        """Create, import and rotate all end here: a new version becomes current."""
+        now = self.clock()
+        with self._change() as events:
+            vault = self._vault(caller, vault_name)
+            self._require(caller, vault, permission)
+            check_key_name(name)
+            key = self.store.key(vault_name, name)
+            check_not_deleted_name(key, name)
+            is_new = key is None
+            if is_new:
+                key = Key(vault_name, name, now)
+                self.store.put_key(key)
+            v = KeyVersion(version=new_version_id(), size=private.key_size,
+                           public_der=rsakeys.public_der(private), enabled=True, nbf=None, exp=None,
+                           key_ops=KEY_OPS, created=now, updated=now)
+            if attributes is not None:
+                attributes.apply(v, now)
+            self.store.add_version(key, v, rsakeys.private_der(private))
+            key.versions.append(v)
+            events.append(self._event("key.created" if is_new else event_new, vault_name, name, v.version))
+        return vault, key, v
+
+    def create_key(self, caller: Caller, vault: str, name: str, size=rsakeys.DEFAULT_SIZE,
+                   attributes: Attributes | None = None):
+        self._authorize(caller, vault, "create")
+        private = rsakeys.generate(rsakeys.check_size(size))
+        return self._add_version(caller, vault, name, "create", private, attributes, "key.rotated")
+
+    def import_key(self, caller: Caller, vault: str, name: str, private,
+                   attributes: Attributes | None = None):
+        return self._add_version(caller, vault, name, "import", private, attributes, "key.rotated")
+
+    def rotate_key(self, caller: Caller, vault: str, name: str):
+        v = self._authorize(caller, vault, "rotate")
+        size = self._key(v, name).current.size
+        return self._add_version(caller, vault, name, "rotate", rsakeys.generate(size), None,
+                                 "key.rotated")
+
+    def _authorize(self, caller: Caller, vault: str, permission: str) -> Vault:
+        """Check before slow work (RSA generation), and again inside the transaction."""
+        v = self._vault(caller, vault)
+        self._require(caller, v, permission)
+        return v
+
+    def get_key(self, caller: Caller, vault: str, name: str, version: str | None = None):
+        v = self._authorize(caller, vault, "get")
+        if version:
+            check_version(version)
+        key = self._key(v, name)
+        return v, key, key.version(version)
+
+    def list_keys(self, caller: Caller, vault: str, deleted: bool = False):
+        v = self._authorize(caller, vault, "list")
+        return v, [self.store.key(vault, n) for n in self.store.key_names(vault, deleted)]
+
+    def list_versions(self, caller: Caller, vault: str, name: str):
+        v = self._authorize(caller, vault, "list")
+        return v, self._key(v, name)
+
+    def update_key(self, caller: Caller, vault: str, name: str, version: str | None,
+                   attributes: Attributes):
+        if version:
+            check_version(version)
+        with self._change() as events:
+            v = self._authorize(caller, vault, "update")
+            key = self._key(v, name)
+            kv = key.version(version)
+            before = (kv.enabled, kv.nbf, kv.exp, kv.key_ops)
+            attributes.apply(kv, self.clock())
+            self.store.put_version_attributes(key, kv)
+            if kv.enabled != before[0]:
+                events.append(self._event("key.enabled" if kv.enabled else "key.disabled",
+                                          vault, name, kv.version))
+            if (kv.nbf, kv.exp, kv.key_ops) != before[1:]:
+                events.append(self._event("key.updated", vault, name, kv.version))
+        return v, key, kv
+
+    def _usable(self, caller: Caller, vault: str, name: str, version: str | None, op: str):
+        if version:
+            check_version(version)
+        v = self._authorize(caller, vault, op)
+        key = self._key(v, name)
+        kv = key.version(version)
+        kv.check_usable(op, self.clock())
+        return key, kv
+
+    def wrap(self, caller: Caller, vault: str, name: str, version: str | None, alg, value: bytes):
+        rsakeys.check_alg(alg)
+        key, kv = self._usable(caller, vault, name, version, "wrapKey")
+        wrapped = rsakeys.wrap(rsakeys.load_public_der(kv.public_der), alg, value)
+        return self.kid(vault, name, kv.version), wrapped
+
+    def unwrap(self, caller: Caller, vault: str, name: str, version: str | None, alg, value: bytes):
+        rsakeys.check_alg(alg)
+        key, kv = self._usable(caller, vault, name, version, "unwrapKey")
+        private = rsakeys.load_private_der(self.store.private_der(vault, name, kv.version))
+        return self.kid(vault, name, kv.version), rsakeys.unwrap(private, alg, value)
+
+    def delete_key(self, caller: Caller, vault: str, name: str):
+        with self._change() as events:
+            v = self._authorize(caller, vault, "delete")
+            key = self._key(v, name)
+            key.soft_delete(self.clock(), v.retention_days)
+            self.store.put_key(key)
+            events.append(self._event("key.deleted", vault, name))
+        return v, key
+
+    def get_deleted_key(self, caller: Caller, vault: str, name: str):
+        v = self._authorize(caller, vault, "get")
+        return v, self._key(v, name, deleted=True)
+
+    def recover_key(self, caller: Caller, vault: str, name: str):
+        with self._change() as events:
+            v = self._authorize(caller, vault, "recover")
+            key = self._key(v, name, deleted=True)
+            key.recover()
+            self.store.put_key(key)
+            events.append(self._event("key.recovered", vault, name))
+        return v, key, key.current
+
+    def purge_key(self, caller: Caller, vault: str, name: str) -> None:
+        with self._change() as events:
+            v = self._authorize(caller, vault, "purge")
+            key = self._key(v, name, deleted=True)
+            key.check_purge(self.clock(), v.purge_protection)
+            self.store.purge_key(vault, name)
+            events.append(self._event("key.purged", vault, name))

@@ -1,0 +1,116 @@
+"""The key service as one object: the directory, tokens, vaults, keys, audit
+and the change stream. The API and the CLI talk only to this."""
+import uuid
+
+from .errors import BadRequest, Forbidden, NotFound, Unauthorized
+from .identities import Caller, Identity, check_new_identity, new_identity
+from .key_ops import KeyOperations
+from .vault_ops import VaultOperations
+
+_DUMMY = Identity("", "", "", "", "", (), b"\x00" * 32, 0.0)
+
+
+class KeyService(VaultOperations, KeyOperations):
+    def __init__(self, store, signer, clock=None, base_url: str = "http://127.0.0.1"):
+        kwargs = {"clock": clock} if clock else {}
+        super().__init__(store, base_url=base_url, **kwargs)
+        self.signer = signer
+        with store.transaction():
+            tenant = store.meta("home_tenant")
+            if tenant is None:
+                tenant = str(uuid.uuid4())
+                store.set_meta("home_tenant", tenant)
+        self.home_tenant = tenant
+
+    def bootstrap_admin(self) -> tuple[Identity, str] | None:
+        """On first start only: the admin identity, whose secret the caller writes
+        to DATA_DIR/admin.credential. Later starts return None."""
+        with self.store.transaction():
+            if self.store.meta("admin_object_id") is not None:
+                return None
+            ident, secret = new_identity("admin", "user", ("admin",), self.home_tenant, self.clock())
+            self.store.add_identity(ident)
+            self.store.set_meta("admin_object_id", ident.object_id)
+        return ident, secret
+
+    # -- directory and tokens --
+    def create_identity(self, caller: Caller, display_name, type_="managedIdentity", roles=(),
+                        tenant_id=None) -> tuple[Identity, str]:
+        check_new_identity(caller, display_name, type_, roles, tenant_id)
+        ident, secret = new_identity(display_name, type_, roles, tenant_id or caller.tenant_id,
+                                     self.clock())
+        with self.store.transaction():
+            self.store.add_identity(ident)
+        return ident, secret
+
+    def issue_token(self, client_id, client_secret) -> tuple[str, int, Identity]:
+        if not isinstance(client_id, str) or not isinstance(client_secret, str):
+            raise BadRequest("client_id and client_secret are required strings")
+        ident = self.store.identity_by_client_id(client_id)
+        # Compare against a dummy when the client is unknown, so timing does not
+        # tell an attacker which client ids exist.
+        ok = (ident or _DUMMY).secret_matches(client_secret) and ident is not None
+        if not ok:
+            raise Unauthorized("Invalid client id or client secret", code="Unauthorized")
+        token, exp = self.signer.issue(ident.object_id, ident.tenant_id, ident.roles, self.clock())
+        return token, exp, ident
+
+    def authenticate(self, token: str) -> Caller:
+        return self.signer.verify(token, self.clock())
+
+    # -- audit --
+    def record(self, entry: dict) -> None:
+        """Append to the vault's chain when the call named an existing vault, else
+        to the service chain (""), so made-up names cannot create chains."""
+        vault = entry.get("vault")
+        chain = vault if vault and self.store.vault(vault) is not None else ""
+        self.store.append_audit(chain, entry)
+
+    def _audit_chain(self, caller: Caller, vault: str | None) -> str:
+        if not vault:
+            if not caller.is_admin:
+                raise Forbidden("Only an admin may read the service audit chain", permission="audit")
+            return ""
+        v = self.store.vault(vault)
+        if v is None:
+            if not caller.is_admin:
+                raise NotFound(f"The vault '{vault}' was not found", code="VaultNotFound")
+        elif v.tenant_id != caller.tenant_id:
+            raise Unauthorized(f"The token's tenant is not the tenant of key vault '{vault}'")
+        elif not caller.is_admin and caller.object_id != v.owner:
+            raise Forbidden(f"The user, group or application '{caller.object_id}' may not read "
+                            f"the audit log of key vault '{vault}'", permission="audit")
+        return vault
+
+    def audit_entries(self, caller: Caller, vault: str | None, limit: int = 1000, after: int = 0):
+        return self.store.audit_entries(self._audit_chain(caller, vault), limit, after)
+
+    def verify_audit(self, caller: Caller, vault: str | None):
+        return self.store.verify_audit(self._audit_chain(caller, vault))
+
+    # -- change stream --
+    def check_subscriber(self, caller: Caller) -> None:
+        if not (caller.is_admin or caller.is_platform):
+            raise Forbidden(f"The identity '{caller.object_id}' may not follow the change "
+                            "stream: the admin or platform role is required", permission="events")
+
+    def events_after(self, seq: int, limit: int = 500):
+        return self.store.events_after(seq, limit)
+
+    def last_event_seq(self) -> int:
+        return self.store.last_event_seq()
+
+    # -- retention --
+    def sweep(self) -> int:
+        """Purge what has outlived its retention (Key Vault does the same)."""
+        now = self.clock()
+        vaults, keys = self.store.expired_deletions(now)
+        with self._change() as events:
+            for vault, name in keys:
+                if vault not in vaults:
+                    self.store.purge_key(vault, name)
+                    events.append(self._event("key.purged", vault, name))
+            for vault in vaults:
+                self.store.purge_vault(vault)
+                events.append(self._event("vault.purged", vault))
+        return len(vaults) + len(keys)

@@ -1,0 +1,110 @@
+"""Vault and access-policy operations."""
+from . import policies
+from .core import ServiceCore
+from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .identities import Caller
+from .names import check_vault_name
+from .vaults import DEFAULT_RETENTION, Vault, VaultState, check_label, check_retention
+
+
+class VaultOperations(ServiceCore):
+    def create_vault(self, caller: Caller, name, location, subscription,
+                     retention_days=DEFAULT_RETENTION, purge_protection=False) -> Vault:
+        check_vault_name(name)
+        vault = Vault(name=name, tenant_id=caller.tenant_id, subscription=check_label("subscription", subscription),
+                      location=check_label("location", location),
+                      retention_days=check_retention(retention_days), purge_protection=False,
+                      owner=caller.object_id, created=self.clock())
+        vault.enable_purge_protection(purge_protection)
+        with self._change():
+            existing = self.store.vault(name)
+            if existing is not None and existing.state is VaultState.SOFT_DELETED:
+                raise Conflict(f"Vault '{name}' is in a deleted but recoverable state; recover "
+                               "or purge it before reusing its name")
+            if existing is not None:
+                raise Conflict(f"Vault name '{name}' is already in use")
+            self.store.put_vault(vault)
+            # Like Key Vault's portal: the creator gets every key permission by default.
+            self.store.set_policy(name, caller.object_id, policies.KEY_PERMISSIONS)
+        return vault
+
+    def get_vault(self, caller: Caller, name: str) -> tuple[Vault, dict]:
+        vault = self._vault(caller, name)
+        pols = self.store.policies(name)
+        if caller.object_id != vault.owner and not caller.is_admin and caller.object_id not in pols:
+            raise Forbidden(f"The user, group or application '{caller.object_id}' has no access "
+                            f"to key vault '{name}'", permission="vaults/read")
+        return vault, pols
+
+    def list_vaults(self, caller: Caller, deleted: bool = False) -> list[Vault]:
+        out = []
+        for v in self.store.vaults():
+            if v.tenant_id != caller.tenant_id or (v.state is VaultState.SOFT_DELETED) != deleted:
+                continue
+            if caller.is_admin or v.owner == caller.object_id or \
+                    (not deleted and caller.object_id in self.store.policies(v.name)):
+                out.append(v)
+        return out
+
+    def update_vault(self, caller: Caller, name: str, purge_protection=None, retention_days=None) -> Vault:
+        with self._change():
+            vault = self._vault(caller, name)
+            self._manage(caller, vault, "update")
+            if retention_days is not None and retention_days != vault.retention_days:
+                raise Conflict("softDeleteRetentionInDays is fixed once the vault is created")
+            if purge_protection is not None:
+                vault.enable_purge_protection(purge_protection)
+            self.store.put_vault(vault)
+        return vault
+
+    def delete_vault(self, caller: Caller, name: str) -> Vault:
+        with self._change() as events:
+            vault = self._vault(caller, name)
+            self._manage(caller, vault, "delete")
+            vault.soft_delete(self.clock())
+            self.store.put_vault(vault)
+            events.append(self._event("vault.deleted", name))
+        return vault
+
+    def get_deleted_vault(self, caller: Caller, name: str) -> Vault:
+        vault = self._vault(caller, name, deleted=True)
+        self._manage(caller, vault, "read")
+        return vault
+
+    def recover_vault(self, caller: Caller, name: str) -> Vault:
+        with self._change() as events:
+            vault = self._vault(caller, name, deleted=True)
+            self._manage(caller, vault, "recover")
+            vault.recover()
+            self.store.put_vault(vault)
+            events.append(self._event("vault.recovered", name))
+        return vault
+
+    def purge_vault(self, caller: Caller, name: str) -> None:
+        with self._change() as events:
+            vault = self._vault(caller, name, deleted=True)
+            self._manage(caller, vault, "purge")
+            vault.check_purge(self.clock())
+            self.store.purge_vault(name)
+            events.append(self._event("vault.purged", name))
+
+    # -- access policies --
+    def set_policy(self, caller: Caller, name: str, object_id, permissions) -> tuple[str, tuple]:
+        if not isinstance(object_id, str) or not 1 <= len(object_id) <= 64:
+            raise BadRequest("objectId must be a string of 1-64 characters")
+        perms = policies.parse_permissions(permissions)
+        with self._change() as events:
+            vault = self._vault(caller, name)
+            self._manage(caller, vault, "setPolicy")
+            self.store.set_policy(name, object_id, perms)
+            events.append(self._event("policy.changed", name, object_id=object_id))
+        return object_id, perms
+
+    def delete_policy(self, caller: Caller, name: str, object_id: str) -> None:
+        with self._change() as events:
+            vault = self._vault(caller, name)
+            self._manage(caller, vault, "setPolicy")
+            if not self.store.delete_policy(name, object_id):
+                raise NotFound(f"Key vault '{name}' has no access policy for '{object_id}'",
+                               code="PolicyNotFound")
+            events.append(self._event("policy.deleted", name, object_id=object_id))

@@ -1,0 +1,250 @@
+"""SQLite persistence for the domain model (WAL mode, synchronous=FULL: a change
+is durable when its transaction commits, and every change commits before the
+reply). Private keys go in and out only through the seal (`sealing.py`).
+
+One connection, used by one worker thread (see `api/app.py`): transactions are
+serialised, which is what the domain's read-check-write rules need.
+"""
+import json
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+
+from .domain import audit
+from .domain.events import Event
+from .domain.identities import Identity
+from .domain.keys import Key, KeyVersion
+from .domain.vaults import Vault
+from .sealing import MasterKeyError, Seal, SealError, derive, load_master_key, master_key_path
+
+DB_NAME = "keyservice.db"
+_CHECK = b"keyservice master key check v1"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS identities (
+  object_id TEXT PRIMARY KEY, client_id TEXT UNIQUE NOT NULL, tenant_id TEXT NOT NULL,
+  display_name TEXT NOT NULL, type TEXT NOT NULL, roles TEXT NOT NULL,
+  secret_hash BLOB NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS vaults (
+  name TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, subscription TEXT NOT NULL,
+  location TEXT NOT NULL, retention_days INTEGER NOT NULL, purge_protection INTEGER NOT NULL,
+  owner TEXT NOT NULL, created REAL NOT NULL, deleted_at REAL, scheduled_purge REAL);
+CREATE TABLE IF NOT EXISTS policies (
+  vault TEXT NOT NULL, object_id TEXT NOT NULL, permissions TEXT NOT NULL,
+  PRIMARY KEY (vault, object_id));
+CREATE TABLE IF NOT EXISTS keys (
+  vault TEXT NOT NULL, name TEXT NOT NULL, created REAL NOT NULL,
+  deleted_at REAL, scheduled_purge REAL, PRIMARY KEY (vault, name));
+CREATE TABLE IF NOT EXISTS key_versions (
+  vault TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL, ord INTEGER NOT NULL,
+  size INTEGER NOT NULL, public_der BLOB NOT NULL, sealed_private BLOB NOT NULL,
+  enabled INTEGER NOT NULL, nbf REAL, exp REAL, key_ops TEXT NOT NULL,
+  created REAL NOT NULL, updated REAL NOT NULL, PRIMARY KEY (vault, name, version));
+CREATE TABLE IF NOT EXISTS audit (
+  chain TEXT NOT NULL, seq INTEGER NOT NULL, entry TEXT NOT NULL, prev BLOB NOT NULL,
+  mac BLOB NOT NULL, PRIMARY KEY (chain, seq));
+CREATE TABLE IF NOT EXISTS audit_heads (
+  chain TEXT PRIMARY KEY, seq INTEGER NOT NULL, last BLOB NOT NULL, mac BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, vault TEXT NOT NULL,
+  key TEXT, version TEXT, kid TEXT, object_id TEXT, time REAL NOT NULL);
+"""
+
+
+def _aad(vault: str, name: str, version: str) -> str:
+    return f"key-version:{vault}/{name}/{version}"
+
+
+class Store:
+    def __init__(self, data_dir: Path, master_key_file: str | None = None):
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db_path = data_dir / DB_NAME
+        fresh = not db_path.exists()
+        path, may_create = master_key_path(data_dir, master_key_file)
+        master = load_master_key(path, may_create, fresh)
+        self._seal = Seal(master)
+        self.token_key = derive(master, "tokens/v1")
+        self._audit_key = derive(master, "audit/v1")
+        self.path = db_path
+        self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        db_path.chmod(0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+        self._check_master_key()
+
+    def _check_master_key(self) -> None:
+        row = self._db.execute("SELECT v FROM meta WHERE k='master_check'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('master_check', ?)",
+                             (self._seal.seal(_CHECK, "meta:master_check"),))
+            return
+        try:
+            self._seal.open(row[0], "meta:master_check")
+        except SealError:
+            raise MasterKeyError("the master key does not match this database "
+                                 "(wrong --master-key-file or credential)") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- meta --
+    def meta(self, k: str) -> str | None:
+        row = self._db.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, k: str, v: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v))
+
+    # -- identities --
+    def add_identity(self, i: Identity) -> None:
+        self._db.execute("INSERT INTO identities VALUES (?,?,?,?,?,?,?,?)",
+                         (i.object_id, i.client_id, i.tenant_id, i.display_name, i.type,
+                          json.dumps(list(i.roles)), i.secret_hash, i.created))
+
+    def identity_by_client_id(self, client_id: str) -> Identity | None:
+        row = self._db.execute("SELECT * FROM identities WHERE client_id=?", (client_id,)).fetchone()
+        if row is None:
+            return None
+        return Identity(row[0], row[1], row[2], row[3], row[4], tuple(json.loads(row[5])),
+                        bytes(row[6]), row[7])
+
+    # -- vaults --
+    def vault(self, name: str) -> Vault | None:
+        row = self._db.execute("SELECT * FROM vaults WHERE name=?", (name,)).fetchone()
+        return None if row is None else _vault(row)
+
+    def vaults(self) -> list[Vault]:
+        return [_vault(r) for r in self._db.execute("SELECT * FROM vaults ORDER BY name")]
+
+    def put_vault(self, v: Vault) -> None:
+        self._db.execute("INSERT OR REPLACE INTO vaults VALUES (?,?,?,?,?,?,?,?,?,?)",
+                         (v.name, v.tenant_id, v.subscription, v.location, v.retention_days,
+                          int(v.purge_protection), v.owner, v.created, v.deleted_at,
+                          v.scheduled_purge))
+
+    def purge_vault(self, name: str) -> None:
+        for table in ("key_versions", "keys", "policies"):
+            self._db.execute(f"DELETE FROM {table} WHERE vault=?", (name,))
+        self._db.execute("DELETE FROM vaults WHERE name=?", (name,))
+
+    # -- policies --
+    def policies(self, vault: str) -> dict[str, tuple[str, ...]]:
+        rows = self._db.execute("SELECT object_id, permissions FROM policies WHERE vault=? "
+                                "ORDER BY object_id", (vault,))
+        return {oid: tuple(json.loads(p)) for oid, p in rows}
+
+    def set_policy(self, vault: str, object_id: str, permissions) -> None:
+        self._db.execute("INSERT OR REPLACE INTO policies VALUES (?,?,?)",
+                         (vault, object_id, json.dumps(list(permissions))))
+
+    def delete_policy(self, vault: str, object_id: str) -> bool:
+        cur = self._db.execute("DELETE FROM policies WHERE vault=? AND object_id=?", (vault, object_id))
+        return cur.rowcount > 0
+
+    # -- keys --
+    def key(self, vault: str, name: str) -> Key | None:
+        row = self._db.execute("SELECT created, deleted_at, scheduled_purge FROM keys "
+                               "WHERE vault=? AND name=?", (vault, name)).fetchone()
+        if row is None:
+            return None
+        versions = [KeyVersion(r[0], r[1], bytes(r[2]), bool(r[3]), r[4], r[5], tuple(json.loads(r[6])),
+                               r[7], r[8])
+                    for r in self._db.execute(
+                        "SELECT version, size, public_der, enabled, nbf, exp, key_ops, created, updated "
+                        "FROM key_versions WHERE vault=? AND name=? ORDER BY ord", (vault, name))]
+        return Key(vault, name, row[0], versions, row[1], row[2])
+
+    def key_names(self, vault: str, deleted: bool) -> list[str]:
+        cond = "IS NOT NULL" if deleted else "IS NULL"
+        return [r[0] for r in self._db.execute(
+            f"SELECT name FROM keys WHERE vault=? AND deleted_at {cond} ORDER BY name", (vault,))]
+
+    def put_key(self, k: Key) -> None:
+        self._db.execute("INSERT OR REPLACE INTO keys VALUES (?,?,?,?,?)",
+                         (k.vault, k.name, k.created, k.deleted_at, k.scheduled_purge))
+
+    def add_version(self, k: Key, v: KeyVersion, private_der: bytes) -> None:
+        sealed = self._seal.seal(private_der, _aad(k.vault, k.name, v.version))
+        self._db.execute("INSERT INTO key_versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                         (k.vault, k.name, v.version, len(k.versions), v.size, v.public_der, sealed,
+                          int(v.enabled), v.nbf, v.exp, json.dumps(list(v.key_ops)), v.created,
+                          v.updated))
+
+    def put_version_attributes(self, k: Key, v: KeyVersion) -> None:
+        self._db.execute("UPDATE key_versions SET enabled=?, nbf=?, exp=?, key_ops=?, updated=? "
+                         "WHERE vault=? AND name=? AND version=?",
+                         (int(v.enabled), v.nbf, v.exp, json.dumps(list(v.key_ops)), v.updated,
+                          k.vault, k.name, v.version))
+
+    def private_der(self, vault: str, name: str, version: str) -> bytes:
+        row = self._db.execute("SELECT sealed_private FROM key_versions WHERE vault=? AND name=? "
+                               "AND version=?", (vault, name, version)).fetchone()
+        return self._seal.open(row[0], _aad(vault, name, version))
+
+    def purge_key(self, vault: str, name: str) -> None:
+        self._db.execute("DELETE FROM key_versions WHERE vault=? AND name=?", (vault, name))
+        self._db.execute("DELETE FROM keys WHERE vault=? AND name=?", (vault, name))
+
+    def expired_deletions(self, now: float) -> tuple[list[str], list[tuple[str, str]]]:
+        vaults = [r[0] for r in self._db.execute(
+            "SELECT name FROM vaults WHERE scheduled_purge IS NOT NULL AND scheduled_purge <= ?", (now,))]
+        keys = [(r[0], r[1]) for r in self._db.execute(
+            "SELECT vault, name FROM keys WHERE scheduled_purge IS NOT NULL AND scheduled_purge <= ?",
+            (now,))]
+        return vaults, keys
+
+    # -- events --
+    def add_event(self, e: Event) -> int:
+        cur = self._db.execute("INSERT INTO events (type, vault, key, version, kid, object_id, time) "
+                               "VALUES (?,?,?,?,?,?,?)",
+                               (e.type, e.vault, e.key, e.version, e.kid, e.objectId, e.time))
+        return cur.lastrowid
+
+    def events_after(self, seq: int, limit: int = 500) -> list[Event]:
+        return [Event(type=r[1], vault=r[2], key=r[3], version=r[4], kid=r[5], objectId=r[6],
+                      time=r[7], seq=r[0])
+                for r in self._db.execute("SELECT seq, type, vault, key, version, kid, object_id, time "
+                                          "FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))]
+
+    def last_event_seq(self) -> int:
+        return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+
+    # -- audit --
+    def append_audit(self, chain: str, entry: dict) -> None:
+        with self.transaction():
+            head = self._db.execute("SELECT seq, last FROM audit_heads WHERE chain=?", (chain,)).fetchone()
+            seq, prev = (1, audit.GENESIS) if head is None else (head[0] + 1, bytes(head[1]))
+            mac = audit.entry_mac(self._audit_key, chain, seq, prev, entry)
+            self._db.execute("INSERT INTO audit VALUES (?,?,?,?,?)",
+                             (chain, seq, audit.canonical(entry).decode(), prev, mac))
+            self._db.execute("INSERT OR REPLACE INTO audit_heads VALUES (?,?,?,?)",
+                             (chain, seq, mac, audit.head_mac(self._audit_key, chain, seq, mac)))
+
+    def audit_entries(self, chain: str, limit: int, after: int = 0) -> list[dict]:
+        return [dict(json.loads(e), seq=s) for s, e in self._db.execute(
+            "SELECT seq, entry FROM audit WHERE chain=? AND seq > ? ORDER BY seq LIMIT ?",
+            (chain, after, limit))]
+
+    def verify_audit(self, chain: str) -> audit.Verification:
+        rows = self._db.execute("SELECT seq, entry, prev, mac FROM audit WHERE chain=? ORDER BY seq",
+                                (chain,))
+        head = self._db.execute("SELECT seq, last, mac FROM audit_heads WHERE chain=?", (chain,)).fetchone()
+        return audit.verify(self._audit_key, chain, rows, head)
+
+
+def _vault(r) -> Vault:
+    return Vault(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9])

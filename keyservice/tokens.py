@@ -1,0 +1,73 @@
+"""Signed bearer tokens: compact JWS (RFC 7515) with HS256 (HMAC-SHA256).
+
+The signing key is derived from the master key, so tokens survive a restart
+and die with a master-key change. Claims: `oid` (object id), `tid` (tenant),
+`roles`, `iat`, `nbf`, `exp` (RFC 7519). Only HS256 is accepted: the header's
+`alg` is checked, never trusted (no "alg": "none", no key confusion).
+"""
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+
+from .domain.errors import Unauthorized
+from .domain.identities import Caller
+
+DEFAULT_LIFETIME = 3600
+_HEADER = {"alg": "HS256", "typ": "JWT"}
+_LEEWAY = 5  # seconds of clock skew tolerated on nbf only
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+class TokenSigner:
+    def __init__(self, key: bytes, lifetime: int = DEFAULT_LIFETIME, issuer: str = "keyservice"):
+        self._key = key
+        self.lifetime = lifetime
+        self.issuer = issuer
+
+    def _sign(self, signing_input: bytes) -> bytes:
+        return hmac.new(self._key, signing_input, hashlib.sha256).digest()
+
+    def issue(self, object_id: str, tenant_id: str, roles, now: float) -> tuple[str, int]:
+        claims = {"iss": self.issuer, "oid": object_id, "sub": object_id, "tid": tenant_id,
+                  "roles": list(roles), "iat": int(now), "nbf": int(now),
+                  "exp": int(now) + self.lifetime, "jti": secrets.token_hex(8)}
+        signing_input = (_b64(json.dumps(_HEADER).encode()) + "." +
+                         _b64(json.dumps(claims, separators=(",", ":")).encode())).encode()
+        return signing_input.decode() + "." + _b64(self._sign(signing_input)), claims["exp"]
+
+    def verify(self, token: str, now: float) -> Caller:
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise Unauthorized("The bearer token is malformed")
+        try:
+            header = json.loads(_unb64(parts[0]))
+            claims = json.loads(_unb64(parts[1]))
+            signature = _unb64(parts[2])
+        except (ValueError, UnicodeDecodeError):
+            raise Unauthorized("The bearer token is malformed") from None
+        if not isinstance(header, dict) or header.get("alg") != "HS256":
+            raise Unauthorized("The bearer token's algorithm is not accepted")
+        if not hmac.compare_digest(self._sign(f"{parts[0]}.{parts[1]}".encode()), signature):
+            raise Unauthorized("The bearer token's signature is invalid")
+        if not isinstance(claims, dict):
+            raise Unauthorized("The bearer token is malformed")
+        exp, nbf = claims.get("exp"), claims.get("nbf", 0)
+        if not isinstance(exp, int) or not isinstance(nbf, int):
+            raise Unauthorized("The bearer token is malformed")
+        if now >= exp:
+            raise Unauthorized("The bearer token has expired")
+        if now + _LEEWAY < nbf:
+            raise Unauthorized("The bearer token is not yet valid")
+        oid, tid, roles = claims.get("oid"), claims.get("tid"), claims.get("roles", [])
+        if not isinstance(oid, str) or not isinstance(tid, str) or not isinstance(roles, list):
+            raise Unauthorized("The bearer token is malformed")
+        return Caller(object_id=oid, tenant_id=tid, roles=tuple(r for r in roles if isinstance(r, str)))
