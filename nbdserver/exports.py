@@ -1,0 +1,145 @@
+"""Exports: the named disks a server offers, and their serving state.
+
+An `Export` joins a name to the block backend at the top of its data path. Its state is
+explicit: AVAILABLE serves I/O; LOCKED (the disk's key was revoked, or the platform
+closed it) fails every request with EIO and refuses new connections with a message.
+The disk platform drives these transitions; the server only obeys them.
+
+`ExportCatalog` is what the protocol's handshake asks (`lookup`, `listing`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from enum import Enum
+
+from .backend import BlockBackend
+from .protocol.constants import (
+    MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_HAS_FLAGS,
+    NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_CACHE, NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_REP_ERR_POLICY,
+    NBD_REP_ERR_UNKNOWN, PREFERRED_BLOCK_SIZE,
+)
+from .protocol.handshake import ExportInfo, ExportRefused
+
+
+class ExportState(Enum):
+    AVAILABLE = "available"
+    LOCKED = "locked"
+
+
+def transmission_flags(backend: BlockBackend, readonly: bool) -> int:
+    caps = backend.capabilities
+    flags = NBD_FLAG_HAS_FLAGS
+    writable = caps.writable and not readonly
+    if not writable:
+        flags |= NBD_FLAG_READ_ONLY
+    if caps.flush and writable:
+        flags |= NBD_FLAG_SEND_FLUSH
+    if caps.fua and writable:
+        flags |= NBD_FLAG_SEND_FUA
+    if caps.trim and writable:
+        flags |= NBD_FLAG_SEND_TRIM
+    if caps.zero and writable:
+        flags |= NBD_FLAG_SEND_WRITE_ZEROES
+        if caps.fast_zero:
+            flags |= NBD_FLAG_SEND_FAST_ZERO
+    if caps.cache:
+        flags |= NBD_FLAG_SEND_CACHE
+    if caps.multi_conn:
+        flags |= NBD_FLAG_CAN_MULTI_CONN
+    return flags
+
+
+class Export:
+    def __init__(self, name: str, backend: BlockBackend, *, description: str = "",
+                 readonly: bool = False):
+        if backend.size % MIN_BLOCK_SIZE:
+            raise ValueError(f"export size must be a multiple of {MIN_BLOCK_SIZE}")
+        self.name = name
+        self.description = description
+        self.readonly = readonly
+        self.backend = backend
+        self.state = ExportState.AVAILABLE
+        self.lock_reason = ""
+        self.flags = transmission_flags(backend, readonly)
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+
+    # -- state transitions (called on the event loop)
+    def lock(self, reason: str) -> None:
+        """Stop serving: requests from now on fail with EIO, new clients are refused."""
+        self.state = ExportState.LOCKED
+        self.lock_reason = reason
+
+    def unlock(self, backend: BlockBackend | None = None) -> None:
+        if backend is not None:
+            self.backend = backend
+            self.flags = transmission_flags(backend, self.readonly)
+        self.state = ExportState.AVAILABLE
+        self.lock_reason = ""
+
+    @property
+    def locked(self) -> bool:
+        return self.state is ExportState.LOCKED
+
+    # -- in-flight accounting, so a lock can wait for the backend to be idle
+    def begin(self) -> None:
+        self._inflight += 1
+
+    def end(self) -> None:
+        self._inflight -= 1
+        if not self._inflight and self._idle is not None:
+            self._idle.set()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    async def drained(self) -> None:
+        """Return once no request is running against the backend."""
+        while self._inflight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    def info(self) -> ExportInfo:
+        return ExportInfo(self.name, self.backend.size, self.flags, self.description,
+                          MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_BLOCK_SIZE)
+
+
+class ExportCatalog:
+    def __init__(self, default: str | None = None):
+        self._exports: dict[str, Export] = {}
+        self.default = default
+
+    def add(self, export: Export) -> None:
+        if export.name in self._exports:
+            raise ValueError(f"export {export.name!r} exists")
+        self._exports[export.name] = export
+
+    def remove(self, name: str) -> Export | None:
+        return self._exports.pop(name, None)
+
+    def get(self, name: str) -> Export | None:
+        if name == "" and self.default is not None:
+            name = self.default
+        return self._exports.get(name)
+
+    def __iter__(self):
+        return iter(list(self._exports.values()))
+
+    def export(self, name: str) -> Export:
+        """The export a client may use, or ExportRefused saying why not."""
+        export = self.get(name)
+        if export is None:
+            raise ExportRefused(NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
+        if export.locked:
+            raise ExportRefused(NBD_REP_ERR_POLICY, f"export {export.name!r} is locked: {export.lock_reason}")
+        return export
+
+    # -- the protocol's Catalog
+    def lookup(self, name: str) -> ExportInfo:
+        return self.export(name).info()
+
+    def listing(self) -> list[tuple[str, str]]:
+        return [(e.name, e.description) for e in self._exports.values()]

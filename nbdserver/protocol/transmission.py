@@ -1,0 +1,233 @@
+"""The NBD transmission phase, pure: request parsing, request checks, reply encoding.
+
+doc/proto.md, "Transmission" and "Request types". `RequestParser.feed(data)` returns
+the requests complete in what arrived so far; `check()` decides whether a request is
+valid for an export (the spec's EINVAL/ENOSPC/EPERM rules) before any backend sees it;
+the `*_reply` functions build the bytes to send.
+
+Limits, and why:
+- A WRITE payload over `max_payload` (32 MiB, announced as NBD_INFO_BLOCK_SIZE maximum)
+  is never buffered: the parser skips it as it arrives and yields `Oversized`, which the
+  server answers EINVAL. The client stays in sync and the connection goes on.
+- A request with the wrong magic means we no longer know where messages start:
+  `BadMagic`, and the server disconnects (the only safe answer).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import NamedTuple
+
+from .constants import (
+    MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC,
+    NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_EIO, NBD_ENOMEM, NBD_ENOSPC, NBD_ENOTSUP,
+    NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_CACHE,
+    NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM,
+    NBD_FLAG_SEND_WRITE_ZEROES, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
+    NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA,
+    NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC, MAX_STRING,
+)
+
+REQUEST = struct.Struct(">IHHQQI")
+REQUEST_SIZE = REQUEST.size  # 28
+
+
+class Request(NamedTuple):
+    cmd: int
+    flags: int
+    cookie: int
+    offset: int
+    length: int
+    payload: bytes | None = None  # WRITE only
+
+
+class Oversized(NamedTuple):
+    """A request whose payload was too large to accept; its payload has been skipped."""
+
+    cmd: int
+    flags: int
+    cookie: int
+    offset: int
+    length: int
+
+
+class BadMagic(NamedTuple):
+    magic: int
+
+
+class RequestParser:
+    def __init__(self, max_payload: int = MAX_BLOCK_SIZE):
+        self._buf = bytearray()
+        self._skip = 0
+        self._max = max_payload
+        self.broken = False
+
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data) -> list:
+        buf = self._buf
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = memoryview(data)[n:]
+        buf += data
+        out = []
+        pos = 0
+        end = len(buf)
+        unpack = REQUEST.unpack_from
+        while end - pos >= REQUEST_SIZE:
+            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            if magic != NBD_REQUEST_MAGIC:
+                self.broken = True
+                out.append(BadMagic(magic))
+                buf.clear()
+                return out
+            if cmd == NBD_CMD_WRITE:
+                if length > self._max:
+                    out.append(Oversized(cmd, flags, cookie, offset, length))
+                    pos += REQUEST_SIZE
+                    avail = min(length, end - pos)
+                    pos += avail
+                    self._skip = length - avail
+                    continue
+                if end - pos - REQUEST_SIZE < length:
+                    break
+                start = pos + REQUEST_SIZE
+                out.append(Request(cmd, flags, cookie, offset, length, bytes(buf[start:start + length])))
+                pos = start + length
+            else:
+                out.append(Request(cmd, flags, cookie, offset, length))
+                pos += REQUEST_SIZE
+        if pos:
+            del buf[:pos]
+        return out
+
+    def need(self) -> int:
+        """How many more bytes complete the pending request (0 if unknown/none)."""
+        if len(self._buf) < REQUEST_SIZE:
+            return 0
+        magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(self._buf)
+        if cmd == NBD_CMD_WRITE and length <= self._max:
+            return REQUEST_SIZE + length - len(self._buf)
+        return 0
+
+
+# Flags each command accepts (before checking what the export advertised).
+_ALLOWED_FLAGS = {
+    NBD_CMD_READ: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF,
+    NBD_CMD_WRITE: NBD_CMD_FLAG_FUA,
+    NBD_CMD_DISC: 0,
+    NBD_CMD_FLUSH: NBD_CMD_FLAG_FUA,
+    NBD_CMD_TRIM: NBD_CMD_FLAG_FUA,
+    NBD_CMD_CACHE: NBD_CMD_FLAG_FUA,
+    NBD_CMD_WRITE_ZEROES: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+    NBD_CMD_BLOCK_STATUS: NBD_CMD_FLAG_REQ_ONE,
+}
+# The transmission flag a command needs to have been advertised.
+_NEEDS = {
+    NBD_CMD_FLUSH: NBD_FLAG_SEND_FLUSH,
+    NBD_CMD_TRIM: NBD_FLAG_SEND_TRIM,
+    NBD_CMD_CACHE: NBD_FLAG_SEND_CACHE,
+    NBD_CMD_WRITE_ZEROES: NBD_FLAG_SEND_WRITE_ZEROES,
+}
+_WRITES = (NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES)
+_RANGED = (NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_CACHE, NBD_CMD_WRITE_ZEROES,
+           NBD_CMD_BLOCK_STATUS)
+
+
+def check(req, size: int, tflags: int, *, has_meta: bool, min_block: int = MIN_BLOCK_SIZE,
+          max_payload: int = MAX_BLOCK_SIZE) -> tuple[int, str]:
+    """(0, "") if the request may go to the backend, else (nbd error, message)."""
+    cmd, flags = req.cmd, req.flags
+    allowed = _ALLOWED_FLAGS.get(cmd)
+    if allowed is None:
+        return NBD_EINVAL, f"unknown command {cmd}"
+    if flags & ~allowed:
+        return NBD_EINVAL, f"flags {flags:#x} not valid for this command"
+    need = _NEEDS.get(cmd)
+    if need and not tflags & need:
+        return NBD_EINVAL, "command not advertised for this export"
+    if flags & NBD_CMD_FLAG_DF:
+        return NBD_EINVAL, "DF was not advertised"
+    if flags & NBD_CMD_FLAG_FUA and not tflags & NBD_FLAG_SEND_FUA and cmd in _WRITES:
+        return NBD_EINVAL, "FUA was not advertised"
+    if flags & NBD_CMD_FLAG_FAST_ZERO and not tflags & NBD_FLAG_SEND_FAST_ZERO:
+        return NBD_EINVAL, "FAST_ZERO was not advertised"
+    if cmd in _WRITES and tflags & NBD_FLAG_READ_ONLY:
+        return NBD_EPERM, "export is read-only"
+    if cmd == NBD_CMD_BLOCK_STATUS and not has_meta:
+        return NBD_EINVAL, "no metadata context was negotiated"
+    if cmd in _RANGED:
+        off, length = req.offset, req.length
+        if (cmd in (NBD_CMD_READ, NBD_CMD_WRITE)) and length > max_payload:
+            return NBD_EINVAL, f"request over {max_payload} bytes"
+        if off % min_block or length % min_block:
+            return NBD_EINVAL, f"request not aligned to {min_block} bytes"
+        if cmd == NBD_CMD_BLOCK_STATUS and length == 0:
+            return NBD_EINVAL, "zero-length block status"
+        if off + length > size:
+            if cmd == NBD_CMD_WRITE or cmd == NBD_CMD_WRITE_ZEROES:
+                return NBD_ENOSPC, "write past the end of the export"
+            return NBD_EINVAL, "request past the end of the export"
+    return 0, ""
+
+
+_ERRNO_TO_NBD = {
+    errno.EPERM: NBD_EPERM, errno.EROFS: NBD_EPERM, errno.EACCES: NBD_EPERM,
+    errno.EIO: NBD_EIO,
+    errno.ENOMEM: NBD_ENOMEM,
+    errno.EINVAL: NBD_EINVAL,
+    errno.ENOSPC: NBD_ENOSPC, errno.EDQUOT: NBD_ENOSPC, errno.EFBIG: NBD_ENOSPC,
+    errno.EOVERFLOW: NBD_EOVERFLOW,
+    errno.ENOTSUP: NBD_ENOTSUP, errno.EOPNOTSUPP: NBD_ENOTSUP,
+    errno.ESHUTDOWN: NBD_ESHUTDOWN,
+}
+
+
+def nbd_error(err: int | None) -> int:
+    """The NBD wire error for a host errno (anything unknown is EIO)."""
+    return _ERRNO_TO_NBD.get(err or errno.EIO, NBD_EIO)
+
+
+# --- replies
+SIMPLE = struct.Struct(">IIQ")
+CHUNK = struct.Struct(">IHHQI")
+_DATA_HEAD = struct.Struct(">IHHQIQ")
+
+
+def simple_reply(cookie: int, error: int = 0) -> bytes:
+    return SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def chunk(cookie: int, ctype: int, payload: bytes = b"", *, done: bool = True) -> bytes:
+    return CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE if done else 0, ctype,
+                      cookie, len(payload)) + payload
+
+
+def none_reply(cookie: int) -> bytes:
+    return chunk(cookie, NBD_REPLY_TYPE_NONE)
+
+
+def data_chunk_header(cookie: int, offset: int, length: int, *, done: bool = True) -> bytes:
+    """Header of an OFFSET_DATA chunk; `length` bytes of data follow it."""
+    return _DATA_HEAD.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE if done else 0,
+                           NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
+
+
+def hole_chunk(cookie: int, offset: int, length: int, *, done: bool = True) -> bytes:
+    return chunk(cookie, NBD_REPLY_TYPE_OFFSET_HOLE, struct.pack(">QI", offset, length), done=done)
+
+
+def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
+    msg = message.encode()[:MAX_STRING]
+    return chunk(cookie, NBD_REPLY_TYPE_ERROR, struct.pack(">IH", error, len(msg)) + msg)
+
+
+def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]]) -> bytes:
+    body = struct.pack(">I", context_id) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+    return chunk(cookie, NBD_REPLY_TYPE_BLOCK_STATUS, body)

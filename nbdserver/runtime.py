@@ -1,0 +1,56 @@
+"""Process plumbing shared by the daemons' entry points: event loop, signals, sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+
+def sd_notify(message: str) -> bool:
+    """Send a state line to systemd ($NOTIFY_SOCKET); False when not under systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):  # abstract namespace
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.connect(path)
+        s.sendall(message.encode())
+    return True
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """HOST:PORT, [V6]:PORT or HOST."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, default_port
+    return host, int(port)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run(main) -> None:
+    """Run `main(stop: asyncio.Event)` on uvloop when available; SIGTERM/SIGINT set `stop`."""
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio works too
+        runner = asyncio.run
+
+    async def wrapper():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    runner(wrapper())

@@ -1,0 +1,412 @@
+"""The asyncio NBD server: a thin loop over the pure protocol.
+
+One `Connection` (an asyncio Protocol) per client. It feeds bytes to the handshake
+machine, then to the request parser, checks each request with `transmission.check`,
+and runs it against the export's backend:
+
+- inline on the event loop when the backend says it can finish without blocking
+  (`nowait=True`: page-cache reads, small buffered writes) — a 4 KiB request then
+  costs no thread hop and no task;
+- otherwise on a worker thread, replying from a future callback. Replies may go out of
+  order, as the spec allows.
+
+Errors of the lower layer (OSError) become NBD errors once, in `_fail`. Memory stays
+bounded per connection: reading pauses while too many requests are in flight or while
+the client is not reading its replies (transport write buffer over its high mark).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+
+from .exports import Export, ExportCatalog
+from .protocol import handshake as hs
+from .protocol.constants import (
+    BASE_ALLOCATION, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_FAST_ZERO,
+    NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ,
+    NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_EIO, NBD_ESHUTDOWN,
+    NBD_STATE_HOLE, NBD_STATE_ZERO,
+)
+from .protocol.transmission import (
+    BadMagic, Oversized, RequestParser, block_status_chunk, check, data_chunk_header,
+    error_chunk, hole_chunk, nbd_error, simple_reply,
+)
+
+log = logging.getLogger("nbdserver.server")
+
+# Reads above this size go to a worker even when cached: decryption of a large request
+# then runs beside the event loop (the native engine releases the GIL).
+INLINE_READ_MAX = 128 * 1024
+# Per connection: stop reading new requests above this many in flight.
+MAX_INFLIGHT = 64
+# Per connection: stop reading while this much reply data waits for the client.
+WRITE_BUFFER_HIGH = 8 << 20
+# Structured reads at least this large ask the backend for holes and send OFFSET_HOLE.
+HOLE_SCAN_MIN = 64 * 1024
+
+
+class NbdServer:
+    def __init__(self, catalog: ExportCatalog, *, workers: int = 8,
+                 tls_mode: hs.TlsMode = hs.TlsMode.OFF, tls_context: ssl.SSLContext | None = None):
+        if tls_mode is not hs.TlsMode.OFF and tls_context is None:
+            raise ValueError("TLS mode needs an SSL context")
+        self.catalog = catalog
+        self.tls_mode = tls_mode
+        self.tls_context = tls_context
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
+        self.connections: set[Connection] = set()
+        self.shutting_down = False
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def listen(self, host: str, port: int) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: Connection(self), host, port,
+                                          reuse_address=True, backlog=512)
+        self._servers.append(server)
+        return [s.getsockname()[:2] for s in server.sockets]
+
+    async def shutdown(self, grace: float = 30.0) -> None:
+        """Stop accepting; finish in-flight requests (new ones get ESHUTDOWN); close."""
+        self.shutting_down = True
+        for s in self._servers:
+            s.close()
+        for c in list(self.connections):
+            c.begin_shutdown()
+        waits = [c.closed for c in list(self.connections)]
+        if waits:
+            done, pending = await asyncio.wait(waits, timeout=grace)
+            for c in list(self.connections):
+                c.abort()
+        for s in self._servers:
+            await s.wait_closed()
+        self.pool.shutdown(wait=True)
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server: NbdServer):
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.handshake: hs.Handshake | None = hs.Handshake(server.catalog, tls_mode=server.tls_mode)
+        self.parser: RequestParser | None = None
+        self.export: Export | None = None
+        self.structured = False
+        self.meta_id: int | None = None
+        self.inflight = 0
+        self.disconnecting = False
+        self.shutting_down = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self.closed: asyncio.Future = self.loop.create_future()
+        self.peer = None
+
+    # -- asyncio callbacks
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self.server.connections.add(self)
+        if self.server.shutting_down:
+            transport.close()
+            return
+        transport.write(hs.Handshake.greeting())
+
+    def connection_lost(self, exc):
+        self.server.connections.discard(self)
+        self.handshake = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self):
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self):
+        self._writing_paused = False
+        self._update_reading()
+
+    def data_received(self, data):
+        try:
+            if self.parser is not None:
+                self._requests(self.parser.feed(data))
+            elif self.handshake is not None:
+                self._handshake(data)
+        except Exception:  # a bug must cost this client its connection, never the server
+            log.exception("connection %s: internal error; disconnecting", self.peer)
+            self.abort()
+
+    def eof_received(self):
+        return False  # close our side too
+
+    # -- handshake
+    def _handshake(self, data):
+        for action in self.handshake.receive(data):
+            if isinstance(action, hs.Send):
+                self.transport.write(action.data)
+            elif isinstance(action, hs.StartTls):
+                self.transport.pause_reading()
+                self.loop.create_task(self._start_tls())
+                return
+            elif isinstance(action, hs.Ready):
+                self._enter_transmission(action.negotiated)
+            elif isinstance(action, hs.Close):
+                log.info("connection %s: closing in handshake: %s", self.peer, action.reason)
+                self.transport.close()
+                return
+
+    async def _start_tls(self):
+        try:
+            self.transport = await self.loop.start_tls(self.transport, self, self.server.tls_context,
+                                                       server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as e:
+            log.info("connection %s: TLS handshake failed: %s", self.peer, e)
+            self.abort()
+            return
+        self.handshake.tls_established()
+        self.transport.resume_reading()
+
+    def _enter_transmission(self, negotiated: hs.Negotiated):
+        export = self.server.catalog.get(negotiated.export.name)
+        if export is None:
+            self.transport.close()
+            return
+        self.export = export
+        self.structured = negotiated.structured_replies
+        self.meta_id = next((i for i, n in negotiated.meta_contexts.items() if n == BASE_ALLOCATION), None)
+        leftover = self.handshake.leftover
+        self.handshake = None
+        self.parser = RequestParser()
+        if self.shutting_down:
+            self.begin_shutdown()
+        if leftover:
+            self._requests(self.parser.feed(leftover))
+
+    # -- transmission
+    def _requests(self, events):
+        for ev in events:
+            if self.disconnecting:
+                return
+            if type(ev) is BadMagic:
+                log.info("connection %s: bad request magic %#x; disconnecting", self.peer, ev.magic)
+                self.abort()
+                return
+            if type(ev) is Oversized:
+                self._fail(ev, NBD_EINVAL, "request over the maximum block size")
+                continue
+            self._request(ev)
+        self._update_reading()
+
+    def _request(self, req):
+        cmd = req.cmd
+        export = self.export
+        if cmd == NBD_CMD_DISC:
+            self.disconnecting = True
+            self._maybe_close()
+            return
+        if self.shutting_down:
+            return self._fail(req, NBD_ESHUTDOWN, "server is shutting down")
+        if export.locked:
+            return self._fail(req, NBD_EIO, f"disk is locked: {export.lock_reason}")
+        err, msg = check(req, export.backend.size, export.flags, has_meta=self.meta_id is not None)
+        if err:
+            return self._fail(req, err, msg)
+        backend = export.backend
+        fua = bool(req.flags & NBD_CMD_FLAG_FUA)
+        if cmd == NBD_CMD_READ:
+            buf = bytearray(req.length)
+            if req.length <= INLINE_READ_MAX:
+                try:
+                    backend.pread(memoryview(buf), req.offset, nowait=True)
+                except BlockingIOError:
+                    pass
+                except OSError as e:
+                    return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
+                else:
+                    return self._send_read(req, buf)
+            return self._offload(req, self._read_worker, backend, req, buf)
+        if cmd == NBD_CMD_WRITE:
+            data = memoryview(req.payload)
+            try:
+                backend.pwrite(data, req.offset, fua=fua, nowait=True)
+            except BlockingIOError:
+                return self._offload(req, _pwrite, backend, data, req.offset, fua)
+            except OSError as e:
+                return self._fail(req, nbd_error(e.errno), e.strerror or "write failed")
+            return self._ok(req)
+        if cmd == NBD_CMD_FLUSH:
+            return self._offload(req, backend.flush)
+        if cmd == NBD_CMD_TRIM:
+            return self._offload(req, _trim, backend, req.offset, req.length, fua)
+        if cmd == NBD_CMD_WRITE_ZEROES:
+            return self._offload(req, _zero, backend, req.offset, req.length,
+                                 not req.flags & NBD_CMD_FLAG_NO_HOLE, fua,
+                                 bool(req.flags & NBD_CMD_FLAG_FAST_ZERO))
+        if cmd == NBD_CMD_CACHE:
+            return self._offload(req, backend.cache, req.offset, req.length)
+        if cmd == NBD_CMD_BLOCK_STATUS:
+            return self._offload(req, _block_status, backend, req.offset, req.length,
+                                 bool(req.flags & NBD_CMD_FLAG_REQ_ONE))
+        return self._fail(req, NBD_EINVAL, f"unknown command {cmd}")
+
+    def _offload(self, req, fn, *args):
+        """Run fn(*args) on a worker; reply when it finishes."""
+        export = self.export
+        self.inflight += 1
+        export.begin()
+        try:
+            fut = self.loop.run_in_executor(self.server.pool, fn, *args)
+        except RuntimeError:  # the pool is shut down
+            self.inflight -= 1
+            export.end()
+            return self._fail(req, NBD_ESHUTDOWN, "server is shutting down")
+        fut.add_done_callback(lambda f: self._finished(req, f, export))
+        self._update_reading()
+
+    def _finished(self, req, fut, export):
+        self.inflight -= 1
+        export.end()
+        if self.transport is None or self.transport.is_closing():
+            self._maybe_close()
+            return
+        exc = fut.exception()
+        if exc is not None:
+            if isinstance(exc, OSError):
+                self._fail(req, nbd_error(exc.errno), exc.strerror or str(exc))
+            else:
+                log.error("connection %s: backend error", self.peer, exc_info=exc)
+                self._fail(req, NBD_EIO, "internal error")
+        else:
+            result = fut.result()
+            if req.cmd == NBD_CMD_READ:
+                self._send_read_parts(req, result)
+            elif req.cmd == NBD_CMD_BLOCK_STATUS:
+                self.transport.write(block_status_chunk(req.cookie, self.meta_id, result))
+            else:
+                self._ok(req)
+        self._update_reading()
+        self._maybe_close()
+
+    def _read_worker(self, backend, req, buf):
+        """Worker side of a READ: the parts to send, holes separated when structured."""
+        view = memoryview(buf)
+        if self.structured and req.length >= HOLE_SCAN_MIN and backend.capabilities.extents:
+            parts = []
+            pos = req.offset
+            for ext in backend.block_status(req.offset, req.length):
+                n = min(ext.length, req.offset + req.length - pos)
+                if ext.zero:
+                    parts.append((pos, n, None))
+                else:
+                    backend.pread(view[pos - req.offset:pos - req.offset + n], pos)
+                    parts.append((pos, n, view[pos - req.offset:pos - req.offset + n]))
+                pos += n
+            if pos < req.offset + req.length:  # block status may describe less than asked
+                rest = req.offset + req.length - pos
+                backend.pread(view[pos - req.offset:], pos)
+                parts.append((pos, rest, view[pos - req.offset:]))
+            return parts
+        backend.pread(view, req.offset)
+        return [(req.offset, req.length, view)]
+
+    def _send_read(self, req, buf):
+        if self.structured:
+            self.transport.write(data_chunk_header(req.cookie, req.offset, len(buf)))
+        else:
+            self.transport.write(simple_reply(req.cookie))
+        self.transport.write(buf)
+
+    def _send_read_parts(self, req, parts):
+        if not self.structured:  # holes are only split out for structured replies
+            self.transport.write(simple_reply(req.cookie))
+            for _, _, data in parts:
+                self.transport.write(data)
+            return
+        last = len(parts) - 1
+        for i, (off, n, data) in enumerate(parts):
+            if data is None:
+                self.transport.write(hole_chunk(req.cookie, off, n, done=i == last))
+            else:
+                self.transport.write(data_chunk_header(req.cookie, off, n, done=i == last))
+                self.transport.write(data)
+
+    def _ok(self, req):
+        self.transport.write(simple_reply(req.cookie))
+
+    def _fail(self, req, error: int, message: str):
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.structured:
+            self.transport.write(error_chunk(req.cookie, error, message))
+        else:
+            # A failed simple READ reply carries no data (doc/proto.md, "Simple reply").
+            self.transport.write(simple_reply(req.cookie, error))
+
+    # -- flow control and teardown
+    def _update_reading(self):
+        if self.transport is None or self.transport.is_closing():
+            return
+        want_pause = self._writing_paused or self.inflight >= MAX_INFLIGHT
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _maybe_close(self):
+        if (self.disconnecting or self.shutting_down) and self.inflight == 0:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+
+    def begin_shutdown(self):
+        self.shutting_down = True
+        if self.handshake is not None:
+            self.handshake.shutting_down = True
+        if self.parser is None:  # still negotiating: nothing to finish
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._maybe_close()
+
+    def abort(self):
+        self.disconnecting = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _pwrite(backend, data, offset, fua):
+    backend.pwrite(data, offset, fua=fua)
+
+
+def _trim(backend, offset, length, fua):
+    backend.trim(offset, length, fua=fua)
+
+
+def _zero(backend, offset, length, may_trim, fua, fast):
+    backend.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
+
+
+def _block_status(backend, offset, length, one):
+    extents = []
+    for e in backend.block_status(offset, length):
+        flags = (NBD_STATE_HOLE if e.hole else 0) | (NBD_STATE_ZERO if e.zero else 0)
+        if extents and extents[-1][1] == flags:
+            extents[-1] = (extents[-1][0] + e.length, flags)
+        else:
+            extents.append((e.length, flags))
+        if one:
+            break
+    if not extents:
+        raise OSError(errno.EIO, "backend returned no extents")
+    return extents
