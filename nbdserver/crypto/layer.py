@@ -1,0 +1,269 @@
+"""XtsLayer: an encrypting block backend that wraps any other block backend.
+
+Like nbdkit's luks filter, it has the interface of the layer beneath it
+(`nbdserver.backend.BlockBackend`), so the server never knows a disk is encrypted, and
+this layer never knows about NBD. The on-disk format is in `cipher.py` and
+docs/format.md: AES-256-XTS per 4096-byte sector, ciphertext of sector `s` at
+`s * 4096`, holes read as zeros.
+
+Requests need not be sector-aligned (clients may send 512-byte I/O): a request is split
+into an unaligned head, an aligned body and an unaligned tail. Reads of the ends go
+through a per-thread scratch sector; writes of the ends are read-modify-write, ordered
+by `SectorLocks` against every other write to the same sectors.
+
+Copies are avoided: an aligned read lands in the caller's buffer and is decrypted in
+place; a write is encrypted into a per-thread scratch buffer (reused, at most CHUNK) and
+written from there with one lower pwrite per CHUNK.
+
+nowait (see backend.py): passed down unchanged. Everything this layer does before the
+lower write (RMW reads, encryption into scratch) is reversible, and a write goes down as
+a single lower call, so a BlockingIOError from below leaves nothing half done. A write
+longer than CHUNK would need several lower calls, so with nowait it is refused up front.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+from ..backend import BlockBackend, Capabilities, Extent
+from .cipher import SECTOR_SIZE, XtsSectorCipher
+from .sector_locks import SectorLocks
+
+S = SECTOR_SIZE
+# Largest write sent down in one call, and the per-thread scratch cap: above it a request
+# is encrypted and written in CHUNK pieces, so a 32 MiB NBD write needs no 32 MiB buffer.
+CHUNK = 1 << 20
+
+
+class XtsLayer(BlockBackend):
+    """`XtsLayer(lower, key)`: AES-256-XTS over `lower`, keyed by the 64-byte DEK `key`.
+
+    Takes ownership of both: `close()` wipes `key` and closes `lower`.
+    """
+
+    def __init__(self, lower: BlockBackend, key: bytearray):
+        if lower.size % S:
+            # A partial last sector has no XTS data unit (and dm-crypt would refuse it).
+            raise ValueError(f"the disk size {lower.size} is not a multiple of {S} bytes")
+        self._cipher = XtsSectorCipher(key, S)
+        self._lower = lower
+        self._locks = SectorLocks()
+        self._local = threading.local()
+        self._closed = False
+
+    # --- BlockBackend -----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._lower.size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # Everything the lower layer can do, this one can: trim and zero map to whole
+        # sectors below plus RMW at the ends; flush, FUA and cache pass straight through.
+        return self._lower.capabilities
+
+    def pread(self, buf, offset, *, nowait=False):
+        self._check_open()
+        buf = memoryview(buf).cast("B")
+        n = len(buf)
+        if n == 0:
+            return
+        head = offset % S
+        if head == 0 and n % S == 0:  # the common case: straight into the caller's buffer
+            self._read_sectors(buf, offset, nowait)
+            return
+        pos = 0
+        if head:  # unaligned head: its sector through scratch
+            pos = min(S - head, n)
+            sector = self._scratch(S)
+            self._read_sectors(sector, offset - head, nowait)
+            buf[:pos] = sector[head:head + pos]
+        body = (n - pos) // S * S
+        if body:
+            self._read_sectors(buf[pos:pos + body], offset + pos, nowait)
+            pos += body
+        if pos < n:  # unaligned tail
+            sector = self._scratch(S)
+            self._read_sectors(sector, offset + pos, nowait)
+            buf[pos:] = sector[:n - pos]
+
+    def pwrite(self, data, offset, *, fua=False, nowait=False):
+        self._check_open()
+        data = memoryview(data).cast("B")
+        n = len(data)
+        if n == 0:
+            return
+        first = offset // S
+        end = -(-(offset + n) // S)
+        if nowait and (end - first) * S > CHUNK:
+            raise BlockingIOError(errno.EAGAIN, "write spans several chunks: use a worker")
+        held = self._locks.acquire(first, end)
+        try:
+            for start in range(first * S, end * S, CHUNK):
+                stop = min(start + CHUNK, end * S)
+                self._write_chunk(data, offset, start, stop, fua, nowait)
+        finally:
+            self._locks.release(held)
+
+    def flush(self):
+        self._check_open()
+        self._lower.flush()
+
+    def trim(self, offset, length, *, fua=False):
+        self._check_open()
+        self._clear(offset, length, lambda o, n: self._lower.trim(o, n, fua=fua), fua)
+
+    def zero(self, offset, length, *, may_trim=True, fua=False, fast=False):
+        self._check_open()
+        self._clear(offset, length,
+                    lambda o, n: self._lower.zero(o, n, may_trim=may_trim, fua=fua, fast=fast),
+                    fua)
+
+    def block_status(self, offset, length):
+        self._check_open()
+        start = offset - offset % S
+        stop = -(-(offset + length) // S) * S
+        extents = sector_extents(self._lower.block_status(start, stop - start), start)
+        return clip_extents(extents, offset - start, length)
+
+    def cache(self, offset, length):
+        self._check_open()
+        start = offset - offset % S
+        self._lower.cache(start, -(-(offset + length) // S) * S - start)
+
+    def close(self):
+        """Wipe the key, free the OpenSSL contexts and close the lower layer. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cipher.close()
+        self._lower.close()
+
+    # --- internals --------------------------------------------------------------------
+
+    def _check_open(self):
+        if self._closed:
+            raise OSError(errno.ESHUTDOWN, "the encrypted disk is closed")
+
+    def _scratch(self, n: int) -> memoryview:
+        """This thread's reusable buffer, at least n (<= CHUNK) bytes long."""
+        view = getattr(self._local, "view", None)
+        if view is None or len(view) < n:
+            view = memoryview(bytearray(max(n, 64 * 1024)))
+            self._local.view = view
+        return view[:n]
+
+    def _read_sectors(self, buf: memoryview, offset: int, nowait: bool):
+        """Read and decrypt whole sectors at the aligned `offset` into `buf`, in place."""
+        self._lower.pread(buf, offset, nowait=nowait)
+        self._cipher.decrypt(buf, buf, offset // S, holes=True)
+
+    def _write_chunk(self, data, offset, start, stop, fua, nowait):
+        """Encrypt the part of the write that falls in the aligned range [start, stop)
+        into scratch, merging partial sectors with their old contents, and write it."""
+        out = self._scratch(stop - start)
+        lo = max(offset, start) - start             # data's extent within the chunk
+        hi = min(offset + len(data), stop) - start
+        body_lo = -(-lo // S) * S                    # whole sectors covered by data
+        body_hi = hi // S * S
+        if body_lo < body_hi:
+            src = data[start + body_lo - offset:start + body_hi - offset]
+            self._cipher.encrypt(src, out[body_lo:body_hi], (start + body_lo) // S)
+        partial = {p for p in (lo // S * S if lo % S else None,
+                               body_hi if hi % S else None) if p is not None}
+        for p in sorted(partial):
+            a, b = max(lo, p), min(hi, p + S)
+            self._merge_sector(out[p:p + S], start + p, a - p,
+                               data[start + a - offset:start + b - offset], nowait)
+        self._lower.pwrite(out, start, fua=fua, nowait=nowait)
+
+    def _merge_sector(self, sector: memoryview, pos: int, at: int, piece, nowait: bool):
+        """RMW in scratch: the sector at `pos` with `piece` laid over it at byte `at`,
+        encrypted. Caller holds the sector's lock."""
+        self._read_sectors(sector, pos, nowait)
+        sector[at:at + len(piece)] = piece
+        self._cipher.encrypt(sector, sector, pos // S)
+
+    def _clear(self, offset, length, whole, fua):
+        """Trim/zero: whole sectors by `whole(off, len)` below (punching holes), the
+        partial sectors at the ends by read-modify-write of zeros."""
+        if length <= 0:
+            return
+        end = offset + length
+        body_lo = -(-offset // S) * S
+        body_hi = end // S * S
+        held = self._locks.acquire(offset // S, -(-end // S))
+        try:
+            if body_lo < body_hi:  # first, so a refused fast zero leaves nothing done
+                whole(body_lo, body_hi - body_lo)
+            for p in sorted({offset - offset % S if offset % S else None,
+                             body_hi if end % S else None} - {None}):
+                a, b = max(offset, p), min(end, p + S)
+                if a >= b:
+                    continue
+                sector = self._scratch(S)
+                self._merge_sector(sector, p, a - p, bytes(b - a), False)
+                self._lower.pwrite(sector, p, fua=fua)
+        finally:
+            self._locks.release(held)
+
+
+def sector_extents(extents: list[Extent], start: int) -> list[Extent]:
+    """Round the lower layer's extents (from the aligned `start`) to whole sectors.
+
+    A sector is a hole (or reads as zero) only if all of it is, since a partly allocated
+    sector holds real ciphertext; data is always a safe answer. A trailing partial sector
+    the lower layer did not describe is left out (the reply may be short), unless nothing
+    else remains, in which case that sector is reported as data.
+    """
+    out: list[list] = []  # [length, hole, zero], merged as they come
+
+    def emit(length, hole, zero):
+        if out and out[-1][1] == hole and out[-1][2] == zero:
+            out[-1][0] += length
+        else:
+            out.append([length, hole, zero])
+
+    pos = start
+    pending = None  # (sector start, hole, zero) of a sector described only in part so far
+    for e in extents:
+        a, b = pos, pos + e.length
+        pos = b
+        if pending is not None:
+            p, hole, zero = pending
+            hole, zero = hole and e.hole, zero and e.zero
+            if b < p + S:
+                pending = (p, hole, zero)
+                continue
+            emit(S, hole, zero)
+            pending = None
+            a = p + S
+        whole_end = b // S * S
+        if whole_end > a:
+            emit(whole_end - a, e.hole, e.zero)
+            a = whole_end
+        if b > a:
+            pending = (a, e.hole, e.zero)
+    if not out:
+        emit(S, False, False)
+    return [Extent(length, hole=hole, zero=zero) for length, hole, zero in out]
+
+
+def clip_extents(extents: list[Extent], skip: int, length: int) -> list[Extent]:
+    """Drop the first `skip` bytes and everything past `length` bytes after them."""
+    out = []
+    for e in extents:
+        n = e.length
+        if skip:
+            cut = min(skip, n)
+            n -= cut
+            skip -= cut
+        n = min(n, length)
+        if n > 0:
+            out.append(Extent(n, hole=e.hole, zero=e.zero))
+            length -= n
+        if length == 0:
+            break
+    return out

@@ -1,0 +1,52 @@
+"""Striped locks over sector ranges: the ordering of writes that share a sector.
+
+A sub-sector write is a read-modify-write of its sector; if another write to that sector
+lands between the read and the write-back, one of them is lost or the sector is torn
+(bytes from neither writer's view). So every write, trim and zero holds the locks of the
+sectors it touches, full-sector writes included: an aligned write that slipped between an
+RMW's read and write-back would be overwritten with stale bytes.
+
+There is no global lock. Sector `s` belongs to stripe `(s // SECTORS_PER_STRIPE) %
+STRIPES`; a request takes the stripes its sectors map to, in ascending stripe order, so
+two requests never wait on each other in a cycle. Stripes of 16 sectors (64 KiB) keep a
+1 MiB write to 16-17 lock operations while unrelated 4 KiB writes rarely share one. A
+request spanning every stripe (64 MiB and more) takes them all, which serialises it
+with everything else; NBD requests are at most 32 MiB, so only whole-disk trims do this.
+
+Reads take no lock: a read overlapping an in-flight write may see either version of a
+sector (NBD gives no order between overlapping in-flight requests, doc/proto.md
+"Ordering of messages and writes").
+"""
+
+from __future__ import annotations
+
+import threading
+
+STRIPES = 1024
+SECTORS_PER_STRIPE = 16
+
+
+class SectorLocks:
+    def __init__(self, stripes: int = STRIPES, sectors_per_stripe: int = SECTORS_PER_STRIPE):
+        self._locks = [threading.Lock() for _ in range(stripes)]
+        self._per = sectors_per_stripe
+
+    def acquire(self, first: int, end: int) -> list[threading.Lock]:
+        """Take the locks of sectors [first, end) (end > first); returns them for release()."""
+        n = len(self._locks)
+        g0 = first // self._per
+        g1 = (end - 1) // self._per
+        if g1 - g0 + 1 >= n:
+            held = self._locks
+        else:
+            a, b = g0 % n, g1 % n
+            # Ascending stripe index in both cases: the global order that rules out deadlock.
+            held = self._locks[a:b + 1] if a <= b else self._locks[:b + 1] + self._locks[a:]
+        for lock in held:
+            lock.acquire()
+        return held
+
+    @staticmethod
+    def release(held: list[threading.Lock]) -> None:
+        for lock in reversed(held):
+            lock.release()
