@@ -1,0 +1,155 @@
+"""The aiohttp application: routes, the one error-mapping middleware, audit.
+
+Every domain call runs on a single worker thread (`Domain.run`): the SQLite
+connection is used by one thread only, transactions are serialised, and slow
+work (RSA generation, private-key operations) never blocks the event loop,
+so the change stream and heartbeats keep flowing.
+"""
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from ..domain import errors
+from .body import MAX_BODY
+
+log = logging.getLogger("keyservice")
+
+STATUS = {errors.BadRequest: 400, errors.Unauthorized: 401, errors.Forbidden: 403,
+          errors.NotFound: 404, errors.Conflict: 409}
+PUBLIC = {"Token", "OpenApi", "Health"}  # route names callable without a bearer token
+UNAUDITED = {"OpenApi", "Health"}
+
+
+class EventBus:
+    """Wakes change-stream subscribers after a commit. Subscribers take the
+    current waiter *before* reading the store, so no wake-up is lost."""
+
+    def __init__(self):
+        self._event = asyncio.Event()
+        self.closed = False
+
+    def waiter(self) -> asyncio.Event:
+        return self._event
+
+    def publish(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.publish()
+
+
+class Domain:
+    """The service plus the thread it runs on."""
+
+    def __init__(self, service):
+        self.service = service
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyservice-domain")
+
+    async def run(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def error_body(code: str, message: str, inner: str | None = None) -> dict:
+    err = {"code": code, "message": message}
+    if inner:
+        err["innererror"] = {"code": inner}
+    return {"error": err}
+
+
+def _error_response(status: int, code: str, message: str, inner=None) -> web.Response:
+    resp = web.json_response(error_body(code, message, inner), status=status)
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="keyservice"'
+    return resp
+
+
+_HTTP_CODES = {404: "NotFound", 405: "MethodNotAllowed", 413: "RequestEntityTooLarge"}
+
+
+@web.middleware
+async def edge(request: web.Request, handler):
+    """Authenticate, call, map errors to statuses (the only place that does),
+    audit the call and log one line. Never lets a traceback reach a client."""
+    domain: Domain = request.app["domain"]
+    rid = str(uuid.uuid4())
+    request["request_id"] = rid
+    request["caller"] = None
+    name = request.match_info.route.name or "Unknown"
+    error_code = None
+    try:
+        if name not in PUBLIC and request.match_info.http_exception is None:
+            request["caller"] = await domain.run(domain.service.authenticate, _bearer(request))
+        resp = await handler(request)
+    except errors.DomainError as e:
+        error_code = e.code
+        status = next(s for cls, s in STATUS.items() if isinstance(e, cls))
+        resp = _error_response(status, e.code, e.message, e.inner)
+    except web.HTTPException as e:
+        status = e.status
+        error_code = _HTTP_CODES.get(status, "BadRequest")
+        message = {413: f"The request body is larger than the limit of {MAX_BODY} bytes",
+                   404: f"No such operation: {request.method} {request.path}",
+                   405: f"Method {request.method} is not allowed on {request.path}"}.get(status, e.reason)
+        resp = _error_response(status, error_code, message)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("request %s failed", rid)
+        error_code = "InternalError"
+        resp = _error_response(500, "InternalError", f"Internal error; request id {rid}")
+    if not resp.prepared:
+        resp.headers["x-ms-request-id"] = rid
+    caller = request["caller"].object_id if request["caller"] else request.get("caller_hint")
+    if name not in UNAUDITED:
+        entry = {"time": time.time(), "requestId": rid, "caller": caller, "operation": name,
+                 "vault": request.match_info.get("vault"), "key": request.match_info.get("name"),
+                 "kid": request.get("kid"), "objectId": request.match_info.get("object_id"),
+                 "status": resp.status, "error": error_code}
+        await domain.run(domain.service.record, {k: v for k, v in entry.items() if v is not None})
+    log.info("%s %s %s %s %d%s", rid, caller or "-", request.method, request.path, resp.status,
+             f" {error_code}" if error_code else "")
+    return resp
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.Unauthorized("A bearer token is required (Authorization: Bearer <token>)")
+    return token.strip()
+
+
+def make_app(service, *, heartbeat: float = 5.0) -> web.Application:
+    from . import audit, directory, events, keys, vaults
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[edge])
+    app["domain"] = Domain(service)
+    app["bus"] = EventBus()
+    app["heartbeat"] = heartbeat
+    for module in (directory, vaults, keys, audit, events):
+        module.add_routes(app.router)
+
+    async def on_startup(app):
+        loop = asyncio.get_running_loop()
+        service.notify = lambda seq: loop.call_soon_threadsafe(app["bus"].publish)
+
+    async def on_shutdown(app):
+        app["bus"].close()  # ends open change streams so shutdown does not wait on them
+
+    async def on_cleanup(app):
+        app["domain"].shutdown()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app

@@ -1,0 +1,55 @@
+"""Identities, tokens, health and the OpenAPI document."""
+from pathlib import Path
+
+from aiohttp import web
+
+from ..domain.errors import BadRequest
+from . import render
+from .body import field, json_body
+
+OPENAPI = Path(__file__).resolve().parent.parent / "openapi.json"
+
+
+async def token(request: web.Request) -> web.Response:
+    """OAuth 2.0 client credentials grant (RFC 6749 section 4.4); form or JSON body."""
+    domain = request.app["domain"]
+    if request.content_type == "application/x-www-form-urlencoded":
+        form = await request.post()
+        body = {k: form.get(k) for k in ("grant_type", "client_id", "client_secret")}
+    else:
+        body = await json_body(request)
+    grant = field(body, "grant_type", str, default="client_credentials")
+    if grant != "client_credentials":
+        raise BadRequest("grant_type must be client_credentials")
+    tok, exp, ident = await domain.run(domain.service.issue_token,
+                                       field(body, "client_id", str, required=True),
+                                       field(body, "client_secret", str, required=True))
+    request["caller_hint"] = ident.object_id
+    return web.json_response({"access_token": tok, "token_type": "Bearer",
+                              "expires_in": domain.service.signer.lifetime, "expires_on": exp})
+
+
+async def create_identity(request: web.Request) -> web.Response:
+    domain = request.app["domain"]
+    body = await json_body(request)
+    ident, secret = await domain.run(
+        domain.service.create_identity, request["caller"],
+        field(body, "displayName", str, required=True),
+        field(body, "type", str, default="managedIdentity"),
+        field(body, "roles", list, default=[]), field(body, "tenantId", str))
+    return web.json_response(render.identity(ident, secret), status=201)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_post("/oauth2/token", token, name="Token")
+    router.add_post("/identities", create_identity, name="IdentityCreate")
+    router.add_get("/health", health, name="Health")
+    router.add_get("/openapi.json", openapi, name="OpenApi")

@@ -1,0 +1,74 @@
+"""Domain objects -> JSON in Key Vault's shape (field names `kid`, `key_ops`,
+`attributes.enabled|nbf|exp|created|updated|recoveryLevel|recoverableDays`)."""
+from ..domain import rsakeys
+from ..domain.identities import Identity
+from ..domain.keys import Key, KeyVersion
+from ..domain.vaults import Vault
+
+
+def _int(t):
+    return None if t is None else int(t)
+
+
+def attributes(vault: Vault, v: KeyVersion) -> dict:
+    out = {"enabled": v.enabled, "created": _int(v.created), "updated": _int(v.updated),
+           "recoveryLevel": vault.recovery_level, "recoverableDays": vault.retention_days}
+    if v.nbf is not None:
+        out["nbf"] = _int(v.nbf)
+    if v.exp is not None:
+        out["exp"] = _int(v.exp)
+    return out
+
+
+def key_bundle(service, vault: Vault, key: Key, v: KeyVersion) -> dict:
+    jwk = {"kid": service.kid(vault.name, key.name, v.version), "key_ops": list(v.key_ops),
+           **rsakeys.public_jwk_fields(rsakeys.load_public_der(v.public_der))}
+    return {"key": jwk, "attributes": attributes(vault, v)}
+
+
+def deleted_key_bundle(service, vault: Vault, key: Key) -> dict:
+    out = key_bundle(service, vault, key, key.current)
+    out.update(deleted_fields(service, vault, key))
+    return out
+
+
+def deleted_fields(service, vault: Vault, key: Key) -> dict:
+    return {"recoveryId": f"{service.base_url}/vaults/{vault.name}/deletedkeys/{key.name}",
+            "deletedDate": _int(key.deleted_at), "scheduledPurgeDate": _int(key.scheduled_purge)}
+
+
+def key_item(service, vault: Vault, key: Key, deleted: bool = False) -> dict:
+    out = {"kid": service.kid(vault.name, key.name), "attributes": attributes(vault, key.current)}
+    if deleted:
+        out.update(deleted_fields(service, vault, key))
+    return out
+
+
+def version_item(service, vault: Vault, key: Key, v: KeyVersion) -> dict:
+    return {"kid": service.kid(vault.name, key.name, v.version), "attributes": attributes(vault, v)}
+
+
+def policy(vault: Vault, object_id: str, perms) -> dict:
+    return {"tenantId": vault.tenant_id, "objectId": object_id, "permissions": {"keys": list(perms)}}
+
+
+def vault(service, v: Vault, policies: dict | None = None) -> dict:
+    out = {"id": f"{service.base_url}/vaults/{v.name}", "name": v.name, "tenantId": v.tenant_id,
+           "location": v.location, "subscription": v.subscription, "owner": v.owner,
+           "vaultUri": f"{service.base_url}/vaults/{v.name}", "softDeleteEnabled": True,
+           "softDeleteRetentionInDays": v.retention_days, "enablePurgeProtection": v.purge_protection,
+           "createdDate": _int(v.created), "state": v.state.value}
+    if v.deleted_at is not None:
+        out["deletedDate"] = _int(v.deleted_at)
+        out["scheduledPurgeDate"] = _int(v.scheduled_purge)
+    if policies is not None:
+        out["accessPolicies"] = [policy(v, oid, p) for oid, p in policies.items()]
+    return out
+
+
+def identity(i: Identity, secret: str | None = None) -> dict:
+    out = {"objectId": i.object_id, "clientId": i.client_id, "tenantId": i.tenant_id,
+           "displayName": i.display_name, "type": i.type, "roles": list(i.roles)}
+    if secret is not None:
+        out["clientSecret"] = secret  # returned once, at creation; never stored in clear
+    return out

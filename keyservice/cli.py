@@ -1,0 +1,354 @@
+"""`keyservice`: the daemon (`serve`) and client commands that print JSON.
+
+Client commands read KEYSERVICE_URL and KEYSERVICE_CREDENTIAL (a credential
+file such as DATA_DIR/admin.credential). Exit codes: 0 success; 1 the service
+refused (JSON error on stderr) or `audit verify` found tampering; 2 usage;
+3 the service is unreachable.
+"""
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .client import Credential, KeyServiceClient, KeyServiceError, KeyServiceUnavailable, parse_kid
+
+
+def _print(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+def _call(fn):
+    """Run `fn(client)` against the service named by the environment."""
+    url = os.environ.get("KEYSERVICE_URL")
+    cred_path = os.environ.get("KEYSERVICE_CREDENTIAL")
+    if not url or not cred_path:
+        raise click.UsageError("set KEYSERVICE_URL and KEYSERVICE_CREDENTIAL (a credential file)")
+    try:
+        cred = Credential.load(cred_path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise click.UsageError(f"cannot read credential file {cred_path}: {e}")
+
+    async def run():
+        async with KeyServiceClient(url, cred) as client:
+            return await fn(client)
+    try:
+        return asyncio.run(run())
+    except KeyServiceUnavailable as e:
+        click.echo(json.dumps({"error": {"code": e.code, "message": e.message}}), err=True)
+        sys.exit(3)
+    except KeyServiceError as e:
+        click.echo(json.dumps({"error": {"code": e.code, "message": e.message, "status": e.status}}),
+                   err=True)
+        sys.exit(1)
+
+
+def _show(method, path, body=None, params=None):
+    result = _call(lambda c: c.request(method, path, body, params))
+    _print(result if result is not None else {"status": "ok"})
+
+
+@click.group()
+def main():
+    """Key service: a key vault for the encrypted disk platform."""
+
+
+@main.command()
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT")
+@click.option("--base-url", help="URL clients use to reach the service (the base of every kid)")
+@click.option("--master-key-file", type=click.Path(dir_okay=False),
+              help="default: $CREDENTIALS_DIRECTORY/master-key, else DATA_DIR/master-key")
+@click.option("--token-lifetime", default=3600, show_default=True, type=click.IntRange(60, 86400),
+              help="bearer token lifetime, seconds")
+@click.option("--heartbeat", default=5.0, show_default=True, type=click.FloatRange(0.1, 60),
+              help="seconds between change-stream keepalives")
+def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat):
+    """Run the key service daemon."""
+    from .sealing import MasterKeyError
+    from .server import ServeConfig, open_service, serve as run_server
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.UsageError("--listen must be HOST:PORT")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServeConfig(data_dir=data_dir, host=host.strip("[]") or "127.0.0.1", port=int(port),
+                         base_url=base_url, master_key_file=master_key_file,
+                         token_lifetime=token_lifetime, heartbeat=heartbeat)
+    try:
+        service = open_service(config)
+    except MasterKeyError as e:
+        click.echo(f"keyservice: cannot start: {e}", err=True)
+        sys.exit(1)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(run_server(config, service))
+
+
+# -- identities --
+@main.group()
+def identity():
+    """Identities (the directory)."""
+
+
+@identity.command("create")
+@click.argument("name")
+@click.option("--type", "type_", default="managedIdentity", show_default=True,
+              type=click.Choice(["user", "servicePrincipal", "managedIdentity"]))
+@click.option("--role", "roles", multiple=True, type=click.Choice(["admin", "platform"]))
+@click.option("--output-credential", type=click.Path(dir_okay=False),
+              help="also write the new credential file here (0600)")
+def identity_create(name, type_, roles, output_credential):
+    """Create an identity; prints its client secret once."""
+    body = _call(lambda c: c.request("POST", "/identities",
+                                     {"displayName": name, "type": type_, "roles": list(roles)}))
+    if output_credential:
+        Credential(body["clientId"], body["clientSecret"], body["tenantId"],
+                   body["objectId"]).dump(output_credential)
+    _print(body)
+
+
+# -- vaults --
+@main.group()
+def vault():
+    """Vaults."""
+
+
+@vault.command("create")
+@click.argument("name")
+@click.option("--location", required=True)
+@click.option("--subscription", required=True)
+@click.option("--retention-days", default=90, show_default=True, type=int)
+@click.option("--enable-purge-protection", is_flag=True)
+def vault_create(name, location, subscription, retention_days, enable_purge_protection):
+    _show("POST", "/vaults", {"name": name, "location": location, "subscription": subscription,
+                              "softDeleteRetentionInDays": retention_days,
+                              "enablePurgeProtection": enable_purge_protection})
+
+
+@vault.command("show")
+@click.argument("name")
+@click.option("--deleted", is_flag=True, help="show the soft-deleted vault")
+def vault_show(name, deleted):
+    _show("GET", f"/{'deletedvaults' if deleted else 'vaults'}/{name}")
+
+
+@vault.command("list")
+@click.option("--deleted", is_flag=True)
+def vault_list(deleted):
+    _show("GET", "/deletedvaults" if deleted else "/vaults")
+
+
+@vault.command("delete")
+@click.argument("name")
+def vault_delete(name):
+    _show("DELETE", f"/vaults/{name}")
+
+
+@vault.command("recover")
+@click.argument("name")
+def vault_recover(name):
+    _show("POST", f"/deletedvaults/{name}/recover")
+
+
+@vault.command("purge")
+@click.argument("name")
+def vault_purge(name):
+    _show("DELETE", f"/deletedvaults/{name}")
+
+
+@vault.command("update")
+@click.argument("name")
+@click.option("--enable-purge-protection", is_flag=True, required=True)
+def vault_update(name, enable_purge_protection):
+    _show("PATCH", f"/vaults/{name}", {"enablePurgeProtection": enable_purge_protection})
+
+
+# -- keys --
+@main.group()
+def key():
+    """Keys."""
+
+
+def _key_path(vault, name, version=None):
+    return f"/vaults/{vault}/keys/{name}" + (f"/{version}" if version else "")
+
+
+@key.command("create")
+@click.argument("vault")
+@click.argument("name")
+@click.option("--size", default=3072, show_default=True, type=int)
+def key_create(vault, name, size):
+    _show("POST", _key_path(vault, name) + "/create", {"kty": "RSA", "key_size": size})
+
+
+@key.command("import")
+@click.argument("vault")
+@click.argument("name")
+@click.option("--pem", "pem_file", required=True, type=click.File("r"), help="unencrypted PEM private key")
+def key_import(vault, name, pem_file):
+    _show("PUT", _key_path(vault, name), {"pem": pem_file.read()})
+
+
+@key.command("show")
+@click.argument("vault")
+@click.argument("name")
+@click.option("--version")
+@click.option("--deleted", is_flag=True)
+def key_show(vault, name, version, deleted):
+    _show("GET", f"/vaults/{vault}/deletedkeys/{name}" if deleted else _key_path(vault, name, version))
+
+
+@key.command("list")
+@click.argument("vault")
+@click.option("--deleted", is_flag=True)
+def key_list(vault, deleted):
+    _show("GET", f"/vaults/{vault}/{'deletedkeys' if deleted else 'keys'}")
+
+
+@key.command("versions")
+@click.argument("vault")
+@click.argument("name")
+def key_versions(vault, name):
+    _show("GET", _key_path(vault, name) + "/versions")
+
+
+@key.command("rotate")
+@click.argument("vault")
+@click.argument("name")
+def key_rotate(vault, name):
+    _show("POST", _key_path(vault, name) + "/rotate")
+
+
+@key.command("delete")
+@click.argument("vault")
+@click.argument("name")
+def key_delete(vault, name):
+    _show("DELETE", _key_path(vault, name))
+
+
+@key.command("recover")
+@click.argument("vault")
+@click.argument("name")
+def key_recover(vault, name):
+    _show("POST", f"/vaults/{vault}/deletedkeys/{name}/recover")
+
+
+@key.command("purge")
+@click.argument("vault")
+@click.argument("name")
+def key_purge(vault, name):
+    _show("DELETE", f"/vaults/{vault}/deletedkeys/{name}")
+
+
+def _set_enabled(vault, name, version, enabled):
+    _show("PATCH", _key_path(vault, name, version), {"attributes": {"enabled": enabled}})
+
+
+@key.command("disable")
+@click.argument("vault")
+@click.argument("name")
+@click.option("--version")
+def key_disable(vault, name, version):
+    _set_enabled(vault, name, version, False)
+
+
+@key.command("enable")
+@click.argument("vault")
+@click.argument("name")
+@click.option("--version")
+def key_enable(vault, name, version):
+    _set_enabled(vault, name, version, True)
+
+
+def _crypto(op, vault, name, version, value, alg):
+    _show("POST", _key_path(vault, name, version) + "/" + op, {"alg": alg, "value": value})
+
+
+@key.command("wrap")
+@click.argument("vault")
+@click.argument("name")
+@click.option("--version")
+@click.option("--value", required=True, help="base64url bytes to wrap")
+@click.option("--alg", default="RSA-OAEP-256", show_default=True)
+def key_wrap(vault, name, version, value, alg):
+    _crypto("wrapkey", vault, name, version, value, alg)
+
+
+@key.command("unwrap")
+@click.argument("vault")
+@click.argument("name")
+@click.option("--version")
+@click.option("--value", required=True, help="base64url wrapped bytes")
+@click.option("--alg", default="RSA-OAEP-256", show_default=True)
+def key_unwrap(vault, name, version, value, alg):
+    _crypto("unwrapkey", vault, name, version, value, alg)
+
+
+# -- access policies --
+@main.group()
+def policy():
+    """Vault access policies."""
+
+
+@policy.command("set")
+@click.argument("vault")
+@click.option("--object-id", required=True)
+@click.option("--key-permissions", required=True, help="comma-separated, e.g. get,wrapKey,unwrapKey")
+def policy_set(vault, object_id, key_permissions):
+    perms = [p.strip() for p in key_permissions.split(",") if p.strip()]
+    _show("PUT", f"/vaults/{vault}/accessPolicies/{object_id}", {"permissions": {"keys": perms}})
+
+
+@policy.command("delete")
+@click.argument("vault")
+@click.option("--object-id", required=True)
+def policy_delete(vault, object_id):
+    _show("DELETE", f"/vaults/{vault}/accessPolicies/{object_id}")
+
+
+@policy.command("list")
+@click.argument("vault")
+def policy_list(vault):
+    _show("GET", f"/vaults/{vault}/accessPolicies")
+
+
+# -- audit --
+@main.group()
+def audit():
+    """The audit log (hash-chained)."""
+
+
+@audit.command("show")
+@click.argument("vault")
+@click.option("--limit", default=1000, show_default=True, type=int)
+def audit_show(vault, limit):
+    _show("GET", f"/vaults/{vault}/audit", params={"limit": str(limit)})
+
+
+@audit.command("verify")
+@click.argument("vault")
+def audit_verify(vault):
+    """Verify VAULT's chain; exits 1 if any entry was edited or removed."""
+    result = _call(lambda c: c.request("GET", f"/vaults/{vault}/audit/verify"))
+    _print(result)
+    sys.exit(0 if result.get("valid") else 1)
+
+
+@main.command()
+@click.option("--since", type=int, help="resume after this seq")
+def events(since):
+    """Follow the change stream; one JSON event per line."""
+    async def follow(c):
+        async for e in c.events(since):
+            click.echo(json.dumps(e), nl=True)
+    _call(follow)
+
+
+__all__ = ["main", "parse_kid"]

@@ -1,0 +1,208 @@
+"""Async client for the key service (the disk platform and the CLI use it).
+
+Errors: `KeyServiceError` carries the service's status, code and message.
+`KeyServiceUnavailable` means the service could not be reached or failed
+(connection refused, timeout, 5xx): the caller must not read it as a
+revocation. A `kid` may be a full key URL (with or without a version), or
+"vault/name[/version]"; only its path is used, the request goes to base_url.
+"""
+import asyncio
+import base64
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import AsyncIterator
+from urllib.parse import urlsplit
+
+import aiohttp
+
+RENEW_BEFORE = 300  # seconds: renew a token this long before it expires
+
+
+class KeyServiceError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class KeyServiceUnavailable(KeyServiceError):
+    pass
+
+
+@dataclass
+class Credential:
+    client_id: str
+    client_secret: str
+    tenant_id: str
+    object_id: str
+
+    @classmethod
+    def load(cls, path) -> "Credential":
+        with open(path) as f:
+            data = json.load(f)
+        return cls(**{k: data[k] for k in ("client_id", "client_secret", "tenant_id", "object_id")})
+
+    def dump(self, path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+            f.write("\n")
+
+
+def _b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64u(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def parse_kid(kid: str) -> tuple[str, str, str | None]:
+    """A kid URL or "vault/name[/version]" -> (vault, name, version)."""
+    path = urlsplit(kid).path if "://" in kid else kid
+    parts = [p for p in path.split("/") if p]
+    if parts[:1] == ["vaults"] and len(parts) in (4, 5) and parts[2] == "keys":
+        parts = [parts[1]] + parts[3:]
+    if len(parts) not in (2, 3) or "keys" in parts[:1]:
+        raise ValueError(f"not a key identifier: {kid!r}")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+def _key_path(kid: str) -> str:
+    vault, name, version = parse_kid(kid)
+    return f"/vaults/{vault}/keys/{name}" + (f"/{version}" if version else "")
+
+
+class KeyServiceClient:
+    def __init__(self, base_url: str, credential: Credential, *, ssl=None, timeout: float = 10.0):
+        self.base_url = base_url.rstrip("/")
+        self.credential = credential
+        self._ssl = ssl
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+        self._token_exp = 0.0
+        self._token_lock = asyncio.Lock()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def _bearer(self) -> str:
+        async with self._token_lock:
+            if self._token is None or time.time() > self._token_exp - RENEW_BEFORE:
+                body = await self._send("POST", "/oauth2/token", json_body={
+                    "grant_type": "client_credentials", "client_id": self.credential.client_id,
+                    "client_secret": self.credential.client_secret}, auth=False)
+                self._token = body["access_token"]
+                # Trust our own clock for renewal: expires_in, not the server's expires_on.
+                self._token_exp = time.time() + body["expires_in"]
+            return self._token
+
+    async def _send(self, method: str, path: str, *, json_body=None, params=None, auth=True):
+        headers = {"Authorization": f"Bearer {await self._bearer()}"} if auth else {}
+        try:
+            async with self._http().request(method, self.base_url + path, json=json_body,
+                                            params=params, headers=headers, ssl=self._ssl) as resp:
+                data = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise KeyServiceUnavailable(0, "ServiceUnavailable",
+                                        f"key service at {self.base_url} unreachable: {e!r}") from e
+        if status == 401 and auth:
+            self._token = None  # e.g. the service's master key changed: re-authenticate next time
+        return _decode(status, data)
+
+    async def request(self, method: str, path: str, json_body=None, params=None):
+        """Any API call; returns the decoded JSON body (None for 204)."""
+        return await self._send(method, path, json_body=json_body, params=params)
+
+    # -- the directory --
+    async def create_identity(self, display_name: str, *, type: str = "managedIdentity",
+                              roles=()) -> Credential:
+        body = await self.request("POST", "/identities", {"displayName": display_name, "type": type,
+                                                          "roles": list(roles)})
+        return Credential(body["clientId"], body["clientSecret"], body["tenantId"], body["objectId"])
+
+    # -- vaults and policies --
+    async def create_vault(self, name, *, location, subscription, retention_days=90,
+                           purge_protection=False) -> dict:
+        return await self.request("POST", "/vaults", {
+            "name": name, "location": location, "subscription": subscription,
+            "softDeleteRetentionInDays": retention_days, "enablePurgeProtection": purge_protection})
+
+    async def get_vault(self, name) -> dict:
+        return await self.request("GET", f"/vaults/{name}")
+
+    async def set_policy(self, vault, object_id, key_permissions: list[str]) -> dict:
+        return await self.request("PUT", f"/vaults/{vault}/accessPolicies/{object_id}",
+                                  {"permissions": {"keys": list(key_permissions)}})
+
+    # -- keys --
+    async def create_key(self, vault, name, *, size=3072) -> dict:
+        return await self.request("POST", f"/vaults/{vault}/keys/{name}/create",
+                                  {"kty": "RSA", "key_size": size})
+
+    async def get_key(self, kid_or_vault_name_version: str) -> dict:
+        return await self.request("GET", _key_path(kid_or_vault_name_version))
+
+    async def wrap_key(self, kid: str, value: bytes, *, alg: str = "RSA-OAEP-256") -> tuple[str, bytes]:
+        body = await self.request("POST", _key_path(kid) + "/wrapkey", {"alg": alg, "value": _b64u(value)})
+        return body["kid"], _unb64u(body["value"])
+
+    async def unwrap_key(self, kid: str, value: bytes, *, alg: str = "RSA-OAEP-256") -> bytes:
+        body = await self.request("POST", _key_path(kid) + "/unwrapkey", {"alg": alg, "value": _b64u(value)})
+        return _unb64u(body["value"])
+
+    # -- the change stream --
+    async def events(self, since: int | None = None, *, idle_timeout: float = 15.0) -> AsyncIterator[dict]:
+        """Follow the change stream. Raises KeyServiceUnavailable when the connection
+        drops or nothing (not even a heartbeat) arrives for idle_timeout seconds;
+        resume with since=<the last seq seen>."""
+        params = {} if since is None else {"since": str(since)}
+        headers = {"Authorization": f"Bearer {await self._bearer()}", "Accept": "text/event-stream"}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=idle_timeout)
+        try:
+            async with self._http().get(self.base_url + "/events", params=params, headers=headers,
+                                        ssl=self._ssl, timeout=timeout) as resp:
+                if resp.status != 200:
+                    _decode(resp.status, await resp.read())
+                data: list[str] = []
+                async for raw in resp.content:
+                    line = raw.decode().rstrip("\r\n")
+                    if line.startswith("data:"):
+                        data.append(line[5:].lstrip(" "))
+                    elif line == "" and data:
+                        yield json.loads("\n".join(data))
+                        data = []
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise KeyServiceUnavailable(0, "ServiceUnavailable", f"change stream lost: {e!r}") from e
+        raise KeyServiceUnavailable(0, "ServiceUnavailable", "change stream ended")
+
+
+def _decode(status: int, data: bytes):
+    try:
+        body = json.loads(data) if data else None
+    except ValueError:
+        body = None
+    if status < 400:
+        return body
+    err = (body or {}).get("error") if isinstance(body, dict) else None
+    code = err.get("code", "Unknown") if isinstance(err, dict) else "Unknown"
+    message = err.get("message", "") if isinstance(err, dict) else data[:200].decode(errors="replace")
+    cls = KeyServiceUnavailable if status >= 500 else KeyServiceError
+    raise cls(status, code, message)

@@ -1,0 +1,102 @@
+"""`keyservice serve`: open the store, bootstrap the admin, run the HTTP API.
+
+Start-up order: the store (refuses without its master key), the admin
+credential on first start, then the listener; READY=1 goes to systemd only
+once the socket accepts. SIGTERM or SIGINT: STOPPING=1, stop accepting, end
+the change streams, finish in-flight requests, close the database.
+"""
+import asyncio
+import json
+import logging
+import os
+import signal
+import ssl as ssl_module
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from .api.app import make_app
+from .domain.service import KeyService
+from .sdnotify import sd_notify
+from .store import Store
+from .tokens import DEFAULT_LIFETIME, TokenSigner
+
+log = logging.getLogger("keyservice")
+SWEEP_INTERVAL = 60.0  # retention is counted in days; a minute of lateness is fine
+
+
+@dataclass
+class ServeConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8443
+    base_url: str | None = None
+    master_key_file: str | None = None
+    token_lifetime: int = DEFAULT_LIFETIME
+    heartbeat: float = 5.0
+    ssl_context: ssl_module.SSLContext | None = None
+
+
+def open_service(config: ServeConfig) -> KeyService:
+    store = Store(config.data_dir, config.master_key_file)
+    scheme = "https" if config.ssl_context else "http"
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    base = config.base_url or f"{scheme}://{host}:{config.port}"
+    service = KeyService(store, TokenSigner(store.token_key, config.token_lifetime), base_url=base)
+    first = service.bootstrap_admin()
+    if first is not None:
+        ident, secret = first
+        write_credential(Path(config.data_dir) / "admin.credential",
+                         {"client_id": ident.client_id, "client_secret": secret,
+                          "tenant_id": ident.tenant_id, "object_id": ident.object_id})
+        log.info("created the admin identity %s; credential in %s", ident.object_id,
+                 Path(config.data_dir) / "admin.credential")
+    return service
+
+
+def write_credential(path: Path, data: dict) -> None:
+    """Created 0600 from the start (never briefly world-readable), then fsynced."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+async def serve(config: ServeConfig, service: KeyService) -> None:
+    app = make_app(service, heartbeat=config.heartbeat)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=config.ssl_context,
+                       reuse_address=True)
+    await site.start()
+    log.info("listening on %s (kids use %s)", site.name, service.base_url)
+    sd_notify("READY=1")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sweeper = asyncio.create_task(_sweep_forever(app))
+    await stop.wait()
+    sd_notify("STOPPING=1")
+    log.info("stopping")
+    sweeper.cancel()
+    await runner.cleanup()
+    service.store.close()
+    log.info("stopped")
+
+
+async def _sweep_forever(app) -> None:
+    domain = app["domain"]
+    while True:
+        try:
+            purged = await domain.run(domain.service.sweep)
+            if purged:
+                log.info("purged %d item(s) whose retention ended", purged)
+        except Exception:
+            log.exception("retention sweep failed")
+        await asyncio.sleep(SWEEP_INTERVAL)
