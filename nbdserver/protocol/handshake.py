@@ -355,7 +355,9 @@ class Handshake:
         if setting and not self._sel.structured:
             raise _BadOption("SET_META_CONTEXT needs structured replies first")
         try:
-            self._catalog.lookup(name)
+            # Keep the export's own name: "" (the default export) must match the GO
+            # that names it either way.
+            export_name = self._catalog.lookup(name).name
         except ExportRefused as e:
             out.append(Send(option_error(option, NBD_REP_ERR_UNKNOWN, e.message)))
             return
@@ -368,7 +370,7 @@ class Handshake:
             out.append(Send(option_reply(option, NBD_REP_META_CONTEXT,
                                          struct.pack(">I", BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode())))
         if setting:
-            self._sel.meta_export = name
+            self._sel.meta_export = export_name
             self._sel.meta_contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION} if matched else {}
         out.append(Send(option_reply(option, NBD_REP_ACK)))
 
