@@ -1,0 +1,45 @@
+"""Disk images and the contents tests expect of them."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+
+DISK_SIZE = 64 << 20
+RO_SIZE = 16 << 20
+
+
+def write_ro_pattern(path, size: int) -> None:
+    """Fill a file with 4 KiB blocks, each its block number (u32 LE) repeated."""
+    with open(path, "wb") as f:
+        for i in range(size // 4096):
+            f.write(i.to_bytes(4, "little") * 1024)
+
+
+def need_tool(*names: str) -> None:
+    for name in names:
+        if shutil.which(name) is None:
+            pytest.skip(f"{name} is not installed")
+
+
+def ro_pattern(offset: int, length: int) -> bytes:
+    """What the `ro` export holds at offset (4-byte block numbers repeated per 4 KiB)."""
+    out = bytearray()
+    pos = offset
+    while pos < offset + length:
+        block = pos // 4096
+        end = min((block + 1) * 4096, offset + length)
+        word = block.to_bytes(4, "little") * 1024
+        out += word[pos % 4096: pos % 4096 + end - pos]
+        pos = end
+    return bytes(out)
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
