@@ -117,16 +117,18 @@ class RequestParser:
         return 0
 
 
-# Flags each command accepts (before checking what the export advertised).
+# Flags each command accepts (before checking what the export advertised). FUA is valid
+# on every command once NBD_FLAG_SEND_FUA is negotiated: the server MUST accept it, even
+# by ignoring it (doc/proto.md, "Command flags").
 _ALLOWED_FLAGS = {
     NBD_CMD_READ: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF,
     NBD_CMD_WRITE: NBD_CMD_FLAG_FUA,
-    NBD_CMD_DISC: 0,
+    NBD_CMD_DISC: NBD_CMD_FLAG_FUA,
     NBD_CMD_FLUSH: NBD_CMD_FLAG_FUA,
     NBD_CMD_TRIM: NBD_CMD_FLAG_FUA,
     NBD_CMD_CACHE: NBD_CMD_FLAG_FUA,
     NBD_CMD_WRITE_ZEROES: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
-    NBD_CMD_BLOCK_STATUS: NBD_CMD_FLAG_REQ_ONE,
+    NBD_CMD_BLOCK_STATUS: NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_REQ_ONE,
 }
 # The transmission flag a command needs to have been advertised.
 _NEEDS = {
@@ -149,6 +151,10 @@ def check(req, size: int, tflags: int, *, has_meta: bool, min_block: int = MIN_B
         return NBD_EINVAL, f"unknown command {cmd}"
     if flags & ~allowed:
         return NBD_EINVAL, f"flags {flags:#x} not valid for this command"
+    # Before "not advertised": a read-only export advertises no TRIM or WRITE_ZEROES, yet
+    # the spec asks for EPERM on a write, trim or write zeroes there ("Error values").
+    if cmd in _WRITES and tflags & NBD_FLAG_READ_ONLY:
+        return NBD_EPERM, "export is read-only"
     need = _NEEDS.get(cmd)
     if need and not tflags & need:
         return NBD_EINVAL, "command not advertised for this export"
@@ -158,8 +164,6 @@ def check(req, size: int, tflags: int, *, has_meta: bool, min_block: int = MIN_B
         return NBD_EINVAL, "FUA was not advertised"
     if flags & NBD_CMD_FLAG_FAST_ZERO and not tflags & NBD_FLAG_SEND_FAST_ZERO:
         return NBD_EINVAL, "FAST_ZERO was not advertised"
-    if cmd in _WRITES and tflags & NBD_FLAG_READ_ONLY:
-        return NBD_EPERM, "export is read-only"
     if cmd == NBD_CMD_BLOCK_STATUS and not has_meta:
         return NBD_EINVAL, "no metadata context was negotiated"
     if cmd in _RANGED:
