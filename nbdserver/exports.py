@@ -11,6 +11,7 @@ The disk platform drives these transitions; the server only obeys them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from enum import Enum
 
 from .backend import BlockBackend
@@ -65,6 +66,9 @@ class Export:
         self.flags = transmission_flags(backend, readonly)
         self._inflight = 0
         self._idle: asyncio.Event | None = None
+        self.clients = 0  # connections in transmission on this export ("attached")
+        self._frozen = 0
+        self._parked: list = []
 
     # -- state transitions (called on the event loop)
     def lock(self, reason: str) -> None:
@@ -101,6 +105,28 @@ class Export:
         while self._inflight:
             self._idle = asyncio.Event()
             await self._idle.wait()
+
+    # -- freezing: hold new requests (they wait, they do not fail) for a consistent copy
+    @property
+    def is_frozen(self) -> bool:
+        return self._frozen > 0
+
+    def park(self, resume) -> None:
+        """Called by the server for a request that arrives while frozen."""
+        self._parked.append(resume)
+
+    @contextlib.asynccontextmanager
+    async def frozen(self):
+        self._frozen += 1
+        try:
+            await self.drained()
+            yield
+        finally:
+            self._frozen -= 1
+            if not self._frozen:
+                parked, self._parked = self._parked, []
+                for resume in parked:
+                    resume()
 
     def info(self) -> ExportInfo:
         return ExportInfo(self.name, self.backend.size, self.flags, self.description,

@@ -124,6 +124,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.server.connections.discard(self)
+        if self.export is not None:
+            self.export.clients -= 1
         self.handshake = None
         if not self.closed.done():
             self.closed.set_result(None)
@@ -182,6 +184,7 @@ class Connection(asyncio.Protocol):
             self.transport.close()
             return
         self.export = export
+        export.clients += 1
         self.structured = negotiated.structured_replies
         self.meta_id = next((i for i, n in negotiated.meta_contexts.items() if n == BASE_ALLOCATION), None)
         leftover = self.handshake.leftover
@@ -218,6 +221,10 @@ class Connection(asyncio.Protocol):
             return self._fail(req, NBD_ESHUTDOWN, "server is shutting down")
         if export.locked:
             return self._fail(req, NBD_EIO, f"disk is locked: {export.lock_reason}")
+        if export.is_frozen:
+            self.inflight += 1
+            export.park(lambda: self._resume(req))
+            return
         err, msg = check(req, export.backend.size, export.flags, has_meta=self.meta_id is not None)
         if err:
             return self._fail(req, err, msg)
@@ -258,6 +265,15 @@ class Connection(asyncio.Protocol):
             return self._offload(req, _block_status, backend, req.offset, req.length,
                                  bool(req.flags & NBD_CMD_FLAG_REQ_ONE))
         return self._fail(req, NBD_EINVAL, f"unknown command {cmd}")
+
+    def _resume(self, req):
+        """A request held while its export was frozen (a snapshot) runs now."""
+        self.inflight -= 1
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._request(req)
+        self._update_reading()
+        self._maybe_close()
 
     def _offload(self, req, fn, *args):
         """Run fn(*args) on a worker; reply when it finishes."""
