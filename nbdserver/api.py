@@ -1,0 +1,263 @@
+"""The disk platform's HTTP API: parse, call `Platform`, render JSON. Nothing else.
+
+Every error is mapped once, in `errors_middleware`: a `PlatformError` becomes its status
+with `{"error": {"code", "message"}}`; malformed JSON or fields are 400; anything else
+is logged and answered 500 without detail. Long copies (disks from sources, snapshots,
+images) run as operations: 202 with an operation id, then `GET /operations/{id}` reports
+progress and the result.
+
+Authentication: a bearer token, generated on first start as DATA_DIR/api.token (0600),
+compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import secrets
+import uuid
+
+from aiohttp import web
+
+from .platform.errors import BadRequest, NotFound, PlatformError
+from .platform.model import VolumeKind
+from .platform.service import Platform
+
+log = logging.getLogger("nbdserver.api")
+MAX_BODY = 1 << 20
+
+
+def load_api_token(data_dir: str) -> str:
+    path = os.path.join(data_dir, "api.token")
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    with open(path) as f:
+        return f.read().strip()
+
+
+@web.middleware
+async def errors_middleware(request, handler):
+    try:
+        return await handler(request)
+    except PlatformError as e:
+        return _error(e.status, e.code, e.message)
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return _error(e.status, e.reason.replace(" ", ""), e.text or e.reason)
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal error in %s %s", request.method, request.path)
+        return _error(500, "InternalError", "internal error; see the server log")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def auth_middleware(token: str):
+    @web.middleware
+    async def middleware(request, handler):
+        if request.path in ("/healthz",):
+            return await handler(request)
+        got = request.headers.get("Authorization", "")
+        if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), token.encode()):
+            return _error(401, "Unauthorized", "missing or invalid bearer token (see DATA_DIR/api.token)")
+        return await handler(request)
+    return middleware
+
+
+async def _body(request) -> dict:
+    if not request.can_read_body:
+        return {}
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadRequest(f"request body over {MAX_BODY} bytes") from None
+    try:
+        data = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def _field(data: dict, name: str, kind=str, required=False):
+    v = data.get(name)
+    if v is None:
+        if required:
+            raise BadRequest(f"missing field {name!r}")
+        return None
+    if kind is int and isinstance(v, bool) or not isinstance(v, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise BadRequest(f"field {name!r} must be {' or '.join(k.__name__ for k in kinds)}")
+    return v
+
+
+class Operations:
+    """Long-running operations, kept in memory (a restart removes unfinished volumes)."""
+
+    def __init__(self):
+        self.ops: dict[str, dict] = {}
+
+    def start(self, kind: str, coro_fn) -> dict:
+        op_id = uuid.uuid4().hex[:16]
+        op = {"id": op_id, "kind": kind, "status": "running", "progress": 0.0}
+        self.ops[op_id] = op
+
+        def progress(fraction: float) -> None:
+            op["progress"] = round(min(max(fraction, 0.0), 1.0), 4)
+
+        async def run():
+            try:
+                op["result"] = await coro_fn(progress)
+                op["status"], op["progress"] = "succeeded", 1.0
+            except PlatformError as e:
+                op["status"], op["error"] = "failed", {"code": e.code, "message": e.message,
+                                                       "status": e.status}
+            except Exception:
+                log.exception("operation %s failed", op_id)
+                op["status"], op["error"] = "failed", {"code": "InternalError",
+                                                       "message": "internal error", "status": 500}
+        op["_task"] = asyncio.create_task(run())
+        return op
+
+    def view(self, op_id: str) -> dict:
+        op = self.ops.get(op_id)
+        if op is None:
+            raise NotFound(f"operation {op_id!r} not found")
+        return {k: v for k, v in op.items() if not k.startswith("_")}
+
+
+def build_app(platform: Platform, token: str) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, auth_middleware(token)],
+                          client_max_size=MAX_BODY)
+    ops = Operations()
+    r = web.RouteTableDef()
+    J = web.json_response
+
+    def accepted(op):
+        return J({k: v for k, v in op.items() if not k.startswith("_")}, status=202,
+                 headers={"Location": f"/operations/{op['id']}"})
+
+    @r.get("/healthz")
+    async def healthz(request):
+        return J({"status": "ok"})
+
+    @r.get("/operations/{id}")
+    async def get_op(request):
+        return J(ops.view(request.match_info["id"]))
+
+    # encryption sets
+    @r.post("/encryption-sets")
+    async def des_create(request):
+        b = await _body(request)
+        return J(await platform.create_des(
+            _field(b, "name", required=True), _field(b, "keyUrl", required=True),
+            subscription=_field(b, "subscription"), location=_field(b, "location"),
+            allow_cross_subscription=bool(_field(b, "allowCrossSubscription", bool))), status=201)
+
+    @r.get("/encryption-sets")
+    async def des_list(request):
+        return J({"value": platform.list_des()})
+
+    @r.get("/encryption-sets/{name}")
+    async def des_show(request):
+        return J(await platform.show_des(request.match_info["name"]))
+
+    @r.patch("/encryption-sets/{name}")
+    async def des_update(request):
+        b = await _body(request)
+        return J(await platform.update_des(request.match_info["name"], _field(b, "keyUrl", required=True)))
+
+    @r.delete("/encryption-sets/{name}")
+    async def des_delete(request):
+        await platform.delete_des(request.match_info["name"])
+        return web.Response(status=204)
+
+    # disks
+    @r.post("/disks")
+    async def disk_create(request):
+        b = await _body(request)
+        name = _field(b, "name", required=True)
+        kw = dict(size=_field(b, "size", (int, str)), des=_field(b, "diskEncryptionSet"),
+                  source=_field(b, "source"), count=_field(b, "count", int),
+                  subscription=_field(b, "subscription"), location=_field(b, "location"))
+        # Validate what can be validated before answering 202.
+        platform.validate_disk_request(name, **kw)
+        return accepted(ops.start("disk.create", lambda progress: platform.create_disks(
+            name, progress=progress, **kw)))
+
+    @r.get("/disks")
+    async def disk_list(request):
+        return J({"value": platform.list_volumes(VolumeKind.DISK)})
+
+    @r.get("/disks/{name}")
+    async def disk_show(request):
+        return J(platform.show_disk(request.match_info["name"]))
+
+    @r.get("/disks/{name}/key-envelope")
+    async def disk_envelope(request):
+        return J(platform.key_envelope(request.match_info["name"]))
+
+    @r.patch("/disks/{name}")
+    async def disk_update(request):
+        b = await _body(request)
+        return J(await platform.update_disk(request.match_info["name"], des=_field(b, "diskEncryptionSet"),
+                                            platform_key=bool(_field(b, "platformKey", bool))))
+
+    @r.delete("/disks/{name}")
+    async def disk_delete(request):
+        force = request.query.get("force", "").lower() in ("1", "true", "yes")
+        await platform.delete_disk(request.match_info["name"], force=force)
+        return web.Response(status=204)
+
+    # snapshots and images
+    @r.post("/snapshots")
+    async def snap_create(request):
+        b = await _body(request)
+        name, disk = _field(b, "name", required=True), _field(b, "disk", required=True)
+        platform.validate_copy_request(VolumeKind.SNAPSHOT, name, f"disk:{disk}")
+        return accepted(ops.start("snapshot.create", lambda progress: platform.create_snapshot(
+            name, disk, progress)))
+
+    @r.post("/images")
+    async def image_create(request):
+        b = await _body(request)
+        name, source = _field(b, "name", required=True), _field(b, "source", required=True)
+        platform.validate_copy_request(VolumeKind.IMAGE, name, source)
+        return accepted(ops.start("image.create", lambda progress: platform.create_image(
+            name, source, progress)))
+
+    @r.post("/images/{name}/share")
+    async def image_share(request):
+        b = await _body(request)
+        return J(await platform.share_image(request.match_info["name"],
+                                            _field(b, "gallery", required=True)))
+
+    for kind in (VolumeKind.SNAPSHOT, VolumeKind.IMAGE):
+        base = f"/{kind.value}s"
+
+        async def vlist(request, kind=kind):
+            return J({"value": platform.list_volumes(kind)})
+
+        async def vshow(request, kind=kind):
+            return J(platform.show_volume(kind, request.match_info["name"]))
+
+        async def vdelete(request, kind=kind):
+            await platform.delete_volume(kind, request.match_info["name"])
+            return web.Response(status=204)
+
+        r.get(base)(vlist)
+        r.get(base + "/{name}")(vshow)
+        r.delete(base + "/{name}")(vdelete)
+
+    app.add_routes(r)
+    return app

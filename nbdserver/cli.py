@@ -1,0 +1,266 @@
+"""`nbdserver`: the daemon (`serve`) and the client commands of the disk platform.
+
+Client commands talk to the API at $NBDSERVER_API (default http://127.0.0.1:8080) with
+the bearer token in $NBDSERVER_TOKEN_FILE (default DATA_DIR/api.token of a local server)
+or $NBDSERVER_TOKEN; they print JSON on stdout and, on refusal, the server's message on
+stderr with exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+import click
+
+from .runtime import configure_logging, parse_hostport, run
+
+
+# --------------------------------------------------------------------------- the daemon
+@click.group()
+def main():
+    """Encrypted managed disks over NBD."""
+
+
+@main.command()
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="state, disks, keys")
+@click.option("--nbd-listen", default="127.0.0.1:10809", show_default=True)
+@click.option("--api-listen", default="127.0.0.1:8080", show_default=True)
+@click.option("--keyservice-url", required=True, envvar="KEYSERVICE_URL")
+@click.option("--keyservice-credential", type=click.Path(dir_okay=False),
+              help="credential file of the platform identity (default: $CREDENTIALS_DIRECTORY/keyservice-credential)")
+@click.option("--master-key-file", type=click.Path(dir_okay=False), default=None,
+              help="32-byte platform master key (default: $CREDENTIALS_DIRECTORY/platform-master-key or DATA_DIR/master.key)")
+@click.option("--lease-seconds", default=60.0, show_default=True,
+              help="re-check every key this often, whatever the change stream says")
+@click.option("--grace-seconds", default=3600.0, show_default=True,
+              help="keep serving this long while the key service is unreachable")
+@click.option("--workers", default=8, show_default=True, help="I/O worker threads")
+@click.option("--log-level", default="INFO", show_default=True)
+def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credential, master_key_file,
+          lease_seconds, grace_seconds, workers, log_level):
+    """Run the NBD server and the disk platform."""
+    from .daemon import serve_forever
+
+    configure_logging(log_level)
+    if keyservice_credential is None:
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            raise click.UsageError("give --keyservice-credential (or run under systemd with LoadCredential=)")
+        keyservice_credential = os.path.join(creds, "keyservice-credential")
+    run(lambda stop: serve_forever(
+        stop, data_dir=data_dir, nbd_listen=parse_hostport(nbd_listen, 10809),
+        api_listen=parse_hostport(api_listen, 8080), keyservice_url=keyservice_url,
+        credential_file=keyservice_credential, master_key_file=master_key_file,
+        lease=lease_seconds, grace=grace_seconds, workers=workers))
+
+
+# --------------------------------------------------------------------------- the client
+class ApiError(click.ClickException):
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _token() -> str | None:
+    if os.environ.get("NBDSERVER_TOKEN"):
+        return os.environ["NBDSERVER_TOKEN"]
+    path = os.environ.get("NBDSERVER_TOKEN_FILE", "/var/lib/nbdserver/api.token")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def api(method: str, path: str, body: dict | None = None):
+    base = os.environ.get("NBDSERVER_API", "http://127.0.0.1:8080").rstrip("/")
+    data = json.dumps({k: v for k, v in body.items() if v is not None}).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    token = _token()
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            raw = resp.read()
+            return json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        try:
+            err = json.loads(e.read())["error"]
+            msg = f"{err.get('message')} [{err.get('code')}, HTTP {e.code}]"
+        except Exception:
+            msg = f"HTTP {e.code}"
+        raise ApiError(msg) from None
+    except urllib.error.URLError as e:
+        raise ApiError(f"cannot reach the nbdserver API at {base}: {e.reason}") from None
+
+
+def wait_operation(op: dict, quiet: bool = False):
+    """Follow a long operation, printing progress on stderr; return its result."""
+    last = None
+    while op["status"] == "running":
+        pct = int(op.get("progress", 0) * 100)
+        if not quiet and pct != last:
+            click.echo(f"{op['kind']}: {pct}%", err=True)
+        last = pct
+        time.sleep(0.2)  # polling interval of a remote operation
+        op = api("GET", f"/operations/{op['id']}")
+    if op["status"] == "failed":
+        err = op["error"]
+        raise ApiError(f"{err['message']} [{err['code']}, HTTP {err.get('status')}]")
+    if not quiet:
+        click.echo(f"{op['kind']}: 100%", err=True)
+    return op["result"]
+
+
+def out(obj):
+    if obj is not None:
+        click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+@main.group()
+def des():
+    """Disk encryption sets (customer-managed keys)."""
+
+
+@des.command("create")
+@click.argument("name")
+@click.option("--key-url", required=True, help="{base}/vaults/{vault}/keys/{name}[/{version}]")
+@click.option("--subscription")
+@click.option("--location")
+@click.option("--allow-cross-subscription", is_flag=True,
+              help="accept a vault in another subscription (the vault owner's explicit consent)")
+def des_create(name, key_url, subscription, location, allow_cross_subscription):
+    """Create an encryption set; grant its identity get, wrapKey, unwrapKey on the vault."""
+    out(api("POST", "/encryption-sets", {"name": name, "keyUrl": key_url, "subscription": subscription,
+                                        "location": location,
+                                        "allowCrossSubscription": allow_cross_subscription or None}))
+
+
+@des.command("show")
+@click.argument("name")
+def des_show(name):
+    out(api("GET", f"/encryption-sets/{name}"))
+
+
+@des.command("list")
+def des_list():
+    out(api("GET", "/encryption-sets")["value"])
+
+
+@des.command("update")
+@click.argument("name")
+@click.option("--key-url", required=True)
+def des_update(name, key_url):
+    """Rotate: re-wrap every DEK under the set with a new key or key version, online."""
+    out(api("PATCH", f"/encryption-sets/{name}", {"keyUrl": key_url}))
+
+
+@des.command("delete")
+@click.argument("name")
+def des_delete(name):
+    api("DELETE", f"/encryption-sets/{name}")
+
+
+@main.group()
+def disk():
+    """Managed disks (each served as the NBD export of the same name)."""
+
+
+@disk.command("create")
+@click.argument("name")
+@click.option("--size", help="e.g. 10G; default: the source's size")
+@click.option("--des", help="encryption set (customer-managed key); default: platform-managed key")
+@click.option("--source", help="snapshot:NAME or image:NAME")
+@click.option("--count", type=int, help="make NAME-0 .. NAME-(N-1) (a scale set)")
+@click.option("--subscription")
+@click.option("--location")
+@click.option("--quiet", is_flag=True, help="no progress on stderr")
+def disk_create(name, size, des, source, count, subscription, location, quiet):
+    op = api("POST", "/disks", {"name": name, "size": size, "diskEncryptionSet": des, "source": source,
+                                "count": count, "subscription": subscription, "location": location})
+    result = wait_operation(op, quiet)
+    out(result[0] if count is None else result)
+
+
+@disk.command("show")
+@click.argument("name")
+def disk_show(name):
+    out(api("GET", f"/disks/{name}"))
+
+
+@disk.command("list")
+def disk_list():
+    out(api("GET", "/disks")["value"])
+
+
+@disk.command("delete")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="delete even while attached")
+def disk_delete(name, force):
+    api("DELETE", f"/disks/{name}" + ("?force=1" if force else ""))
+
+
+@disk.command("update")
+@click.argument("name")
+@click.option("--des", help="move under this encryption set")
+@click.option("--platform-key", is_flag=True, help="move to the platform-managed key")
+def disk_update(name, des, platform_key):
+    """Change the key that wraps the disk's DEK (no data is re-encrypted; online)."""
+    out(api("PATCH", f"/disks/{name}", {"diskEncryptionSet": des, "platformKey": platform_key or None}))
+
+
+@disk.command("key-envelope")
+@click.argument("name")
+def disk_key_envelope(name):
+    """The wrapped DEK, kid and alg: recovery with the key owner's unwrap (docs/format.md)."""
+    out(api("GET", f"/disks/{name}/key-envelope"))
+
+
+def _volume_group(kind: str, create_opt: str, create_help: str):
+    grp = click.Group(kind, help=f"{kind.capitalize()}s.")
+
+    @grp.command("create")
+    @click.argument("name")
+    @click.option(f"--{create_opt}", "source", required=True, help=create_help)
+    @click.option("--quiet", is_flag=True)
+    def create(name, source, quiet):
+        body = {"name": name, "disk": source} if create_opt == "disk" else {"name": name, "source": source}
+        out(wait_operation(api("POST", f"/{kind}s", body), quiet))
+
+    @grp.command("show")
+    @click.argument("name")
+    def show(name):
+        out(api("GET", f"/{kind}s/{name}"))
+
+    @grp.command("list")
+    def list_():
+        out(api("GET", f"/{kind}s")["value"])
+
+    @grp.command("delete")
+    @click.argument("name")
+    def delete(name):
+        api("DELETE", f"/{kind}s/{name}")
+
+    return grp
+
+
+snapshot = _volume_group("snapshot", "disk", "the disk to snapshot (consistent while attached)")
+image = _volume_group("image", "source", "disk:NAME or snapshot:NAME")
+main.add_command(snapshot)
+main.add_command(image)
+
+
+@image.command("share")
+@click.argument("name")
+@click.option("--gallery", required=True)
+def image_share(name, gallery):
+    """Share an image to a gallery (refused for customer-managed images)."""
+    out(api("POST", f"/images/{name}/share", {"gallery": gallery}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""`nbdserver serve`: the NBD server, the disk platform and its API in one process.
+
+Start order: platform state and keys (opening disks needs the key service), the key
+access watcher, the NBD listener, the API listener; then READY=1 to systemd. Stop order
+is the reverse, finishing in-flight NBD requests before disks are closed and DEKs wiped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from keyservice.client import Credential
+
+from .api import build_app, load_api_token
+from .exports import ExportCatalog
+from .platform.access import KeyAccess
+from .platform.service import Platform
+from .runtime import sd_notify
+from .server import NbdServer
+
+log = logging.getLogger("nbdserver")
+
+
+async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen, keyservice_url,
+                        credential_file, master_key_file=None, lease=60.0, grace=3600.0,
+                        workers=8, ssl=None) -> None:
+    catalog = ExportCatalog()
+    platform = Platform(data_dir, catalog, keyservice_url, Credential.load(credential_file),
+                        ssl=ssl, master_key_file=master_key_file)
+    await platform.start()
+    access = KeyAccess(platform, lease=lease, grace=grace)
+    access.start()
+    server = NbdServer(catalog, workers=workers)
+    nbd_addrs = await server.listen(*nbd_listen)
+    runner = web.AppRunner(build_app(platform, load_api_token(data_dir)), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, api_listen[0], api_listen[1])
+    await site.start()
+    api_addr = site._server.sockets[0].getsockname()[:2]
+    log.info("serving NBD on %s:%s, API on %s:%s", *nbd_addrs[0], *api_addr)
+    print(f"READY nbd={nbd_addrs[0][0]}:{nbd_addrs[0][1]} api={api_addr[0]}:{api_addr[1]}", flush=True)
+    sd_notify("READY=1")
+    await stop.wait()
+    sd_notify("STOPPING=1")
+    log.info("shutting down: finishing in-flight requests")
+    await server.shutdown()
+    await runner.cleanup()
+    await access.stop()
+    await platform.stop()

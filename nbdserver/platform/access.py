@@ -1,0 +1,196 @@
+"""Revocation: keep every served disk's key access true to the key service, fast.
+
+A *scope* is an encryption set (or PLATFORM_KEY); its disks are grouped by the exact key
+version (`kid`) that wrapped their DEKs. `recheck(scope)` asks the key service, with the
+scope's own identity, for `get` on and `unwrapKey` with each kid in use:
+
+- refused (disabled, expired, not yet valid, deleted, permission removed): every disk of
+  that kid is closed now: its export is locked (new requests EIO, new clients refused),
+  in-flight requests finish, the file is flushed, and the DEK is wiped;
+- answered: disks of that kid that were locked are opened again (a fresh unwrap);
+- unreachable (not a revocation): nothing changes until the scope has gone `grace`
+  seconds without a successful check; then its disks are closed too, and they open again
+  at the first successful check.
+
+Triggers: the key service's change stream (`events`: within a second of the owner's
+call), a timer at each key's expiry time, and the lease: a recheck of every scope every
+`lease` seconds, which catches whatever the stream missed while it was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from keyservice.client import KeyServiceError
+
+from . import keys
+from .errors import AccessMissing, KeyUnavailable
+from .model import PLATFORM_KEY, KeyUrl, VolumeKind
+
+log = logging.getLogger("nbdserver.access")
+
+
+class KeyAccess:
+    def __init__(self, platform, *, lease: float = 60.0, grace: float = 3600.0,
+                 clock=time.monotonic):
+        self.platform = platform
+        self.lease = lease
+        self.grace = grace
+        self.clock = clock
+        self.last_ok: dict[str, float] = {}
+        self.cause: dict[str, str] = {}  # disk -> "revoked" | "unreachable"
+        self._dirty: dict[str, asyncio.Event] = {}
+        self._workers: dict[str, asyncio.Task] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: list[asyncio.Task] = []
+        self.stream_connected = False
+        platform.access = self
+
+    def start(self) -> None:
+        now = self.clock()
+        for scope in self.scopes():
+            self.last_ok.setdefault(scope, now)
+        self._tasks = [asyncio.create_task(self._follow_events(), name="key-events"),
+                       asyncio.create_task(self._lease_loop(), name="key-lease")]
+
+    async def stop(self) -> None:
+        for t in self._tasks + list(self._workers.values()):
+            t.cancel()
+        for t in self._tasks + list(self._workers.values()):
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        for h in self._timers.values():
+            h.cancel()
+
+    def scopes(self) -> set[str]:
+        return {v.des for v in self.platform.state.list_volumes(VolumeKind.DISK)}
+
+    # -- triggers
+    def poke(self, scope: str) -> None:
+        """Ask for a recheck of `scope` soon; bursts of pokes coalesce into one check."""
+        ev = self._dirty.setdefault(scope, asyncio.Event())
+        ev.set()
+        w = self._workers.get(scope)
+        if w is None or w.done():
+            self._workers[scope] = asyncio.create_task(self._worker(scope, ev), name=f"recheck-{scope}")
+
+    async def _worker(self, scope: str, ev: asyncio.Event) -> None:
+        while ev.is_set():
+            ev.clear()
+            try:
+                await self.recheck(scope)
+            except Exception:
+                log.exception("recheck of %s failed", scope)
+
+    def scopes_for_event(self, event: dict) -> set[str]:
+        vault = event.get("vault")
+        out = set()
+        for scope in self.scopes():
+            try:
+                url = KeyUrl.parse(self.platform.key_url_for(scope))
+            except Exception:
+                continue
+            if url.vault == vault:
+                out.add(scope)
+        return out
+
+    async def _follow_events(self) -> None:
+        since = None
+        backoff = 0.2
+        while True:
+            try:
+                async for event in self.platform.client.events(since):
+                    if not self.stream_connected:
+                        self.stream_connected = True
+                        backoff = 0.2
+                        log.info("following the key service's change stream")
+                        for scope in self.scopes():  # whatever happened while we were away
+                            self.poke(scope)
+                    if event.get("seq") is not None:
+                        since = event["seq"]
+                    for scope in self.scopes_for_event(event):
+                        log.info("key event %s on vault %s: rechecking %s", event.get("type"),
+                                 event.get("vault"), scope)
+                        self.poke(scope)
+            except asyncio.CancelledError:
+                raise
+            except (KeyServiceError, OSError, asyncio.TimeoutError) as e:
+                if self.stream_connected:
+                    log.warning("change stream lost (%s); the lease re-check covers the gap", e)
+                self.stream_connected = False
+            except Exception:
+                log.exception("change stream failed")
+                self.stream_connected = False
+            # Retry backoff for a stream that is down: not synchronisation.
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease)
+            for scope in self.scopes():
+                self.poke(scope)
+
+    # -- the check itself
+    async def recheck(self, scope: str) -> None:
+        p = self.platform
+        disks = [v for v in p.state.list_volumes(VolumeKind.DISK, des=scope)]
+        if not disks:
+            return
+        client = p.client_for(scope)
+        by_kid: dict[str, list] = {}
+        for d in disks:
+            by_kid.setdefault(d.envelope.kid, []).append(d)
+        reachable = True
+        async with p.scope_lock(scope):
+            for kid, group in by_kid.items():
+                try:
+                    attrs = await keys.key_attributes(client, kid)
+                    keys.wipe(await keys.unwrap(client, group[0].envelope))
+                except AccessMissing as e:
+                    for d in group:
+                        self.cause[d.name] = "revoked"
+                        await p.close_disk(d.name, f"key access revoked: {e.message}")
+                    continue
+                except KeyUnavailable as e:
+                    reachable = False
+                    self._unreachable(scope, group, e.message)
+                    continue
+                self._schedule_expiry(scope, kid, attrs)
+                for d in group:
+                    export = p.catalog.get(d.name)
+                    if export is not None and export.locked:
+                        if await p.open_disk(d.name):
+                            self.cause.pop(d.name, None)
+                            log.warning("disk %s: key access restored, serving again", d.name)
+        if reachable:
+            self.last_ok[scope] = self.clock()
+
+    def _unreachable(self, scope: str, group: list, message: str) -> None:
+        since = self.clock() - self.last_ok.setdefault(scope, self.clock())
+        if since < self.grace:
+            log.warning("key service unreachable for %s (%.0fs of the %.0fs grace period); disks "
+                        "keep serving on the keys they hold: %s", scope, since, self.grace, message)
+            return
+        for d in group:
+            self.cause[d.name] = "unreachable"
+            asyncio.create_task(self.platform.close_disk(
+                d.name, f"key service unreachable for more than the {self.grace:.0f}s grace period"))
+
+    def _schedule_expiry(self, scope: str, kid: str, attrs: dict) -> None:
+        exp = attrs.get("exp")
+        old = self._timers.pop(kid, None)
+        if old:
+            old.cancel()
+        if not exp:
+            return
+        delay = float(exp) - time.time()
+        if delay < 0:
+            return
+        loop = asyncio.get_running_loop()
+        # Just after the expiry instant, so the key service already refuses.
+        self._timers[kid] = loop.call_later(delay + 0.05, self.poke, scope)

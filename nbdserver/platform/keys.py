@@ -1,0 +1,72 @@
+"""DEK envelopes: a fresh DEK per volume, wrapped and unwrapped through the key service.
+
+The DEK exists unwrapped only in memory (a bytearray the caller wipes, or hands to the
+XtsLayer that wipes it on close). Errors of the key service are translated here, once:
+unreachable -> `KeyUnavailable` (keep serving within the grace period), any refusal
+(disabled, expired, deleted, permission removed) -> `AccessMissing` (revocation).
+"""
+
+from __future__ import annotations
+
+import os
+
+from keyservice.client import KeyServiceClient, KeyServiceError, KeyServiceUnavailable
+
+from .errors import AccessMissing, KeyUnavailable
+from .model import KeyEnvelope
+
+DEK_BYTES = 64  # AES-256-XTS: two AES-256 keys
+WRAP_ALG = "RSA-OAEP-256"
+
+
+def new_dek() -> bytearray:
+    while True:
+        dek = bytearray(os.urandom(DEK_BYTES))
+        if dek[:32] != dek[32:]:  # XTS refuses equal halves (IEEE 1619 / FIPS 140-3 IG C.I)
+            return dek
+
+
+def wipe(buf: bytearray | None) -> None:
+    if buf is not None:
+        for i in range(len(buf)):
+            buf[i] = 0
+
+
+def translate(e: Exception, what: str) -> Exception:
+    if isinstance(e, KeyServiceUnavailable):
+        return KeyUnavailable(f"{what}: key service unreachable: {e}")
+    if isinstance(e, KeyServiceError):
+        return AccessMissing(f"{what}: {e.message}")
+    return e
+
+
+async def wrap(client: KeyServiceClient, key_url: str, dek: bytearray) -> KeyEnvelope:
+    try:
+        kid, wrapped = await client.wrap_key(key_url, bytes(dek), alg=WRAP_ALG)
+    except (KeyServiceError, OSError) as e:
+        raise translate(e, f"wrapKey with {key_url}") from None
+    return KeyEnvelope(kid, WRAP_ALG, wrapped)
+
+
+async def unwrap_raw(client: KeyServiceClient, envelope: KeyEnvelope) -> bytearray:
+    try:
+        return bytearray(await client.unwrap_key(envelope.kid, envelope.wrapped, alg=envelope.alg))
+    except (KeyServiceError, OSError) as e:
+        raise translate(e, f"unwrapKey with {envelope.kid}") from None
+
+
+async def unwrap(client: KeyServiceClient, envelope: KeyEnvelope) -> bytearray:
+    dek = await unwrap_raw(client, envelope)
+    if len(dek) != DEK_BYTES:
+        wipe(dek)
+        raise AccessMissing(f"unwrapKey with {envelope.kid} returned {len(dek)} bytes, not a DEK")
+    return dek
+
+
+async def key_attributes(client: KeyServiceClient, kid: str) -> dict:
+    """The key's attributes (needs the `get` permission)."""
+    try:
+        bundle = await client.get_key(kid)
+    except (KeyServiceError, OSError) as e:
+        raise translate(e, f"get {kid}") from None
+    return bundle.get("attributes", {})

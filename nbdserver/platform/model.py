@@ -1,0 +1,130 @@
+"""Records of the disk platform and their named states.
+
+A volume is a disk, a snapshot or an image: all three are encrypted files with their own
+key envelope, and differ only in what may be done with them (only disks are served).
+
+Persisted states (`VolumeState`): CREATING while its data is being written (a row left in
+this state by a crash is removed with its file at the next start), READY afterwards.
+Serving state of a disk is not persisted: it is its export's state (available, or locked
+because its key is revoked or unreachable), derived again at every start.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .errors import BadRequest
+
+PLATFORM_KEY = "platform"  # the `des` of a volume under the platform-managed key
+
+
+class VolumeKind(Enum):
+    DISK = "disk"
+    SNAPSHOT = "snapshot"
+    IMAGE = "image"
+
+
+class VolumeState(Enum):
+    CREATING = "creating"
+    READY = "ready"
+
+
+@dataclass(frozen=True)
+class KeyEnvelope:
+    """A DEK wrapped by a key-service key: only this reaches storage."""
+
+    kid: str  # with version: the exact key version that wrapped it
+    alg: str
+    wrapped: bytes
+
+    def to_json(self) -> dict:
+        return {"kid": self.kid, "alg": self.alg,
+                "value": base64.urlsafe_b64encode(self.wrapped).rstrip(b"=").decode()}
+
+
+@dataclass
+class EncryptionSet:
+    name: str
+    subscription: str
+    location: str
+    key_url: str  # kid with or without version
+    identity_object_id: str
+    identity_sealed: bytes  # the identity's credential, sealed under the platform master key
+    allow_cross_subscription: bool = False
+    created: float = 0.0
+
+
+@dataclass
+class Volume:
+    name: str
+    kind: VolumeKind
+    size: int
+    subscription: str
+    location: str
+    des: str  # an encryption set's name, or PLATFORM_KEY
+    envelope: KeyEnvelope
+    path: str
+    state: VolumeState = VolumeState.READY
+    source: str | None = None  # "snapshot:NAME", "image:NAME", "disk:NAME"
+    gallery: str | None = None
+    created: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def customer_managed(self) -> bool:
+        return self.des != PLATFORM_KEY
+
+
+_KID = re.compile(r"^(?P<base>https?://[^/]+)/vaults/(?P<vault>[^/]+)/keys/(?P<key>[^/]+)(?:/(?P<version>[^/]+))?/?$")
+
+
+@dataclass(frozen=True)
+class KeyUrl:
+    base: str
+    vault: str
+    key: str
+    version: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> "KeyUrl":
+        m = _KID.match(url or "")
+        if not m:
+            raise BadRequest(f"not a key URL: {url!r} (expected {{base}}/vaults/{{vault}}/keys/{{name}}[/{{version}}])")
+        return cls(m["base"], m["vault"], m["key"], m["version"])
+
+    @property
+    def versionless(self) -> str:
+        return f"{self.base}/vaults/{self.vault}/keys/{self.key}"
+
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise BadRequest(f"invalid {kind} name {name!r}: 1-80 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def parse_size(value) -> int:
+    """Bytes from an int or a string like 10G / 512M / 4096; a positive multiple of 4096."""
+    if isinstance(value, bool):
+        raise BadRequest("size must be a number or a string like 10G")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", value, re.I)
+        if not m:
+            raise BadRequest(f"invalid size {value!r}: use bytes or a suffix K, M, G, T")
+        size = int(m[1]) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m[2].upper()]
+    else:
+        raise BadRequest("size must be a number or a string like 10G")
+    if size <= 0 or size % 4096:
+        raise BadRequest(f"size must be a positive multiple of 4096 bytes, got {size}")
+    if size > 1 << 50:
+        raise BadRequest("size over 1 PiB")
+    return size

@@ -1,0 +1,116 @@
+"""The disk platform's state in SQLite (WAL), every change committed before it is answered.
+
+Only wrapped keys are stored here (`KeyEnvelope`), and the encryption sets' identity
+credentials only sealed under the platform master key (`platform.sealing`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+from .platform.model import EncryptionSet, KeyEnvelope, Volume, VolumeKind, VolumeState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS config (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS encryption_sets (
+    name TEXT PRIMARY KEY, subscription TEXT NOT NULL, location TEXT NOT NULL,
+    key_url TEXT NOT NULL, identity_object_id TEXT NOT NULL, identity_sealed BLOB NOT NULL,
+    allow_cross_subscription INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS volumes (
+    kind TEXT NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
+    subscription TEXT NOT NULL, location TEXT NOT NULL, des TEXT NOT NULL,
+    kid TEXT NOT NULL, alg TEXT NOT NULL, wrapped BLOB NOT NULL,
+    path TEXT NOT NULL, state TEXT NOT NULL, source TEXT, gallery TEXT,
+    created REAL NOT NULL, extra TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (kind, name));
+"""
+
+
+class State:
+    def __init__(self, path: str):
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a committed change survives power loss
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def transaction(self):
+        return _Tx(self.db)
+
+    # -- config
+    def get_config(self, key: str) -> str | None:
+        row = self.db.execute("SELECT v FROM config WHERE k=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_config(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO config VALUES (?, ?)", (key, value))
+
+    # -- encryption sets
+    def put_des(self, d: EncryptionSet) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO encryption_sets VALUES (?,?,?,?,?,?,?,?)",
+            (d.name, d.subscription, d.location, d.key_url, d.identity_object_id, d.identity_sealed,
+             int(d.allow_cross_subscription), d.created or time.time()))
+
+    def get_des(self, name: str) -> EncryptionSet | None:
+        row = self.db.execute("SELECT * FROM encryption_sets WHERE name=?", (name,)).fetchone()
+        return _des(row) if row else None
+
+    def list_des(self) -> list[EncryptionSet]:
+        return [_des(r) for r in self.db.execute("SELECT * FROM encryption_sets ORDER BY name")]
+
+    def delete_des(self, name: str) -> None:
+        self.db.execute("DELETE FROM encryption_sets WHERE name=?", (name,))
+
+    # -- volumes
+    def put_volume(self, v: Volume) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (v.kind.value, v.name, v.size, v.subscription, v.location, v.des, v.envelope.kid,
+             v.envelope.alg, v.envelope.wrapped, v.path, v.state.value, v.source, v.gallery,
+             v.created or time.time(), json.dumps(v.extra)))
+
+    def get_volume(self, kind: VolumeKind, name: str) -> Volume | None:
+        row = self.db.execute("SELECT * FROM volumes WHERE kind=? AND name=?", (kind.value, name)).fetchone()
+        return _volume(row) if row else None
+
+    def list_volumes(self, kind: VolumeKind | None = None, *, des: str | None = None) -> list[Volume]:
+        q, args = "SELECT * FROM volumes WHERE 1=1", []
+        if kind is not None:
+            q += " AND kind=?"
+            args.append(kind.value)
+        if des is not None:
+            q += " AND des=?"
+            args.append(des)
+        return [_volume(r) for r in self.db.execute(q + " ORDER BY kind, name", args)]
+
+    def delete_volume(self, kind: VolumeKind, name: str) -> None:
+        self.db.execute("DELETE FROM volumes WHERE kind=? AND name=?", (kind.value, name))
+
+
+class _Tx:
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
+
+
+def _des(r) -> EncryptionSet:
+    return EncryptionSet(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), bool(r[6]), r[7])
+
+
+def _volume(r) -> Volume:
+    return Volume(name=r[1], kind=VolumeKind(r[0]), size=r[2], subscription=r[3], location=r[4],
+                  des=r[5], envelope=KeyEnvelope(r[6], r[7], bytes(r[8])), path=r[9],
+                  state=VolumeState(r[10]), source=r[11], gallery=r[12], created=r[13],
+                  extra=json.loads(r[14] or "{}"))
