@@ -68,6 +68,11 @@ def write_credential(path: Path, data: dict) -> None:
 
 
 async def serve(config: ServeConfig, service: KeyService) -> None:
+    # Signal handlers first: a SIGTERM right after READY=1 must be a clean stop.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     app = make_app(service, heartbeat=config.heartbeat)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
@@ -76,10 +81,6 @@ async def serve(config: ServeConfig, service: KeyService) -> None:
     await site.start()
     log.info("listening on %s (kids use %s)", site.name, service.base_url)
     sd_notify("READY=1")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     sweeper = asyncio.create_task(_sweep_forever(app))
     await stop.wait()
     sd_notify("STOPPING=1")

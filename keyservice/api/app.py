@@ -113,7 +113,7 @@ async def edge(request: web.Request, handler):
     caller = request["caller"].object_id if request["caller"] else request.get("caller_hint")
     if name not in UNAUDITED:
         entry = {"time": time.time(), "requestId": rid, "caller": caller, "operation": name,
-                 "vault": request.match_info.get("vault"), "key": request.match_info.get("name"),
+                 "vault": request.match_info.get("vault") or request.get("vault"), "key": request.match_info.get("name"),
                  "kid": request.get("kid"), "objectId": request.match_info.get("object_id"),
                  "status": resp.status, "error": error_code}
         await domain.run(domain.service.record, {k: v for k, v in entry.items() if v is not None})

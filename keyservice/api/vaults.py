@@ -13,7 +13,8 @@ def _svc(request):
 async def create(request: web.Request) -> web.Response:
     domain, svc, caller = _svc(request)
     body = await json_body(request)
-    v = await domain.run(svc.create_vault, caller, field(body, "name", str, required=True),
+    request["vault"] = field(body, "name", str, required=True)  # for the audit chain
+    v = await domain.run(svc.create_vault, caller, request["vault"],
                          field(body, "location", str, required=True),
                          field(body, "subscription", str, required=True),
                          field(body, "softDeleteRetentionInDays", int, default=DEFAULT_RETENTION),
