@@ -1,0 +1,239 @@
+"""Runs the fio suite over the targets and reduces the runs to medians and ratios.
+
+Theory of operation:
+1. Every selected target that can run here is started and pre-filled with the same random
+   data (nbdcopy through its own NBD URI), so reads hit data, not holes, and every encrypted
+   target holds real ciphertext. A target that fails to start is recorded and left out.
+2. For run r in 1..N, for each workload, each target runs once, in turn. Interleaving
+   targets spreads slow drifts of the machine (page cache, thermal, neighbours) over all
+   targets alike instead of charging them to whichever target ran last.
+3. Each figure is the median over the runs that succeeded; ratios compare the median IOPS
+   with the reference target's (higher is better; for a fixed block size IOPS and
+   bandwidth give the same ratio).
+All servers are stopped and their work directories removed on every exit path.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from . import fio
+from .process import ServerStartError
+from .targets import REGISTRY, Target
+from .workloads import Workload
+
+METRICS = ("iops", "bw_bytes", "clat_p50_us", "clat_p99_us")
+CHUNK = 8 << 20
+
+
+@dataclass
+class Settings:
+    runs: int = 3
+    runtime: float = 5
+    ramp: float = 1
+    size: int = 1 << 30
+    reference: str = "plain"
+    workdir: Path = Path("bench/work")
+
+
+@dataclass
+class TargetState:
+    """What became of one target: `ok` (benchmarked), `skipped` (cannot run here) or `failed`."""
+    name: str
+    description: str
+    status: str = "ok"
+    reason: str = ""
+    command: list[str] = field(default_factory=list)
+    uri: str = ""
+    export_size: int = 0
+    prefill_seconds: float = 0.0
+
+
+def host_info() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu_model": cpu, "kernel": platform.release(),
+            "python": platform.python_version(), "hostname": platform.node()}
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.strip().splitlines()[0] if out.strip() else ""
+
+
+def write_random_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(CHUNK, left)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def export_size(uri: str) -> int:
+    out = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=60)
+    if out.returncode:
+        raise ServerStartError(f"nbdinfo --size failed: {out.stderr.strip()}")
+    return int(out.stdout.strip())
+
+
+def prefill(source: Path, uri: str) -> float:
+    """Copy `source` onto the export; returns the seconds it took (for the record only)."""
+    started = time.monotonic()
+    done = subprocess.run(["nbdcopy", str(source), uri], capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise ServerStartError(f"prefill with nbdcopy failed: {done.stderr.strip()}")
+    return time.monotonic() - started
+
+
+def median_of(samples: list[dict]) -> dict:
+    ok = [s for s in samples if "error" not in s]
+    out = {"runs_ok": len(ok), "runs": len(samples)}
+    for m in METRICS:
+        out[m] = statistics.median(s[m] for s in ok) if ok else None
+    return out
+
+
+def reduce(runs: list[dict], targets: list[str], workloads: list[str], reference: str) -> dict:
+    """Per target and workload: the medians, and the IOPS ratio to the reference target."""
+    medians: dict[str, dict[str, dict]] = {}
+    for t in targets:
+        medians[t] = {}
+        for w in workloads:
+            medians[t][w] = median_of([r for r in runs if r["target"] == t and r["workload"] == w])
+    for t in targets:
+        for w in workloads:
+            ref = medians.get(reference, {}).get(w, {}).get("iops")
+            mine = medians[t][w]["iops"]
+            medians[t][w]["ratio"] = (mine / ref) if (ref and mine is not None) else None
+    return medians
+
+
+class Bench:
+    def __init__(self, target_names: list[str], workloads: list[Workload], settings: Settings,
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)):
+        self.target_names = target_names
+        self.workloads = workloads
+        self.settings = settings
+        self.log = log
+        self.states: dict[str, TargetState] = {}
+        self.runs: list[dict] = []
+
+    def run(self) -> dict:
+        s = self.settings
+        s.workdir.mkdir(parents=True, exist_ok=True)
+        started = datetime.now(timezone.utc)
+        with ExitStack() as stack:
+            work = Path(tempfile.mkdtemp(prefix="run-", dir=s.workdir))
+            stack.callback(shutil.rmtree, work, True)
+            live = self._start_all(work, stack)
+            for r in range(1, s.runs + 1):
+                for w in self.workloads:
+                    for t in live:
+                        self._one(t, w, r, work)
+        return self._results(started)
+
+    def _start_all(self, work: Path, stack: ExitStack) -> list[Target]:
+        s = self.settings
+        live = []
+        for name in self.target_names:
+            cls = REGISTRY[name]
+            state = self.states[name] = TargetState(name, cls.description)
+            target = cls(work, s.size)
+            reason = target.unavailable()
+            if reason:
+                state.status, state.reason = "skipped", reason
+                self.log(f"skip {name}: {reason}")
+                continue
+            stack.callback(target.stop)
+            try:
+                state.uri = target.start()
+                state.command = target.command
+                state.export_size = export_size(state.uri)
+                # One source per export size (a LUKS export could be smaller than its file),
+                # so every target of that size holds the very same data.
+                source = work / f"random-{state.export_size}.bin"
+                if not source.exists():
+                    self.log(f"writing {state.export_size >> 20} MiB of random data for the pre-fill")
+                    write_random_file(source, state.export_size)
+                state.prefill_seconds = prefill(source, state.uri)
+            except (ServerStartError, subprocess.SubprocessError, OSError, ValueError) as e:
+                state.status, state.reason = "failed", _one_line(e)
+                state.command = target.command
+                self.log(f"FAILED {name}: {state.reason}")
+                target.stop()
+                continue
+            self.log(f"up {name}: {state.uri} (pre-filled {state.export_size >> 20} MiB "
+                     f"in {state.prefill_seconds:.1f}s)")
+            live.append(target)
+        if not live:
+            raise RuntimeError("no target could be started")
+        return live
+
+    def _one(self, target: Target, w: Workload, run: int, work: Path) -> None:
+        s = self.settings
+        out = work / f"fio-{target.name}-{w.name}-{run}.json"
+        size = self.states[target.name].export_size
+        argv = fio.command(w, target.uri, size=size, runtime=s.runtime, ramp=s.ramp, output=str(out))
+        record = {"target": target.name, "workload": w.name, "run": run}
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True,
+                                  timeout=s.runtime + s.ramp + 120)
+            if done.returncode:
+                raise fio.FioOutputError(f"fio exit {done.returncode}: {done.stderr.strip()[-300:]}")
+            record.update(fio.sample(fio.parse_report(out.read_text()), w).as_dict())
+            self.log(f"run {run}/{s.runs} {w.name:13} {target.name:14} "
+                     f"{record['bw_bytes'] / (1 << 20):9.1f} MiB/s {record['iops']:10.0f} IOPS "
+                     f"p50 {record['clat_p50_us']:8.1f} us p99 {record['clat_p99_us']:8.1f} us")
+        except (fio.FioOutputError, subprocess.TimeoutExpired, OSError) as e:
+            record["error"] = _one_line(e)
+            self.log(f"run {run}/{s.runs} {w.name:13} {target.name:14} ERROR {record['error']}")
+        self.runs.append(record)
+
+    def _results(self, started: datetime) -> dict:
+        s = self.settings
+        ok = [n for n in self.target_names if self.states[n].status == "ok"]
+        names = [w.name for w in self.workloads]
+        return {
+            "date": started.isoformat(timespec="seconds"),
+            "duration_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
+            "host": host_info(),
+            "fio_version": fio.version_string(tool_version(["fio", "--version"])),
+            "tools": {"nbdkit": tool_version(["nbdkit", "--version"]),
+                      "qemu-nbd": tool_version(["qemu-nbd", "--version"]),
+                      "nbdcopy": tool_version(["nbdcopy", "--version"])},
+            "settings": {"runs": s.runs, "runtime_s": s.runtime, "ramp_s": s.ramp,
+                         "size_bytes": s.size, "reference": s.reference, "numjobs": 1,
+                         "ioengine": "nbd", "direct": 0},
+            "workloads": [{"name": w.name, "rw": w.rw, "bs": w.block_size, "iodepth": w.iodepth,
+                           "description": w.description, "headline": w.headline} for w in self.workloads],
+            "targets": {n: vars(st) for n, st in self.states.items()},
+            "runs": self.runs,
+            "medians": reduce(self.runs, ok, names, s.reference),
+        }
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split())[:500]

@@ -1,0 +1,158 @@
+"""Renders a results document (see `harness.Bench._results`) as JSON, Markdown and a PNG.
+
+Pure functions of the results dict, except `write_*`, which only put the text on disk,
+so the rendering can be tested on a hand-made results dict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+def to_json(results: dict) -> str:
+    return json.dumps(results, indent=2, sort_keys=False) + "\n"
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _size(nbytes: int) -> str:
+    for unit, n in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
+        if nbytes >= n and nbytes % n == 0:
+            return f"{nbytes // n} {unit}"
+    return f"{nbytes} B"
+
+
+def ok_targets(results: dict) -> list[str]:
+    return [n for n, t in results["targets"].items() if t["status"] == "ok"]
+
+
+def headline_cell(workload: dict, m: dict) -> str:
+    """The summary table's cell: the workload's headline figure and the ratio to the reference."""
+    if m.get("iops") is None:
+        return "failed"
+    kind = workload["headline"]
+    if kind == "bandwidth":
+        text = f"{_num(m['bw_bytes'] / MiB)} MiB/s"
+    elif kind == "latency":
+        text = f"{_num(m['clat_p50_us'], 1)} / {_num(m['clat_p99_us'], 1)} µs"
+    else:
+        text = f"{_num(m['iops'])} IOPS"
+    return f"{text} ({_ratio(m.get('ratio'))})"
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    h = results["host"]
+    ref = s["reference"]
+    names = ok_targets(results)
+    med = results["medians"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"{results['date']} · {h['cpu_model'] or 'unknown CPU'} · {h['nproc']} CPUs · "
+        f"kernel {h['kernel']} · fio {results['fio_version']} (ioengine=nbd, numjobs=1) · "
+        f"{_size(s['size_bytes'])} pre-filled image · {s['runs']} run(s) × {s['runtime_s']:g} s "
+        f"(+{s['ramp_s']:g} s ramp), targets interleaved · medians.",
+        "",
+        f"Ratios are median IOPS relative to `{ref}` (higher is better). "
+        "At qd1 the cell shows median / p99 completion latency.",
+        "",
+        "## Summary",
+        "",
+        "| workload | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for w in results["workloads"]:
+        cells = [headline_cell(w, med[n][w["name"]]) for n in names]
+        lines.append(f"| {w['description']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Detail",
+        "",
+        f"| workload | target | MiB/s | IOPS | p50 µs | p99 µs | vs `{ref}` | runs ok |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in results["workloads"]:
+        for n in names:
+            m = med[n][w["name"]]
+            bw = None if m["bw_bytes"] is None else m["bw_bytes"] / MiB
+            lines.append(
+                f"| {w['name']} | {n} | {_num(bw, 1)} | {_num(m['iops'])} | "
+                f"{_num(m['clat_p50_us'], 1)} | {_num(m['clat_p99_us'], 1)} | "
+                f"{_ratio(m.get('ratio'))} | {m['runs_ok']}/{m['runs']} |")
+    lines += ["", "## Targets", "", "| target | status | what | command |", "|---|---|---|---|"]
+    for n, t in results["targets"].items():
+        status = t["status"] if t["status"] == "ok" else f"{t['status']}: {t['reason']}"
+        cmd = " ".join(t["command"]) if t["command"] else ""
+        lines.append(f"| {n} | {_escape(status)} | {t['description']} | `{_escape(cmd)}` |")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def chart(results: dict, path: Path) -> None:
+    """One panel per workload, one bar per target, each labelled with its ratio."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ok_targets(results)
+    med = results["medians"]
+    workloads = results["workloads"]
+    cols = min(3, len(workloads))
+    rows = -(-len(workloads) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, w in zip(axes.flat, workloads):
+        ms = [med[n][w["name"]] for n in names]
+        kind = w["headline"]
+        if kind == "bandwidth":
+            values, unit = [_or0(m["bw_bytes"]) / MiB for m in ms], "MiB/s"
+        elif kind == "latency":
+            values, unit = [_or0(m["clat_p50_us"]) for m in ms], "µs (p50; tick = p99)"
+        else:
+            values, unit = [_or0(m["iops"]) for m in ms], "IOPS"
+        x = range(len(names))
+        bars = ax.bar(x, values, color=[colors[i % len(colors)] for i in x])
+        if kind == "latency":
+            ax.scatter(x, [_or0(m["clat_p99_us"]) for m in ms], marker="_", s=400, color="black", zorder=3)
+        for bar, m in zip(bars, ms):
+            ax.annotate(_ratio(m.get("ratio")), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_title(w["description"], fontsize=10)
+        ax.set_ylabel(unit)
+        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+        ax.margins(y=0.15)
+    for ax in list(axes.flat)[len(workloads):]:
+        ax.axis("off")
+    s = results["settings"]
+    fig.suptitle(f"fio over NBD, medians of {s['runs']} run(s); labels: IOPS ratio vs "
+                 f"{s['reference']} ({results['date']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _or0(value: float | None) -> float:
+    return 0.0 if value is None else value
+
+
+def write_all(results: dict, out_dir: Path) -> dict[str, Path]:
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "results.png"}
+    paths["json"].write_text(to_json(results))
+    paths["md"].write_text(markdown(results))
+    chart(results, paths["png"])
+    return paths
