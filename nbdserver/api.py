@@ -136,7 +136,7 @@ class Operations:
         return {k: v for k, v in op.items() if not k.startswith("_")}
 
 
-def build_app(platform: Platform, token: str) -> web.Application:
+def build_app(platform: Platform, token: str, *, nbd_address: str | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware(token)],
                           client_max_size=MAX_BODY)
     ops = Operations()
@@ -150,6 +150,11 @@ def build_app(platform: Platform, token: str) -> web.Application:
     @r.get("/healthz")
     async def healthz(request):
         return J({"status": "ok"})
+
+    @r.get("/info")
+    async def info(request):
+        """Where clients reach the disks: attach commands read the NBD address here."""
+        return J({"nbd": nbd_address, "keyServiceUrl": platform.keyservice_url})
 
     @r.get("/operations/{id}")
     async def get_op(request):
