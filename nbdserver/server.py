@@ -292,10 +292,12 @@ class Connection(asyncio.Protocol):
     def _finished(self, req, fut, export):
         self.inflight -= 1
         export.end()
+        # Retrieve the outcome even when nobody is left to tell: asyncio logs a future's
+        # unretrieved exception as an error with a traceback.
+        exc = fut.exception()
         if self.transport is None or self.transport.is_closing():
             self._maybe_close()
             return
-        exc = fut.exception()
         if exc is not None:
             if isinstance(exc, OSError):
                 self._fail(req, nbd_error(exc.errno), exc.strerror or str(exc))
