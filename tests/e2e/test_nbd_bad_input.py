@@ -174,3 +174,15 @@ def test_client_vanishing_mid_request_is_harmless(server, bystander):
     c.greeting()
     c.close()  # and one that leaves in the handshake
     bystander()
+
+
+def test_failed_worker_request_on_a_dropped_connection_logs_no_traceback(server, bystander):
+    # A zero-length WRITE_ZEROES fails in the backend (fallocate EINVAL) on a worker,
+    # while the bad magic right behind it drops the connection: the failure then has
+    # nobody to go to, and must still not surface as an unhandled exception.
+    with RawClient.connected(server.address, "disk") as c:
+        for _ in range(8):
+            c.request(NBD_CMD_WRITE_ZEROES, 0, 0, cookie=1)
+        c.request(NBD_CMD_READ, 0, 512, magic=0xdeadbeef)
+        assert c.closed_by_server()
+    bystander()
