@@ -63,9 +63,11 @@ def parse_kid(kid: str) -> tuple[str, str, str | None]:
     """A kid URL or "vault/name[/version]" -> (vault, name, version)."""
     path = urlsplit(kid).path if "://" in kid else kid
     parts = [p for p in path.split("/") if p]
-    if parts[:1] == ["vaults"] and len(parts) in (4, 5) and parts[2] == "keys":
+    if "://" in kid or parts[:1] == ["vaults"]:
+        if len(parts) not in (4, 5) or parts[0] != "vaults" or parts[2] != "keys":
+            raise ValueError(f"not a key identifier: {kid!r}")
         parts = [parts[1]] + parts[3:]
-    if len(parts) not in (2, 3) or "keys" in parts[:1]:
+    if len(parts) not in (2, 3):
         raise ValueError(f"not a key identifier: {kid!r}")
     return parts[0], parts[1], parts[2] if len(parts) == 3 else None
 
