@@ -1,0 +1,194 @@
+"""The pure transmission phase (nbdserver.protocol.transmission): parsing, checks, replies."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nbdserver.protocol.constants import (
+    NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO,
+    NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ,
+    NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_EIO, NBD_ENOSPC,
+    NBD_ENOTSUP, NBD_EPERM, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_HAS_FLAGS, NBD_FLAG_READ_ONLY,
+    NBD_FLAG_SEND_CACHE, NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA,
+    NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_REPLY_FLAG_DONE,
+    NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE,
+    NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC,
+)
+from nbdserver.protocol.transmission import (
+    BadMagic, Oversized, Request, RequestParser, block_status_chunk, check, data_chunk_header,
+    error_chunk, hole_chunk, nbd_error, none_reply, simple_reply,
+)
+
+SIZE = 1 << 20
+RW = (NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM
+      | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO | NBD_FLAG_SEND_CACHE | NBD_FLAG_CAN_MULTI_CONN)
+RO = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_CACHE
+
+
+def raw(cmd, offset=0, length=0, flags=0, cookie=1, payload=b"", magic=NBD_REQUEST_MAGIC):
+    return struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, length) + payload
+
+
+# -- parsing
+def test_requests_split_anywhere_parse_the_same():
+    stream = raw(NBD_CMD_READ, 4096, 512, cookie=1) + raw(NBD_CMD_WRITE, 0, 8, cookie=2, payload=b"abcdefgh") \
+        + raw(NBD_CMD_FLUSH, cookie=3)
+    want = [Request(NBD_CMD_READ, 0, 1, 4096, 512), Request(NBD_CMD_WRITE, 0, 2, 0, 8, b"abcdefgh"),
+            Request(NBD_CMD_FLUSH, 0, 3, 0, 0)]
+    assert RequestParser().feed(stream) == want
+    p = RequestParser()
+    got = []
+    for i in range(len(stream)):
+        got += p.feed(stream[i:i + 1])
+    assert got == want and p.buffered() == 0
+
+
+def test_need_counts_the_missing_write_payload():
+    p = RequestParser()
+    assert p.feed(raw(NBD_CMD_WRITE, 0, 100, payload=b"x" * 30)) == []
+    assert p.need() == 70
+    assert p.feed(b"y" * 70)[0].payload == b"x" * 30 + b"y" * 70
+    assert p.need() == 0
+
+
+def test_oversized_write_is_skipped_across_feeds():
+    p = RequestParser(max_payload=1024)
+    events = p.feed(raw(NBD_CMD_WRITE, 0, 5000, cookie=9) + raw(NBD_CMD_READ) * 10)  # payload lookalikes
+    assert events == [Oversized(NBD_CMD_WRITE, 0, 9, 0, 5000)]
+    skipped = 10 * 28
+    assert p.feed(b"\0" * (5000 - skipped - 1)) == []
+    assert p.feed(b"\0" + raw(NBD_CMD_FLUSH, cookie=10)) == [Request(NBD_CMD_FLUSH, 0, 10, 0, 0)]
+    assert p.buffered() == 0
+
+
+def test_bad_magic():
+    p = RequestParser()
+    events = p.feed(raw(NBD_CMD_READ, cookie=1) + raw(NBD_CMD_READ, magic=0x12345678) + raw(NBD_CMD_READ))
+    assert events == [Request(NBD_CMD_READ, 0, 1, 0, 0), BadMagic(0x12345678)]
+    assert p.broken
+
+
+# -- checks
+def req(cmd, offset=0, length=512, flags=0):
+    return Request(cmd, flags, 1, offset, length)
+
+
+GOOD = [
+    (req(NBD_CMD_READ), RW), (req(NBD_CMD_READ, flags=NBD_CMD_FLAG_FUA), RW),
+    (req(NBD_CMD_WRITE, SIZE - 512, 512, NBD_CMD_FLAG_FUA), RW),
+    (req(NBD_CMD_FLUSH, 0, 0), RW), (req(NBD_CMD_FLUSH, 0, 0, NBD_CMD_FLAG_FUA), RW),
+    (req(NBD_CMD_TRIM, 0, SIZE, NBD_CMD_FLAG_FUA), RW),
+    (req(NBD_CMD_WRITE_ZEROES, 0, SIZE, NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO | NBD_CMD_FLAG_FUA), RW),
+    (req(NBD_CMD_CACHE, 0, SIZE), RW), (req(NBD_CMD_CACHE), RO),
+    (req(NBD_CMD_BLOCK_STATUS, 0, SIZE, NBD_CMD_FLAG_REQ_ONE), RW),
+    (req(NBD_CMD_BLOCK_STATUS, flags=NBD_CMD_FLAG_FUA), RW),  # FUA is valid on every command
+    (req(NBD_CMD_READ, 0, 32 << 20), RW),  # the largest read allowed
+]
+
+
+@pytest.mark.parametrize("request_,tflags", GOOD)
+def test_valid_requests_pass(request_, tflags):
+    size = 64 << 20 if request_.length > SIZE else SIZE
+    assert check(request_, size, tflags, has_meta=True) == (0, "")
+
+
+BAD = [
+    (req(99), RW, NBD_EINVAL),                                           # unknown command
+    (req(NBD_CMD_READ, flags=1 << 10), RW, NBD_EINVAL),                  # unknown flag
+    (req(NBD_CMD_WRITE, flags=NBD_CMD_FLAG_NO_HOLE), RW, NBD_EINVAL),    # flag of another command
+    (req(NBD_CMD_READ, flags=NBD_CMD_FLAG_DF), RW, NBD_EINVAL),          # DF not advertised
+    (req(NBD_CMD_WRITE, flags=NBD_CMD_FLAG_FUA), RW & ~NBD_FLAG_SEND_FUA, NBD_EINVAL),
+    (req(NBD_CMD_WRITE_ZEROES, flags=NBD_CMD_FLAG_FAST_ZERO), RW & ~NBD_FLAG_SEND_FAST_ZERO, NBD_EINVAL),
+    (req(NBD_CMD_TRIM), RW & ~NBD_FLAG_SEND_TRIM, NBD_EINVAL),           # not advertised
+    (req(NBD_CMD_FLUSH, 0, 0), RO, NBD_EINVAL),
+    (req(NBD_CMD_WRITE), RO, NBD_EPERM),
+    (req(NBD_CMD_TRIM), RO, NBD_EPERM),
+    (req(NBD_CMD_WRITE_ZEROES), RO, NBD_EPERM),
+    (req(NBD_CMD_READ, 100), RW, NBD_EINVAL),                            # misaligned offset
+    (req(NBD_CMD_WRITE, 0, 1000), RW, NBD_EINVAL),                       # misaligned length
+    (req(NBD_CMD_READ, SIZE - 512, 1024), RW, NBD_EINVAL),               # read past the end
+    (req(NBD_CMD_TRIM, SIZE, 512), RW, NBD_EINVAL),
+    (req(NBD_CMD_CACHE, SIZE, 512), RW, NBD_EINVAL),
+    (req(NBD_CMD_WRITE, SIZE - 512, 1024), RW, NBD_ENOSPC),              # write past the end
+    (req(NBD_CMD_WRITE_ZEROES, SIZE, 512), RW, NBD_ENOSPC),
+    (req(NBD_CMD_WRITE, (1 << 64) - 512, 512), RW, NBD_ENOSPC),          # no wrap-around
+    (req(NBD_CMD_READ, 0, (32 << 20) + 512), RW, NBD_EINVAL),            # over the maximum
+    (req(NBD_CMD_BLOCK_STATUS, 0, 0), RW, NBD_EINVAL),
+]
+
+
+@pytest.mark.parametrize("request_,tflags,err", BAD)
+def test_invalid_requests_get_the_spec_error(request_, tflags, err):
+    got, message = check(request_, SIZE, tflags, has_meta=True)
+    assert got == err and message
+
+
+def test_block_status_needs_a_context():
+    assert check(req(NBD_CMD_BLOCK_STATUS), SIZE, RW, has_meta=False)[0] == NBD_EINVAL
+
+
+def test_errno_mapping():
+    assert nbd_error(errno.EROFS) == NBD_EPERM
+    assert nbd_error(errno.EDQUOT) == NBD_ENOSPC and nbd_error(errno.EFBIG) == NBD_ENOSPC
+    assert nbd_error(errno.EOPNOTSUPP) == NBD_ENOTSUP
+    assert nbd_error(errno.ELOOP) == NBD_EIO and nbd_error(None) == NBD_EIO
+
+
+# -- replies
+def test_simple_reply():
+    assert simple_reply(7, NBD_EIO) == struct.pack(">IIQ", NBD_SIMPLE_REPLY_MAGIC, NBD_EIO, 7)
+
+
+def test_structured_chunks():
+    def head(b):
+        return struct.unpack_from(">IHHQI", b)
+    assert head(none_reply(3)) == (NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 3, 0)
+    h = data_chunk_header(3, 4096, 512, done=False)
+    assert head(h) == (NBD_STRUCTURED_REPLY_MAGIC, 0, NBD_REPLY_TYPE_OFFSET_DATA, 3, 8 + 512)
+    assert struct.unpack_from(">Q", h, 20) == (4096,) and len(h) == 28
+    c = hole_chunk(3, 8192, 1024)
+    assert head(c)[1:] == (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_HOLE, 3, 12)
+    assert c[20:] == struct.pack(">QI", 8192, 1024)
+    e = error_chunk(3, NBD_EINVAL, "x" * 5000)  # messages are capped at 4096 bytes
+    assert head(e)[2] == NBD_REPLY_TYPE_ERROR
+    assert struct.unpack_from(">IH", e, 20) == (NBD_EINVAL, 4096) and len(e) == 26 + 4096
+    b = block_status_chunk(3, 1, [(4096, 3), (512, 0)])
+    assert head(b)[2:] == (NBD_REPLY_TYPE_BLOCK_STATUS, 3, 4 + 16)
+    assert b[20:] == struct.pack(">IIIII", 1, 4096, 3, 512, 0)
+
+
+# -- fuzz: only the documented events come out, nothing escapes
+EVENTS = (Request, Oversized, BadMagic)
+fields = st.tuples(st.sampled_from([NBD_REQUEST_MAGIC, NBD_REQUEST_MAGIC, 0]), st.integers(0, 0xffff),
+                   st.integers(0, 10), st.integers(0, 2 ** 64 - 1),
+                   st.sampled_from([0, 512, SIZE - 512, SIZE, 2 ** 64 - 512, 2 ** 63]),
+                   st.sampled_from([0, 1, 512, 4096, 2000, 2 ** 32 - 1]))
+
+
+@given(st.lists(st.one_of(st.binary(max_size=100),
+                          fields.map(lambda f: struct.pack(">IHHQQI", f[0], f[1], f[2], f[3], f[4], f[5]))),
+                max_size=20),
+       st.sampled_from([RW, RO]), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_fuzz_parser_and_checks(chunks, tflags, has_meta):
+    p = RequestParser(max_payload=4096)
+    for c in chunks:
+        for ev in p.feed(c):
+            assert isinstance(ev, EVENTS)
+            if isinstance(ev, Request):
+                err, msg = check(ev, SIZE, tflags, has_meta=has_meta, max_payload=4096)
+                assert isinstance(err, int) and err >= 0 and isinstance(msg, str)
+                if err == 0 and ev.cmd in (NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_TRIM,
+                                           NBD_CMD_WRITE_ZEROES, NBD_CMD_CACHE, NBD_CMD_BLOCK_STATUS):
+                    assert ev.offset + ev.length <= SIZE and ev.offset % 512 == 0
+                if ev.cmd == NBD_CMD_WRITE:
+                    assert len(ev.payload) == ev.length
+            if isinstance(ev, BadMagic):
+                assert p.broken
+        assert p.buffered() < 28 + 4096
