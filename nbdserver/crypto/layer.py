@@ -96,6 +96,15 @@ class XtsLayer(BlockBackend):
         if n == 0:
             return
         first = offset // S
+        if offset % S == 0 and n % S == 0 and n <= CHUNK:  # the common case, no RMW
+            held = self._locks.acquire(first, first + n // S)
+            try:
+                out = self._scratch(n)
+                self._cipher.encrypt(data, out, first)
+                self._lower.pwrite(out, offset, fua=fua, nowait=nowait)
+            finally:
+                self._locks.release(held)
+            return
         end = -(-(offset + n) // S)
         if nowait and (end - first) * S > CHUNK:
             raise BlockingIOError(errno.EAGAIN, "write spans several chunks: use a worker")

@@ -1,0 +1,47 @@
+"""SectorLocks: which stripes a sector range takes, in which order."""
+
+from nbdserver.crypto.sector_locks import SectorLocks
+
+
+def indices(locks, held):
+    return [locks._locks.index(lock) for lock in held]
+
+
+def test_stripes_of_a_range_ascending_and_held():
+    locks = SectorLocks(stripes=8, sectors_per_stripe=4)
+    held = locks.acquire(5, 6)  # one sector: one stripe
+    assert indices(locks, held) == [1] and all(lock.locked() for lock in held)
+    locks.release(held)
+    assert not any(lock.locked() for lock in locks._locks)
+    held = locks.acquire(3, 13)  # sectors 3..12: stripes 0, 1, 2, 3
+    assert indices(locks, held) == [0, 1, 2, 3]
+    locks.release(held)
+
+
+def test_wrapping_range_is_still_taken_in_ascending_order():
+    locks = SectorLocks(stripes=8, sectors_per_stripe=4)
+    held = locks.acquire(6 * 4, 10 * 4)  # stripe groups 6..9 -> indices 6, 7, 0, 1
+    assert indices(locks, held) == [0, 1, 6, 7]
+    locks.release(held)
+
+
+def test_a_range_over_every_stripe_takes_them_all():
+    locks = SectorLocks(stripes=8, sectors_per_stripe=4)
+    held = locks.acquire(3, 3 + 8 * 4)
+    assert indices(locks, held) == list(range(8))
+    locks.release(held)
+
+
+def test_sectors_of_one_stripe_share_a_lock_and_others_do_not():
+    locks = SectorLocks(stripes=8, sectors_per_stripe=4)
+    held = locks.acquire(0, 1)
+    assert locks.acquire.__self__._locks[0] is held[0]
+    # A writer of sector 2 (same stripe) would wait; one of sector 4 (next stripe) not.
+    assert not held[0].acquire(blocking=False)
+    nxt = locks.acquire(4, 5)
+    assert indices(locks, nxt) == [1]
+    locks.release(nxt)
+    locks.release(held)
+    again = locks.acquire(2, 3)
+    assert again == held
+    locks.release(again)
