@@ -262,5 +262,13 @@ def image_share(name, gallery):
     out(api("POST", f"/images/{name}/share", {"gallery": gallery}))
 
 
+# Host integration: attach a disk as a block device on this machine (nbdserver/host/).
+from .host.cli import attach, attachments, detach  # noqa: E402
+
+main.add_command(attach)
+main.add_command(detach)
+main.add_command(attachments)
+
+
 if __name__ == "__main__":
     main()
