@@ -22,6 +22,18 @@ def sd_notify(message: str) -> bool:
     return True
 
 
+async def _watchdog() -> None:
+    """WATCHDOG=1 at half the interval systemd asked for (WatchdogSec=): sent from the
+    event loop itself, so a stuck loop stops the pings and systemd restarts the daemon."""
+    interval = int(os.environ["WATCHDOG_USEC"]) / 2e6
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and int(pid) != os.getpid():
+        return
+    while True:
+        sd_notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     """HOST:PORT, [V6]:PORT or HOST."""
     if text.startswith("["):
@@ -51,6 +63,11 @@ def run(main) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await main(stop)
+        watchdog = asyncio.create_task(_watchdog()) if os.environ.get("WATCHDOG_USEC") else None
+        try:
+            await main(stop)
+        finally:
+            if watchdog:
+                watchdog.cancel()
 
     runner(wrapper())
