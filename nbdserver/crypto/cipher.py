@@ -43,8 +43,11 @@ def check_key(key: bytearray) -> None:
     if len(key) != KEY_SIZE:
         raise InvalidKey(f"an AES-256-XTS DEK is {KEY_SIZE} bytes, not {len(key)}")
     half = KEY_SIZE // 2
-    # IEEE 1619-2018 5.1: key1 == key2 voids the mode's security; compare in constant time.
-    if hmac.compare_digest(bytes(key[:half]), bytes(key[half:])):
+    # IEEE 1619-2018 5.1: key1 == key2 voids the mode's security. Compared in constant
+    # time, through views: slicing the bytearray would leave unwiped copies of the key.
+    with memoryview(key) as view:
+        equal = hmac.compare_digest(view[:half], view[half:])
+    if equal:
         raise InvalidKey("the two halves of an AES-256-XTS DEK must differ")
 
 

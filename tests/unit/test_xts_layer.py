@@ -336,9 +336,25 @@ OPS = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # each example recreates its file
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(st.lists(OPS, max_size=25))
 def test_random_request_sequences_match_a_memory_model(tmp_path, ops):
+    check_against_model(tmp_path, ops)
+
+
+@pytest.mark.slow
+@settings(max_examples=5000, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(st.lists(OPS, max_size=80))
+def test_random_request_sequences_soak(tmp_path, ops):
+    check_against_model(tmp_path, ops)
+
+
+def check_against_model(tmp_path, ops):
+    """Apply ops to the layer and to a bytearray; every read, the final contents and
+    every extent that claims zeros must agree with the bytearray."""
     size = 16 * S
     path = tmp_path / "model.img"
     if path.exists():
