@@ -326,7 +326,13 @@ class Platform:
         dek = keys.new_dek()
         async with self.scope_lock(scope):
             try:
-                env = await keys.wrap(self.client_for(scope), self.key_url_for(scope), dek)
+                client = self.client_for(scope)
+                env = await keys.wrap(client, self.key_url_for(scope), dek)
+                if scope != PLATFORM_KEY:
+                    # Serving needs get and unwrapKey too (the watcher checks both): a set
+                    # granted only wrapKey would make a disk that locks at its first check.
+                    await keys.key_attributes(client, env.kid)
+                    keys.wipe(await keys.unwrap(client, env))
             except AccessMissing as e:
                 keys.wipe(dek)
                 if scope != PLATFORM_KEY:
