@@ -118,6 +118,10 @@ class Platform:
     async def create_des(self, name: str, key_url: str, *, subscription: str | None = None,
                          location: str | None = None, allow_cross_subscription: bool = False) -> dict:
         check_name("encryption set", name)
+        if name == PLATFORM_KEY:
+            # Volumes record their scope by name, and this one means the platform's own key:
+            # a set of that name would silently turn its disks platform-managed.
+            raise BadRequest(f"encryption set name {name!r} is reserved for the platform-managed key")
         if self.state.get_des(name):
             raise Conflict(f"encryption set {name!r} exists")
         ku = KeyUrl.parse(key_url)
