@@ -47,3 +47,10 @@ class KeyUnavailable(PlatformError):
 
     status = 503
     code = "KeyServiceUnavailable"
+
+
+class InsufficientStorage(PlatformError):
+    """The platform's own file system is full (not the caller's fault, not a bug)."""
+
+    status = 507
+    code = "InsufficientStorage"

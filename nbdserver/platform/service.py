@@ -9,6 +9,7 @@ Revocation itself (the change stream, the lease, the grace period) is in `access
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -23,7 +24,9 @@ from ..exports import Export, ExportCatalog
 from ..state import State
 from . import keys, rules
 from .copy import copy_ciphertext, reencrypt
-from .errors import AccessMissing, BadRequest, Conflict, KeyUnavailable, NotFound
+from .errors import (
+    AccessMissing, BadRequest, Conflict, InsufficientStorage, KeyUnavailable, NotFound,
+)
 from .model import (
     PLATFORM_KEY, EncryptionSet, KeyUrl, Volume, VolumeKind, VolumeState, check_name, parse_size,
 )
@@ -352,7 +355,13 @@ class Platform:
                    self._new_path(VolumeKind.DISK), VolumeState.CREATING,
                    source=f"{src.kind.value}:{src.name}" if src else None, created=time.time())
         self.state.put_volume(v)
-        backend = XtsLayer(FileBackend(v.path, size=size), dek)
+        try:
+            backend = XtsLayer(FileBackend(v.path, size=size), dek)
+        except OSError as e:
+            keys.wipe(dek)
+            _unlink(v.path)
+            self.state.delete_volume(VolumeKind.DISK, name)
+            raise _storage_error(e, f"creating disk {name!r} of {size} bytes") from None
         try:
             if src is not None:
                 src_dek = await keys.unwrap(self.client_for(src.des), src.envelope)
@@ -363,10 +372,12 @@ class Platform:
                 finally:
                     src_layer.close()
             backend.flush()
-        except BaseException:
+        except BaseException as e:
             backend.close()
             _unlink(v.path)
             self.state.delete_volume(VolumeKind.DISK, name)
+            if isinstance(e, OSError):
+                raise _storage_error(e, f"writing disk {name!r}") from None
             raise
         v.state = VolumeState.READY
         self.state.put_volume(v)
@@ -527,6 +538,16 @@ def _volume_view(v: Volume) -> dict:
                            "diskEncryptionSet": None if v.des == PLATFORM_KEY else v.des,
                            "kid": v.envelope.kid, "keyVersion": ku.version, "alg": v.envelope.alg},
             "state": v.state.value, "source": v.source, "gallery": v.gallery, "created": v.created}
+
+
+def _storage_error(e: OSError, what: str) -> Exception:
+    """The platform's own storage refused: the request's fault (a size the file system
+    cannot hold) or a full disk; anything else stays an internal error."""
+    if e.errno in (errno.EFBIG, errno.EOVERFLOW):
+        return BadRequest(f"{what}: too large for the platform's storage ({e.strerror})")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage(f"{what}: the platform's storage is full ({e.strerror})")
+    return e
 
 
 def _unlink(path: str) -> None:
