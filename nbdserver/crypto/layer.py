@@ -39,13 +39,16 @@ CHUNK = 1 << 20
 class XtsLayer(BlockBackend):
     """`XtsLayer(lower, key)`: AES-256-XTS over `lower`, keyed by the 64-byte DEK `key`.
 
-    Takes ownership of both: `close()` wipes `key` and closes `lower`.
+    Takes ownership of both once constructed: `close()` wipes `key` and closes `lower`.
+    If construction raises (bad key: TypeError/InvalidKey; size not whole sectors:
+    OSError EINVAL), the caller still owns them.
     """
 
     def __init__(self, lower: BlockBackend, key: bytearray):
         if lower.size % S:
             # A partial last sector has no XTS data unit (and dm-crypt would refuse it).
-            raise ValueError(f"the disk size {lower.size} is not a multiple of {S} bytes")
+            # OSError like every backend failure (backend.py), so callers' handlers apply.
+            raise OSError(errno.EINVAL, f"the disk size {lower.size} is not a multiple of {S} bytes")
         self._cipher = XtsSectorCipher(key, S)
         self._lower = lower
         self._locks = SectorLocks()

@@ -165,8 +165,9 @@ def test_refuses_bad_keys(tmp_path):
 
 def test_refuses_a_size_that_is_not_whole_sectors(tmp_path):
     lower = FileBackend(tmp_path / "d", size=SIZE + 512)
-    with pytest.raises(ValueError, match="multiple of 4096"):
+    with pytest.raises(OSError, match="multiple of 4096") as e:
         XtsLayer(lower, generate_dek())
+    assert e.value.errno == errno.EINVAL
     lower.close()
 
 
