@@ -24,6 +24,7 @@ from .tokens import DEFAULT_LIFETIME, TokenSigner
 
 log = logging.getLogger("keyservice")
 SWEEP_INTERVAL = 60.0  # retention is counted in days; a minute of lateness is fine
+EXPIRY_INTERVAL = 0.5  # key.expired must reach subscribers within a second of `exp`
 
 
 @dataclass
@@ -81,23 +82,30 @@ async def serve(config: ServeConfig, service: KeyService) -> None:
     await site.start()
     log.info("listening on %s (kids use %s)", site.name, service.base_url)
     sd_notify("READY=1")
-    sweeper = asyncio.create_task(_sweep_forever(app))
+    timers = [
+        asyncio.create_task(_every(app, SWEEP_INTERVAL, "sweep",
+                                   "purged %d item(s) whose retention ended")),
+        asyncio.create_task(_every(app, EXPIRY_INTERVAL, "announce_expiries",
+                                   "%d key version(s) expired")),
+    ]
     await stop.wait()
     sd_notify("STOPPING=1")
     log.info("stopping")
-    sweeper.cancel()
+    for t in timers:
+        t.cancel()
     await runner.cleanup()
     service.store.close()
     log.info("stopped")
 
 
-async def _sweep_forever(app) -> None:
+async def _every(app, interval: float, method: str, message: str) -> None:
+    """Run a time-driven domain task (retention sweep, expiry announcements)."""
     domain = app["domain"]
     while True:
         try:
-            purged = await domain.run(domain.service.sweep)
-            if purged:
-                log.info("purged %d item(s) whose retention ended", purged)
+            done = await domain.run(getattr(domain.service, method))
+            if done:
+                log.info(message, done)
         except Exception:
-            log.exception("retention sweep failed")
-        await asyncio.sleep(SWEEP_INTERVAL)
+            log.exception("%s failed", method)
+        await asyncio.sleep(interval)

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS key_versions (
   vault TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL, ord INTEGER NOT NULL,
   size INTEGER NOT NULL, public_der BLOB NOT NULL, sealed_private BLOB NOT NULL,
   enabled INTEGER NOT NULL, nbf REAL, exp REAL, key_ops TEXT NOT NULL,
-  created REAL NOT NULL, updated REAL NOT NULL, PRIMARY KEY (vault, name, version));
+  created REAL NOT NULL, updated REAL NOT NULL, expiry_announced REAL,
+  PRIMARY KEY (vault, name, version));
 CREATE TABLE IF NOT EXISTS audit (
   chain TEXT NOT NULL, seq INTEGER NOT NULL, entry TEXT NOT NULL, prev BLOB NOT NULL,
   mac BLOB NOT NULL, PRIMARY KEY (chain, seq));
@@ -179,7 +180,9 @@ class Store:
 
     def add_version(self, k: Key, v: KeyVersion, private_der: bytes) -> None:
         sealed = self._seal.seal(private_der, _aad(k.vault, k.name, v.version))
-        self._db.execute("INSERT INTO key_versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        self._db.execute("INSERT INTO key_versions (vault, name, version, ord, size, public_der, "
+                         "sealed_private, enabled, nbf, exp, key_ops, created, updated) "
+                         "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          (k.vault, k.name, v.version, len(k.versions), v.size, v.public_der, sealed,
                           int(v.enabled), v.nbf, v.exp, json.dumps(list(v.key_ops)), v.created,
                           v.updated))
@@ -206,6 +209,20 @@ class Store:
             "SELECT vault, name FROM keys WHERE scheduled_purge IS NOT NULL AND scheduled_purge <= ?",
             (now,))]
         return vaults, keys
+
+    def due_expiries(self, now: float) -> list[tuple[str, str, str, float]]:
+        """Versions of live keys whose `exp` has passed and not yet been announced."""
+        return self._db.execute(
+            "SELECT kv.vault, kv.name, kv.version, kv.exp FROM key_versions kv "
+            "JOIN keys k ON k.vault = kv.vault AND k.name = kv.name "
+            "JOIN vaults v ON v.name = kv.vault "
+            "WHERE kv.exp IS NOT NULL AND kv.exp <= ? AND k.deleted_at IS NULL "
+            "AND v.deleted_at IS NULL AND (kv.expiry_announced IS NULL OR kv.expiry_announced != kv.exp)",
+            (now,)).fetchall()
+
+    def mark_expiry_announced(self, vault: str, name: str, version: str, exp: float) -> None:
+        self._db.execute("UPDATE key_versions SET expiry_announced=? WHERE vault=? AND name=? AND version=?",
+                         (exp, vault, name, version))
 
     # -- events --
     def add_event(self, e: Event) -> int:

@@ -6,7 +6,7 @@ restart of either side with `since=<last seq seen>`.
 """
 from dataclasses import asdict, dataclass
 
-TYPES = ("key.created", "key.rotated", "key.updated", "key.disabled", "key.enabled",
+TYPES = ("key.created", "key.rotated", "key.updated", "key.disabled", "key.enabled", "key.expired",
          "key.deleted", "key.recovered", "key.purged", "policy.changed", "policy.deleted",
          "vault.deleted", "vault.recovered", "vault.purged")
 

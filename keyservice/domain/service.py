@@ -100,6 +100,18 @@ class KeyService(VaultOperations, KeyOperations):
     def last_event_seq(self) -> int:
         return self.store.last_event_seq()
 
+    def announce_expiries(self) -> int:
+        """Expiry is a matter of time, not of a call: emit key.expired once per
+        version when its `exp` passes, so subscribers need not poll for it."""
+        due = self.store.due_expiries(self.clock())
+        if not due:
+            return 0
+        with self._change() as events:
+            for vault, name, version, exp in due:
+                self.store.mark_expiry_announced(vault, name, version, exp)
+                events.append(self._event("key.expired", vault, name, version))
+        return len(due)
+
     # -- retention --
     def sweep(self) -> int:
         """Purge what has outlived its retention (Key Vault does the same)."""

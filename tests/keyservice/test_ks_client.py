@@ -138,3 +138,24 @@ def test_token_is_cached(daemon):
             await c.get_vault("eventvault")
             return token == c._token
     assert run(flow())
+
+
+def test_events_announce_expiry(daemon):
+    import time
+
+    async def flow():
+        async with KeyServiceClient(daemon.url, daemon.admin) as admin:
+            await admin.create_vault("expiryvault", location="l", subscription="s")
+            stream = admin.events(since=0)
+            bundle = await admin.create_key("expiryvault", "k", size=2048)
+            async for e in stream:
+                if e["type"] == "key.created" and e["vault"] == "expiryvault":
+                    break
+            await admin.request("PATCH", "/vaults/expiryvault/keys/k",
+                                {"attributes": {"exp": int(time.time()) + 1}})
+            async for e in stream:
+                if e["type"] == "key.expired":
+                    await stream.aclose()
+                    return e, bundle
+    event, bundle = run(flow())
+    assert event["kid"] == bundle["key"]["kid"]

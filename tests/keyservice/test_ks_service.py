@@ -149,3 +149,17 @@ def test_events_written_with_the_change(svc, admin):
     with pytest.raises(BadRequest):
         svc.set_policy(admin, "vault-g", "oid-1", ["nope"])
     assert len(svc.events_after(0)) == 4
+
+
+def test_expiry_is_announced_once_per_exp(svc, admin, clock):
+    svc.create_vault(admin, "vault-h", "l", "s")
+    _, _, v = svc.create_key(admin, "vault-h", "k", 2048, parse_attributes({"exp": clock.now + 5}, None))
+    assert svc.announce_expiries() == 0
+    clock.advance(5)
+    assert svc.announce_expiries() == 1
+    assert svc.announce_expiries() == 0
+    last = svc.events_after(0)[-1]
+    assert (last.type, last.key, last.version) == ("key.expired", "k", v.version)
+    svc.update_key(admin, "vault-h", "k", None, parse_attributes({"exp": clock.now + 5}, None))
+    clock.advance(5)
+    assert svc.announce_expiries() == 1  # a new exp is announced again
