@@ -65,7 +65,7 @@ def probe_export(host: str, port: int, disk: str) -> ExportProbe:
     except nbd.Error as e:
         raise ExportUnreachable(f"cannot open disk {disk!r} at {host}:{port}: {e.string}") from None
     finally:
-        h.close()
+        del h  # libnbd closes the handle (and its socket) when it is freed
 
 
 class Host:
