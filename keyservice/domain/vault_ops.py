@@ -31,7 +31,10 @@ class VaultOperations(ServiceCore):
     def get_vault(self, caller: Caller, name: str) -> tuple[Vault, dict]:
         vault = self._vault(caller, name)
         pols = self.store.policies(name)
-        if caller.object_id != vault.owner and not caller.is_admin and caller.object_id not in pols:
+        # The platform reads a vault's properties (soft delete, purge protection,
+        # location) to check it is fit to hold a disk encryption set's key.
+        if caller.object_id != vault.owner and not caller.is_admin and not caller.is_platform \
+                and caller.object_id not in pols:
             raise Forbidden(f"The user, group or application '{caller.object_id}' has no access "
                             f"to key vault '{name}'", permission="vaults/read")
         return vault, pols

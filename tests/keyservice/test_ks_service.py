@@ -135,6 +135,9 @@ def test_tenant_isolation_and_roles(svc, admin):
     with pytest.raises(Forbidden):
         svc.check_subscriber(Caller("u", admin.tenant_id))
     svc.check_subscriber(platform)
+    svc.get_vault(platform, "vault-f")  # the platform may read any vault of its tenant
+    with pytest.raises(Forbidden):
+        svc.get_vault(Caller("stranger", admin.tenant_id), "vault-f")
 
 
 def test_events_written_with_the_change(svc, admin):
