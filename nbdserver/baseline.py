@@ -16,8 +16,10 @@ import logging
 
 from .backend import FileBackend
 from .exports import Export, ExportCatalog
+from .protocol.handshake import TlsMode
 from .runtime import configure_logging, parse_hostport, run, sd_notify
 from .server import NbdServer
+from .tls import ServerTls, TlsConfigError, resolve_mode, server_context_for
 
 log = logging.getLogger("nbdserver.baseline")
 
@@ -57,7 +59,7 @@ def open_backend(opts: dict):
     return backend
 
 
-async def serve(listen: str, specs: list[str], workers: int, stop: asyncio.Event) -> None:
+async def serve(listen: str, specs: list[str], workers: int, stop: asyncio.Event, tls=None) -> None:
     catalog = ExportCatalog()
     for spec in specs:
         name, opts = parse_export(spec)
@@ -65,8 +67,9 @@ async def serve(listen: str, specs: list[str], workers: int, stop: asyncio.Event
                            description=f"file {opts['path']}"))
         if catalog.default is None:
             catalog.default = name
-    server = NbdServer(catalog, workers=workers)
     host, port = parse_hostport(listen, 10809)
+    tls_mode, tls_context = tls if tls is not None else (TlsMode.OFF, None)
+    server = NbdServer(catalog, workers=workers, tls_mode=tls_mode, tls_context=tls_context)
     addrs = await server.listen(host, port)
     log.info("serving %d export(s) on %s", len(specs), addrs)
     print(f"LISTENING {addrs[0][0]} {addrs[0][1]}", flush=True)
@@ -84,10 +87,22 @@ def main(argv=None) -> None:
     ap.add_argument("--listen", default="127.0.0.1:10809")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--tls-mode", choices=["off", "optional", "required"],
+                    help="default: required unless --listen is loopback (docs/tls.md)")
+    ap.add_argument("--tls-dir", help="server-cert.pem, server-key.pem, ca-cert.pem")
+    ap.add_argument("--tls-verify-clients", action="store_true",
+                    help="require a client certificate signed by the directory's ca-cert.pem")
+    ap.add_argument("--tls-psk-file", help="psktool-format identity:hexkey file (TLS-PSK)")
     ap.add_argument("exports", nargs="+", metavar="NAME=PATH[,size=..][,ro][,key=FILE]")
     args = ap.parse_args(argv)
     configure_logging(args.log_level)
-    run(lambda stop: serve(args.listen, args.exports, args.workers, stop))
+    mode = resolve_mode(args.tls_mode, parse_hostport(args.listen, 10809)[0])
+    try:
+        context = server_context_for(mode, ServerTls(args.tls_dir, args.tls_verify_clients,
+                                                     args.tls_psk_file))
+    except TlsConfigError as e:
+        ap.error(str(e))
+    run(lambda stop: serve(args.listen, args.exports, args.workers, stop, tls=(mode, context)))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import errno
 import logging
 import socket
 import ssl
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from .exports import Export, ExportCatalog
@@ -102,6 +103,12 @@ class Connection(asyncio.Protocol):
         self.shutting_down = False
         self._reading_paused = False
         self._writing_paused = False
+        # Requests parsed but not started: one received chunk can hold thousands of
+        # request headers, so the in-flight and write-buffer limits are applied per
+        # request, not per chunk (else a client that never reads its replies could make
+        # the server allocate a reply buffer for every header it sent).
+        self._pending: deque = deque()
+        self._draining = False
         self.closed: asyncio.Future = self.loop.create_future()
         self.peer = None
 
@@ -168,12 +175,19 @@ class Connection(asyncio.Protocol):
                 return
 
     async def _start_tls(self):
+        if self.handshake is None or self.handshake.state is not hs.State.TLS_PENDING:
+            # Gone, or the client sent plaintext after STARTTLS (the machine closed): the
+            # bytes it sent are not a TLS handshake, so upgrading would only hang.
+            self.abort()
+            return
         try:
             self.transport = await self.loop.start_tls(self.transport, self, self.server.tls_context,
                                                        server_side=True)
         except (OSError, ssl.SSLError, ConnectionError) as e:
             log.info("connection %s: TLS handshake failed: %s", self.peer, e)
             self.abort()
+            return
+        if self.handshake is None:  # the connection was lost during the TLS handshake
             return
         self.handshake.tls_established()
         self.transport.resume_reading()
@@ -197,17 +211,37 @@ class Connection(asyncio.Protocol):
 
     # -- transmission
     def _requests(self, events):
-        for ev in events:
-            if self.disconnecting:
-                return
-            if type(ev) is BadMagic:
-                log.info("connection %s: bad request magic %#x; disconnecting", self.peer, ev.magic)
-                self.abort()
-                return
-            if type(ev) is Oversized:
-                self._fail(ev, NBD_EINVAL, "request over the maximum block size")
-                continue
-            self._request(ev)
+        self._pending.extend(events)
+        self._drain_pending()
+
+    def _backlogged(self) -> bool:
+        return self._writing_paused or self.inflight >= MAX_INFLIGHT
+
+    def _drain_pending(self):
+        """Start pending requests while the connection is under its limits."""
+        if self._draining:  # re-entered from _update_reading inside a request
+            return
+        self._draining = True
+        try:
+            while self._pending and not self._backlogged():
+                if self.disconnecting:
+                    self._pending.clear()
+                    return
+                ev = self._pending.popleft()
+                if type(ev) is BadMagic:
+                    log.info("connection %s: bad request magic %#x; disconnecting", self.peer, ev.magic)
+                    self.abort()
+                    return
+                if type(ev) is Oversized:
+                    self._fail(ev, NBD_EINVAL, "request over the maximum block size")
+                    continue
+                self._request(ev)
+        except Exception:  # a bug must cost this client its connection, never the server
+            log.exception("connection %s: internal error; disconnecting", self.peer)
+            self.abort()
+            return
+        finally:
+            self._draining = False
         self._update_reading()
 
     def _request(self, req):
@@ -374,7 +408,10 @@ class Connection(asyncio.Protocol):
     def _update_reading(self):
         if self.transport is None or self.transport.is_closing():
             return
-        want_pause = self._writing_paused or self.inflight >= MAX_INFLIGHT
+        want_pause = self._backlogged() or bool(self._pending)
+        if self._pending and not self._backlogged() and not self._draining:
+            self._drain_pending()  # ends by calling us again
+            return
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
