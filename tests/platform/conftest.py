@@ -1,0 +1,48 @@
+"""Fixtures for the disk platform's end-to-end tests: both daemons as real processes.
+
+`stack` is shared by the tests of one module (each test uses its own vault, key, set and
+disk names, so they do not interfere); `make_stack` gives a test its own, for what must
+stop or restart a daemon or needs a short lease or grace period. Every stack must end
+healthy: both processes alive and no traceback in either log.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+
+from tests.helpers.platform import Stack
+
+
+def _finish(stack: Stack) -> None:
+    try:
+        if stack.nb is not None and stack.nb.proc is not None and stack.nb.alive():
+            stack.nb.assert_healthy()
+        if stack.ks.proc is not None and stack.ks.alive():
+            stack.ks.assert_healthy()
+        assert "Traceback" not in stack.logs(), stack.logs()[-6000:]
+    finally:
+        stack.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("platform")).start()
+    yield s
+    _finish(s)
+
+
+@pytest.fixture
+def make_stack(tmp_path):
+    stacks: list[Stack] = []
+
+    def make(**kw) -> Stack:
+        s = Stack(tmp_path / f"stack{len(stacks)}", **kw)
+        stacks.append(s)
+        return s.start()
+
+    yield make
+    for s in stacks:
+        _finish(s)
+
+
