@@ -140,6 +140,10 @@ class Host:
         """TARGET: /dev/nbdN, /dev/loopN of a fuse attachment, or a disk name attached by fuse."""
         if NBD_DEVICE.match(target):
             return self._detach_nbd(target)
+        if not target.startswith("/dev/"):  # a disk name: the kernel may name its export
+            held = [a for a in kernel.nbd_attachments(self.sys_root) if a["disk"] == target]
+            if len(held) == 1:
+                return self._detach_nbd(held[0]["device"])
         rec = self._find_record(target)
         users = fuse.device_users(rec.device) if fuse.loop_backing(rec.device) == rec.file else None
         if users:
