@@ -32,8 +32,10 @@ def _call(fn):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise click.UsageError(f"cannot read credential file {cred_path}: {e}")
 
+    ssl_context = _client_ssl(url)
+
     async def run():
-        async with KeyServiceClient(url, cred) as client:
+        async with KeyServiceClient(url, cred, ssl=ssl_context) as client:
             return await fn(client)
     try:
         return asyncio.run(run())
@@ -44,6 +46,20 @@ def _call(fn):
         click.echo(json.dumps({"error": {"code": e.code, "message": e.message, "status": e.status}}),
                    err=True)
         sys.exit(1)
+
+
+def _client_ssl(url):
+    """KEYSERVICE_CA: the CA that signed the service's certificate (else the system's CAs)."""
+    from .tls import TlsConfigError, client_context
+    ca = os.environ.get("KEYSERVICE_CA")
+    if not ca:
+        return None  # https:// verifies against the system's CAs; http:// needs nothing
+    if not url.startswith("https://"):
+        raise click.UsageError(f"KEYSERVICE_CA is set but KEYSERVICE_URL is not https://: {url}")
+    try:
+        return client_context(ca)
+    except TlsConfigError as e:
+        raise click.UsageError(str(e))
 
 
 def _show(method, path, body=None, params=None):
@@ -66,18 +82,32 @@ def main():
               help="bearer token lifetime, seconds")
 @click.option("--heartbeat", default=5.0, show_default=True, type=click.FloatRange(0.1, 60),
               help="seconds between change-stream keepalives")
-def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat):
+@click.option("--tls-dir", type=click.Path(file_okay=False),
+              help="HTTPS with DIR/server-cert.pem and DIR/server-key.pem (see `keyservice tls init`)")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="HTTPS certificate (with --tls-key)")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="its private key (0600)")
+@click.option("--insecure-plain-http", is_flag=True,
+              help="allow plain HTTP on a non-loopback address (only behind a TLS proxy on this host)")
+def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat, tls_dir, tls_cert,
+          tls_key, insecure_plain_http):
     """Run the key service daemon."""
     from .sealing import MasterKeyError
     from .server import ServeConfig, open_service, serve as run_server
+    from .tls import TlsConfigError, check_plain_http, server_context_from
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
         raise click.UsageError("--listen must be HOST:PORT")
+    try:
+        ssl_context = server_context_from(tls_dir, tls_cert, tls_key)
+        check_plain_http(host.strip("[]") or "127.0.0.1", ssl_context is not None, insecure_plain_http)
+    except TlsConfigError as e:
+        click.echo(f"keyservice: cannot start: {e}", err=True)
+        sys.exit(2)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServeConfig(data_dir=data_dir, host=host.strip("[]") or "127.0.0.1", port=int(port),
                          base_url=base_url, master_key_file=master_key_file,
-                         token_lifetime=token_lifetime, heartbeat=heartbeat)
+                         token_lifetime=token_lifetime, heartbeat=heartbeat, ssl_context=ssl_context)
     try:
         service = open_service(config)
     except MasterKeyError as e:
@@ -349,6 +379,28 @@ def events(since):
         async for e in c.events(since):
             click.echo(json.dumps(e), nl=True)
     _call(follow)
+
+
+# -- TLS --
+@main.group()
+def tls():
+    """Certificates for HTTPS (test and demo set-ups; docs/tls.md for a real CA)."""
+
+
+@tls.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--host", "hosts", multiple=True,
+              help="a name or IP clients use to reach the service (repeat); loopback is always in")
+@click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650))
+@click.option("--force", is_flag=True, help="make a new CA even if DIRECTORY has one")
+def tls_init(directory, hosts, days, force):
+    """Create a CA, a server and a client certificate in DIRECTORY (keys 0600)."""
+    from .tlsca import CaError, init_ca
+    try:
+        written = init_ca(directory, hosts=hosts, days=days, force=force)
+    except CaError as e:
+        raise click.UsageError(str(e))
+    _print({"directory": str(Path(directory).resolve()), "written": [p.name for p in written]})
 
 
 __all__ = ["main", "parse_kid"]

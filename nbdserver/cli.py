@@ -40,22 +40,47 @@ def main():
               help="keep serving this long while the key service is unreachable")
 @click.option("--workers", default=8, show_default=True, help="I/O worker threads")
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option("--tls-mode", type=click.Choice(["off", "optional", "required"]),
+              help="NBD TLS; default: required unless --nbd-listen is loopback (docs/tls.md)")
+@click.option("--tls-dir", type=click.Path(file_okay=False),
+              help="server-cert.pem, server-key.pem, ca-cert.pem (see `nbdserver tls init`)")
+@click.option("--tls-verify-clients", is_flag=True,
+              help="require client certificates signed by the TLS directory's ca-cert.pem")
+@click.option("--tls-psk-file", type=click.Path(dir_okay=False),
+              help="TLS-PSK keys, psktool format (identity:hexkey per line, 0600)")
+@click.option("--keyservice-ca", type=click.Path(dir_okay=False), envvar="KEYSERVICE_CA",
+              help="CA certificate that signed the key service's (https://; default: system CAs)")
+@click.option("--insecure-keyservice-http", is_flag=True,
+              help="allow an http:// key service on a non-loopback address")
 def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credential, master_key_file,
-          lease_seconds, grace_seconds, workers, log_level):
+          lease_seconds, grace_seconds, workers, log_level, tls_mode, tls_dir, tls_verify_clients,
+          tls_psk_file, keyservice_ca, insecure_keyservice_http):
     """Run the NBD server and the disk platform."""
+    from keyservice.tls import TlsConfigError as KsTlsError
+    from keyservice.tls import client_ssl_for
+
     from .daemon import serve_forever
+    from .tls import ServerTls, TlsConfigError, resolve_mode, server_context_for
 
     configure_logging(log_level)
+    nbd_addr = parse_hostport(nbd_listen, 10809)
+    try:
+        mode = resolve_mode(tls_mode, nbd_addr[0])
+        tls_context = server_context_for(mode, ServerTls(tls_dir, tls_verify_clients, tls_psk_file))
+        ks_ssl = client_ssl_for(keyservice_url, keyservice_ca, insecure_keyservice_http)
+    except (TlsConfigError, KsTlsError) as e:
+        raise click.UsageError(str(e))
     if keyservice_credential is None:
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         if not creds:
             raise click.UsageError("give --keyservice-credential (or run under systemd with LoadCredential=)")
         keyservice_credential = os.path.join(creds, "keyservice-credential")
     run(lambda stop: serve_forever(
-        stop, data_dir=data_dir, nbd_listen=parse_hostport(nbd_listen, 10809),
+        stop, data_dir=data_dir, nbd_listen=nbd_addr,
         api_listen=parse_hostport(api_listen, 8080), keyservice_url=keyservice_url,
         credential_file=keyservice_credential, master_key_file=master_key_file,
-        lease=lease_seconds, grace=grace_seconds, workers=workers))
+        lease=lease_seconds, grace=grace_seconds, workers=workers, ssl=ks_ssl,
+        tls_mode=mode, tls_context=tls_context))
 
 
 # --------------------------------------------------------------------------- the client
@@ -260,6 +285,34 @@ main.add_command(image)
 def image_share(name, gallery):
     """Share an image to a gallery (refused for customer-managed images)."""
     out(api("POST", f"/images/{name}/share", {"gallery": gallery}))
+
+
+# --------------------------------------------------------------------------- TLS
+@main.group()
+def tls():
+    """Certificates and keys for NBD over TLS (test and demo set-ups; docs/tls.md)."""
+
+
+@tls.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--host", "hosts", multiple=True,
+              help="a name or IP clients use to reach the server (repeat); loopback is always in")
+@click.option("--client-name", default="client", show_default=True, help="CN of the client certificate")
+@click.option("--psk-identity", help="also add a TLS-PSK key for this identity to DIRECTORY/keys.psk")
+@click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650))
+@click.option("--force", is_flag=True, help="make a new CA even if DIRECTORY has one")
+def tls_init(directory, hosts, client_name, psk_identity, days, force):
+    """Create a CA, server and client certificates (keys 0600) in qemu/libnbd layout."""
+    from keyservice.tlsca import CaError, init_ca
+
+    from .tls import TlsConfigError, write_psk_file
+    try:
+        written = init_ca(directory, hosts=hosts, client_name=client_name, days=days, force=force)
+        if psk_identity:
+            written.append(write_psk_file(os.path.join(directory, "keys.psk"), psk_identity))
+    except (CaError, TlsConfigError) as e:
+        raise click.UsageError(str(e))
+    out({"directory": os.path.abspath(directory), "written": [os.path.basename(p) for p in written]})
 
 
 # Host integration: attach a disk as a block device on this machine (nbdserver/host/).

@@ -18,6 +18,7 @@ from .api import build_app, load_api_token
 from .exports import ExportCatalog
 from .platform.access import KeyAccess
 from .platform.service import Platform
+from .protocol.handshake import TlsMode
 from .runtime import sd_notify
 from .server import NbdServer
 
@@ -26,14 +27,16 @@ log = logging.getLogger("nbdserver")
 
 async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen, keyservice_url,
                         credential_file, master_key_file=None, lease=60.0, grace=3600.0,
-                        workers=8, ssl=None) -> None:
+                        workers=8, ssl=None, tls_mode=None, tls_context=None) -> None:
     catalog = ExportCatalog()
     platform = Platform(data_dir, catalog, keyservice_url, Credential.load(credential_file),
                         ssl=ssl, master_key_file=master_key_file)
     await platform.start()
     access = KeyAccess(platform, lease=lease, grace=grace)
     access.start()
-    server = NbdServer(catalog, workers=workers)
+    # tls_mode None: off (the CLI resolves the default; see nbdserver/tls.py).
+    server = NbdServer(catalog, workers=workers, tls_mode=tls_mode or TlsMode.OFF,
+                       tls_context=tls_context)
     nbd_addrs = await server.listen(*nbd_listen)
     nbd_host, nbd_port = nbd_addrs[0][:2]
     nbd_address = f"[{nbd_host}]:{nbd_port}" if ":" in nbd_host else f"{nbd_host}:{nbd_port}"

@@ -214,7 +214,9 @@ class ServerTls:
 
     def context(self) -> ssl.SSLContext:
         if not self.cert_dir and not self.psk_file:
-            raise TlsConfigError("TLS needs --tls-dir (certificates) or --tls-psk-file")
+            raise TlsConfigError("TLS needs --tls-dir (certificates) or --tls-psk-file; the TLS mode "
+                                 "is required by default when the listen address is not loopback "
+                                 "(--tls-mode off to serve plaintext anyway)")
         if self.verify_clients and not self.cert_dir:
             raise TlsConfigError("--tls-verify-clients needs --tls-dir (its ca-cert.pem)")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
