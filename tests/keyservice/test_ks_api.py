@@ -216,3 +216,9 @@ def test_openapi_lists_every_route(daemon):
             continue  # implied by GET
         path = route.resource.canonical.replace("{object_id}", "{objectId}")
         assert route.method.lower() in doc["paths"].get(path, {}), (route.method, path)
+
+
+def test_zz_no_500_and_no_traceback_in_the_log(daemon):
+    """Runs last in this module (file order): nothing above produced a 500 or a traceback."""
+    log = daemon.stderr()
+    assert "Traceback" not in log and " 500 " not in log and "ERROR" not in log

@@ -166,3 +166,9 @@ def test_soft_deleted_name_conflicts_until_recovered_or_purged(daemon, keyed):
           "deleted but recoverable")
     check(daemon.http("POST", f"/vaults/{vault}/keys/k/rotate"), 404, "KeyNotFound", "not found")
     assert snapshot(daemon, vault) == before
+
+
+def test_zz_no_500_and_no_traceback_in_the_log(daemon):
+    """Runs last in this module (file order): nothing above produced a 500 or a traceback."""
+    log = daemon.stderr()
+    assert "Traceback" not in log and " 500 " not in log and "ERROR" not in log

@@ -159,3 +159,9 @@ def test_events_announce_expiry(daemon):
                     return e, bundle
     event, bundle = run(flow())
     assert event["kid"] == bundle["key"]["kid"]
+
+
+def test_zz_no_500_and_no_traceback_in_the_log(daemon):
+    """Runs last in this module (file order): nothing above produced a 500 or a traceback."""
+    log = daemon.stderr()
+    assert "Traceback" not in log and " 500 " not in log and "ERROR" not in log
