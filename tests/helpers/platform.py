@@ -433,13 +433,13 @@ class Writer(threading.Thread):
         self.count = 0
         self.error: Exception | None = None
         self.first_error_at: float | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         import nbd
         slots = self.span // self.block
         i = 0
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             off = self.base + (i % slots) * self.block
             try:
                 self.h.pwrite(pattern(i, self.block), off, nbd.CMD_FLAG_FUA)
@@ -454,7 +454,7 @@ class Writer(threading.Thread):
             i += 1
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=30)
 
     def close(self) -> None:
