@@ -119,26 +119,40 @@ def chart(results: dict, path: Path) -> None:
     for ax, w in zip(axes.flat, workloads):
         ms = [med[n][w["name"]] for n in names]
         kind = w["headline"]
-        if kind == "bandwidth":
-            values, unit = [_or0(m["bw_bytes"]) / MiB for m in ms], "MiB/s"
-        elif kind == "latency":
-            values, unit = [_or0(m["clat_p50_us"]) for m in ms], "µs (p50; tick = p99)"
-        else:
-            values, unit = [_or0(m["iops"]) for m in ms], "IOPS"
-        x = range(len(names))
-        bars = ax.bar(x, values, color=[colors[i % len(colors)] for i in x])
+        x = list(range(len(names)))
+        color = [colors[i % len(colors)] for i in x]
         if kind == "latency":
-            ax.scatter(x, [_or0(m["clat_p99_us"]) for m in ms], marker="_", s=400, color="black", zorder=3)
-        for bar, m in zip(bars, ms):
-            ax.annotate(_ratio(m.get("ratio")), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+            # p50 and p99 side by side on a log axis: a p99 can be 100x the median.
+            p50 = [_or0(m["clat_p50_us"]) for m in ms]
+            p99 = [_or0(m["clat_p99_us"]) for m in ms]
+            ax.bar([i - 0.2 for i in x], p50, width=0.4, color=color)
+            ax.bar([i + 0.2 for i in x], p99, width=0.4, color=color, alpha=0.45, hatch="//")
+            ax.set_yscale("log")
+            unit = "µs: p50 (solid), p99 (hatched)"
+            tops = [(i, max(a, b)) for i, a, b in zip(x, p50, p99)]
+        else:
+            if kind == "bandwidth":
+                values, unit = [_or0(m["bw_bytes"]) / MiB for m in ms], "MiB/s"
+            else:
+                values, unit = [_or0(m["iops"]) for m in ms], "IOPS"
+            ax.bar(x, values, color=color)
+            tops = list(zip(x, values))
+        for (i, top), m in zip(tops, ms):
+            ax.annotate(_ratio(m.get("ratio")), (i, top), ha="center", va="bottom", fontsize=8)
         ax.set_title(w["description"], fontsize=10)
         ax.set_ylabel(unit)
-        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.margins(y=0.15)
-    for ax in list(axes.flat)[len(workloads):]:
-        ax.axis("off")
     s = results["settings"]
+    h = results["host"]
+    spare = list(axes.flat)[len(workloads):]
+    for ax in spare:
+        ax.axis("off")
+    if spare:
+        spare[0].text(0, 0.5, f"{h['cpu_model']}, {h['nproc']} CPUs, kernel {h['kernel']}\n"
+                      f"fio {results['fio_version']}, ioengine=nbd, numjobs=1\n"
+                      f"{_size(s['size_bytes'])} pre-filled image, {s['runs']} run(s) x "
+                      f"{s['runtime_s']:g} s, interleaved", fontsize=9, va="center")
     fig.suptitle(f"fio over NBD, medians of {s['runs']} run(s); labels: IOPS ratio vs "
                  f"{s['reference']} ({results['date']})", fontsize=11)
     fig.tight_layout()

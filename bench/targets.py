@@ -156,20 +156,26 @@ class LuksImage:
     A short PBKDF2 time, since only the data path is measured, not the unlock."""
 
     ITER_TIME_MS = 100
+    ATTEMPTS = 6
 
     @staticmethod
     def create(target: Target) -> Path:
         passfile = target.secret_file("passphrase", os.urandom(24).hex().encode())
-        done = subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "luks",
-             "--object", f"secret,id={PASSPHRASE_ID},file={passfile}",
-             "-o", f"key-secret={PASSPHRASE_ID},cipher-alg=aes-256,cipher-mode=xts,"
-                   f"ivgen-alg=plain64,hash-alg=sha256,iter-time={LuksImage.ITER_TIME_MS}",
-             str(target.image), str(target.size)],
-            capture_output=True, text=True)
-        if done.returncode:
-            raise ServerStartError(f"qemu-img create failed: {done.stderr.strip()}")
-        return passfile
+        argv = ["qemu-img", "create", "-q", "-f", "luks",
+                "--object", f"secret,id={PASSPHRASE_ID},file={passfile}",
+                "-o", f"key-secret={PASSPHRASE_ID},cipher-alg=aes-256,cipher-mode=xts,"
+                      f"ivgen-alg=plain64,hash-alg=sha256,iter-time={LuksImage.ITER_TIME_MS}",
+                str(target.image), str(target.size)]
+        # qemu-img times PBKDF2 with the thread's CPU clock to pick the iteration count; where
+        # that clock is coarse the first probe can read 0 ms and qemu gives up ("Unable to get
+        # accurate CPU usage", about 1 in 4 here). Each attempt is independent, so a few retries
+        # make it rare, while a real error still surfaces.
+        for _ in range(LuksImage.ATTEMPTS):
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if not done.returncode:
+                return passfile
+            target.image.unlink(missing_ok=True)
+        raise ServerStartError(f"qemu-img create failed {LuksImage.ATTEMPTS} times: {done.stderr.strip()}")
 
 
 @register
