@@ -71,7 +71,9 @@ def host_info() -> dict:
     except OSError:
         pass
     return {"nproc": os.cpu_count(), "cpu_model": cpu, "kernel": platform.release(),
-            "python": platform.python_version(), "hostname": platform.node()}
+            "python": platform.python_version(), "hostname": platform.node(),
+            # Other work on the machine is the main source of noise; this says how much there was.
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def tool_version(argv: list[str]) -> str:
@@ -144,6 +146,7 @@ class Bench:
         s = self.settings
         s.workdir.mkdir(parents=True, exist_ok=True)
         started = datetime.now(timezone.utc)
+        self.host = host_info()
         with ExitStack() as stack:
             work = Path(tempfile.mkdtemp(prefix="run-", dir=s.workdir))
             stack.callback(shutil.rmtree, work, True)
@@ -218,7 +221,7 @@ class Bench:
         return {
             "date": started.isoformat(timespec="seconds"),
             "duration_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
-            "host": host_info(),
+            "host": {**self.host, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
             "fio_version": fio.version_string(tool_version(["fio", "--version"])),
             "tools": {"nbdkit": tool_version(["nbdkit", "--version"]),
                       "qemu-nbd": tool_version(["qemu-nbd", "--version"]),

@@ -63,7 +63,9 @@ def markdown(results: dict) -> str:
         f"{results['date']} · {h['cpu_model'] or 'unknown CPU'} · {h['nproc']} CPUs · "
         f"kernel {h['kernel']} · fio {results['fio_version']} (ioengine=nbd, numjobs=1) · "
         f"{_size(s['size_bytes'])} pre-filled image · {s['runs']} run(s) × {s['runtime_s']:g} s "
-        f"(+{s['ramp_s']:g} s ramp), targets interleaved · medians.",
+        f"(+{s['ramp_s']:g} s ramp), targets interleaved · medians."
+        + (f" Load average (1 min) {h['loadavg_at_start'][0]:g} at start, "
+           f"{h['loadavg_at_end'][0]:g} at end." if "loadavg_at_end" in h else ""),
         "",
         f"Ratios are median IOPS relative to `{ref}` (higher is better). "
         "At qd1 the cell shows median / p99 completion latency.",

@@ -13,7 +13,8 @@ def results() -> dict:
                 "clat_p50_us": 31.5, "clat_p99_us": 120.25, "runs_ok": 3, "runs": 3, "ratio": ratio}
     return {
         "date": "2026-01-01T00:00:00+00:00", "duration_s": 1.0,
-        "host": {"nproc": 2, "cpu_model": "Test CPU", "kernel": "6.1", "python": "3.11", "hostname": "h"},
+        "host": {"nproc": 2, "cpu_model": "Test CPU", "kernel": "6.1", "python": "3.11", "hostname": "h",
+                 "loadavg_at_start": [0.5, 0, 0], "loadavg_at_end": [1.25, 0, 0]},
         "fio_version": "3.33", "tools": {},
         "settings": {"runs": 3, "runtime_s": 5, "ramp_s": 1, "size_bytes": 1 << 30, "reference": "plain"},
         "workloads": [
@@ -44,6 +45,7 @@ def test_markdown_summary_shows_headline_figures_and_ratios():
     assert "| sequential read 1 MiB qd4 | 1,000 MiB/s (1.00×) | 500 MiB/s (0.50×) |" in md
     assert "| random read 4 KiB qd1 | 31.5 / 120.2 µs (1.00×) | failed |" in md
     assert "Test CPU" in md and "1 GiB" in md and "3 run(s)" in md
+    assert "Load average (1 min) 0.5 at start, 1.25 at end." in md
 
 
 def test_markdown_detail_and_targets():
