@@ -1,0 +1,109 @@
+"""The key service unreachable: not a revocation, but not forever either.
+
+- Stopped: attached disks keep serving on the DEKs they hold for the grace period, then
+  lock (EIO); the key service back -> the same handles serve again.
+- Opening a disk needs the key service: nbdserver restarted while it is down exports the
+  disk locked, with a message saying why; the key service back -> the disk serves.
+- Restarted under load: a client writing in a loop sees no error at all (the grace
+  period covers the gap) and every write verifies.
+
+Each test has its own stack: they stop and restart daemons, and use a short lease (how
+often every key is re-checked) and grace period.
+"""
+
+from __future__ import annotations
+
+from tests.helpers.platform import (
+    Writer, connect_refused, io_fails, pattern, refusal_message, wait_for_eio, wait_for_io,
+)
+from tests.helpers.servers import wait_until
+
+GRACE = 3.0
+LEASE = 1.0
+
+
+def test_grace_period_then_lock_then_back(make_stack):
+    stack = make_stack(lease=LEASE, grace=GRACE)
+    stack.customer_key("cust", "k1", "des1")
+    stack.create_disk("d1", "--size", "16M", "--des", "des1")
+    stack.create_disk("p1", "--size", "16M")  # platform-managed: the same rule applies
+    h, hp = stack.connect("d1"), stack.connect("p1")
+    data = pattern(1, 1 << 20)
+    h.pwrite(data, 0)
+    h.flush()
+
+    stack.stop_keyservice()
+    # Still within the grace period: I/O goes on, and a write is acknowledged.
+    assert not io_fails(h) and not io_fails(hp)
+    h.pwrite(pattern(2, 4096), 1 << 20)
+    h.flush()
+    # Past it: both disks lock (the deadline is generous; this is no speed claim).
+    wait_for_eio(h, timeout=GRACE + 10 * LEASE + 10)
+    wait_for_eio(hp, timeout=GRACE + 10 * LEASE + 10)
+    assert "unreachable" in stack.disk("d1")["serving"]["reason"]
+    assert "unreachable" in refusal_message(stack, "d1")
+
+    stack.start_keyservice()
+    wait_for_io(h, timeout=10 * LEASE + 10)
+    wait_for_io(hp, timeout=10 * LEASE + 10)
+    assert h.pread(len(data), 0) == data
+    assert h.pread(4096, 1 << 20) == pattern(2, 4096)
+    h.shutdown()
+    hp.shutdown()
+
+
+def test_opening_a_disk_needs_the_key_service(make_stack):
+    stack = make_stack(lease=LEASE, grace=3600)
+    stack.customer_key("cust", "k1", "des1")
+    stack.create_disk("d1", "--size", "16M", "--des", "des1")
+    h = stack.connect("d1")
+    data = pattern(3, 256 << 10)
+    h.pwrite(data, 8192)
+    h.flush()
+    h.shutdown()
+
+    stack.stop_keyservice()
+    stack.restart_nbdserver()
+    shown = stack.disk("d1")  # the platform's state is local: the API answers
+    assert shown["serving"]["state"] == "locked", shown
+    assert "unreachable" in shown["serving"]["reason"], shown
+    assert connect_refused(stack, "d1")
+    assert "unreachable" in refusal_message(stack, "d1")
+    assert "Traceback" not in stack.nb.stderr_text()
+
+    stack.start_keyservice()
+    stack.wait_serving("d1", timeout=10 * LEASE + 10)
+    h = stack.connect("d1")
+    assert h.pread(len(data), 8192) == data
+    h.shutdown()
+
+
+def test_keyservice_restarted_under_load(make_stack):
+    # The grace period is what carries the disks over the restart; keep it well above
+    # the time a restart takes, so the test says nothing about speed.
+    stack = make_stack(lease=LEASE, grace=120)
+    stack.customer_key("cust", "k1", "des1")
+    stack.create_disk("d1", "--size", "16M", "--des", "des1")
+    stack.create_disk("p1", "--size", "16M")
+    writers = [Writer(stack, "d1", span=4 << 20), Writer(stack, "p1", span=4 << 20)]
+    for w in writers:
+        w.start()
+    try:
+        for _ in range(2):
+            before = [w.count for w in writers]
+            stack.restart_keyservice()
+            # The lease re-checks against the new process: wait until one check passed
+            # (the set identity's unwrap answered by the restarted key service).
+            wait_until(lambda: "unwrapkey 200" in stack.ks.stderr_text(), 30,
+                       what="a key check against the restarted key service")
+            wait_until(lambda: all(w.count > b + 10 or w.error for w, b in zip(writers, before)),
+                       30, what="the writers to go on")
+            assert all(w.error is None for w in writers), [w.error for w in writers]
+    finally:
+        for w in writers:
+            w.stop()
+    assert all(w.error is None for w in writers), [w.error for w in writers]
+    for w in writers:
+        w.verify()
+        w.close()
+    assert stack.disk("d1")["serving"]["state"] == "available"
