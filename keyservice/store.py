@@ -7,10 +7,11 @@ serialised, which is what the domain's read-check-write rules need.
 """
 import json
 import sqlite3
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
-from .domain import audit
+from .domain import audit, rsakeys
 from .domain.events import Event
 from .domain.identities import Identity
 from .domain.keys import Key, KeyVersion
@@ -18,6 +19,7 @@ from .domain.vaults import Vault
 from .sealing import MasterKeyError, Seal, SealError, derive, load_master_key, master_key_path
 
 DB_NAME = "keyservice.db"
+KEY_CACHE = 256  # loaded private keys kept in memory (a 4096-bit key object is a few KiB)
 _CHECK = b"keyservice master key check v1"
 
 SCHEMA = """
@@ -68,6 +70,7 @@ class Store:
         self._seal = Seal(master)
         self.token_key = derive(master, "tokens/v1")
         self._audit_key = derive(master, "audit/v1")
+        self._keys: OrderedDict = OrderedDict()
         self.path = db_path
         self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
         db_path.chmod(0o600)
@@ -138,6 +141,7 @@ class Store:
                           v.scheduled_purge))
 
     def purge_vault(self, name: str) -> None:
+        self._forget_keys(name)
         for table in ("key_versions", "keys", "policies"):
             self._db.execute(f"DELETE FROM {table} WHERE vault=?", (name,))
         self._db.execute("DELETE FROM vaults WHERE name=?", (name,))
@@ -198,7 +202,26 @@ class Store:
                                "AND version=?", (vault, name, version)).fetchone()
         return self._seal.open(row[0], _aad(vault, name, version))
 
+    def private_key(self, vault: str, name: str, version: str):
+        """The loaded private key, from a small cache: a version's key never changes,
+        and unsealing and parsing it costs more than the RSA operation itself."""
+        ident = (vault, name, version)
+        key = self._keys.get(ident)
+        if key is None:
+            key = rsakeys.load_private_der(self.private_der(vault, name, version))
+            self._keys[ident] = key
+            if len(self._keys) > KEY_CACHE:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(ident)
+        return key
+
+    def _forget_keys(self, vault: str, name: str | None = None) -> None:
+        for ident in [i for i in self._keys if i[0] == vault and name in (None, i[1])]:
+            del self._keys[ident]
+
     def purge_key(self, vault: str, name: str) -> None:
+        self._forget_keys(vault, name)
         self._db.execute("DELETE FROM key_versions WHERE vault=? AND name=?", (vault, name))
         self._db.execute("DELETE FROM keys WHERE vault=? AND name=?", (vault, name))
 

@@ -117,7 +117,7 @@ class KeyOperations(ServiceCore):
     def unwrap(self, caller: Caller, vault: str, name: str, version: str | None, alg, value: bytes):
         rsakeys.check_alg(alg)
         key, kv = self._usable(caller, vault, name, version, "unwrapKey")
-        private = rsakeys.load_private_der(self.store.private_der(vault, name, kv.version))
+        private = self.store.private_key(vault, name, kv.version)
         return self.kid(vault, name, kv.version), rsakeys.unwrap(private, alg, value)
 
     def delete_key(self, caller: Caller, vault: str, name: str):
