@@ -186,6 +186,10 @@ class Connection(asyncio.Protocol):
         except (OSError, ssl.SSLError, ConnectionError) as e:
             log.info("connection %s: TLS handshake failed: %s", self.peer, e)
             self.abort()
+            # The transport belonged to the TLS layer by now, which tells the application
+            # protocol nothing when its handshake fails: we never hear connection_lost,
+            # and shutdown would wait its whole grace for this connection.
+            self.connection_lost(e)
             return
         if self.handshake is None:  # the connection was lost during the TLS handshake
             return
