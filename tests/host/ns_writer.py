@@ -1,0 +1,73 @@
+"""A client host's workload (run with `ip netns exec`): write and read a disk over NBD in
+a loop, and report on stdout, one line per event, for the test to follow.
+
+    python ns_writer.py nbd://HOST:PORT/DISK
+    READY                   connected
+    OK <n>                  n writes acknowledged so far (every 20th)
+    ERR <errno> <n>         the first failed request after a run of successes
+    RECOVERED <n>           the first success after failures (same connection)
+    VERIFIED <k> | MISMATCH <offset>   answer to a line "VERIFY" on stdin
+
+The loop paces retries after a failure (RETRY_PAUSE) so a locked disk is not hammered;
+it stops at EOF on stdin.
+"""
+
+import sys
+import threading
+import time
+
+import nbd
+
+BLOCK = 4096
+SLOTS = 256
+RETRY_PAUSE = 0.05
+
+
+def pattern(i: int) -> bytes:
+    return (i.to_bytes(8, "little") * (BLOCK // 8))
+
+
+def main(uri: str) -> None:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    lock = threading.Lock()
+    acked: dict[int, int] = {}
+    stop = threading.Event()
+    print("READY", flush=True)
+
+    def loop():
+        i, failing = 0, False
+        while not stop.is_set():
+            off = (i % SLOTS) * BLOCK
+            try:
+                with lock:
+                    h.pwrite(pattern(i), off, nbd.CMD_FLAG_FUA)
+                    acked[off] = i
+                    h.pread(BLOCK, off)
+            except nbd.Error as e:
+                if not failing:
+                    print(f"ERR {e.errno} {len(acked)}", flush=True)
+                failing = True
+                time.sleep(RETRY_PAUSE)
+                continue
+            if failing:
+                print(f"RECOVERED {i}", flush=True)
+                failing = False
+            i += 1
+            if i % 20 == 0:
+                print(f"OK {i}", flush=True)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    for line in sys.stdin:
+        if line.strip() == "VERIFY":
+            with lock:
+                bad = [off for off, i in acked.items() if h.pread(BLOCK, off) != pattern(i)]
+            print(f"MISMATCH {bad[0]}" if bad else f"VERIFIED {len(acked)}", flush=True)
+    stop.set()
+    t.join(timeout=30)
+    h.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
