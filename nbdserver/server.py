@@ -49,6 +49,9 @@ MAX_INFLIGHT = 64
 WRITE_BUFFER_HIGH = 8 << 20
 # Structured reads at least this large ask the backend for holes and send OFFSET_HOLE.
 HOLE_SCAN_MIN = 64 * 1024
+# Closing a TLS connection sends close_notify and waits for the peer's; an idle client
+# (libnbd between requests) never answers, and the default 30 s held every shutdown.
+TLS_SHUTDOWN_TIMEOUT = 3.0
 
 
 class NbdServer:
@@ -182,7 +185,8 @@ class Connection(asyncio.Protocol):
             return
         try:
             self.transport = await self.loop.start_tls(self.transport, self, self.server.tls_context,
-                                                       server_side=True)
+                                                       server_side=True,
+                                                       ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
         except (OSError, ssl.SSLError, ConnectionError) as e:
             log.info("connection %s: TLS handshake failed: %s", self.peer, e)
             self.abort()
