@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -113,12 +114,19 @@ def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat
     except MasterKeyError as e:
         click.echo(f"keyservice: cannot start: {e}", err=True)
         sys.exit(1)
+    except (OSError, sqlite3.Error) as e:
+        click.echo(f"keyservice: cannot start: data directory {data_dir}: {e}", err=True)
+        sys.exit(1)
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(run_server(config, service))
+    try:
+        asyncio.run(run_server(config, service))
+    except OSError as e:  # e.g. the port is taken
+        click.echo(f"keyservice: cannot listen on {listen}: {e.strerror or e}", err=True)
+        sys.exit(1)
 
 
 # -- identities --
@@ -237,9 +245,14 @@ def key_show(vault, name, version, deleted):
 
 @key.command("list")
 @click.argument("vault")
+@click.argument("name", required=False)
 @click.option("--deleted", is_flag=True)
-def key_list(vault, deleted):
-    _show("GET", f"/vaults/{vault}/{'deletedkeys' if deleted else 'keys'}")
+def key_list(vault, name, deleted):
+    """List VAULT's keys; with NAME, that key's versions."""
+    if name:
+        _show("GET", _key_path(vault, name) + "/versions")
+    else:
+        _show("GET", f"/vaults/{vault}/{'deletedkeys' if deleted else 'keys'}")
 
 
 @key.command("versions")

@@ -85,7 +85,7 @@ class KeyServiceClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
-        self._token_exp = 0.0
+        self._token_renew = 0.0
         self._token_lock = asyncio.Lock()
 
     async def __aenter__(self):
@@ -106,13 +106,15 @@ class KeyServiceClient:
 
     async def _bearer(self) -> str:
         async with self._token_lock:
-            if self._token is None or time.time() > self._token_exp - RENEW_BEFORE:
+            if self._token is None or time.time() > self._token_renew:
                 body = await self._send("POST", "/oauth2/token", json_body={
                     "grant_type": "client_credentials", "client_id": self.credential.client_id,
                     "client_secret": self.credential.client_secret}, auth=False)
                 self._token = body["access_token"]
                 # Trust our own clock for renewal: expires_in, not the server's expires_on.
-                self._token_exp = time.time() + body["expires_in"]
+                # Renew early, but never sooner than halfway through a short lifetime.
+                lifetime = body["expires_in"]
+                self._token_renew = time.time() + lifetime - min(RENEW_BEFORE, lifetime / 2)
             return self._token
 
     async def _send(self, method: str, path: str, *, json_body=None, params=None, auth=True):
@@ -130,7 +132,13 @@ class KeyServiceClient:
         return _decode(status, data)
 
     async def request(self, method: str, path: str, json_body=None, params=None):
-        """Any API call; returns the decoded JSON body (None for 204)."""
+        """Any API call; returns the decoded JSON body (None for 204). A 401 on a
+        cached token (e.g. clocks disagree on its expiry) is retried once with a new one."""
+        try:
+            return await self._send(method, path, json_body=json_body, params=params)
+        except KeyServiceError as e:
+            if e.status != 401:
+                raise
         return await self._send(method, path, json_body=json_body, params=params)
 
     # -- the directory --

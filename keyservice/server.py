@@ -45,14 +45,14 @@ def open_service(config: ServeConfig) -> KeyService:
     host = f"[{config.host}]" if ":" in config.host else config.host
     base = config.base_url or f"{scheme}://{host}:{config.port}"
     service = KeyService(store, TokenSigner(store.token_key, config.token_lifetime), base_url=base)
-    first = service.bootstrap_admin()
-    if first is not None:
-        ident, secret = first
-        write_credential(Path(config.data_dir) / "admin.credential",
-                         {"client_id": ident.client_id, "client_secret": secret,
-                          "tenant_id": ident.tenant_id, "object_id": ident.object_id})
-        log.info("created the admin identity %s; credential in %s", ident.object_id,
-                 Path(config.data_dir) / "admin.credential")
+    path = Path(config.data_dir) / "admin.credential"
+
+    def deliver(ident, secret):
+        write_credential(path, {"client_id": ident.client_id, "client_secret": secret,
+                                "tenant_id": ident.tenant_id, "object_id": ident.object_id})
+    admin = service.bootstrap_admin(deliver)
+    if admin is not None:
+        log.info("created the admin identity %s; credential in %s", admin.object_id, path)
     return service
 
 

@@ -22,16 +22,19 @@ class KeyService(VaultOperations, KeyOperations):
                 store.set_meta("home_tenant", tenant)
         self.home_tenant = tenant
 
-    def bootstrap_admin(self) -> tuple[Identity, str] | None:
-        """On first start only: the admin identity, whose secret the caller writes
-        to DATA_DIR/admin.credential. Later starts return None."""
+    def bootstrap_admin(self, deliver) -> Identity | None:
+        """On first start only: create the admin identity and hand its secret to
+        `deliver(identity, secret)` (which writes DATA_DIR/admin.credential) before
+        the commit, so a failed write leaves no admin whose secret nobody has.
+        Later starts return None."""
         with self.store.transaction():
             if self.store.meta("admin_object_id") is not None:
                 return None
             ident, secret = new_identity("admin", "user", ("admin",), self.home_tenant, self.clock())
             self.store.add_identity(ident)
             self.store.set_meta("admin_object_id", ident.object_id)
-        return ident, secret
+            deliver(ident, secret)
+        return ident
 
     # -- directory and tokens --
     def create_identity(self, caller: Caller, display_name, type_="managedIdentity", roles=(),

@@ -146,3 +146,31 @@ def test_credential_dump_is_0600(tmp_path):
     c.dump(tmp_path / "cred")
     assert stat.S_IMODE((tmp_path / "cred").stat().st_mode) == 0o600
     assert Credential.load(tmp_path / "cred") == c
+
+
+def test_sigterm_ends_open_change_streams_and_exits_cleanly(make_daemon):
+    import asyncio
+    import pytest
+    from keyservice.client import KeyServiceClient, KeyServiceUnavailable
+    d = make_daemon()
+
+    async def flow():
+        async with KeyServiceClient(d.url, d.admin) as c:
+            await c.create_vault("closing", location="l", subscription="s")
+            await c.create_key("closing", "k", size=2048)  # so there is an event to wait for
+            stream = c.events(since=0)
+            await stream.__anext__()  # the stream is open and delivering
+            d.proc.terminate()
+            with pytest.raises(KeyServiceUnavailable):
+                async for _ in stream:
+                    pass
+    asyncio.run(asyncio.wait_for(flow(), 30))
+    assert d.proc.wait(timeout=15) == 0
+    assert "Traceback" not in d.stderr()
+
+
+def test_port_in_use_is_a_clear_error(make_daemon):
+    d = make_daemon()
+    r = subprocess.run([sys.executable, "-m", "keyservice", "serve", "--data-dir", str(d.data_dir) + "-2",
+                        "--listen", f"127.0.0.1:{d.port}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot listen on" in r.stderr and "Traceback" not in r.stderr

@@ -37,13 +37,14 @@ def svc(tmp_path, clock):
 
 @pytest.fixture
 def admin(svc):
-    ident, secret = svc.bootstrap_admin()
-    token, _, _ = svc.issue_token(ident.client_id, secret)
+    got = {}
+    ident = svc.bootstrap_admin(lambda i, secret: got.update(secret=secret))
+    token, _, _ = svc.issue_token(ident.client_id, got["secret"])
     return svc.authenticate(token)
 
 
 def test_bootstrap_once_and_token_roundtrip(svc, admin, clock):
-    assert svc.bootstrap_admin() is None
+    assert svc.bootstrap_admin(lambda i, s: None) is None
     assert admin.is_admin and admin.tenant_id == svc.home_tenant
     with pytest.raises(Unauthorized):
         svc.issue_token("nobody", "wrong")
@@ -65,6 +66,18 @@ def test_key_purge_protection_until_retention_ends(svc, admin, clock, protect):
     svc.purge_key(admin, "vault-a", "k")
     with pytest.raises(NotFound):
         svc.get_deleted_key(admin, "vault-a", "k")
+
+
+def test_failed_credential_write_leaves_no_admin(tmp_path, clock):
+    store = Store(tmp_path / "fresh")
+    s = KeyService(store, TokenSigner(store.token_key), clock=clock)
+
+    def fail(ident, secret):
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        s.bootstrap_admin(fail)
+    assert s.bootstrap_admin(lambda i, secret: None) is not None  # tried again next start
+    store.close()
 
 
 def test_purge_needs_the_purge_permission(svc, admin, clock):
