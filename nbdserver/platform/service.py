@@ -351,6 +351,11 @@ class Platform:
             except Exception:
                 keys.wipe(dek)
                 raise
+        if self.state.get_volume(VolumeKind.DISK, name):
+            # A concurrent request took the name while this one waited for the key service.
+            # Nothing awaits between this check and put_volume below, so the check holds.
+            keys.wipe(dek)
+            raise Conflict(f"disk {name!r} exists")
         v = Volume(name, VolumeKind.DISK, size, subscription, location, scope, env,
                    self._new_path(VolumeKind.DISK), VolumeState.CREATING,
                    source=f"{src.kind.value}:{src.name}" if src else None, created=time.time())
