@@ -139,6 +139,8 @@ class Platform:
         des = EncryptionSet(name, subscription, location, key_url, cred.object_id,
                             self.sealer.seal(json.dumps(cred.__dict__).encode(), f"des:{name}"),
                             allow_cross_subscription, time.time())
+        if self.state.get_des(name):  # taken by a concurrent request meanwhile (no await until put)
+            raise Conflict(f"encryption set {name!r} exists")
         self.state.put_des(des)
         return await self.show_des(name)
 
