@@ -464,6 +464,15 @@ class Platform:
             pass  # CMK -> PMK keeps the subscription; allowed
         if target == v.des:
             return self.show_disk(name)
+        if target != PLATFORM_KEY:
+            # All three permissions, not just the wrapKey the move itself uses: without get
+            # and unwrapKey the moved disk would lock at its next check.
+            access = await self.check_access(target)
+            if not access["granted"]:
+                d = self._des(target)
+                raise AccessMissing(f"encryption set {target!r} identity {d.identity_object_id} "
+                                    f"lacks {', '.join(access['missing'])} on its key; the vault "
+                                    "owner must grant get, wrapKey, unwrapKey")
         async with self.scope_lock(v.des), self.scope_lock(target):
             await self._rewrap(v, self.client_for(v.des), self.client_for(target),
                                self.key_url_for(target), des=target)
