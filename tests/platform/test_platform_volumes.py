@@ -212,3 +212,60 @@ def test_deletion_rules(stack):
     stack.nbdserver("des", "delete", "des-del")
     err = _refused(lambda: stack.disk("del1"))
     assert "HTTP 404" in err
+
+
+def test_move_to_a_set_lacking_unwrapkey_is_refused(stack):
+    """A set whose identity may wrap but not unwrap cannot take a disk: the move would
+    succeed and the disk lock at its next check."""
+    c = stack.customer_key("halfv", "k1", "des-half", grant=False)
+    stack.grant("halfv", c["object_id"], "get,wrapKey")
+    stack.create_disk("half1", "--size", "16M", "--subscription", "sub1")
+    err = _refused(lambda: stack.nbdserver("disk", "update", "half1", "--des", "des-half"))
+    assert "unwrapKey" in err and "HTTP 403" in err
+    shown = stack.disk("half1")
+    assert shown["encryption"]["type"] == "EncryptionAtRestWithPlatformKey"
+    assert shown["serving"]["state"] == "available"
+
+
+def test_concurrent_creates_of_one_name(stack):
+    """Two requests for the same disk (or set) name at once: one wins, the other is a 409,
+    and the winner is intact (its record, its export, its key)."""
+    import threading
+
+    stack.customer_key("racev", "k1", "des-race")
+    for i in range(3):
+        name, results = f"race{i}", []
+        body = {"name": name, "size": "16M", "diskEncryptionSet": "des-race"}
+        threads = [threading.Thread(target=lambda: results.append(stack.api("POST", "/disks", body)))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        outcomes = []
+        for status, out in results:
+            if status == 202:
+                op = wait_until(lambda: (lambda o: o if o["status"] != "running" else None)(
+                    stack.api("GET", f"/operations/{out['id']}")[1]), 60, interval=0.05)
+                outcomes.append(409 if op["status"] == "failed" and op["error"]["status"] == 409
+                                else (200 if op["status"] == "succeeded" else op["error"]))
+            else:
+                outcomes.append(status)
+        assert sorted(outcomes) == [200, 409], outcomes
+        h = stack.connect(name)
+        h.pwrite(pattern(i, 4096), 0)
+        assert h.pread(4096, 0) == pattern(i, 4096)
+        h.shutdown()
+        assert stack.disk(name)["serving"]["state"] == "available"
+
+    results = []
+    body = {"name": "des-dup", "keyUrl": stack.key_url("racev", "k1")}
+    threads = [threading.Thread(target=lambda: results.append(stack.api("POST", "/encryption-sets", body)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(s for s, _ in results) == [201, 409], results
+    winner = next(out for s, out in results if s == 201)
+    assert stack.nbdserver("des", "show", "des-dup")["identity"] == winner["identity"]
