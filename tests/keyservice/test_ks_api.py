@@ -218,6 +218,34 @@ def test_openapi_lists_every_route(daemon):
         assert route.method.lower() in doc["paths"].get(path, {}), (route.method, path)
 
 
+def test_service_audit_chain_is_admin_only(daemon):
+    status, body = daemon.http("GET", "/audit")
+    assert status == 200 and any(e["operation"] == "Token" for e in body["value"])
+    assert daemon.http("GET", "/audit/verify")[1]["valid"] is True
+    mi = daemon.identity("auditor")
+    status, body = daemon.http("GET", "/audit", as_=mi)
+    assert status == 403 and body["error"]["code"] == "Forbidden"
+
+
+def test_event_stream_resumes_from_last_event_id(daemon, vault):
+    import http.client
+    import json
+    create_key(daemon, vault, "k")
+    status, _ = daemon.http("POST", f"/vaults/{vault}/keys/k/rotate")
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    conn.request("GET", "/events", headers={"Authorization": f"Bearer {daemon.token(daemon.admin)}",
+                                            "Last-Event-ID": "0"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
+    seen = []
+    while not any(e["type"] == "key.rotated" and e["vault"] == vault for e in seen):
+        line = resp.fp.readline().decode()
+        if line.startswith("data:"):
+            seen.append(json.loads(line[5:]))
+    conn.close()
+    assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))  # from the very first event
+
+
 def test_zz_no_500_and_no_traceback_in_the_log(daemon):
     """Runs last in this module (file order): nothing above produced a 500 or a traceback."""
     log = daemon.stderr()
