@@ -114,6 +114,9 @@ def median_of(samples: list[dict]) -> dict:
     out = {"runs_ok": len(ok), "runs": len(samples)}
     for m in METRICS:
         out[m] = statistics.median(s[m] for s in ok) if ok else None
+    # How far apart the runs were, as a fraction of the median: the noise a ratio must beat.
+    out["iops_spread"] = ((max(s["iops"] for s in ok) - min(s["iops"] for s in ok)) / out["iops"]
+                          if ok and out["iops"] else None)
     return out
 
 

@@ -26,6 +26,10 @@ def _ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.0f}%"
+
+
 def _size(nbytes: int) -> str:
     for unit, n in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
         if nbytes >= n and nbytes % n == 0:
@@ -68,7 +72,8 @@ def markdown(results: dict) -> str:
            f"{h['loadavg_at_end'][0]:g} at end." if "loadavg_at_end" in h else ""),
         "",
         f"Ratios are median IOPS relative to `{ref}` (higher is better). "
-        "At qd1 the cell shows median / p99 completion latency.",
+        "At qd1 the cell shows median / p99 completion latency. "
+        "IOPS spread is (max − min) / median over the runs: differences smaller than it are noise.",
         "",
         "## Summary",
         "",
@@ -82,8 +87,8 @@ def markdown(results: dict) -> str:
         "",
         "## Detail",
         "",
-        f"| workload | target | MiB/s | IOPS | p50 µs | p99 µs | vs `{ref}` | runs ok |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| workload | target | MiB/s | IOPS | p50 µs | p99 µs | vs `{ref}` | IOPS spread | runs ok |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in results["workloads"]:
         for n in names:
@@ -92,7 +97,8 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {w['name']} | {n} | {_num(bw, 1)} | {_num(m['iops'])} | "
                 f"{_num(m['clat_p50_us'], 1)} | {_num(m['clat_p99_us'], 1)} | "
-                f"{_ratio(m.get('ratio'))} | {m['runs_ok']}/{m['runs']} |")
+                f"{_ratio(m.get('ratio'))} | {_percent(m.get('iops_spread'))} | "
+                f"{m['runs_ok']}/{m['runs']} |")
     lines += ["", "## Targets", "", "| target | status | what | command |", "|---|---|---|---|"]
     for n, t in results["targets"].items():
         status = t["status"] if t["status"] == "ok" else f"{t['status']}: {t['reason']}"

@@ -16,11 +16,12 @@ def test_median_is_per_metric_over_successful_runs_only():
                run("a", "w", 3, 200, p99=30), {"target": "a", "workload": "w", "run": 4, "error": "x"}]
     m = median_of(samples)
     assert (m["iops"], m["clat_p99_us"], m["runs_ok"], m["runs"]) == (200, 30, 3, 4)
+    assert m["iops_spread"] == 1.0  # (300 - 100) / 200
 
 
 def test_all_runs_failed_gives_none_not_a_crash():
     m = median_of([{"target": "a", "workload": "w", "run": 1, "error": "boom"}])
-    assert m["iops"] is None and m["runs_ok"] == 0
+    assert m["iops"] is None and m["iops_spread"] is None and m["runs_ok"] == 0
 
 
 def test_ratios_compare_median_iops_to_the_reference():

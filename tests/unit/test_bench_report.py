@@ -10,7 +10,8 @@ MiB = 1 << 20
 def results() -> dict:
     def m(iops, ratio, bw=None):
         return {"iops": iops, "bw_bytes": bw if bw is not None else iops * 4096,
-                "clat_p50_us": 31.5, "clat_p99_us": 120.25, "runs_ok": 3, "runs": 3, "ratio": ratio}
+                "clat_p50_us": 31.5, "clat_p99_us": 120.25, "runs_ok": 3, "runs": 3, "ratio": ratio,
+                "iops_spread": 0.125}
     return {
         "date": "2026-01-01T00:00:00+00:00", "duration_s": 1.0,
         "host": {"nproc": 2, "cpu_model": "Test CPU", "kernel": "6.1", "python": "3.11", "hostname": "h",
@@ -34,7 +35,8 @@ def results() -> dict:
             "plain": {"seqread": m(1000, 1.0, bw=1000 * MiB), "randread-qd1": m(20000, 1.0)},
             "xts": {"seqread": m(500, 0.5, bw=500 * MiB),
                     "randread-qd1": {"iops": None, "bw_bytes": None, "clat_p50_us": None,
-                                     "clat_p99_us": None, "runs_ok": 0, "runs": 3, "ratio": None}},
+                                     "clat_p99_us": None, "runs_ok": 0, "runs": 3, "ratio": None,
+                                     "iops_spread": None}},
         },
     }
 
@@ -50,8 +52,8 @@ def test_markdown_summary_shows_headline_figures_and_ratios():
 
 def test_markdown_detail_and_targets():
     md = report.markdown(results())
-    assert "| seqread | xts | 500.0 | 500 | 31.5 | 120.2 | 0.50× | 3/3 |" in md
-    assert "| randread-qd1 | xts | – | – | – | – | – | 0/3 |" in md
+    assert "| seqread | xts | 500.0 | 500 | 31.5 | 120.2 | 0.50× | 12% | 3/3 |" in md
+    assert "| randread-qd1 | xts | – | – | – | – | – | – | 0/3 |" in md
     assert "skipped: not installed: nbdkit" in md
     assert "`srv a\\|b`" in md  # a pipe in a command must not break the table
 
