@@ -275,13 +275,14 @@ class ClientTls:
         return f"nbds://{user}{h}:{port}/{quote(export, safe='')}" + ("?" + "&".join(query) if query else "")
 
     def nbd_client_args(self) -> list[str]:
-        """nbd-client(8) options: -cacert/-certfile/-keyfile (it has no PSK option)."""
+        """nbd-client(8) 3.24 options: -x (TLS) -cacertfile/-certfile/-keyfile. Its short
+        forms (-A/-F/-K) are refused by Debian's build; the long ones work. No PSK option."""
         if self.psk_file:
             raise TlsConfigError("nbd-client has no TLS-PSK option; use certificates (or nbdfuse)")
         if not self.cert_dir:
             return []
         d = Path(self.cert_dir)
-        args = ["-cacert", str(d / CA_CERT)]
+        args = ["-x", "-cacertfile", str(d / CA_CERT)]
         if (d / CLIENT_CERT).exists() and (d / CLIENT_KEY).exists():
             args += ["-certfile", str(d / CLIENT_CERT), "-keyfile", str(d / CLIENT_KEY)]
         return args

@@ -139,6 +139,18 @@ def test_fio_over_nbds(tls_server, pki):
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_nbd_client_lists_exports_over_tls(tls_server, pki):
+    """nbd-client (the kernel driver's userspace) with the options `attach` passes; its
+    list mode needs no /dev/nbd, which this machine lacks."""
+    from nbdserver.tls import ClientTls
+    srv = tls_server(*x509(pki, "--tls-verify-clients"))
+    args = ClientTls(cert_dir=str(pki.good)).nbd_client_args()
+    out = run("nbd-client", *args, "-l", srv.host, str(srv.port)).stdout
+    assert "disk" in out
+    p = run("nbd-client", "-l", srv.host, str(srv.port), ok=False)
+    assert p.returncode != 0 and "TLS is required" in p.stdout + p.stderr
+
+
 # ------------------------------------------------------------------ PSK
 def test_psk_nbdinfo_and_qemu(tls_server, pki):
     srv = tls_server("--tls-mode", "required", "--tls-psk-file", str(pki.good / "keys.psk"))

@@ -69,7 +69,7 @@ def test_client_options(pki):
     c = ClientTls(cert_dir=str(pki.good))
     assert c.nbds_uri("10.0.0.1", 10809, "my disk") == \
         f"nbds://10.0.0.1:10809/my%20disk?tls-certificates={pki.good}"
-    assert c.nbd_client_args() == ["-cacert", str(pki.good / "ca-cert.pem"),
+    assert c.nbd_client_args() == ["-x", "-cacertfile", str(pki.good / "ca-cert.pem"),
                                    "-certfile", str(pki.good / "client-cert.pem"),
                                    "-keyfile", str(pki.good / "client-key.pem")]
     assert c.qemu_object() == f"tls-creds-x509,id=tls0,endpoint=client,dir={pki.good}"
