@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import shutil
 import time
 from dataclasses import asdict
 from enum import Enum
@@ -18,7 +19,7 @@ from ..runtime import parse_hostport
 from . import fuse, kernel
 from .errors import ExportUnreachable, MissingSupport, NotAttached, Refused, ToolFailed
 from .nbdclient import (
-    BLOCK_SIZE, NBD_DEVICE, ExportProbe, attach_argv, check_connections, check_disk_name, detach_argv,
+    BLOCK_SIZE, NBD_DEVICE, TLS_FILES, ExportProbe, attach_argv, check_connections, check_disk_name, detach_argv,
 )
 from .records import FuseRecord, RecordStore
 
@@ -41,6 +42,17 @@ def nbd_uri(host: str, port: int, disk: str) -> str:
     return f"nbd://{h}:{port}/{disk}"
 
 
+def check_tls_dir(tls_dir: str | None) -> str | None:
+    if tls_dir is None:
+        return None
+    tls_dir = os.path.abspath(tls_dir)
+    missing = [f for f in TLS_FILES if not os.path.isfile(os.path.join(tls_dir, f))]
+    if missing:
+        raise Refused(f"--tls-dir {tls_dir} lacks {', '.join(missing)} "
+                      "(`nbdserver tls init` writes them)")
+    return tls_dir
+
+
 def parse_nbd_address(text: str) -> tuple[str, int]:
     try:
         host, port = parse_hostport(text, 10809)
@@ -51,12 +63,15 @@ def parse_nbd_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-def probe_export(host: str, port: int, disk: str) -> ExportProbe:
+def probe_export(host: str, port: int, disk: str, tls_dir: str | None = None) -> ExportProbe:
     """One handshake with libnbd: the export exists, its size, whether it offers multi-conn."""
     import nbd  # python3-libnbd; imported here so the pure parts need no libnbd
 
     h = nbd.NBD()
     try:
+        if tls_dir is not None:
+            h.set_tls(nbd.TLS_REQUIRE)
+            h.set_tls_certificates(tls_dir)
         h.set_export_name(disk)
         h.connect_tcp(host, str(port))
         probe = ExportProbe(size=h.get_size(), multi_conn=bool(h.can_multi_conn()))
@@ -77,9 +92,11 @@ class Host:
 
     # -- attach
     def attach(self, disk: str, nbd_address: str, via: Via = Via.NBD, *, device: str | None = None,
-               connections: int | None = None, dry_run: bool = False) -> dict:
+               connections: int | None = None, dry_run: bool = False,
+               tls_dir: str | None = None) -> dict:
         check_disk_name(disk)
         host, port = parse_nbd_address(nbd_address)
+        tls_dir = check_tls_dir(tls_dir)
         if via is Via.FUSE:
             if device is not None:
                 raise Refused("--device names a /dev/nbdN of the kernel driver; --via fuse takes "
@@ -87,10 +104,10 @@ class Host:
             if dry_run:
                 raise Refused("--dry-run shows the nbd-client command line; it has no meaning "
                               "with --via fuse")
-            return self._attach_fuse(disk, host, port, connections)
-        return self._attach_nbd(disk, host, port, device, connections, dry_run)
+            return self._attach_fuse(disk, host, port, connections, tls_dir)
+        return self._attach_nbd(disk, host, port, device, connections, dry_run, tls_dir)
 
-    def _attach_nbd(self, disk, host, port, device, connections, dry_run) -> dict:
+    def _attach_nbd(self, disk, host, port, device, connections, dry_run, tls_dir) -> dict:
         problem = None
         try:
             kernel.require_nbd_module(self.sys_root)
@@ -100,8 +117,9 @@ class Host:
             problem = e.message
         if device is None:
             device = kernel.free_nbd_device(self.sys_root) if problem is None else "/dev/nbd0"
-        probe = probe_export(host, port, disk)
-        argv = attach_argv(host, port, device, disk, check_connections(connections, probe))
+        probe = probe_export(host, port, disk, tls_dir)
+        argv = attach_argv(host, port, device, disk, check_connections(connections, probe),
+                           tls_dir=tls_dir)
         if dry_run:
             return {"argv": argv, "ready": problem is None, "problem": problem}
         busy = os.path.exists(os.path.join(self.sys_root, "block", os.path.basename(device), "pid"))
@@ -113,17 +131,25 @@ class Host:
         return {"device": device, "disk": disk, "via": "nbd", "nbd": f"{host}:{port}",
                 "state": AttachmentState.ATTACHED.value, "size": probe.size, "argv": argv}
 
-    def _attach_fuse(self, disk, host, port, connections) -> dict:
+    def _attach_fuse(self, disk, host, port, connections, tls_dir) -> dict:
         fuse.require_fuse_path()
-        probe = probe_export(host, port, disk)
+        probe = probe_export(host, port, disk, tls_dir)
         n = check_connections(connections, probe)
+        if tls_dir is not None:
+            if shutil.which("nbdkit") is None:
+                raise MissingSupport("--via fuse with --tls-dir needs nbdkit (Debian package nbdkit)")
+            if n > 1:
+                raise Refused("--via fuse with --tls-dir uses one connection (nbdkit makes the "
+                              "TLS connection for nbdfuse); use --connections 1")
         if probe.size % BLOCK_SIZE:
             raise Refused(f"disk {disk!r} is {probe.size} bytes, not a multiple of {BLOCK_SIZE}")
         fuse_root = os.path.join(self.records.root, "fuse")
         os.makedirs(fuse_root, mode=0o700, exist_ok=True)
         mountpoint = os.path.join(fuse_root, f"{disk}.{secrets.token_hex(4)}")
         os.mkdir(mountpoint, 0o700)
-        pid = fuse.start_nbdfuse(mountpoint, nbd_uri(host, port, disk), n, mountpoint + ".log")
+        source = [nbd_uri(host, port, disk)] if tls_dir is None \
+            else fuse.tls_source(host, port, disk, tls_dir)
+        pid = fuse.start_nbdfuse(mountpoint, source, n, mountpoint + ".log")
         file = os.path.join(mountpoint, "nbd")
         try:
             device = fuse.loop_attach(file, BLOCK_SIZE)

@@ -44,11 +44,13 @@ def _nbd_address(given: str | None) -> str:
 @click.option("--device", help="/dev/nbdN to use (--via nbd); default: the first free one")
 @click.option("--connections", type=int, help="NBD connections (more than 1 only with multi-conn)")
 @click.option("--nbd", "nbd_address", help="HOST:PORT of the NBD server; default: GET /info of the API")
+@click.option("--tls-dir", type=click.Path(file_okay=False),
+              help="NBD over TLS: ca-cert.pem, client-cert.pem, client-key.pem (nbdserver tls init)")
 @click.option("--dry-run", is_flag=True, help="print the nbd-client command line, change nothing")
-def attach(disk, via, device, connections, nbd_address, dry_run):
+def attach(disk, via, device, connections, nbd_address, tls_dir, dry_run):
     """Attach DISK as a block device on this host; prints the device."""
     _out(_call(lambda: Host().attach(disk, _nbd_address(nbd_address), Via(via), device=device,
-                                     connections=connections, dry_run=dry_run)))
+                                     connections=connections, dry_run=dry_run, tls_dir=tls_dir)))
 
 
 @click.command()

@@ -78,8 +78,20 @@ def nbdfuse_alive(pid: int) -> bool:
         return False
 
 
-def start_nbdfuse(mountpoint: str, uri: str, connections: int, log_path: str) -> int:
-    """Mount the export at MOUNTPOINT/nbd; return nbdfuse's pid once it serves."""
+def tls_source(host: str, port: int, disk: str, tls_dir: str) -> list[str]:
+    """nbdfuse's source for NBD over TLS with our own certificate directory.
+
+    libnbd refuses `?tls-certificates=` in a URI from nbdfuse (local file access through
+    a URI is off by default), so nbdkit's nbd plugin makes the TLS connection and speaks
+    plain NBD to nbdfuse over a socketpair (-s), dying with it (--exit-with-parent)."""
+    return ["--command", "nbdkit", "-s", "--exit-with-parent", "nbd", f"hostname={host}",
+            f"port={port}", f"export={disk}", "tls=require", f"tls-certificates={tls_dir}"]
+
+
+def start_nbdfuse(mountpoint: str, source: list[str], connections: int, log_path: str) -> int:
+    """Mount the export at MOUNTPOINT/nbd; return nbdfuse's pid once it serves.
+
+    SOURCE: [URI], or a `--command ...` from `tls_source`."""
     pidfile = os.path.join(mountpoint + ".pid")
     for stale in (pidfile,):
         if os.path.exists(stale):
@@ -87,19 +99,19 @@ def start_nbdfuse(mountpoint: str, uri: str, connections: int, log_path: str) ->
     argv = ["nbdfuse", "-P", pidfile]
     if connections > 1:
         argv += ["-C", str(connections)]
-    argv += [mountpoint, uri]
+    argv += [mountpoint, *source]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True)
 
     def ready():
         if proc.poll() is not None:
-            raise ToolFailed(f"nbdfuse exited ({proc.returncode}) before serving {uri}: "
-                             f"{_tail(log_path)}")
+            raise ToolFailed(f"nbdfuse exited ({proc.returncode}) before serving "
+                             f"{' '.join(source)}: {_tail(log_path)}")
         return os.path.exists(pidfile) and os.path.ismount(mountpoint) \
             and os.path.exists(os.path.join(mountpoint, "nbd"))
     try:
-        wait_for(ready, START_TIMEOUT, f"nbdfuse to serve {uri}")
+        wait_for(ready, START_TIMEOUT, f"nbdfuse to serve {' '.join(source)}")
     except BaseException:
         stop_nbdfuse(mountpoint, proc.pid)
         raise

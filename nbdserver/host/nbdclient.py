@@ -60,9 +60,16 @@ def check_connections(requested: int | None, probe: ExportProbe) -> int:
     return requested
 
 
+# The names `nbdserver tls init` writes, which are also libnbd's (tls-certificates=DIR).
+TLS_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+
+
 def attach_argv(host: str, port: int, device: str, disk: str, connections: int,
-                *, persist: bool = True) -> list[str]:
-    """nbd-client's argv to connect DEVICE to export DISK at HOST:PORT."""
+                *, persist: bool = True, tls_dir: str | None = None) -> list[str]:
+    """nbd-client's argv to connect DEVICE to export DISK at HOST:PORT.
+
+    With TLS_DIR: -x (TLS required), the CA that signed the server's certificate, and
+    the client certificate; nbd-client checks the server's name against HOST."""
     check_nbd_device(device)
     check_disk_name(disk)
     if not 1 <= port <= 65535:
@@ -70,6 +77,9 @@ def attach_argv(host: str, port: int, device: str, disk: str, connections: int,
     argv = ["nbd-client", "-N", disk, host, str(port), device, "-b", str(BLOCK_SIZE)]
     if connections > 1:
         argv += ["-C", str(connections)]
+    if tls_dir is not None:
+        ca, cert, key = (f"{tls_dir.rstrip('/')}/{f}" for f in TLS_FILES)
+        argv += ["-x", "-A", ca, "-F", cert, "-K", key]
     if persist:
         # -p: reconnect when the connection drops (server restart, network blip) instead of
         # failing every I/O; the kernel queues requests meanwhile.

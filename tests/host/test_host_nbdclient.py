@@ -70,3 +70,10 @@ def test_several_connections_only_with_multi_conn():
 def test_connections_out_of_range(n):
     with pytest.raises(Refused, match="between 1 and 16"):
         check_connections(n, MULTI)
+
+
+def test_attach_command_line_with_tls():
+    assert attach_argv("srv.example", 10809, "/dev/nbd0", "d", 2, tls_dir="/etc/ed/tls/") == [
+        "nbd-client", "-N", "d", "srv.example", "10809", "/dev/nbd0", "-b", "4096", "-C", "2",
+        "-x", "-A", "/etc/ed/tls/ca-cert.pem", "-F", "/etc/ed/tls/client-cert.pem",
+        "-K", "/etc/ed/tls/client-key.pem", "-p"]
