@@ -6,6 +6,7 @@ One connection, used by one worker thread (see `api/app.py`): transactions are
 serialised, which is what the domain's read-check-write rules need.
 """
 import json
+import os
 import sqlite3
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -72,8 +73,11 @@ class Store:
         self._audit_key = derive(master, "audit/v1")
         self._keys: OrderedDict = OrderedDict()
         self.path = db_path
+        if fresh:
+            # Created 0600 before SQLite opens it (SQLite gives -wal and -shm the same
+            # mode), so the database is never readable by others, not even empty.
+            os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-        db_path.chmod(0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
