@@ -287,6 +287,22 @@ class ClientTls:
             args += ["-certfile", str(d / CLIENT_CERT), "-keyfile", str(d / CLIENT_KEY)]
         return args
 
+    def nbdfuse_args(self, host: str, port: int, export: str) -> list[str]:
+        """What follows `nbdfuse MOUNTPOINT` to mount a TLS export.
+
+        libnbd 1.14's nbdfuse refuses `tls-certificates=`/`tls-psk-file=` in a URI ("local
+        file access ... not allowed") and root's default certificate directory is
+        /etc/pki/libnbd; so nbdfuse runs nbdkit's nbd plugin over a socketpair (`--command
+        ... -s`), which takes the TLS files as parameters and speaks TLS to us.
+        """
+        argv = ["--command", "nbdkit", "-s", "--exit-with-parent", "nbd", f"hostname={host}",
+                f"port={port}", f"export={export}", "tls=require"]
+        if self.psk_file:
+            argv += [f"tls-psk={Path(self.psk_file).resolve()}", f"tls-username={self.psk_identity}"]
+        elif self.cert_dir:
+            argv.append(f"tls-certificates={Path(self.cert_dir).resolve()}")
+        return argv
+
     def qemu_object(self, obj_id: str = "tls0") -> str:
         """qemu's --object for the client end (tls-creds-x509 or tls-creds-psk)."""
         if self.psk_file:

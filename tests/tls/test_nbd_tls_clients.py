@@ -151,6 +151,43 @@ def test_nbd_client_lists_exports_over_tls(tls_server, pki):
     assert p.returncode != 0 and "TLS is required" in p.stdout + p.stderr
 
 
+@pytest.mark.parametrize("auth", ["x509", "psk"])
+def test_nbdfuse_mounts_a_tls_export(tls_server, pki, tmp_path, auth):
+    """The `attach --via fuse` path: nbdfuse with the arguments ClientTls gives."""
+    from nbdserver.tls import ClientTls
+    need_tool("nbdfuse", "nbdkit", "fusermount3")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    srv = tls_server("--tls-mode", "required", "--tls-dir", str(pki.good), "--tls-verify-clients",
+                     "--tls-psk-file", str(pki.good / "keys.psk"))
+    client = (ClientTls(cert_dir=str(pki.good)) if auth == "x509" else
+              ClientTls(psk_file=str(pki.good / "keys.psk"), psk_identity=PSK_IDENTITY))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = open(tmp_path / "nbdfuse.log", "wb")
+    fuse = subprocess.Popen(["nbdfuse", str(mnt), *client.nbdfuse_args(srv.host, srv.port, "disk")],
+                            stdout=log, stderr=log)
+    try:
+        wait_until(lambda: fuse.poll() is not None or (mnt / "nbd").exists(), 20, what="nbdfuse")
+        assert fuse.poll() is None, (tmp_path / "nbdfuse.log").read_text()
+        data = os.urandom(MiB)
+        with open(mnt / "nbd", "r+b") as f:
+            f.seek(5 * MiB)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            f.seek(5 * MiB)
+            assert f.read(MiB) == data
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        try:
+            fuse.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            fuse.kill()
+            fuse.wait()
+        log.close()
+
+
 # ------------------------------------------------------------------ PSK
 def test_psk_nbdinfo_and_qemu(tls_server, pki):
     srv = tls_server("--tls-mode", "required", "--tls-psk-file", str(pki.good / "keys.psk"))
