@@ -110,7 +110,7 @@ def public_jwk_fields(public: rsa.RSAPublicKey) -> dict:
 
 
 def _padding(alg) -> padding.OAEP:
-    if alg not in ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ALGORITHMS:
         raise BadRequest(f"Unsupported algorithm {alg!r}; supported: {', '.join(ALGORITHMS)}")
     h = ALGORITHMS[alg]
     return padding.OAEP(mgf=padding.MGF1(algorithm=h()), algorithm=h(), label=None)
