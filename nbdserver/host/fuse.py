@@ -11,6 +11,7 @@ serves, which is the readiness condition we wait on.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -44,6 +45,21 @@ def require_fuse_path() -> None:
     if not os.path.exists("/dev/loop-control"):
         raise MissingSupport("--via fuse needs loop devices (/dev/loop-control is missing; "
                              "modprobe loop)")
+
+
+def is_mounted(path: str) -> bool:
+    """PATH is a mount point, read from the mount table: os.path.ismount() stats the path,
+    which fails (ENOTCONN) on a FUSE mount whose daemon died, and so says False for
+    exactly the mount we most need to remove."""
+    path = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4]
+            # mountinfo escapes space, tab, newline and backslash as octal (\040 ...).
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
+            if point == path:
+                return True
+    return False
 
 
 def pid_alive(pid: int) -> bool:
@@ -108,7 +124,7 @@ def start_nbdfuse(mountpoint: str, source: list[str], connections: int, log_path
         if proc.poll() is not None:
             raise ToolFailed(f"nbdfuse exited ({proc.returncode}) before serving "
                              f"{' '.join(source)}: {_tail(log_path)}")
-        return os.path.exists(pidfile) and os.path.ismount(mountpoint) \
+        return os.path.exists(pidfile) and is_mounted(mountpoint) \
             and os.path.exists(os.path.join(mountpoint, "nbd"))
     try:
         wait_for(ready, START_TIMEOUT, f"nbdfuse to serve {' '.join(source)}")
@@ -125,7 +141,7 @@ def start_nbdfuse(mountpoint: str, source: list[str], connections: int, log_path
 
 def stop_nbdfuse(mountpoint: str, pid: int) -> None:
     """Unmount, then wait for nbdfuse to exit; a lazy unmount only if it died already."""
-    if os.path.ismount(mountpoint):
+    if is_mounted(mountpoint):
         p = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True,
                            timeout=STOP_TIMEOUT)
         if p.returncode != 0 and nbdfuse_alive(pid):
@@ -135,7 +151,7 @@ def stop_nbdfuse(mountpoint: str, pid: int) -> None:
     except ToolFailed:
         os.kill(pid, 9)  # it ignored the unmount: nothing of the disk's data is in it
         wait_for(lambda: not pid_alive(pid), STOP_TIMEOUT, f"nbdfuse (pid {pid}) to die")
-    if os.path.ismount(mountpoint):  # nbdfuse died without unmounting (killed, crashed)
+    if is_mounted(mountpoint):  # nbdfuse died without unmounting (killed, crashed)
         subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True, timeout=STOP_TIMEOUT)
     try:
         os.rmdir(mountpoint)

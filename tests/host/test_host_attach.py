@@ -109,7 +109,10 @@ def test_nbdfuse_gone_is_broken_and_detach_cleans_up(stack, disk, run_dir):
     finally:
         stack.nbdserver("detach", a["device"])
     assert stack.nbdserver("attachments") == []
+    # The dead nbdfuse's mount is gone too (a stat of it fails with ENOTCONN, so only the
+    # mount table tells).
     assert os.listdir(run_dir / "fuse") == []
+    assert not [m for m in open("/proc/mounts") if str(run_dir) in m]
 
 
 def test_two_connections_with_multi_conn(stack, disk):

@@ -87,7 +87,17 @@ def test_install_lays_out_config_and_secrets(installed, tmp_path):
         st = (etc / name).stat()
         assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == 32, name
     assert stat.S_IMODE(etc.stat().st_mode) == 0o700
-    assert "KEYSERVICE_URL=http://127.0.0.1:8443" in (etc / "nbdserver.env").read_text()
+    assert "KEYSERVICE_URL=https://127.0.0.1:8443" in (etc / "nbdserver.env").read_text()
+    for d in ("keyservice-tls", "nbd-tls"):
+        assert stat.S_IMODE((etc / d / "server-key.pem").stat().st_mode) == 0o600, d
+    assert (etc / "keyservice-ca.pem").read_bytes() == (etc / "keyservice-tls/ca-cert.pem").read_bytes()
+    # Every file a unit loads as a credential is in place.
+    for unit in ("keyservice.service", "nbdserver.service"):
+        for line in (installed / "etc/systemd/system" / unit).read_text().splitlines():
+            if line.startswith("LoadCredential="):
+                path = line.split(":", 1)[1]
+                if not path.endswith("nbdserver-keyservice.credential"):  # made at first start
+                    assert (installed / path.lstrip("/")).is_file(), f"{unit}: {path}"
     drop_in = installed / "etc/systemd/system/nbdserver.service.d/local-keyservice.conf"
     assert "Requires=keyservice.service" in drop_in.read_text()
     # A second install keeps the secrets and the operator's settings.
