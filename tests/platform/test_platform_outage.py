@@ -107,3 +107,18 @@ def test_keyservice_restarted_under_load(make_stack):
         w.verify()
         w.close()
     assert stack.disk("d1")["serving"]["state"] == "available"
+
+
+def test_revocation_right_after_a_key_service_restart(make_stack):
+    """The change stream resumes where it left off after the key service restarts: a
+    disable just after the restart locks the disk without waiting for the (long) lease."""
+    stack = make_stack(lease=3600, grace=3600)
+    stack.customer_key("cust", "k1", "des1")
+    stack.create_disk("d1", "--size", "16M", "--des", "des1")
+    h = stack.connect("d1")
+    stack.restart_keyservice()
+    stack.keyservice("key", "disable", "cust", "k1")
+    wait_for_eio(h, timeout=20)  # the stream's reconnect backoff, not the hour-long lease
+    stack.keyservice("key", "enable", "cust", "k1")
+    wait_for_io(h, timeout=20)
+    h.shutdown()

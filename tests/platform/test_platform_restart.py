@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import stat
 
@@ -83,10 +84,29 @@ def test_restart_keeps_disks_keys_and_snapshots_and_no_secret_leaks(make_stack):
         needles[f"plaintext:{d}"] = data[:4096]
     hits = scan_for(needles, [stack.nb_dir, stack.ks_dir], extra_texts=[stack.logs()])
     assert not hits, hits
+    # Nor do the platform identity's secret or the API token reach the nbdserver's files
+    # (other than the token's own file) or either log.
+    secret = json.loads(stack.ks.admin_credential.read_text())["client_secret"].encode()
+    token = stack.nb.token_file.read_bytes().strip()
+    hits = scan_for({"admin client_secret": secret}, [stack.nb_dir], extra_texts=[stack.logs()])
+    hits += scan_for({"api token": token}, [], extra_texts=[stack.logs()])
+    assert not hits, hits
 
     for name in ("master.key", "api.token"):
         mode = stat.S_IMODE(os.stat(stack.nb_dir / name).st_mode)
         assert mode == 0o600, (name, oct(mode))
     for sub in ("", "disks", "snapshots", "images"):
         assert stat.S_IMODE(os.stat(stack.nb_dir / sub).st_mode) & 0o077 == 0, sub
-    stack.start_nbdserver()  # the fixture checks both daemons are healthy at the end
+
+    # Restarted while the key is disabled: the disk opens locked, saying why; enabling the
+    # key opens it (the change stream, no restart).
+    stack.keyservice("key", "disable", "cust", "k1")
+    stack.start_nbdserver()
+    shown = stack.disk("cmk1")["serving"]
+    assert shown["state"] == "locked" and "disabled" in shown["reason"], shown
+    assert stack.disk("pmk1")["serving"]["state"] == "available"
+    stack.keyservice("key", "enable", "cust", "k1")
+    stack.wait_serving("cmk1")
+    h = stack.connect("cmk1")
+    assert h.pread(1 << 20, 1 << 20) == pattern(0xAF7E, 1 << 20)
+    h.shutdown()
