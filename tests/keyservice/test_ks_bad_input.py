@@ -168,6 +168,43 @@ def test_soft_deleted_name_conflicts_until_recovered_or_purged(daemon, keyed):
     assert snapshot(daemon, vault) == before
 
 
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=30),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(
+        st.sampled_from(["value", "alg", "key_size", "kty", "attributes", "key_ops", "enabled", "exp",
+                         "nbf", "name", "location", "subscription", "softDeleteRetentionInDays",
+                         "enablePurgeProtection", "permissions", "keys", "key", "pem", "n", "e",
+                         "displayName", "type", "roles", "tenantId", "client_id", "client_secret"]),
+        c, max_size=5),
+    max_leaves=15)
+_endpoints = st.sampled_from([
+    ("POST", "/vaults/{v}/keys/k/wrapkey"), ("POST", "/vaults/{v}/keys/k/unwrapkey"),
+    ("POST", "/vaults/{v}/keys/fz/create"), ("PUT", "/vaults/{v}/keys/fz"),
+    ("PATCH", "/vaults/{v}/keys/k"), ("PUT", "/vaults/{v}/accessPolicies/fz"),
+    ("POST", "/vaults"), ("PATCH", "/vaults/{v}"), ("POST", "/identities"), ("POST", "/oauth2/token")])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(endpoint=_endpoints, body=_json)
+def test_random_bodies_never_500(daemon, keyed_once, endpoint, body):
+    method, path = endpoint
+    status, resp = daemon.http(method, path.replace("{v}", keyed_once), raw=json.dumps(body).encode())
+    assert status < 500, (endpoint, body, resp)
+    if status >= 400:
+        assert resp["error"]["code"] and resp["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def keyed_once(daemon):
+    status, _ = daemon.http("POST", "/vaults", {"name": "fuzzvault", "location": "l", "subscription": "s"})
+    status, _ = daemon.http("POST", "/vaults/fuzzvault/keys/k/create", {"key_size": 2048})
+    return "fuzzvault"
+
+
 def test_zz_no_500_and_no_traceback_in_the_log(daemon):
     """Runs last in this module (file order): nothing above produced a 500 or a traceback."""
     log = daemon.stderr()
