@@ -1,7 +1,7 @@
 """A client host's workload (run with `ip netns exec`): write and read a disk over NBD in
 a loop, and report on stdout, one line per event, for the test to follow.
 
-    python ns_writer.py nbd://HOST:PORT/DISK
+    python ns_writer.py nbds://HOST:PORT/DISK TLS_DIR   (ca-cert.pem, client-*.pem)
     READY                   connected
     OK <n>                  n writes acknowledged so far (every 20th)
     ERR <errno> <n>         the first failed request after a run of successes
@@ -27,8 +27,9 @@ def pattern(i: int) -> bytes:
     return (i.to_bytes(8, "little") * (BLOCK // 8))
 
 
-def main(uri: str) -> None:
+def main(uri: str, tls_dir: str) -> None:
     h = nbd.NBD()
+    h.set_tls_certificates(tls_dir)  # the URI's nbds:// makes TLS required
     h.connect_uri(uri)
     lock = threading.Lock()
     acked: dict[int, int] = {}
@@ -70,4 +71,4 @@ def main(uri: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

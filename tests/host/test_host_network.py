@@ -7,7 +7,9 @@ namespace (tests/host/netlab.py), talking over a bridge with their own addresses
   serving through the grace period, locks the disk when it ends (EIO), and serves again
   once the cable is back; every acknowledged write reads back.
 
-Plaintext HTTP and NBD between the namespaces: TLS is not wired into the daemons' CLIs yet.
+As on real hosts, everything that crosses the network is TLS: the key service over HTTPS
+(`keyservice tls init`), NBD over TLS (`nbdserver tls init`), both certificates naming the
+hosts' addresses; the NBD client checks the server's certificate against its CA.
 """
 
 from __future__ import annotations
@@ -32,19 +34,23 @@ DEADLINE = 60.0
 
 
 class NetStack(Stack):
-    """`Stack` with each daemon on its own host and the CLIs run on the client host."""
+    """`Stack` with each daemon on its own host, over TLS, and the CLIs run on the client host."""
 
     def __init__(self, workdir, net: TestNetwork, **kw):
         super().__init__(workdir, **kw)
         self.net = net
+        self.ks_tls = self.workdir / "ks-tls"
+        self.nbd_tls = self.workdir / "nbd-tls"
+        for cli, d, host in (("keyservice", self.ks_tls, "ks"), ("nbdserver.cli", self.nbd_tls, "srv")):
+            subprocess.run([sys.executable, "-m", cli, "tls", "init", str(d), "--host",
+                            net.addr(host)], check=True, capture_output=True, cwd=ROOT)
 
     def start_keyservice(self):
         ks = KeyServiceProcess(self.workdir, self.ks_dir, KS_PORT, self.ks_args)
         addr = self.net.addr("ks")
-        ks.url = f"http://{addr}:{KS_PORT}"
-        listen = ks.argv.index("--listen")
-        ks.argv[listen + 1] = f"{addr}:{KS_PORT}"
-        ks.argv = self.net.argv("ks", ks.argv + ["--base-url", ks.url, "--insecure-plain-http"])
+        ks.url = f"https://{addr}:{KS_PORT}"
+        ks.argv[ks.argv.index("--listen") + 1] = f"{addr}:{KS_PORT}"
+        ks.argv = self.net.argv("ks", ks.argv + ["--base-url", ks.url, "--tls-dir", self.ks_tls])
         self.ks = ks
         return ks.start()
 
@@ -53,9 +59,14 @@ class NetStack(Stack):
         addr = self.net.addr("srv")
         nb.argv[nb.argv.index("--nbd-listen") + 1] = f"{addr}:{NBD_PORT}"
         nb.argv[nb.argv.index("--api-listen") + 1] = f"{addr}:{API_PORT}"
-        nb.argv = self.net.argv("srv", nb.argv + ["--tls-mode", "off", "--insecure-keyservice-http"])
+        nb.argv = self.net.argv("srv", nb.argv + [
+            "--tls-dir", self.nbd_tls, "--keyservice-ca", self.ks_tls / "ca-cert.pem"])
         self.nb = nb.start()
         return self.nb
+
+    @property
+    def env(self) -> dict:
+        return dict(super().env, KEYSERVICE_CA=str(self.ks_tls / "ca-cert.pem"))
 
     def keyservice(self, *args, check: bool = True, credential=None):
         return self._cli(self.net.argv("cli", [sys.executable, "-m", "keyservice", *args]),
@@ -68,13 +79,16 @@ class NetStack(Stack):
     def serving_state(self, name: str) -> str:
         return self.nbdserver("disk", "show", name)["serving"]["state"]
 
+    def client(self, disk: str) -> "Client":
+        return Client(self.net, f"nbds://{self.nb.nbd_address}/{disk}", self.nbd_tls)
+
 
 class Client:
     """ns_writer.py on the client host; its report lines, read with deadlines."""
 
-    def __init__(self, net: TestNetwork, uri: str):
+    def __init__(self, net: TestNetwork, uri: str, tls_dir):
         self.proc = subprocess.Popen(
-            net.argv("cli", [sys.executable, ROOT / "tests/host/ns_writer.py", uri]),
+            net.argv("cli", [sys.executable, ROOT / "tests/host/ns_writer.py", uri, tls_dir]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
             env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.lines: list[str] = []
@@ -140,7 +154,7 @@ def stack(net, tmp_path_factory):
 
 
 def test_hosts_reach_each_other_only_through_the_network(net, stack):
-    assert stack.ks_url == f"http://{net.addr('ks')}:{KS_PORT}"
+    assert stack.ks_url == f"https://{net.addr('ks')}:{KS_PORT}"
     assert stack.nb.nbd_address == f"{net.addr('srv')}:{NBD_PORT}"
     assert stack.nbdserver("disk", "show", "d1")["encryption"]["kid"].startswith(stack.ks_url)
     # The client host has its own loopback: nothing of the daemons listens there.
@@ -150,7 +164,7 @@ def test_hosts_reach_each_other_only_through_the_network(net, stack):
 
 
 def test_across_hosts_revoke_and_restore(net, stack):
-    c = Client(net, f"nbd://{stack.nb.nbd_address}/d1")
+    c = stack.client("d1")
     try:
         c.ok_count()
         stack.keyservice("key", "disable", "cust", "k1")
@@ -167,7 +181,7 @@ def test_across_hosts_revoke_and_restore(net, stack):
 
 def test_partition_grace_then_lock_then_recovery(net, stack):
     stack.wait_serving("d1", "available", timeout=DEADLINE)
-    c = Client(net, f"nbd://{stack.nb.nbd_address}/d1")
+    c = stack.client("d1")
     try:
         c.ok_count()
         net.set_link("ks", up=False)
