@@ -11,6 +11,7 @@ DEB_PACKAGES=(
     python3 python3-venv python3-dev python3-libnbd gcc libssl-dev
     libnbd-bin fuse3 qemu-utils fio nbdkit nbd-client
     e2fsprogs util-linux cryptsetup-bin openssl kmod iproute2 procps
+    systemd
 )
 
 bootstrap_debs() {
