@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -59,7 +60,7 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
     from keyservice.tls import TlsConfigError as KsTlsError
     from keyservice.tls import client_ssl_for
 
-    from .daemon import serve_forever
+    from .daemon import StartupError, serve_forever
     from .tls import ServerTls, TlsConfigError, resolve_mode, server_context_for
 
     configure_logging(log_level)
@@ -75,12 +76,16 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
         if not creds:
             raise click.UsageError("give --keyservice-credential (or run under systemd with LoadCredential=)")
         keyservice_credential = os.path.join(creds, "keyservice-credential")
-    run(lambda stop: serve_forever(
-        stop, data_dir=data_dir, nbd_listen=nbd_addr,
-        api_listen=parse_hostport(api_listen, 8080), keyservice_url=keyservice_url,
-        credential_file=keyservice_credential, master_key_file=master_key_file,
-        lease=lease_seconds, grace=grace_seconds, workers=workers, ssl=ks_ssl,
-        tls_mode=mode, tls_context=tls_context))
+    try:
+        run(lambda stop: serve_forever(
+            stop, data_dir=data_dir, nbd_listen=nbd_addr,
+            api_listen=parse_hostport(api_listen, 8080), keyservice_url=keyservice_url,
+            credential_file=keyservice_credential, master_key_file=master_key_file,
+            lease=lease_seconds, grace=grace_seconds, workers=workers, ssl=ks_ssl,
+            tls_mode=mode, tls_context=tls_context))
+    except StartupError as e:
+        click.echo(f"nbdserver: cannot start: {e}", err=True)
+        sys.exit(1)
 
 
 # --------------------------------------------------------------------------- the client

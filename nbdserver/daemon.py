@@ -17,6 +17,8 @@ from keyservice.client import Credential
 from .api import build_app, load_api_token
 from .exports import ExportCatalog
 from .platform.access import KeyAccess
+from .platform.errors import PlatformError
+from .platform.sealing import MasterKeyError
 from .platform.service import Platform
 from .protocol.handshake import TlsMode
 from .runtime import sd_notify
@@ -25,13 +27,28 @@ from .server import NbdServer
 log = logging.getLogger("nbdserver")
 
 
+class StartupError(Exception):
+    """The daemon cannot start, for a reason its message gives (a condition, not a bug)."""
+
+
 async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen, keyservice_url,
                         credential_file, master_key_file=None, lease=60.0, grace=3600.0,
                         workers=8, ssl=None, tls_mode=None, tls_context=None) -> None:
     catalog = ExportCatalog()
-    platform = Platform(data_dir, catalog, keyservice_url, Credential.load(credential_file),
-                        ssl=ssl, master_key_file=master_key_file)
-    await platform.start()
+    try:
+        credential = Credential.load(credential_file)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StartupError(f"cannot read the key service credential {credential_file}: {e}") from None
+    try:
+        platform = Platform(data_dir, catalog, keyservice_url, credential,
+                            ssl=ssl, master_key_file=master_key_file)
+    except (MasterKeyError, OSError) as e:
+        raise StartupError(f"cannot open the platform's state in {data_dir}: {e}") from None
+    try:
+        await platform.start()
+    except PlatformError as e:  # e.g. first start, the key service down: no platform key yet
+        await platform.stop()
+        raise StartupError(e.message) from None
     access = KeyAccess(platform, lease=lease, grace=grace)
     access.start()
     # tls_mode None: off (the CLI resolves the default; see nbdserver/tls.py).
