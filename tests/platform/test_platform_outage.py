@@ -13,8 +13,10 @@ often every key is re-checked) and grace period.
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers.platform import (
-    Writer, connect_refused, io_fails, pattern, refusal_message, wait_for_eio, wait_for_io,
+    Stack, Writer, connect_refused, io_fails, pattern, refusal_message, wait_for_eio, wait_for_io,
 )
 from tests.helpers.servers import wait_until
 
@@ -122,3 +124,34 @@ def test_revocation_right_after_a_key_service_restart(make_stack):
     stack.keyservice("key", "enable", "cust", "k1")
     wait_for_io(h, timeout=20)
     h.shutdown()
+
+
+
+def _start_refused(stack: Stack) -> str:
+    with pytest.raises(RuntimeError) as e:
+        stack.start_nbdserver()
+    text = str(e.value)
+    assert "cannot start" in text and "Traceback" not in text, text
+    return text
+
+
+def test_cannot_start_says_why(tmp_path):
+    """nbdserver exits 1 with a message, never a traceback, when it cannot start: first
+    start with the key service down (no platform key can be made yet), no credential file,
+    a bad master key."""
+    (tmp_path / "short.key").write_bytes(b"too short")
+    stack = Stack(tmp_path / "first")
+    try:
+        stack.start_keyservice()
+        stack.stop_keyservice()
+        assert "key service unreachable" in _start_refused(stack)
+    finally:
+        stack.close()
+    stack = Stack(tmp_path / "nocred")  # the key service never ran: no admin.credential
+    assert "credential" in _start_refused(stack)
+    stack = Stack(tmp_path / "badkey", nbd_args=["--master-key-file", str(tmp_path / "short.key")])
+    try:
+        stack.start_keyservice()
+        assert "32 bytes" in _start_refused(stack)
+    finally:
+        stack.close()
