@@ -86,6 +86,7 @@ def test_kill9_nbd_server_keeps_durable_writes(tmp_path, seeded_rng):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 def test_kill9_nbd_server_soak(tmp_path, seeded_rng):
     stats = crash_cycles(tmp_path, seeded_rng, SOAK_CYCLES)
     report("crash-nbd (soak)", stats)

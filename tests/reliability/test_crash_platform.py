@@ -122,6 +122,7 @@ def test_kill9_nbdserver_during_disk_and_snapshot_creation(tmp_path, seeded_rng)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 def test_kill9_nbdserver_platform_soak(tmp_path, seeded_rng):
     with Stack(tmp_path / "stack") as stack:
         stats = platform_crash_cycles(stack, seeded_rng, SOAK_CYCLES)
@@ -192,6 +193,7 @@ def test_kill9_keyservice_during_key_operations(tmp_path, seeded_rng):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 def test_kill9_keyservice_soak(tmp_path, seeded_rng):
     with Stack(tmp_path / "stack") as stack:
         stats = keyservice_crash_cycles(stack, seeded_rng, int(os.environ.get("RELIABILITY_KS_CYCLES", "30")))

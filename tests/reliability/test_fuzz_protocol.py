@@ -68,6 +68,7 @@ def test_fuzz_protocol_bounded(target, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 @pytest.mark.parametrize("target", ["handshake", "transmission"])
 def test_fuzz_protocol_long(target, tmp_path):
     fuzz(target, SOAK_SECONDS, tmp_path)

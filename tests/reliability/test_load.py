@@ -87,6 +87,7 @@ def test_load_256_connections_32_exports(baseline, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)
 def test_load_long(baseline, tmp_path):
     conns = int(os.environ.get("RELIABILITY_LOAD_CONNECTIONS", "512"))
     total = run_load(baseline, tmp_path, connections=conns, exports=64,
