@@ -6,6 +6,8 @@ import time
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from keyservice.sealing import derive
 from keyservice.tokens import TokenSigner
@@ -167,10 +169,6 @@ def test_soft_deleted_name_conflicts_until_recovered_or_purged(daemon, keyed):
     check(daemon.http("POST", f"/vaults/{vault}/keys/k/rotate"), 404, "KeyNotFound", "not found")
     assert snapshot(daemon, vault) == before
 
-
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=30),
