@@ -114,6 +114,9 @@ class Connection(asyncio.Protocol):
         self._draining = False
         self.closed: asyncio.Future = self.loop.create_future()
         self.peer = None
+        # Decrypted bytes that reach data_received() while start_tls() has not returned yet
+        # (the TLS layer delivers them as soon as its handshake ends); None when not upgrading.
+        self._tls_early: bytearray | None = None
 
     # -- asyncio callbacks
     def connection_made(self, transport):
@@ -149,6 +152,9 @@ class Connection(asyncio.Protocol):
         self._update_reading()
 
     def data_received(self, data):
+        if self._tls_early is not None:
+            self._tls_early += data
+            return
         try:
             if self.parser is not None:
                 self._requests(self.parser.feed(data))
@@ -183,11 +189,13 @@ class Connection(asyncio.Protocol):
             # bytes it sent are not a TLS handshake, so upgrading would only hang.
             self.abort()
             return
+        self._tls_early = bytearray()
         try:
             self.transport = await self.loop.start_tls(self.transport, self, self.server.tls_context,
                                                        server_side=True,
                                                        ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
         except (OSError, ssl.SSLError, ConnectionError) as e:
+            self._tls_early = None
             log.info("connection %s: TLS handshake failed: %s", self.peer, e)
             self.abort()
             # The transport belonged to the TLS layer by now, which tells the application
@@ -195,10 +203,13 @@ class Connection(asyncio.Protocol):
             # and shutdown would wait its whole grace for this connection.
             self.connection_lost(e)
             return
+        early, self._tls_early = bytes(self._tls_early), None
         if self.handshake is None:  # the connection was lost during the TLS handshake
             return
         self.handshake.tls_established()
         self.transport.resume_reading()
+        if early:
+            self.data_received(early)
 
     def _enter_transmission(self, negotiated: hs.Negotiated):
         export = self.server.catalog.get(negotiated.export.name)
