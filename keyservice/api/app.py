@@ -116,7 +116,10 @@ async def edge(request: web.Request, handler):
                  "vault": request.match_info.get("vault") or request.get("vault"), "key": request.match_info.get("name"),
                  "kid": request.get("kid"), "objectId": request.match_info.get("object_id"),
                  "status": resp.status, "error": error_code}
-        await domain.run(domain.service.record, {k: v for k, v in entry.items() if v is not None})
+        try:
+            await domain.run(domain.service.record, {k: v for k, v in entry.items() if v is not None})
+        except Exception as e:  # the call itself is done; say loudly that its record is missing
+            log.error("request %s: audit append failed: %r", rid, e)
     log.info("%s %s %s %s %d%s", rid, caller or "-", request.method, request.path, resp.status,
              f" {error_code}" if error_code else "")
     return resp
