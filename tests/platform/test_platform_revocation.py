@@ -1,7 +1,7 @@
 """Revocation on attached, busy disks, every way the key owner can take access away.
 
 For each way (disable the key, disable its version, soft-delete it, let it expire, remove
-the set identity's permission): a client writes in a loop (FUA) and another sits idle;
+the set identity's permission, soft-delete the whole vault): a client writes in a loop (FUA) and another sits idle;
 the owner revokes; both see EIO (waited for with a deadline, never timed), new
 connections are refused with the server's reason, the export is locked and its DEK
 wiped; the owner restores access; the same handles serve again without any restart and
@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.helpers.platform import (
-    Writer, connect_refused, refusal_message, wait_for_eio, wait_for_io,
+    Writer, connect_refused, io_fails, refusal_message, wait_for_eio, wait_for_io,
 )
 from tests.helpers.servers import wait_until
 
@@ -59,6 +59,11 @@ def _remove_unwrap_only(stack, c):
     return lambda: stack.grant(c["vault"], c["object_id"])
 
 
+def _delete_vault(stack, c):
+    stack.keyservice("vault", "delete", c["vault"])
+    return lambda: stack.keyservice("vault", "recover", c["vault"])
+
+
 REVOCATIONS = {
     "disable-key": (_disable_key, "disabled"),
     "disable-version": (_disable_version, "disabled"),
@@ -66,11 +71,21 @@ REVOCATIONS = {
     "expire": (_expire, "expired"),
     "remove-permission": (_remove_permission, "permission"),
     "remove-unwrapKey": (_remove_unwrap_only, "unwrapKey"),
+    "delete-vault": (_delete_vault, "vault"),
 }
 
 
+@pytest.fixture(scope="module")
+def bystander(stack):
+    """A disk under the platform key, attached throughout: no revocation may touch it."""
+    stack.create_disk("bystander", "--size", "16M")
+    h = stack.connect("bystander")
+    yield h
+    h.shutdown()
+
+
 @pytest.mark.parametrize("how", list(REVOCATIONS))
-def test_revocation_on_busy_disk(stack, how):
+def test_revocation_on_busy_disk(stack, bystander, how):
     revoke, reason_word = REVOCATIONS[how]
     vault, disk = f"rv-{how}", f"disk-{how}"
     c = stack.customer_key(vault, "k1", f"des-{how}")
@@ -93,6 +108,7 @@ def test_revocation_on_busy_disk(stack, how):
         serving = stack.disk(disk)["serving"]
         assert serving["state"] == "locked" and reason_word.lower() in serving["reason"].lower()
         assert f"disk {disk} locked, DEK wiped" in stack.nb.stderr_text()
+        assert not io_fails(bystander)
 
         restore()
         wait_for_io(idle)
