@@ -191,7 +191,7 @@ def test_partition_grace_then_lock_then_recovery(net, stack):
         # The grace period ends without a successful check: the disk locks.
         assert c.expect("ERR").split()[1] == "EIO"
         state = stack.nbdserver("disk", "show", "d1")["serving"]
-        assert state["state"] == "locked", state
+        assert state["state"] == "locked" and "grace period" in state["reason"], state
         net.set_link("ks", up=True)
         c.expect("RECOVERED")
         c.ok_count()
