@@ -23,7 +23,7 @@ import time
 import pytest
 
 from tests.helpers.platform import KeyServiceProcess, NbdServerProcess, Stack
-from tests.helpers.servers import ROOT, wait_until
+from tests.helpers.servers import ROOT
 from tests.host.hostutil import require_root, require_tools
 from tests.host.netlab import TestNetwork
 
