@@ -18,7 +18,7 @@ from aiohttp import web
 
 from .api.app import make_app
 from .domain.service import KeyService
-from .sdnotify import sd_notify
+from .sdnotify import sd_notify, watchdog_loop
 from .store import Store
 from .tokens import DEFAULT_LIFETIME, TokenSigner
 
@@ -87,6 +87,7 @@ async def serve(config: ServeConfig, service: KeyService) -> None:
                                    "purged %d item(s) whose retention ended")),
         asyncio.create_task(_every(app, EXPIRY_INTERVAL, "announce_expiries",
                                    "%d key version(s) expired")),
+        asyncio.create_task(watchdog_loop()),
     ]
     await stop.wait()
     sd_notify("STOPPING=1")
