@@ -207,6 +207,9 @@ class Connection(asyncio.Protocol):
         if self.handshake is None:  # the connection was lost during the TLS handshake
             return
         self.handshake.tls_established()
+        # The TLS transport is a new one with asyncio's default 64 KiB high mark: one
+        # large read reply would pause reading and serialise the client's queue.
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.transport.resume_reading()
         if early:
             self.data_received(early)
