@@ -61,6 +61,11 @@ def test_restart_keeps_disks_keys_and_snapshots_and_no_secret_leaks(make_stack):
     hp = stack.connect("pmk1")
     assert hp.pread(4 << 20, 1 << 20) == plain["pmk1"]
     hp.shutdown()
+    # Opening at start unwrapped the PMK DEK as the platform identity (audited).
+    admin = json.loads(stack.ks.admin_credential.read_text())["object_id"]
+    entries = stack.keyservice("audit", "show", "nbd-platform")["value"]
+    assert any(e.get("operation", "").startswith("KeyUnwrap") and e.get("caller") == admin
+               and e.get("status") == 200 for e in entries), entries[-5:]
     stack.create_disk("fromsnap", "--source", "snapshot:snap1")
     stack.create_disk("fromimg", "--source", "image:img1")
     deks["fromsnap"], deks["fromimg"] = stack.dek("fromsnap"), stack.dek("fromimg")

@@ -26,6 +26,17 @@ def test_platform_managed_key_is_the_default(stack):
     h.pwrite(pattern(1, 65536), 0)
     assert h.pread(65536, 0) == pattern(1, 65536)
     h.shutdown()
+    # The platform's own identity wraps PMK DEKs, in its own audited vault (the unwraps
+    # at open are checked in test_platform_restart).
+    entries = stack.keyservice("audit", "show", "nbd-platform")["value"]
+    wraps = [e for e in entries if e.get("operation", "").startswith("KeyWrap")
+             and e.get("status") == 200 and "platform-dek-wrapping" in (e.get("kid") or "")]
+    assert wraps and {e.get("caller") for e in wraps} == {_admin_object_id(stack)}, wraps
+
+
+def _admin_object_id(stack) -> str:
+    import json
+    return json.loads(stack.ks.admin_credential.read_text())["object_id"]
 
 
 def test_encryption_set_rules(stack):

@@ -67,6 +67,9 @@ def test_reference_workflow(stack, tmp_path):
     data = pattern(7, 1 << 20)
     h.pwrite(data, 4 << 20, nbd.CMD_FLAG_FUA)
     idle = stack.connect("cmk1")
+    flushed = pattern(8, 64 << 10)
+    idle.pwrite(flushed, 12 << 20)  # acknowledged by a flush rather than FUA
+    idle.flush()
 
     # Disable -> I/O fails on attached handles, new connections are refused with a message.
     ks("key", "disable", "cust", "k1")
@@ -83,6 +86,7 @@ def test_reference_workflow(stack, tmp_path):
     wait_for_io(h)
     assert h.pread(len(data), 4 << 20) == data
     assert idle.pread(4096, 4 << 20) == data[:4096]
+    assert idle.pread(len(flushed), 12 << 20) == flushed
 
     # Soft delete -> fails; recover -> works.
     ks("key", "delete", "cust", "k1")
