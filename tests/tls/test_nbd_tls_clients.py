@@ -199,6 +199,19 @@ def test_psk_nbdinfo_and_qemu(tls_server, pki):
         "-c", "write -P 0x3c 0 1M", "-c", "read -P 0x3c 0 1M")
 
 
+@pytest.mark.parametrize("creds", ["x509", "psk"])
+def test_tls12_accepted_and_older_refused(tls_server, pki, creds):
+    """qemu's GnuTLS priority string picks the version: TLS 1.2 (the (EC)DHE-PSK suites
+    for PSK) works; TLS 1.1 is refused."""
+    srv = tls_server(*x509(pki), "--tls-psk-file", str(pki.good / "keys.psk"))
+    base = (f"tls-creds-x509,id=tls0,endpoint=client,dir={pki.good}" if creds == "x509" else
+            f"tls-creds-psk,id=tls0,endpoint=client,dir={pki.good},username={PSK_IDENTITY}")
+    opts = f"driver=nbd,host={srv.host},port={srv.port},export=disk,tls-creds=tls0"
+    run("qemu-img", "info", "--object", base + ",priority=NORMAL:-VERS-TLS1.3", "--image-opts", opts)
+    refused("qemu-img", "info", "--object", base + ",priority=NORMAL:-VERS-TLS-ALL:+VERS-TLS1.1",
+            "--image-opts", opts)
+
+
 def test_psk_and_certificates_on_one_server(tls_server, pki):
     srv = tls_server(*x509(pki), "--tls-psk-file", str(pki.good / "keys.psk"))
     run("nbdinfo", "--size", psk_uri(srv, pki.good / "keys.psk"))
