@@ -20,7 +20,7 @@ from tests.helpers.platform import (
 )
 from tests.helpers.servers import wait_until
 
-GRACE = 3.0
+GRACE = 5.0
 LEASE = 1.0
 
 
@@ -34,7 +34,7 @@ def test_grace_period_then_lock_then_back(make_stack):
     h.pwrite(data, 0)
     h.flush()
 
-    stack.stop_keyservice()
+    stack.stop_keyservice(kill=True)  # gone at once, as in a crash (no clean shutdown)
     # Still within the grace period: I/O goes on, and a write is acknowledged.
     assert not io_fails(h) and not io_fails(hp)
     h.pwrite(pattern(2, 4096), 1 << 20)
