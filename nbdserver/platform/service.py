@@ -205,9 +205,13 @@ class Platform:
                 vault = KeyUrl.parse(des.key_url).vault
                 out["access"] = {
                     "granted": False, "missing": access["missing"], "unverified": access["unverified"],
-                    "message": f"identity {des.identity_object_id} lacks "
-                               f"{', '.join(access['missing'])} on key vault {vault!r}; the vault "
-                               f"owner must grant get, wrapKey, unwrapKey",
+                    # The key service's own reasons: a refusal is a missing permission or
+                    # a key that is disabled, expired or deleted, and only it can tell which.
+                    "message": f"identity {des.identity_object_id} is refused "
+                               f"{', '.join(access['missing'])} on key vault {vault!r} "
+                               f"({'; '.join(access['messages'])}); the vault owner must grant "
+                               "get, wrapKey, unwrapKey on a key that is enabled, unexpired and "
+                               "not deleted",
                     "details": access["messages"]}
         return out
 
