@@ -80,6 +80,8 @@ def test_reference_workflow(stack, tmp_path):
     assert connect_refused(stack, "cmk1")
     assert "locked" in refusal_message(stack, "cmk1")
     assert stack.disk("cmk1")["serving"]["state"] == "locked"
+    access = nb("des", "show", "des1")["access"]  # says why: the key, not a permission
+    assert access["granted"] is False and "disabled" in access["message"], access
 
     # Enable -> the same handles serve again, the data is intact.
     ks("key", "enable", "cust", "k1")
