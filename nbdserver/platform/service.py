@@ -390,8 +390,7 @@ class Platform:
             if isinstance(e, OSError):
                 raise _storage_error(e, f"writing disk {name!r}") from None
             raise
-        v.state = VolumeState.READY
-        self.state.put_volume(v)
+        self._mark_ready(v)
         self.catalog.add(Export(name, backend, description=_describe(v)))
         return name
 
@@ -527,9 +526,17 @@ class Platform:
             _unlink(v.path)
             self.state.delete_volume(kind, name)
             raise
+        self._mark_ready(v)
+        return _volume_view(v)
+
+    def _mark_ready(self, v: Volume) -> None:
+        """A rotation (des update) may have re-wrapped the volume's DEK while its data was
+        being copied: keep the stored envelope, not the one this copy started with."""
+        stored = self.state.get_volume(v.kind, v.name)
+        if stored is not None:
+            v.envelope, v.des = stored.envelope, stored.des
         v.state = VolumeState.READY
         self.state.put_volume(v)
-        return _volume_view(v)
 
     async def share_image(self, name: str, gallery: str) -> dict:
         v = self.volume(VolumeKind.IMAGE, name)
