@@ -30,7 +30,7 @@ async def import_(request: web.Request) -> web.Response:
     body = await json_body(request)
     attrs = parse_attributes(field(body, "attributes", dict), None)
     if "pem" in body:  # an extension to Key Vault's JWK-only import, for `key import --pem`
-        private = rsakeys.load_pem(field(body, "pem", str).encode())
+        private = rsakeys.load_pem(field(body, "pem", str, required=True).encode())
     else:
         private = rsakeys.load_jwk(field(body, "key", dict, required=True))
     v, key, kv = await domain.run(svc.import_key, caller, vault, name, private, attrs)
