@@ -280,3 +280,34 @@ def test_concurrent_creates_of_one_name(stack):
     assert sorted(s for s, _ in results) == [201, 409], results
     winner = next(out for s, out in results if s == 201)
     assert stack.nbdserver("des", "show", "des-dup")["identity"] == winner["identity"]
+
+
+def test_rotation_during_a_copy_reaches_the_new_volume(stack):
+    """A rotation while a disk is being made from a snapshot re-wraps the new disk's DEK
+    too: when both are done, it is on the new version (so the old one can be retired)."""
+    import os
+
+    stack.customer_key("rotcopy", "k1", "des-rotcopy")
+    stack.create_disk("rc-src", "--size", "512M", "--des", "des-rotcopy")
+    h = stack.connect("rc-src")
+    chunk = os.urandom(8 << 20)  # real data everywhere: the copy takes a while
+    for i in range(64):
+        h.pwrite(chunk, i * len(chunk))
+    h.flush()
+    h.shutdown()
+    stack.nbdserver("snapshot", "create", "rc-snap", "--disk", "rc-src", "--quiet")
+    status, op = stack.api("POST", "/disks", {"name": "rc-copy", "source": "snapshot:rc-snap"})
+    assert status == 202, op
+    new_kid = stack.keyservice("key", "rotate", "rotcopy", "k1")["key"]["kid"]
+    stack.nbdserver("des", "update", "des-rotcopy", "--key-url", stack.key_url("rotcopy", "k1"))
+    if stack.api("GET", f"/operations/{op['id']}")[1]["status"] != "running":
+        pytest.skip("the copy finished before the rotation; nothing to check this time")
+    wait_until(lambda: stack.api("GET", f"/operations/{op['id']}")[1]["status"] != "running",
+               120, interval=0.05, what="the copy")
+    assert stack.api("GET", f"/operations/{op['id']}")[1]["status"] == "succeeded"
+    for name in ("rc-src", "rc-copy"):
+        assert stack.disk(name)["encryption"]["kid"] == new_kid, name
+    assert stack.nbdserver("snapshot", "show", "rc-snap")["encryption"]["kid"] == new_kid
+    for name in ("rc-copy", "rc-src"):
+        stack.nbdserver("disk", "delete", name)
+    stack.nbdserver("snapshot", "delete", "rc-snap")
