@@ -191,9 +191,13 @@ class Connection(asyncio.Protocol):
             return
         self._tls_early = bytearray()
         try:
-            self.transport = await self.loop.start_tls(self.transport, self, self.server.tls_context,
-                                                       server_side=True,
-                                                       ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
+            tls_transport = await self.loop.start_tls(self.transport, self, self.server.tls_context,
+                                                      server_side=True,
+                                                      ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
+            if tls_transport is None or tls_transport.is_closing():
+                # The socket closed under the handshake (our shutdown, or the client left):
+                # uvloop then returns no transport instead of raising.
+                raise ConnectionResetError("connection closed during the TLS handshake")
         except (OSError, ssl.SSLError, ConnectionError) as e:
             self._tls_early = None
             log.info("connection %s: TLS handshake failed: %s", self.peer, e)
@@ -203,6 +207,7 @@ class Connection(asyncio.Protocol):
             # and shutdown would wait its whole grace for this connection.
             self.connection_lost(e)
             return
+        self.transport = tls_transport
         early, self._tls_early = bytes(self._tls_early), None
         if self.handshake is None:  # the connection was lost during the TLS handshake
             return
@@ -213,6 +218,8 @@ class Connection(asyncio.Protocol):
         self.transport.resume_reading()
         if early:
             self.data_received(early)
+        if self.shutting_down and self.parser is None:  # still negotiating: nothing to finish
+            self.transport.close()
 
     def _enter_transmission(self, negotiated: hs.Negotiated):
         export = self.server.catalog.get(negotiated.export.name)

@@ -119,6 +119,20 @@ def test_sigterm_with_an_idle_tls_client_exits_cleanly(tmp_path, pki):
         assert "Traceback" not in srv.stderr_text()
 
 
+def test_sigterm_with_a_client_stuck_in_the_tls_handshake(tmp_path, pki):
+    """STARTTLS acknowledged, then silence: the upgrade must not hold the shutdown."""
+    from nbdserver.protocol.constants import NBD_OPT_STARTTLS, NBD_REP_ACK
+    from tests.helpers.nbdraw import RawClient
+    with BaselineServer(tmp_path, [f"disk={tmp_path / 'd.img'},size=1M"],
+                        extra_args=["--tls-mode", "required", "--tls-dir", str(pki.good)]) as srv:
+        with RawClient(srv.address) as c:
+            c.start()
+            c.send_option(NBD_OPT_STARTTLS)
+            assert c.option_reply()[1] == NBD_REP_ACK
+            assert srv.terminate() == 0
+        assert "Traceback" not in srv.stderr_text()
+
+
 def nbdserver_serve(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nbdserver.cli", "serve", "--data-dir", "/nonexistent",
                            "--keyservice-credential", "/dev/null", *args],
