@@ -68,7 +68,22 @@ def write_credential(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+class MalformedRequestLog(logging.Filter):
+    """aiohttp answers a request it cannot parse (a NUL in a header, a bad request line)
+    with 400 itself, then logs it at ERROR with a traceback. A client's malformed bytes
+    are not our error: one INFO line, no traceback (found by schemathesis)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and getattr(exc, "code", None) == 400 and hasattr(exc, "message"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "malformed HTTP request answered 400: %r", (str(exc.message)[:200],)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 async def serve(config: ServeConfig, service: KeyService) -> None:
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
     # Signal handlers first: a SIGTERM right after READY=1 must be a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -29,3 +29,15 @@ def test_import_with_null_pem_is_400_not_500(ks):
     assert status == 400, body
     assert "pem" in body["error"]["message"]
     ks.ks.assert_healthy()
+
+
+def test_malformed_http_is_400_without_a_traceback(ks):
+    """Found by schemathesis: a NUL byte in a header value was answered 400 by aiohttp,
+    which then logged the client's bad bytes as an ERROR with a traceback."""
+    with socket.create_connection(("127.0.0.1", ks.ks.port), timeout=10) as s:
+        s.sendall(b"GET /vaults HTTP/1.1\r\nHost: x\r\nX-Probe: \x00\r\n\r\n")
+        reply = s.recv(4096)
+    assert reply.split(b" ", 2)[1] == b"400", reply[:100]
+    status, _ = ks.ks_api("GET", "/vaults")  # and the service is still there
+    assert status == 200
+    ks.ks.assert_healthy()  # no traceback in its log
