@@ -273,7 +273,7 @@ class Stack:
             token = self.nb.token_file.read_text().strip()
         return _http(self.api_url, method, path, body, raw=raw, token=token, headers=headers)
 
-    def ks_api(self, method: str, path: str, body=None) -> tuple[int, object]:
+    def ks_api(self, method: str, path: str, body=None, *, _retry: bool = True) -> tuple[int, object]:
         """One request to the key service as its admin."""
         if self._admin_token is None:
             cred = json.loads(self.ks.admin_credential.read_text())
@@ -282,11 +282,10 @@ class Stack:
                 "client_secret": cred["client_secret"]}, token=None)
             assert status == 200, tok
             self._admin_token = tok["access_token"]
-        status, out = _http(self.ks_url, method, path, body,
-                            token=self._admin_token)
-        if status == 401:  # the key service restarted with a new signing key: log in again
+        status, out = _http(self.ks_url, method, path, body, token=self._admin_token)
+        if status == 401 and _retry:  # e.g. a new signing key after a restart: log in again, once
             self._admin_token = None
-            return self.ks_api(method, path, body)
+            return self.ks_api(method, path, body, _retry=False)
         return status, out
 
     # -- the reference workflow's building blocks
