@@ -1,0 +1,166 @@
+"""Authorization matrix of the key service: every key operation x every permission set x
+every key state, against the real daemon over HTTP.
+
+Permission sets: none (no access policy at all), each of the 11 key permissions alone,
+and all of them: 13 identities, each with its own token. Key states: enabled, disabled,
+expired, not yet valid, soft-deleted. For every (operation, identity, state):
+
+- without the operation's permission the answer is 403 AccessDenied, whatever the key's
+  state (no 404 either: a caller without permission learns nothing about the key);
+- with it, the outcome is the one the key's state allows (2xx, or the state's refusal:
+  403 KeyDisabled/KeyExpired/KeyNotYetValid for wrap/unwrap, 404 for a deleted or a
+  not-deleted key, 409 for a name held by a deleted key).
+
+Operations that change state run on a fresh key (imported from a PEM made once, so no RSA
+generation per case); the others share one key per state. The vault has no purge
+protection, so that purge can succeed when it is allowed.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.helpers.platform import Stack, _http
+
+PERMS = ("get", "list", "create", "import", "update", "delete", "recover", "purge",
+         "wrapKey", "unwrapKey", "rotate")
+PERM_SETS = {"none": ()} | {p: (p,) for p in PERMS} | {"all": PERMS}
+STATES = ("enabled", "disabled", "expired", "notyetvalid", "deleted")
+VAULT = "matrixvault"
+
+
+def b64u(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+# operation -> (permission, mutates, request(key) -> (method, path, body))
+OPS = {
+    "get": ("get", False, lambda k, c: ("GET", f"/vaults/{VAULT}/keys/{k}", None)),
+    "list": ("list", False, lambda k, c: ("GET", f"/vaults/{VAULT}/keys", None)),
+    "listVersions": ("list", False, lambda k, c: ("GET", f"/vaults/{VAULT}/keys/{k}/versions", None)),
+    "listDeleted": ("list", False, lambda k, c: ("GET", f"/vaults/{VAULT}/deletedkeys", None)),
+    "getDeleted": ("get", False, lambda k, c: ("GET", f"/vaults/{VAULT}/deletedkeys/{k}", None)),
+    "create": ("create", True, lambda k, c: ("POST", f"/vaults/{VAULT}/keys/{k}/create",
+                                             {"kty": "RSA", "key_size": 2048})),
+    "import": ("import", True, lambda k, c: ("PUT", f"/vaults/{VAULT}/keys/{k}", {"pem": c["pem"]})),
+    "update": ("update", True, lambda k, c: ("PATCH", f"/vaults/{VAULT}/keys/{k}",
+                                             {"attributes": {}})),
+    "delete": ("delete", True, lambda k, c: ("DELETE", f"/vaults/{VAULT}/keys/{k}", None)),
+    "recover": ("recover", True, lambda k, c: ("POST", f"/vaults/{VAULT}/deletedkeys/{k}/recover", None)),
+    "purge": ("purge", True, lambda k, c: ("DELETE", f"/vaults/{VAULT}/deletedkeys/{k}", None)),
+    "wrapKey": ("wrapKey", False, lambda k, c: ("POST", f"/vaults/{VAULT}/keys/{k}/wrapkey",
+                                               {"alg": "RSA-OAEP-256", "value": b64u(b"k" * 32)})),
+    "unwrapKey": ("unwrapKey", False, lambda k, c: ("POST", f"/vaults/{VAULT}/keys/{k}/unwrapkey",
+                                                   {"alg": "RSA-OAEP-256", "value": c["wrapped"][k]})),
+    "rotate": ("rotate", True, lambda k, c: ("POST", f"/vaults/{VAULT}/keys/{k}/rotate", None)),
+}
+
+# Outcome allowed by the key's state, for a caller holding the permission.
+USABILITY = {"disabled": "KeyDisabled", "expired": "KeyExpired", "notyetvalid": "KeyNotYetValid"}
+
+
+def expected_with_permission(op: str, state: str) -> tuple[int, str | None]:
+    deleted = state == "deleted"
+    if op in ("list", "listDeleted"):
+        return 200, None
+    if op in ("getDeleted", "recover", "purge"):
+        return (200 if op != "purge" else 204, None) if deleted else (404, None)
+    if deleted:
+        return (409, None) if op in ("create", "import") else (404, None)
+    if op in ("wrapKey", "unwrapKey") and state in USABILITY:
+        return 403, USABILITY[state]
+    return 200, None
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("authz"))
+    stack.start_keyservice()
+    status, body = stack.ks_api("POST", "/vaults", {"name": VAULT, "location": "local",
+                                                    "subscription": "s1"})
+    assert status in (200, 201), body
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()
+    ctx = {"pem": pem, "wrapped": {}, "stack": stack, "n": 0}
+    ctx["shared"] = {state: make_key(ctx, f"shared-{state}", state) for state in STATES}
+    ctx["tokens"] = {}
+    for name, perms in PERM_SETS.items():
+        status, ident = stack.ks_api("POST", "/identities", {"displayName": f"matrix-{name}",
+                                                             "type": "servicePrincipal"})
+        assert status in (200, 201), ident
+        if perms:
+            status, body = stack.ks_api("PUT", f"/vaults/{VAULT}/accessPolicies/{ident['objectId']}",
+                                        {"permissions": {"keys": list(perms)}})
+            assert status in (200, 201), body
+        status, tok = _http(stack.ks_url, "POST", "/oauth2/token", {
+            "grant_type": "client_credentials", "client_id": ident["clientId"],
+            "client_secret": ident["clientSecret"]})
+        assert status == 200, tok
+        ctx["tokens"][name] = tok["access_token"]
+    yield ctx
+    try:
+        stack.ks.assert_healthy()
+    finally:
+        stack.close()
+
+
+def make_key(ctx, name: str, state: str) -> str:
+    """A key imported by the admin, with a wrapped value for unwrap, put into `state`."""
+    stack = ctx["stack"]
+    status, body = stack.ks_api("PUT", f"/vaults/{VAULT}/keys/{name}", {"pem": ctx["pem"]})
+    assert status == 200, body
+    status, body = stack.ks_api("POST", f"/vaults/{VAULT}/keys/{name}/wrapkey",
+                                {"alg": "RSA-OAEP-256", "value": b64u(os.urandom(32))})
+    assert status == 200, body
+    ctx["wrapped"][name] = body["value"]
+    now = int(time.time())
+    change = {"disabled": ("PATCH", {"attributes": {"enabled": False}}),
+              "expired": ("PATCH", {"attributes": {"exp": now - 3600}}),
+              "notyetvalid": ("PATCH", {"attributes": {"nbf": now + 3600}}),
+              "deleted": ("DELETE", None)}.get(state)
+    if change:
+        status, body = stack.ks_api(change[0], f"/vaults/{VAULT}/keys/{name}", change[1])
+        assert status == 200, body
+    return name
+
+
+def inner_code(body) -> str | None:
+    err = body.get("error", {}) if isinstance(body, dict) else {}
+    inner = err.get("innererror") or {}
+    return inner.get("code")
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_authorization_matrix(matrix, op):
+    permission, mutates, request = OPS[op]
+    stack = matrix["stack"]
+    failures = []
+    successes = 0
+    for set_name, perms in PERM_SETS.items():
+        allowed = permission in perms
+        for state in STATES:
+            if mutates and allowed:
+                matrix["n"] += 1
+                key = make_key(matrix, f"m{matrix['n']}-{op.lower()}", state)
+            else:
+                key = matrix["shared"][state]
+            method, path, body = request(key, matrix)
+            status, out = _http(stack.ks_url, method, path, body, token=matrix["tokens"][set_name])
+            case = f"{op} by '{set_name}' on {state} key -> {status} {out}"
+            if not allowed:
+                if status != 403 or inner_code(out) != "AccessDenied":
+                    failures.append("without permission: " + case)
+                continue
+            successes += 200 <= status < 300
+            want_status, want_inner = expected_with_permission(op, state)
+            if status != want_status or (want_inner and inner_code(out) != want_inner):
+                failures.append(f"expected {want_status} {want_inner or ''}: " + case)
+    assert not failures, "\n".join(failures[:20])
+    assert successes > 0, f"{op}: no call succeeded even with its permission"
