@@ -10,6 +10,7 @@ every write acknowledged before the revocation reads back.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -121,3 +122,45 @@ def test_revocation_on_busy_disk(stack, bystander, how):
         busy.close()
         idle.shutdown()
     assert stack.disk(disk)["serving"]["state"] == "available"
+
+
+def _memory_hits(pid: int, needles: dict[str, bytes]) -> dict[str, int]:
+    """Occurrences of each needle in the readable memory of process `pid` (root only)."""
+    hits: dict[str, int] = {}
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if "r" not in perms or hi - lo > 1 << 30:
+                continue
+            try:
+                mem.seek(lo)
+                data = mem.read(hi - lo)
+            except OSError:  # guard pages, [vvar]
+                continue
+            for name, needle in needles.items():
+                if needle in data:
+                    hits[name] = hits.get(name, 0) + data.count(needle)
+    return hits
+
+
+def test_revoked_dek_is_wiped_from_memory(stack):
+    """After a revocation the DEK's bytes (and either XTS half) are gone from the nbdserver
+    process, not merely unreferenced."""
+    if os.geteuid() != 0:
+        pytest.skip("reading another process's memory needs root")
+    c = stack.customer_key("memv", "k1", "des-mem")
+    stack.create_disk("mem1", "--size", "16M", "--des", c["des"])
+    dek = stack.dek("mem1")
+    needles = {"dek": dek, "key1": dek[:32], "key2": dek[32:]}
+    h = stack.connect("mem1")
+    h.pwrite(b"m" * 65536, 0)
+    h.flush()
+    assert _memory_hits(stack.nb.pid, needles), "the scan must see the DEK while it serves"
+    stack.keyservice("key", "disable", "memv", "k1")
+    wait_for_eio(h)
+    stack.wait_serving("mem1", "locked")
+    assert _memory_hits(stack.nb.pid, needles) == {}
+    stack.keyservice("key", "enable", "memv", "k1")
+    wait_for_io(h)
+    h.shutdown()
