@@ -6,9 +6,11 @@ once the socket accepts. SIGTERM or SIGINT: STOPPING=1, stop accepting, end
 the change streams, finish in-flight requests, close the database.
 """
 import asyncio
+import ctypes
 import json
 import logging
 import os
+import resource
 import signal
 import ssl as ssl_module
 from dataclasses import dataclass
@@ -82,7 +84,18 @@ class MalformedRequestLog(logging.Filter):
         return True
 
 
+def harden_process() -> None:
+    """No core dumps: unwrapKey needs the private keys in this process's memory, and a
+    core file would put them on disk in the clear (RLIMIT_CORE 0); PR_SET_DUMPABLE 0
+    also keeps unprivileged users from attaching or reading /proc/PID/mem."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE, <linux/prctl.h>
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
 async def serve(config: ServeConfig, service: KeyService) -> None:
+    harden_process()
     logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
     # Signal handlers first: a SIGTERM right after READY=1 must be a clean stop.
     stop = asyncio.Event()

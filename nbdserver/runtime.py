@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import resource
 import signal
 import socket
+
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 
 
 def sd_notify(message: str) -> bool:
@@ -50,8 +54,20 @@ def configure_logging(level: str = "INFO") -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def harden_process() -> None:
+    """No core dumps: a served disk's DEK lives in this process's memory (it must, to
+    encrypt), and a core file would put it on disk in the clear. RLIMIT_CORE 0 stops the
+    kernel writing one; PR_SET_DUMPABLE 0 also keeps unprivileged users from attaching
+    to the process or reading /proc/PID/mem."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:  # pragma: no cover - Linux only
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
 def run(main) -> None:
     """Run `main(stop: asyncio.Event)` on uvloop when available; SIGTERM/SIGINT set `stop`."""
+    harden_process()
     try:
         import uvloop
         runner = uvloop.run
