@@ -99,6 +99,13 @@ def test_pmk_to_cmk_online_then_rotation(stack):
         wait_until(lambda: w.count > n + 10 or w.error, 20, what="I/O to go on after rotation")
         assert w.error is None, w.error
 
+        # Or pinned to an explicit new version.
+        pinned = stack.keyservice("key", "rotate", "rot", "k1")["key"]["kid"]
+        stack.nbdserver("des", "update", "des-rot", "--key-url", pinned)
+        assert stack.disk("mv1")["encryption"]["kid"] == pinned
+        stack.nbdserver("des", "update", "des-rot", "--key-url", new_kid)
+        assert stack.disk("mv1")["encryption"]["kid"] == new_kid
+
         # The old version disabled: the disk no longer depends on it and keeps serving.
         seen = len(stack.keyservice("audit", "show", "rot")["value"])
         stack.keyservice("key", "disable", "rot", "k1", "--version", c["version"])
@@ -109,10 +116,10 @@ def test_pmk_to_cmk_online_then_rotation(stack):
         assert w.error is None, w.error
         assert stack.disk("mv1")["serving"]["state"] == "available"
 
-        # And it really is under the customer's key now: disabling the current version locks it.
-        stack.keyservice("key", "disable", "rot", "k1")
+        # And it really is under the customer's key now: disabling its version locks it.
+        stack.keyservice("key", "disable", "rot", "k1", "--version", new_version)
         wait_until(lambda: w.error is not None, 10, what="the writer's EIO")
-        stack.keyservice("key", "enable", "rot", "k1")
+        stack.keyservice("key", "enable", "rot", "k1", "--version", new_version)
         w.stop()
         wait_for_io(w.h)
         w.verify()
