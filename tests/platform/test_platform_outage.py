@@ -71,6 +71,13 @@ def test_opening_a_disk_needs_the_key_service(make_stack):
     assert "unreachable" in shown["serving"]["reason"], shown
     assert connect_refused(stack, "d1")
     assert "unreachable" in refusal_message(stack, "d1")
+    # What needs the key service says so (503, not a 500); what does not, works.
+    status, out = stack.api("POST", "/encryption-sets", {"name": "x", "keyUrl": stack.key_url("cust", "k1")})
+    assert status == 503 and "unreachable" in out["error"]["message"], (status, out)
+    err = stack.nbdserver("disk", "create", "n1", "--size", "16M", "--quiet", check=False)
+    assert err.returncode == 1 and "KeyServiceUnavailable" in err.stderr, err.stderr
+    assert stack.nbdserver("snapshot", "create", "s1", "--disk", "d1", "--quiet")["name"] == "s1"
+    assert stack.nbdserver("disk", "key-envelope", "d1")["kid"]
     assert "Traceback" not in stack.nb.stderr_text()
 
     stack.start_keyservice()
