@@ -173,10 +173,15 @@ def init_ca(directory, *, hosts=(), server_cn: str = "localhost", client_name: s
 
 
 def check_private_file(path) -> None:
-    """Refuse a secret that others may read (as ssh does): a key must be 0600 or 0400."""
+    """Refuse a secret that any user may read or write (as ssh refuses loose keys).
+
+    Group read stays allowed: Debian's convention for TLS keys is 0640 root:ssl-cert, and
+    a group is a deliberate grant; "other" access never is.
+    """
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise CaError(f"{path}: no such file") from None
-    if mode & 0o077:
-        raise CaError(f"{path} is readable by others (mode {mode & 0o777:o}); chmod 600 it")
+    if mode & 0o027:
+        raise CaError(f"{path} is readable or writable by others (mode {mode & 0o777:o}); "
+                      "chmod 600 it")

@@ -37,6 +37,7 @@ from .protocol.transmission import (
     BadMagic, Oversized, RequestParser, block_status_chunk, check, data_chunk_header,
     error_chunk, hole_chunk, nbd_error, simple_reply,
 )
+from .tls import tls_summary
 
 log = logging.getLogger("nbdserver.server")
 
@@ -208,6 +209,7 @@ class Connection(asyncio.Protocol):
             self.connection_lost(e)
             return
         self.transport = tls_transport
+        log.info("connection %s: %s", self.peer, tls_summary(tls_transport.get_extra_info("ssl_object")))
         early, self._tls_early = bytes(self._tls_early), None
         if self.handshake is None:  # the connection was lost during the TLS handshake
             return

@@ -172,6 +172,8 @@ def _lookup(keys: dict[str, bytes], identity: bytes | str | None) -> bytes | Non
     key = keys.get(name)
     if key is None:
         log.info("TLS-PSK: unknown identity %r", name)
+    else:
+        log.info("TLS-PSK: identity %r", name)
     return key
 
 
@@ -252,6 +254,20 @@ def server_context_for(mode: TlsMode, settings: ServerTls) -> ssl.SSLContext | N
             raise TlsConfigError("TLS files given but --tls-mode off")
         return None
     return settings.context()
+
+
+def tls_summary(ssl_object) -> str:
+    """One log line's worth of an established session: version, suite, who the client is.
+    (A PSK session has no peer certificate; the identity is logged by the callback.)"""
+    if ssl_object is None:
+        return "TLS"
+    cipher = ssl_object.cipher()
+    who = "no client certificate"
+    cert = ssl_object.getpeercert()  # only set when verified (--tls-verify-clients)
+    if cert:
+        cn = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+        who = f"client certificate CN={cn[0] if cn else '?'}"
+    return f"{ssl_object.version()} {cipher[0] if cipher else '?'}, {who}"
 
 
 # ----------------------------------------------------------------------- clients

@@ -69,6 +69,7 @@ def test_libnbd_read_write_with_client_certificate(tls_server, pki):
     h.pwrite(data, 3 * MiB, nbd.CMD_FLAG_FUA)
     assert h.pread(MiB, 3 * MiB) == data
     h.shutdown()
+    assert "client certificate CN=client" in srv.stderr_text()
 
 
 @pytest.mark.parametrize("certs", ["no_client", "rogue"])

@@ -39,7 +39,7 @@ def test_refused_settings(pki, tmp_path):
     loose = tmp_path / "loose"
     shutil.copytree(pki.good, loose)
     (loose / "server-key.pem").chmod(0o644)
-    with pytest.raises(TlsConfigError, match="readable by others"):
+    with pytest.raises(TlsConfigError, match="readable or writable by others"):
         ServerTls(cert_dir=str(loose)).context()
     with pytest.raises(TlsConfigError, match="missing|no such file"):
         ServerTls(cert_dir=str(tmp_path / "nowhere")).context()
