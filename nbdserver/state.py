@@ -10,6 +10,7 @@ import json
 import sqlite3
 import time
 
+from .platform.errors import InsufficientStorage
 from .platform.model import EncryptionSet, KeyEnvelope, Volume, VolumeKind, VolumeState
 
 SCHEMA = """
@@ -28,9 +29,26 @@ CREATE TABLE IF NOT EXISTS volumes (
 """
 
 
+SQLITE_FULL = 13  # "database or disk is full" (sqlite3.h)
+
+
+class _Connection(sqlite3.Connection):
+    """A full file system is InsufficientStorage (507), not an internal error: every
+    state change goes through execute()."""
+
+    def execute(self, *args):
+        try:
+            return super().execute(*args)
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", None) == SQLITE_FULL:
+                raise InsufficientStorage(f"the platform's state database cannot grow: {e}") from None
+            raise
+
+
 class State:
     def __init__(self, path: str):
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                  factory=_Connection)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed change survives power loss
         self.db.executescript(SCHEMA)

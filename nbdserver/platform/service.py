@@ -522,9 +522,11 @@ class Platform:
                     await loop.run_in_executor(None, copy_ciphertext, src.path, v.path, src.size, cb)
             else:
                 await loop.run_in_executor(None, copy_ciphertext, src.path, v.path, src.size, cb)
-        except BaseException:
+        except BaseException as e:
             _unlink(v.path)
             self.state.delete_volume(kind, name)
+            if isinstance(e, OSError):  # a full disk is a 507, not an internal error
+                raise _storage_error(e, f"writing {kind.value} {name!r}") from None
             raise
         self._mark_ready(v)
         return _volume_view(v)

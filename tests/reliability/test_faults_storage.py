@@ -162,3 +162,48 @@ def test_eio_from_the_backing_device(baseline, tmp_path):
         srv.terminate()
     finally:
         dev.close()
+
+
+def test_platform_on_a_full_filesystem(tmp_path):
+    """The platform's own data directory fills up: clients get ENOSPC, a snapshot that
+    cannot be written is refused (507, no half-made snapshot left), the API keeps
+    answering, and once space is freed everything works again."""
+    need_root()
+    from tests.helpers.platform import Stack
+    stack = Stack(tmp_path / "stack")
+    mnt = stack.nb_dir
+    mnt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0700", "tmpfs", str(mnt)],
+                   check=True, timeout=30)
+    try:
+        stack.start()
+        stack.create_disk("big", "--size", "1G")
+        h = stack.connect("big")
+        block = os.urandom(MiB)
+        with pytest.raises(nbd.Error) as failed:
+            for off in range(0, 64 * MiB, MiB):
+                h.pwrite(block, off)
+        assert failed.value.errnum == errno.ENOSPC, failed.value
+        status, op = stack.api("POST", "/snapshots", {"name": "s1", "disk": "big"})
+        assert status == 202, op
+
+        def finished():
+            s, body = stack.api("GET", f"/operations/{op['id']}")
+            return body if body["status"] != "running" else None
+        result = wait_until(finished, 60, what="the snapshot operation")
+        assert result["status"] == "failed" and result["error"]["status"] == 507, result
+        status, body = stack.api("GET", "/snapshots")
+        assert status == 200 and body["value"] == [], body
+        assert not list((mnt / "snapshots").glob("*")) if (mnt / "snapshots").exists() else True
+        # Free space on the disk itself; then a snapshot fits.
+        h.trim(32 * MiB, 0)
+        h.flush()
+        assert h.pread(MiB, 0) == bytes(MiB)
+        stack.nbdserver("snapshot", "create", "s2", "--disk", "big")
+        h.pwrite(block, 0, nbd.CMD_FLAG_FUA)
+        assert h.pread(MiB, 0) == block
+        h.shutdown()
+        stack.assert_healthy()
+    finally:
+        stack.close()
+        subprocess.run(["umount", "-l", str(mnt)], timeout=30)
