@@ -179,10 +179,12 @@ class KeyServiceClient:
         return _unb64u(body["value"])
 
     # -- the change stream --
-    async def events(self, since: int | None = None, *, idle_timeout: float = 15.0) -> AsyncIterator[dict]:
+    async def events(self, since: int | None = None, *, idle_timeout: float = 15.0,
+                     on_open=None) -> AsyncIterator[dict]:
         """Follow the change stream. Raises KeyServiceUnavailable when the connection
         drops or nothing (not even a heartbeat) arrives for idle_timeout seconds;
-        resume with since=<the last seq seen>."""
+        resume with since=<the last seq seen>. `on_open()` is called once the stream is
+        established: from then on no change is missed."""
         params = {} if since is None else {"since": str(since)}
         headers = {"Authorization": f"Bearer {await self._bearer()}", "Accept": "text/event-stream"}
         timeout = aiohttp.ClientTimeout(total=None, sock_read=idle_timeout)
@@ -191,6 +193,8 @@ class KeyServiceClient:
                                         ssl=self._ssl, timeout=timeout) as resp:
                 if resp.status != 200:
                     _decode(resp.status, await resp.read())
+                if on_open is not None:
+                    on_open()
                 data: list[str] = []
                 async for raw in resp.content:
                     line = raw.decode().rstrip("\r\n")

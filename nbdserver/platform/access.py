@@ -101,15 +101,20 @@ class KeyAccess:
     async def _follow_events(self) -> None:
         since = None
         backoff = 0.2
+
+        def opened():
+            nonlocal backoff
+            self.stream_connected = True
+            backoff = 0.2
+            log.info("following the key service's change stream")
+            # Whatever changed before the stream was up (or while it was down) is caught
+            # by a recheck made now, after the stream is established.
+            for scope in self.scopes():
+                self.poke(scope)
+
         while True:
             try:
-                async for event in self.platform.client.events(since):
-                    if not self.stream_connected:
-                        self.stream_connected = True
-                        backoff = 0.2
-                        log.info("following the key service's change stream")
-                        for scope in self.scopes():  # whatever happened while we were away
-                            self.poke(scope)
+                async for event in self.platform.client.events(since, on_open=opened):
                     if event.get("seq") is not None:
                         since = event["seq"]
                     for scope in self.scopes_for_event(event):
