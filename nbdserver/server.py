@@ -106,6 +106,7 @@ class Connection(asyncio.Protocol):
         self.disconnecting = False
         self.shutting_down = False
         self._reading_paused = False
+        self._out: list | None = None  # reply bytes of the batch being processed
         self._writing_paused = False
         # Requests parsed but not started: one received chunk can hold thousands of
         # request headers, so the in-flight and write-buffer limits are applied per
@@ -248,11 +249,28 @@ class Connection(asyncio.Protocol):
     def _backlogged(self) -> bool:
         return self._writing_paused or self.inflight >= MAX_INFLIGHT
 
+    def _write(self, data) -> None:
+        """Queue reply bytes; inside a batch they go out in one writelines() call."""
+        if self._out is not None:
+            self._out.append(data)
+        else:
+            self.transport.write(data)
+
+    def _flush_out(self) -> None:
+        out, self._out = self._out, None
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
     def _drain_pending(self):
-        """Start pending requests while the connection is under its limits."""
+        """Start pending requests while the connection is under its limits.
+
+        The replies of every request started here that completes inline are sent with
+        one writelines() at the end: at queue depth 16 a batch of 4 KiB reads then costs
+        one send system call instead of two per request."""
         if self._draining:  # re-entered from _update_reading inside a request
             return
         self._draining = True
+        self._out = []
         try:
             while self._pending and not self._backlogged():
                 if self.disconnecting:
@@ -273,6 +291,7 @@ class Connection(asyncio.Protocol):
             return
         finally:
             self._draining = False
+            self._flush_out()
         self._update_reading()
 
     def _request(self, req):
@@ -374,7 +393,7 @@ class Connection(asyncio.Protocol):
             if req.cmd == NBD_CMD_READ:
                 self._send_read_parts(req, result)
             elif req.cmd == NBD_CMD_BLOCK_STATUS:
-                self.transport.write(block_status_chunk(req.cookie, self.meta_id, result))
+                self._write(block_status_chunk(req.cookie, self.meta_id, result))
             else:
                 self._ok(req)
         self._update_reading()
@@ -404,36 +423,36 @@ class Connection(asyncio.Protocol):
 
     def _send_read(self, req, buf):
         if self.structured:
-            self.transport.write(data_chunk_header(req.cookie, req.offset, len(buf)))
+            self._write(data_chunk_header(req.cookie, req.offset, len(buf)))
         else:
-            self.transport.write(simple_reply(req.cookie))
-        self.transport.write(buf)
+            self._write(simple_reply(req.cookie))
+        self._write(buf)
 
     def _send_read_parts(self, req, parts):
         if not self.structured:  # holes are only split out for structured replies
-            self.transport.write(simple_reply(req.cookie))
+            self._write(simple_reply(req.cookie))
             for _, _, data in parts:
-                self.transport.write(data)
+                self._write(data)
             return
         last = len(parts) - 1
         for i, (off, n, data) in enumerate(parts):
             if data is None:
-                self.transport.write(hole_chunk(req.cookie, off, n, done=i == last))
+                self._write(hole_chunk(req.cookie, off, n, done=i == last))
             else:
-                self.transport.write(data_chunk_header(req.cookie, off, n, done=i == last))
-                self.transport.write(data)
+                self._write(data_chunk_header(req.cookie, off, n, done=i == last))
+                self._write(data)
 
     def _ok(self, req):
-        self.transport.write(simple_reply(req.cookie))
+        self._write(simple_reply(req.cookie))
 
     def _fail(self, req, error: int, message: str):
         if self.transport is None or self.transport.is_closing():
             return
         if self.structured:
-            self.transport.write(error_chunk(req.cookie, error, message))
+            self._write(error_chunk(req.cookie, error, message))
         else:
             # A failed simple READ reply carries no data (doc/proto.md, "Simple reply").
-            self.transport.write(simple_reply(req.cookie, error))
+            self._write(simple_reply(req.cookie, error))
 
     # -- flow control and teardown
     def _update_reading(self):
