@@ -19,8 +19,10 @@ from tests.helpers.servers import ROOT
 pytestmark = pytest.mark.timeout(180)
 
 
-def https_keyservice(tmp_path, pki, extra=()) -> KeyServiceProcess:
-    ks = KeyServiceProcess(tmp_path, tmp_path / "ks", free_port(), ["--tls-dir", str(pki.good), *extra])
+def https_keyservice(tmp_path, pki, extra=(), files=False) -> KeyServiceProcess:
+    tls = (["--tls-cert", str(pki.good / "server-cert.pem"), "--tls-key", str(pki.good / "server-key.pem")]
+           if files else ["--tls-dir", str(pki.good)])
+    ks = KeyServiceProcess(tmp_path, tmp_path / "ks", free_port(), [*tls, *extra])
     ks.url = f"https://127.0.0.1:{ks.port}"
     return ks
 
@@ -36,8 +38,9 @@ def ks_cli(ks, *args, ca=None, url=None) -> subprocess.CompletedProcess:
                           env=env, cwd=ROOT, timeout=60)
 
 
-def test_cli_verifies_the_service_certificate(tmp_path, pki):
-    with https_keyservice(tmp_path, pki) as ks:
+@pytest.mark.parametrize("files", [False, True], ids=["tls-dir", "tls-cert-and-key"])
+def test_cli_verifies_the_service_certificate(tmp_path, pki, files):
+    with https_keyservice(tmp_path, pki, files=files) as ks:
         ok = ks_cli(ks, "vault", "create", "vault1", "--location", "local", "--subscription", "s1", ca=pki.good / "ca-cert.pem")
         assert ok.returncode == 0, ok.stderr
         # Not signed by a CA the client trusts: unreachable (exit 3), saying why.
