@@ -36,6 +36,9 @@ class Conn:
         self.index, self.base, self.rng = index, region * REGION, rng
         self.pending: dict[int, tuple] = {}
         self.written: dict[int, tuple[int, int]] = {}  # offset -> (seq, length) acknowledged
+        # Offsets with a request in flight: NBD lets the server reorder concurrent
+        # requests, so a read and a write of one block in flight together have no single
+        # right answer; the client never issues them together.
         self.inflight_offsets: set[int] = set()
         self.seq = 0
 
@@ -48,6 +51,7 @@ class Conn:
             buf = nbd.Buffer(length)
             c = self.h.aio_pread(buf, off)
             self.pending[c] = ("read", off, seq, length, buf)
+            self.inflight_offsets.add(off)
         elif r < 0.5:
             c = self.h.aio_flush()
             self.pending[c] = ("flush",)
@@ -82,12 +86,17 @@ class Conn:
             elif op[0] == "read":
                 _, off, seq, length, buf = op
                 stats["bytes"] += length
-                if buf.to_bytearray() != payload(self.index, seq, length):
+                got = bytes(buf.to_bytearray())
+                if got != payload(self.index, seq, length):
                     stats["mismatches"] += 1
+                    stats.setdefault("mismatch_samples", []).append(
+                        f"conn {self.index} offset {off}: expected seq {seq} len {length}, "
+                        f"got conn {int.from_bytes(got[:4], 'little')} "
+                        f"seq {int.from_bytes(got[4:12], 'little')} head {got[:16].hex()}")
             self._forget(op)
 
     def _forget(self, op) -> None:
-        if op[0] == "write":
+        if op[0] in ("write", "read"):
             self.inflight_offsets.discard(op[1])
 
 
@@ -154,8 +163,8 @@ def main(argv=None) -> None:
     stats["seconds"] = round(elapsed, 2)
     stats["iops"] = round(stats["completed"] / elapsed)
     stats["mib_s"] = round(stats["bytes"] / elapsed / (1 << 20), 1)
-    stats.setdefault("error_samples", [])
-    stats["error_samples"] = stats["error_samples"][:5]
+    stats["error_samples"] = stats.get("error_samples", [])[:5]
+    stats["mismatch_samples"] = stats.get("mismatch_samples", [])[:5]
     for c in conns:
         try:
             c.h.shutdown()

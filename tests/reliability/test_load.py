@@ -66,7 +66,8 @@ def run_load(baseline, tmp_path, *, connections: int, exports: int, seconds: flo
                  mib_s=round(total["bytes"] / secs / (1 << 20), 1),
                  rss_before_mib=round(before / 1024, 1), rss_peak_mib=round(peak / 1024, 1),
                  rss_after_mib=round(after / 1024, 1),
-                 error_samples=[e for r in results for e in r["error_samples"]][:5])
+                 error_samples=[e for r in results for e in r["error_samples"]][:5],
+                 mismatch_samples=[e for r in results for e in r["mismatch_samples"]][:5])
     srv.assert_healthy()
     return total
 
@@ -75,7 +76,7 @@ def check(total: dict, connections: int) -> None:
     print(f"\nload: {json.dumps(total)}")
     assert total["connections"] == connections
     assert total["errors"] == 0, total["error_samples"]
-    assert total["mismatches"] == 0
+    assert total["mismatches"] == 0, total["mismatch_samples"]
     assert total["lost"] == 0
     assert total["completed"] == total["issued"]
     assert (total["rss_peak_mib"] - total["rss_before_mib"]) * 1024 < RSS_GROWTH_LIMIT_KIB
