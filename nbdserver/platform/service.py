@@ -1,20 +1,21 @@
-"""`Platform`: encryption sets, disks, snapshots and images, and the keys behind them.
+"""`Platform`: the disk platform's one object, built from its operation groups.
 
 Every operation validates, talks to the key service where it must, commits its state to
 SQLite, and only then answers. Disks are served as NBD exports named after the disk; the
 export of a disk whose key cannot be used is LOCKED (EIO to I/O, new clients refused).
-Revocation itself (the change stream, the lease, the grace period) is in `access`.
+
+- here: start/stop, the key-service client of each scope, opening and closing disks;
+- `encryption_sets`: create, show (live access check), rotate, delete;
+- `volumes`: disks, snapshots, images, re-wrapping between keys;
+- `access`: revocation (the change stream, the lease, the grace period).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
-import time
-import uuid
 
 from keyservice.client import Credential, KeyServiceClient, KeyServiceError
 
@@ -22,26 +23,25 @@ from ..backend import FileBackend
 from ..crypto import XtsLayer
 from ..exports import Export, ExportCatalog
 from ..state import State
-from . import keys, rules
-from .copy import copy_ciphertext, reencrypt
+from . import keys
 from .errors import (
-    AccessMissing, BadRequest, Conflict, InsufficientStorage, KeyUnavailable, NotFound,
+    AccessMissing, KeyUnavailable, NotFound,
 )
 from .model import (
-    PLATFORM_KEY, EncryptionSet, KeyUrl, Volume, VolumeKind, VolumeState, check_name, parse_size,
+    PLATFORM_KEY, EncryptionSet, KeyUrl, Volume, VolumeKind, VolumeState,
 )
+from .encryption_sets import EncryptionSetOperations
 from .sealed import SealedBackend
 from .sealing import Sealer, load_master_key
+from .volumes import DEFAULT_LOCATION, VolumeOperations, _unlink, describe_disk
 
 log = logging.getLogger("nbdserver.platform")
 
 PLATFORM_VAULT = "nbd-platform"
 PLATFORM_KEY_NAME = "platform-dek-wrapping"
-DEFAULT_SUBSCRIPTION = "default"
-DEFAULT_LOCATION = "local"
 
 
-class Platform:
+class Platform(EncryptionSetOperations, VolumeOperations):
     def __init__(self, data_dir: str, catalog: ExportCatalog, keyservice_url: str,
                  credential: Credential, *, ssl=None, master_key_file: str | None = None):
         self.data_dir = data_dir
@@ -117,286 +117,15 @@ class Platform:
     def key_url_for(self, scope: str) -> str:
         return self.platform_key_url if scope == PLATFORM_KEY else self._des(scope).key_url
 
-    # -- encryption sets
-    async def create_des(self, name: str, key_url: str, *, subscription: str | None = None,
-                         location: str | None = None, allow_cross_subscription: bool = False) -> dict:
-        check_name("encryption set", name)
-        if name == PLATFORM_KEY:
-            # Volumes record their scope by name, and this one means the platform's own key:
-            # a set of that name would silently turn its disks platform-managed.
-            raise BadRequest(f"encryption set name {name!r} is reserved for the platform-managed key")
-        if self.state.get_des(name):
-            raise Conflict(f"encryption set {name!r} exists")
-        ku = KeyUrl.parse(key_url)
-        vault = await self._vault(ku)
-        subscription = subscription or vault.get("subscription")
-        location = location or vault.get("location")
-        rules.vault_fit_for_des(vault, ku.vault, location, subscription, allow_cross_subscription)
-        try:
-            cred = await self.client.create_identity(f"des-{name}", type="managedIdentity")
-        except KeyServiceError as e:
-            raise keys.translate(e, "creating the encryption set's identity") from None
-        des = EncryptionSet(name, subscription, location, key_url, cred.object_id,
-                            self.sealer.seal(json.dumps(cred.__dict__).encode(), f"des:{name}"),
-                            allow_cross_subscription, time.time())
-        if self.state.get_des(name):  # taken by a concurrent request meanwhile (no await until put)
-            raise Conflict(f"encryption set {name!r} exists")
-        self.state.put_des(des)
-        return await self.show_des(name)
-
-    async def _vault(self, ku: KeyUrl) -> dict:
-        if ku.base.rstrip("/") != self.keyservice_url:
-            raise BadRequest(f"key URL {ku.versionless} is not on this platform's key service "
-                             f"({self.keyservice_url})")
-        try:
-            return await self.client.get_vault(ku.vault)
-        except KeyServiceError as e:
-            if e.status == 404:
-                raise BadRequest(f"key vault {ku.vault!r} not found") from None
-            raise keys.translate(e, f"reading key vault {ku.vault!r}") from None
-
     def _des(self, name: str) -> EncryptionSet:
         des = self.state.get_des(name)
         if des is None:
             raise NotFound(f"encryption set {name!r} not found")
         return des
 
-    async def check_access(self, scope: str, key_url: str | None = None) -> dict:
-        """Which of get, wrapKey, unwrapKey the scope's identity may use on its key."""
-        client, url = self.client_for(scope), key_url or self.key_url_for(scope)
-        missing, messages = [], []
-        try:
-            await keys.key_attributes(client, url)
-        except AccessMissing as e:
-            missing.append("get"); messages.append(e.message)
-        probe = bytearray(os.urandom(32))
-        env = None
-        try:
-            env = await keys.wrap(client, url, probe)
-        except AccessMissing as e:
-            missing.append("wrapKey"); messages.append(e.message)
-        unverified = []
-        if env is not None:
-            try:
-                keys.wipe(await keys.unwrap_raw(client, env))
-            except AccessMissing as e:
-                missing.append("unwrapKey"); messages.append(e.message)
-        else:
-            unverified.append("unwrapKey")  # nothing to unwrap without a wrap first
-        keys.wipe(probe)
-        return {"granted": not missing, "missing": missing, "unverified": unverified,
-                "messages": messages}
-
-    async def show_des(self, name: str) -> dict:
-        des = self._des(name)
-        out = {"name": des.name, "subscription": des.subscription, "location": des.location,
-               "keyUrl": des.key_url, "identity": {"type": "SystemAssigned",
-                                                   "objectId": des.identity_object_id},
-               "allowCrossSubscription": des.allow_cross_subscription,
-               "disks": [v.name for v in self.state.list_volumes(VolumeKind.DISK, des=name)]}
-        try:
-            access = await self.check_access(name)
-        except KeyUnavailable as e:
-            out["access"] = {"granted": None, "message": e.message}
-        else:
-            if access["granted"]:
-                out["access"] = {"granted": True}
-            else:
-                vault = KeyUrl.parse(des.key_url).vault
-                out["access"] = {
-                    "granted": False, "missing": access["missing"], "unverified": access["unverified"],
-                    # The key service's own reasons: a refusal is a missing permission or
-                    # a key that is disabled, expired or deleted, and only it can tell which.
-                    "message": f"identity {des.identity_object_id} is refused "
-                               f"{', '.join(access['missing'])} on key vault {vault!r} "
-                               f"({'; '.join(access['messages'])}); the vault owner must grant "
-                               "get, wrapKey, unwrapKey on a key that is enabled, unexpired and "
-                               "not deleted",
-                    "details": access["messages"]}
-        return out
-
-    def list_des(self) -> list[dict]:
-        return [{"name": d.name, "keyUrl": d.key_url, "subscription": d.subscription,
-                 "location": d.location, "identity": {"objectId": d.identity_object_id}}
-                for d in self.state.list_des()]
-
-    async def update_des(self, name: str, key_url: str) -> dict:
-        """Rotate: re-wrap every DEK under the set with the new key (version); online."""
-        des = self._des(name)
-        ku = KeyUrl.parse(key_url)
-        vault = await self._vault(ku)
-        rules.vault_fit_for_des(vault, ku.vault, des.location, des.subscription,
-                                des.allow_cross_subscription)
-        async with self.scope_lock(name):
-            access = await self.check_access(name, key_url)
-            if not access["granted"]:
-                raise AccessMissing(f"encryption set {name!r} identity {des.identity_object_id} lacks "
-                                    f"{', '.join(access['missing'])} on the new key {key_url}")
-            client = self.client_for(name)
-            for v in self.state.list_volumes(des=name):
-                await self._rewrap(v, client, client, key_url)
-            des.key_url = key_url
-            self.state.put_des(des)
-        return await self.show_des(name)
-
-    async def delete_des(self, name: str) -> None:
-        self._des(name)
-        users = self.state.list_volumes(des=name)
-        if users:
-            raise Conflict(f"encryption set {name!r} is used by "
-                           + ", ".join(f"{v.kind.value} {v.name}" for v in users))
-        self.state.delete_des(name)
-        c = self._des_clients.pop(name, None)
-        if c:
-            await c.close()
-
-    async def _rewrap(self, v: Volume, old: KeyServiceClient, new: KeyServiceClient, key_url: str,
-                      *, des: str | None = None) -> None:
-        dek = await keys.unwrap(old, v.envelope)
-        try:
-            v.envelope = await keys.wrap(new, key_url, dek)
-        finally:
-            keys.wipe(dek)
-        if des is not None:
-            v.des = des
-        self.state.put_volume(v)
-
-    # -- volumes
-    def volume(self, kind: VolumeKind, name: str) -> Volume:
-        v = self.state.get_volume(kind, name)
-        if v is None:
-            raise NotFound(f"{kind.value} {name!r} not found")
-        return v
-
-    def _new_path(self, kind: VolumeKind) -> str:
-        return os.path.join(self.data_dir, kind.value + "s", f"{uuid.uuid4().hex}.img")
-
-    def _source(self, source: str | None) -> Volume | None:
-        if not source:
-            return None
-        kind, _, name = source.partition(":")
-        kinds = {"snapshot": VolumeKind.SNAPSHOT, "image": VolumeKind.IMAGE, "disk": VolumeKind.DISK}
-        if kind not in kinds or not name:
-            raise BadRequest(f"source must be snapshot:NAME, image:NAME or disk:NAME, got {source!r}")
-        return self.volume(kinds[kind], name)
-
-    def validate_disk_request(self, name: str, *, size=None, des: str | None = None,
-                              source: str | None = None, count: int | None = None,
-                              subscription: str | None = None, location: str | None = None):
-        """Everything about a disk request that can be refused before any work starts."""
-        check_name("disk", name)
-        src = self._source(source)
-        if src is not None and src.kind is VolumeKind.DISK:
-            raise BadRequest("a disk is made from a snapshot or an image; snapshot the disk first")
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool)
-                                  or not 1 <= count <= 1000):
-            raise BadRequest("count must be a whole number from 1 to 1000")
-        names = [name] if count is None else [f"{name}-{i}" for i in range(count)]
-        for n in names:
-            if self.state.get_volume(VolumeKind.DISK, n):
-                raise Conflict(f"disk {n!r} exists")
-        size = parse_size(size) if size is not None else (src.size if src else None)
-        if size is None:
-            raise BadRequest("give --size, or a --source to copy")
-        if src is not None and size < src.size:
-            raise BadRequest(f"size {size} is smaller than the source ({src.size} bytes)")
-        scope, subscription, location = self._placement(des, src, subscription, location)
-        return names, size, src, scope, subscription, location
-
-    async def create_disks(self, name: str, *, progress=None, **request) -> list[dict]:
-        names, size, src, scope, subscription, location = self.validate_disk_request(name, **request)
-        created = []
-        for i, n in enumerate(names):
-            def part(done, total, i=i):
-                if progress:
-                    progress((i + done / total) / len(names))
-            created.append(await self._create_disk(n, size, scope, subscription, location, src, part))
-        return [self.show_disk(n) for n in created]
-
-    def validate_copy_request(self, kind: VolumeKind, name: str, source: str) -> Volume:
-        check_name(kind.value, name)
-        if self.state.get_volume(kind, name):
-            raise Conflict(f"{kind.value} {name!r} exists")
-        src = self._source(source)
-        if kind is VolumeKind.SNAPSHOT and src.kind is not VolumeKind.DISK:
-            raise BadRequest("a snapshot is taken of a disk")
-        if kind is VolumeKind.IMAGE and src.kind is VolumeKind.IMAGE:
-            raise BadRequest("an image is made from a disk or a snapshot")
-        return src
-
-    def _placement(self, des, src, subscription, location):
-        if src is not None and src.customer_managed:
-            rules.cmk_source(src, des, subscription)
-            des = des or src.des
-        if des and des != PLATFORM_KEY:
-            d = self._des(des)
-            rules.same_subscription_as_des(d, subscription)
-            return des, d.subscription, location or d.location
-        return PLATFORM_KEY, subscription or (src.subscription if src else DEFAULT_SUBSCRIPTION), \
-            location or (src.location if src else DEFAULT_LOCATION)
-
-    async def _create_disk(self, name, size, scope, subscription, location, src, progress) -> str:
-        dek = keys.new_dek()
-        async with self.scope_lock(scope):
-            try:
-                client = self.client_for(scope)
-                env = await keys.wrap(client, self.key_url_for(scope), dek)
-                if scope != PLATFORM_KEY:
-                    # Serving needs get and unwrapKey too (the watcher checks both): a set
-                    # granted only wrapKey would make a disk that locks at its first check.
-                    await keys.key_attributes(client, env.kid)
-                    keys.wipe(await keys.unwrap(client, env))
-            except AccessMissing as e:
-                keys.wipe(dek)
-                if scope != PLATFORM_KEY:
-                    des = self._des(scope)
-                    raise AccessMissing(f"encryption set {scope!r} cannot use its key: identity "
-                                        f"{des.identity_object_id} needs get, wrapKey, unwrapKey on "
-                                        f"the vault ({e.message})") from None
-                raise
-            except Exception:
-                keys.wipe(dek)
-                raise
-        if self.state.get_volume(VolumeKind.DISK, name):
-            # A concurrent request took the name while this one waited for the key service.
-            # Nothing awaits between this check and put_volume below, so the check holds.
-            keys.wipe(dek)
-            raise Conflict(f"disk {name!r} exists")
-        v = Volume(name, VolumeKind.DISK, size, subscription, location, scope, env,
-                   self._new_path(VolumeKind.DISK), VolumeState.CREATING,
-                   source=f"{src.kind.value}:{src.name}" if src else None, created=time.time())
-        self.state.put_volume(v)
-        try:
-            backend = XtsLayer(FileBackend(v.path, size=size), dek)
-        except OSError as e:
-            keys.wipe(dek)
-            _unlink(v.path)
-            self.state.delete_volume(VolumeKind.DISK, name)
-            raise _storage_error(e, f"creating disk {name!r} of {size} bytes") from None
-        try:
-            if src is not None:
-                src_dek = await keys.unwrap(self.client_for(src.des), src.envelope)
-                src_layer = XtsLayer(FileBackend(src.path, readonly=True), src_dek)
-                try:
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, reencrypt, src_layer, backend, progress)
-                finally:
-                    src_layer.close()
-            backend.flush()
-        except BaseException as e:
-            backend.close()
-            _unlink(v.path)
-            self.state.delete_volume(VolumeKind.DISK, name)
-            if isinstance(e, OSError):
-                raise _storage_error(e, f"writing disk {name!r}") from None
-            raise
-        self._mark_ready(v)
-        self.catalog.add(Export(name, backend, description=_describe(v)))
-        return name
-
     async def _serve(self, disk: Volume) -> None:
         """Open a disk at start: unwrap its DEK; if the key refuses, export it locked."""
-        export = Export(disk.name, SealedBackend(disk.size), description=_describe(disk))
+        export = Export(disk.name, SealedBackend(disk.size), description=describe_disk(disk))
         export.lock("opening: key not yet unwrapped")
         self.catalog.add(export)
         await self.open_disk(disk.name)
@@ -434,153 +163,3 @@ class Platform:
             backend.close()
             log.warning("disk %s locked, DEK wiped: %s", name, reason)
 
-    def show_disk(self, name: str) -> dict:
-        v = self.volume(VolumeKind.DISK, name)
-        out = _volume_view(v)
-        export = self.catalog.get(name)
-        if export is not None:
-            out["serving"] = {"state": export.state.value, "reason": export.lock_reason or None,
-                              "connections": export.clients}
-        return out
-
-    def list_volumes(self, kind: VolumeKind) -> list[dict]:
-        return [self.show_disk(v.name) if kind is VolumeKind.DISK else _volume_view(v)
-                for v in self.state.list_volumes(kind)]
-
-    def show_volume(self, kind: VolumeKind, name: str) -> dict:
-        return self.show_disk(name) if kind is VolumeKind.DISK else _volume_view(self.volume(kind, name))
-
-    def key_envelope(self, name: str) -> dict:
-        v = self.volume(VolumeKind.DISK, name)
-        return {"disk": v.name, **v.envelope.to_json(),
-                "format": "aes-xts-plain64, 4096-byte sectors, iv_large_sectors; see docs/format.md"}
-
-    async def update_disk(self, name: str, *, des: str | None = None, platform_key: bool = False) -> dict:
-        """Move a disk between the platform key and encryption sets by re-wrapping its DEK."""
-        if bool(des) == bool(platform_key):
-            raise BadRequest("give exactly one of --des NAME or --platform-key")
-        v = self.volume(VolumeKind.DISK, name)
-        target = PLATFORM_KEY if platform_key else des
-        if target != PLATFORM_KEY:
-            rules.no_subscription_move(v, self._des(target))
-        elif v.customer_managed:
-            pass  # CMK -> PMK keeps the subscription; allowed
-        if target == v.des:
-            return self.show_disk(name)
-        if target != PLATFORM_KEY:
-            # All three permissions, not just the wrapKey the move itself uses: without get
-            # and unwrapKey the moved disk would lock at its next check.
-            access = await self.check_access(target)
-            if not access["granted"]:
-                d = self._des(target)
-                raise AccessMissing(f"encryption set {target!r} identity {d.identity_object_id} "
-                                    f"lacks {', '.join(access['missing'])} on its key; the vault "
-                                    "owner must grant get, wrapKey, unwrapKey")
-        async with self.scope_lock(v.des), self.scope_lock(target):
-            await self._rewrap(v, self.client_for(v.des), self.client_for(target),
-                               self.key_url_for(target), des=target)
-        if self.access is not None:
-            self.access.poke(target)
-        return self.show_disk(name)
-
-    async def delete_disk(self, name: str, *, force: bool = False) -> None:
-        v = self.volume(VolumeKind.DISK, name)
-        export = self.catalog.get(name)
-        if export is not None and export.clients and not force:
-            raise Conflict(f"disk {name!r} is attached ({export.clients} connection(s)); "
-                           "detach it first or delete with force")
-        await self.close_disk(name, "disk deleted")
-        self.catalog.remove(name)
-        self.state.delete_volume(VolumeKind.DISK, name)
-        _unlink(v.path)
-
-    # -- snapshots and images: ciphertext copies that keep the source's envelope
-    async def create_snapshot(self, name: str, disk: str, progress=None) -> dict:
-        src = self.validate_copy_request(VolumeKind.SNAPSHOT, name, f"disk:{disk}")
-        return await self._copy_volume(VolumeKind.SNAPSHOT, name, src, progress)
-
-    async def create_image(self, name: str, source: str, progress=None) -> dict:
-        src = self.validate_copy_request(VolumeKind.IMAGE, name, source)
-        return await self._copy_volume(VolumeKind.IMAGE, name, src, progress)
-
-    async def _copy_volume(self, kind: VolumeKind, name: str, src: Volume, progress) -> dict:
-        v = Volume(name, kind, src.size, src.subscription, src.location, src.des, src.envelope,
-                   self._new_path(kind), VolumeState.CREATING,
-                   source=f"{src.kind.value}:{src.name}", created=time.time())
-        self.state.put_volume(v)
-        cb = (lambda done, total: progress(done / total)) if progress else None
-        loop = asyncio.get_running_loop()
-        export = self.catalog.get(src.name) if src.kind is VolumeKind.DISK else None
-        try:
-            if export is not None:
-                # A consistent point in time while the disk stays attached: hold new
-                # requests (they wait, they do not fail), let in-flight ones finish,
-                # flush, copy, release.
-                async with export.frozen():
-                    if not export.locked:
-                        await loop.run_in_executor(None, export.backend.flush)
-                    await loop.run_in_executor(None, copy_ciphertext, src.path, v.path, src.size, cb)
-            else:
-                await loop.run_in_executor(None, copy_ciphertext, src.path, v.path, src.size, cb)
-        except BaseException as e:
-            _unlink(v.path)
-            self.state.delete_volume(kind, name)
-            if isinstance(e, OSError):  # a full disk is a 507, not an internal error
-                raise _storage_error(e, f"writing {kind.value} {name!r}") from None
-            raise
-        self._mark_ready(v)
-        return _volume_view(v)
-
-    def _mark_ready(self, v: Volume) -> None:
-        """A rotation (des update) may have re-wrapped the volume's DEK while its data was
-        being copied: keep the stored envelope, not the one this copy started with."""
-        stored = self.state.get_volume(v.kind, v.name)
-        if stored is not None:
-            v.envelope, v.des = stored.envelope, stored.des
-        v.state = VolumeState.READY
-        self.state.put_volume(v)
-
-    async def share_image(self, name: str, gallery: str) -> dict:
-        v = self.volume(VolumeKind.IMAGE, name)
-        rules.image_shareable(v)
-        v.gallery = check_name("gallery", gallery)
-        self.state.put_volume(v)
-        return _volume_view(v)
-
-    async def delete_volume(self, kind: VolumeKind, name: str) -> None:
-        v = self.volume(kind, name)
-        self.state.delete_volume(kind, name)
-        _unlink(v.path)
-
-
-def _describe(v: Volume) -> str:
-    key = "platform-managed key" if v.des == PLATFORM_KEY else f"encryption set {v.des}"
-    return f"encrypted disk {v.name} ({key})"
-
-
-def _volume_view(v: Volume) -> dict:
-    ku = KeyUrl.parse(v.envelope.kid)
-    return {"name": v.name, "kind": v.kind.value, "size": v.size, "subscription": v.subscription,
-            "location": v.location,
-            "encryption": {"type": "EncryptionAtRestWithPlatformKey" if v.des == PLATFORM_KEY
-                           else "EncryptionAtRestWithCustomerKey",
-                           "diskEncryptionSet": None if v.des == PLATFORM_KEY else v.des,
-                           "kid": v.envelope.kid, "keyVersion": ku.version, "alg": v.envelope.alg},
-            "state": v.state.value, "source": v.source, "gallery": v.gallery, "created": v.created}
-
-
-def _storage_error(e: OSError, what: str) -> Exception:
-    """The platform's own storage refused: the request's fault (a size the file system
-    cannot hold) or a full disk; anything else stays an internal error."""
-    if e.errno in (errno.EFBIG, errno.EOVERFLOW):
-        return BadRequest(f"{what}: too large for the platform's storage ({e.strerror})")
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientStorage(f"{what}: the platform's storage is full ({e.strerror})")
-    return e
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
