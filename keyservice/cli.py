@@ -1,9 +1,13 @@
 """`keyservice`: the daemon (`serve`) and client commands that print JSON.
 
 Client commands read KEYSERVICE_URL and KEYSERVICE_CREDENTIAL (a credential
-file such as DATA_DIR/admin.credential). Exit codes: 0 success; 1 the service
-refused (JSON error on stderr) or `audit verify` found tampering; 2 usage;
-3 the service is unreachable.
+file such as DATA_DIR/admin.credential), and KEYSERVICE_TIMEOUT (seconds per
+HTTP request, default 10). A command that is not done within its deadline
+(four requests' worth: token, call, and the one retry of both after a 401, plus
+a few seconds) exits 3 with its stacks on stderr rather than hang (`deadline.py`);
+`events` follows the stream for as long as it lasts. Exit codes: 0 success;
+1 the service refused (JSON error on stderr) or `audit verify` found tampering;
+2 usage; 3 the service is unreachable or too slow.
 """
 import asyncio
 import json
@@ -15,19 +19,27 @@ from pathlib import Path
 
 import click
 
+from . import deadline
 from .client import Credential, KeyServiceClient, KeyServiceError, KeyServiceUnavailable, parse_kid
+
+DEFAULT_TIMEOUT = 10.0  # seconds per HTTP request
+DEADLINE_MARGIN = 5.0  # seconds on top of the requests' own: start-up and teardown
 
 
 def _print(obj) -> None:
     click.echo(json.dumps(obj, indent=2))
 
 
-def _call(fn):
-    """Run `fn(client)` against the service named by the environment."""
+def _call(fn, *, bounded: bool = True):
+    """Run `fn(client)` against the service named by the environment; `bounded`: within
+    a deadline (every command but `events`, which follows the stream for good)."""
     url = os.environ.get("KEYSERVICE_URL")
     cred_path = os.environ.get("KEYSERVICE_CREDENTIAL")
     if not url or not cred_path:
         raise click.UsageError("set KEYSERVICE_URL and KEYSERVICE_CREDENTIAL (a credential file)")
+    timeout = _request_timeout()
+    if bounded:
+        deadline.arm(4 * timeout + DEADLINE_MARGIN, f"keyservice {' '.join(sys.argv[1:3])}")
     try:
         cred = Credential.load(cred_path)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -36,7 +48,7 @@ def _call(fn):
     ssl_context = _client_ssl(url)
 
     async def run():
-        async with KeyServiceClient(url, cred, ssl=ssl_context) as client:
+        async with KeyServiceClient(url, cred, ssl=ssl_context, timeout=timeout) as client:
             return await fn(client)
     try:
         return asyncio.run(run())
@@ -47,6 +59,19 @@ def _call(fn):
         click.echo(json.dumps({"error": {"code": e.code, "message": e.message, "status": e.status}}),
                    err=True)
         sys.exit(1)
+
+
+def _request_timeout() -> float:
+    raw = os.environ.get("KEYSERVICE_TIMEOUT", "")
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise click.UsageError(f"KEYSERVICE_TIMEOUT must be seconds in (0, 3600], not {raw!r}")
+    return value
 
 
 def _client_ssl(url):
@@ -391,7 +416,7 @@ def events(since):
     async def follow(c):
         async for e in c.events(since):
             click.echo(json.dumps(e), nl=True)
-    _call(follow)
+    _call(follow, bounded=False)
 
 
 # -- TLS --

@@ -187,7 +187,10 @@ class KeyServiceClient:
         established: from then on no change is missed."""
         params = {} if since is None else {"since": str(since)}
         headers = {"Authorization": f"Bearer {await self._bearer()}", "Accept": "text/event-stream"}
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=idle_timeout)
+        # No total (a stream lasts), but connecting is bounded like any request: a service
+        # whose accept queue is full drops the SYN, and the kernel retries for ~2 minutes.
+        timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout.total,
+                                        sock_read=idle_timeout)
         try:
             async with self._http().get(self.base_url + "/events", params=params, headers=headers,
                                         ssl=self._ssl, timeout=timeout) as resp:
