@@ -82,7 +82,11 @@ class KeyServiceClient:
         self.base_url = base_url.rstrip("/")
         self.credential = credential
         self._ssl = ssl
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # `total` alone is not enough: aiohttp can miss it and wait for an answer forever
+        # (aio-libs/aiohttp#11740; CI saw a CLI call hang 120 s). The socket-level
+        # timeouts are armed on the connection itself, so every phase is bounded.
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=timeout,
+                                              sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
         self._token_renew = 0.0
