@@ -79,7 +79,9 @@ def attach_argv(host: str, port: int, device: str, disk: str, connections: int,
         argv += ["-C", str(connections)]
     if tls_dir is not None:
         ca, cert, key = (f"{tls_dir.rstrip('/')}/{f}" for f in TLS_FILES)
-        argv += ["-x", "-A", ca, "-F", cert, "-K", key]
+        # The long option forms: Debian's nbd-client refuses the short -A/-F/-K its
+        # --help lists ("unrecognized option").
+        argv += ["-x", "-cacertfile", ca, "-certfile", cert, "-keyfile", key]
     if persist:
         # -p: reconnect when the connection drops (server restart, network blip) instead of
         # failing every I/O; the kernel queues requests meanwhile.

@@ -58,8 +58,8 @@ def test_nbd_dry_run_with_tls(tls_stack, tls):
     host, port = tls_stack.nb.nbd_address.rsplit(":", 1)
     out = tls_stack.nbdserver("attach", "t1", "--dry-run", "--device", "/dev/nbd1", "--tls-dir", tls)
     assert out["argv"] == ["nbd-client", "-N", "t1", host, port, "/dev/nbd1", "-b", "4096",
-                           "-x", "-A", f"{tls}/ca-cert.pem", "-F", f"{tls}/client-cert.pem",
-                           "-K", f"{tls}/client-key.pem", "-p"]
+                           "-x", "-cacertfile", f"{tls}/ca-cert.pem", "-certfile", f"{tls}/client-cert.pem",
+                           "-keyfile", f"{tls}/client-key.pem", "-p"]
 
 
 def test_tls_refusals(tls_stack, tls, tmp_path):

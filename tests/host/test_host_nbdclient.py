@@ -75,5 +75,5 @@ def test_connections_out_of_range(n):
 def test_attach_command_line_with_tls():
     assert attach_argv("srv.example", 10809, "/dev/nbd0", "d", 2, tls_dir="/etc/ed/tls/") == [
         "nbd-client", "-N", "d", "srv.example", "10809", "/dev/nbd0", "-b", "4096", "-C", "2",
-        "-x", "-A", "/etc/ed/tls/ca-cert.pem", "-F", "/etc/ed/tls/client-cert.pem",
-        "-K", "/etc/ed/tls/client-key.pem", "-p"]
+        "-x", "-cacertfile", "/etc/ed/tls/ca-cert.pem", "-certfile", "/etc/ed/tls/client-cert.pem",
+        "-keyfile", "/etc/ed/tls/client-key.pem", "-p"]
