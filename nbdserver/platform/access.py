@@ -27,7 +27,7 @@ from keyservice.client import KeyServiceError
 
 from . import keys
 from .errors import AccessMissing, KeyUnavailable
-from .model import PLATFORM_KEY, KeyUrl, VolumeKind
+from .model import KeyUrl, VolumeKind
 
 log = logging.getLogger("nbdserver.access")
 
