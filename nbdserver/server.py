@@ -25,6 +25,7 @@ import ssl
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+from .backend import INLINE_WRITE_MAX
 from .exports import Export, ExportCatalog
 from .protocol import handshake as hs
 from .protocol.constants import (
@@ -328,6 +329,11 @@ class Connection(asyncio.Protocol):
             return self._offload(req, self._read_worker, backend, req, buf)
         if cmd == NBD_CMD_WRITE:
             data = memoryview(req.payload)
+            if fua or req.length > INLINE_WRITE_MAX:
+                # Would block (or is too big for the loop) at the bottom of any data
+                # path: go to a worker now rather than let an encrypting layer do its
+                # work inline first and then be refused.
+                return self._offload(req, _pwrite, backend, data, req.offset, fua)
             try:
                 backend.pwrite(data, req.offset, fua=fua, nowait=True)
             except BlockingIOError:
