@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers.images import DISK_SIZE, RO_SIZE, write_ro_pattern
-from tests.helpers.servers import BaselineServer
+from tests.helpers.servers import BaselineServer, stop_healthy
 
 
 @pytest.fixture
@@ -20,20 +20,7 @@ def server_factory(tmp_path):
         return srv
 
     yield start
-    problems = []
-    for srv in started:
-        if srv.proc.poll() is not None:  # a test that stopped it checked it itself
-            continue
-        try:
-            srv.assert_healthy()
-            rc = srv.terminate()
-            if rc != 0:
-                problems.append(f"{srv.name} exited {rc} on SIGTERM:\n{srv.stderr_text()[-3000:]}")
-        except AssertionError as e:
-            problems.append(str(e))
-        finally:
-            srv.kill()
-    assert not problems, "\n".join(problems)
+    stop_healthy(started)
 
 
 @pytest.fixture

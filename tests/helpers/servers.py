@@ -164,3 +164,24 @@ class BaselineServer(DaemonProcess):
     @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port
+
+
+def stop_healthy(servers, *, skip_exited: bool = True) -> None:
+    """Fixture teardown: every server still running must be healthy (no traceback) and
+    exit 0 on SIGTERM; all are killed whatever happens. With `skip_exited`, a server the
+    test already stopped is not checked again (the test checked it itself)."""
+    problems = []
+    for srv in servers:
+        if skip_exited and srv.proc.poll() is not None:
+            srv.kill()
+            continue
+        try:
+            srv.assert_healthy()
+            rc = srv.terminate()
+            if rc != 0:
+                problems.append(f"{srv.name} exited {rc} on SIGTERM:\n{srv.stderr_text()[-3000:]}")
+        except AssertionError as e:
+            problems.append(str(e))
+        finally:
+            srv.kill()
+    assert not problems, "\n".join(problems)

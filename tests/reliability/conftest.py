@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from tests.helpers.servers import BaselineServer
+from tests.helpers.servers import BaselineServer, stop_healthy
 
 
 def rss_kib(pid: int) -> int:
@@ -46,18 +46,4 @@ def baseline(tmp_path):
         return srv
 
     yield start
-    problems = []
-    for srv in started:
-        if srv.proc.poll() is not None:
-            srv.kill()
-            continue
-        try:
-            srv.assert_healthy()
-            rc = srv.terminate()
-            if rc != 0:
-                problems.append(f"{srv.name} exited {rc} on SIGTERM:\n{srv.stderr_text()[-3000:]}")
-        except AssertionError as e:
-            problems.append(str(e))
-        finally:
-            srv.kill()
-    assert not problems, "\n".join(problems)
+    stop_healthy(started)

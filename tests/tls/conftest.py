@@ -16,7 +16,7 @@ import pytest
 from keyservice.tlsca import init_ca
 from nbdserver.tls import write_psk_file
 from tests.helpers.images import DISK_SIZE
-from tests.helpers.servers import BaselineServer
+from tests.helpers.servers import BaselineServer, stop_healthy
 
 PSK_IDENTITY = "alice"
 
@@ -57,18 +57,7 @@ def tls_server(tmp_path):
         return srv
 
     yield start
-    problems = []
-    for srv in started:
-        try:
-            srv.assert_healthy()
-            rc = srv.terminate()
-            if rc != 0:
-                problems.append(f"{srv.name} exited {rc} on SIGTERM")
-        except AssertionError as e:
-            problems.append(str(e))
-        finally:
-            srv.kill()
-    assert not problems, "\n".join(problems)
+    stop_healthy(started, skip_exited=False)
 
 
 def cert_uri(srv, certs: Path, export: str = "disk") -> str:
