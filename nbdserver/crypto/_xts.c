@@ -38,6 +38,10 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
+#ifndef NBDSERVER_STATIC_OPENSSL
+#define NBDSERVER_STATIC_OPENSSL 0
+#endif
+
 #define KEY_BYTES 64                  /* AES-256-XTS: two 256-bit AES keys */
 #define MIN_UNIT 16                   /* XTS needs at least one AES block */
 #define MAX_UNIT (16 * 1024 * 1024)   /* IEEE 1619: at most 2^20 blocks per data unit */
@@ -447,6 +451,11 @@ PyInit__xts(void)
 {
     PyObject *m;
     if (aes_256_xts == NULL) {
+        /* Read no openssl.cnf (the engine needs no configuration, and a static copy
+         * must not pick up the system's) and register no atexit handler: the extension
+         * is never unloaded, and the contexts are freed by their owners. */
+        if (!OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG | OPENSSL_INIT_NO_ATEXIT, NULL))
+            return openssl_error("OPENSSL_init_crypto");
         aes_256_xts = EVP_CIPHER_fetch(NULL, "AES-256-XTS", NULL);
         if (aes_256_xts == NULL)
             return openssl_error("EVP_CIPHER_fetch(AES-256-XTS)");
@@ -459,6 +468,13 @@ PyInit__xts(void)
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* Which OpenSSL does the work: the pinned static build (scripts/lib/openssl.sh) or
+     * the system's. Benchmarks and `nbdserver --version` report it. */
+    if (PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
+        PyModule_AddIntConstant(m, "OPENSSL_STATIC", NBDSERVER_STATIC_OPENSSL) < 0) {
         Py_DECREF(m);
         return NULL;
     }

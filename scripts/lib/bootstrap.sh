@@ -5,10 +5,11 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="$ROOT/.venv"
+source "$ROOT/scripts/lib/openssl.sh"
 
 # Debian packages the project and its real-client tests use.
 DEB_PACKAGES=(
-    python3 python3-venv python3-dev python3-libnbd gcc libssl-dev
+    python3 python3-venv python3-dev python3-libnbd gcc make perl curl ca-certificates libssl-dev
     libnbd-bin fuse3 qemu-utils fio nbdkit nbd-client
     e2fsprogs util-linux cryptsetup-bin openssl kmod iproute2 procps
     systemd
@@ -38,7 +39,9 @@ bootstrap_venv() {
     fi
     local stamp="$VENV/.install-stamp" want
     # The build inputs: a change to any of them re-runs the editable install (and the C build).
-    want="$(cd "$ROOT" && cat pyproject.toml $(ls setup.py nbdserver/crypto/*.c 2>/dev/null) | sha256sum | cut -d' ' -f1)"
+    # The libcrypto the engine links (scripts/lib/openssl.sh) is one of them.
+    want="$(cd "$ROOT" && { cat pyproject.toml $(ls setup.py nbdserver/crypto/*.c 2>/dev/null)
+                            echo "openssl=${NBDSERVER_OPENSSL_PREFIX:-system}"; } | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "bootstrap: installing the project into $VENV" >&2
         "$VENV/bin/python" -m pip install -q --upgrade pip >&2
@@ -50,5 +53,6 @@ bootstrap_venv() {
 
 bootstrap() {
     bootstrap_debs
+    bootstrap_openssl
     bootstrap_venv
 }
