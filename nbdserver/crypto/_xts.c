@@ -21,6 +21,14 @@
  * inputs, and gives the context back. The pool is touched only with the GIL held, so
  * the GIL is its lock.
  *
+ * Mapped sources: decrypt_mapped() reads ciphertext straight out of a file mapping (the
+ * page cache), which saves the read copy. Touching a mapped page whose read fails (an
+ * I/O error, or a file truncated under the mapping) raises SIGBUS, which would kill the
+ * whole server; so that loop runs under a guard: a SIGBUS handler that, only on a thread
+ * inside a guarded loop, jumps back out of it (siglongjmp) and the call raises
+ * OSError(EIO). Any other SIGBUS goes to the handler that was there before ours, or
+ * kills the process as it would have without us.
+ *
  * Secrets: the caller's key buffer is read once and not kept. OpenSSL keeps the key
  * schedule in its own heap memory and cleanses it in EVP_CIPHER_CTX_free, which
  * close() and deallocation call for every context.
@@ -29,6 +37,8 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -160,6 +170,81 @@ xts_units(EVP_CIPHER_CTX *ctx, const unsigned char *src, unsigned char *dst,
     return 0;
 }
 
+/* --- the SIGBUS guard for mapped sources ----------------------------------------- */
+
+/* Set only while this thread runs a guarded loop. initial-exec TLS: reading it in the
+ * signal handler must not allocate. */
+static __thread sigjmp_buf *volatile bus_jump __attribute__((tls_model("initial-exec")));
+static struct sigaction bus_previous;
+static int bus_installed;             /* changed with the GIL held */
+
+static void
+bus_handler(int sig, siginfo_t *info, void *context)
+{
+    sigjmp_buf *jump = bus_jump;
+    if (jump != NULL) {
+        bus_jump = NULL;
+        siglongjmp(*jump, 1);
+    }
+    /* Not a guarded read: do what would have happened without us. */
+    if (bus_previous.sa_flags & SA_SIGINFO) {
+        if (bus_previous.sa_sigaction != NULL) {
+            bus_previous.sa_sigaction(sig, info, context);
+            return;
+        }
+    } else if (bus_previous.sa_handler == SIG_IGN) {
+        return;
+    } else if (bus_previous.sa_handler != SIG_DFL) {
+        bus_previous.sa_handler(sig);
+        return;
+    }
+    /* Default action: terminate. Returning re-runs the faulting access under SIG_DFL;
+     * a SIGBUS sent with kill() is raised again and delivered when we return. */
+    signal(SIGBUS, SIG_DFL);
+    raise(SIGBUS);
+}
+
+static int
+bus_install(void)
+{
+    struct sigaction sa;
+    if (bus_installed)
+        return 0;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = bus_handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &bus_previous) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    bus_installed = 1;
+    return 0;
+}
+
+/* xts_units with a SIGBUS on src turned into a return of 1. Runs without the GIL.
+ * Everything the loop changes that is read after a jump is volatile or re-derived. */
+static int
+xts_units_guarded(EVP_CIPHER_CTX *ctx, const unsigned char *src, unsigned char *dst,
+                  Py_ssize_t len, Py_ssize_t unit, uint64_t lo, uint64_t hi,
+                  Py_ssize_t *n_holes)
+{
+    sigjmp_buf jump;
+    volatile Py_ssize_t holes = 0;
+    Py_ssize_t counted = 0;
+    int rc;
+    if (sigsetjmp(jump, 1) != 0) {     /* the handler jumped: SIGBUS mask restored */
+        *n_holes = holes;
+        return 1;
+    }
+    bus_jump = &jump;
+    rc = xts_units(ctx, src, dst, len, unit, lo, hi, 1, &counted);
+    bus_jump = NULL;
+    holes = counted;
+    *n_holes = holes;
+    return rc;
+}
+
 /* first_sector: an int in [0, 2^128). */
 static int
 parse_tweak(PyObject *o, uint64_t *lo, uint64_t *hi)
@@ -279,6 +364,76 @@ engine_decrypt(Engine *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
+engine_decrypt_mapped(Engine *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer src, dst;
+    uint64_t lo, hi;
+    int rc;
+    Py_ssize_t n_holes = 0, units;
+    EVP_CIPHER_CTX *ctx;
+
+    if (nargs != 3)
+        return PyErr_Format(PyExc_TypeError, "decrypt_mapped(src, dst, first_sector)");
+    if (self->pool[DECRYPT].proto == NULL)
+        return PyErr_Format(PyExc_ValueError, "decrypt_mapped on a closed Engine");
+    if (parse_tweak(args[2], &lo, &hi) < 0)
+        return NULL;
+    if (bus_install() < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &src, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &dst, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    if (src.len != dst.len || src.len % self->unit != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "src (%zd bytes) and dst (%zd bytes) must be the same whole number "
+                     "of %zd-byte data units", src.len, dst.len, self->unit);
+        goto fail;
+    }
+    if ((char *)src.buf < (char *)dst.buf + dst.len && (char *)dst.buf < (char *)src.buf + src.len) {
+        PyErr_SetString(PyExc_ValueError, "decrypt_mapped: src and dst must not overlap");
+        goto fail;
+    }
+    units = src.len / self->unit;
+    if (units > 0 && hi == UINT64_MAX && (uint64_t)(units - 1) > UINT64_MAX - lo) {
+        PyErr_SetString(PyExc_ValueError, "sector numbers would pass 2**128 - 1");
+        goto fail;
+    }
+    ctx = pool_take(&self->pool[DECRYPT]);
+    if (ctx == NULL)
+        goto fail;
+    /* Always without the GIL: a page fault on the mapping may wait for the disk. */
+    Py_BEGIN_ALLOW_THREADS
+    rc = xts_units_guarded(ctx, src.buf, dst.buf, src.len, self->unit, lo, hi, &n_holes);
+    Py_END_ALLOW_THREADS
+    if (rc == 1) {
+        /* Left mid-operation: do not reuse this context. */
+        EVP_CIPHER_CTX_free(ctx);
+        PyObject *exc_args = Py_BuildValue("(is)", EIO,
+                                           "I/O error reading the disk file (SIGBUS on its mapping)");
+        if (exc_args != NULL) {
+            PyErr_SetObject(PyExc_OSError, exc_args);
+            Py_DECREF(exc_args);
+        }
+        goto fail;
+    }
+    pool_give(&self->pool[DECRYPT], ctx);
+    if (rc < 0) {
+        openssl_error("decrypt_mapped");
+        goto fail;
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return PyLong_FromSsize_t(n_holes);
+fail:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return NULL;
+}
+
+static PyObject *
 engine_close(Engine *self, PyObject *Py_UNUSED(ignored))
 {
     pool_clear(&self->pool[DECRYPT]);
@@ -367,6 +522,11 @@ static PyMethodDef engine_methods[] = {
      "decrypt(src, dst, first_sector, holes=False, /) -> int: XTS-decrypt src into dst. "
      "With holes, an all-zero ciphertext unit is a never-written sector and becomes zeros "
      "without decryption. Returns the number of such units."},
+    {"decrypt_mapped", (PyCFunction)(void (*)(void))engine_decrypt_mapped, METH_FASTCALL,
+     "decrypt_mapped(src, dst, first_sector, /) -> int: decrypt(src, dst, first_sector, "
+     "True) for a src that is a file mapping: without the GIL, and a SIGBUS while reading "
+     "src (I/O error, truncated file) raises OSError(EIO) instead of killing the process. "
+     "src and dst must not overlap."},
     {"close", (PyCFunction)engine_close, METH_NOARGS,
      "Free every OpenSSL context (cleansing the key schedule). Idempotent."},
     {NULL, NULL, 0, NULL},

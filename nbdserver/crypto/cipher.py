@@ -92,6 +92,12 @@ class XtsSectorCipher:
         never-written one and reads as zeros. Returns how many such sectors there were."""
         return self._engine.decrypt(src, dst, first_sector, holes)
 
+    def decrypt_mapped(self, src, dst, first_sector: int) -> int:
+        """`decrypt(src, dst, first_sector, holes=True)` for a `src` that is a file
+        mapping (`BlockBackend.mapping()`): an I/O error while reading it raises
+        OSError(EIO) instead of SIGBUS killing the process. `dst` must not overlap it."""
+        return self._engine.decrypt_mapped(src, dst, first_sector)
+
     def close(self) -> None:
         """Free the OpenSSL contexts (cleansing the key schedule) and wipe the DEK."""
         self._engine.close()

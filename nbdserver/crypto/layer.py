@@ -11,9 +11,12 @@ into an unaligned head, an aligned body and an unaligned tail. Reads of the ends
 through a per-thread scratch sector; writes of the ends are read-modify-write, ordered
 by `SectorLocks` against every other write to the same sectors.
 
-Copies are avoided: an aligned read lands in the caller's buffer and is decrypted in
-place; a write is encrypted into a per-thread scratch buffer (reused, at most CHUNK) and
-written from there with one lower pwrite per CHUNK.
+Copies are avoided: a large read is decrypted straight out of the lower layer's file
+mapping into the caller's buffer (`BlockBackend.mapping()`, under a SIGBUS guard); a
+small one lands in the caller's buffer and is decrypted in place; an aligned write whose buffer the caller hands over (`owned=True`, as the server
+does with a WRITE payload) is encrypted in place; any other write is encrypted into a
+per-thread scratch buffer (reused, at most CHUNK) and written from there with one lower
+pwrite per CHUNK.
 
 nowait (see backend.py): passed down unchanged. Everything this layer does before the
 lower write (RMW reads, encryption into scratch) is reversible, and a write goes down as
@@ -34,6 +37,9 @@ S = SECTOR_SIZE
 # Largest write sent down in one call, and the per-thread scratch cap: above it a request
 # is encrypted and written in CHUNK pieces, so a 32 MiB NBD write needs no 32 MiB buffer.
 CHUNK = 1 << 20
+# Reads at least this large (and not nowait) decrypt straight out of the lower layer's
+# mapping; smaller ones gain little and keep the plain pread path.
+MAP_MIN = 64 * 1024
 
 
 class XtsLayer(BlockBackend):
@@ -92,17 +98,21 @@ class XtsLayer(BlockBackend):
             self._read_sectors(sector, offset + pos, nowait)
             buf[pos:] = sector[:n - pos]
 
-    def pwrite(self, data, offset, *, fua=False, nowait=False):
+    def pwrite(self, data, offset, *, fua=False, nowait=False, owned=False):
         self._check_open()
         data = memoryview(data).cast("B")
         n = len(data)
         if n == 0:
             return
         first = offset // S
-        if offset % S == 0 and n % S == 0 and n <= CHUNK:  # the common case, no RMW
+        if offset % S == 0 and n % S == 0 and (n <= CHUNK or (owned and not nowait)):
+            # The common case, no RMW: one encryption, one lower write. A buffer the
+            # caller handed over is encrypted in place (any size: no scratch needed), but
+            # not with nowait, where a refusal from below must leave the plaintext intact
+            # for the retry.
             held = self._locks.acquire(first, first + n // S)
             try:
-                out = self._scratch(n)
+                out = data if owned and not nowait else self._scratch(n)
                 self._cipher.encrypt(data, out, first)
                 self._lower.pwrite(out, offset, fua=fua, nowait=nowait)
             finally:
@@ -168,7 +178,16 @@ class XtsLayer(BlockBackend):
         return view[:n]
 
     def _read_sectors(self, buf: memoryview, offset: int, nowait: bool):
-        """Read and decrypt whole sectors at the aligned `offset` into `buf`, in place."""
+        """Read and decrypt whole sectors at the aligned `offset` into `buf`: straight
+        out of the lower layer's mapping when it has one (one pass over the data instead
+        of a pread copy and then an in-place decryption), else with pread. Not with
+        nowait: touching the mapping may wait for the disk."""
+        n = len(buf)
+        if not nowait and n >= MAP_MIN:
+            view = self._lower.mapping()
+            if view is not None and offset + n <= len(view):
+                self._cipher.decrypt_mapped(view[offset:offset + n], buf, offset // S)
+                return
         self._lower.pread(buf, offset, nowait=nowait)
         self._cipher.decrypt(buf, buf, offset // S, holes=True)
 

@@ -8,8 +8,9 @@
   the failing device is built from real parts instead of dm-error: nbdkit's `error`
   filter over its memory plugin, exposed as a file by nbdfuse (FUSE). The export's file
   is that FUSE file; while a trigger file exists, every read and write of nbdkit fails
-  and the kernel hands our server EIO. The client must get EIO, the server must stay up
-  and serve other exports, and I/O must work again once the fault is gone.
+  and the kernel hands our server EIO (for a read through the file's mapping: SIGBUS,
+  which the XTS engine's guard turns into EIO). The client must get EIO, the server
+  must stay up and serve other exports, and I/O must work again once the fault is gone.
 """
 
 from __future__ import annotations
@@ -147,6 +148,11 @@ def test_eio_from_the_backing_device(baseline, tmp_path):
             with pytest.raises(nbd.Error) as failed:
                 call()
             assert failed.value.errnum == errno.EIO, f"{what}: expected EIO, got {failed.value}"
+        # A read this large decrypts straight out of a mapping of the file (XtsLayer,
+        # FileBackend.mapping): the failed read was a SIGBUS there, which the engine's
+        # guard turned into EIO instead of the server dying.
+        maps = open(f"/proc/{srv.pid}/maps").read()
+        assert str(dev.path) in maps, "the faulty file was not read through its mapping"
         g = nbd.NBD()
         g.connect_uri(srv.uri("good"))
         g.pwrite(data, 0)
