@@ -497,7 +497,8 @@ class Connection(asyncio.Protocol):
 
 
 def _pwrite(backend, data, offset, fua):
-    backend.pwrite(data, offset, fua=fua)
+    # The payload belongs to this request alone (RequestParser): the backend may reuse it.
+    backend.pwrite(data, offset, fua=fua, owned=True)
 
 
 def _trim(backend, offset, length, fua):

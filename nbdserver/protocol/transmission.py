@@ -42,7 +42,7 @@ class Request(NamedTuple):
     cookie: int
     offset: int
     length: int
-    payload: bytes | None = None  # WRITE only
+    payload: bytearray | None = None  # WRITE only, owned by the request
 
 
 class Oversized(NamedTuple):
@@ -59,24 +59,40 @@ class BadMagic(NamedTuple):
     magic: int
 
 
+# A WRITE payload at least this large that has not fully arrived is received straight
+# into a buffer of its own (one copy per byte); smaller ones are sliced out of the
+# receive buffer, where many of them usually arrive in one chunk.
+DIRECT_PAYLOAD_MIN = 64 * 1024
+
+
 class RequestParser:
+    """`feed(data)` -> the requests complete in what has arrived so far.
+
+    A WRITE's payload is a bytearray the request owns: the consumer may keep it, or
+    overwrite it (an encrypting layer encrypts in place), without a copy."""
+
     def __init__(self, max_payload: int = MAX_BLOCK_SIZE):
         self._buf = bytearray()
         self._skip = 0
         self._max = max_payload
+        # A large WRITE being received: its header fields, payload and bytes so far.
+        self._partial: tuple | None = None
+        self._have = 0
         self.broken = False
 
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + self._have
 
     def feed(self, data) -> list:
-        buf = self._buf
+        out = []
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
             data = memoryview(data)[n:]
+        if self._partial is not None:
+            data = self._fill(data, out)
+        buf = self._buf
         buf += data
-        out = []
         pos = 0
         end = len(buf)
         unpack = REQUEST.unpack_from
@@ -95,10 +111,16 @@ class RequestParser:
                     pos += avail
                     self._skip = length - avail
                     continue
-                if end - pos - REQUEST_SIZE < length:
-                    break
                 start = pos + REQUEST_SIZE
-                out.append(Request(cmd, flags, cookie, offset, length, bytes(buf[start:start + length])))
+                if end - start < length:
+                    if length >= DIRECT_PAYLOAD_MIN:
+                        payload = bytearray(length)
+                        self._have = end - start
+                        payload[:self._have] = memoryview(buf)[start:end]
+                        self._partial = (cmd, flags, cookie, offset, length, payload)
+                        pos = end
+                    break
+                out.append(Request(cmd, flags, cookie, offset, length, buf[start:start + length]))
                 pos = start + length
             else:
                 out.append(Request(cmd, flags, cookie, offset, length))
@@ -107,8 +129,24 @@ class RequestParser:
             del buf[:pos]
         return out
 
+    def _fill(self, data, out: list):
+        """Copy arriving bytes into the partial WRITE's payload; returns the rest of
+        `data` (the next requests) once the payload is complete."""
+        cmd, flags, cookie, offset, length, payload = self._partial
+        take = min(length - self._have, len(data))
+        payload[self._have:self._have + take] = memoryview(data)[:take]
+        self._have += take
+        if self._have < length:
+            return b""
+        self._partial = None
+        self._have = 0
+        out.append(Request(cmd, flags, cookie, offset, length, payload))
+        return memoryview(data)[take:]
+
     def need(self) -> int:
         """How many more bytes complete the pending request (0 if unknown/none)."""
+        if self._partial is not None:
+            return self._partial[4] - self._have
         if len(self._buf) < REQUEST_SIZE:
             return 0
         magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(self._buf)
