@@ -202,6 +202,9 @@ class Bench:
         out = work / f"fio-{target.name}-{w.name}-{run}.json"
         size = self.states[target.name].export_size
         argv = fio.command(w, target.uri, size=size, runtime=s.runtime, ramp=s.ramp, output=str(out))
+        # Write back what the previous run left dirty, so the kernel's flusher does not
+        # spend this run's CPU on another target's data (2 cores: it shows).
+        os.sync()
         record = {"target": target.name, "workload": w.name, "run": run}
         try:
             done = subprocess.run(argv, capture_output=True, text=True,
