@@ -335,7 +335,9 @@ class Connection(asyncio.Protocol):
                 # work inline first and then be refused.
                 return self._offload(req, _pwrite, backend, data, req.offset, fua)
             try:
-                backend.pwrite(data, req.offset, fua=fua, nowait=True)
+                # Owned: the payload is this request's alone (an encrypting layer encrypts
+                # it in place, and restores it if the write is refused for a worker).
+                backend.pwrite(data, req.offset, fua=fua, nowait=True, owned=True)
             except BlockingIOError:
                 return self._offload(req, _pwrite, backend, data, req.offset, fua)
             except OSError as e:

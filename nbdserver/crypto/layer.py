@@ -56,6 +56,8 @@ class XtsLayer(BlockBackend):
             # OSError like every backend failure (backend.py), so callers' handlers apply.
             raise OSError(errno.EINVAL, f"the disk size {lower.size} is not a multiple of {S} bytes")
         self._cipher = XtsSectorCipher(key, S)
+        self._encrypt = self._cipher.encrypt
+        self._decrypt = self._cipher.decrypt
         self._lower = lower
         self._locks = SectorLocks()
         self._local = threading.local()
@@ -99,7 +101,8 @@ class XtsLayer(BlockBackend):
             buf[pos:] = sector[:n - pos]
 
     def pwrite(self, data, offset, *, fua=False, nowait=False, owned=False):
-        self._check_open()
+        if self._closed:
+            self._check_open()
         data = memoryview(data).cast("B")
         n = len(data)
         if n == 0:
@@ -107,14 +110,16 @@ class XtsLayer(BlockBackend):
         first = offset // S
         if offset % S == 0 and n % S == 0 and (n <= CHUNK or (owned and not nowait)):
             # The common case, no RMW: one encryption, one lower write. A buffer the
-            # caller handed over is encrypted in place (any size: no scratch needed), but
-            # not with nowait, where a refusal from below must leave the plaintext intact
-            # for the retry.
-            held = self._locks.acquire(first, first + n // S)
+            # caller handed over is encrypted in place (any size: no scratch needed).
+            end = first + n // S
+            lock = self._locks.single(first, end)
+            if lock is not None:  # most writes: one stripe, one lock, no list
+                with lock:
+                    self._write_whole(data, offset, first, fua, nowait, owned)
+                return
+            held = self._locks.acquire(first, end)
             try:
-                out = data if owned and not nowait else self._scratch(n)
-                self._cipher.encrypt(data, out, first)
-                self._lower.pwrite(out, offset, fua=fua, nowait=nowait)
+                self._write_whole(data, offset, first, fua, nowait, owned)
             finally:
                 self._locks.release(held)
             return
@@ -190,6 +195,17 @@ class XtsLayer(BlockBackend):
                 return
         self._lower.pread(buf, offset, nowait=nowait)
         self._cipher.decrypt(buf, buf, offset // S, holes=True)
+
+    def _write_whole(self, data, offset, first, fua, nowait, owned):
+        """Whole sectors, locks held: encrypt (in place if `owned`) and write down."""
+        out = data if owned else self._scratch(len(data))
+        self._encrypt(data, out, first)
+        try:
+            self._lower.pwrite(out, offset, fua=fua, nowait=nowait)
+        except BlockingIOError:
+            if out is data:  # refused before writing: hand the plaintext back for the retry
+                self._decrypt(data, data, first)
+            raise
 
     def _write_chunk(self, data, offset, start, stop, fua, nowait):
         """Encrypt the part of the write that falls in the aligned range [start, stop)

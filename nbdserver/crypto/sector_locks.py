@@ -46,6 +46,15 @@ class SectorLocks:
             lock.acquire()
         return held
 
+    def single(self, first: int, end: int) -> threading.Lock | None:
+        """The one lock of sectors [first, end) when they share a stripe, else None
+        (then use acquire/release). The fast path of a small write."""
+        per = self._per
+        g = first // per
+        if g != (end - 1) // per:
+            return None
+        return self._locks[g % len(self._locks)]
+
     @staticmethod
     def release(held: list[threading.Lock]) -> None:
         for lock in reversed(held):

@@ -197,7 +197,7 @@ def test_capabilities_come_from_the_lower_layer(tmp_path):
 class NoNowaitWrites(FileBackend):
     """A real file backend whose writes always need a worker (like large FUA writes)."""
 
-    def pwrite(self, data, offset, *, fua=False, nowait=False):
+    def pwrite(self, data, offset, *, fua=False, nowait=False, owned=False):
         if nowait:
             raise BlockingIOError(errno.EAGAIN, "use a worker")
         super().pwrite(data, offset, fua=fua)
@@ -216,6 +216,26 @@ def test_nowait_blocking_propagates_before_anything_is_written(tmp_path):
             layer.pwrite(bytes(CHUNK + S), 0, nowait=True)
         layer.pwrite(b"n" * (S + 1024), 512)  # what the server then does on a worker
         assert read(layer, 0, 3 * S) == b"o" * 512 + b"n" * (S + 1024) + b"o" * (2 * S - 1536)
+    finally:
+        layer.close()
+
+
+def test_an_owned_buffer_refused_with_nowait_is_handed_back_as_plaintext(tmp_path):
+    """The server hands its WRITE payload over (`owned=True`), so the layer encrypts it in
+    place; when the lower layer then refuses the nowait write, the server retries the
+    same buffer on a worker, so it must hold the plaintext again."""
+    path = tmp_path / "d"
+    layer = XtsLayer(NoNowaitWrites(path, size=SIZE), generate_dek())
+    try:
+        data = bytearray(os.urandom(2 * S))
+        original = bytes(data)
+        with pytest.raises(BlockingIOError):
+            layer.pwrite(data, S, nowait=True, owned=True)
+        assert data == original
+        layer.pwrite(data, S, owned=True)  # the worker's retry: encrypted in place, written
+        assert data != original
+        assert read(layer, S, 2 * S) == original
+        assert original not in file_bytes(path)
     finally:
         layer.close()
 
