@@ -71,9 +71,19 @@ def host_info() -> dict:
     except OSError:
         pass
     return {"nproc": os.cpu_count(), "cpu_model": cpu, "kernel": platform.release(),
+            "xts_engine": xts_engine(),
             "python": platform.python_version(), "hostname": platform.node(),
             # Other work on the machine is the main source of noise; this says how much there was.
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def xts_engine() -> str:
+    """Which OpenSSL does this project's XTS work (scripts/lib/openssl.sh), in a fresh
+    interpreter like the servers'."""
+    probe = subprocess.run([sys.executable, "-c", "import nbdserver.crypto._xts as x; "
+                            "print(x.OPENSSL_VERSION, '(static)' if x.OPENSSL_STATIC else '(system)')"],
+                           capture_output=True, text=True, timeout=60)
+    return probe.stdout.strip() if probe.returncode == 0 else ""
 
 
 def tool_version(argv: list[str]) -> str:

@@ -68,6 +68,7 @@ def markdown(results: dict) -> str:
         f"kernel {h['kernel']} · fio {results['fio_version']} (ioengine=nbd, numjobs=1) · "
         f"{_size(s['size_bytes'])} pre-filled image · {s['runs']} run(s) × {s['runtime_s']:g} s "
         f"(+{s['ramp_s']:g} s ramp), targets interleaved · medians."
+        + (f" XTS engine: {h['xts_engine']}." if h.get("xts_engine") else "")
         + (f" Load average (1 min) {h['loadavg_at_start'][0]:g} at start, "
            f"{h['loadavg_at_end'][0]:g} at end." if "loadavg_at_end" in h else ""),
         "",
