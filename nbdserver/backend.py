@@ -105,6 +105,16 @@ class BlockBackend(ABC):
     def cache(self, offset: int, length: int) -> None:
         """Prefetch the range (NBD_CMD_CACHE). Advisory."""
 
+    def native_write(self, length: int, *, fua: bool = False,
+                     nowait: bool = False) -> tuple[int, int] | None:
+        """`(fd, flags)` when `pwrite(data, offset, fua=, nowait=)` of `length` bytes is
+        exactly `pwritev2(fd, data, offset, flags)` until all is written; None when it is
+        not. A layer that transforms what it writes (XtsLayer encrypts) can then do both
+        in one native call without taking the GIL back in between. Raises what pwrite
+        would raise up front (EPERM on a read-only disk, BlockingIOError with nowait).
+        A subclass that changes pwrite must change this too."""
+        return None
+
     def mapping(self) -> memoryview | None:
         """The whole disk as read-only memory (a file mapping: the page cache itself), or
         None. A layer that transforms what it reads (XtsLayer decrypts) can then read
@@ -253,18 +263,25 @@ class FileBackend(BlockBackend):
             done += n
 
     def pwrite(self, data, offset, *, fua=False, nowait=False, owned=False):
+        data = memoryview(data).cast("B")
+        fd, flags = self._write_target(len(data), fua, nowait)
+        done = 0
+        while done < len(data):
+            done += os.pwritev(fd, [data[done:]], offset + done, flags)
+
+    def native_write(self, length, *, fua=False, nowait=False):
+        return self._write_target(length, fua, nowait)
+
+    def _write_target(self, length, fua, nowait):
+        """pwrite's checks, and where and how it writes: (fd, pwritev2 flags)."""
         if self._readonly:
             raise OSError(errno.EPERM, "read-only")
-        data = memoryview(data).cast("B")
-        if nowait and (fua or len(data) > INLINE_WRITE_MAX):
+        if nowait and (fua or length > INLINE_WRITE_MAX):
             raise BlockingIOError(errno.EAGAIN, "large or FUA write: use a worker")
         # Buffered RWF_NOWAIT writes are not supported by ext4 (EOPNOTSUPP, seen on 6.18),
         # so a small buffered write is taken as cheap: it lands in the page cache and
         # blocks only under writeback throttling, which then slows every client alike.
-        flags = os.RWF_DSYNC if fua else 0
-        done = 0
-        while done < len(data):
-            done += os.pwritev(self._fd, [data[done:]], offset + done, flags)
+        return self._fd, os.RWF_DSYNC if fua else 0
 
     def flush(self):
         os.fdatasync(self._fd)

@@ -94,6 +94,11 @@ class XtsSectorCipher:
         never-written one and reads as zeros. Returns how many such sectors there were."""
         return self._engine.decrypt(src, dst, first_sector, holes)
 
+    def encrypt_write(self, buf, fd: int, offset: int, first_sector: int, flags: int) -> None:
+        """Encrypt `buf` in place, then write all of it with pwritev2(fd, offset, flags),
+        in one call that releases the GIL once. OSError as the write fails."""
+        self._engine.encrypt_write(buf, fd, offset, first_sector, flags)
+
     def decrypt_mapped(self, src, dst, first_sector: int) -> int:
         """`decrypt(src, dst, first_sector, holes=True)` for a `src` that is a file
         mapping (`BlockBackend.mapping()`): an I/O error while reading it raises

@@ -14,7 +14,8 @@ by `SectorLocks` against every other write to the same sectors.
 Copies are avoided: a large read is decrypted straight out of the lower layer's file
 mapping into the caller's buffer (`BlockBackend.mapping()`, under a SIGBUS guard); a
 small one lands in the caller's buffer and is decrypted in place; an aligned write whose buffer the caller hands over (`owned=True`, as the server
-does with a WRITE payload) is encrypted in place; any other write is encrypted into a
+does with a WRITE payload) is encrypted in place, and over a plain file encrypted and
+written in one native call (`BlockBackend.native_write`); any other write is encrypted into a
 per-thread scratch buffer (reused, at most CHUNK) and written from there with one lower
 pwrite per CHUNK.
 
@@ -58,6 +59,7 @@ class XtsLayer(BlockBackend):
         self._cipher = XtsSectorCipher(key, S)
         self._encrypt = self._cipher.encrypt
         self._decrypt = self._cipher.decrypt
+        self._encrypt_write = self._cipher.encrypt_write
         self._lower = lower
         self._locks = SectorLocks()
         self._local = threading.local()
@@ -197,7 +199,14 @@ class XtsLayer(BlockBackend):
         self._cipher.decrypt(buf, buf, offset // S, holes=True)
 
     def _write_whole(self, data, offset, first, fua, nowait, owned):
-        """Whole sectors, locks held: encrypt (in place if `owned`) and write down."""
+        """Whole sectors, locks held: encrypt (in place if `owned`) and write down; for
+        a lower layer that is a plain file (`native_write`), both in one engine call."""
+        if owned:
+            # Refusals (nowait, read-only) come from here, before the buffer is touched.
+            target = self._lower.native_write(len(data), fua=fua, nowait=nowait)
+            if target is not None:
+                self._encrypt_write(data, target[0], offset, first, target[1])
+                return
         out = data if owned else self._scratch(len(data))
         self._encrypt(data, out, first)
         try:

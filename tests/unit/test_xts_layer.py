@@ -202,6 +202,9 @@ class NoNowaitWrites(FileBackend):
             raise BlockingIOError(errno.EAGAIN, "use a worker")
         super().pwrite(data, offset, fua=fua)
 
+    def native_write(self, length, *, fua=False, nowait=False):
+        return None  # its pwrite is not a plain pwritev2 any more
+
 
 def test_nowait_blocking_propagates_before_anything_is_written(tmp_path):
     path = tmp_path / "d"
@@ -238,6 +241,32 @@ def test_an_owned_buffer_refused_with_nowait_is_handed_back_as_plaintext(tmp_pat
         assert original not in file_bytes(path)
     finally:
         layer.close()
+
+
+def test_the_native_write_path_refuses_before_touching_an_owned_buffer(tmp_path):
+    """Over a plain file the layer encrypts and writes in one engine call; a refusal
+    (nowait for a write too large for the loop, a read-only disk) comes before it."""
+    path = tmp_path / "d"
+    layer = XtsLayer(FileBackend(path, size=SIZE), generate_dek())
+    try:
+        big = bytearray(os.urandom(256 << 10))   # over INLINE_WRITE_MAX
+        original = bytes(big)
+        with pytest.raises(BlockingIOError):
+            layer.pwrite(big, 0, nowait=True, owned=True)
+        assert big == original
+        layer.pwrite(big, 0, owned=True, fua=True)
+        assert read(layer, 0, len(original)) == original
+        assert original[:4096] not in file_bytes(path)
+    finally:
+        layer.close()
+    ro = XtsLayer(FileBackend(path, readonly=True), generate_dek())
+    try:
+        data = bytearray(S)
+        with pytest.raises(OSError) as refused:
+            ro.pwrite(data, 0, owned=True)
+        assert refused.value.errno == errno.EPERM and data == bytes(S)
+    finally:
+        ro.close()
 
 
 def stamp(thread, seq, piece):
