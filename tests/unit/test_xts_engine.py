@@ -228,3 +228,15 @@ def test_key_buffer_is_not_retained():
     again = bytearray(S)
     engine.encrypt(plain, again, 1)
     assert again == ct
+
+
+def test_the_engine_runs_the_openssl_the_bootstrap_built():
+    """scripts/lib/openssl.sh builds a pinned libcrypto and exports its prefix; the engine
+    must then link it (a silent fallback to the system's would halve its speed)."""
+    from nbdserver.crypto import _xts
+    prefix = os.environ.get("NBDSERVER_OPENSSL_PREFIX")
+    if not prefix:
+        pytest.skip(f"no pinned OpenSSL built here (the engine runs {_xts.OPENSSL_VERSION})")
+    version = os.path.basename(prefix.rstrip("/")).removeprefix("openssl-")
+    assert _xts.OPENSSL_STATIC == 1
+    assert _xts.OPENSSL_VERSION.startswith(f"OpenSSL {version} "), _xts.OPENSSL_VERSION
