@@ -285,13 +285,62 @@ parse_tweak(PyObject *o, uint64_t *lo, uint64_t *hi)
     return 0;
 }
 
+static void
+release_buffers(Py_buffer *src, Py_buffer *dst, int in_place)
+{
+    PyBuffer_Release(src);
+    if (!in_place)
+        PyBuffer_Release(dst);
+}
+
+/* The buffers of a call: src (read) and dst (written; NULL for an in-place call, which
+ * then gets src writable), the same whole number of data units, not overlapping unless
+ * they are one buffer (or never, with !same_ok), and tweaks that stay below 2^128. On
+ * failure the buffers are released and -1 returned with an exception set. */
+static int
+get_buffers(Engine *self, PyObject *src_obj, PyObject *dst_obj, uint64_t lo, uint64_t hi,
+            int same_ok, Py_buffer *src, Py_buffer *dst)
+{
+    Py_ssize_t units;
+    if (PyObject_GetBuffer(src_obj, src, dst_obj == NULL ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+        return -1;
+    if (dst_obj == NULL) {
+        *dst = *src;                   /* in place: one buffer, released once */
+    } else if (PyObject_GetBuffer(dst_obj, dst, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(src);
+        return -1;
+    }
+    if (src->len != dst->len || src->len % self->unit != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "src (%zd bytes) and dst (%zd bytes) must be the same whole number "
+                     "of %zd-byte data units", src->len, dst->len, self->unit);
+        goto fail;
+    }
+    if (dst_obj != NULL && (char *)src->buf < (char *)dst->buf + dst->len &&
+        (char *)dst->buf < (char *)src->buf + src->len && !(same_ok && src->buf == dst->buf)) {
+        PyErr_SetString(PyExc_ValueError, same_ok
+                        ? "src and dst overlap without being the same buffer"
+                        : "src and dst must not overlap");
+        goto fail;
+    }
+    units = src->len / self->unit;
+    if (units > 0 && hi == UINT64_MAX && (uint64_t)(units - 1) > UINT64_MAX - lo) {
+        PyErr_SetString(PyExc_ValueError, "sector numbers would pass 2**128 - 1");
+        goto fail;
+    }
+    return 0;
+fail:
+    release_buffers(src, dst, dst_obj == NULL);
+    return -1;
+}
+
 static PyObject *
 engine_run(Engine *self, PyObject *const *args, Py_ssize_t nargs, int dir)
 {
     Py_buffer src, dst;
     uint64_t lo, hi;
     int holes = 0, rc;
-    Py_ssize_t n_holes = 0, units;
+    Py_ssize_t n_holes = 0;
     EVP_CIPHER_CTX *ctx;
     const char *name = dir == ENCRYPT ? "encrypt" : "decrypt";
 
@@ -304,28 +353,8 @@ engine_run(Engine *self, PyObject *const *args, Py_ssize_t nargs, int dir)
         return NULL;
     if (nargs == 4 && (holes = PyObject_IsTrue(args[3])) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[0], &src, PyBUF_SIMPLE) < 0)
+    if (get_buffers(self, args[0], args[1], lo, hi, 1, &src, &dst) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[1], &dst, PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
-    if (src.len != dst.len || src.len % self->unit != 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "src (%zd bytes) and dst (%zd bytes) must be the same whole number "
-                     "of %zd-byte data units", src.len, dst.len, self->unit);
-        goto fail;
-    }
-    if (src.buf != dst.buf && (char *)src.buf < (char *)dst.buf + dst.len &&
-        (char *)dst.buf < (char *)src.buf + src.len) {
-        PyErr_SetString(PyExc_ValueError, "src and dst overlap without being the same buffer");
-        goto fail;
-    }
-    units = src.len / self->unit;
-    if (units > 0 && hi == UINT64_MAX && (uint64_t)(units - 1) > UINT64_MAX - lo) {
-        PyErr_SetString(PyExc_ValueError, "sector numbers would pass 2**128 - 1");
-        goto fail;
-    }
     ctx = pool_take(&self->pool[dir]);
     if (ctx == NULL)
         goto fail;
@@ -370,7 +399,7 @@ engine_decrypt_mapped(Engine *self, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer src, dst;
     uint64_t lo, hi;
     int rc;
-    Py_ssize_t n_holes = 0, units;
+    Py_ssize_t n_holes = 0;
     EVP_CIPHER_CTX *ctx;
 
     if (nargs != 3)
@@ -381,30 +410,11 @@ engine_decrypt_mapped(Engine *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (bus_install() < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[0], &src, PyBUF_SIMPLE) < 0)
+    if (get_buffers(self, args[0], args[1], lo, hi, 0, &src, &dst) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[1], &dst, PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&src);
-        return NULL;
-    }
-    if (src.len != dst.len || src.len % self->unit != 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "src (%zd bytes) and dst (%zd bytes) must be the same whole number "
-                     "of %zd-byte data units", src.len, dst.len, self->unit);
-        goto fail;
-    }
-    if ((char *)src.buf < (char *)dst.buf + dst.len && (char *)dst.buf < (char *)src.buf + src.len) {
-        PyErr_SetString(PyExc_ValueError, "decrypt_mapped: src and dst must not overlap");
-        goto fail;
-    }
-    units = src.len / self->unit;
-    if (units > 0 && hi == UINT64_MAX && (uint64_t)(units - 1) > UINT64_MAX - lo) {
-        PyErr_SetString(PyExc_ValueError, "sector numbers would pass 2**128 - 1");
-        goto fail;
-    }
     ctx = pool_take(&self->pool[DECRYPT]);
     if (ctx == NULL)
-        goto fail;
+        goto done;
     /* Always without the GIL: a page fault on the mapping may wait for the disk. */
     Py_BEGIN_ALLOW_THREADS
     rc = xts_units_guarded(ctx, src.buf, dst.buf, src.len, self->unit, lo, hi, &n_holes);
@@ -418,20 +428,14 @@ engine_decrypt_mapped(Engine *self, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetObject(PyExc_OSError, exc_args);
             Py_DECREF(exc_args);
         }
-        goto fail;
+        goto done;
     }
     pool_give(&self->pool[DECRYPT], ctx);
-    if (rc < 0) {
+    if (rc < 0)
         openssl_error("decrypt_mapped");
-        goto fail;
-    }
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    return PyLong_FromSsize_t(n_holes);
-fail:
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    return NULL;
+done:
+    release_buffers(&src, &dst, 0);
+    return PyErr_Occurred() ? NULL : PyLong_FromSsize_t(n_holes);
 }
 
 /* encrypt_write(buf, fd, offset, first_sector, flags): encrypt buf in place and write
@@ -445,7 +449,7 @@ engine_encrypt_write(Engine *self, PyObject *const *args, Py_ssize_t nargs)
     uint64_t lo, hi;
     int fd, flags, rc, err = 0;
     long long offset;
-    Py_ssize_t n_holes = 0, done = 0, units;
+    Py_ssize_t n_holes = 0, done = 0;
     EVP_CIPHER_CTX *ctx;
 
     if (nargs != 5)
@@ -462,21 +466,11 @@ engine_encrypt_write(Engine *self, PyObject *const *args, Py_ssize_t nargs)
         return PyErr_Format(PyExc_ValueError, "encrypt_write: bad fd or offset");
     if (parse_tweak(args[3], &lo, &hi) < 0)
         return NULL;
-    if (PyObject_GetBuffer(args[0], &buf, PyBUF_WRITABLE) < 0)
+    if (get_buffers(self, args[0], NULL, lo, hi, 1, &buf, &buf) < 0)
         return NULL;
-    if (buf.len % self->unit != 0) {
-        PyErr_Format(PyExc_ValueError, "buf (%zd bytes) must be a whole number of %zd-byte "
-                     "data units", buf.len, self->unit);
-        goto fail;
-    }
-    units = buf.len / self->unit;
-    if (units > 0 && hi == UINT64_MAX && (uint64_t)(units - 1) > UINT64_MAX - lo) {
-        PyErr_SetString(PyExc_ValueError, "sector numbers would pass 2**128 - 1");
-        goto fail;
-    }
     ctx = pool_take(&self->pool[ENCRYPT]);
     if (ctx == NULL)
-        goto fail;
+        goto done;
     Py_BEGIN_ALLOW_THREADS
     rc = xts_units(ctx, buf.buf, buf.buf, buf.len, self->unit, lo, hi, 0, &n_holes);
     while (rc == 0 && done < buf.len) {
@@ -494,18 +488,15 @@ engine_encrypt_write(Engine *self, PyObject *const *args, Py_ssize_t nargs)
     pool_give(&self->pool[ENCRYPT], ctx);
     if (rc < 0) {
         openssl_error("encrypt_write");
-        goto fail;
-    }
-    if (err) {
+    } else if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
-        goto fail;
     }
+done:
     PyBuffer_Release(&buf);
+    if (PyErr_Occurred())
+        return NULL;
     Py_RETURN_NONE;
-fail:
-    PyBuffer_Release(&buf);
-    return NULL;
 }
 
 static PyObject *
