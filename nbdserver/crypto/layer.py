@@ -11,13 +11,15 @@ into an unaligned head, an aligned body and an unaligned tail. Reads of the ends
 through a per-thread scratch sector; writes of the ends are read-modify-write, ordered
 by `SectorLocks` against every other write to the same sectors.
 
-Copies are avoided: a large read is decrypted straight out of the lower layer's file
-mapping into the caller's buffer (`BlockBackend.mapping()`, under a SIGBUS guard); a
-small one lands in the caller's buffer and is decrypted in place; an aligned write whose buffer the caller hands over (`owned=True`, as the server
-does with a WRITE payload) is encrypted in place, and over a plain file encrypted and
-written in one native call (`BlockBackend.native_write`); any other write is encrypted into a
-per-thread scratch buffer (reused, at most CHUNK) and written from there with one lower
-pwrite per CHUNK.
+Copies are avoided:
+- a large read is decrypted straight out of the lower layer's file mapping into the
+  caller's buffer (`BlockBackend.mapping()`, under a SIGBUS guard); a small one lands in
+  the caller's buffer and is decrypted in place;
+- an aligned write whose buffer the caller hands over (`owned=True`, as the server does
+  with a WRITE payload) is encrypted in place, and over a plain file encrypted and written
+  in one native call (`BlockBackend.native_write`);
+- any other write is encrypted into a per-thread scratch buffer (reused, at most CHUNK)
+  and written from there with one lower pwrite per CHUNK.
 
 nowait (see backend.py): passed down unchanged. Everything this layer does before the
 lower write (RMW reads, encryption into scratch) is reversible, and a write goes down as
