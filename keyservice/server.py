@@ -20,6 +20,7 @@ from aiohttp import web
 
 from .api.app import make_app
 from .domain.service import KeyService
+from .httplog import MalformedRequestLog
 from .sdnotify import sd_notify, watchdog_loop
 from .store import Store
 from .tokens import DEFAULT_LIFETIME, TokenSigner
@@ -68,20 +69,6 @@ def write_credential(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-class MalformedRequestLog(logging.Filter):
-    """aiohttp answers a request it cannot parse (a NUL in a header, a bad request line)
-    with 400 itself, then logs it at ERROR with a traceback. A client's malformed bytes
-    are not our error: one INFO line, no traceback (found by schemathesis)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and getattr(exc, "code", None) == 400 and hasattr(exc, "message"):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg, record.args = "malformed HTTP request answered 400: %r", (str(exc.message)[:200],)
-            record.exc_info, record.exc_text = None, None
-        return True
 
 
 def harden_process() -> None:

@@ -10,6 +10,8 @@ import resource
 import signal
 import socket
 
+from keyservice.httplog import MalformedRequestLog
+
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 
 
@@ -47,20 +49,6 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     if not sep:
         return text, default_port
     return host, int(port)
-
-
-class MalformedRequestLog(logging.Filter):
-    """aiohttp answers an HTTP request it cannot parse (a NUL in a header, a bad
-    Content-Length) with 400 itself, then logs it at ERROR with a traceback. A client's
-    malformed bytes are not our error: one INFO line, no traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and getattr(exc, "code", None) == 400 and hasattr(exc, "message"):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg, record.args = "malformed HTTP request answered 400: %r", (str(exc.message)[:200],)
-            record.exc_info, record.exc_text = None, None
-        return True
 
 
 def configure_logging(level: str = "INFO") -> None:
