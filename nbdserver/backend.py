@@ -322,10 +322,10 @@ class FileBackend(BlockBackend):
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def mapping(self):
+        global _mapped_bytes
         view = self._mapping
         if view is None and not self._map_failed and not self._closed.is_set():
             with _MAPPED_LOCK:
-                global _mapped_bytes
                 if self._mapping is None and 0 < self._size and _mapped_bytes + self._size <= MAP_BUDGET:
                     try:
                         self._mapping = memoryview(mmap.mmap(self._fd, self._size, mmap.MAP_SHARED,
@@ -343,11 +343,11 @@ class FileBackend(BlockBackend):
             os.close(self._fd)
 
     def _unmap(self):
+        global _mapped_bytes
         view, self._mapping = self._mapping, None
         if view is None:
             return
         with _MAPPED_LOCK:
-            global _mapped_bytes
             _mapped_bytes -= self._size
         mm = view.obj
         try:

@@ -40,9 +40,9 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <stdint.h>
-#include <sys/uio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 
 #include <openssl/crypto.h>
 #include <openssl/err.h>
@@ -223,26 +223,20 @@ bus_install(void)
     return 0;
 }
 
-/* xts_units with a SIGBUS on src turned into a return of 1. Runs without the GIL.
- * Everything the loop changes that is read after a jump is volatile or re-derived. */
+/* xts_units (holes on) with a SIGBUS on src turned into a return of 1. Runs without
+ * the GIL. After a jump nothing the loop wrote is read: the call fails. */
 static int
 xts_units_guarded(EVP_CIPHER_CTX *ctx, const unsigned char *src, unsigned char *dst,
                   Py_ssize_t len, Py_ssize_t unit, uint64_t lo, uint64_t hi,
                   Py_ssize_t *n_holes)
 {
     sigjmp_buf jump;
-    volatile Py_ssize_t holes = 0;
-    Py_ssize_t counted = 0;
     int rc;
-    if (sigsetjmp(jump, 1) != 0) {     /* the handler jumped: SIGBUS mask restored */
-        *n_holes = holes;
+    if (sigsetjmp(jump, 1) != 0)       /* the handler jumped: SIGBUS mask restored */
         return 1;
-    }
     bus_jump = &jump;
-    rc = xts_units(ctx, src, dst, len, unit, lo, hi, 1, &counted);
+    rc = xts_units(ctx, src, dst, len, unit, lo, hi, 1, n_holes);
     bus_jump = NULL;
-    holes = counted;
-    *n_holes = holes;
     return rc;
 }
 

@@ -75,8 +75,9 @@ class XtsSectorCipher:
         self._key = key
         self.sector_size = sector_size
         self._engine = _xts.Engine(key, sector_size)
-        # The hot path calls the engine directly (same signature, one Python call less).
+        # The hot path calls the engine directly (same signatures, one Python call less).
         self.encrypt = self._engine.encrypt
+        self.encrypt_write = self._engine.encrypt_write
         # Keep the DEK out of swap where permitted; failure (RLIMIT_MEMLOCK) is not fatal:
         # the key schedule inside OpenSSL is not locked either.
         self.key_locked = _xts.mlock(key, True)
