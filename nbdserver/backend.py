@@ -115,6 +115,14 @@ class BlockBackend(ABC):
         A subclass that changes pwrite must change this too."""
         return None
 
+    def stage_write(self, offset: int, length: int) -> "WriteStage | None":
+        """A `WriteStage` for a write of `length` bytes at `offset` whose data is still
+        arriving (a large NBD WRITE payload), or None to take it as one buffer through
+        `pwrite`. A layer that transforms what it writes (XtsLayer encrypts) can then
+        transform each piece as it arrives, straight from the receive buffer, instead of
+        copying it and transforming the copy."""
+        return None
+
     def mapping(self) -> memoryview | None:
         """The whole disk as read-only memory (a file mapping: the page cache itself), or
         None. A layer that transforms what it reads (XtsLayer decrypts) can then read
@@ -126,6 +134,32 @@ class BlockBackend(ABC):
 
     def close(self) -> None:
         """Release resources. Idempotent."""
+
+
+class WriteStage(ABC):
+    """One write whose data arrives in pieces, staged by the backend that will write it
+    (`BlockBackend.stage_write`): `take()` each piece in order, then `commit()` once all
+    `length` bytes are in.
+
+    `take` runs where the data arrives (the event loop): it only copies or transforms
+    memory, never blocks, and never raises for a failure of the backend; such a failure
+    (the disk closed meanwhile) is reported by `commit`. `take` keeps no reference to
+    the piece it is given."""
+
+    def __init__(self, backend: BlockBackend, offset: int, length: int):
+        self.backend = backend
+        self.offset = offset
+        self.length = length
+        self.received = 0
+
+    @abstractmethod
+    def take(self, data: memoryview) -> None:
+        """The next `len(data)` bytes of the write (at most what is still missing)."""
+
+    @abstractmethod
+    def commit(self, *, fua: bool = False, nowait: bool = False) -> None:
+        """Write the staged data, as `backend.pwrite` would. A BlockingIOError (nowait)
+        leaves the stage as it was, to be committed again on a worker."""
 
 
 def enotsup(what: str) -> OSError:

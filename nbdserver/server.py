@@ -236,7 +236,11 @@ class Connection(asyncio.Protocol):
         self.meta_id = next((i for i, n in negotiated.meta_contexts.items() if n == BASE_ALLOCATION), None)
         leftover = self.handshake.leftover
         self.handshake = None
-        self.parser = RequestParser()
+        # Large WRITE payloads are staged by the disk's backend as they arrive (an
+        # encrypting layer encrypts each piece straight out of the receive buffer); the
+        # backend is looked up per request, as a locked export may get a new one.
+        self.parser = RequestParser(
+            stage=lambda offset, length: export.backend.stage_write(offset, length))
         if self.shutting_down:
             self.begin_shutdown()
         if leftover:
@@ -328,18 +332,22 @@ class Connection(asyncio.Protocol):
                     return self._send_read(req, buf)
             return self._offload(req, self._read_worker, backend, req, buf)
         if cmd == NBD_CMD_WRITE:
-            data = memoryview(req.payload)
+            stage = req.stage
+            if stage is None:
+                write, args = _pwrite, (backend, memoryview(req.payload), req.offset, fua)
+            elif stage.backend is backend:  # the payload was staged by this disk's backend
+                write, args = _commit, (stage, fua)
+            else:  # staged by the backend the export had when the write began
+                return self._fail(req, NBD_EIO, "the disk was replaced while the write arrived")
             if fua or req.length > INLINE_WRITE_MAX:
                 # Would block (or is too big for the loop) at the bottom of any data
                 # path: go to a worker now rather than let an encrypting layer do its
                 # work inline first and then be refused.
-                return self._offload(req, _pwrite, backend, data, req.offset, fua)
+                return self._offload(req, write, *args)
             try:
-                # Owned: the payload is this request's alone (an encrypting layer encrypts
-                # it in place, and restores it if the write is refused for a worker).
-                backend.pwrite(data, req.offset, fua=fua, nowait=True, owned=True)
+                write(*args, nowait=True)
             except BlockingIOError:
-                return self._offload(req, _pwrite, backend, data, req.offset, fua)
+                return self._offload(req, write, *args)
             except OSError as e:
                 return self._fail(req, nbd_error(e.errno), e.strerror or "write failed")
             return self._ok(req)
@@ -498,9 +506,14 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-def _pwrite(backend, data, offset, fua):
-    # The payload belongs to this request alone (RequestParser): the backend may reuse it.
-    backend.pwrite(data, offset, fua=fua, owned=True)
+def _pwrite(backend, data, offset, fua, nowait=False):
+    # Owned: the payload is this request's alone (RequestParser), so an encrypting layer
+    # may encrypt it in place (and restores it if the write is refused for a worker).
+    backend.pwrite(data, offset, fua=fua, nowait=nowait, owned=True)
+
+
+def _commit(stage, fua, nowait=False):
+    stage.commit(fua=fua, nowait=nowait)
 
 
 def _trim(backend, offset, length, fua):

@@ -15,6 +15,9 @@ Copies are avoided:
 - a large read is decrypted straight out of the lower layer's file mapping into the
   caller's buffer (`BlockBackend.mapping()`, under a SIGBUS guard); a small one lands in
   the caller's buffer and is decrypted in place;
+- a large aligned write whose data is still arriving (an NBD WRITE payload) is staged
+  (`stage_write` -> `EncryptingStage`): each piece is encrypted straight out of the
+  receive buffer as it arrives, and the ciphertext written in one lower pwrite;
 - an aligned write whose buffer the caller hands over (`owned=True`, as the server does
   with a WRITE payload) is encrypted in place, and over a plain file encrypted and written
   in one native call (`BlockBackend.native_write`);
@@ -32,7 +35,7 @@ from __future__ import annotations
 import errno
 import threading
 
-from ..backend import BlockBackend, Capabilities, Extent
+from ..backend import BlockBackend, Capabilities, Extent, WriteStage
 from .cipher import SECTOR_SIZE, XtsSectorCipher
 from .sector_locks import SectorLocks
 
@@ -164,6 +167,12 @@ class XtsLayer(BlockBackend):
         start = offset - offset % S
         self._lower.cache(start, -(-(offset + length) // S) * S - start)
 
+    def stage_write(self, offset, length):
+        # Whole sectors only: a write with unaligned ends needs its RMW, after the locks.
+        if self._closed or offset % S or length % S or length <= 0 or offset + length > self.size:
+            return None
+        return EncryptingStage(self, offset, length)
+
     def close(self):
         """Wipe the key, free the OpenSSL contexts and close the lower layer. Idempotent."""
         if self._closed:
@@ -199,6 +208,22 @@ class XtsLayer(BlockBackend):
                 return
         self._lower.pread(buf, offset, nowait=nowait)
         self._cipher.decrypt(buf, buf, offset // S, holes=True)
+
+    def _commit(self, stage, fua, nowait):
+        """EncryptingStage.commit: the ciphertext goes down as one lower write, under
+        the locks of its sectors (ordered against RMW of the same sectors)."""
+        if self._closed:
+            self._check_open()
+        if stage.failed:
+            raise OSError(errno.EIO, stage.failed)
+        if stage.received != stage.length:
+            raise ValueError(f"commit of {stage.received} of {stage.length} bytes")
+        first = stage.offset // S
+        held = self._locks.acquire(first, first + stage.length // S)
+        try:
+            self._lower.pwrite(stage.buffer, stage.offset, fua=fua, nowait=nowait)
+        finally:
+            self._locks.release(held)
 
     def _write_whole(self, data, offset, first, fua, nowait, owned):
         """Whole sectors, locks held: encrypt (in place if `owned`) and write down; for
@@ -325,3 +350,54 @@ def clip_extents(extents: list[Extent], skip: int, length: int) -> list[Extent]:
         if length == 0:
             break
     return out
+
+
+class EncryptingStage(WriteStage):
+    """A large write encrypted as its data arrives (`XtsLayer.stage_write`).
+
+    Each whole sector of a piece is encrypted straight out of the receive buffer into
+    `buffer`: one pass over the data, where copying the payload and then encrypting it
+    in place would be two (on 2 cores the difference between 0.8 and 0.9 of the plain
+    server's write rate). A sector split between two pieces is gathered as plaintext,
+    then encrypted in place once complete. `commit` writes the ciphertext as one lower
+    write; a stage whose layer was closed meanwhile (the key revoked) fails with EIO.
+    """
+
+    def __init__(self, layer: XtsLayer, offset: int, length: int):
+        super().__init__(layer, offset, length)
+        self.buffer = bytearray(length)
+        self.failed = ""  # why the data could not be encrypted, if it could not
+        self._view = memoryview(self.buffer)
+        self._encrypt = layer._encrypt
+        self._first = offset // S
+
+    def take(self, data):
+        at = self.received
+        n = len(data)
+        if at + n > self.length:
+            raise ValueError(f"{at + n} bytes for a write of {self.length}")
+        self.received = at + n
+        if self.failed:
+            return
+        view = self._view
+        try:
+            if at % S:  # complete the sector an earlier piece began
+                k = min(n, S - at % S)
+                view[at:at + k] = data[:k]
+                data = data[k:]
+                at += k
+                if at % S == 0:
+                    sector = view[at - S:at]
+                    self._encrypt(sector, sector, self._first + at // S - 1)
+            whole = len(data) // S * S
+            if whole:
+                self._encrypt(data[:whole], view[at:at + whole], self._first + at // S)
+            if whole < len(data):  # the start of a sector the next piece completes
+                view[at + whole:at + len(data)] = data[whole:]
+        except ValueError:  # the engine is closed: the layer was closed (key revoked)
+            # A message, not the exception: its traceback would keep `data` exported.
+            self.failed = "the encrypted disk was closed while the write arrived"
+
+    def commit(self, *, fua=False, nowait=False):
+        self.backend._commit(self, fua, nowait)
+

@@ -43,6 +43,9 @@ class Request(NamedTuple):
     offset: int
     length: int
     payload: bytearray | None = None  # WRITE only, owned by the request
+    # WRITE only, instead of `payload`: the consumer's stage that took the payload as it
+    # arrived (RequestParser's `stage`).
+    stage: object | None = None
 
 
 class Oversized(NamedTuple):
@@ -59,23 +62,39 @@ class BadMagic(NamedTuple):
     magic: int
 
 
-# A WRITE payload at least this large that has not fully arrived is received straight
-# into a buffer of its own (one copy per byte); smaller ones are sliced out of the
-# receive buffer, where many of them usually arrive in one chunk.
+# A WRITE payload at least this large goes, piece by piece as it arrives, to the
+# consumer's stage if it offers one, or else (when it has not fully arrived) into a
+# buffer of its own: one copy per byte. Smaller ones are sliced out of the receive
+# buffer, where many of them usually arrive in one chunk.
 DIRECT_PAYLOAD_MIN = 64 * 1024
+
+
+def _large_write(header) -> bool:
+    magic, _, cmd, _, _, length = header
+    return magic == NBD_REQUEST_MAGIC and cmd == NBD_CMD_WRITE and length >= DIRECT_PAYLOAD_MIN
 
 
 class RequestParser:
     """`feed(data)` -> the requests complete in what has arrived so far.
 
     A WRITE's payload is a bytearray the request owns: the consumer may keep it, or
-    overwrite it (an encrypting layer encrypts in place), without a copy."""
+    overwrite it (an encrypting layer encrypts in place), without a copy.
 
-    def __init__(self, max_payload: int = MAX_BLOCK_SIZE):
+    `stage(offset, length)`, if given, is asked for each WRITE of at least
+    DIRECT_PAYLOAD_MIN bytes as its header arrives. It returns None (the payload then
+    comes as above) or an object whose `take(view)` receives the payload's bytes in
+    order, in as many pieces as they arrive, each piece a memoryview valid only during
+    the call. The request then carries that object as `stage` and no `payload`. (The
+    server passes its disk's `stage_write`: an encrypting layer encrypts each piece
+    straight out of the receive buffer.)"""
+
+    def __init__(self, max_payload: int = MAX_BLOCK_SIZE, *, stage=None):
         self._buf = bytearray()
         self._skip = 0
         self._max = max_payload
-        # A large WRITE being received: its header fields, payload and bytes so far.
+        self._stage = stage
+        # A large WRITE being received: its header fields, payload (or stage) and bytes
+        # so far.
         self._partial: tuple | None = None
         self._have = 0
         self.broken = False
@@ -92,12 +111,18 @@ class RequestParser:
         if self._partial is not None:
             data = self._fill(data, out)
         buf = self._buf
-        buf += data
-        pos = 0
-        end = len(buf)
         unpack = REQUEST.unpack_from
+        if not buf and len(data) >= REQUEST_SIZE and _large_write(unpack(data)):
+            # A large WRITE begins here: parse where the data is, so that its payload is
+            # copied (or staged) once; only an incomplete tail is kept.
+            src = data
+        else:  # small requests are sliced out of our buffer, the cheapest per request
+            buf += data
+            src = buf
+        pos = 0
+        end = len(src)
         while end - pos >= REQUEST_SIZE:
-            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            magic, flags, cmd, cookie, offset, length = unpack(src, pos)
             if magic != NBD_REQUEST_MAGIC:
                 self.broken = True
                 out.append(BadMagic(magic))
@@ -112,35 +137,55 @@ class RequestParser:
                     self._skip = length - avail
                     continue
                 start = pos + REQUEST_SIZE
+                stage = None
+                if length >= DIRECT_PAYLOAD_MIN and self._stage is not None:
+                    stage = self._stage(offset, length)
                 if end - start < length:
-                    if length >= DIRECT_PAYLOAD_MIN:
+                    if stage is not None:
+                        stage.take(memoryview(src)[start:end])
+                        self._have = end - start
+                        self._partial = (cmd, flags, cookie, offset, length, None, stage)
+                        pos = end
+                    elif length >= DIRECT_PAYLOAD_MIN:
                         payload = bytearray(length)
                         self._have = end - start
-                        payload[:self._have] = memoryview(buf)[start:end]
-                        self._partial = (cmd, flags, cookie, offset, length, payload)
+                        payload[:self._have] = memoryview(src)[start:end]
+                        self._partial = (cmd, flags, cookie, offset, length, payload, None)
                         pos = end
                     break
-                out.append(Request(cmd, flags, cookie, offset, length, buf[start:start + length]))
+                if stage is not None:
+                    stage.take(memoryview(src)[start:start + length])
+                    out.append(Request(cmd, flags, cookie, offset, length, None, stage))
+                else:
+                    payload = src[start:start + length] if src is buf else \
+                        bytearray(memoryview(src)[start:start + length])
+                    out.append(Request(cmd, flags, cookie, offset, length, payload))
                 pos = start + length
             else:
                 out.append(Request(cmd, flags, cookie, offset, length))
                 pos += REQUEST_SIZE
-        if pos:
-            del buf[:pos]
+        if src is buf:
+            if pos:
+                del buf[:pos]
+        elif pos < end:
+            buf += memoryview(src)[pos:end]
         return out
 
     def _fill(self, data, out: list):
         """Copy arriving bytes into the partial WRITE's payload; returns the rest of
         `data` (the next requests) once the payload is complete."""
-        cmd, flags, cookie, offset, length, payload = self._partial
+        cmd, flags, cookie, offset, length, payload, stage = self._partial
         take = min(length - self._have, len(data))
-        payload[self._have:self._have + take] = memoryview(data)[:take]
+        if stage is not None:
+            stage.take(memoryview(data)[:take])
+        else:
+            payload[self._have:self._have + take] = memoryview(data)[:take]
         self._have += take
         if self._have < length:
             return b""
         self._partial = None
         self._have = 0
-        out.append(Request(cmd, flags, cookie, offset, length, payload))
+        out.append(Request(cmd, flags, cookie, offset, length, payload, stage))
         return memoryview(data)[take:]
 
     def need(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import random
 import struct
 
 import pytest
@@ -21,7 +22,7 @@ from nbdserver.protocol.constants import (
     NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC,
 )
 from nbdserver.protocol.transmission import (
-    BadMagic, Oversized, Request, RequestParser, block_status_chunk, check, data_chunk_header,
+    DIRECT_PAYLOAD_MIN, BadMagic, Oversized, Request, RequestParser, block_status_chunk, check, data_chunk_header,
     error_chunk, hole_chunk, nbd_error, none_reply, simple_reply,
 )
 
@@ -65,6 +66,67 @@ def test_oversized_write_is_skipped_across_feeds():
     assert p.feed(b"\0" * (5000 - skipped - 1)) == []
     assert p.feed(b"\0" + raw(NBD_CMD_FLUSH, cookie=10)) == [Request(NBD_CMD_FLUSH, 0, 10, 0, 0)]
     assert p.buffered() == 0
+
+
+class RecordingStage:
+    """A consumer's stage that keeps what it is given, and checks it is given no more."""
+
+    def __init__(self, offset, length):
+        self.offset, self.length = offset, length
+        self.data = bytearray()
+        self.pieces = 0
+
+    def take(self, view):
+        assert isinstance(view, memoryview)
+        self.data += view
+        self.pieces += 1
+        assert len(self.data) <= self.length
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_large_writes_go_to_the_consumers_stage_piece_by_piece(seed):
+    rng = random.Random(seed)
+    big = [rng.randbytes(DIRECT_PAYLOAD_MIN + rng.randrange(0, 3 * DIRECT_PAYLOAD_MIN)) for _ in range(3)]
+    small = rng.randbytes(DIRECT_PAYLOAD_MIN - 1)
+    declined = rng.randbytes(DIRECT_PAYLOAD_MIN)
+    stream = (raw(NBD_CMD_WRITE, 0, len(big[0]), cookie=1, payload=big[0])
+              + raw(NBD_CMD_WRITE, 1 << 20, len(small), cookie=2, payload=small)
+              + raw(NBD_CMD_WRITE, 2 << 20, len(big[1]), cookie=3, payload=big[1])
+              + raw(NBD_CMD_FLUSH, cookie=4)
+              + raw(NBD_CMD_WRITE, 3 << 20, len(declined), cookie=5, payload=declined)
+              + raw(NBD_CMD_WRITE, 4 << 20, len(big[2]), cookie=6, payload=big[2]))
+    stages = []
+
+    def stage(offset, length):
+        if offset == 3 << 20:
+            return None  # the consumer declines: this payload comes as a bytearray
+        stages.append(RecordingStage(offset, length))
+        return stages[-1]
+
+    p = RequestParser(stage=stage)
+    got = []
+    cuts = sorted(rng.sample(range(1, len(stream)), 60))
+    for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+        got += p.feed(stream[a:b])
+    assert p.buffered() == 0
+    assert [r.cookie for r in got] == [1, 2, 3, 4, 5, 6]
+    staged = {r.cookie: r for r in got if r.stage is not None}
+    assert sorted(staged) == [1, 3, 6]
+    for cookie, data in zip((1, 3, 6), big):
+        r = staged[cookie]
+        assert r.payload is None and r.stage.data == data and r.stage.length == len(data)
+        assert r.stage.offset == r.offset
+    assert got[1].payload == small and got[1].stage is None
+    assert type(got[4].payload) is bytearray and got[4].payload == declined
+    assert any(s.pieces > 1 for s in stages)
+
+
+def test_a_payload_that_arrives_whole_is_staged_too():
+    payload = bytes(range(256)) * (DIRECT_PAYLOAD_MIN // 256)
+    stages = []
+    p = RequestParser(stage=lambda off, n: stages.append(RecordingStage(off, n)) or stages[-1])
+    [r] = p.feed(raw(NBD_CMD_WRITE, 8192, len(payload), payload=payload))
+    assert r.payload is None and r.stage.data == payload and r.stage.pieces == 1
 
 
 def test_bad_magic():

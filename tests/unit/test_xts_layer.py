@@ -441,3 +441,79 @@ def check_against_model(tmp_path, ops):
         assert pos == size
     finally:
         layer.close()
+
+
+# -- staged writes: a large WRITE payload encrypted as it arrives (EncryptingStage)
+
+def pieces(data: bytes, rng: random.Random, cuts: int):
+    """`data` cut at `cuts` random points, some inside sectors, some next to each other."""
+    points = sorted({0, len(data), *(rng.randrange(1, len(data)) for _ in range(cuts)),
+                     S - 1, S, S + 1, 2 * S - 3})
+    return [memoryview(data)[a:b] for a, b in zip(points, points[1:]) if a < b <= len(data)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_staged_write_cut_anywhere_writes_dmcrypt_ciphertext(disk, seed):
+    layer, path, key = disk
+    rng = random.Random(seed)
+    first = rng.randrange(0, 40)
+    count = rng.randrange(16, SIZE // S - first + 1)
+    plain = rng.randbytes(count * S)
+    stage = layer.stage_write(first * S, len(plain))
+    assert stage is not None
+    for piece in pieces(plain, rng, cuts=rng.choice([1, 5, 40])):
+        stage.take(piece)
+    assert stage.received == len(plain)
+    stage.commit()
+    on_disk = file_bytes(path)
+    for i in range(count):
+        s = first + i
+        assert on_disk[s * S:(s + 1) * S] == dmcrypt_sector(key, s, plain[i * S:(i + 1) * S])
+    assert read(layer, first * S, len(plain)) == plain
+
+
+def test_stage_write_takes_only_whole_sectors_inside_an_open_disk(disk):
+    layer, _, _ = disk
+    assert layer.stage_write(512, 16 * S) is None          # unaligned start: RMW needed
+    assert layer.stage_write(0, 16 * S + 512) is None      # unaligned end
+    assert layer.stage_write(SIZE - S, 2 * S) is None      # past the end
+    assert layer.stage_write(0, 0) is None
+    assert layer.stage_write(SIZE - 16 * S, 16 * S) is not None
+
+
+def test_a_staged_write_refused_with_nowait_commits_unchanged_on_a_worker(disk):
+    layer, path, key = disk
+    plain = os.urandom(48 * S)                              # over INLINE_WRITE_MAX
+    stage = layer.stage_write(4 * S, len(plain))
+    stage.take(memoryview(plain))
+    with pytest.raises(BlockingIOError):
+        stage.commit(nowait=True)
+    assert file_bytes(path)[4 * S:5 * S] != dmcrypt_sector(key, 4, plain[:S])
+    stage.commit(fua=True)                                  # the worker's retry
+    assert read(layer, 4 * S, len(plain)) == plain
+
+
+def test_a_stage_outlives_its_closed_disk_without_harm(tmp_path):
+    """The key is revoked (the layer closed) while a WRITE is still arriving: the rest
+    of the payload is taken without error, and the commit fails instead of writing."""
+    path = tmp_path / "d"
+    layer = XtsLayer(FileBackend(path, size=SIZE), generate_dek())
+    stage = layer.stage_write(0, 32 * S)
+    stage.take(memoryview(bytes(10 * S + 7)))
+    layer.close()
+    stage.take(memoryview(bytes(22 * S - 7)))
+    with pytest.raises(OSError) as refused:
+        stage.commit()
+    assert refused.value.errno == errno.ESHUTDOWN
+    assert file_bytes(path) == bytes(os.path.getsize(path))
+    assert layer.stage_write(0, 32 * S) is None
+
+
+def test_a_stage_refuses_more_bytes_than_its_write_and_an_early_commit(disk):
+    layer, _, _ = disk
+    stage = layer.stage_write(0, 16 * S)
+    stage.take(memoryview(bytes(8 * S)))
+    with pytest.raises(ValueError):
+        stage.commit()
+    with pytest.raises(ValueError):
+        stage.take(memoryview(bytes(8 * S + 1)))
