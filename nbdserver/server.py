@@ -236,17 +236,23 @@ class Connection(asyncio.Protocol):
         self.meta_id = next((i for i, n in negotiated.meta_contexts.items() if n == BASE_ALLOCATION), None)
         leftover = self.handshake.leftover
         self.handshake = None
-        # Large WRITE payloads are staged by the disk's backend as they arrive (an
-        # encrypting layer encrypts each piece straight out of the receive buffer); the
-        # backend is looked up per request, as a locked export may get a new one.
-        self.parser = RequestParser(
-            stage=lambda offset, length: export.backend.stage_write(offset, length))
+        self.parser = RequestParser(stage=self._stage_write)
         if self.shutting_down:
             self.begin_shutdown()
         if leftover:
             self._requests(self.parser.feed(leftover))
 
     # -- transmission
+    def _stage_write(self, offset, length):
+        """The parser's `stage`: large WRITE payloads are staged by the disk's backend as
+        they arrive (an encrypting layer encrypts each piece straight out of the receive
+        buffer). Asked per request, as a locked export may get a new backend; none for
+        a write that will be refused anyway."""
+        export = self.export
+        if export.locked or export.readonly:
+            return None
+        return export.backend.stage_write(offset, length)
+
     def _requests(self, events):
         self._pending.extend(events)
         self._drain_pending()

@@ -171,6 +171,8 @@ class XtsLayer(BlockBackend):
         # Whole sectors only: a write with unaligned ends needs its RMW, after the locks.
         if self._closed or offset % S or length % S or length <= 0 or offset + length > self.size:
             return None
+        if not self._lower.capabilities.writable:  # refused anyway: encrypt nothing
+            return None
         return EncryptingStage(self, offset, length)
 
     def close(self):
@@ -212,10 +214,8 @@ class XtsLayer(BlockBackend):
     def _commit(self, stage, fua, nowait):
         """EncryptingStage.commit: the ciphertext goes down as one lower write, under
         the locks of its sectors (ordered against RMW of the same sectors)."""
-        if self._closed:
-            self._check_open()
-        if stage.failed:
-            raise OSError(errno.EIO, stage.failed)
+        if self._closed or stage.failed:
+            raise OSError(errno.EIO, "the encrypted disk was closed while the write arrived")
         if stage.received != stage.length:
             raise ValueError(f"commit of {stage.received} of {stage.length} bytes")
         first = stage.offset // S
@@ -366,7 +366,7 @@ class EncryptingStage(WriteStage):
     def __init__(self, layer: XtsLayer, offset: int, length: int):
         super().__init__(layer, offset, length)
         self.buffer = bytearray(length)
-        self.failed = ""  # why the data could not be encrypted, if it could not
+        self.failed = False  # the layer was closed before all of it was encrypted
         self._view = memoryview(self.buffer)
         self._encrypt = layer._encrypt
         self._first = offset // S
@@ -394,9 +394,12 @@ class EncryptingStage(WriteStage):
                 self._encrypt(data[:whole], view[at:at + whole], self._first + at // S)
             if whole < len(data):  # the start of a sector the next piece completes
                 view[at + whole:at + len(data)] = data[whole:]
-        except ValueError:  # the engine is closed: the layer was closed (key revoked)
-            # A message, not the exception: its traceback would keep `data` exported.
-            self.failed = "the encrypted disk was closed while the write arrived"
+        except ValueError:
+            if not self.backend._closed:
+                raise  # a bug, not a revocation: the connection ends
+            # The key was revoked (the layer and its engine closed) while the write
+            # arrived: take the rest without encrypting it; commit fails with EIO.
+            self.failed = True
 
     def commit(self, *, fua=False, nowait=False):
         self.backend._commit(self, fua, nowait)
