@@ -15,9 +15,14 @@ import socket
 import struct
 
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from nbdserver.protocol.constants import NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_REQUEST_MAGIC
+from nbdserver.protocol.constants import (
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_WRITE,
+    NBD_REQUEST_MAGIC,
+)
+from tests.helpers.images import dmcrypt_sector
 from tests.helpers.nbdraw import RawClient
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
@@ -49,10 +54,9 @@ def assert_dmcrypt(image, key, offset: int, plain: bytes) -> None:
         f.seek(offset)
         stored = f.read(len(plain))
     for i in range(0, len(plain), S):
-        tweak = ((offset + i) // S).to_bytes(16, "little")
-        enc = Cipher(algorithms.AES(key), modes.XTS(tweak)).encryptor()
-        assert stored[i:i + S] == enc.update(plain[i:i + S]) + enc.finalize(), \
-            f"sector {(offset + i) // S} is not the ciphertext of what was written"
+        sector = (offset + i) // S
+        assert stored[i:i + S] == dmcrypt_sector(key, sector, plain[i:i + S]), \
+            f"sector {sector} is not the ciphertext of what was written"
 
 
 def test_writes_of_every_size_in_flight_at_once_land_as_dmcrypt(encrypted):

@@ -6,9 +6,17 @@ import hashlib
 import shutil
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 DISK_SIZE = 64 << 20
 RO_SIZE = 16 << 20
+
+
+def dmcrypt_sector(key: bytes, sector: int, plaintext: bytes) -> bytes:
+    """aes-xts-plain64, sector_size=4096, iv_large_sectors, by `cryptography`: the
+    ciphertext of one sector in the on-disk format (docs/format.md)."""
+    enc = Cipher(algorithms.AES(key), modes.XTS(sector.to_bytes(16, "little"))).encryptor()
+    return enc.update(plaintext) + enc.finalize()
 
 
 def write_ro_pattern(path, size: int) -> None:

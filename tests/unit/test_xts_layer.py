@@ -1,6 +1,7 @@
 """XtsLayer over a real FileBackend on a temporary sparse file."""
 
 import errno
+import itertools
 import os
 import random
 import struct
@@ -8,7 +9,6 @@ import sys
 import threading
 
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +16,7 @@ from nbdserver.backend import Extent, FileBackend
 from nbdserver.crypto import SECTOR_SIZE as S
 from nbdserver.crypto import InvalidKey, XtsLayer, generate_dek
 from nbdserver.crypto.layer import CHUNK, clip_extents, sector_extents
+from tests.helpers.images import dmcrypt_sector
 
 SIZE = 64 * S  # 256 KiB
 
@@ -40,12 +41,6 @@ def read(layer, offset, length):
 def file_bytes(path):
     with open(path, "rb") as f:
         return f.read()
-
-
-def dmcrypt_sector(key, sector, plaintext):
-    """aes-xts-plain64, sector_size=4096, iv_large_sectors, by `cryptography`."""
-    enc = Cipher(algorithms.AES(key), modes.XTS(sector.to_bytes(16, "little"))).encryptor()
-    return enc.update(plaintext) + enc.finalize()
 
 
 def test_backing_file_is_dmcrypt_aes_xts_plain64_4k(disk):
@@ -449,7 +444,7 @@ def pieces(data: bytes, rng: random.Random, cuts: int):
     """`data` cut at `cuts` random points, some inside sectors, some next to each other."""
     points = sorted({0, len(data), *(rng.randrange(1, len(data)) for _ in range(cuts)),
                      S - 1, S, S + 1, 2 * S - 3})
-    return [memoryview(data)[a:b] for a, b in zip(points, points[1:]) if a < b <= len(data)]
+    return [memoryview(data)[a:b] for a, b in itertools.pairwise(points) if a < b <= len(data)]
 
 
 @pytest.mark.parametrize("seed", range(6))
