@@ -37,7 +37,7 @@ import threading
 
 from ..backend import BlockBackend, Capabilities, Extent, WriteStage
 from .cipher import SECTOR_SIZE, XtsSectorCipher
-from .sector_locks import SectorLocks
+from .sector_locks import SECTORS_PER_STRIPE, STRIPES, SectorLocks
 
 S = SECTOR_SIZE
 # Largest write sent down in one call, and the per-thread scratch cap: above it a request
@@ -46,6 +46,8 @@ CHUNK = 1 << 20
 # Reads at least this large (and not nowait) decrypt straight out of the lower layer's
 # mapping; smaller ones gain little and keep the plain pread path.
 MAP_MIN = 64 * 1024
+# Owned aligned writes up to this size take pwrite's short path (see there).
+SMALL_WRITE = 128 * 1024
 
 
 class XtsLayer(BlockBackend):
@@ -66,7 +68,9 @@ class XtsLayer(BlockBackend):
         self._decrypt = self._cipher.decrypt
         self._encrypt_write = self._cipher.encrypt_write
         self._lower = lower
-        self._locks = SectorLocks()
+        self._native_write = lower.native_write
+        self._locks = SectorLocks(STRIPES, SECTORS_PER_STRIPE)
+        self._stripes = self._locks.stripes  # pwrite's short path indexes them itself
         self._local = threading.local()
         self._closed = False
 
@@ -112,6 +116,17 @@ class XtsLayer(BlockBackend):
             self._check_open()
         data = memoryview(data).cast("B")
         n = len(data)
+        if owned and n <= SMALL_WRITE and not (offset | n) % S and n:
+            # The hot path of small random writes (run inline on the server's event
+            # loop, where every call adds to each request): one stripe lock, and
+            # encryption and the write in one engine call when the lower layer allows.
+            first = offset // S
+            stripe = first // SECTORS_PER_STRIPE
+            target = self._native_write(n, fua=fua, nowait=nowait)
+            if stripe == (first + n // S - 1) // SECTORS_PER_STRIPE and target is not None:
+                with self._stripes[stripe % STRIPES]:
+                    self._encrypt_write(data, target[0], offset, first, target[1])
+                return
         if n == 0:
             return
         first = offset // S
@@ -230,7 +245,7 @@ class XtsLayer(BlockBackend):
         a lower layer that is a plain file (`native_write`), both in one engine call."""
         if owned:
             # Refusals (nowait, read-only) come from here, before the buffer is touched.
-            target = self._lower.native_write(len(data), fua=fua, nowait=nowait)
+            target = self._native_write(len(data), fua=fua, nowait=nowait)
             if target is not None:
                 self._encrypt_write(data, target[0], offset, first, target[1])
                 return

@@ -29,6 +29,7 @@ SECTORS_PER_STRIPE = 16
 class SectorLocks:
     def __init__(self, stripes: int = STRIPES, sectors_per_stripe: int = SECTORS_PER_STRIPE):
         self._locks = [threading.Lock() for _ in range(stripes)]
+        self.stripes = self._locks  # read-only: stripe (s // sectors_per_stripe) % stripes
         self._per = sectors_per_stripe
 
     def acquire(self, first: int, end: int) -> list[threading.Lock]:

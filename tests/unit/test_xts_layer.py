@@ -16,6 +16,7 @@ from nbdserver.backend import Extent, FileBackend
 from nbdserver.crypto import SECTOR_SIZE as S
 from nbdserver.crypto import InvalidKey, XtsLayer, generate_dek
 from nbdserver.crypto.layer import CHUNK, clip_extents, sector_extents
+from nbdserver.crypto.sector_locks import SECTORS_PER_STRIPE
 from tests.helpers.images import dmcrypt_sector
 
 SIZE = 64 * S  # 256 KiB
@@ -238,6 +239,76 @@ def test_an_owned_buffer_refused_with_nowait_is_handed_back_as_plaintext(tmp_pat
         layer.close()
 
 
+@pytest.mark.parametrize("first, count", [(3, 1), (0, 16), (15, 2), (20, 32), (31, 32)])
+@pytest.mark.parametrize("native", [True, False])
+def test_owned_whole_sector_writes_land_as_dmcrypt_on_either_path(tmp_path, first, count,
+                                                                  native):
+    """Handed-over whole-sector writes up to 128 KiB take pwrite's short path when they
+    fit one lock stripe (16 sectors) and the lower layer writes natively; stripe-crossing
+    ones, and lower layers without `native_write`, take the general path. Same result."""
+    key = generate_dek()
+    keep = bytes(key)
+    path = tmp_path / "d"
+    lower = FileBackend(path, size=SIZE) if native else NoNativeWrite(path, size=SIZE)
+    layer = XtsLayer(lower, key)
+    try:
+        plain = os.urandom(count * S)
+        layer.pwrite(bytearray(plain), first * S, owned=True, nowait=True)
+        assert read(layer, first * S, count * S) == plain
+    finally:
+        layer.close()
+    data = file_bytes(path)
+    for i in range(count):
+        s = first + i
+        assert data[s * S:(s + 1) * S] == dmcrypt_sector(keep, s, plain[i * S:(i + 1) * S])
+
+
+@pytest.mark.parametrize("first, count, owned", [(3, 1, True), (15, 2, True), (3, 1, False)])
+def test_whole_sector_writes_land_while_their_stripe_lock_is_held(tmp_path, first, count, owned):
+    """Whole-sector writes need no RMW but must still hold their sectors' stripe locks,
+    or one could land between another write's RMW read and its write-back and be lost.
+    A probe lock looks at the file as the lock is taken and as it is released."""
+    key = generate_dek()
+    keep = bytes(key)
+    path = tmp_path / "d"
+    layer = XtsLayer(FileBackend(path, size=SIZE), key)
+    plain = os.urandom(count * S)
+    want = dmcrypt_sector(keep, first, plain[:S])
+    seen = []
+
+    class ProbeLock:
+        def __init__(self):
+            self._lock = threading.Lock()
+
+        def acquire(self, *args):
+            got = self._lock.acquire(*args)
+            seen.append(("taken", file_bytes(path)[first * S:(first + 1) * S] == want))
+            return got
+
+        def release(self):
+            seen.append(("released", file_bytes(path)[first * S:(first + 1) * S] == want))
+            self._lock.release()
+
+        def __enter__(self):
+            return self.acquire()
+
+        def __exit__(self, *exc):
+            self.release()
+
+    stripes = layer._locks.stripes  # the layer's own list: replace its lock in place
+    stripes[first // SECTORS_PER_STRIPE % len(stripes)] = ProbeLock()
+    try:
+        layer.pwrite(bytearray(plain) if owned else plain, first * S, owned=owned)
+    finally:
+        layer.close()
+    assert seen == [("taken", False), ("released", True)]
+
+
+class NoNativeWrite(FileBackend):
+    def native_write(self, length, *, fua=False, nowait=False):
+        return None
+
+
 def test_the_native_write_path_refuses_before_touching_an_owned_buffer(tmp_path):
     """Over a plain file the layer encrypts and writes in one engine call; a refusal
     (nowait for a write too large for the loop, a read-only disk) comes before it."""
@@ -292,7 +363,12 @@ def test_concurrent_overlapping_unaligned_writes_never_lose_or_tear(disk):
                 first = rng.randrange(0, pieces)
                 count = rng.randrange(1, min(10, pieces - first) + 1)
             data = b"".join(stamp(t, seq, p) for p in range(first, first + count))
-            layer.pwrite(data, base + first * 512)
+            if count == S // 512 and first % count == 0:
+                # Whole sector, handed over as the server does: pwrite's short path,
+                # which must take the same stripe lock as the RMWs.
+                layer.pwrite(bytearray(data), base + first * 512, owned=True)
+            else:
+                layer.pwrite(data, base + first * 512)
             with lock:
                 for p in range(first, first + count):
                     last[p][t] = seq
@@ -416,7 +492,9 @@ def check_against_model(tmp_path, ops):
             n = min(n, size - off)
             if kind.startswith("write"):
                 data = bytes([op[3]]) * n
-                layer.pwrite(data, off)
+                # Handed over (owned, as the server does) on odd fill bytes: the short
+                # path for whole sectors, the general one for the rest.
+                layer.pwrite(bytearray(data), off, owned=bool(op[3] & 1))
                 model[off:off + n] = data
             elif kind == "read":
                 assert read(layer, off, n) == model[off:off + n]
