@@ -68,7 +68,9 @@ class XtsLayer(BlockBackend):
         self._decrypt = self._cipher.decrypt
         self._encrypt_write = self._cipher.encrypt_write
         self._lower = lower
+        self._size = lower.size
         self._native_write = lower.native_write
+        self._small_write_fd = self._fixed_native_fd(lower)
         self._locks = SectorLocks(STRIPES, SECTORS_PER_STRIPE)
         self._stripes = self._locks.stripes  # pwrite's short path indexes them itself
         self._local = threading.local()
@@ -78,7 +80,7 @@ class XtsLayer(BlockBackend):
 
     @property
     def size(self) -> int:
-        return self._lower.size
+        return self._size  # the lower layer's, fixed: read for every request
 
     @property
     def capabilities(self) -> Capabilities:
@@ -116,16 +118,19 @@ class XtsLayer(BlockBackend):
             self._check_open()
         data = memoryview(data).cast("B")
         n = len(data)
-        if owned and n <= SMALL_WRITE and not (offset | n) % S and n:
+        if owned and not fua and n <= SMALL_WRITE and not (offset | n) % S and n:
             # The hot path of small random writes (run inline on the server's event
             # loop, where every call adds to each request): one stripe lock, and
             # encryption and the write in one engine call when the lower layer allows.
             first = offset // S
             stripe = first // SECTORS_PER_STRIPE
-            target = self._native_write(n, fua=fua, nowait=nowait)
-            if stripe == (first + n // S - 1) // SECTORS_PER_STRIPE and target is not None:
+            fd = self._small_write_fd
+            if fd is None:  # ask each time: the lower layer refuses or writes otherwise
+                target = self._native_write(n, nowait=nowait)
+                fd = None if target is None else target[0]
+            if fd is not None and stripe == (first + n // S - 1) // SECTORS_PER_STRIPE:
                 with self._stripes[stripe % STRIPES]:
-                    self._encrypt_write(data, target[0], offset, first, target[1])
+                    self._encrypt_write(data, fd, offset, first, 0)
                 return
         if n == 0:
             return
@@ -199,6 +204,24 @@ class XtsLayer(BlockBackend):
         self._lower.close()
 
     # --- internals --------------------------------------------------------------------
+
+    @staticmethod
+    def _fixed_native_fd(lower: BlockBackend) -> int | None:
+        """pwrite's short path asks `lower.native_write` once, here, instead of per write:
+        the fd that every non-FUA write of 4 KiB to SMALL_WRITE goes to with plain
+        pwritev2 (flags 0), with or without nowait; None when the lower layer refuses
+        any of them or answers differently, and pwrite then asks per write."""
+        answers = set()
+        for length in (S, SMALL_WRITE):
+            for nowait in (False, True):
+                try:
+                    answers.add(lower.native_write(length, nowait=nowait))
+                except OSError:  # read-only, or refused with nowait: not fixed
+                    return None
+        if len(answers) != 1:
+            return None
+        target = answers.pop()
+        return target[0] if target is not None and target[1] == 0 else None
 
     def _check_open(self):
         if self._closed:
