@@ -20,7 +20,9 @@ Copies are avoided:
   receive buffer as it arrives, and the ciphertext written in one lower pwrite;
 - an aligned write whose buffer the caller hands over (`owned=True`, as the server does
   with a WRITE payload) is encrypted in place, and over a plain file encrypted and written
-  in one native call (`BlockBackend.native_write`);
+  in one native call (`BlockBackend.native_write`); one of up to 128 KiB inside one lock
+  stripe (the server's 4 KiB random writes, run on its event loop) takes a short path:
+  the stripe lock and that one call, with the file's fd learnt when the layer opened;
 - any other write is encrypted into a per-thread scratch buffer (reused, at most CHUNK)
   and written from there with one lower pwrite per CHUNK.
 
