@@ -112,7 +112,9 @@ class BlockBackend(ABC):
         not. A layer that transforms what it writes (XtsLayer encrypts) can then do both
         in one native call without taking the GIL back in between. Raises what pwrite
         would raise up front (EPERM on a read-only disk, BlockingIOError with nowait).
-        A subclass that changes pwrite must change this too."""
+        The answer for a given length, fua and nowait must not change while the backend
+        is open (XtsLayer asks once, at open, for its small writes). A subclass that
+        changes pwrite must change this too."""
         return None
 
     def stage_write(self, offset: int, length: int) -> "WriteStage | None":
@@ -304,8 +306,7 @@ class FileBackend(BlockBackend):
             done += os.pwritev(fd, [data[done:]], offset + done, flags)
 
     def native_write(self, length, *, fua=False, nowait=False):
-        # pwrite's checks, and where and how it writes: (fd, pwritev2 flags). One call
-        # deep: XtsLayer calls it on every small write.
+        # pwrite's checks, and where and how it writes: (fd, pwritev2 flags).
         if self._readonly:
             raise OSError(errno.EPERM, "read-only")
         if nowait and (fua or length > INLINE_WRITE_MAX):

@@ -14,9 +14,10 @@ from keyservice.httplog import MalformedRequestLog
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-# Request buffers up to NBD's 32 MiB come from the heap, not a fresh mmap each...
+# Request buffers below 32 MiB come from the heap, not a fresh mmap each (a maximal
+# 32 MiB NBD request, with its object header, is still mmapped)...
 MMAP_THRESHOLD = 32 << 20  # glibc's most on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
-# ... and up to this much freed memory stays mapped for the next requests.
+# ... and up to this much freed memory at the top of a heap stays mapped for the next.
 TRIM_THRESHOLD = 256 << 20
 
 
@@ -82,15 +83,24 @@ def tune_allocator() -> bool:
     the kernel) depends on the heap's history: one server instance of two identical ones
     took about 930,000 page faults per 6-second 1 MiB write run and wrote at 1.4 GiB/s
     where the other took none and wrote at 2.6 GiB/s. Fixed thresholds make every
-    instance the fast one. Memory kept this way is bounded by the largest burst of
-    requests in flight (each connection stops reading at its in-flight limit). Returns
-    False where the C library has no `mallopt` (not glibc): nothing changes there."""
+    instance the fast one. The cost: the heap stays at the high-water mark of requests
+    in flight at once (each connection stops reading at its in-flight limit), less what
+    lies above TRIM_THRESHOLD of free memory at its top. Returns False, after logging
+    why, where the C library has no `mallopt` or refuses a value (musl's is a stub; a
+    32-bit glibc allows less): the allocator's defaults apply there."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # pragma: no cover - not glibc
+        logging.getLogger(__name__).info("no mallopt: malloc thresholds left as they are")
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    ok = True
+    for param, value, name in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD, "M_MMAP_THRESHOLD"),
+                               (M_TRIM_THRESHOLD, TRIM_THRESHOLD, "M_TRIM_THRESHOLD")):
+        if mallopt(param, value) != 1:
+            logging.getLogger(__name__).warning("mallopt(%s, %d) refused", name, value)
+            ok = False
+    return ok
 
 
 def run(main) -> None:

@@ -20,9 +20,9 @@ Copies are avoided:
   receive buffer as it arrives, and the ciphertext written in one lower pwrite;
 - an aligned write whose buffer the caller hands over (`owned=True`, as the server does
   with a WRITE payload) is encrypted in place, and over a plain file encrypted and written
-  in one native call (`BlockBackend.native_write`); one of up to 128 KiB inside one lock
-  stripe (the server's 4 KiB random writes, run on its event loop) takes a short path:
-  the stripe lock and that one call, with the file's fd learnt when the layer opened;
+  in one native call (`BlockBackend.native_write`); one inside a single lock stripe (64
+  KiB; the server's 4 KiB random writes, run on its event loop) takes a short path: the
+  stripe lock and that one call, with the file's fd learnt when the layer opened;
 - any other write is encrypted into a per-thread scratch buffer (reused, at most CHUNK)
   and written from there with one lower pwrite per CHUNK.
 
@@ -48,8 +48,8 @@ CHUNK = 1 << 20
 # Reads at least this large (and not nowait) decrypt straight out of the lower layer's
 # mapping; smaller ones gain little and keep the plain pread path.
 MAP_MIN = 64 * 1024
-# Owned aligned writes up to this size take pwrite's short path (see there).
-SMALL_WRITE = 128 * 1024
+# Owned aligned writes up to this size (one lock stripe) may take pwrite's short path.
+SMALL_WRITE = SECTORS_PER_STRIPE * S
 
 
 class XtsLayer(BlockBackend):
@@ -65,6 +65,8 @@ class XtsLayer(BlockBackend):
             # A partial last sector has no XTS data unit (and dm-crypt would refuse it).
             # OSError like every backend failure (backend.py), so callers' handlers apply.
             raise OSError(errno.EINVAL, f"the disk size {lower.size} is not a multiple of {S} bytes")
+        # Asked before the cipher exists: nothing after it may fail (the key is mlocked).
+        self._small_write_fd = self._fixed_native_fd(lower)
         self._cipher = XtsSectorCipher(key, S)
         self._encrypt = self._cipher.encrypt
         self._decrypt = self._cipher.decrypt
@@ -72,7 +74,6 @@ class XtsLayer(BlockBackend):
         self._lower = lower
         self._size = lower.size
         self._native_write = lower.native_write
-        self._small_write_fd = self._fixed_native_fd(lower)
         self._locks = SectorLocks(STRIPES, SECTORS_PER_STRIPE)
         self._stripes = self._locks.stripes  # pwrite's short path indexes them itself
         self._local = threading.local()
@@ -120,17 +121,15 @@ class XtsLayer(BlockBackend):
             self._check_open()
         data = memoryview(data).cast("B")
         n = len(data)
-        if owned and not fua and n <= SMALL_WRITE and not (offset | n) % S and n:
+        fd = self._small_write_fd
+        if fd is not None and owned and not fua and n <= SMALL_WRITE and not (offset | n) % S and n:
             # The hot path of small random writes (run inline on the server's event
             # loop, where every call adds to each request): one stripe lock, and
-            # encryption and the write in one engine call when the lower layer allows.
+            # encryption and the write in one engine call. Only over a lower layer whose
+            # small writes all go to one fd with flags 0 (see _fixed_native_fd).
             first = offset // S
             stripe = first // SECTORS_PER_STRIPE
-            fd = self._small_write_fd
-            if fd is None:  # ask each time: the lower layer refuses or writes otherwise
-                target = self._native_write(n, nowait=nowait)
-                fd = None if target is None else target[0]
-            if fd is not None and stripe == (first + n // S - 1) // SECTORS_PER_STRIPE:
+            if stripe == (first + n // S - 1) // SECTORS_PER_STRIPE:
                 with self._stripes[stripe % STRIPES]:
                     self._encrypt_write(data, fd, offset, first, 0)
                 return
@@ -209,21 +208,24 @@ class XtsLayer(BlockBackend):
 
     @staticmethod
     def _fixed_native_fd(lower: BlockBackend) -> int | None:
-        """pwrite's short path asks `lower.native_write` once, here, instead of per write:
-        the fd that every non-FUA write of 4 KiB to SMALL_WRITE goes to with plain
-        pwritev2 (flags 0), with or without nowait; None when the lower layer refuses
-        any of them or answers differently, and pwrite then asks per write."""
-        answers = set()
+        """For pwrite's short path, asked once instead of per write: the fd that every
+        non-FUA write of 4 KiB to SMALL_WRITE goes to with plain pwritev2 (flags 0),
+        with or without nowait. `native_write`'s answer is fixed for a given length, fua
+        and nowait (its contract), so the two ends of the range stand for all of it.
+        None when the lower layer refuses any of them or answers otherwise: then every
+        write takes the general path, which asks per write and passes its flags on."""
+        answers = []
         for length in (S, SMALL_WRITE):
             for nowait in (False, True):
                 try:
-                    answers.add(lower.native_write(length, nowait=nowait))
-                except OSError:  # read-only, or refused with nowait: not fixed
+                    answers.append(lower.native_write(length, nowait=nowait))
+                except OSError:  # read-only, or refused with nowait
                     return None
-        if len(answers) != 1:
+        target = answers[0]
+        if target is None or any(a != target for a in answers):
             return None
-        target = answers.pop()
-        return target[0] if target is not None and target[1] == 0 else None
+        fd, flags = target
+        return fd if flags == 0 else None
 
     def _check_open(self):
         if self._closed:
