@@ -26,10 +26,12 @@ Copies are avoided:
 - any other write is encrypted into a per-thread scratch buffer (reused, at most CHUNK)
   and written from there with one lower pwrite per CHUNK.
 
-nowait (see backend.py): passed down unchanged. Everything this layer does before the
-lower write (RMW reads, encryption into scratch) is reversible, and a write goes down as
-a single lower call, so a BlockingIOError from below leaves nothing half done. A write
-longer than CHUNK would need several lower calls, so with nowait it is refused up front.
+nowait (see backend.py): passed down unchanged, and sector locks held by another write
+are not waited for (BlockingIOError: the server's event loop must not wait for a
+worker's RMW or a whole-disk trim). Everything this layer does before the lower write
+(RMW reads, encryption into scratch) is reversible, and a write goes down as a single
+lower call, so a BlockingIOError from below leaves nothing half done. A write longer
+than CHUNK would need several lower calls, so with nowait it is refused up front.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ CHUNK = 1 << 20
 MAP_MIN = 64 * 1024
 # Owned aligned writes up to this size (one lock stripe) may take pwrite's short path.
 SMALL_WRITE = SECTORS_PER_STRIPE * S
+BUSY = "another write holds these sectors: use a worker"
 
 
 class XtsLayer(BlockBackend):
@@ -130,8 +133,13 @@ class XtsLayer(BlockBackend):
             first = offset // S
             stripe = first // SECTORS_PER_STRIPE
             if stripe == (first + n // S - 1) // SECTORS_PER_STRIPE:
-                with self._stripes[stripe % STRIPES]:
+                lock = self._stripes[stripe % STRIPES]
+                if not lock.acquire(not nowait):
+                    raise BlockingIOError(errno.EAGAIN, BUSY)
+                try:
                     self._encrypt_write(data, fd, offset, first, 0)
+                finally:
+                    lock.release()
                 return
         if n == 0:
             return
@@ -142,10 +150,14 @@ class XtsLayer(BlockBackend):
             end = first + n // S
             lock = self._locks.single(first, end)
             if lock is not None:  # most writes: one stripe, one lock, no list
-                with lock:
+                if not lock.acquire(not nowait):
+                    raise BlockingIOError(errno.EAGAIN, BUSY)
+                try:
                     self._write_whole(data, offset, first, fua, nowait, owned)
+                finally:
+                    lock.release()
                 return
-            held = self._locks.acquire(first, end)
+            held = self._acquire(first, end, nowait)
             try:
                 self._write_whole(data, offset, first, fua, nowait, owned)
             finally:
@@ -154,7 +166,7 @@ class XtsLayer(BlockBackend):
         end = -(-(offset + n) // S)
         if nowait and (end - first) * S > CHUNK:
             raise BlockingIOError(errno.EAGAIN, "write spans several chunks: use a worker")
-        held = self._locks.acquire(first, end)
+        held = self._acquire(first, end, nowait)
         try:
             for start in range(first * S, end * S, CHUNK):
                 stop = min(start + CHUNK, end * S)
@@ -253,6 +265,15 @@ class XtsLayer(BlockBackend):
         self._lower.pread(buf, offset, nowait=nowait)
         self._cipher.decrypt(buf, buf, offset // S, holes=True)
 
+    def _acquire(self, first: int, end: int, nowait: bool) -> list:
+        """The locks of sectors [first, end); with nowait, BlockingIOError instead of
+        waiting for another write of theirs (a worker's RMW, a whole-disk trim): the
+        server's event loop must not wait on a lock, and nothing is touched yet."""
+        held = self._locks.acquire(first, end, blocking=not nowait)
+        if held is None:
+            raise BlockingIOError(errno.EAGAIN, BUSY)
+        return held
+
     def _commit(self, stage, fua, nowait):
         """EncryptingStage.commit: the ciphertext goes down as one lower write, under
         the locks of its sectors (ordered against RMW of the same sectors)."""
@@ -261,7 +282,7 @@ class XtsLayer(BlockBackend):
         if stage.received != stage.length:
             raise ValueError(f"commit of {stage.received} of {stage.length} bytes")
         first = stage.offset // S
-        held = self._locks.acquire(first, first + stage.length // S)
+        held = self._acquire(first, first + stage.length // S, nowait)
         try:
             self._lower.pwrite(stage.buffer, stage.offset, fua=fua, nowait=nowait)
         finally:

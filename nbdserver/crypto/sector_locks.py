@@ -32,8 +32,9 @@ class SectorLocks:
         self.stripes = self._locks  # read-only: stripe (s // sectors_per_stripe) % stripes
         self._per = sectors_per_stripe
 
-    def acquire(self, first: int, end: int) -> list[threading.Lock]:
-        """Take the locks of sectors [first, end) (end > first); returns them for release()."""
+    def acquire(self, first: int, end: int, *, blocking: bool = True) -> list[threading.Lock] | None:
+        """Take the locks of sectors [first, end) (end > first); returns them for release().
+        With blocking=False, None (and nothing held) if any of them is taken."""
         n = len(self._locks)
         g0 = first // self._per
         g1 = (end - 1) // self._per
@@ -43,8 +44,15 @@ class SectorLocks:
             a, b = g0 % n, g1 % n
             # Ascending stripe index in both cases: the global order that rules out deadlock.
             held = self._locks[a:b + 1] if a <= b else self._locks[:b + 1] + self._locks[a:]
-        for lock in held:
-            lock.acquire()
+        if blocking:
+            for lock in held:
+                lock.acquire()
+            return held
+        for i, lock in enumerate(held):
+            if not lock.acquire(False):
+                for taken in reversed(held[:i]):
+                    taken.release()
+                return None
         return held
 
     def single(self, first: int, end: int) -> threading.Lock | None:

@@ -263,6 +263,52 @@ def test_owned_whole_sector_writes_land_as_dmcrypt_on_either_path(tmp_path, firs
         assert data[s * S:(s + 1) * S] == dmcrypt_sector(keep, s, plain[i * S:(i + 1) * S])
 
 
+@pytest.mark.timeout(30)  # a regression waits on a lock this thread holds: fail soon
+@pytest.mark.parametrize("offset, length, owned", [
+    (3 * S, S, True),        # the short path
+    (3 * S, S, False),       # whole sectors, one stripe
+    (15 * S, 2 * S, True),   # whole sectors over two stripes
+    (3 * S + 512, 512, False),  # read-modify-write
+])
+def test_nowait_does_not_wait_for_sectors_another_write_holds(disk, offset, length, owned):
+    """The server runs small writes on its event loop (nowait), which must not wait
+    for a worker that holds the same sectors (an RMW, a whole-disk trim): BlockingIOError,
+    nothing written and an owned buffer untouched, so the server retries on a worker.
+    This thread holds the locks itself, so a wait would hang the test (a non-reentrant
+    lock), not pass it."""
+    layer, path, _ = disk
+    before = file_bytes(path)
+    plain = os.urandom(length)
+    data = bytearray(plain)
+    first, end = offset // S, -(-(offset + length) // S)
+    held = layer._locks.acquire(first, end)
+    try:
+        with pytest.raises(BlockingIOError):
+            layer.pwrite(data, offset, nowait=True, owned=owned)
+    finally:
+        layer._locks.release(held)
+    assert file_bytes(path) == before and data == plain
+    layer.pwrite(data, offset, nowait=True, owned=owned)  # free again: written inline
+    assert read(layer, offset, length) == plain
+
+
+@pytest.mark.timeout(30)
+def test_a_staged_write_does_not_wait_for_its_sectors_with_nowait(disk):
+    layer, path, _ = disk
+    plain = os.urandom(16 * S)
+    stage = layer.stage_write(16 * S, len(plain))
+    stage.take(memoryview(plain))
+    held = layer._locks.acquire(20, 21)
+    try:
+        with pytest.raises(BlockingIOError):
+            stage.commit(nowait=True)
+    finally:
+        layer._locks.release(held)
+    assert file_bytes(path)[16 * S:32 * S] == bytes(16 * S)
+    stage.commit()  # the worker's retry
+    assert read(layer, 16 * S, len(plain)) == plain
+
+
 def test_the_short_path_is_open_only_over_a_writable_file(tmp_path):
     """pwrite's short path needs the file's fd, learnt at open; a read-only file, one
     that refuses nowait writes, or one that does not write natively gets none, and

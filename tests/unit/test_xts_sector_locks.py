@@ -45,3 +45,14 @@ def test_sectors_of_one_stripe_share_a_lock_and_others_do_not():
     again = locks.acquire(2, 3)
     assert again == held
     locks.release(again)
+
+
+def test_without_blocking_a_busy_stripe_gives_none_and_leaves_nothing_held():
+    locks = SectorLocks(stripes=8, sectors_per_stripe=4)
+    busy = locks.acquire(8, 9)  # stripe 2
+    assert locks.acquire(0, 16, blocking=False) is None  # stripes 0..3: 2 is taken
+    assert [lock.locked() for lock in locks._locks] == [False, False, True] + [False] * 5
+    locks.release(busy)
+    held = locks.acquire(0, 16, blocking=False)
+    assert indices(locks, held) == [0, 1, 2, 3]
+    locks.release(held)
