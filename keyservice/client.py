@@ -8,6 +8,7 @@ revocation. A `kid` may be a full key URL (with or without a version), or
 """
 import asyncio
 import base64
+import errno
 import json
 import os
 import time
@@ -16,6 +17,8 @@ from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 import aiohttp
+
+from . import secret_http
 
 RENEW_BEFORE = 300  # seconds: renew a token this long before it expires
 
@@ -28,6 +31,29 @@ class KeyServiceError(Exception):
 
 class KeyServiceUnavailable(KeyServiceError):
     pass
+
+
+class LocalResourceError(KeyServiceError):
+    """This process could not even try to reach the key service: it is out of file
+    descriptors or memory. That says nothing about the key service, so a caller must not
+    treat it as the service being unreachable (which a grace period tolerates): an attacker
+    who exhausts our descriptors would otherwise hold revocation off."""
+
+
+# errno values that mean "this host/process is out of a resource", not "the peer is away"
+_LOCAL_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def unreachable(base_url: str, e: BaseException) -> KeyServiceError:
+    """The error for a call that failed before an answer: local exhaustion or unreachable."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if getattr(cause, "errno", None) in _LOCAL_ERRNOS or isinstance(cause, MemoryError):
+            return LocalResourceError(0, "LocalResourceExhausted",
+                                      f"cannot call the key service at {base_url}: this process "
+                                      f"is out of a local resource: {cause!r}")
+        cause = getattr(cause, "os_error", None) or cause.__cause__
+    return KeyServiceUnavailable(0, "ServiceUnavailable", f"key service at {base_url} unreachable: {e!r}")
 
 
 @dataclass
@@ -129,8 +155,7 @@ class KeyServiceClient:
                 data = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise KeyServiceUnavailable(0, "ServiceUnavailable",
-                                        f"key service at {self.base_url} unreachable: {e!r}") from e
+            raise unreachable(self.base_url, e) from e
         if status == 401 and auth:
             self._token = None  # e.g. the service's master key changed: re-authenticate next time
         return _decode(status, data)
@@ -174,13 +199,40 @@ class KeyServiceClient:
     async def get_key(self, kid_or_vault_name_version: str) -> dict:
         return await self.request("GET", _key_path(kid_or_vault_name_version))
 
-    async def wrap_key(self, kid: str, value: bytes, *, alg: str = "RSA-OAEP-256") -> tuple[str, bytes]:
-        body = await self.request("POST", _key_path(kid) + "/wrapkey", {"alg": alg, "value": _b64u(value)})
+    async def wrap_key(self, kid: str, value: bytes | bytearray, *,
+                       alg: str = "RSA-OAEP-256") -> tuple[str, bytes]:
+        """Wrap `value` (a DEK: sent from wipeable buffers only, see `secret_http`)."""
+        body, _ = await self._secret_call(_key_path(kid) + "/wrapkey", alg, value, None)
         return body["kid"], _unb64u(body["value"])
 
-    async def unwrap_key(self, kid: str, value: bytes, *, alg: str = "RSA-OAEP-256") -> bytes:
-        body = await self.request("POST", _key_path(kid) + "/unwrapkey", {"alg": alg, "value": _b64u(value)})
-        return _unb64u(body["value"])
+    async def unwrap_key(self, kid: str, value: bytes, *, alg: str = "RSA-OAEP-256") -> bytearray:
+        """The unwrapped DEK in a bytearray the caller wipes; its encoded form only ever
+        lived in buffers that are wiped before this returns."""
+        _, dek = await self._secret_call(_key_path(kid) + "/unwrapkey", alg, value, "value")
+        if dek is None:
+            raise KeyServiceError(502, "BadResponse", "unwrapKey answered without a value")
+        return dek
+
+    async def _secret_call(self, path: str, alg: str, value, answer_field: str | None):
+        """wrapKey/unwrapKey through `secret_http` (one retry on 401, like `request`)."""
+        for attempt in (1, 2):
+            token = await self._bearer()
+            try:
+                status, body, secret = await secret_http.post_secret(
+                    self.base_url + path, token, {"alg": alg}, "value", value,
+                    answer_field=answer_field, ssl=self._ssl, timeout=self._timeout.total or 10.0)
+            except (OSError, asyncio.TimeoutError, ValueError) as e:
+                raise unreachable(self.base_url, e) from e
+            if status < 400:
+                return body, secret
+            if secret is not None:
+                secret_http.wipe(secret)
+            if status == 401:
+                self._token = None
+                if attempt == 1:
+                    continue
+            _decode(status, json.dumps(body).encode())
+        raise AssertionError("unreachable")
 
     # -- the change stream --
     async def events(self, since: int | None = None, *, idle_timeout: float = 15.0,

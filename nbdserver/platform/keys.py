@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from keyservice.client import KeyServiceClient, KeyServiceError, KeyServiceUnavailable
+from keyservice.client import KeyServiceClient, KeyServiceError, KeyServiceUnavailable, unreachable
 
 from .errors import AccessMissing, KeyUnavailable
 from .model import KeyEnvelope
@@ -33,6 +33,12 @@ def wipe(buf: bytearray | None) -> None:
 
 
 def translate(e: Exception, what: str) -> Exception:
+    """Unreachable -> KeyUnavailable (a grace period applies); a refusal, and also this
+    process being out of descriptors or memory, -> AccessMissing (fail closed: our own
+    exhaustion must not pass for an outage, or a connection flood would hold off
+    revocation for the whole grace period)."""
+    if isinstance(e, OSError) and not isinstance(e, KeyServiceError):
+        e = unreachable("the key service", e)
     if isinstance(e, KeyServiceUnavailable):
         return KeyUnavailable(f"{what}: key service unreachable: {e}")
     if isinstance(e, KeyServiceError):
@@ -42,7 +48,7 @@ def translate(e: Exception, what: str) -> Exception:
 
 async def wrap(client: KeyServiceClient, key_url: str, dek: bytearray) -> KeyEnvelope:
     try:
-        kid, wrapped = await client.wrap_key(key_url, bytes(dek), alg=WRAP_ALG)
+        kid, wrapped = await client.wrap_key(key_url, dek, alg=WRAP_ALG)
     except (KeyServiceError, OSError) as e:
         raise translate(e, f"wrapKey with {key_url}") from None
     return KeyEnvelope(kid, WRAP_ALG, wrapped)
@@ -50,7 +56,7 @@ async def wrap(client: KeyServiceClient, key_url: str, dek: bytearray) -> KeyEnv
 
 async def unwrap_raw(client: KeyServiceClient, envelope: KeyEnvelope) -> bytearray:
     try:
-        return bytearray(await client.unwrap_key(envelope.kid, envelope.wrapped, alg=envelope.alg))
+        return await client.unwrap_key(envelope.kid, envelope.wrapped, alg=envelope.alg)
     except (KeyServiceError, OSError) as e:
         raise translate(e, f"unwrapKey with {envelope.kid}") from None
 

@@ -10,6 +10,7 @@ every write acknowledged before the revocation reads back.
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 
@@ -144,15 +145,25 @@ def _memory_hits(pid: int, needles: dict[str, bytes]) -> dict[str, int]:
     return hits
 
 
+def encoded_forms(dek: bytes) -> dict[str, bytes]:
+    """The DEK as wrapKey/unwrapKey carry it in JSON: base64url and base64 text (their
+    first 80 characters cover 60 bytes, so no padding or alphabet question), in bytes and
+    in the UCS-4 layout a non-ASCII str would give it."""
+    forms = {"b64url": base64.urlsafe_b64encode(dek)[:80], "b64": base64.b64encode(dek)[:80]}
+    forms |= {f"{k} (ucs4)": v.decode().encode("utf-32-le") for k, v in list(forms.items())}
+    return forms
+
+
 def test_revoked_dek_is_wiped_from_memory(stack):
-    """After a revocation the DEK's bytes (and either XTS half) are gone from the nbdserver
-    process, not merely unreferenced."""
+    """After a revocation the DEK's bytes (and either XTS half), and its base64 text as
+    the key service's JSON carries it, are gone from the nbdserver process, not merely
+    unreferenced."""
     if os.geteuid() != 0:
         pytest.skip("reading another process's memory needs root")
     c = stack.customer_key("memv", "k1", "des-mem")
     stack.create_disk("mem1", "--size", "16M", "--des", c["des"])
     dek = stack.dek("mem1")
-    needles = {"dek": dek, "key1": dek[:32], "key2": dek[32:]}
+    needles = {"dek": dek, "key1": dek[:32], "key2": dek[32:], **encoded_forms(dek)}
     h = stack.connect("mem1")
     h.pwrite(b"m" * 65536, 0)
     h.flush()
