@@ -93,17 +93,24 @@ class Export:
 
     def end(self) -> None:
         self._inflight -= 1
-        if not self._inflight and self._idle is not None:
-            self._idle.set()
+        if not self._inflight:
+            # Every waiter is woken, however many there are (a snapshot's freeze, a delete,
+            # a revocation): each waits on the same future, made by the first of them.
+            idle, self._idle = self._idle, None
+            if idle is not None:
+                idle.set()
 
     @property
     def inflight(self) -> int:
         return self._inflight
 
     async def drained(self) -> None:
-        """Return once no request is running against the backend."""
-        while self._inflight:
-            self._idle = asyncio.Event()
+        """Return once no request is running against the backend, at some moment after
+        the call. Callers stop new requests first (lock or freeze), so that moment lasts;
+        any number of them may wait at once."""
+        if self._inflight:
+            if self._idle is None:
+                self._idle = asyncio.Event()
             await self._idle.wait()
 
     # -- freezing: hold new requests (they wait, they do not fail) for a consistent copy
