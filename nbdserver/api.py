@@ -84,6 +84,8 @@ async def _body(request) -> dict:
         data = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("request body is not valid JSON") from None
+    except RecursionError:  # a body of nested arrays deeper than the parser's stack
+        raise BadRequest("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     return data

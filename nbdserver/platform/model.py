@@ -78,7 +78,8 @@ class Volume:
         return self.des != PLATFORM_KEY
 
 
-_KID = re.compile(r"^(?P<base>https?://[^/]+)/vaults/(?P<vault>[^/]+)/keys/(?P<key>[^/]+)(?:/(?P<version>[^/]+))?/?$")
+# Matched whole (fullmatch): `$` would also match before a trailing newline.
+_KID = re.compile(r"(?P<base>https?://[^/\s]+)/vaults/(?P<vault>[^/\s]+)/keys/(?P<key>[^/\s]+)(?:/(?P<version>[^/\s]+))?/?")
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class KeyUrl:
 
     @classmethod
     def parse(cls, url: str) -> "KeyUrl":
-        m = _KID.match(url or "")
+        m = _KID.fullmatch(url) if isinstance(url, str) else None
         if not m:
             raise BadRequest(f"not a key URL: {url!r} (expected {{base}}/vaults/{{vault}}/keys/{{name}}[/{{version}}])")
         return cls(m["base"], m["vault"], m["key"], m["version"])
@@ -100,11 +101,11 @@ class KeyUrl:
         return f"{self.base}/vaults/{self.vault}/keys/{self.key}"
 
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")  # fullmatch: `data1\n` is not `data1`
 
 
 def check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise BadRequest(f"invalid {kind} name {name!r}: 1-80 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return name
