@@ -165,16 +165,65 @@ def identity():
 @click.option("--type", "type_", default="managedIdentity", show_default=True,
               type=click.Choice(["user", "servicePrincipal", "managedIdentity"]))
 @click.option("--role", "roles", multiple=True, type=click.Choice(["admin", "platform"]))
+@click.option("--tenant-id", help="a new tenant (admins of the home tenant only); default: your own")
 @click.option("--output-credential", type=click.Path(dir_okay=False),
               help="also write the new credential file here (0600)")
-def identity_create(name, type_, roles, output_credential):
+def identity_create(name, type_, roles, tenant_id, output_credential):
     """Create an identity; prints its client secret once."""
-    body = _call(lambda c: c.request("POST", "/identities",
-                                     {"displayName": name, "type": type_, "roles": list(roles)}))
+    request = {"displayName": name, "type": type_, "roles": list(roles)}
+    if tenant_id:
+        request["tenantId"] = tenant_id
+    body = _call(lambda c: c.request("POST", "/identities", request))
+    _print_credential(body, output_credential)
+
+
+def _print_credential(body, output_credential):
     if output_credential:
         Credential(body["clientId"], body["clientSecret"], body["tenantId"],
                    body["objectId"]).dump(output_credential)
     _print(body)
+
+
+@identity.command("list")
+def identity_list():
+    """The identities of your tenant (admin)."""
+    _show("GET", "/identities")
+
+
+@identity.command("show")
+@click.argument("object_id")
+def identity_show(object_id):
+    _show("GET", f"/identities/{object_id}")
+
+
+@identity.command("disable")
+@click.argument("object_id")
+def identity_disable(object_id):
+    """No new tokens, and its current tokens stop working at once."""
+    _show("PATCH", f"/identities/{object_id}", {"enabled": False})
+
+
+@identity.command("enable")
+@click.argument("object_id")
+def identity_enable(object_id):
+    _show("PATCH", f"/identities/{object_id}", {"enabled": True})
+
+
+@identity.command("delete")
+@click.argument("object_id")
+def identity_delete(object_id):
+    """Delete an identity and its access policies."""
+    _show("DELETE", f"/identities/{object_id}")
+
+
+@identity.command("reset-secret")
+@click.argument("object_id")
+@click.option("--output-credential", type=click.Path(dir_okay=False),
+              help="also write the new credential file here (0600)")
+def identity_reset_secret(object_id, output_credential):
+    """A new client secret, printed once; the old secret and its tokens stop working."""
+    body = _call(lambda c: c.request("POST", f"/identities/{object_id}/secret"))
+    _print_credential(body, output_credential)
 
 
 # -- vaults --

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS identities (
   object_id TEXT PRIMARY KEY, client_id TEXT UNIQUE NOT NULL, tenant_id TEXT NOT NULL,
   display_name TEXT NOT NULL, type TEXT NOT NULL, roles TEXT NOT NULL,
-  secret_hash BLOB NOT NULL, created REAL NOT NULL);
+  secret_hash BLOB NOT NULL, created REAL NOT NULL,
+  disabled INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS vaults (
   name TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, subscription TEXT NOT NULL,
   location TEXT NOT NULL, retention_days INTEGER NOT NULL, purge_protection INTEGER NOT NULL,
@@ -54,6 +55,15 @@ CREATE TABLE IF NOT EXISTS events (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, vault TEXT NOT NULL,
   key TEXT, version TEXT, kid TEXT, object_id TEXT, time REAL NOT NULL);
 """
+
+# Columns added after the first release: a database made by an older version gets them
+# at open (ALTER TABLE ... ADD COLUMN; the defaults are what an old row meant).
+ADDED_COLUMNS = {
+    "identities": (("disabled", "INTEGER NOT NULL DEFAULT 0"),
+                   ("generation", "INTEGER NOT NULL DEFAULT 0")),
+}
+_IDENTITY_COLUMNS = ("object_id, client_id, tenant_id, display_name, type, roles, secret_hash, "
+                     "created, disabled, generation")
 
 
 def _aad(vault: str, name: str, version: str) -> str:
@@ -82,7 +92,16 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._check_master_key()
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            for table, columns in ADDED_COLUMNS.items():
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, decl in columns:
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def _check_master_key(self) -> None:
         row = self._db.execute("SELECT v FROM meta WHERE k='master_check'").fetchone()
@@ -119,16 +138,44 @@ class Store:
 
     # -- identities --
     def add_identity(self, i: Identity) -> None:
-        self._db.execute("INSERT INTO identities VALUES (?,?,?,?,?,?,?,?)",
+        self.put_identity(i, new=True)
+
+    def put_identity(self, i: Identity, new: bool = False) -> None:
+        verb = "INSERT" if new else "INSERT OR REPLACE"
+        self._db.execute(f"{verb} INTO identities ({_IDENTITY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                          (i.object_id, i.client_id, i.tenant_id, i.display_name, i.type,
-                          json.dumps(list(i.roles)), i.secret_hash, i.created))
+                          json.dumps(list(i.roles)), i.secret_hash, i.created, int(i.disabled),
+                          i.generation))
 
     def identity_by_client_id(self, client_id: str) -> Identity | None:
-        row = self._db.execute("SELECT * FROM identities WHERE client_id=?", (client_id,)).fetchone()
-        if row is None:
-            return None
-        return Identity(row[0], row[1], row[2], row[3], row[4], tuple(json.loads(row[5])),
-                        bytes(row[6]), row[7])
+        return self._identity_where("client_id=?", client_id)
+
+    def identity(self, object_id: str) -> Identity | None:
+        return self._identity_where("object_id=?", object_id)
+
+    def _identity_where(self, cond: str, value: str) -> Identity | None:
+        row = self._db.execute(f"SELECT {_IDENTITY_COLUMNS} FROM identities WHERE {cond}",
+                               (value,)).fetchone()
+        return None if row is None else _identity(row)
+
+    def identities(self, tenant_id: str) -> list[Identity]:
+        return [_identity(r) for r in self._db.execute(
+            f"SELECT {_IDENTITY_COLUMNS} FROM identities WHERE tenant_id=? ORDER BY created, object_id",
+            (tenant_id,))]
+
+    def delete_identity(self, object_id: str) -> None:
+        self._db.execute("DELETE FROM identities WHERE object_id=?", (object_id,))
+
+    def tenant_exists(self, tenant_id: str) -> bool:
+        """A tenant exists while it has an identity or a vault (vaults outlive identities)."""
+        return self._db.execute("SELECT EXISTS (SELECT 1 FROM identities WHERE tenant_id=?) OR "
+                                "EXISTS (SELECT 1 FROM vaults WHERE tenant_id=?)",
+                                (tenant_id, tenant_id)).fetchone()[0] == 1
+
+    def policies_of(self, object_id: str) -> list[str]:
+        """The vaults where `object_id` has an access policy."""
+        return [r[0] for r in self._db.execute(
+            "SELECT vault FROM policies WHERE object_id=? ORDER BY vault", (object_id,))]
 
     # -- vaults --
     def vault(self, name: str) -> Vault | None:
@@ -288,6 +335,11 @@ class Store:
                                 (chain,))
         head = self._db.execute("SELECT seq, last, mac FROM audit_heads WHERE chain=?", (chain,)).fetchone()
         return audit.verify(self._audit_key, chain, rows, head)
+
+
+def _identity(r) -> Identity:
+    return Identity(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), bytes(r[6]), r[7],
+                    bool(r[8]), r[9])
 
 
 def _vault(r) -> Vault:

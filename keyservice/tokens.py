@@ -2,7 +2,8 @@
 
 The signing key is derived from the master key, so tokens survive a restart
 and die with a master-key change. Claims: `oid` (object id), `tid` (tenant),
-`roles`, `iat`, `nbf`, `exp` (RFC 7519). Only HS256 is accepted: the header's
+`roles`, `iat`, `nbf`, `exp` (RFC 7519), and `gen`, the identity's generation
+(the service refuses a token whose generation is not the identity's current one). Only HS256 is accepted: the header's
 `alg` is checked, never trusted (no "alg": "none", no key confusion).
 """
 import base64
@@ -36,9 +37,10 @@ class TokenSigner:
     def _sign(self, signing_input: bytes) -> bytes:
         return hmac.new(self._key, signing_input, hashlib.sha256).digest()
 
-    def issue(self, object_id: str, tenant_id: str, roles, now: float) -> tuple[str, int]:
+    def issue(self, object_id: str, tenant_id: str, roles, now: float,
+              generation: int = 0) -> tuple[str, int]:
         claims = {"iss": self.issuer, "oid": object_id, "sub": object_id, "tid": tenant_id,
-                  "roles": list(roles), "iat": int(now), "nbf": int(now),
+                  "roles": list(roles), "gen": generation, "iat": int(now), "nbf": int(now),
                   "exp": int(now) + self.lifetime, "jti": secrets.token_hex(8)}
         signing_input = (_b64(json.dumps(_HEADER).encode()) + "." +
                          _b64(json.dumps(claims, separators=(",", ":")).encode())).encode()
@@ -68,6 +70,9 @@ class TokenSigner:
         if now + _LEEWAY < nbf:
             raise Unauthorized("The bearer token is not yet valid")
         oid, tid, roles = claims.get("oid"), claims.get("tid"), claims.get("roles", [])
-        if not isinstance(oid, str) or not isinstance(tid, str) or not isinstance(roles, list):
+        gen = claims.get("gen", 0)
+        if not isinstance(oid, str) or not isinstance(tid, str) or not isinstance(roles, list) \
+                or isinstance(gen, bool) or not isinstance(gen, int):
             raise Unauthorized("The bearer token is malformed")
-        return Caller(object_id=oid, tenant_id=tid, roles=tuple(r for r in roles if isinstance(r, str)))
+        return Caller(object_id=oid, tenant_id=tid, roles=tuple(r for r in roles if isinstance(r, str)),
+                      generation=gen)

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import logging
 
+from .admission import ConnectionLimits
 from .backend import FileBackend
 from .exports import Export, ExportCatalog
 from .protocol.handshake import TlsMode
@@ -59,7 +60,8 @@ def open_backend(opts: dict):
     return backend
 
 
-async def serve(listen: str, specs: list[str], workers: int, stop: asyncio.Event, tls=None) -> None:
+async def serve(listen: str, specs: list[str], workers: int, stop: asyncio.Event, tls=None,
+                limits=None) -> None:
     catalog = ExportCatalog()
     for spec in specs:
         name, opts = parse_export(spec)
@@ -69,7 +71,8 @@ async def serve(listen: str, specs: list[str], workers: int, stop: asyncio.Event
             catalog.default = name
     host, port = parse_hostport(listen, 10809)
     tls_mode, tls_context = tls if tls is not None else (TlsMode.OFF, None)
-    server = NbdServer(catalog, workers=workers, tls_mode=tls_mode, tls_context=tls_context)
+    server = NbdServer(catalog, workers=workers, tls_mode=tls_mode, tls_context=tls_context,
+                       limits=limits)
     addrs = await server.listen(host, port)
     log.info("serving %d export(s) on %s", len(specs), addrs)
     print(f"LISTENING {addrs[0][0]} {addrs[0][1]}", flush=True)
@@ -93,6 +96,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tls-verify-clients", action="store_true",
                     help="require a client certificate signed by the directory's ca-cert.pem")
     ap.add_argument("--tls-psk-file", help="psktool-format identity:hexkey file (TLS-PSK)")
+    add_limit_arguments(ap)
     ap.add_argument("exports", nargs="+", metavar="NAME=PATH[,size=..][,ro][,key=FILE]")
     args = ap.parse_args(argv)
     configure_logging(args.log_level)
@@ -100,9 +104,25 @@ def main(argv=None) -> None:
     try:
         context = server_context_for(mode, ServerTls(args.tls_dir, args.tls_verify_clients,
                                                      args.tls_psk_file))
-    except TlsConfigError as e:
+        limits = ConnectionLimits(args.max_connections, args.max_connections_per_peer,
+                                  args.handshake_timeout, args.fd_reserve)
+    except (TlsConfigError, ValueError) as e:
         ap.error(str(e))
-    run(lambda stop: serve(args.listen, args.exports, args.workers, stop, tls=(mode, context)))
+    run(lambda stop: serve(args.listen, args.exports, args.workers, stop, tls=(mode, context),
+                           limits=limits))
+
+
+def add_limit_arguments(ap: argparse.ArgumentParser) -> None:
+    """The connection limits (nbdserver/admission.py); the same as `nbdserver serve`'s."""
+    d = ConnectionLimits()
+    ap.add_argument("--max-connections", type=int, default=d.max_connections,
+                    help="NBD connections in total (never more than RLIMIT_NOFILE less --fd-reserve)")
+    ap.add_argument("--max-connections-per-peer", type=int, default=d.max_per_peer,
+                    help="NBD connections from one address (IPv6: one /64)")
+    ap.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout,
+                    help="seconds a connection may take to reach transmission")
+    ap.add_argument("--fd-reserve", type=int, default=d.fd_reserve,
+                    help="file descriptors kept from NBD clients for the daemon's own use")
 
 
 if __name__ == "__main__":

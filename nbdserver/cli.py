@@ -17,7 +17,10 @@ import urllib.request
 
 import click
 
+from .admission import ConnectionLimits
 from .runtime import configure_logging, parse_hostport, run
+
+_LIMITS = ConnectionLimits()  # the defaults, shown in --help
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -53,9 +56,20 @@ def main():
               help="CA certificate that signed the key service's (https://; default: system CAs)")
 @click.option("--insecure-keyservice-http", is_flag=True,
               help="allow an http:// key service on a non-loopback address")
+@click.option("--max-connections", type=click.IntRange(1), default=_LIMITS.max_connections,
+              show_default=True,
+              help="NBD connections in total (never more than RLIMIT_NOFILE less --fd-reserve)")
+@click.option("--max-connections-per-peer", type=click.IntRange(1), default=_LIMITS.max_per_peer,
+              show_default=True, help="NBD connections from one address (IPv6: one /64)")
+@click.option("--handshake-timeout", type=click.FloatRange(0, min_open=True),
+              default=_LIMITS.handshake_timeout, show_default=True,
+              help="seconds an NBD connection may take to reach transmission")
+@click.option("--fd-reserve", type=click.IntRange(0), default=_LIMITS.fd_reserve, show_default=True,
+              help="file descriptors kept from NBD clients for the key service, disks and API")
 def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credential, master_key_file,
           lease_seconds, grace_seconds, workers, log_level, tls_mode, tls_dir, tls_verify_clients,
-          tls_psk_file, keyservice_ca, insecure_keyservice_http):
+          tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
+          max_connections_per_peer, handshake_timeout, fd_reserve):
     """Run the NBD server and the disk platform."""
     from keyservice.tls import TlsConfigError as KsTlsError
     from keyservice.tls import client_ssl_for
@@ -82,7 +96,9 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
             api_listen=parse_hostport(api_listen, 8080), keyservice_url=keyservice_url,
             credential_file=keyservice_credential, master_key_file=master_key_file,
             lease=lease_seconds, grace=grace_seconds, workers=workers, ssl=ks_ssl,
-            tls_mode=mode, tls_context=tls_context))
+            tls_mode=mode, tls_context=tls_context,
+            nbd_limits=ConnectionLimits(max_connections, max_connections_per_peer,
+                                        handshake_timeout, fd_reserve)))
     except StartupError as e:
         click.echo(f"nbdserver: cannot start: {e}", err=True)
         sys.exit(1)

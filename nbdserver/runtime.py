@@ -74,6 +74,23 @@ def harden_process() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; returns the soft limit now in force.
+
+    The soft limit is often 1024 (the kernel's and most shells' default) while the hard
+    one is far higher (systemd gives services 524288): the server's connection cap is
+    computed from the soft limit (nbdserver/admission.py), so raising it lets the
+    caps, not an accident of the environment, decide how many clients fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:  # pragma: no cover - a hard limit the kernel caps lower
+            logging.getLogger(__name__).warning("cannot raise RLIMIT_NOFILE to %s: %s", hard, e)
+    return soft
+
+
 def tune_allocator() -> bool:
     """Keep freed request buffers for reuse instead of handing them back to the kernel.
 
@@ -106,6 +123,7 @@ def tune_allocator() -> bool:
 def run(main) -> None:
     """Run `main(stop: asyncio.Event)` on uvloop when available; SIGTERM/SIGINT set `stop`."""
     harden_process()
+    raise_fd_limit()
     tune_allocator()
     try:
         import uvloop

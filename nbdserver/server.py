@@ -25,6 +25,7 @@ import ssl
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+from .admission import Admission, ConnectionLimits, peer_key
 from .backend import INLINE_WRITE_MAX
 from .exports import Export, ExportCatalog
 from .protocol import handshake as hs
@@ -38,9 +39,12 @@ from .protocol.transmission import (
     BadMagic, Oversized, RequestParser, block_status_chunk, check, data_chunk_header,
     error_chunk, hole_chunk, nbd_error, simple_reply,
 )
+from .loglimit import LogLimiter
 from .tls import tls_summary
 
 log = logging.getLogger("nbdserver.server")
+# Refusals anyone can cause are logged at a bounded rate (nbdserver/loglimit.py).
+limited_log = LogLimiter(log)
 
 # Reads above this size go to a worker even when cached: decryption of a large request
 # then runs beside the event loop (the native engine releases the GIL).
@@ -58,10 +62,13 @@ TLS_SHUTDOWN_TIMEOUT = 3.0
 
 class NbdServer:
     def __init__(self, catalog: ExportCatalog, *, workers: int = 8,
-                 tls_mode: hs.TlsMode = hs.TlsMode.OFF, tls_context: ssl.SSLContext | None = None):
+                 tls_mode: hs.TlsMode = hs.TlsMode.OFF, tls_context: ssl.SSLContext | None = None,
+                 limits: ConnectionLimits | None = None):
         if tls_mode is not hs.TlsMode.OFF and tls_context is None:
             raise ValueError("TLS mode needs an SSL context")
         self.catalog = catalog
+        self.limits = limits or ConnectionLimits()
+        self.admission = Admission(self.limits)
         self.tls_mode = tls_mode
         self.tls_context = tls_context
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
@@ -74,6 +81,10 @@ class NbdServer:
         server = await loop.create_server(lambda: Connection(self), host, port,
                                           reuse_address=True, backlog=512)
         self._servers.append(server)
+        if self.admission.max_total < self.limits.max_connections:
+            log.info("taking at most %d NBD connections (descriptor limit %d less a reserve of %d)",
+                     self.admission.max_total, self.admission.max_total + self.limits.fd_reserve,
+                     self.limits.fd_reserve)
         return [s.getsockname()[:2] for s in server.sockets]
 
     async def shutdown(self, grace: float = 30.0) -> None:
@@ -117,6 +128,8 @@ class Connection(asyncio.Protocol):
         self._draining = False
         self.closed: asyncio.Future = self.loop.create_future()
         self.peer = None
+        self._peer_key: str | None = None  # set while counted by the server's Admission
+        self._handshake_timer: asyncio.TimerHandle | None = None
         # Decrypted bytes that reach data_received() while start_tls() has not returned yet
         # (the TLS layer delivers them as soon as its handshake ends); None when not upgrading.
         self._tls_early: bytearray | None = None
@@ -136,9 +149,41 @@ class Connection(asyncio.Protocol):
         if self.server.shutting_down:
             transport.close()
             return
+        key = peer_key(self.peer)
+        refused = self.server.admission.admit(key)
+        if refused is not None:
+            limited_log.log(f"cap {key}", logging.WARNING,
+                            "connection %s: refused: %s", self.peer, refused)
+            self.handshake = None
+            transport.close()
+            return
+        self._peer_key = key
+        self._handshake_timer = self.loop.call_later(self.server.limits.handshake_timeout,
+                                                     self._handshake_expired)
         transport.write(hs.Handshake.greeting())
 
+    def _handshake_expired(self):
+        self._handshake_timer = None
+        if self.parser is None and self.transport is not None:
+            limited_log.log(f"timeout {self._peer_key}", logging.WARNING,
+                            "connection %s: handshake not finished after %g s; closing",
+                            self.peer, self.server.limits.handshake_timeout)
+            # Inside start_tls this aborts the plain socket under the TLS layer, and
+            # start_tls's failure path reports the loss.
+            self.abort()
+
+    def _release(self):
+        """Stop counting this connection against the caps (idempotent: a failed TLS
+        handshake reports its loss itself, and asyncio may too)."""
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if self._peer_key is not None:
+            self.server.admission.release(self._peer_key)
+            self._peer_key = None
+
     def connection_lost(self, exc):
+        self._release()
         self.server.connections.discard(self)
         if self.export is not None:
             self.export.clients -= 1
@@ -194,9 +239,10 @@ class Connection(asyncio.Protocol):
             return
         self._tls_early = bytearray()
         try:
-            tls_transport = await self.loop.start_tls(self.transport, self, self.server.tls_context,
-                                                      server_side=True,
-                                                      ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
+            tls_transport = await self.loop.start_tls(
+                self.transport, self, self.server.tls_context, server_side=True,
+                ssl_handshake_timeout=self.server.limits.handshake_timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
             if tls_transport is None or tls_transport.is_closing():
                 # The socket closed under the handshake (our shutdown, or the client left):
                 # uvloop then returns no transport instead of raising.
@@ -230,6 +276,9 @@ class Connection(asyncio.Protocol):
         if export is None:
             self.transport.close()
             return
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         self.export = export
         export.clients += 1
         self.structured = negotiated.structured_replies

@@ -40,6 +40,41 @@ async def create_identity(request: web.Request) -> web.Response:
     return web.json_response(render.identity(ident, secret), status=201)
 
 
+async def list_identities(request: web.Request) -> web.Response:
+    domain = request.app["domain"]
+    idents = await domain.run(domain.service.list_identities, request["caller"])
+    return web.json_response({"value": [render.identity(i) for i in idents], "nextLink": None})
+
+
+async def show_identity(request: web.Request) -> web.Response:
+    domain = request.app["domain"]
+    ident = await domain.run(domain.service.get_identity, request["caller"],
+                             request.match_info["object_id"])
+    return web.json_response(render.identity(ident))
+
+
+async def update_identity(request: web.Request) -> web.Response:
+    """PATCH {"enabled": false|true}: a disabled identity gets no token and its tokens stop working."""
+    domain = request.app["domain"]
+    body = await json_body(request)
+    ident = await domain.run(domain.service.set_identity_enabled, request["caller"],
+                             request.match_info["object_id"], field(body, "enabled", bool, required=True))
+    return web.json_response(render.identity(ident))
+
+
+async def delete_identity(request: web.Request) -> web.Response:
+    domain = request.app["domain"]
+    await domain.run(domain.service.delete_identity, request["caller"], request.match_info["object_id"])
+    return web.Response(status=204)
+
+
+async def reset_secret(request: web.Request) -> web.Response:
+    domain = request.app["domain"]
+    ident, secret = await domain.run(domain.service.reset_identity_secret, request["caller"],
+                                     request.match_info["object_id"])
+    return web.json_response(render.identity(ident, secret))
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -51,5 +86,10 @@ async def openapi(request: web.Request) -> web.Response:
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/oauth2/token", token, name="Token")
     router.add_post("/identities", create_identity, name="IdentityCreate")
+    router.add_get("/identities", list_identities, name="IdentityList")
+    router.add_get("/identities/{object_id}", show_identity, name="IdentityGet")
+    router.add_patch("/identities/{object_id}", update_identity, name="IdentityUpdate")
+    router.add_delete("/identities/{object_id}", delete_identity, name="IdentityDelete")
+    router.add_post("/identities/{object_id}/secret", reset_secret, name="IdentitySecretReset")
     router.add_get("/health", health, name="Health")
     router.add_get("/openapi.json", openapi, name="OpenApi")

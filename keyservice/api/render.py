@@ -68,7 +68,8 @@ def vault(service, v: Vault, policies: dict | None = None) -> dict:
 
 def identity(i: Identity, secret: str | None = None) -> dict:
     out = {"objectId": i.object_id, "clientId": i.client_id, "tenantId": i.tenant_id,
-           "displayName": i.display_name, "type": i.type, "roles": list(i.roles)}
+           "displayName": i.display_name, "type": i.type, "roles": list(i.roles),
+           "enabled": not i.disabled, "createdDate": _int(i.created)}
     if secret is not None:
-        out["clientSecret"] = secret  # returned once, at creation; never stored in clear
+        out["clientSecret"] = secret  # returned once (creation, reset); never stored in clear
     return out

@@ -2,9 +2,15 @@
 
 An identity authenticates with a client id and a client secret (shown once,
 stored only as a SHA-256 digest: the secret is 256 random bits, so a plain
-digest is not brute-forceable and needs no slow KDF). Roles are service-wide:
-`admin` may do anything on the directory; `platform` (the disk platform) may
-create managed identities without roles and follow the change stream.
+digest is not brute-forceable and needs no slow KDF). Roles: `admin` manages the
+directory of its own tenant (an admin of the service's home tenant may also found
+a new tenant); `platform` (the disk platform) may create managed identities without
+roles and follow the change stream.
+
+An identity is enabled or disabled. `generation` is stamped into every token it
+gets and bumped when it is disabled or its secret is reset, so tokens issued
+before either stop working at once (tokens are checked against the directory on
+every call: a primary-key lookup).
 """
 import hashlib
 import hmac
@@ -28,6 +34,8 @@ class Identity:
     roles: tuple[str, ...]
     secret_hash: bytes
     created: float
+    disabled: bool = False
+    generation: int = 0
 
     def secret_matches(self, secret: str) -> bool:
         return hmac.compare_digest(self.secret_hash, _digest(secret))
@@ -39,6 +47,7 @@ class Caller:
     object_id: str
     tenant_id: str
     roles: tuple[str, ...] = field(default=())
+    generation: int = 0  # the identity's generation when the token was issued
 
     @property
     def is_admin(self) -> bool:
@@ -62,6 +71,7 @@ def check_new_identity(caller: Caller, display_name, type_, roles, tenant_id) ->
     if not isinstance(roles, (list, tuple)) or any(r not in ROLES for r in roles):
         raise BadRequest(f"roles must be a list drawn from {', '.join(ROLES)}")
     if caller.is_admin:
+        # Which tenants an admin may create identities in needs the directory: the service decides.
         if tenant_id is not None and (not isinstance(tenant_id, str) or not _is_uuid(tenant_id)):
             raise BadRequest("tenantId must be a UUID")
         return
@@ -77,11 +87,31 @@ def check_new_identity(caller: Caller, display_name, type_, roles, tenant_id) ->
 
 
 def new_identity(display_name: str, type_: str, roles, tenant_id: str, now: float) -> tuple[Identity, str]:
-    secret = secrets.token_urlsafe(32)
+    secret = new_secret()
     ident = Identity(object_id=str(uuid.uuid4()), client_id=str(uuid.uuid4()), tenant_id=tenant_id,
                      display_name=display_name, type=type_, roles=tuple(dict.fromkeys(roles)),
                      secret_hash=_digest(secret), created=now)
     return ident, secret
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def reset_secret(ident: Identity) -> str:
+    """A new secret; the old one and every token issued under it stop working."""
+    secret = new_secret()
+    ident.secret_hash = _digest(secret)
+    ident.generation += 1
+    return secret
+
+
+def set_enabled(ident: Identity, enabled) -> None:
+    if not isinstance(enabled, bool):
+        raise BadRequest("enabled must be a boolean")
+    if not enabled and not ident.disabled:
+        ident.generation += 1  # its tokens die with the disable, and stay dead after enable
+    ident.disabled = not enabled
 
 
 def _is_uuid(s: str) -> bool:

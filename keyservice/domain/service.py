@@ -2,15 +2,14 @@
 and the change stream. The API and the CLI talk only to this."""
 import uuid
 
-from .errors import BadRequest, Forbidden, NotFound, Unauthorized
-from .identities import Caller, Identity, check_new_identity, new_identity
+from .directory import DirectoryOperations
+from .errors import Forbidden, NotFound, Unauthorized
+from .identities import Caller, Identity, new_identity
 from .key_ops import KeyOperations
 from .vault_ops import VaultOperations
 
-_DUMMY = Identity("", "", "", "", "", (), b"\x00" * 32, 0.0)
 
-
-class KeyService(VaultOperations, KeyOperations):
+class KeyService(DirectoryOperations, VaultOperations, KeyOperations):
     def __init__(self, store, signer, clock=None, base_url: str = "http://127.0.0.1"):
         kwargs = {"clock": clock} if clock else {}
         super().__init__(store, base_url=base_url, **kwargs)
@@ -35,31 +34,6 @@ class KeyService(VaultOperations, KeyOperations):
             self.store.set_meta("admin_object_id", ident.object_id)
             deliver(ident, secret)
         return ident
-
-    # -- directory and tokens --
-    def create_identity(self, caller: Caller, display_name, type_="managedIdentity", roles=(),
-                        tenant_id=None) -> tuple[Identity, str]:
-        check_new_identity(caller, display_name, type_, roles, tenant_id)
-        ident, secret = new_identity(display_name, type_, roles, tenant_id or caller.tenant_id,
-                                     self.clock())
-        with self.store.transaction():
-            self.store.add_identity(ident)
-        return ident, secret
-
-    def issue_token(self, client_id, client_secret) -> tuple[str, int, Identity]:
-        if not isinstance(client_id, str) or not isinstance(client_secret, str):
-            raise BadRequest("client_id and client_secret are required strings")
-        ident = self.store.identity_by_client_id(client_id)
-        # Compare against a dummy when the client is unknown, so timing does not
-        # tell an attacker which client ids exist.
-        ok = (ident or _DUMMY).secret_matches(client_secret) and ident is not None
-        if not ok:
-            raise Unauthorized("Invalid client id or client secret", code="Unauthorized")
-        token, exp = self.signer.issue(ident.object_id, ident.tenant_id, ident.roles, self.clock())
-        return token, exp, ident
-
-    def authenticate(self, token: str) -> Caller:
-        return self.signer.verify(token, self.clock())
 
     # -- audit --
     def record(self, entry: dict) -> None:

@@ -1,0 +1,125 @@
+"""Directory operations: create, list, disable/enable, delete identities, reset a
+secret; issue and check tokens.
+
+Tenants are the isolation boundary. An admin manages identities of its own tenant
+only; an identity of another tenant is "not found" to it (its existence is not
+revealed). Creating an identity in another tenant is refused (403), with one
+exception: an admin of the service's home tenant (the bootstrap admin's) may found a
+*new* tenant, one with no identity and no vault yet, by creating its first identity
+there. It can never add an identity to an existing tenant, so no admin can plant an
+identity in a tenant it does not belong to.
+"""
+from .core import ServiceCore
+from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from .identities import (Caller, Identity, check_new_identity, new_identity, reset_secret,
+                         set_enabled)
+
+_DUMMY = Identity("", "", "", "", "", (), b"\x00" * 32, 0.0)
+
+
+class DirectoryOperations(ServiceCore):
+    home_tenant: str  # set by KeyService
+
+    def create_identity(self, caller: Caller, display_name, type_="managedIdentity", roles=(),
+                        tenant_id=None) -> tuple[Identity, str]:
+        check_new_identity(caller, display_name, type_, roles, tenant_id)
+        tenant = tenant_id or caller.tenant_id
+        ident, secret = new_identity(display_name, type_, roles, tenant, self.clock())
+        with self.store.transaction():
+            if tenant != caller.tenant_id:
+                self._check_new_tenant(caller, tenant)
+            self.store.add_identity(ident)
+        return ident, secret
+
+    def _check_new_tenant(self, caller: Caller, tenant: str) -> None:
+        if caller.tenant_id != self.home_tenant:
+            raise Forbidden(f"An admin may only create identities in its own tenant "
+                            f"'{caller.tenant_id}'", permission="identities/create")
+        if self.store.tenant_exists(tenant):
+            raise Forbidden(f"Tenant '{tenant}' already exists: only its own admins may add "
+                            "identities to it", permission="identities/create")
+
+    def list_identities(self, caller: Caller) -> list[Identity]:
+        self._require_directory_admin(caller)
+        return self.store.identities(caller.tenant_id)
+
+    def get_identity(self, caller: Caller, object_id: str) -> Identity:
+        self._require_directory_admin(caller)
+        return self._managed(caller, object_id)
+
+    def set_identity_enabled(self, caller: Caller, object_id: str, enabled) -> Identity:
+        self._require_directory_admin(caller)
+        with self.store.transaction():
+            ident = self._managed(caller, object_id)
+            if enabled is False and ident.object_id == caller.object_id:
+                raise Conflict("An identity cannot disable itself")
+            set_enabled(ident, enabled)
+            self.store.put_identity(ident)
+        return ident
+
+    def reset_identity_secret(self, caller: Caller, object_id: str) -> tuple[Identity, str]:
+        self._require_directory_admin(caller)
+        with self.store.transaction():
+            ident = self._managed(caller, object_id)
+            secret = reset_secret(ident)
+            self.store.put_identity(ident)
+        return ident, secret
+
+    def delete_identity(self, caller: Caller, object_id: str) -> None:
+        """Its access policies go with it (a policy.deleted event each, so subscribers
+        re-check access) and its tokens stop working at once."""
+        self._require_directory_admin(caller)
+        with self._change() as events:
+            ident = self._managed(caller, object_id)
+            if ident.object_id == caller.object_id:
+                raise Conflict("An identity cannot delete itself")
+            for vault_name in self.store.policies_of(object_id):
+                vault = self.store.vault(vault_name)
+                self.store.delete_policy(vault_name, object_id)
+                if vault is not None:
+                    events.append(self._event("policy.deleted", vault_name, object_id=object_id))
+            self.store.delete_identity(object_id)
+
+    def _require_directory_admin(self, caller: Caller) -> None:
+        if not caller.is_admin:
+            raise Forbidden(f"The identity '{caller.object_id}' may not manage identities: "
+                            "the admin role is required", permission="identities/manage")
+
+    def _managed(self, caller: Caller, object_id: str) -> Identity:
+        if not isinstance(object_id, str) or not 1 <= len(object_id) <= 64:
+            raise BadRequest("objectId must be a string of 1-64 characters")
+        ident = self.store.identity(object_id)
+        if ident is None or ident.tenant_id != caller.tenant_id:
+            raise NotFound(f"No identity '{object_id}' in tenant '{caller.tenant_id}'",
+                           code="IdentityNotFound")
+        return ident
+
+    # -- tokens --
+    def issue_token(self, client_id, client_secret) -> tuple[str, int, Identity]:
+        if not isinstance(client_id, str) or not isinstance(client_secret, str):
+            raise BadRequest("client_id and client_secret are required strings")
+        ident = self.store.identity_by_client_id(client_id)
+        # Compare against a dummy when the client is unknown, so timing does not
+        # tell an attacker which client ids exist.
+        ok = (ident or _DUMMY).secret_matches(client_secret) and ident is not None
+        if not ok:
+            raise Unauthorized("Invalid client id or client secret", code="Unauthorized")
+        if ident.disabled:
+            raise Unauthorized(f"The identity '{ident.object_id}' is disabled")
+        token, exp = self.signer.issue(ident.object_id, ident.tenant_id, ident.roles, self.clock(),
+                                       ident.generation)
+        return token, exp, ident
+
+    def authenticate(self, token: str) -> Caller:
+        """A valid signature is not enough: the identity must still exist, be enabled
+        and be of the token's generation. Roles are the identity's current ones."""
+        claimed = self.signer.verify(token, self.clock())
+        ident = self.store.identity(claimed.object_id)
+        if ident is None or ident.tenant_id != claimed.tenant_id:
+            raise Unauthorized("The bearer token's identity no longer exists")
+        if ident.disabled:
+            raise Unauthorized(f"The identity '{ident.object_id}' is disabled")
+        if ident.generation != claimed.generation:
+            raise Unauthorized("The bearer token was revoked (its identity was disabled or its "
+                               "secret was reset); request a new one")
+        return Caller(ident.object_id, ident.tenant_id, ident.roles, ident.generation)
