@@ -114,8 +114,11 @@ def main():
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="its private key (0600)")
 @click.option("--insecure-plain-http", is_flag=True,
               help="allow plain HTTP on a non-loopback address (only behind a TLS proxy on this host)")
+@click.option("--reserved-vault-prefix", "reserved", multiple=True,
+              help="also reserve vault names starting with this for the platform role "
+                   "(repeat; nbd-platform is always reserved)")
 def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat, tls_dir, tls_cert,
-          tls_key, insecure_plain_http):
+          tls_key, insecure_plain_http, reserved):
     """Run the key service daemon."""
     from .sealing import MasterKeyError
     from .server import ServeConfig, open_service, serve as run_server
@@ -134,6 +137,7 @@ def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat
     config = ServeConfig(data_dir=data_dir, host=host.strip("[]") or "127.0.0.1", port=int(port),
                          base_url=base_url, master_key_file=master_key_file,
                          token_lifetime=token_lifetime, heartbeat=heartbeat, ssl_context=ssl_context)
+    config.reserved_vault_prefixes += tuple(reserved)
     try:
         service = open_service(config)
     except MasterKeyError as e:

@@ -19,6 +19,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .api.app import make_app
+from .domain.names import DEFAULT_RESERVED_PREFIXES
 from .domain.service import KeyService
 from .httplog import MalformedRequestLog
 from .sdnotify import sd_notify, watchdog_loop
@@ -40,6 +41,7 @@ class ServeConfig:
     token_lifetime: int = DEFAULT_LIFETIME
     heartbeat: float = 5.0
     ssl_context: ssl_module.SSLContext | None = None
+    reserved_vault_prefixes: tuple[str, ...] = DEFAULT_RESERVED_PREFIXES
 
 
 def open_service(config: ServeConfig) -> KeyService:
@@ -47,7 +49,8 @@ def open_service(config: ServeConfig) -> KeyService:
     scheme = "https" if config.ssl_context else "http"
     host = f"[{config.host}]" if ":" in config.host else config.host
     base = config.base_url or f"{scheme}://{host}:{config.port}"
-    service = KeyService(store, TokenSigner(store.token_key, config.token_lifetime), base_url=base)
+    service = KeyService(store, TokenSigner(store.token_key, config.token_lifetime), base_url=base,
+                         reserved_prefixes=config.reserved_vault_prefixes)
     path = Path(config.data_dir) / "admin.credential"
 
     def deliver(ident, secret):

@@ -57,7 +57,12 @@ def vault(service, v: Vault, policies: dict | None = None) -> dict:
            "location": v.location, "subscription": v.subscription, "owner": v.owner,
            "vaultUri": f"{service.base_url}/vaults/{v.name}", "softDeleteEnabled": True,
            "softDeleteRetentionInDays": v.retention_days, "enablePurgeProtection": v.purge_protection,
-           "createdDate": _int(v.created), "state": v.state.value}
+           "createdDate": _int(v.created), "state": v.state.value,
+           # What a relying party checks before trusting a vault (the platform refuses a
+           # vault it does not own): in Key Vault's management-plane shape.
+           "properties": {"ownerObjectId": v.owner, "tenantId": v.tenant_id,
+                          "enableSoftDelete": True, "softDeleteRetentionInDays": v.retention_days,
+                          "enablePurgeProtection": v.purge_protection}}
     if v.deleted_at is not None:
         out["deletedDate"] = _int(v.deleted_at)
         out["scheduledPurgeDate"] = _int(v.scheduled_purge)

@@ -8,15 +8,18 @@ from .clock import Clock, system_clock
 from .errors import Forbidden, NotFound, Unauthorized
 from .events import Event
 from .identities import Caller
-from .names import check_vault_name
+from .names import DEFAULT_RESERVED_PREFIXES, check_vault_name
 from .vaults import Vault, VaultState
 
 
 class ServiceCore:
-    def __init__(self, store, clock: Clock = system_clock, base_url: str = "http://127.0.0.1"):
+    def __init__(self, store, clock: Clock = system_clock, base_url: str = "http://127.0.0.1",
+                 reserved_prefixes=DEFAULT_RESERVED_PREFIXES):
         self.store = store
         self.clock = clock
         self.base_url = base_url.rstrip("/")
+        self.reserved_prefixes = tuple(reserved_prefixes)
+        self.home_tenant: str | None = None  # the bootstrap admin's tenant, set by KeyService
         self.notify: Callable[[int], None] = lambda seq: None  # set by the API: wakes subscribers
 
     def kid(self, vault: str, name: str, version: str | None = None) -> str:

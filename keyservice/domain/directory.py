@@ -18,8 +18,6 @@ _DUMMY = Identity("", "", "", "", "", (), b"\x00" * 32, 0.0)
 
 
 class DirectoryOperations(ServiceCore):
-    home_tenant: str  # set by KeyService
-
     def create_identity(self, caller: Caller, display_name, type_="managedIdentity", roles=(),
                         tenant_id=None) -> tuple[Identity, str]:
         check_new_identity(caller, display_name, type_, roles, tenant_id)

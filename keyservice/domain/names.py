@@ -17,6 +17,18 @@ def check_vault_name(name: str) -> str:
     return name
 
 
+# Vault names only the `platform` role may create: the disk platform's own vault is
+# "nbd-platform" (nbdserver/platform/service.py PLATFORM_VAULT). Names are global, so an
+# identity that took the name first would hold the key of every platform-managed disk.
+# Compared case-insensitively: a look-alike name must not be taken either.
+DEFAULT_RESERVED_PREFIXES = ("nbd-platform",)
+
+
+def reserved_prefix(name: str, prefixes) -> str | None:
+    """The reserved prefix `name` starts with, if any."""
+    return next((p for p in prefixes if name.lower().startswith(p.lower())), None)
+
+
 def check_key_name(name: str) -> str:
     if not isinstance(name, str) or not _KEY.match(name):
         raise BadRequest(f"Invalid key name {name!r}: 1-127 letters, digits and hyphens")

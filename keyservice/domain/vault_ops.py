@@ -3,7 +3,7 @@ from . import policies
 from .core import ServiceCore
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .identities import Caller
-from .names import check_vault_name
+from .names import check_vault_name, reserved_prefix
 from .vaults import DEFAULT_RETENTION, Vault, VaultState, check_label, check_retention
 
 
@@ -11,6 +11,12 @@ class VaultOperations(ServiceCore):
     def create_vault(self, caller: Caller, name, location, subscription,
                      retention_days=DEFAULT_RETENTION, purge_protection=False) -> Vault:
         check_vault_name(name)
+        prefix = reserved_prefix(name, self.reserved_prefixes)
+        if prefix is not None and not self._may_take_reserved(caller):
+            raise Forbidden(f"Vault names starting with '{prefix}' are reserved for the disk "
+                            "platform: only the platform role or an admin of the service's "
+                            "home tenant may create them", permission="vaults/create",
+                            inner="ReservedVaultName")
         vault = Vault(name=name, tenant_id=caller.tenant_id, subscription=check_label("subscription", subscription),
                       location=check_label("location", location),
                       retention_days=check_retention(retention_days), purge_protection=False,
@@ -27,6 +33,12 @@ class VaultOperations(ServiceCore):
             # Like Key Vault's portal: the creator gets every key permission by default.
             self.store.set_policy(name, caller.object_id, policies.KEY_PERMISSIONS)
         return vault
+
+    def _may_take_reserved(self, caller: Caller) -> bool:
+        """The platform runs with a platform-role identity or the operator's admin
+        credential, both in the home tenant. Any tenant's admin can mint a platform-role
+        identity in its own tenant, so the role alone is not enough."""
+        return caller.tenant_id == self.home_tenant and (caller.is_platform or caller.is_admin)
 
     def get_vault(self, caller: Caller, name: str) -> tuple[Vault, dict]:
         vault = self._vault(caller, name)
