@@ -54,3 +54,11 @@ class InsufficientStorage(PlatformError):
 
     status = 507
     code = "InsufficientStorage"
+
+
+class PlatformVaultUntrusted(PlatformError):
+    """The platform's own vault is not the platform's alone (another owner, no purge
+    protection, or other identities granted on it): the platform will not start."""
+
+    status = 409
+    code = "PlatformVaultUntrusted"

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 
-from keyservice.client import Credential, KeyServiceClient, KeyServiceError
+from keyservice.client import Credential, KeyServiceClient, KeyServiceError, KeyServiceUnavailable
 
 from ..backend import FileBackend
 from ..crypto import XtsLayer
@@ -25,7 +25,7 @@ from ..exports import Export, ExportCatalog
 from ..state import State
 from . import keys
 from .errors import (
-    AccessMissing, KeyUnavailable, NotFound,
+    AccessMissing, KeyUnavailable, NotFound, PlatformVaultUntrusted,
 )
 from .model import (
     PLATFORM_KEY, EncryptionSet, KeyUrl, Volume, VolumeKind, VolumeState,
@@ -39,6 +39,26 @@ log = logging.getLogger("nbdserver.platform")
 
 PLATFORM_VAULT = "nbd-platform"
 PLATFORM_KEY_NAME = "platform-dek-wrapping"
+
+
+def platform_vault_problems(vault: dict, object_id: str, tenant_id: str) -> list[str]:
+    """What makes `vault` (the key service's JSON) unfit to be the platform's own."""
+    problems = []
+    if vault.get("owner") != object_id:
+        problems.append(f"it is owned by {vault.get('owner')!r}, not by the platform's identity "
+                        f"{object_id!r}")
+    if vault.get("tenantId") != tenant_id:
+        problems.append(f"it is in tenant {vault.get('tenantId')!r}, not the platform's {tenant_id!r}")
+    if vault.get("enablePurgeProtection") is not True:
+        problems.append("it has no purge protection")
+    if vault.get("state", "active") != "active":
+        problems.append(f"it is {vault.get('state')}")
+    others = sorted(p.get("objectId") for p in vault.get("accessPolicies", [])
+                    if p.get("objectId") != object_id
+                    and (p.get("permissions") or {}).get("keys"))
+    if others:
+        problems.append(f"other identities hold key permissions on it: {', '.join(others)}")
+    return problems
 
 
 class Platform(EncryptionSetOperations, VolumeOperations):
@@ -64,6 +84,8 @@ class Platform(EncryptionSetOperations, VolumeOperations):
         self._remove_unfinished()
         if self.platform_key_url is None:
             self.platform_key_url = await self._create_platform_key()
+        else:
+            await self._check_platform_vault(created_now=False)
         for disk in self.state.list_volumes(VolumeKind.DISK):
             await self._serve(disk)
 
@@ -83,7 +105,9 @@ class Platform(EncryptionSetOperations, VolumeOperations):
                 self.state.delete_volume(v.kind, v.name)
 
     async def _create_platform_key(self) -> str:
-        """First start: the platform's own vault and RSA key wrap every PMK volume's DEK."""
+        """First start: the platform's own vault and RSA key wrap every PMK volume's DEK.
+        A vault of that name that exists already is used only if it passes
+        `_check_platform_vault`: whoever else holds it could unwrap every PMK disk's DEK."""
         try:
             try:
                 await self.client.create_vault(PLATFORM_VAULT, location=DEFAULT_LOCATION,
@@ -92,6 +116,7 @@ class Platform(EncryptionSetOperations, VolumeOperations):
             except KeyServiceError as e:
                 if e.status != 409:
                     raise
+            await self._check_platform_vault(created_now=True)
             bundle = await self.client.create_key(PLATFORM_VAULT, PLATFORM_KEY_NAME)
         except KeyServiceError as e:
             raise keys.translate(e, "creating the platform key") from None
@@ -99,6 +124,33 @@ class Platform(EncryptionSetOperations, VolumeOperations):
         self.state.set_config("platform_key_url", url)
         log.info("created the platform-managed key %s", url)
         return url
+
+    async def _check_platform_vault(self, *, created_now: bool) -> None:
+        """The platform's vault must be the platform's alone: owned by its identity, in its
+        tenant, with purge protection, and no other identity granted anything on its keys.
+        Otherwise the platform refuses to start (`PlatformVaultUntrusted`), naming what is
+        wrong. On a later start with the key service unreachable the check waits for the
+        next start (it passed when the key was made); a refusal is never waited out."""
+        me = self.client.credential
+        try:
+            vault = await self.client.get_vault(PLATFORM_VAULT)
+        except KeyServiceUnavailable:
+            if created_now:
+                raise
+            log.warning("cannot check the platform vault %r now: the key service is unreachable",
+                        PLATFORM_VAULT)
+            return
+        except KeyServiceError as e:
+            raise PlatformVaultUntrusted(
+                f"the platform vault {PLATFORM_VAULT!r} exists but this platform's identity "
+                f"{me.object_id} cannot read it ({e.status} {e.code}: {e.message}); it belongs to "
+                "someone else. Remove it (or give the platform another identity's vault) before "
+                "starting") from None
+        problems = platform_vault_problems(vault, me.object_id, me.tenant_id)
+        if problems:
+            raise PlatformVaultUntrusted(
+                f"refusing to use the platform vault {PLATFORM_VAULT!r}: " + "; ".join(problems)
+                + ". Whoever holds it could unwrap every platform-managed disk's key")
 
     # -- key access per scope (an encryption set's name, or PLATFORM_KEY)
     def scope_lock(self, scope: str) -> asyncio.Lock:
