@@ -7,6 +7,7 @@ credentials only sealed under the platform master key (`platform.sealing`).
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 
@@ -45,8 +46,21 @@ class _Connection(sqlite3.Connection):
             raise
 
 
+def _private_files(path: str) -> None:
+    """The database exists 0600 before SQLite opens it, whatever the umask or the
+    directory's mode: SQLite gives its -wal and -shm files the database's own mode. A
+    database left 0644 by an older version (and its -wal/-shm) is tightened."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for p in (path, path + "-wal", path + "-shm"):
+        try:
+            os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class State:
     def __init__(self, path: str):
+        _private_files(path)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                   factory=_Connection)
         self.db.execute("PRAGMA journal_mode=WAL")
