@@ -21,6 +21,7 @@ from .protocol.handshake import TlsMode
 from .runtime import configure_logging, parse_hostport, run, sd_notify
 from .server import NbdServer
 from .tls import ServerTls, TlsConfigError, resolve_mode, server_context_for
+from .visibility import ExportList
 
 log = logging.getLogger("nbdserver.baseline")
 
@@ -61,7 +62,7 @@ def open_backend(opts: dict):
 
 
 async def serve(listen: str, specs: list[str], workers: int, stop: asyncio.Event, tls=None,
-                limits=None) -> None:
+                limits=None, export_list=ExportList.ALL) -> None:
     catalog = ExportCatalog()
     for spec in specs:
         name, opts = parse_export(spec)
@@ -72,7 +73,7 @@ async def serve(listen: str, specs: list[str], workers: int, stop: asyncio.Event
     host, port = parse_hostport(listen, 10809)
     tls_mode, tls_context = tls if tls is not None else (TlsMode.OFF, None)
     server = NbdServer(catalog, workers=workers, tls_mode=tls_mode, tls_context=tls_context,
-                       limits=limits)
+                       limits=limits, export_list=export_list)
     addrs = await server.listen(host, port)
     log.info("serving %d export(s) on %s", len(specs), addrs)
     print(f"LISTENING {addrs[0][0]} {addrs[0][1]}", flush=True)
@@ -97,6 +98,8 @@ def main(argv=None) -> None:
                     help="require a client certificate signed by the directory's ca-cert.pem")
     ap.add_argument("--tls-psk-file", help="psktool-format identity:hexkey file (TLS-PSK)")
     add_limit_arguments(ap)
+    ap.add_argument("--export-list", choices=[e.value for e in ExportList], default="all",
+                    help="who may list the exports (default all: this runner serves test files)")
     ap.add_argument("exports", nargs="+", metavar="NAME=PATH[,size=..][,ro][,key=FILE]")
     args = ap.parse_args(argv)
     configure_logging(args.log_level)
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
     except (TlsConfigError, ValueError) as e:
         ap.error(str(e))
     run(lambda stop: serve(args.listen, args.exports, args.workers, stop, tls=(mode, context),
-                           limits=limits))
+                           limits=limits, export_list=ExportList(args.export_list)))
 
 
 def add_limit_arguments(ap: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from .platform.service import Platform
 from .protocol.handshake import TlsMode
 from .runtime import sd_notify
 from .server import NbdServer
+from .visibility import ExportList
 
 log = logging.getLogger("nbdserver")
 
@@ -34,7 +35,7 @@ class StartupError(Exception):
 async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen, keyservice_url,
                         credential_file, master_key_file=None, lease=60.0, grace=3600.0,
                         workers=8, ssl=None, tls_mode=None, tls_context=None,
-                        nbd_limits=None) -> None:
+                        nbd_limits=None, nbd_export_list=None) -> None:
     catalog = ExportCatalog()
     try:
         credential = Credential.load(credential_file)
@@ -54,7 +55,8 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen
     access.start()
     # tls_mode None: off (the CLI resolves the default; see nbdserver/tls.py).
     server = NbdServer(catalog, workers=workers, tls_mode=tls_mode or TlsMode.OFF,
-                       tls_context=tls_context, limits=nbd_limits)
+                       tls_context=tls_context, limits=nbd_limits,
+                       export_list=nbd_export_list or ExportList.AUTHENTICATED)
     nbd_addrs = await server.listen(*nbd_listen)
     nbd_host, nbd_port = nbd_addrs[0][:2]
     nbd_address = f"[{nbd_host}]:{nbd_port}" if ":" in nbd_host else f"{nbd_host}:{nbd_port}"

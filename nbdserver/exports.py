@@ -18,8 +18,8 @@ from .backend import BlockBackend
 from .protocol.constants import (
     MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_HAS_FLAGS,
     NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_CACHE, NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FLUSH,
-    NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_REP_ERR_POLICY,
-    NBD_REP_ERR_UNKNOWN, PREFERRED_BLOCK_SIZE,
+    NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_REP_ERR_UNKNOWN,
+    PREFERRED_BLOCK_SIZE,
 )
 from .protocol.handshake import ExportInfo, ExportRefused
 
@@ -162,12 +162,15 @@ class ExportCatalog:
         return iter(list(self._exports.values()))
 
     def export(self, name: str) -> Export:
-        """The export a client may use, or ExportRefused saying why not."""
+        """The export a client may use, or ExportRefused. A locked export is refused in
+        the very words of an unknown one: a lock's reason names keys and vaults, and
+        anonymous clients must not learn which disks exist (nbdserver/visibility.py).
+        The reason goes to the operator as the refusal's `detail`."""
         export = self.get(name)
-        if export is None:
-            raise ExportRefused(NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
-        if export.locked:
-            raise ExportRefused(NBD_REP_ERR_POLICY, f"export {export.name!r} is locked: {export.lock_reason}")
+        if export is None or export.locked:
+            raise ExportRefused(NBD_REP_ERR_UNKNOWN, f"export {name!r} is not available",
+                                detail="no such export" if export is None
+                                else f"locked: {export.lock_reason}")
         return export
 
     # -- the protocol's Catalog

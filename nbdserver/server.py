@@ -40,7 +40,8 @@ from .protocol.transmission import (
     error_chunk, hole_chunk, nbd_error, simple_reply,
 )
 from .loglimit import LogLimiter
-from .tls import tls_summary
+from .tls import client_identity, tls_summary
+from .visibility import ClientView, ExportList
 
 log = logging.getLogger("nbdserver.server")
 # Refusals anyone can cause are logged at a bounded rate (nbdserver/loglimit.py).
@@ -63,11 +64,12 @@ TLS_SHUTDOWN_TIMEOUT = 3.0
 class NbdServer:
     def __init__(self, catalog: ExportCatalog, *, workers: int = 8,
                  tls_mode: hs.TlsMode = hs.TlsMode.OFF, tls_context: ssl.SSLContext | None = None,
-                 limits: ConnectionLimits | None = None):
+                 limits: ConnectionLimits | None = None, export_list: ExportList = ExportList.ALL):
         if tls_mode is not hs.TlsMode.OFF and tls_context is None:
             raise ValueError("TLS mode needs an SSL context")
         self.catalog = catalog
         self.limits = limits or ConnectionLimits()
+        self.export_list = export_list
         self.admission = Admission(self.limits)
         self.tls_mode = tls_mode
         self.tls_context = tls_context
@@ -109,7 +111,8 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.handshake: hs.Handshake | None = hs.Handshake(server.catalog, tls_mode=server.tls_mode)
+        self.view = ClientView(server.catalog, server.export_list)
+        self.handshake: hs.Handshake | None = hs.Handshake(self.view, tls_mode=server.tls_mode)
         self.parser: RequestParser | None = None
         self.export: Export | None = None
         self.structured = False
@@ -138,6 +141,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
+        self.view.peer = self.peer
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -257,7 +261,9 @@ class Connection(asyncio.Protocol):
             self.connection_lost(e)
             return
         self.transport = tls_transport
-        log.info("connection %s: %s", self.peer, tls_summary(tls_transport.get_extra_info("ssl_object")))
+        ssl_object = tls_transport.get_extra_info("ssl_object")
+        log.info("connection %s: %s", self.peer, tls_summary(ssl_object))
+        self.view.identity = client_identity(ssl_object)
         early, self._tls_early = bytes(self._tls_early), None
         if self.handshake is None:  # the connection was lost during the TLS handshake
             return
@@ -364,7 +370,8 @@ class Connection(asyncio.Protocol):
         if self.shutting_down:
             return self._fail(req, NBD_ESHUTDOWN, "server is shutting down")
         if export.locked:
-            return self._fail(req, NBD_EIO, f"disk is locked: {export.lock_reason}")
+            # The reason (which names the key) is the operator's: the platform logs it.
+            return self._fail(req, NBD_EIO, "disk is not available")
         if export.is_frozen:
             self.inflight += 1
             export.park(lambda: self._resume(req))

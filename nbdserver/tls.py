@@ -256,6 +256,16 @@ def server_context_for(mode: TlsMode, settings: ServerTls) -> ssl.SSLContext | N
     return settings.context()
 
 
+def client_identity(ssl_object) -> str | None:
+    """`CN=...` of a client certificate the server verified, else None (anonymous).
+    getpeercert() is empty unless verification ran (--tls-verify-clients)."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        return None
+    cn = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    return f"CN={cn[0] if cn else '?'}"
+
+
 def tls_summary(ssl_object) -> str:
     """One log line's worth of an established session: version, suite, who the client is.
     (A PSK session has no peer certificate; the identity is logged by the callback.)"""

@@ -20,7 +20,9 @@ Invariants:
    (which has none on failure: the spec says the server terminates the session) and
    ABORT (an ACK, then Close).
 3. With TLS required and not yet established, every option but STARTTLS and ABORT is
-   answered NBD_REP_ERR_TLS_REQD and no export is revealed.
+   answered NBD_REP_ERR_TLS_REQD and no export is revealed. What a client may see after
+   that is the catalog's to decide (`listing` may refuse); `ExportRefused.detail` is
+   never sent.
 4. An option payload larger than MAX_OPTION_LENGTH is never buffered: it is skipped
    as it arrives and answered NBD_REP_ERR_TOO_BIG.
 """
@@ -58,12 +60,14 @@ class ExportInfo:
 
 
 class ExportRefused(Exception):
-    """The catalog's answer when an export cannot be used: an option error and a message."""
+    """The catalog's answer when an export cannot be used: an option error and a message
+    for the client, and a `detail` for the operator's log that is never sent."""
 
-    def __init__(self, reply_type: int, message: str):
+    def __init__(self, reply_type: int, message: str, detail: str = ""):
         super().__init__(message)
         self.reply_type = reply_type
         self.message = message
+        self.detail = detail
 
 
 class Catalog(Protocol):
@@ -71,7 +75,8 @@ class Catalog(Protocol):
         """The export by name ("" is the default export); raises ExportRefused."""
 
     def listing(self) -> list[tuple[str, str]]:
-        """(name, description) of every export a client may see."""
+        """(name, description) of every export a client may see; raises ExportRefused
+        when this client may not list the exports at all."""
 
 
 class TlsMode(Enum):
@@ -307,7 +312,12 @@ class Handshake:
     def _list(self, data: bytes, out: list) -> None:
         if data:
             raise _BadOption("LIST takes no data")
-        for name, description in self._catalog.listing():
+        try:
+            listing = self._catalog.listing()
+        except ExportRefused as e:  # the server does not reveal its exports to this client
+            out.append(Send(option_error(NBD_OPT_LIST, e.reply_type, e.message)))
+            return
+        for name, description in listing:
             n = name.encode()
             out.append(Send(option_reply(NBD_OPT_LIST, NBD_REP_SERVER,
                                          struct.pack(">I", len(n)) + n + description.encode()[:MAX_STRING])))
