@@ -1,9 +1,11 @@
 """The aiohttp application: routes, the one error-mapping middleware, audit.
 
 Every domain call runs on a single worker thread (`Domain.run`): the SQLite
-connection is used by one thread only, transactions are serialised, and slow
-work (RSA generation, private-key operations) never blocks the event loop,
-so the change stream and heartbeats keep flowing.
+connection is used by one thread only, transactions are serialised, and nothing
+there blocks the event loop, so the change stream and heartbeats keep flowing.
+That thread does only short work (lookups, checks, commits, one RSA operation):
+key generation and import parsing run on `Domain.work` (`work.py`) between an
+authorization and a commit, so revocation never waits behind them.
 """
 import asyncio
 import functools
@@ -16,11 +18,12 @@ from aiohttp import web
 
 from ..domain import errors
 from .body import MAX_BODY
+from .work import ExpensiveWork, WorkLimits
 
 log = logging.getLogger("keyservice")
 
 STATUS = {errors.BadRequest: 400, errors.Unauthorized: 401, errors.Forbidden: 403,
-          errors.NotFound: 404, errors.Conflict: 409}
+          errors.NotFound: 404, errors.Conflict: 409, errors.TooManyRequests: 429}
 PUBLIC = {"Token", "OpenApi", "Health"}  # route names callable without a bearer token
 UNAUDITED = {"OpenApi", "Health"}
 
@@ -48,15 +51,17 @@ class EventBus:
 class Domain:
     """The service plus the thread it runs on."""
 
-    def __init__(self, service):
+    def __init__(self, service, limits: WorkLimits = WorkLimits()):
         self.service = service
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyservice-domain")
+        self.work = ExpensiveWork(limits)
 
     async def run(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, functools.partial(fn, *args, **kwargs))
 
     def shutdown(self) -> None:
+        self.work.shutdown()
         self._executor.shutdown(wait=True)
 
 
@@ -95,6 +100,8 @@ async def edge(request: web.Request, handler):
         error_code = e.code
         status = next(s for cls, s in STATUS.items() if isinstance(e, cls))
         resp = _error_response(status, e.code, e.message, e.inner)
+        if isinstance(e, errors.TooManyRequests):
+            resp.headers["Retry-After"] = str(e.retry_after)
     except web.HTTPException as e:
         status = e.status
         error_code = _HTTP_CODES.get(status, "BadRequest")
@@ -133,10 +140,10 @@ def _bearer(request: web.Request) -> str:
     return token.strip()
 
 
-def make_app(service, *, heartbeat: float = 5.0) -> web.Application:
+def make_app(service, *, heartbeat: float = 5.0, limits: WorkLimits = WorkLimits()) -> web.Application:
     from . import audit, directory, events, keys, vaults
     app = web.Application(client_max_size=MAX_BODY, middlewares=[edge])
-    app["domain"] = Domain(service)
+    app["domain"] = Domain(service, limits)
     app["bus"] = EventBus()
     app["heartbeat"] = heartbeat
     for module in (directory, vaults, keys, audit, events):

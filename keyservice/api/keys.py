@@ -4,7 +4,7 @@ from aiohttp import web
 from ..domain import rsakeys
 from ..domain.errors import BadRequest
 from ..domain.keys import parse_attributes
-from . import render
+from . import render, work
 from .body import field, json_body
 
 
@@ -19,21 +19,30 @@ async def create(request: web.Request) -> web.Response:
     kty = field(body, "kty", str, default="RSA")
     if kty not in ("RSA", "RSA-HSM"):
         raise BadRequest(f"Unsupported key type {kty!r}; only RSA keys are supported")
-    size = field(body, "key_size", int, default=rsakeys.DEFAULT_SIZE)
+    size = rsakeys.check_size(field(body, "key_size", int, default=rsakeys.DEFAULT_SIZE))
     attrs = parse_attributes(field(body, "attributes", dict), field(body, "key_ops", list))
-    v, key, kv = await domain.run(svc.create_key, caller, vault, name, size, attrs)
-    return _bundle(request, svc, v, key, kv)
+    return await _new_version(request, "create", lambda _: rsakeys.generate(size), attrs, size)
 
 
 async def import_(request: web.Request) -> web.Response:
-    domain, svc, caller, vault, name = _args(request)
     body = await json_body(request)
     attrs = parse_attributes(field(body, "attributes", dict), None)
     if "pem" in body:  # an extension to Key Vault's JWK-only import, for `key import --pem`
-        private = rsakeys.load_pem(field(body, "pem", str, required=True).encode())
-    else:
-        private = rsakeys.load_jwk(field(body, "key", dict, required=True))
-    v, key, kv = await domain.run(svc.import_key, caller, vault, name, private, attrs)
+        pem = field(body, "pem", str, required=True).encode()
+        return await _new_version(request, "import", lambda _: rsakeys.load_pem(pem), attrs)
+    jwk = field(body, "key", dict, required=True)
+    return await _new_version(request, "import", lambda _: rsakeys.load_jwk(jwk), attrs)
+
+
+async def _new_version(request, permission: str, make, attrs=None, size=None) -> web.Response:
+    """Authorize on the domain thread, make the key on the work pool (admission-limited
+    per caller; `make(current size or None)`), commit on the domain thread, which checks
+    everything again."""
+    domain, svc, caller, vault, name = _args(request)
+    current = await domain.run(svc.authorize_version, caller, vault, name, permission)
+    private = await domain.work.run(caller.object_id, permission, work.cost(size or current),
+                                    make, current)
+    v, key, kv = await domain.run(svc.add_version, caller, vault, name, permission, private, attrs)
     return _bundle(request, svc, v, key, kv)
 
 
@@ -53,9 +62,7 @@ async def update(request: web.Request) -> web.Response:
 
 
 async def rotate(request: web.Request) -> web.Response:
-    domain, svc, caller, vault, name = _args(request)
-    v, key, kv = await domain.run(svc.rotate_key, caller, vault, name)
-    return _bundle(request, svc, v, key, kv)
+    return await _new_version(request, "rotate", rsakeys.generate)  # the current size
 
 
 async def list_(request: web.Request) -> web.Response:

@@ -38,3 +38,12 @@ class NotFound(DomainError):
 
 class Conflict(DomainError):
     code = "Conflict"
+
+
+class TooManyRequests(DomainError):
+    """Admission refused (rate or concurrency limit); `retry_after` in whole seconds."""
+    code = "TooManyRequests"
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -20,6 +20,24 @@ class KeyOperations(ServiceCore):
                            code="KeyNotFound")
         return key
 
+    # Create, import and rotate run in three steps so that the expensive middle one (RSA
+    # generation, parsing an imported key) runs off the domain thread and only for an
+    # authorized caller: authorize_version (cheap), the work, add_version (re-checks all).
+    def authorize_version(self, caller: Caller, vault: str, name: str, permission: str) -> int | None:
+        """Refuse early what add_version would refuse; the current size (for rotate), if any."""
+        v = self._authorize(caller, vault, permission)
+        check_key_name(name)
+        if permission == "rotate":
+            return self._key(v, name).current.size
+        check_not_deleted_name(self.store.key(vault, name), name)
+        return None
+
+    def add_version(self, caller: Caller, vault: str, name: str, permission: str, private,
+                    attributes: Attributes | None = None):
+        if permission == "rotate":
+            self._key(self._authorize(caller, vault, "rotate"), name)  # still there, not deleted
+        return self._add_version(caller, vault, name, permission, private, attributes, "key.rotated")
+
     def _add_version(self, caller: Caller, vault_name: str, name: str, permission: str,
                      private, attributes: Attributes | None, event_new: str):
         """Create, import and rotate all end here: a new version becomes current."""
@@ -44,6 +62,8 @@ class KeyOperations(ServiceCore):
             events.append(self._event("key.created" if is_new else event_new, vault_name, name, v.version))
         return vault, key, v
 
+    # The one-call forms below do all three steps on the calling thread (tests, tools);
+    # the API uses the steps (api/keys.py).
     def create_key(self, caller: Caller, vault: str, name: str, size=rsakeys.DEFAULT_SIZE,
                    attributes: Attributes | None = None):
         self._authorize(caller, vault, "create")

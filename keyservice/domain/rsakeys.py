@@ -47,7 +47,11 @@ def generate(size: int) -> rsa.RSAPrivateKey:
 
 
 def load_pem(pem: bytes) -> rsa.RSAPrivateKey:
+    # OpenSSL's RSA consistency check costs seconds for large keys: parse without it
+    # first, refuse unsupported sizes (an 8192-bit key) cheaply, then check.
     try:
+        _check_imported(serialization.load_pem_private_key(
+            pem, password=None, unsafe_skip_rsa_key_validation=True))
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError):
         raise BadRequest("The key is not an unencrypted PEM private key") from None
@@ -62,6 +66,9 @@ def load_jwk(jwk) -> rsa.RSAPrivateKey:
         if name not in jwk:
             raise BadRequest(f"The JWK lacks the private part '{name}'")
         fields[name] = int.from_bytes(b64u_decode(jwk[name], f"key.{name}"), "big")
+    if fields["n"].bit_length() not in SIZES:  # before the costly consistency check
+        raise BadRequest(f"RSA key size {fields['n'].bit_length()} is not supported; use one of "
+                         f"{', '.join(map(str, SIZES))}")
     try:
         public = rsa.RSAPublicNumbers(fields["e"], fields["n"])
         key = rsa.RSAPrivateNumbers(fields["p"], fields["q"], fields["d"], fields["dp"],
