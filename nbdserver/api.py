@@ -6,6 +6,11 @@ is logged and answered 500 without detail. Long copies (disks from sources, snap
 images) run as operations: 202 with an operation id, then `GET /operations/{id}` reports
 progress and the result.
 
+Every change runs as one of the platform's operations (`platform.operations`): a name
+another operation is working on is refused with 409 `OperationInProgress`, naming it; an
+operation past its deadline fails with 504; and one keeps running when its HTTP client
+goes away (handlers await it through a shield).
+
 Authentication: a bearer token, generated on first start as DATA_DIR/api.token (0600),
 compared in constant time.
 """
@@ -24,6 +29,7 @@ from aiohttp import web
 
 from .platform.errors import BadRequest, NotFound, PlatformError
 from .platform.model import VolumeKind
+from .platform.operations import finish
 from .platform.service import Platform
 
 log = logging.getLogger("nbdserver.api")
@@ -109,17 +115,21 @@ class Operations:
     def __init__(self):
         self.ops: dict[str, dict] = {}
 
-    def start(self, kind: str, coro_fn) -> dict:
+    def start(self, kind: str, start_fn) -> dict:
+        """`start_fn(progress)` starts the platform's operation and returns its task; it is
+        called here, so a refusal (a name in use: 409) is the request's answer."""
         op_id = uuid.uuid4().hex[:16]
         op = {"id": op_id, "kind": kind, "status": "running", "progress": 0.0}
-        self.ops[op_id] = op
 
         def progress(fraction: float) -> None:
             op["progress"] = round(min(max(fraction, 0.0), 1.0), 4)
 
+        task = start_fn(progress)
+        self.ops[op_id] = op
+
         async def run():
             try:
-                op["result"] = await coro_fn(progress)
+                op["result"] = await task
                 op["status"], op["progress"] = "succeeded", 1.0
             except PlatformError as e:
                 op["status"], op["error"] = "failed", {"code": e.code, "message": e.message,
@@ -158,6 +168,12 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
         """Where clients reach the disks: attach commands read the NBD address here."""
         return J({"nbd": nbd_address, "keyServiceUrl": platform.keyservice_url})
 
+    @r.get("/operations")
+    async def list_ops(request):
+        """Every operation of this run, and what the platform is working on right now."""
+        return J({"value": [ops.view(i) for i in ops.ops],
+                  "inProgress": platform.operations.views()})
+
     @r.get("/operations/{id}")
     async def get_op(request):
         return J(ops.view(request.match_info["id"]))
@@ -166,10 +182,10 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
     @r.post("/encryption-sets")
     async def des_create(request):
         b = await _body(request)
-        return J(await platform.create_des(
+        return J(await finish(platform.create_des(
             _field(b, "name", required=True), _field(b, "keyUrl", required=True),
             subscription=_field(b, "subscription"), location=_field(b, "location"),
-            allow_cross_subscription=bool(_field(b, "allowCrossSubscription", bool))), status=201)
+            allow_cross_subscription=bool(_field(b, "allowCrossSubscription", bool)))), status=201)
 
     @r.get("/encryption-sets")
     async def des_list(request):
@@ -182,11 +198,12 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
     @r.patch("/encryption-sets/{name}")
     async def des_update(request):
         b = await _body(request)
-        return J(await platform.update_des(request.match_info["name"], _field(b, "keyUrl", required=True)))
+        return J(await finish(platform.update_des(request.match_info["name"],
+                                                  _field(b, "keyUrl", required=True))))
 
     @r.delete("/encryption-sets/{name}")
     async def des_delete(request):
-        await platform.delete_des(request.match_info["name"])
+        await finish(platform.delete_des(request.match_info["name"]))
         return web.Response(status=204)
 
     # disks
@@ -197,8 +214,7 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
         kw = dict(size=_field(b, "size", (int, str)), des=_field(b, "diskEncryptionSet"),
                   source=_field(b, "source"), count=_field(b, "count", int),
                   subscription=_field(b, "subscription"), location=_field(b, "location"))
-        # Validate what can be validated before answering 202.
-        platform.validate_disk_request(name, **kw)
+        # Validated and its names claimed before answering 202.
         return accepted(ops.start("disk.create", lambda progress: platform.create_disks(
             name, progress=progress, **kw)))
 
@@ -217,13 +233,14 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
     @r.patch("/disks/{name}")
     async def disk_update(request):
         b = await _body(request)
-        return J(await platform.update_disk(request.match_info["name"], des=_field(b, "diskEncryptionSet"),
-                                            platform_key=bool(_field(b, "platformKey", bool))))
+        return J(await finish(platform.update_disk(
+            request.match_info["name"], des=_field(b, "diskEncryptionSet"),
+            platform_key=bool(_field(b, "platformKey", bool)))))
 
     @r.delete("/disks/{name}")
     async def disk_delete(request):
         force = request.query.get("force", "").lower() in ("1", "true", "yes")
-        await platform.delete_disk(request.match_info["name"], force=force)
+        await finish(platform.delete_disk(request.match_info["name"], force=force))
         return web.Response(status=204)
 
     # snapshots and images
@@ -231,7 +248,6 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
     async def snap_create(request):
         b = await _body(request)
         name, disk = _field(b, "name", required=True), _field(b, "disk", required=True)
-        platform.validate_copy_request(VolumeKind.SNAPSHOT, name, f"disk:{disk}")
         return accepted(ops.start("snapshot.create", lambda progress: platform.create_snapshot(
             name, disk, progress)))
 
@@ -239,15 +255,14 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
     async def image_create(request):
         b = await _body(request)
         name, source = _field(b, "name", required=True), _field(b, "source", required=True)
-        platform.validate_copy_request(VolumeKind.IMAGE, name, source)
         return accepted(ops.start("image.create", lambda progress: platform.create_image(
             name, source, progress)))
 
     @r.post("/images/{name}/share")
     async def image_share(request):
         b = await _body(request)
-        return J(await platform.share_image(request.match_info["name"],
-                                            _field(b, "gallery", required=True)))
+        return J(await finish(platform.share_image(request.match_info["name"],
+                                                   _field(b, "gallery", required=True))))
 
     for kind in (VolumeKind.SNAPSHOT, VolumeKind.IMAGE):
         base = f"/{kind.value}s"
@@ -259,7 +274,7 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
             return J(platform.show_volume(kind, request.match_info["name"]))
 
         async def vdelete(request, kind=kind):
-            await platform.delete_volume(kind, request.match_info["name"])
+            await finish(platform.delete_volume(kind, request.match_info["name"]))
             return web.Response(status=204)
 
         r.get(base)(vlist)

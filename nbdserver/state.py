@@ -120,6 +120,19 @@ class State:
             args.append(des)
         return [_volume(r) for r in self.db.execute(q + " ORDER BY kind, name", args)]
 
+    def replace_envelope(self, v: Volume, old: KeyEnvelope, new: KeyEnvelope, des: str) -> bool:
+        """Re-wrap `v` only if its row still holds `old` (compare and set): a volume deleted
+        or re-wrapped by someone else meanwhile is neither brought back nor overwritten."""
+        cur = self.db.execute(
+            "UPDATE volumes SET kid=?, alg=?, wrapped=?, des=? "
+            "WHERE kind=? AND name=? AND kid=? AND alg=? AND wrapped=?",
+            (new.kid, new.alg, new.wrapped, des, v.kind.value, v.name, old.kid, old.alg, old.wrapped))
+        return cur.rowcount == 1
+
+    def set_gallery(self, kind: VolumeKind, name: str, gallery: str | None) -> None:
+        self.db.execute("UPDATE volumes SET gallery=? WHERE kind=? AND name=?",
+                        (gallery, kind.value, name))
+
     def delete_volume(self, kind: VolumeKind, name: str) -> None:
         self.db.execute("DELETE FROM volumes WHERE kind=? AND name=?", (kind.value, name))
 

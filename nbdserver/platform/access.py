@@ -15,6 +15,12 @@ scope's own identity, for `get` on and `unwrapKey` with each kid in use:
 Triggers: the key service's change stream (`events`: within a second of the owner's
 call), a timer at each key's expiry time, and the lease: a recheck of every scope every
 `lease` seconds, which catches whatever the stream missed while it was down.
+
+A recheck takes no lock and no claim (docs/architecture.md, "Lock discipline"): nothing a
+control-plane operation holds can make it wait. Its only waits are the key service's
+answers (each bounded by the client's timeout; no answer is unreachability) and the
+drain of the disks it closes, which it waits for at most `drain_bound` seconds, after
+the exports are already locked; the DEK is wiped when the last request ends.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import time
 from keyservice.client import KeyServiceError
 
 from . import keys
-from .errors import AccessMissing, KeyUnavailable
+from .errors import AccessMissing, KeyUnavailable, NotFound
 from .model import KeyUrl, VolumeKind
 
 log = logging.getLogger("nbdserver.access")
@@ -34,7 +40,7 @@ log = logging.getLogger("nbdserver.access")
 
 class KeyAccess:
     def __init__(self, platform, *, lease: float = 60.0, grace: float = 3600.0,
-                 clock=time.monotonic):
+                 clock=time.monotonic, drain_bound: float = 1.0):
         self.platform = platform
         self.lease = lease
         self.grace = grace
@@ -46,6 +52,8 @@ class KeyAccess:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task] = []
         self.stream_connected = False
+        self.drain_bound = drain_bound
+        self._started: dict[str, int] = {}  # scope -> rechecks started
         platform.access = self
 
     def start(self) -> None:
@@ -140,40 +148,60 @@ class KeyAccess:
             for scope in self.scopes():
                 self.poke(scope)
 
+    def checks_started(self, scope: str) -> int:
+        """How many rechecks of `scope` have started: a disk that starts serving compares
+        it with the count before its own key check, to ask for one it may have missed."""
+        return self._started.get(scope, 0)
+
     # -- the check itself
     async def recheck(self, scope: str) -> None:
         p = self.platform
+        self._started[scope] = self._started.get(scope, 0) + 1
         disks = [v for v in p.state.list_volumes(VolumeKind.DISK, des=scope)]
         if not disks:
             return
-        client = p.client_for(scope)
+        try:
+            client = p.client_for(scope)
+        except NotFound:  # the set was deleted since the poke
+            return
         by_kid: dict[str, list] = {}
         for d in disks:
             by_kid.setdefault(d.envelope.kid, []).append(d)
         reachable = True
-        async with p.scope_lock(scope):
-            for kid, group in by_kid.items():
-                try:
-                    attrs = await keys.key_attributes(client, kid)
-                    keys.wipe(await keys.unwrap(client, group[0].envelope))
-                except AccessMissing as e:
-                    for d in group:
-                        self.cause[d.name] = "revoked"
-                        await p.close_disk(d.name, f"key access revoked: {e.message}")
-                    continue
-                except KeyUnavailable as e:
-                    reachable = False
-                    self._unreachable(scope, group, e.message)
-                    continue
-                self._schedule_expiry(scope, kid, attrs)
+        for kid, group in by_kid.items():
+            try:
+                attrs = await keys.key_attributes(client, kid)
+                keys.wipe(await keys.unwrap(client, group[0].envelope))
+            except AccessMissing as e:
                 for d in group:
-                    export = p.catalog.get(d.name)
-                    if export is not None and export.locked:
-                        if await p.open_disk(d.name):
-                            self.cause.pop(d.name, None)
-                            log.warning("disk %s: key access restored, serving again", d.name)
+                    self.cause[d.name] = "revoked"
+                await self._close(group, f"key access revoked: {e.message}")
+                continue
+            except KeyUnavailable as e:
+                reachable = False
+                self._unreachable(scope, group, e.message)
+                continue
+            self._schedule_expiry(scope, kid, attrs)
+            for d in group:
+                export = p.catalog.get(d.name)
+                if export is not None and export.locked:
+                    if await p.open_disk(d.name):
+                        self.cause.pop(d.name, None)
+                        log.warning("disk %s: key access restored, serving again", d.name)
         if reachable:
             self.last_ok[scope] = self.clock()
+
+    async def _close(self, group: list, reason: str) -> None:
+        """Lock every disk of the group now (each close locks before its first await),
+        then give their drains `drain_bound` seconds: a request stuck in the file system
+        must not hold up this scope's next check. The drains go on; each wipes its DEK."""
+        closes = [asyncio.ensure_future(self.platform.close_disk(d.name, reason)) for d in group]
+        for t in closes:
+            t.add_done_callback(_report)
+        _, pending = await asyncio.wait(closes, timeout=self.drain_bound)
+        if pending:
+            log.warning("%d disk(s) locked, still draining in-flight requests after %.1fs; their "
+                        "DEKs are wiped when those finish", len(pending), self.drain_bound)
 
     def _unreachable(self, scope: str, group: list, message: str) -> None:
         since = self.clock() - self.last_ok.setdefault(scope, self.clock())
@@ -199,3 +227,8 @@ class KeyAccess:
         loop = asyncio.get_running_loop()
         # Just after the expiry instant, so the key service already refuses.
         self._timers[kid] = loop.call_later(delay + 0.05, self.poke, scope)
+
+
+def _report(t: asyncio.Task) -> None:
+    if not t.cancelled() and t.exception() is not None:
+        log.error("closing a disk failed: %r", t.exception())

@@ -5,17 +5,53 @@
 - `reencrypt`: decrypt through the source's XtsLayer and encrypt through the target's
   (a disk made from a snapshot or an image gets its own DEK). Holes are skipped.
 Both make the target durable (fsync) before returning.
+
+`run_copy` runs either on a worker thread so that the awaiting operation can be cancelled
+(deadline, shutdown) safely: the copy stops at its next chunk and the thread has left
+before the operation's rollback unlinks the file or closes the layers the copy uses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from typing import Callable
 
 from ..backend import BlockBackend, file_extents
 
 CHUNK = 4 << 20
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+class CopyStopped(Exception):
+    """The operation that asked for the copy was cancelled; the copy stopped part-way."""
+
+
+async def run_copy(fn, *args, progress: Progress | None = None):
+    """fn(*args, progress) on a worker thread; on cancellation, stop it and wait for it."""
+    stop = threading.Event()
+
+    def report(done: int, total: int) -> None:
+        if stop.is_set():
+            raise CopyStopped()
+        if progress:
+            progress(done, total)
+
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args, report)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        stop.set()
+        # Bounded by one chunk; a second cancellation must not cut this wait short either.
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError:
+                continue
+        if not fut.cancelled():
+            fut.exception()  # read, so asyncio does not log it: the cancellation wins
+        raise
 
 
 def copy_ciphertext(src: str, dst: str, size: int, progress: Progress | None = None) -> None:

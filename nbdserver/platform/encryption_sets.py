@@ -6,6 +6,7 @@ a volume's DEK from one key to another (rotation and moves between keys).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import time
 from keyservice.client import KeyServiceClient, KeyServiceError
 
 from . import keys, rules
+from . import operations as ops
 from .errors import (
     AccessMissing, BadRequest, Conflict, KeyUnavailable,
 )
@@ -26,8 +28,8 @@ log = logging.getLogger("nbdserver.platform")
 
 class EncryptionSetOperations:
     # -- encryption sets
-    async def create_des(self, name: str, key_url: str, *, subscription: str | None = None,
-                         location: str | None = None, allow_cross_subscription: bool = False) -> dict:
+    def create_des(self, name: str, key_url: str, *, subscription: str | None = None,
+                   location: str | None = None, allow_cross_subscription: bool = False) -> asyncio.Task:
         check_name("encryption set", name)
         if name == PLATFORM_KEY:
             # Volumes record their scope by name, and this one means the platform's own key:
@@ -36,6 +38,14 @@ class EncryptionSetOperations:
         if self.state.get_des(name):
             raise Conflict(f"encryption set {name!r} exists")
         ku = KeyUrl.parse(key_url)
+        return self.operations.start(
+            f"creation of encryption set {name!r}",
+            lambda: self._create_des(name, key_url, ku, subscription, location,
+                                     allow_cross_subscription),
+            exclusive=[ops.scope(name)])
+
+    async def _create_des(self, name, key_url, ku, subscription, location,
+                          allow_cross_subscription) -> dict:
         vault = await self._vault(ku)
         subscription = subscription or vault.get("subscription")
         location = location or vault.get("location")
@@ -122,44 +132,71 @@ class EncryptionSetOperations:
                  "location": d.location, "identity": {"objectId": d.identity_object_id}}
                 for d in self.state.list_des()]
 
-    async def update_des(self, name: str, key_url: str) -> dict:
-        """Rotate: re-wrap every DEK under the set with the new key (version); online."""
-        des = self._des(name)
+    def update_des(self, name: str, key_url: str) -> asyncio.Task:
+        """Rotate: re-wrap every DEK under the set with the new key (version); online.
+
+        Each volume's row changes alone (its envelope), so a rotation cut short, by its
+        deadline or a crash, leaves every volume under the old key or the new one, both
+        usable by the set; running it again finishes it."""
+        self._des(name)
         ku = KeyUrl.parse(key_url)
+        count = len(self.state.list_volumes(des=name))
+        return self.operations.start(f"rotation of encryption set {name!r}",
+                                     lambda: self._rotate(name, key_url, ku),
+                                     exclusive=[ops.key_of(name)], shared=[ops.scope(name)],
+                                     deadline=ops.DEADLINE * (1 + count / 10))
+
+    async def _rotate(self, name: str, key_url: str, ku: KeyUrl) -> dict:
+        des = self._des(name)
         vault = await self._vault(ku)
         rules.vault_fit_for_des(vault, ku.vault, des.location, des.subscription,
                                 des.allow_cross_subscription)
-        async with self.scope_lock(name):
-            access = await self.check_access(name, key_url)
-            if not access["granted"]:
-                raise AccessMissing(f"encryption set {name!r} identity {des.identity_object_id} lacks "
-                                    f"{', '.join(access['missing'])} on the new key {key_url}")
-            client = self.client_for(name)
-            for v in self.state.list_volumes(des=name):
+        access = await self.check_access(name, key_url)
+        if not access["granted"]:
+            raise AccessMissing(f"encryption set {name!r} identity {des.identity_object_id} lacks "
+                                f"{', '.join(access['missing'])} on the new key {key_url}")
+        client = self.client_for(name)
+        kids = set()
+        for v in self.state.list_volumes(des=name):
+            if await self._rewrap(v, client, client, key_url):
+                kids.add(v.envelope.kid)
+        des.key_url = key_url
+        self.state.put_des(des)
+        # Disks and copies being made meanwhile claim no key (a long copy must not hold a
+        # rotation back): one wrapped before the new key was committed but written after
+        # the list above is re-wrapped now; one written later uses the new key itself.
+        for v in self.state.list_volumes(des=name):
+            if v.envelope.kid not in kids:
                 await self._rewrap(v, client, client, key_url)
-            des.key_url = key_url
-            self.state.put_des(des)
+        if self.access is not None:
+            self.access.poke(name)
         return await self.show_des(name)
 
-    async def delete_des(self, name: str) -> None:
+    def delete_des(self, name: str) -> asyncio.Task:
         self._des(name)
-        users = self.state.list_volumes(des=name)
-        if users:
-            raise Conflict(f"encryption set {name!r} is used by "
-                           + ", ".join(f"{v.kind.value} {v.name}" for v in users))
-        self.state.delete_des(name)
-        c = self._des_clients.pop(name, None)
-        if c:
-            await c.close()
+
+        async def run():
+            users = self.state.list_volumes(des=name)
+            if users:
+                raise Conflict(f"encryption set {name!r} is used by "
+                               + ", ".join(f"{v.kind.value} {v.name}" for v in users))
+            self.state.delete_des(name)
+            c = self._des_clients.pop(name, None)
+            if c:
+                await c.close()
+        return self.operations.start(f"deletion of encryption set {name!r}", run,
+                                     exclusive=[ops.scope(name)])
 
     async def _rewrap(self, v: Volume, old: KeyServiceClient, new: KeyServiceClient, key_url: str,
-                      *, des: str | None = None) -> None:
+                      *, des: str | None = None) -> bool:
+        """Re-wrap one volume's DEK; False if the volume went or changed meanwhile."""
         dek = await keys.unwrap(old, v.envelope)
         try:
-            v.envelope = await keys.wrap(new, key_url, dek)
+            envelope = await keys.wrap(new, key_url, dek)
         finally:
             keys.wipe(dek)
-        if des is not None:
-            v.des = des
-        self.state.put_volume(v)
+        if not self.state.replace_envelope(v, v.envelope, envelope, des or v.des):
+            return False
+        v.envelope, v.des = envelope, des or v.des
+        return True
 

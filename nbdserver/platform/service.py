@@ -31,6 +31,7 @@ from .model import (
     PLATFORM_KEY, EncryptionSet, KeyUrl, Volume, VolumeKind, VolumeState,
 )
 from .encryption_sets import EncryptionSetOperations
+from .operations import Operations
 from .sealed import SealedBackend
 from .sealing import Sealer, load_master_key
 from .volumes import DEFAULT_LOCATION, VolumeOperations, _unlink, describe_disk
@@ -76,7 +77,7 @@ class Platform(EncryptionSetOperations, VolumeOperations):
         self.client = KeyServiceClient(self.keyservice_url, credential, ssl=ssl)
         self._des_clients: dict[str, KeyServiceClient] = {}
         self.platform_key_url: str | None = self.state.get_config("platform_key_url")
-        self.scope_locks: dict[str, asyncio.Lock] = {}
+        self.operations = Operations()  # claims, deadlines, tasks: see operations.py
         self.access = None  # set by access.KeyAccess
 
     # -- start and stop
@@ -90,6 +91,7 @@ class Platform(EncryptionSetOperations, VolumeOperations):
             await self._serve(disk)
 
     async def stop(self) -> None:
+        await self.operations.cancel_all()
         for disk in self.state.list_volumes(VolumeKind.DISK):
             await self.close_disk(disk.name, "server stopping")
         for c in list(self._des_clients.values()) + [self.client]:
@@ -103,6 +105,7 @@ class Platform(EncryptionSetOperations, VolumeOperations):
                 log.warning("removing %s %s left unfinished by a crash", v.kind.value, v.name)
                 _unlink(v.path)
                 self.state.delete_volume(v.kind, v.name)
+        self._remove_orphan_files()
 
     async def _create_platform_key(self) -> str:
         """First start: the platform's own vault and RSA key wrap every PMK volume's DEK.
@@ -153,9 +156,6 @@ class Platform(EncryptionSetOperations, VolumeOperations):
                 + ". Whoever holds it could unwrap every platform-managed disk's key")
 
     # -- key access per scope (an encryption set's name, or PLATFORM_KEY)
-    def scope_lock(self, scope: str) -> asyncio.Lock:
-        return self.scope_locks.setdefault(scope, asyncio.Lock())
-
     def client_for(self, scope: str) -> KeyServiceClient:
         if scope == PLATFORM_KEY:
             return self.client
@@ -183,35 +183,57 @@ class Platform(EncryptionSetOperations, VolumeOperations):
         await self.open_disk(disk.name)
 
     async def open_disk(self, name: str) -> bool:
-        disk = self.volume(VolumeKind.DISK, name)
+        """Unwrap and serve a locked disk. Takes no lock: a close (or another open) that
+        happened while the key service answered wins, and this unwrapped DEK is wiped."""
+        disk = self.state.get_volume(VolumeKind.DISK, name)
         export = self.catalog.get(name)
-        if export is None or not export.locked:
+        if disk is None or export is None:
+            return False
+        if not export.locked:
             return True
+        sealed = export.backend  # every close installs a new one: a change means a close
         try:
             dek = await keys.unwrap(self.client_for(disk.des), disk.envelope)
         except (AccessMissing, KeyUnavailable) as e:
-            export.lock(e.message)
+            if self.catalog.get(name) is export and export.backend is sealed:
+                export.lock(e.message)
             log.warning("disk %s stays locked: %s", name, e.message)
             return False
-        export.unlock(XtsLayer(FileBackend(disk.path), dek))
+        if self.catalog.get(name) is not export or export.backend is not sealed or not export.locked:
+            keys.wipe(dek)
+            return not export.locked
+        try:
+            layer = XtsLayer(FileBackend(disk.path), dek)
+        except OSError as e:  # the file went with a delete that committed meanwhile
+            keys.wipe(dek)
+            log.warning("disk %s stays locked: %s", name, e)
+            return False
+        export.unlock(layer)
         log.info("disk %s is serving (key %s)", name, disk.envelope.kid)
         return True
 
-    async def close_disk(self, name: str, reason: str) -> None:
-        """Lock the export, let in-flight requests finish, flush, wipe the DEK."""
-        export = self.catalog.get(name)
+    async def close_disk(self, name: str, reason: str, export: Export | None = None) -> None:
+        """Lock the export, let in-flight requests finish, flush, wipe the DEK.
+
+        Locking is immediate (before the first await): new requests fail with EIO from
+        here on, whatever the rest waits for. The rest runs to its end even if the caller
+        is cancelled: a DEK is never left unwiped behind a locked export."""
+        export = export or self.catalog.get(name)
         if export is None:
             return
-        was_open = not export.locked
+        backend = export.backend
         export.lock(reason)
+        export.backend = SealedBackend(backend.size)
+        if isinstance(backend, SealedBackend):
+            return
+        await asyncio.shield(self._retire(name, export, backend, reason))
+
+    async def _retire(self, name: str, export: Export, backend, reason: str) -> None:
         await export.drained()
-        if was_open:
-            backend = export.backend
-            export.backend = SealedBackend(backend.size)
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, backend.flush)
-            except OSError as e:
-                log.error("disk %s: flush on close failed: %s", name, e)
-            backend.close()
-            log.warning("disk %s locked, DEK wiped: %s", name, reason)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, backend.flush)
+        except (OSError, ValueError) as e:
+            log.error("disk %s: flush on close failed: %s", name, e)
+        backend.close()
+        log.warning("disk %s locked, DEK wiped: %s", name, reason)
 

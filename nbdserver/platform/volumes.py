@@ -2,6 +2,12 @@
 
 A mixin of `Platform` (see `service`). Snapshots and images are ciphertext copies that
 keep their source's envelope; disks made from them are re-encrypted under a fresh DEK.
+
+Every operation that changes something validates first (nothing awaited), then claims
+its names and runs as a task under a deadline (`operations`), and returns that task.
+Each is all-or-nothing across the state database, the export catalog and the files:
+what it made is undone if it fails or is cancelled, and a crash leaves at most a
+CREATING row or a file no row names, both removed at the next start.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from ..backend import FileBackend
 from ..crypto import XtsLayer
 from ..exports import Export
 from . import keys, rules
-from .copy import copy_ciphertext, reencrypt
+from . import operations as ops
+from .copy import copy_ciphertext, reencrypt, run_copy
 from .errors import (
     AccessMissing, BadRequest, Conflict, InsufficientStorage, NotFound,
 )
@@ -75,15 +82,30 @@ class VolumeOperations:
         scope, subscription, location = self._placement(des, src, subscription, location)
         return names, size, src, scope, subscription, location
 
-    async def create_disks(self, name: str, *, progress=None, **request) -> list[dict]:
+    def create_disks(self, name: str, *, progress=None, **request) -> asyncio.Task:
         names, size, src, scope, subscription, location = self.validate_disk_request(name, **request)
-        created = []
-        for i, n in enumerate(names):
-            def part(done, total, i=i):
-                if progress:
-                    progress((i + done / total) / len(names))
-            created.append(await self._create_disk(n, size, scope, subscription, location, src, part))
-        return [self.show_disk(n) for n in created]
+
+        async def run():
+            created = []
+            try:
+                for i, n in enumerate(names):
+                    def part(done, total, i=i):
+                        if progress:
+                            progress((i + done / total) / len(names))
+                    created.append(await self._create_disk(n, size, scope, subscription, location,
+                                                           src, part))
+            except BaseException:
+                for n in created:  # all or nothing, a set of disks too
+                    await self._discard_disk(n, "creation failed")
+                raise
+            return [self.show_disk(n) for n in created]
+
+        what = f"creation of disk {name!r}" if len(names) == 1 else \
+            f"creation of disks {names[0]!r} to {names[-1]!r}"
+        return self.operations.start(
+            what, run, exclusive=[ops.disk(n) for n in names],
+            shared=[ops.scope(scope)] + ([ops.volume(src.kind, src.name)] if src else []),
+            deadline=ops.DEADLINE * len(names) + (size * len(names) / ops.COPY_RATE if src else 0))
 
     def validate_copy_request(self, kind: VolumeKind, name: str, source: str) -> Volume:
         check_name(kind.value, name)
@@ -109,26 +131,35 @@ class VolumeOperations:
 
     async def _create_disk(self, name, size, scope, subscription, location, src, progress) -> str:
         dek = keys.new_dek()
-        async with self.scope_lock(scope):
-            try:
-                client = self.client_for(scope)
-                env = await keys.wrap(client, self.key_url_for(scope), dek)
-                if scope != PLATFORM_KEY:
-                    # Serving needs get and unwrapKey too (the watcher checks both): a set
-                    # granted only wrapKey would make a disk that locks at its first check.
-                    await keys.key_attributes(client, env.kid)
-                    keys.wipe(await keys.unwrap(client, env))
-            except AccessMissing as e:
-                keys.wipe(dek)
-                if scope != PLATFORM_KEY:
-                    des = self._des(scope)
-                    raise AccessMissing(f"encryption set {scope!r} cannot use its key: identity "
-                                        f"{des.identity_object_id} needs get, wrapKey, unwrapKey on "
-                                        f"the vault ({e.message})") from None
-                raise
-            except Exception:
-                keys.wipe(dek)
-                raise
+        # A recheck of the scope that starts after this point may not see the disk (it is
+        # not served yet): if one did, the scope is checked again once the disk serves.
+        checks = self.access.checks_started(scope) if self.access is not None else 0
+        try:
+            client = self.client_for(scope)
+            url = self.key_url_for(scope)
+            env = await keys.wrap(client, url, dek)
+            if scope != PLATFORM_KEY:
+                # Serving needs get and unwrapKey too (the watcher checks both): a set
+                # granted only wrapKey would make a disk that locks at its first check.
+                await keys.key_attributes(client, env.kid)
+                keys.wipe(await keys.unwrap(client, env))
+            while url != self.key_url_for(scope):
+                # A rotation committed the set's new key meanwhile and may have listed its
+                # volumes before this one had a row: wrap with the new key. From the check
+                # to the row's write nothing is awaited, so a later rotation sees the row.
+                url = self.key_url_for(scope)
+                env = await keys.wrap(client, url, dek)
+        except AccessMissing as e:
+            keys.wipe(dek)
+            if scope != PLATFORM_KEY:
+                des = self._des(scope)
+                raise AccessMissing(f"encryption set {scope!r} cannot use its key: identity "
+                                    f"{des.identity_object_id} needs get, wrapKey, unwrapKey on "
+                                    f"the vault ({e.message})") from None
+            raise
+        except BaseException:
+            keys.wipe(dek)
+            raise
         if self.state.get_volume(VolumeKind.DISK, name):
             # A concurrent request took the name while this one waited for the key service.
             # Nothing awaits between this check and put_volume below, so the check holds.
@@ -150,8 +181,8 @@ class VolumeOperations:
                 src_dek = await keys.unwrap(self.client_for(src.des), src.envelope)
                 src_layer = XtsLayer(FileBackend(src.path, readonly=True), src_dek)
                 try:
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, reencrypt, src_layer, backend, progress)
+                    # run_copy returns only once its thread has left both layers.
+                    await run_copy(reencrypt, src_layer, backend, progress=progress)
                 finally:
                     src_layer.close()
             backend.flush()
@@ -164,7 +195,32 @@ class VolumeOperations:
             raise
         self._mark_ready(v)
         self.catalog.add(Export(name, backend, description=describe_disk(v)))
+        if self.access is not None and self.access.checks_started(scope) != checks:
+            self.access.poke(scope)
         return name
+
+    async def _discard_disk(self, name: str, reason: str) -> None:
+        """Remove a disk everywhere, in the order a crash can only leave a stray file in
+        (removed at the next start): out of the catalog, out of the state, off the disk,
+        then drain its in-flight requests and wipe its DEK."""
+        v = self.state.get_volume(VolumeKind.DISK, name)
+        export = self.catalog.remove(name)
+        if v is not None:
+            self.state.delete_volume(VolumeKind.DISK, name)
+            _unlink(v.path)
+        if export is not None:
+            await self.close_disk(name, reason, export)
+
+    def _remove_orphan_files(self) -> None:
+        """Files no volume row names: left by a crash between a delete's commit and its
+        unlink. Every volume's row is written before its file, so nothing else is here."""
+        known = {v.path for v in self.state.list_volumes()}
+        for kind in VolumeKind:
+            folder = os.path.join(self.data_dir, kind.value + "s")
+            for entry in os.scandir(folder):
+                if entry.name.endswith(".img") and entry.path not in known:
+                    log.warning("removing %s, which no volume names (left by a crash)", entry.path)
+                    _unlink(entry.path)
 
     def show_disk(self, name: str) -> dict:
         v = self.volume(VolumeKind.DISK, name)
@@ -187,7 +243,7 @@ class VolumeOperations:
         return {"disk": v.name, **v.envelope.to_json(),
                 "format": "aes-xts-plain64, 4096-byte sectors, iv_large_sectors; see docs/format.md"}
 
-    async def update_disk(self, name: str, *, des: str | None = None, platform_key: bool = False) -> dict:
+    def update_disk(self, name: str, *, des: str | None = None, platform_key: bool = False) -> asyncio.Task:
         """Move a disk between the platform key and encryption sets by re-wrapping its DEK."""
         if bool(des) == bool(platform_key):
             raise BadRequest("give exactly one of --des NAME or --platform-key")
@@ -197,45 +253,67 @@ class VolumeOperations:
             rules.no_subscription_move(v, self._des(target))
         elif v.customer_managed:
             pass  # CMK -> PMK keeps the subscription; allowed
-        if target == v.des:
-            return self.show_disk(name)
-        if target != PLATFORM_KEY:
-            # All three permissions, not just the wrapKey the move itself uses: without get
-            # and unwrapKey the moved disk would lock at its next check.
-            access = await self.check_access(target)
-            if not access["granted"]:
-                d = self._des(target)
-                raise AccessMissing(f"encryption set {target!r} identity {d.identity_object_id} "
-                                    f"lacks {', '.join(access['missing'])} on its key; the vault "
-                                    "owner must grant get, wrapKey, unwrapKey")
-        async with self.scope_lock(v.des), self.scope_lock(target):
-            await self._rewrap(v, self.client_for(v.des), self.client_for(target),
-                               self.key_url_for(target), des=target)
-        if self.access is not None:
-            self.access.poke(target)
-        return self.show_disk(name)
 
-    async def delete_disk(self, name: str, *, force: bool = False) -> None:
-        v = self.volume(VolumeKind.DISK, name)
+        async def run():
+            if target == v.des:
+                return self.show_disk(name)
+            if target != PLATFORM_KEY:
+                # All three permissions, not just the wrapKey the move itself uses: without
+                # get and unwrapKey the moved disk would lock at its next check.
+                access = await self.check_access(target)
+                if not access["granted"]:
+                    d = self._des(target)
+                    raise AccessMissing(f"encryption set {target!r} identity {d.identity_object_id} "
+                                        f"lacks {', '.join(access['missing'])} on its key; the vault "
+                                        "owner must grant get, wrapKey, unwrapKey")
+            # One row changes (scope and envelope together): a crash leaves the old or the new.
+            if not await self._rewrap(v, self.client_for(v.des), self.client_for(target),
+                                      self.key_url_for(target), des=target):
+                raise Conflict(f"disk {name!r} changed while it was being moved; try again")
+            export = self.catalog.get(name)
+            if export is not None:
+                export.description = describe_disk(v)
+            if self.access is not None:
+                self.access.poke(target)
+            return self.show_disk(name)
+
+        to = "the platform-managed key" if target == PLATFORM_KEY else f"encryption set {target!r}"
+        return self.operations.start(f"move of disk {name!r} to {to}", run,
+                                     exclusive=[ops.disk(name)],
+                                     shared=[ops.scope(v.des), ops.scope(target),
+                                             ops.key_of(v.des), ops.key_of(target)])
+
+    def delete_disk(self, name: str, *, force: bool = False) -> asyncio.Task:
+        self.volume(VolumeKind.DISK, name)
         export = self.catalog.get(name)
         if export is not None and export.clients and not force:
             raise Conflict(f"disk {name!r} is attached ({export.clients} connection(s)); "
                            "detach it first or delete with force")
-        await self.close_disk(name, "disk deleted")
-        self.catalog.remove(name)
-        self.state.delete_volume(VolumeKind.DISK, name)
-        _unlink(v.path)
+        return self.operations.start(f"deletion of disk {name!r}",
+                                     lambda: self._discard_disk(name, "disk deleted"),
+                                     exclusive=[ops.disk(name)])
 
     # -- snapshots and images: ciphertext copies that keep the source's envelope
-    async def create_snapshot(self, name: str, disk: str, progress=None) -> dict:
+    def create_snapshot(self, name: str, disk: str, progress=None) -> asyncio.Task:
         src = self.validate_copy_request(VolumeKind.SNAPSHOT, name, f"disk:{disk}")
-        return await self._copy_volume(VolumeKind.SNAPSHOT, name, src, progress)
+        return self._start_copy(VolumeKind.SNAPSHOT, name, src, progress)
 
-    async def create_image(self, name: str, source: str, progress=None) -> dict:
+    def create_image(self, name: str, source: str, progress=None) -> asyncio.Task:
         src = self.validate_copy_request(VolumeKind.IMAGE, name, source)
-        return await self._copy_volume(VolumeKind.IMAGE, name, src, progress)
+        return self._start_copy(VolumeKind.IMAGE, name, src, progress)
+
+    def _start_copy(self, kind: VolumeKind, name: str, src: Volume, progress) -> asyncio.Task:
+        # Shared claims: two snapshots of one disk may run at once; a delete or a move of
+        # the disk, or a rotation of its set, is refused meanwhile.
+        return self.operations.start(
+            f"{kind.value} {name!r} of {src.kind.value} {src.name!r}",
+            lambda: self._copy_volume(kind, name, src, progress),
+            exclusive=[ops.volume(kind, name)],
+            shared=[ops.volume(src.kind, src.name), ops.scope(src.des)],
+            deadline=ops.DEADLINE + src.size / ops.COPY_RATE)
 
     async def _copy_volume(self, kind: VolumeKind, name: str, src: Volume, progress) -> dict:
+        src = self.volume(src.kind, src.name)  # its envelope now (a rotation may have run)
         v = Volume(name, kind, src.size, src.subscription, src.location, src.des, src.envelope,
                    self._new_path(kind), VolumeState.CREATING,
                    source=f"{src.kind.value}:{src.name}", created=time.time())
@@ -250,10 +328,16 @@ class VolumeOperations:
                 # flush, copy, release.
                 async with export.frozen():
                     if not export.locked:
-                        await loop.run_in_executor(None, export.backend.flush)
-                    await loop.run_in_executor(None, copy_ciphertext, src.path, v.path, src.size, cb)
+                        # Counted in flight: a revocation meanwhile drains it before it
+                        # closes the backend under it.
+                        export.begin()
+                        try:
+                            await asyncio.shield(loop.run_in_executor(None, export.backend.flush))
+                        finally:
+                            export.end()
+                    await run_copy(copy_ciphertext, src.path, v.path, src.size, progress=cb)
             else:
-                await loop.run_in_executor(None, copy_ciphertext, src.path, v.path, src.size, cb)
+                await run_copy(copy_ciphertext, src.path, v.path, src.size, progress=cb)
         except BaseException as e:
             _unlink(v.path)
             self.state.delete_volume(kind, name)
@@ -272,17 +356,25 @@ class VolumeOperations:
         v.state = VolumeState.READY
         self.state.put_volume(v)
 
-    async def share_image(self, name: str, gallery: str) -> dict:
+    def share_image(self, name: str, gallery: str) -> asyncio.Task:
         v = self.volume(VolumeKind.IMAGE, name)
         rules.image_shareable(v)
-        v.gallery = check_name("gallery", gallery)
-        self.state.put_volume(v)
-        return _volume_view(v)
+        check_name("gallery", gallery)
 
-    async def delete_volume(self, kind: VolumeKind, name: str) -> None:
+        async def run():
+            self.state.set_gallery(VolumeKind.IMAGE, name, gallery)
+            return _volume_view(self.volume(VolumeKind.IMAGE, name))
+        return self.operations.start(f"sharing of image {name!r}", run,
+                                     exclusive=[ops.volume(VolumeKind.IMAGE, name)])
+
+    def delete_volume(self, kind: VolumeKind, name: str) -> asyncio.Task:
         v = self.volume(kind, name)
-        self.state.delete_volume(kind, name)
-        _unlink(v.path)
+
+        async def run():
+            self.state.delete_volume(kind, name)  # committed first: a crash leaves a stray file
+            _unlink(v.path)
+        return self.operations.start(f"deletion of {kind.value} {name!r}", run,
+                                     exclusive=[ops.volume(kind, name)])
 
 
 def describe_disk(v: Volume) -> str:
