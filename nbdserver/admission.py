@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import ipaddress
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .budget import default_limit
+from .protocol.constants import MAX_BLOCK_SIZE
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class ConnectionLimits:
     handshake_timeout: float = 10.0
     # Disk files, key-service and API sockets, logs: what the daemon itself needs.
     fd_reserve: int = 256
+    # Bytes of READ buffers and unsent replies over all connections (nbdserver/budget.py).
+    buffer_budget: int = field(default_factory=default_limit)
 
     def __post_init__(self):
         if self.max_connections < 1 or self.max_per_peer < 1:
@@ -43,6 +48,8 @@ class ConnectionLimits:
             raise ValueError("the handshake timeout must be positive")
         if self.fd_reserve < 0:
             raise ValueError("the descriptor reserve cannot be negative")
+        if self.buffer_budget < MAX_BLOCK_SIZE:
+            raise ValueError(f"the buffer budget must be at least {MAX_BLOCK_SIZE >> 20} MiB")
 
 
 def peer_key(peer) -> str:

@@ -16,6 +16,7 @@ import logging
 
 from .admission import ConnectionLimits
 from .backend import FileBackend
+from .budget import default_limit
 from .exports import Export, ExportCatalog
 from .protocol.handshake import TlsMode
 from .runtime import configure_logging, parse_hostport, run, sd_notify
@@ -108,7 +109,9 @@ def main(argv=None) -> None:
         context = server_context_for(mode, ServerTls(args.tls_dir, args.tls_verify_clients,
                                                      args.tls_psk_file))
         limits = ConnectionLimits(args.max_connections, args.max_connections_per_peer,
-                                  args.handshake_timeout, args.fd_reserve)
+                                  args.handshake_timeout, args.fd_reserve,
+                                  (args.buffer_budget_mib << 20) if args.buffer_budget_mib
+                                  else default_limit())
     except (TlsConfigError, ValueError) as e:
         ap.error(str(e))
     run(lambda stop: serve(args.listen, args.exports, args.workers, stop, tls=(mode, context),
@@ -126,6 +129,9 @@ def add_limit_arguments(ap: argparse.ArgumentParser) -> None:
                     help="seconds a connection may take to reach transmission")
     ap.add_argument("--fd-reserve", type=int, default=d.fd_reserve,
                     help="file descriptors kept from NBD clients for the daemon's own use")
+    ap.add_argument("--buffer-budget-mib", type=int, default=None,
+                    help="MiB of read buffers and unsent replies over all connections "
+                         "(default: 1 GiB or a quarter of RAM)")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def main():
               help="seconds an NBD connection may take to reach transmission")
 @click.option("--fd-reserve", type=click.IntRange(0), default=_LIMITS.fd_reserve, show_default=True,
               help="file descriptors kept from NBD clients for the key service, disks and API")
+@click.option("--buffer-budget-mib", type=click.IntRange(32), default=None,
+              help="MiB of NBD read buffers and unsent replies over all connections "
+                   "(default: 1 GiB or a quarter of RAM)")
 @click.option("--export-list", type=click.Choice(["all", "authenticated", "none"]),
               default="authenticated", show_default=True,
               help="who may list the NBD exports: anyone, clients with a verified TLS "
@@ -73,7 +76,7 @@ def main():
 def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credential, master_key_file,
           lease_seconds, grace_seconds, workers, log_level, tls_mode, tls_dir, tls_verify_clients,
           tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
-          max_connections_per_peer, handshake_timeout, fd_reserve, export_list):
+          max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list):
     """Run the NBD server and the disk platform."""
     from keyservice.tls import TlsConfigError as KsTlsError
     from keyservice.tls import client_ssl_for
@@ -103,7 +106,9 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
             lease=lease_seconds, grace=grace_seconds, workers=workers, ssl=ks_ssl,
             tls_mode=mode, tls_context=tls_context,
             nbd_limits=ConnectionLimits(max_connections, max_connections_per_peer,
-                                        handshake_timeout, fd_reserve),
+                                        handshake_timeout, fd_reserve,
+                                        (buffer_budget_mib << 20) if buffer_budget_mib
+                                        else _LIMITS.buffer_budget),
             nbd_export_list=ExportList(export_list)))
     except StartupError as e:
         click.echo(f"nbdserver: cannot start: {e}", err=True)

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .admission import Admission, ConnectionLimits, peer_key
 from .backend import INLINE_WRITE_MAX
+from .budget import BufferBudget
 from .exports import Export, ExportCatalog
 from .protocol import handshake as hs
 from .protocol.constants import (
@@ -56,6 +57,8 @@ MAX_INFLIGHT = 64
 WRITE_BUFFER_HIGH = 8 << 20
 # Structured reads at least this large ask the backend for holes and send OFFSET_HOLE.
 HOLE_SCAN_MIN = 64 * 1024
+# _request's answer when a READ must wait for the server's buffer budget.
+WAIT_FOR_BUDGET = object()
 # Closing a TLS connection sends close_notify and waits for the peer's; an idle client
 # (libnbd between requests) never answers, and the default 30 s held every shutdown.
 TLS_SHUTDOWN_TIMEOUT = 3.0
@@ -71,6 +74,7 @@ class NbdServer:
         self.limits = limits or ConnectionLimits()
         self.export_list = export_list
         self.admission = Admission(self.limits)
+        self.budget = BufferBudget(self.limits.buffer_budget)
         self.tls_mode = tls_mode
         self.tls_context = tls_context
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
@@ -132,6 +136,12 @@ class Connection(asyncio.Protocol):
         self.closed: asyncio.Future = self.loop.create_future()
         self.peer = None
         self._peer_key: str | None = None  # set while counted by the server's Admission
+        # The server's BufferBudget (nbdserver/budget.py): bytes of READ buffers in
+        # progress, reply bytes handed to the transport and not yet known sent, and
+        # whether this connection waits for the budget (reading paused meanwhile).
+        self._charged = 0
+        self._charged_written = 0
+        self._awaiting_budget = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         # Decrypted bytes that reach data_received() while start_tls() has not returned yet
         # (the TLS layer delivers them as soon as its handshake ends); None when not upgrading.
@@ -188,12 +198,53 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self._release()
+        self.server.budget.forget(self)
+        self._awaiting_budget = False
+        if self._charged_written:  # the transport's buffer went with it
+            self.server.budget.give(self._charged_written)
+            self._charged_written = 0
         self.server.connections.discard(self)
         if self.export is not None:
             self.export.clients -= 1
         self.handshake = None
         if not self.closed.done():
             self.closed.set_result(None)
+
+    # -- the buffer budget (a holder, in nbdserver/budget.py's words)
+    @property
+    def budget_held(self) -> int:
+        return self._charged + self._charged_written
+
+    def budget_settle(self) -> None:
+        """Give back the reply bytes the transport no longer holds."""
+        t = self.transport
+        queued = t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
+        if self._charged_written > queued:
+            self.server.budget.give(self._charged_written - queued)
+            self._charged_written = queued
+            if not queued:
+                self.server.budget.replies_sent(self)
+
+    def budget_ready(self) -> None:
+        self._awaiting_budget = False
+        self._update_reading()
+
+    def _charge(self, n: int) -> bool:
+        if self.server.budget.take(self, n):
+            self._charged += n
+            return True
+        self._awaiting_budget = True
+        return False
+
+    def _uncharge(self, n: int) -> None:
+        self._charged -= n
+        self.server.budget.give(n)
+
+    def _reply_charged(self, n: int) -> None:
+        """A READ's buffer went to the transport: it is held until sent."""
+        self._charged -= n
+        self._charged_written += n
+        self.server.budget.holding_replies(self)
 
     def pause_writing(self):
         self._writing_paused = True
@@ -313,7 +364,7 @@ class Connection(asyncio.Protocol):
         self._drain_pending()
 
     def _backlogged(self) -> bool:
-        return self._writing_paused or self.inflight >= MAX_INFLIGHT
+        return self._writing_paused or self.inflight >= MAX_INFLIGHT or self._awaiting_budget
 
     def _write(self, data) -> None:
         """Queue reply bytes; inside a batch they go out in one writelines() call."""
@@ -326,6 +377,8 @@ class Connection(asyncio.Protocol):
         out, self._out = self._out, None
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
+        if self._charged_written:
+            self.budget_settle()
 
     def _drain_pending(self):
         """Start pending requests while the connection is under its limits.
@@ -350,7 +403,9 @@ class Connection(asyncio.Protocol):
                 if type(ev) is Oversized:
                     self._fail(ev, NBD_EINVAL, "request over the maximum block size")
                     continue
-                self._request(ev)
+                if self._request(ev) is WAIT_FOR_BUDGET:
+                    self._pending.appendleft(ev)
+                    break
         except Exception:  # a bug must cost this client its connection, never the server
             log.exception("connection %s: internal error; disconnecting", self.peer)
             self.abort()
@@ -382,6 +437,8 @@ class Connection(asyncio.Protocol):
         backend = export.backend
         fua = bool(req.flags & NBD_CMD_FLAG_FUA)
         if cmd == NBD_CMD_READ:
+            if not self._charge(req.length):
+                return WAIT_FOR_BUDGET
             buf = bytearray(req.length)
             if req.length <= INLINE_READ_MAX:
                 try:
@@ -389,6 +446,7 @@ class Connection(asyncio.Protocol):
                 except BlockingIOError:
                     pass
                 except OSError as e:
+                    self._uncharge(req.length)
                     return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
                 else:
                     return self._send_read(req, buf)
@@ -433,7 +491,8 @@ class Connection(asyncio.Protocol):
         self.inflight -= 1
         if self.transport is None or self.transport.is_closing():
             return
-        self._request(req)
+        if self._request(req) is WAIT_FOR_BUDGET:
+            self._pending.appendleft(req)
         self._update_reading()
         self._maybe_close()
 
@@ -447,6 +506,8 @@ class Connection(asyncio.Protocol):
         except RuntimeError:  # the pool is shut down
             self.inflight -= 1
             export.end()
+            if req.cmd == NBD_CMD_READ:
+                self._uncharge(req.length)
             return self._fail(req, NBD_ESHUTDOWN, "server is shutting down")
         fut.add_done_callback(lambda f: self._finished(req, f, export))
         self._update_reading()
@@ -457,7 +518,10 @@ class Connection(asyncio.Protocol):
         # Retrieve the outcome even when nobody is left to tell: asyncio logs a future's
         # unretrieved exception as an error with a traceback.
         exc = fut.exception()
-        if self.transport is None or self.transport.is_closing():
+        closing = self.transport is None or self.transport.is_closing()
+        if req.cmd == NBD_CMD_READ and (closing or exc is not None):
+            self._uncharge(req.length)  # no reply will hold the buffer
+        if closing:
             self._maybe_close()
             return
         if exc is not None:
@@ -500,6 +564,7 @@ class Connection(asyncio.Protocol):
         return [(req.offset, req.length, view)]
 
     def _send_read(self, req, buf):
+        self._reply_charged(req.length)
         if self.structured:
             self._write(data_chunk_header(req.cookie, req.offset, len(buf)))
         else:
@@ -507,6 +572,7 @@ class Connection(asyncio.Protocol):
         self._write(buf)
 
     def _send_read_parts(self, req, parts):
+        self._reply_charged(req.length)
         if not self.structured:  # holes are only split out for structured replies
             self._write(simple_reply(req.cookie))
             for _, _, data in parts:
@@ -536,6 +602,8 @@ class Connection(asyncio.Protocol):
     def _update_reading(self):
         if self.transport is None or self.transport.is_closing():
             return
+        if self._charged_written:
+            self.budget_settle()
         want_pause = self._backlogged() or bool(self._pending)
         if self._pending and not self._backlogged() and not self._draining:
             self._drain_pending()  # ends by calling us again
