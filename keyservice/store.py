@@ -8,6 +8,7 @@ serialised, which is what the domain's read-check-write rules need.
 import json
 import os
 import sqlite3
+import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS identities (
 CREATE TABLE IF NOT EXISTS vaults (
   name TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, subscription TEXT NOT NULL,
   location TEXT NOT NULL, retention_days INTEGER NOT NULL, purge_protection INTEGER NOT NULL,
-  owner TEXT NOT NULL, created REAL NOT NULL, deleted_at REAL, scheduled_purge REAL);
+  owner TEXT NOT NULL, created REAL NOT NULL, deleted_at REAL, scheduled_purge REAL,
+  id TEXT, audit_chain TEXT);
 CREATE TABLE IF NOT EXISTS policies (
   vault TEXT NOT NULL, object_id TEXT NOT NULL, permissions TEXT NOT NULL,
   PRIMARY KEY (vault, object_id));
@@ -51,6 +53,9 @@ CREATE TABLE IF NOT EXISTS audit (
   mac BLOB NOT NULL, PRIMARY KEY (chain, seq));
 CREATE TABLE IF NOT EXISTS audit_heads (
   chain TEXT PRIMARY KEY, seq INTEGER NOT NULL, last BLOB NOT NULL, mac BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS closed_chains (
+  vault_id TEXT PRIMARY KEY, chain TEXT NOT NULL, name TEXT NOT NULL, tenant_id TEXT NOT NULL,
+  closed REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, vault TEXT NOT NULL,
   key TEXT, version TEXT, kid TEXT, object_id TEXT, time REAL NOT NULL);
@@ -61,7 +66,10 @@ CREATE TABLE IF NOT EXISTS events (
 ADDED_COLUMNS = {
     "identities": (("disabled", "INTEGER NOT NULL DEFAULT 0"),
                    ("generation", "INTEGER NOT NULL DEFAULT 0")),
+    "vaults": (("id", "TEXT"), ("audit_chain", "TEXT")),
 }
+_VAULT_COLUMNS = ("name, tenant_id, subscription, location, retention_days, purge_protection, owner, "
+                  "created, deleted_at, scheduled_purge, id, audit_chain")
 _IDENTITY_COLUMNS = ("object_id, client_id, tenant_id, display_name, type, roles, secret_hash, "
                      "created, disabled, generation")
 
@@ -102,6 +110,10 @@ class Store:
                 for name, decl in columns:
                     if name not in have:
                         self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            # Vaults from before ids: an id now, and the chain they already had (their name).
+            for (name,) in self._db.execute("SELECT name FROM vaults WHERE id IS NULL").fetchall():
+                self._db.execute("UPDATE vaults SET id=?, audit_chain=? WHERE name=?",
+                                 (str(uuid.uuid4()), name, name))
 
     def _check_master_key(self) -> None:
         row = self._db.execute("SELECT v FROM meta WHERE k='master_check'").fetchone()
@@ -179,17 +191,17 @@ class Store:
 
     # -- vaults --
     def vault(self, name: str) -> Vault | None:
-        row = self._db.execute("SELECT * FROM vaults WHERE name=?", (name,)).fetchone()
+        row = self._db.execute(f"SELECT {_VAULT_COLUMNS} FROM vaults WHERE name=?", (name,)).fetchone()
         return None if row is None else _vault(row)
 
     def vaults(self) -> list[Vault]:
-        return [_vault(r) for r in self._db.execute("SELECT * FROM vaults ORDER BY name")]
+        return [_vault(r) for r in self._db.execute(f"SELECT {_VAULT_COLUMNS} FROM vaults ORDER BY name")]
 
     def put_vault(self, v: Vault) -> None:
-        self._db.execute("INSERT OR REPLACE INTO vaults VALUES (?,?,?,?,?,?,?,?,?,?)",
+        self._db.execute(f"INSERT OR REPLACE INTO vaults ({_VAULT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                          (v.name, v.tenant_id, v.subscription, v.location, v.retention_days,
                           int(v.purge_protection), v.owner, v.created, v.deleted_at,
-                          v.scheduled_purge))
+                          v.scheduled_purge, v.id, v.audit_chain or v.id))
 
     def purge_vault(self, name: str) -> None:
         self._forget_keys(name)
@@ -317,13 +329,29 @@ class Store:
     # -- audit --
     def append_audit(self, chain: str, entry: dict) -> None:
         with self.transaction():
-            head = self._db.execute("SELECT seq, last FROM audit_heads WHERE chain=?", (chain,)).fetchone()
-            seq, prev = (1, audit.GENESIS) if head is None else (head[0] + 1, bytes(head[1]))
-            mac = audit.entry_mac(self._audit_key, chain, seq, prev, entry)
-            self._db.execute("INSERT INTO audit VALUES (?,?,?,?,?)",
-                             (chain, seq, audit.canonical(entry).decode(), prev, mac))
-            self._db.execute("INSERT OR REPLACE INTO audit_heads VALUES (?,?,?,?)",
-                             (chain, seq, mac, audit.head_mac(self._audit_key, chain, seq, mac)))
+            self._append_audit(chain, entry)
+
+    def close_audit_chain(self, v: Vault, entry: dict) -> None:
+        """Inside the purge's transaction: the last entry, and the chain kept by vault id."""
+        self._append_audit(v.audit_chain, entry)
+        self._db.execute("INSERT OR REPLACE INTO closed_chains VALUES (?,?,?,?,?)",
+                         (v.id, v.audit_chain, v.name, v.tenant_id, entry["time"]))
+
+    def audit_chain_of(self, vault_id: str) -> str | None:
+        """The chain of a live or purged vault, by the vault's id."""
+        row = self._db.execute("SELECT audit_chain FROM vaults WHERE id=? UNION ALL "
+                               "SELECT chain FROM closed_chains WHERE vault_id=?",
+                               (vault_id, vault_id)).fetchone()
+        return None if row is None else row[0]
+
+    def _append_audit(self, chain: str, entry: dict) -> None:
+        head = self._db.execute("SELECT seq, last FROM audit_heads WHERE chain=?", (chain,)).fetchone()
+        seq, prev = (1, audit.GENESIS) if head is None else (head[0] + 1, bytes(head[1]))
+        mac = audit.entry_mac(self._audit_key, chain, seq, prev, entry)
+        self._db.execute("INSERT INTO audit VALUES (?,?,?,?,?)",
+                         (chain, seq, audit.canonical(entry).decode(), prev, mac))
+        self._db.execute("INSERT OR REPLACE INTO audit_heads VALUES (?,?,?,?)",
+                         (chain, seq, mac, audit.head_mac(self._audit_key, chain, seq, mac)))
 
     def audit_entries(self, chain: str, limit: int, after: int = 0) -> list[dict]:
         return [dict(json.loads(e), seq=s) for s, e in self._db.execute(
@@ -343,4 +371,4 @@ def _identity(r) -> Identity:
 
 
 def _vault(r) -> Vault:
-    return Vault(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9])
+    return Vault(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9], r[10], r[11])

@@ -122,6 +122,7 @@ async def edge(request: web.Request, handler):
         entry = {"time": time.time(), "requestId": rid, "caller": caller, "operation": name,
                  "vault": request.match_info.get("vault") or request.get("vault"), "key": request.match_info.get("name"),
                  "kid": request.get("kid"), "objectId": request.match_info.get("object_id"),
+                 "vaultId": request.get("vault_id"),
                  "status": resp.status, "error": error_code}
         try:
             await domain.run(domain.service.record, {k: v for k, v in entry.items() if v is not None})

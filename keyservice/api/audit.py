@@ -1,6 +1,10 @@
-"""The audit log: read a chain, verify a chain."""
+"""The audit log: read a chain, verify a chain. `/audit?vaultId=ID` is a vault's chain by
+the vault's id, the only way to a purged vault's closed chain (home-tenant admins)."""
+import uuid
+
 from aiohttp import web
 
+from ..domain.errors import BadRequest
 from .body import query_int
 
 
@@ -9,15 +13,27 @@ async def show(request: web.Request) -> web.Response:
     entries = await domain.run(domain.service.audit_entries, request["caller"],
                                request.match_info.get("vault"),
                                query_int(request, "limit", 1000, 1, 10000),
-                               query_int(request, "after", 0))
+                               query_int(request, "after", 0), _vault_id(request))
     return web.json_response({"value": entries})
 
 
 async def verify(request: web.Request) -> web.Response:
     domain = request.app["domain"]
     result = await domain.run(domain.service.verify_audit, request["caller"],
-                              request.match_info.get("vault"))
+                              request.match_info.get("vault"), _vault_id(request))
     return web.json_response(result.to_dict())
+
+
+def _vault_id(request: web.Request) -> str | None:
+    if "vault" in request.match_info:
+        return None
+    value = request.query.get("vaultId") or None
+    if value is not None:
+        try:
+            value = str(uuid.UUID(value))
+        except ValueError:
+            raise BadRequest("query parameter 'vaultId' must be a vault id (a UUID)") from None
+    return value
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

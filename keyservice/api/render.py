@@ -60,7 +60,7 @@ def vault(service, v: Vault, policies: dict | None = None) -> dict:
            "createdDate": _int(v.created), "state": v.state.value,
            # What a relying party checks before trusting a vault (the platform refuses a
            # vault it does not own): in Key Vault's management-plane shape.
-           "properties": {"ownerObjectId": v.owner, "tenantId": v.tenant_id,
+           "properties": {"vaultId": v.id, "ownerObjectId": v.owner, "tenantId": v.tenant_id,
                           "enableSoftDelete": True, "softDeleteRetentionInDays": v.retention_days,
                           "enablePurgeProtection": v.purge_protection}}
     if v.deleted_at is not None:

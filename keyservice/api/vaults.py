@@ -65,7 +65,8 @@ async def recover(request: web.Request) -> web.Response:
 
 async def purge(request: web.Request) -> web.Response:
     domain, svc, caller = _svc(request)
-    await domain.run(svc.purge_vault, caller, request.match_info["vault"])
+    v = await domain.run(svc.purge_vault, caller, request.match_info["vault"])
+    request["vault_id"] = v.id  # the service chain's entry says which closed chain was this vault's
     return web.Response(status=204)
 
 

@@ -60,6 +60,14 @@ class ServiceCore:
     def _require(self, caller: Caller, vault: Vault, permission: str) -> None:
         policies.require(self.store.policies(vault.name), caller.object_id, vault.name, permission)
 
+    def _purge(self, vault: Vault) -> None:
+        """The vault and its keys go; its audit chain is closed, not deleted: a last entry
+        says so, and from then on only the service's auditors (admins of the home tenant)
+        read it, by the vault's id. A new vault of the same name starts a new chain."""
+        self.store.close_audit_chain(vault, {"time": self.clock(), "operation": "ChainClosed",
+                                             "vault": vault.name, "vaultId": vault.id})
+        self.store.purge_vault(vault.name)
+
     def _manage(self, caller: Caller, vault: Vault, action: str) -> None:
         """Management-plane rights (delete, recover, purge, policies): the vault's
         creator, or an admin of its tenant. Access policies govern keys only."""

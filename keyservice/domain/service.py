@@ -42,31 +42,38 @@ class KeyService(DirectoryOperations, VaultOperations, KeyOperations):
     def record(self, entry: dict) -> None:
         """Append to the vault's chain when the call named an existing vault, else
         to the service chain (""), so made-up names cannot create chains."""
-        vault = entry.get("vault")
-        chain = vault if vault and self.store.vault(vault) is not None else ""
-        self.store.append_audit(chain, entry)
+        vault = self.store.vault(entry["vault"]) if entry.get("vault") else None
+        self.store.append_audit(vault.audit_chain if vault is not None else "", entry)
 
-    def _audit_chain(self, caller: Caller, vault: str | None) -> str:
+    def _audit_chain(self, caller: Caller, vault: str | None, vault_id: str | None = None) -> str:
+        """The chain a caller may read. The service chain (every tenant's calls that named
+        no vault) and closed chains of purged vaults: admins of the home tenant only."""
         if not vault:
-            if not caller.is_admin:
-                raise Forbidden("Only an admin may read the service audit chain", permission="audit")
-            return ""
+            if not caller.is_admin or caller.tenant_id != self.home_tenant:
+                raise Forbidden("Only an admin of the service's home tenant may read the service "
+                                "audit chain and the chains of purged vaults", permission="audit")
+            if vault_id is None:
+                return ""
+            chain = self.store.audit_chain_of(vault_id)
+            if chain is None:
+                raise NotFound(f"No vault with id '{vault_id}' has an audit chain", code="VaultNotFound")
+            return chain
         v = self.store.vault(vault)
-        if v is None:
-            if not caller.is_admin:
-                raise NotFound(f"The vault '{vault}' was not found", code="VaultNotFound")
-        elif v.tenant_id != caller.tenant_id:
+        if v is None:  # a purged vault's chain is not readable by its (reusable) name
+            raise NotFound(f"The vault '{vault}' was not found", code="VaultNotFound")
+        if v.tenant_id != caller.tenant_id:
             raise Unauthorized(f"The token's tenant is not the tenant of key vault '{vault}'")
-        elif not caller.is_admin and caller.object_id != v.owner:
+        if not caller.is_admin and caller.object_id != v.owner:
             raise Forbidden(f"The user, group or application '{caller.object_id}' may not read "
                             f"the audit log of key vault '{vault}'", permission="audit")
-        return vault
+        return v.audit_chain
 
-    def audit_entries(self, caller: Caller, vault: str | None, limit: int = 1000, after: int = 0):
-        return self.store.audit_entries(self._audit_chain(caller, vault), limit, after)
+    def audit_entries(self, caller: Caller, vault: str | None, limit: int = 1000, after: int = 0,
+                      vault_id: str | None = None):
+        return self.store.audit_entries(self._audit_chain(caller, vault, vault_id), limit, after)
 
-    def verify_audit(self, caller: Caller, vault: str | None):
-        return self.store.verify_audit(self._audit_chain(caller, vault))
+    def verify_audit(self, caller: Caller, vault: str | None, vault_id: str | None = None):
+        return self.store.verify_audit(self._audit_chain(caller, vault, vault_id))
 
     # -- change stream --
     def check_subscriber(self, caller: Caller) -> None:
@@ -103,6 +110,6 @@ class KeyService(DirectoryOperations, VaultOperations, KeyOperations):
                     self.store.purge_key(vault, name)
                     events.append(self._event("key.purged", vault, name))
             for vault in vaults:
-                self.store.purge_vault(vault)
+                self._purge(self.store.vault(vault))
                 events.append(self._event("vault.purged", vault))
         return len(vaults) + len(keys)

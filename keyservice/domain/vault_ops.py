@@ -1,4 +1,6 @@
 """Vault and access-policy operations."""
+import uuid
+
 from . import policies
 from .core import ServiceCore
 from .errors import BadRequest, Conflict, Forbidden, NotFound
@@ -20,7 +22,8 @@ class VaultOperations(ServiceCore):
         vault = Vault(name=name, tenant_id=caller.tenant_id, subscription=check_label("subscription", subscription),
                       location=check_label("location", location),
                       retention_days=check_retention(retention_days), purge_protection=False,
-                      owner=caller.object_id, created=self.clock())
+                      owner=caller.object_id, created=self.clock(), id=str(uuid.uuid4()))
+        vault.audit_chain = vault.id
         vault.enable_purge_protection(purge_protection)
         with self._change():
             existing = self.store.vault(name)
@@ -95,13 +98,14 @@ class VaultOperations(ServiceCore):
             events.append(self._event("vault.recovered", name))
         return vault
 
-    def purge_vault(self, caller: Caller, name: str) -> None:
+    def purge_vault(self, caller: Caller, name: str) -> Vault:
         with self._change() as events:
             vault = self._vault(caller, name, deleted=True)
             self._manage(caller, vault, "purge")
             vault.check_purge(self.clock())
-            self.store.purge_vault(name)
+            self._purge(vault)
             events.append(self._event("vault.purged", name))
+        return vault
 
     # -- access policies --
     def set_policy(self, caller: Caller, name: str, object_id, permissions) -> tuple[str, tuple]:

@@ -32,6 +32,11 @@ class Vault:
     created: float
     deleted_at: float | None = None
     scheduled_purge: float | None = None
+    # The vault's identity (names are reused after a purge) and its audit chain: the id
+    # for vaults made since ids exist, the name for older ones (their chain was already
+    # keyed by name, and the chain's name is inside every entry's MAC).
+    id: str = ""
+    audit_chain: str = ""
 
     @property
     def state(self) -> VaultState:

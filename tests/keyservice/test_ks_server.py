@@ -105,26 +105,26 @@ def test_audit_verify_detects_edit_and_removal(make_daemon):
     assert all(e["caller"] == d.admin.object_id for e in entries["value"])
     db = sqlite3.connect(d.data_dir / "keyservice.db")
     # edit: rewrite one entry's caller
-    (entry,) = db.execute("SELECT entry FROM audit WHERE chain='audited' AND seq=2").fetchone()
-    db.execute("UPDATE audit SET entry=? WHERE chain='audited' AND seq=2",
+    (entry,) = db.execute("SELECT entry FROM audit WHERE chain=(SELECT audit_chain FROM vaults WHERE name='audited') AND seq=2").fetchone()
+    db.execute("UPDATE audit SET entry=? WHERE chain=(SELECT audit_chain FROM vaults WHERE name='audited') AND seq=2",
                (entry.replace(d.admin.object_id, "00000000-0000-0000-0000-000000000000"),))
     db.commit()
     r = d.cli("audit", "verify", "audited", check=False)
     assert r.returncode == 1 and '"firstBadSeq": 2' in r.stdout and "modified" in r.stdout
-    db.execute("UPDATE audit SET entry=? WHERE chain='audited' AND seq=2", (entry,))
+    db.execute("UPDATE audit SET entry=? WHERE chain=(SELECT audit_chain FROM vaults WHERE name='audited') AND seq=2", (entry,))
     db.commit()
     assert d.cli("audit", "verify", "audited").returncode == 0
     # removal in the middle
-    row = db.execute("SELECT * FROM audit WHERE chain='audited' AND seq=3").fetchone()
-    db.execute("DELETE FROM audit WHERE chain='audited' AND seq=3")
+    row = db.execute("SELECT * FROM audit WHERE chain=(SELECT audit_chain FROM vaults WHERE name='audited') AND seq=3").fetchone()
+    db.execute("DELETE FROM audit WHERE chain=(SELECT audit_chain FROM vaults WHERE name='audited') AND seq=3")
     db.commit()
     r = d.cli("audit", "verify", "audited", check=False)
     assert r.returncode == 1 and "entry 3 is missing" in r.stdout
     db.execute("INSERT INTO audit VALUES (?,?,?,?,?)", row)
     db.commit()
     # removal of the newest entries (the head row catches it)
-    last = db.execute("SELECT MAX(seq) FROM audit WHERE chain='audited'").fetchone()[0]
-    db.execute("DELETE FROM audit WHERE chain='audited' AND seq=?", (last,))
+    last = db.execute("SELECT MAX(seq) FROM audit WHERE chain=(SELECT audit_chain FROM vaults WHERE name='audited')").fetchone()[0]
+    db.execute("DELETE FROM audit WHERE chain=(SELECT audit_chain FROM vaults WHERE name='audited') AND seq=?", (last,))
     db.commit()
     db.close()
     r = d.cli("audit", "verify", "audited", check=False)
