@@ -11,8 +11,11 @@ and runs it against the export's backend:
   order, as the spec allows.
 
 Errors of the lower layer (OSError) become NBD errors once, in `_fail`. Memory stays
-bounded per connection: reading pauses while too many requests are in flight or while
-the client is not reading its replies (transport write buffer over its high mark).
+bounded: reading pauses while too many requests are in flight, while the client is not
+reading its replies (transport write buffer over its high mark), and while the server's
+buffer budget over all connections is spent (nbdserver/budget.py). Who may connect, and
+for how long a handshake may last, is nbdserver/admission.py's; what a client may see of
+the exports, nbdserver/visibility.py's.
 """
 
 from __future__ import annotations
