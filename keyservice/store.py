@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS closed_chains (
   closed REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, vault TEXT NOT NULL,
-  key TEXT, version TEXT, kid TEXT, object_id TEXT, time REAL NOT NULL);
+  key TEXT, version TEXT, kid TEXT, object_id TEXT, time REAL NOT NULL, tenant_id TEXT);
 """
 
 # Columns added after the first release: a database made by an older version gets them
@@ -67,6 +67,7 @@ ADDED_COLUMNS = {
     "identities": (("disabled", "INTEGER NOT NULL DEFAULT 0"),
                    ("generation", "INTEGER NOT NULL DEFAULT 0")),
     "vaults": (("id", "TEXT"), ("audit_chain", "TEXT")),
+    "events": (("tenant_id", "TEXT"),),
 }
 _VAULT_COLUMNS = ("name, tenant_id, subscription, location, retention_days, purge_protection, owner, "
                   "created, deleted_at, scheduled_purge, id, audit_chain")
@@ -110,6 +111,11 @@ class Store:
                 for name, decl in columns:
                     if name not in have:
                         self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            # Events from before tenants: their vault's tenant where the vault still exists;
+            # the others (purged vaults) stay NULL and reach no subscriber.
+            self._db.execute("UPDATE events SET tenant_id = (SELECT tenant_id FROM vaults "
+                             "WHERE vaults.name = events.vault) WHERE tenant_id IS NULL")
+            self._db.execute("CREATE INDEX IF NOT EXISTS events_by_tenant ON events (tenant_id, seq)")
             # Vaults from before ids: an id now, and the chain they already had (their name).
             for (name,) in self._db.execute("SELECT name FROM vaults WHERE id IS NULL").fetchall():
                 self._db.execute("UPDATE vaults SET id=?, audit_chain=? WHERE name=?",
@@ -312,16 +318,17 @@ class Store:
 
     # -- events --
     def add_event(self, e: Event) -> int:
-        cur = self._db.execute("INSERT INTO events (type, vault, key, version, kid, object_id, time) "
-                               "VALUES (?,?,?,?,?,?,?)",
-                               (e.type, e.vault, e.key, e.version, e.kid, e.objectId, e.time))
+        cur = self._db.execute("INSERT INTO events (type, vault, key, version, kid, object_id, time, "
+                               "tenant_id) VALUES (?,?,?,?,?,?,?,?)",
+                               (e.type, e.vault, e.key, e.version, e.kid, e.objectId, e.time, e.tenantId))
         return cur.lastrowid
 
-    def events_after(self, seq: int, limit: int = 500) -> list[Event]:
+    def events_after(self, seq: int, limit: int, tenant_id: str) -> list[Event]:
         return [Event(type=r[1], vault=r[2], key=r[3], version=r[4], kid=r[5], objectId=r[6],
-                      time=r[7], seq=r[0])
-                for r in self._db.execute("SELECT seq, type, vault, key, version, kid, object_id, time "
-                                          "FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))]
+                      time=r[7], seq=r[0], tenantId=r[8])
+                for r in self._db.execute("SELECT seq, type, vault, key, version, kid, object_id, time, "
+                                          "tenant_id FROM events WHERE tenant_id=? AND seq > ? "
+                                          "ORDER BY seq LIMIT ?", (tenant_id, seq, limit))]
 
     def last_event_seq(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]

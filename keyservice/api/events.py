@@ -35,17 +35,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     await resp.write(b"retry: 1000\n: connected\n\n")
     try:
-        await _follow(resp, domain, bus, since, request.app["heartbeat"])
+        await _follow(resp, domain, bus, request["caller"], since, request.app["heartbeat"])
     except (ConnectionResetError, ConnectionError):
         pass  # the subscriber went away: that is how streams end
     return resp
 
 
-async def _follow(resp, domain, bus, since: int, heartbeat: float) -> None:
+async def _follow(resp, domain, bus, caller, since: int, heartbeat: float) -> None:
     svc = domain.service
     while not bus.closed:
         wake = bus.waiter()  # before reading, so a commit in between still wakes us
-        events = await domain.run(svc.events_after, since, BATCH)
+        events = await domain.run(svc.events_after, caller, since, BATCH)
         for e in events:
             since = e.seq
             await resp.write(f"id: {e.seq}\nevent: {e.type}\ndata: "

@@ -38,10 +38,15 @@ class ServiceCore:
         if pending:
             self.notify(pending[-1].seq)
 
-    def _event(self, type_: str, vault: str, key=None, version=None, object_id=None) -> Event:
+    def _event(self, type_: str, vault: str, key=None, version=None, object_id=None,
+               tenant: str | None = None) -> Event:
+        """`tenant`: the vault's, looked up unless given (a purged vault's row is gone).
+        The change stream delivers an event only to subscribers of that tenant."""
         kid = self.kid(vault, key, version) if key else None
+        if tenant is None:
+            tenant = self.store.vault(vault).tenant_id
         return Event(type=type_, vault=vault, key=key, version=version, kid=kid,
-                     objectId=object_id, time=self.clock())
+                     objectId=object_id, time=self.clock(), tenantId=tenant)
 
     def _vault(self, caller: Caller, name: str, *, deleted: bool = False) -> Vault:
         """The vault in the expected state, visible to the caller's tenant."""

@@ -21,6 +21,7 @@ class Event:
     kid: str | None = None
     objectId: str | None = None
     seq: int | None = None
+    tenantId: str | None = None  # the vault's tenant: whose subscribers see the event
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -81,8 +81,9 @@ class KeyService(DirectoryOperations, VaultOperations, KeyOperations):
             raise Forbidden(f"The identity '{caller.object_id}' may not follow the change "
                             "stream: the admin or platform role is required", permission="events")
 
-    def events_after(self, seq: int, limit: int = 500):
-        return self.store.events_after(seq, limit)
+    def events_after(self, caller: Caller, seq: int, limit: int = 500):
+        """Only events of vaults of the caller's tenant (the stream crossed tenants)."""
+        return self.store.events_after(seq, limit, caller.tenant_id)
 
     def last_event_seq(self) -> int:
         return self.store.last_event_seq()
@@ -109,7 +110,8 @@ class KeyService(DirectoryOperations, VaultOperations, KeyOperations):
                 if vault not in vaults:
                     self.store.purge_key(vault, name)
                     events.append(self._event("key.purged", vault, name))
-            for vault in vaults:
-                self._purge(self.store.vault(vault))
-                events.append(self._event("vault.purged", vault))
+            for name in vaults:
+                vault = self.store.vault(name)
+                self._purge(vault)
+                events.append(self._event("vault.purged", name, tenant=vault.tenant_id))
         return len(vaults) + len(keys)

@@ -104,7 +104,7 @@ class VaultOperations(ServiceCore):
             self._manage(caller, vault, "purge")
             vault.check_purge(self.clock())
             self._purge(vault)
-            events.append(self._event("vault.purged", name))
+            events.append(self._event("vault.purged", name, tenant=vault.tenant_id))
         return vault
 
     # -- access policies --

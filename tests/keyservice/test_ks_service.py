@@ -101,7 +101,7 @@ def test_vault_purge_protection_and_sweep(svc, admin, clock):
     assert svc.sweep() == 0
     clock.advance(10 * DAY)
     assert svc.sweep() == 1
-    assert [e.type for e in svc.events_after(0)][-1] == "vault.purged"
+    assert [e.type for e in svc.events_after(admin, 0)][-1] == "vault.purged"
     svc.create_vault(admin, "vault-c", "l", "s")  # the name is free again
     with pytest.raises(NotFound):
         svc.get_key(admin, "vault-c", "k")
@@ -158,13 +158,13 @@ def test_events_written_with_the_change(svc, admin):
     _, key, v1 = svc.create_key(admin, "vault-g", "k", 2048)
     svc.update_key(admin, "vault-g", "k", None, parse_attributes({"enabled": False, "exp": 2**35}, None))
     svc.set_policy(admin, "vault-g", "oid-1", ["get"])
-    types = [(e.type, e.version, e.objectId) for e in svc.events_after(0)]
+    types = [(e.type, e.version, e.objectId) for e in svc.events_after(admin, 0)]
     assert types == [("key.created", v1.version, None), ("key.disabled", v1.version, None),
                      ("key.updated", v1.version, None), ("policy.changed", None, "oid-1")]
     # a refused change writes no event
     with pytest.raises(BadRequest):
         svc.set_policy(admin, "vault-g", "oid-1", ["nope"])
-    assert len(svc.events_after(0)) == 4
+    assert len(svc.events_after(admin, 0)) == 4
 
 
 def test_expiry_is_announced_once_per_exp(svc, admin, clock):
@@ -174,7 +174,7 @@ def test_expiry_is_announced_once_per_exp(svc, admin, clock):
     clock.advance(5)
     assert svc.announce_expiries() == 1
     assert svc.announce_expiries() == 0
-    last = svc.events_after(0)[-1]
+    last = svc.events_after(admin, 0)[-1]
     assert (last.type, last.key, last.version) == ("key.expired", "k", v.version)
     svc.update_key(admin, "vault-h", "k", None, parse_attributes({"exp": clock.now + 5}, None))
     clock.advance(5)
