@@ -124,6 +124,8 @@ class Connection(asyncio.Protocol):
         self.export: Export | None = None
         self.structured = False
         self.meta_id: int | None = None
+        # The alignment this client agreed to (handshake.Negotiated.min_block); 1 = any.
+        self.min_block = 1
         self.inflight = 0
         self.disconnecting = False
         self.shutting_down = False
@@ -342,6 +344,7 @@ class Connection(asyncio.Protocol):
         self.export = export
         export.clients += 1
         self.structured = negotiated.structured_replies
+        self.min_block = negotiated.min_block
         self.meta_id = next((i for i, n in negotiated.meta_contexts.items() if n == BASE_ALLOCATION), None)
         leftover = self.handshake.leftover
         self.handshake = None
@@ -434,7 +437,8 @@ class Connection(asyncio.Protocol):
             self.inflight += 1
             export.park(lambda: self._resume(req))
             return
-        err, msg = check(req, export.backend.size, export.flags, has_meta=self.meta_id is not None)
+        err, msg = check(req, export.backend.size, export.flags, has_meta=self.meta_id is not None,
+                         min_block=self.min_block)
         if err:
             return self._fail(req, err, msg)
         backend = export.backend

@@ -8,6 +8,10 @@ every byte it receives to `receive(data)`, which returns a list of actions:
   transport to TLS after sending it and then calls `tls_established()`.
 - `Ready(negotiated)`: the handshake is over; the connection is in transmission.
   Bytes after the final option are kept in `leftover` for the transmission parser.
+  `negotiated.min_block` is the alignment the client agreed to keep: the export's
+  minimum block size only after an NBD_OPT_GO that asked for NBD_INFO_BLOCK_SIZE, else 1
+  (doc/proto.md, "Size constraints": only such a GO commits a client to the constraints,
+  and a server SHOULD then support the default minimum block size of 1).
 - `Close(reason)`: a hard or soft disconnect (abort, violation, unknown export after
   NBD_OPT_EXPORT_NAME). The driver closes after sending what came before.
 
@@ -101,6 +105,8 @@ class Negotiated:
     structured_replies: bool
     meta_contexts: dict[int, str]
     tls: bool
+    # Requests must be multiples of this (offset and length): see the module docstring.
+    min_block: int = 1
 
 
 @dataclass(frozen=True)
@@ -302,12 +308,13 @@ class Handshake:
         if not self._no_zeroes:
             reply += bytes(124)
         out.append(Send(reply))
-        self._ready(info, out)
+        self._ready(info, out, min_block=1)  # no way to learn block sizes: byte-granular
 
-    def _ready(self, info: ExportInfo, out: list) -> None:
+    def _ready(self, info: ExportInfo, out: list, *, min_block: int) -> None:
         contexts = self._sel.meta_contexts if self._sel.meta_export == info.name else {}
         self.state = State.DONE
-        out.append(Ready(Negotiated(info, self._sel.structured, dict(contexts), self._tls)))
+        out.append(Ready(Negotiated(info, self._sel.structured, dict(contexts), self._tls,
+                                    min_block)))
 
     def _list(self, data: bytes, out: list) -> None:
         if data:
@@ -347,7 +354,10 @@ class Handshake:
             out.append(Send(option_reply(option, NBD_REP_INFO, r)))
         out.append(Send(option_reply(option, NBD_REP_ACK)))
         if option == NBD_OPT_GO:
-            self._ready(info, out)
+            # The constraints bind only a client that asked for them in this GO (an
+            # earlier INFO does not count: doc/proto.md, NBD_INFO_BLOCK_SIZE).
+            self._ready(info, out,
+                        min_block=info.min_block if NBD_INFO_BLOCK_SIZE in wanted else 1)
 
     def _meta_context(self, option: int, data: bytes, out: list) -> None:
         name, pos = _read_string(data, 0)

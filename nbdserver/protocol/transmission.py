@@ -11,6 +11,11 @@ Limits, and why:
   server answers EINVAL. The client stays in sync and the connection goes on.
 - A request with the wrong magic means we no longer know where messages start:
   `BadMagic`, and the server disconnects (the only safe answer).
+- Alignment is checked against `min_block`, the minimum block size the client agreed to
+  (`handshake.Negotiated.min_block`): a client that never asked for block sizes (e.g.
+  NBD_OPT_EXPORT_NAME) may send byte-granular requests, which the spec says a server
+  SHOULD accept ("Size constraints"); the backends serve them (XtsLayer by
+  read-modify-write). One that agreed gets EINVAL for a misaligned request.
 """
 
 from __future__ import annotations
@@ -253,7 +258,7 @@ def check(req, size: int, tflags: int, *, has_meta: bool, min_block: int = MIN_B
         off, length = req.offset, req.length
         if (cmd in (NBD_CMD_READ, NBD_CMD_WRITE)) and length > max_payload:
             return NBD_EINVAL, f"request over {max_payload} bytes"
-        if off % min_block or length % min_block:
+        if min_block > 1 and (off % min_block or length % min_block):
             return NBD_EINVAL, f"request not aligned to {min_block} bytes"
         if cmd == NBD_CMD_BLOCK_STATUS and length == 0:
             return NBD_EINVAL, "zero-length block status"

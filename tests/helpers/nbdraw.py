@@ -12,7 +12,8 @@ import socket
 import struct
 
 from nbdserver.protocol.constants import (
-    IHAVEOPT, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_OPT_GO,
+    IHAVEOPT, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_INFO_BLOCK_SIZE,
+    NBD_OPT_EXPORT_NAME, NBD_OPT_GO,
     NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_INFO, NBD_REQUEST_MAGIC,
     NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC, NBDMAGIC, OPTION_REPLY_MAGIC,
 )
@@ -29,6 +30,7 @@ class RawClient:
         self.sock = socket.create_connection(address, timeout=timeout)
         self.size = None
         self.tflags = None
+        self.no_zeroes = False
 
     def close(self) -> None:
         self.sock.close()
@@ -72,6 +74,7 @@ class RawClient:
     def start(self, client_flags: int = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES) -> None:
         self.greeting()
         self.send(struct.pack(">I", client_flags))
+        self.no_zeroes = bool(client_flags & NBD_FLAG_C_NO_ZEROES)
 
     def send_option(self, option: int, data: bytes = b"") -> None:
         self.send(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
@@ -91,24 +94,36 @@ class RawClient:
             if r[1] == NBD_REP_ACK or r[1] & (1 << 31):
                 return out
 
-    def go(self, name: str = "", *, structured: bool = False) -> None:
-        """Negotiate to transmission with NBD_OPT_GO; records size and flags."""
+    def go(self, name: str = "", *, structured: bool = False, block_size: bool = False) -> None:
+        """Negotiate to transmission with NBD_OPT_GO; records size and flags. With
+        `block_size`, the GO asks for NBD_INFO_BLOCK_SIZE, which commits this client to
+        the server's size constraints (doc/proto.md, "Size constraints")."""
         if structured:
             self.send_option(NBD_OPT_STRUCTURED_REPLY)
             assert self.option_reply()[1] == NBD_REP_ACK
         n = name.encode()
-        self.send_option(NBD_OPT_GO, struct.pack(">I", len(n)) + n + struct.pack(">H", 0))
+        infos = struct.pack(">HH", 1, NBD_INFO_BLOCK_SIZE) if block_size else struct.pack(">H", 0)
+        self.send_option(NBD_OPT_GO, struct.pack(">I", len(n)) + n + infos)
         for _, rtype, data in self.replies_until_final():
             if rtype == NBD_REP_INFO and struct.unpack_from(">H", data)[0] == 0:
                 _, self.size, self.tflags = struct.unpack(">HQH", data)
             elif rtype != NBD_REP_INFO and rtype != NBD_REP_ACK:
                 raise AssertionError(f"GO refused: {rtype:#x} {data!r}")
 
+    def export_name(self, name: str = "") -> None:
+        """Negotiate to transmission with NBD_OPT_EXPORT_NAME (the oldest way, which
+        learns no block sizes); records size and flags."""
+        self.send_option(NBD_OPT_EXPORT_NAME, name.encode())
+        self.size, self.tflags = struct.unpack(">QH", self.recv_exact(10))
+        if not self.no_zeroes:
+            self.recv_exact(124)
+
     @classmethod
-    def connected(cls, address, name: str = "", *, structured: bool = False) -> "RawClient":
+    def connected(cls, address, name: str = "", *, structured: bool = False,
+                  block_size: bool = False) -> "RawClient":
         c = cls(address)
         c.start()
-        c.go(name, structured=structured)
+        c.go(name, structured=structured, block_size=block_size)
         return c
 
     # -- transmission

@@ -135,6 +135,25 @@ def test_info_then_go_with_information_requests():
     assert not ready.negotiated.structured_replies and ready.negotiated.meta_contexts == {}
 
 
+@pytest.mark.parametrize("options,min_block", [
+    ([opt(NBD_OPT_EXPORT_NAME, b"disk")], 1),                       # cannot learn block sizes
+    ([opt(NBD_OPT_GO, go_data("disk"))], 1),                        # did not ask for them
+    ([opt(NBD_OPT_GO, go_data("disk", NBD_INFO_NAME))], 1),
+    ([opt(NBD_OPT_INFO, go_data("disk", NBD_INFO_BLOCK_SIZE)),      # INFO does not commit
+      opt(NBD_OPT_GO, go_data("disk"))], 1),
+    ([opt(NBD_OPT_GO, go_data("disk", NBD_INFO_BLOCK_SIZE))], 512),  # agreed to the minimum
+])
+def test_only_a_go_asking_for_block_sizes_binds_the_client_to_them(options, min_block):
+    """doc/proto.md, "Size constraints": the server may assume the client keeps the
+    constraints only after a GO with an NBD_INFO_BLOCK_SIZE request; otherwise it SHOULD
+    serve the default minimum block size of 1."""
+    h = started()
+    actions = h.receive(b"".join(options))
+    ready = actions[-1]
+    assert isinstance(ready, Ready)
+    assert ready.negotiated.min_block == min_block
+
+
 @pytest.mark.parametrize("data,err", [
     (go_data("nope"), NBD_REP_ERR_UNKNOWN),
     (go_data("locked"), NBD_REP_ERR_POLICY),

@@ -191,6 +191,20 @@ def test_invalid_requests_get_the_spec_error(request_, tflags, err):
     assert got == err and message
 
 
+@pytest.mark.parametrize("request_", [
+    req(NBD_CMD_READ, 4095, 1), req(NBD_CMD_WRITE, 7, 513), req(NBD_CMD_TRIM, 1, 3),
+    req(NBD_CMD_WRITE_ZEROES, SIZE - 1, 1), req(NBD_CMD_CACHE, 3, 5),
+])
+def test_a_client_that_agreed_to_no_block_size_may_use_any_byte(request_):
+    assert check(request_, SIZE, RW, has_meta=True, min_block=1) == (0, "")
+    assert check(request_, SIZE, RW, has_meta=True, min_block=512)[0] == NBD_EINVAL
+
+
+def test_byte_granular_requests_still_end_at_the_export_end():
+    assert check(req(NBD_CMD_READ, SIZE - 1, 2), SIZE, RW, has_meta=True, min_block=1)[0] == NBD_EINVAL
+    assert check(req(NBD_CMD_WRITE, SIZE - 1, 2), SIZE, RW, has_meta=True, min_block=1)[0] == NBD_ENOSPC
+
+
 def test_block_status_needs_a_context():
     assert check(req(NBD_CMD_BLOCK_STATUS), SIZE, RW, has_meta=False)[0] == NBD_EINVAL
 
