@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ..domain import errors
 from .body import MAX_BODY
+from .refusals import RefusalTally, cap
 from .work import ExpensiveWork, WorkLimits
 
 log = logging.getLogger("keyservice")
@@ -118,19 +119,27 @@ async def edge(request: web.Request, handler):
     if not resp.prepared:
         resp.headers["x-ms-request-id"] = rid
     caller = request["caller"].object_id if request["caller"] else request.get("caller_hint")
-    if name not in UNAUDITED:
+    if name in UNAUDITED:
+        pass
+    elif caller is None and resp.status >= 400:
+        request.app["refusals"].count(name, resp.status, error_code)  # see refusals.py
+    else:
         entry = {"time": time.time(), "requestId": rid, "caller": caller, "operation": name,
                  "vault": request.match_info.get("vault") or request.get("vault"), "key": request.match_info.get("name"),
                  "kid": request.get("kid"), "objectId": request.match_info.get("object_id"),
                  "vaultId": request.get("vault_id"),
                  "status": resp.status, "error": error_code}
-        try:
-            await domain.run(domain.service.record, {k: v for k, v in entry.items() if v is not None})
-        except Exception as e:  # the call itself is done; say loudly that its record is missing
-            log.error("request %s: audit append failed: %r", rid, e)
+        await _record(domain, {k: cap(v) for k, v in entry.items() if v is not None})
     log.info("%s %s %s %s %d%s", rid, caller or "-", request.method, request.path, resp.status,
              f" {error_code}" if error_code else "")
     return resp
+
+
+async def _record(domain: Domain, entry: dict) -> None:
+    try:
+        await domain.run(domain.service.record, entry)
+    except Exception as e:  # the call itself is done; say loudly that its record is missing
+        log.error("request %s: audit append failed: %r", entry.get("requestId", "-"), e)
 
 
 def _bearer(request: web.Request) -> str:
@@ -147,6 +156,7 @@ def make_app(service, *, heartbeat: float = 5.0, limits: WorkLimits = WorkLimits
     app["domain"] = Domain(service, limits)
     app["bus"] = EventBus()
     app["heartbeat"] = heartbeat
+    app["refusals"] = RefusalTally(lambda entry: _record(app["domain"], entry))
     for module in (directory, vaults, keys, audit, events):
         module.add_routes(app.router)
 
@@ -158,6 +168,7 @@ def make_app(service, *, heartbeat: float = 5.0, limits: WorkLimits = WorkLimits
         app["bus"].close()  # ends open change streams so shutdown does not wait on them
 
     async def on_cleanup(app):
+        await app["refusals"].close()
         app["domain"].shutdown()
 
     app.on_startup.append(on_startup)
