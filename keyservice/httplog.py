@@ -5,6 +5,22 @@ from __future__ import annotations
 
 import logging
 
+FIELD_LIMIT = 256  # characters of one logged value
+
+
+def escape(value, limit: int = FIELD_LIMIT) -> str:
+    """A client-supplied value made safe for a one-line log record: control and other
+    unprintable characters backslash-escaped as repr() does (a %0A in a URL path is a
+    real newline once decoded, and would forge a log line), and capped with a marker."""
+    text = str(value)
+    if text.isprintable() and "\\" not in text:
+        out = text
+    else:
+        out = "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in text)
+    if len(out) > limit:
+        out = f"{out[:limit]}...[{len(out) - limit} more]"
+    return out
+
 
 class MalformedRequestLog(logging.Filter):
     """aiohttp answers an HTTP request it cannot parse (a NUL in a header, a bad request

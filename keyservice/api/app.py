@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from ..domain import errors
+from ..httplog import escape
 from .body import MAX_BODY
 from .refusals import RefusalTally, cap
 from .work import ExpensiveWork, WorkLimits
@@ -130,8 +131,8 @@ async def edge(request: web.Request, handler):
                  "vaultId": request.get("vault_id"),
                  "status": resp.status, "error": error_code}
         await _record(domain, {k: cap(v) for k, v in entry.items() if v is not None})
-    log.info("%s %s %s %s %d%s", rid, caller or "-", request.method, request.path, resp.status,
-             f" {error_code}" if error_code else "")
+    log.info("%s %s %s %s %d%s", rid, escape(caller or "-"), escape(request.method),
+             escape(request.path), resp.status, f" {error_code}" if error_code else "")
     return resp
 
 
