@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--workloads", default="all",
                     help=f"comma-separated (default all: {','.join(workloads.SUITE)})")
     ap.add_argument("--runs", type=positive(int), help="repetitions of each workload (default 3)")
-    ap.add_argument("--runtime", type=positive(float), help="seconds per fio run, after the ramp (default 5)")
+    ap.add_argument("--runtime", "--seconds", type=positive(float),
+                    help="seconds per fio run, after the ramp (default 5)")
     ap.add_argument("--ramp", type=float, default=1.0, help="seconds of warm-up left out of each run (default 1)")
     ap.add_argument("--size", type=parse_size, help="image size (default 1G; 256M with --quick)")
     ap.add_argument("--reference", default="plain", help="target the ratios compare to (default plain)")
@@ -63,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.list:
         for name, cls in targets.REGISTRY.items():
-            print(f"target   {name:14} {cls.description}")
+            print(f"target   {name:18} {cls.description}")
         for w in workloads.SUITE.values():
-            print(f"workload {w.name:14} {w.description}")
+            print(f"workload {w.name:18} {w.description}")
         return 0
     try:
         chosen_targets = targets.select(args.targets)

@@ -9,8 +9,19 @@ Theory of operation:
    targets alike instead of charging them to whichever target ran last.
 3. Each figure is the median over the runs that succeeded; ratios compare the median IOPS
    with the reference target's (higher is better; for a fixed block size IOPS and
-   bandwidth give the same ratio).
+   bandwidth give the same ratio), and for cold workloads also with the `device` target's.
 All servers are stopped and their work directories removed on every exit path.
+
+Before each run the image is put in the workload's state (`workloads.STATES`): warm (read
+back whole), cold (server restarted, page cache dropped: needs root), or seqfill (written
+once through the server with 1 MiB sequential writes, not read back).
+
+Server CPU per I/O: the server's process tree's CPU time (/proc/PID/stat: utime + stime of
+all its threads, exited ones included, plus its waited-for children, plus any live child
+process) is read right before fio starts and right after it ends. fio counts I/Os after
+its ramp only, while the server worked through the ramp too, so the I/Os of the whole
+sampled span are taken as the measured IOPS x (ramp + runtime). A server is idle outside
+fio's run, so the seconds fio spends starting and connecting add nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,12 +40,14 @@ from pathlib import Path
 from typing import Callable
 
 from . import fio
-from .process import ServerStartError
+from .process import ServerStartError, process_tree_cpu
 from .targets import REGISTRY, Target
 from .workloads import Workload
 
-METRICS = ("iops", "bw_bytes", "clat_p50_us", "clat_p99_us")
+METRICS = ("iops", "bw_bytes", "clat_p50_us", "clat_p99_us", "clat_p999_us", "cpu_us_per_io")
 CHUNK = 8 << 20
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+DEVICE = "device"
 
 
 @dataclass
@@ -103,13 +115,6 @@ def write_random_file(path: Path, size: int) -> None:
             left -= n
 
 
-def export_size(uri: str) -> int:
-    out = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=60)
-    if out.returncode:
-        raise ServerStartError(f"nbdinfo --size failed: {out.stderr.strip()}")
-    return int(out.stdout.strip())
-
-
 def warm(path: Path, chunk: int = 8 << 20) -> None:
     """Read the whole file, so that all of it is in the page cache."""
     buf = bytearray(chunk)
@@ -118,20 +123,30 @@ def warm(path: Path, chunk: int = 8 << 20) -> None:
             pass
 
 
-def prefill(source: Path, uri: str) -> float:
-    """Copy `source` onto the export; returns the seconds it took (for the record only)."""
-    started = time.monotonic()
-    done = subprocess.run(["nbdcopy", str(source), uri], capture_output=True, text=True, timeout=1800)
-    if done.returncode:
-        raise ServerStartError(f"prefill with nbdcopy failed: {done.stderr.strip()}")
-    return time.monotonic() - started
+def drop_caches() -> None:
+    """Write back, then drop the clean page cache, dentries and inodes (proc(5)): the
+    next read of any image comes from the device."""
+    os.sync()
+    DROP_CACHES.write_text("3\n")
+
+
+def cold_unavailable() -> str | None:
+    return None if os.access(DROP_CACHES, os.W_OK) else f"cannot write {DROP_CACHES} (needs root)"
+
+
+def cpu_us_per_io(cpu_seconds: float, iops: float, seconds: float) -> float | None:
+    """Server CPU microseconds per I/O over a span of `seconds` at `iops` (see the module
+    docstring); None when nothing was done."""
+    ios = iops * seconds
+    return cpu_seconds * 1e6 / ios if ios > 0 else None
 
 
 def median_of(samples: list[dict]) -> dict:
     ok = [s for s in samples if "error" not in s]
     out = {"runs_ok": len(ok), "runs": len(samples)}
     for m in METRICS:
-        out[m] = statistics.median(s[m] for s in ok) if ok else None
+        values = [s[m] for s in ok if s.get(m) is not None]
+        out[m] = statistics.median(values) if values else None
     # How far apart the runs were, as a fraction of the median: the noise a ratio must beat.
     out["iops_spread"] = ((max(s["iops"] for s in ok) - min(s["iops"] for s in ok)) / out["iops"]
                           if ok and out["iops"] else None)
@@ -147,9 +162,10 @@ def reduce(runs: list[dict], targets: list[str], workloads: list[str], reference
             medians[t][w] = median_of([r for r in runs if r["target"] == t and r["workload"] == w])
     for t in targets:
         for w in workloads:
-            ref = medians.get(reference, {}).get(w, {}).get("iops")
             mine = medians[t][w]["iops"]
-            medians[t][w]["ratio"] = (mine / ref) if (ref and mine is not None) else None
+            for key, other in (("ratio", reference), ("device_ratio", DEVICE)):
+                ref = medians.get(other, {}).get(w, {}).get("iops")
+                medians[t][w][key] = (mine / ref) if (ref and mine is not None) else None
     return medians
 
 
@@ -194,14 +210,14 @@ class Bench:
             try:
                 state.uri = target.start()
                 state.command = target.command
-                state.export_size = export_size(state.uri)
+                state.export_size = target.export_size()
                 # One source per export size (a LUKS export could be smaller than its file),
                 # so every target of that size holds the very same data.
                 source = work / f"random-{state.export_size}.bin"
                 if not source.exists():
                     self.log(f"writing {state.export_size >> 20} MiB of random data for the pre-fill")
                     write_random_file(source, state.export_size)
-                state.prefill_seconds = prefill(source, state.uri)
+                state.prefill_seconds = target.fill(source)
                 # Written back before the next target starts, so that no image is
                 # allocated and laid out while another's writeback is under way. Without
                 # it the second of two identical servers was the slower one, run after run
@@ -222,31 +238,72 @@ class Bench:
 
     def _one(self, target: Target, w: Workload, run: int, work: Path) -> None:
         s = self.settings
+        if target.supports(w):
+            return  # not a run: the medians show the pair as not applicable
+        record = {"target": target.name, "workload": w.name, "run": run}
         out = work / f"fio-{target.name}-{w.name}-{run}.json"
         size = self.states[target.name].export_size
-        argv = fio.command(w, target.uri, size=size, runtime=s.runtime, ramp=s.ramp, output=str(out))
+        try:
+            self._prepare_state(target, w, work, size)
+            if target.uri:
+                argv = fio.command(w, target.uri, size=size, runtime=s.runtime, ramp=s.ramp,
+                                   output=str(out))
+            else:
+                argv = fio.device_command(w, str(target.image), size=size, runtime=s.runtime,
+                                          ramp=s.ramp, output=str(out))
+            pid = target.pid
+            cpu_before = process_tree_cpu(pid) if pid else None
+            done = subprocess.run(argv, capture_output=True, text=True,
+                                  timeout=s.runtime + s.ramp + 120)
+            cpu_after = process_tree_cpu(pid) if pid else None
+            if done.returncode:
+                raise fio.FioOutputError(f"fio exit {done.returncode}: {done.stderr.strip()[-300:]}")
+            record.update(fio.sample(fio.parse_report(out.read_text()), w).as_dict())
+            if pid:
+                record["server_cpu_s"] = round(cpu_after - cpu_before, 3)
+                record["cpu_us_per_io"] = cpu_us_per_io(cpu_after - cpu_before, record["iops"],
+                                                        s.runtime + s.ramp)
+            cpu = record.get("cpu_us_per_io")
+            self.log(f"run {run}/{s.runs} {w.name:17} {target.name:14} "
+                     f"{record['bw_bytes'] / (1 << 20):9.1f} MiB/s {record['iops']:10.0f} IOPS "
+                     f"p50 {record['clat_p50_us']:8.1f} p99 {record['clat_p99_us']:8.1f} "
+                     f"p99.9 {record['clat_p999_us'] or 0:8.1f} us"
+                     + (f" cpu {cpu:6.1f} us/io" if cpu is not None else ""))
+        except (fio.FioOutputError, ServerStartError, subprocess.SubprocessError, OSError) as e:
+            record["error"] = _one_line(e)
+            self.log(f"run {run}/{s.runs} {w.name:17} {target.name:14} ERROR {record['error']}")
+        self.runs.append(record)
+
+    def _prepare_state(self, target: Target, w: Workload, work: Path, size: int) -> None:
+        """Put the image in the workload's state (module docstring)."""
+        if w.state == "cold":
+            reason = cold_unavailable()
+            if reason:
+                raise OSError(reason)
+            # A server that mapped its image keeps those pages through drop_caches.
+            if target.pid:
+                target.restart()
+            drop_caches()
+            return
         # Write back what the previous run left dirty, so the kernel's flusher does not
         # spend this run's CPU on another target's data (2 cores: it shows).
         os.sync()
+        if w.state == "seqfill":
+            out = work / f"fill-{target.name}-{w.name}.json"
+            done = subprocess.run(fio.sequential_fill(target.uri, size=size, output=str(out)),
+                                  capture_output=True, text=True, timeout=1800)
+            if done.returncode:
+                raise fio.FioOutputError(f"sequential fill: fio exit {done.returncode}: "
+                                         f"{done.stderr.strip()[-300:]}")
+            # On disk before the run, and deliberately not read back: the page cache keeps
+            # what the sequential writes left, which is the state measured.
+            os.sync()
+            return
         # Every run starts with its image wholly in the page cache: while a target waits
         # its turn the host may evict its pages (this machine runs DAMON with a `pageout`
         # scheme for cold memory, up to 128 MiB/s), and a run that first had to read them
         # back would measure that, not the server.
         warm(target.image)
-        record = {"target": target.name, "workload": w.name, "run": run}
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True,
-                                  timeout=s.runtime + s.ramp + 120)
-            if done.returncode:
-                raise fio.FioOutputError(f"fio exit {done.returncode}: {done.stderr.strip()[-300:]}")
-            record.update(fio.sample(fio.parse_report(out.read_text()), w).as_dict())
-            self.log(f"run {run}/{s.runs} {w.name:13} {target.name:14} "
-                     f"{record['bw_bytes'] / (1 << 20):9.1f} MiB/s {record['iops']:10.0f} IOPS "
-                     f"p50 {record['clat_p50_us']:8.1f} us p99 {record['clat_p99_us']:8.1f} us")
-        except (fio.FioOutputError, subprocess.TimeoutExpired, OSError) as e:
-            record["error"] = _one_line(e)
-            self.log(f"run {run}/{s.runs} {w.name:13} {target.name:14} ERROR {record['error']}")
-        self.runs.append(record)
 
     def _results(self, started: datetime) -> dict:
         s = self.settings
@@ -261,9 +318,10 @@ class Bench:
                       "qemu-nbd": tool_version(["qemu-nbd", "--version"]),
                       "nbdcopy": tool_version(["nbdcopy", "--version"])},
             "settings": {"runs": s.runs, "runtime_s": s.runtime, "ramp_s": s.ramp,
-                         "size_bytes": s.size, "reference": s.reference, "numjobs": 1,
-                         "ioengine": "nbd", "direct": 0},
+                         "size_bytes": s.size, "reference": s.reference,
+                         "ioengine": "nbd", "direct": 0, "device_jobs": fio.DEVICE_JOBS},
             "workloads": [{"name": w.name, "rw": w.rw, "bs": w.block_size, "iodepth": w.iodepth,
+                           "numjobs": w.numjobs, "state": w.state,
                            "description": w.description, "headline": w.headline} for w in self.workloads],
             "targets": {n: vars(st) for n, st in self.states.items()},
             "runs": self.runs,

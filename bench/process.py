@@ -46,6 +46,10 @@ class ServerProcess:
         self._log = None
         self._drain: threading.Thread | None = None
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
     def start(self, *, capture_stdout: bool = False) -> None:
         # stderr goes straight to a file so a chatty server can never block on a full pipe.
         self._log = open(self.log_path, "ab")
@@ -133,3 +137,45 @@ class ServerProcess:
         except OSError:
             return ""
         return (": " + " | ".join(text)) if text else ""
+
+
+# -- CPU time of a server, from /proc (proc(5))
+
+def stat_cpu_ticks(stat: str) -> tuple[int, int]:
+    """(ppid, utime + stime + cutime + cstime in clock ticks) from a /proc/PID/stat line.
+
+    A process's utime/stime are those of all its threads, exited ones included; cutime/
+    cstime add its children that exited and were waited for. The command name (field 2)
+    may hold spaces and parentheses, so the fields are counted from the last ')'."""
+    rest = stat[stat.rindex(")") + 2:].split()
+    # rest[0] is field 3 (state): field N is rest[N - 3].
+    ppid = int(rest[4 - 3])
+    return ppid, sum(int(rest[n - 3]) for n in (14, 15, 16, 17))
+
+
+def process_tree_cpu(pid: int, proc: Path = Path("/proc")) -> float:
+    """CPU seconds used so far by `pid` and by every live process below it (a server made
+    of several processes is measured whole). None of its time is lost when a thread or
+    a waited-for child exits; a child still running is counted through the walk."""
+    ticks: dict[int, int] = {}
+    parent: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid, t = stat_cpu_ticks((entry / "stat").read_text())
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not a process
+            continue
+        ticks[int(entry.name)] = t
+        parent[int(entry.name)] = ppid
+    if pid not in ticks:
+        raise ProcessLookupError(pid)
+    children: dict[int, list[int]] = {}
+    for p, pp in parent.items():
+        children.setdefault(pp, []).append(p)
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += ticks[p]
+        todo.extend(children.get(p, ()))
+    return total / os.sysconf("SC_CLK_TCK")

@@ -43,13 +43,16 @@ def ok_targets(results: dict) -> list[str]:
 
 def headline_cell(workload: dict, m: dict) -> str:
     """The summary table's cell: the workload's headline figure and the ratio to the reference."""
+    if not m.get("runs"):
+        return "n/a"
     if m.get("iops") is None:
         return "failed"
     kind = workload["headline"]
     if kind == "bandwidth":
         text = f"{_num(m['bw_bytes'] / MiB)} MiB/s"
     elif kind == "latency":
-        text = f"{_num(m['clat_p50_us'], 1)} / {_num(m['clat_p99_us'], 1)} µs"
+        text = (f"{_num(m['clat_p50_us'], 1)} / {_num(m['clat_p99_us'], 1)} / "
+                f"{_num(m.get('clat_p999_us'), 1)} µs")
     else:
         text = f"{_num(m['iops'])} IOPS"
     return f"{text} ({_ratio(m.get('ratio'))})"
@@ -65,7 +68,8 @@ def markdown(results: dict) -> str:
         "# Benchmark results",
         "",
         f"{results['date']} · {h['cpu_model'] or 'unknown CPU'} · {h['nproc']} CPUs · "
-        f"kernel {h['kernel']} · fio {results['fio_version']} (ioengine=nbd, numjobs=1) · "
+        f"kernel {h['kernel']} · fio {results['fio_version']} (ioengine=nbd, one connection "
+        "per fio job) · "
         f"{_size(s['size_bytes'])} pre-filled image · {s['runs']} run(s) × {s['runtime_s']:g} s "
         f"(+{s['ramp_s']:g} s ramp), targets interleaved · medians."
         + (f" XTS engine: {h['xts_engine']}." if h.get("xts_engine") else "")
@@ -73,8 +77,15 @@ def markdown(results: dict) -> str:
            f"{h['loadavg_at_end'][0]:g} at end." if "loadavg_at_end" in h else ""),
         "",
         f"Ratios are median IOPS relative to `{ref}` (higher is better). "
-        "At qd1 the cell shows median / p99 completion latency. "
-        "IOPS spread is (max − min) / median over the runs: differences smaller than it are noise.",
+        "At qd1 the cell shows median / p99 / p99.9 completion latency. "
+        "IOPS spread is (max − min) / median over the runs: differences smaller than it are noise. "
+        "CPU µs/IO is the server's CPU time (all its threads and processes) per I/O, which does "
+        "not depend on how fast the host is. "
+        "Workload states: warm (image wholly in the page cache), cold (server restarted and "
+        "page cache dropped before each run), seqfill (image written once with 1 MiB "
+        "sequential writes through the server, not read back); `vs device` compares cold "
+        "reads with fio's own O_DIRECT reads on the same file system "
+        f"({results['settings'].get('device_jobs', 16)} threads). n/a: not run for that target.",
         "",
         "## Summary",
         "",
@@ -88,18 +99,22 @@ def markdown(results: dict) -> str:
         "",
         "## Detail",
         "",
-        f"| workload | target | MiB/s | IOPS | p50 µs | p99 µs | vs `{ref}` | IOPS spread | runs ok |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| workload | target | MiB/s | IOPS | p50 µs | p99 µs | p99.9 µs | CPU µs/IO | "
+        f"vs `{ref}` | vs device | IOPS spread | runs ok |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in results["workloads"]:
         for n in names:
             m = med[n][w["name"]]
+            if not m["runs"]:
+                continue  # not applicable to this target
             bw = None if m["bw_bytes"] is None else m["bw_bytes"] / MiB
             lines.append(
                 f"| {w['name']} | {n} | {_num(bw, 1)} | {_num(m['iops'])} | "
                 f"{_num(m['clat_p50_us'], 1)} | {_num(m['clat_p99_us'], 1)} | "
-                f"{_ratio(m.get('ratio'))} | {_percent(m.get('iops_spread'))} | "
-                f"{m['runs_ok']}/{m['runs']} |")
+                f"{_num(m.get('clat_p999_us'), 1)} | {_num(m.get('cpu_us_per_io'), 1)} | "
+                f"{_ratio(m.get('ratio'))} | {_ratio(m.get('device_ratio'))} | "
+                f"{_percent(m.get('iops_spread'))} | {m['runs_ok']}/{m['runs']} |")
     lines += ["", "## Targets", "", "| target | status | what | command |", "|---|---|---|---|"]
     for n, t in results["targets"].items():
         status = t["status"] if t["status"] == "ok" else f"{t['status']}: {t['reason']}"
@@ -159,7 +174,7 @@ def chart(results: dict, path: Path) -> None:
         ax.axis("off")
     if spare:
         spare[0].text(0, 0.5, f"{h['cpu_model']}, {h['nproc']} CPUs, kernel {h['kernel']}\n"
-                      f"fio {results['fio_version']}, ioengine=nbd, numjobs=1\n"
+                      f"fio {results['fio_version']}, ioengine=nbd\n"
                       f"{_size(s['size_bytes'])} pre-filled image, {s['runs']} run(s) x "
                       f"{s['runtime_s']:g} s, interleaved", fontsize=9, va="center")
     fig.suptitle(f"fio over NBD, medians of {s['runs']} run(s); labels: IOPS ratio vs "

@@ -11,21 +11,27 @@ passed by file name, so they never show on a command line or in results.json.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import ClassVar
 
 from .process import ServerProcess, ServerStartError, free_port
+from .workloads import Workload
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0  # LUKS open runs PBKDF2 before the server listens
 
 
 class Target:
-    """A server to benchmark. Subclasses set `name`, `description`, and implement `_launch`."""
+    """A server to benchmark. Subclasses set `name`, `description`, and implement `_serve`
+    (and `_prepare` if the image needs making before the server starts)."""
     name: ClassVar[str]
     description: ClassVar[str]
 
@@ -40,19 +46,56 @@ class Target:
         """None if this target can run on this machine, else the reason it cannot."""
         return None
 
+    def supports(self, workload: Workload) -> str | None:
+        """None if this target runs `workload`, else why not (reported as not applicable)."""
+        return None
+
     def start(self) -> str:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.uri = self._launch()
+        self._prepare()
+        self.uri = self._serve()
+        return self.uri
+
+    def restart(self) -> str:
+        """The server process stopped and started again on the same image: what a cold
+        run needs, since pages a process has mapped survive `drop_caches`. The URI may
+        change (a new port)."""
+        self._stop_server()
+        self.uri = self._serve()
         return self.uri
 
     def stop(self) -> None:
+        self._stop_server()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process, whose CPU time is measured; None if there is none."""
+        return self._server.pid if self._server is not None else None
+
+    def export_size(self) -> int:
+        return export_size(self.uri)
+
+    def fill(self, source: Path) -> float:
+        """Copy `source` onto the export; returns the seconds it took (for the record only)."""
+        started = time.monotonic()
+        done = subprocess.run(["nbdcopy", str(source), self.uri], capture_output=True, text=True,
+                              timeout=1800)
+        if done.returncode:
+            raise ServerStartError(f"prefill with nbdcopy failed: {done.stderr.strip()}")
+        return time.monotonic() - started
+
+    def _prepare(self) -> None:
+        """Make the image and the secrets, once, before the first start."""
+
+    def _serve(self) -> str:
+        """Start the server on the prepared image; return its NBD URI once it is ready."""
+        raise NotImplementedError
+
+    def _stop_server(self) -> None:
         if self._server is not None:
             self._server.stop()
             self._server = None
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def _launch(self) -> str:
-        raise NotImplementedError
 
     def _spawn(self, argv: list[str], **kw) -> ServerProcess:
         self.command = argv
@@ -70,6 +113,13 @@ class Target:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return path
+
+
+def export_size(uri: str) -> int:
+    out = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=60)
+    if out.returncode:
+        raise ServerStartError(f"nbdinfo --size failed: {out.stderr.strip()}")
+    return int(out.stdout.strip())
 
 
 REGISTRY: dict[str, type[Target]] = {}
@@ -95,7 +145,7 @@ class PlainTarget(Target):
     def export_spec(self) -> str:
         return f"disk={self.image},size={self.size}"
 
-    def _launch(self) -> str:
+    def _serve(self) -> str:
         argv = [sys.executable, "-m", "nbdserver.baseline", "--listen", f"{HOST}:0",
                 "--log-level", "WARNING", self.export_spec()]
         server = self._spawn(argv, capture_stdout=True)
@@ -118,13 +168,16 @@ class XtsTarget(PlainTarget):
             return f"nbdserver.crypto does not import: {last}"
         return None
 
-    def export_spec(self) -> str:
+    def _prepare(self) -> None:
         # XTS takes two AES-256 keys; halves that are equal would be refused (IEEE 1619 / FIPS).
+        # Made once: a restarted server must read the same ciphertext with the same key.
         key = os.urandom(64)
         while key[:32] == key[32:]:
             key = os.urandom(64)
-        keyfile = self.secret_file("dek.key", key)
-        return f"{super().export_spec()},key={keyfile}"
+        self._keyfile = self.secret_file("dek.key", key)
+
+    def export_spec(self) -> str:
+        return f"{super().export_spec()},key={self._keyfile}"
 
 
 class _NbdOverTls:
@@ -134,10 +187,13 @@ class _NbdOverTls:
     programs that do not allow local files), and verification is a once-per-connection
     cost; what is measured, the encryption of every byte, is the same."""
 
-    def _launch(self) -> str:
+    def _prepare(self) -> None:
         from keyservice.tlsca import init_ca
+        super()._prepare()
+        init_ca(self.workdir / "tls")
+
+    def _serve(self) -> str:
         certs = self.workdir / "tls"
-        init_ca(certs)
         argv = [sys.executable, "-m", "nbdserver.baseline", "--listen", f"{HOST}:0",
                 "--log-level", "WARNING", "--tls-mode", "required", "--tls-dir", str(certs),
                 self.export_spec()]
@@ -158,6 +214,135 @@ class XtsTlsTarget(_NbdOverTls, XtsTarget):
     description = "nbdserver.baseline, AES-256-XTS layer, NBD over TLS (X.509)"
 
 
+# -- the product path: the platform's own daemons and a disk made through its CLI
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ProductTarget(Target):
+    """`nbdserver serve` with a platform disk: a key service, the NBD server and its API,
+    a disk created with `nbdserver disk create` (so a DEK wrapped by the key service,
+    unwrapped again on every server start). Restarts restart `nbdserver serve` only, on
+    the same ports, and wait until the disk serves again."""
+
+    DISK = "bench"
+    key_args: ClassVar[tuple[str, ...]] = ()
+
+    def start(self) -> str:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ks_port, self._nbd_port, self._api_port = free_port(), free_port(), free_port()
+        self._ks_url = f"http://{HOST}:{ks_port}"
+        self._credential = self.workdir / "ks" / "admin.credential"
+        self._ks = ServerProcess(
+            [sys.executable, "-m", "keyservice", "serve", "--data-dir", str(self.workdir / "ks"),
+             "--listen", f"{HOST}:{ks_port}"],
+            self.workdir / "keyservice.log", env=_child_env())
+        self._ks.start()
+        self._ks.wait_for_port(HOST, ks_port, START_TIMEOUT)
+        _wait(lambda: self._credential.exists() and self._credential.stat().st_size > 0,
+              START_TIMEOUT, "the key service's admin credential")
+        self.uri = self._serve()
+        self._make_disk()
+        found = sorted((self.workdir / "nb" / "disks").glob("*.img"))
+        if len(found) != 1:
+            raise ServerStartError(f"expected one disk file under nb/disks, found {len(found)}")
+        self._image = found[0]
+        return self.uri
+
+    def _make_disk(self) -> None:
+        self._cli("nbdserver.cli", "disk", "create", self.DISK, "--size", str(self.size), "--quiet")
+
+    def _serve(self) -> str:
+        argv = [sys.executable, "-m", "nbdserver.cli", "serve",
+                "--data-dir", str(self.workdir / "nb"),
+                "--nbd-listen", f"{HOST}:{self._nbd_port}", "--api-listen", f"{HOST}:{self._api_port}",
+                "--keyservice-url", self._ks_url, "--keyservice-credential", str(self._credential),
+                "--log-level", "WARNING"]
+        self.command = argv
+        self._server = ServerProcess(argv, self.workdir / "server.log", env=_child_env())
+        self._server.start(capture_stdout=True)
+        self._server.wait_for_line("READY ", START_TIMEOUT)
+        if getattr(self, "_image", None) is not None:  # a restart: the disk must serve again
+            _wait(self._disk_available, START_TIMEOUT, f"disk {self.DISK} to serve again")
+        return f"nbd://{HOST}:{self._nbd_port}/{self.DISK}"
+
+    def _disk_available(self) -> bool:
+        token = (self.workdir / "nb" / "api.token").read_text().strip()
+        req = urllib.request.Request(f"http://{HOST}:{self._api_port}/disks/{self.DISK}",
+                                     headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.load(resp).get("serving", {}).get("state") == "available"
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def _cli(self, module: str, *args: str) -> dict | None:
+        env = _child_env()
+        env.update(KEYSERVICE_URL=self._ks_url, KEYSERVICE_CREDENTIAL=str(self._credential),
+                   NBDSERVER_API=f"http://{HOST}:{self._api_port}",
+                   NBDSERVER_TOKEN_FILE=str(self.workdir / "nb" / "api.token"))
+        done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL)
+        if done.returncode:
+            raise ServerStartError(f"{module} {' '.join(args[:2])} failed: {done.stderr.strip()[-300:]}")
+        return json.loads(done.stdout) if done.stdout.strip() else None
+
+    @property
+    def image(self) -> Path:
+        return self._image
+
+    def stop(self) -> None:
+        self._stop_server()
+        ks, self._ks = getattr(self, "_ks", None), None
+        if ks is not None:
+            ks.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@register
+class ProductPlatformKeyTarget(ProductTarget):
+    name = "product"
+    description = "nbdserver serve, platform disk, platform-managed key (AES-256-XTS)"
+
+
+@register
+class ProductCustomerKeyTarget(ProductTarget):
+    name = "product-cmk"
+    description = "nbdserver serve, platform disk under a customer-managed key (vault, key, set)"
+
+    def _make_disk(self) -> None:
+        vault, key, des = "bench-vault", "bench-key", "bench-des"
+        self._cli("keyservice", "vault", "create", vault, "--location", "local",
+                  "--subscription", "bench", "--enable-purge-protection")
+        self._cli("keyservice", "key", "create", vault, key, "--size", "2048")
+        shown = self._cli("nbdserver.cli", "des", "create", des,
+                          "--key-url", f"{self._ks_url}/vaults/{vault}/keys/{key}")
+        self._cli("keyservice", "policy", "set", vault, "--object-id", shown["identity"]["objectId"],
+                  "--key-permissions", "get,wrapKey,unwrapKey")
+        self._cli("nbdserver.cli", "disk", "create", self.DISK, "--size", str(self.size),
+                  "--des", des, "--quiet")
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    # Readiness is watched here, not through systemd: a daemon must not notify the
+    # service manager that runs the bench.
+    env.pop("NOTIFY_SOCKET", None)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    """Poll a condition until it holds, or fail when the deadline passes."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise ServerStartError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
 # -- reference servers
 
 @register
@@ -171,9 +356,11 @@ class NbdkitTarget(Target):
     def _nbdkit(self, port: int, *extra: str) -> list[str]:
         return ["nbdkit", "--exit-with-parent", "-f", "-i", HOST, "-p", str(port), *extra]
 
-    def _launch(self) -> str:
+    def _prepare(self) -> None:
         with open(self.image, "wb") as f:
             f.truncate(self.size)
+
+    def _serve(self) -> str:
         port = free_port()
         self._spawn(self._nbdkit(port, "file", str(self.image))).wait_for_port(HOST, port, START_TIMEOUT)
         return f"nbd://{HOST}:{port}/"  # nbdkit's default export name is ""
@@ -217,8 +404,11 @@ class NbdkitLuksTarget(NbdkitTarget):
     def unavailable(self) -> str | None:
         return missing_tools("nbdkit", "qemu-img")
 
-    def _launch(self) -> str:
-        passfile = LuksImage.create(self)
+    def _prepare(self) -> None:
+        self._passfile = LuksImage.create(self)
+
+    def _serve(self) -> str:
+        passfile = self._passfile
         port = free_port()
         # passphrase=+FILE: nbdkit reads the secret from the file (nbdkit(1), "SECRETS").
         argv = self._nbdkit(port, "--filter=luks", "file", str(self.image), f"passphrase=+{passfile}")
@@ -234,8 +424,11 @@ class QemuNbdLuksTarget(Target):
     def unavailable(self) -> str | None:
         return missing_tools("qemu-nbd", "qemu-img")
 
-    def _launch(self) -> str:
-        passfile = LuksImage.create(self)
+    def _prepare(self) -> None:
+        self._passfile = LuksImage.create(self)
+
+    def _serve(self) -> str:
+        passfile = self._passfile
         port = free_port()
         # --persistent and --shared: fio, nbdcopy (up to 4 connections) and nbdinfo each
         # connect in turn, and qemu-nbd would otherwise exit after the first client.
@@ -245,6 +438,39 @@ class QemuNbdLuksTarget(Target):
                 "--cache=writeback"]
         self._spawn(argv).wait_for_port(HOST, port, START_TIMEOUT)
         return f"nbd://{HOST}:{port}/disk"
+
+
+# -- the storage itself
+
+@register
+class DeviceTarget(Target):
+    """Not a server: fio on a file of the image's file system, O_DIRECT, 16 threads of
+    synchronous requests. The device's own rate for cold random reads, which a server
+    should approach when it keeps the client's queue depth in flight."""
+
+    name = "device"
+    description = "fio psync O_DIRECT x 16 threads on a file in the same file system (cold reads)"
+
+    def supports(self, workload: Workload) -> str | None:
+        if workload.state != "cold" or workload.rw != "randread":
+            return "the device baseline is for cold random reads only"
+        return None
+
+    def _prepare(self) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(self.size)
+
+    def _serve(self) -> str:
+        self.command = ["fio", "--ioengine=psync", "--direct=1", "--numjobs=16", f"--filename={self.image}"]
+        return ""
+
+    def export_size(self) -> int:
+        return self.size
+
+    def fill(self, source: Path) -> float:
+        started = time.monotonic()
+        shutil.copyfile(source, self.image)
+        return time.monotonic() - started
 
 
 def select(names: str | None) -> list[str]:

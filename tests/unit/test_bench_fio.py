@@ -18,10 +18,13 @@ def report(read=None, write=None, error=0) -> dict:
         "jobname": "w", "error": error, "read": read or empty, "write": write or empty}]}
 
 
-def side(iops=71707.1, bw=293743176, p50=156672, p99=2244608) -> dict:
+def side(iops=71707.1, bw=293743176, p50=156672, p99=2244608, p999=None) -> dict:
+    pct = {fio.P50: p50, fio.P99: p99}
+    if p999 is not None:
+        pct[fio.P999] = p999
     return {"iops": iops, "bw_bytes": bw, "io_bytes": bw * 2, "total_ios": int(iops * 2),
             "clat_ns": {"min": 1, "max": 9, "mean": 5.0, "stddev": 1.0, "N": 10,
-                        "percentile": {fio.P50: p50, fio.P99: p99}}}
+                        "percentile": pct}}
 
 
 def test_command_carries_the_fixed_settings():
@@ -31,7 +34,7 @@ def test_command_carries_the_fixed_settings():
     for opt in ("--ioengine=nbd", "--uri=nbd://127.0.0.1:1234/disk", "--rw=randread",
                 "--bs=4096", "--iodepth=16", "--numjobs=1", "--direct=0",
                 f"--size={1 << 30}", "--time_based", "--runtime=5", "--ramp_time=1",
-                "--clat_percentiles=1", "--percentile_list=50:99", "--output-format=json",
+                "--clat_percentiles=1", "--percentile_list=50:99:99.9", "--output-format=json",
                 "--output=/x/out.json"):
         assert opt in argv
 
@@ -71,6 +74,37 @@ def test_a_failed_job_or_an_idle_direction_is_an_error():
         fio.sample(report(read=side(), error=5), RANDREAD)
     with pytest.raises(fio.FioOutputError, match="no write I/O"):
         fio.sample(report(read=side()), SEQWRITE)
+
+
+def test_p999_is_parsed_and_absent_in_old_reports_is_none():
+    s = fio.sample(report(read=side(p999=9_876_543)), RANDREAD)
+    assert s.clat_p999_us == pytest.approx(9876.543)
+    assert fio.sample(report(read=side()), RANDREAD).clat_p999_us is None
+    # fio keys the table by the percentile printed with six decimals.
+    assert fio.P999 == "99.900000" and "99.9" in fio.PERCENTILES.split(":")
+
+
+def test_multi_connection_workloads_run_one_job_per_connection_grouped():
+    argv = fio.command(SUITE["randwrite-4conn"], "nbd://h:1/d", size=1 << 20, runtime=1)
+    assert "--numjobs=4" in argv and "--group_reporting" in argv and "--iodepth=16" in argv
+
+
+def test_device_baseline_is_psync_direct_16_threads_on_the_file():
+    argv = fio.device_command(SUITE["randread-cold"], "/data/dev.img", size=1 << 30, runtime=3,
+                              output="/x/o.json")
+    for opt in ("--filename=/data/dev.img", "--ioengine=psync", "--direct=1", "--numjobs=16",
+                "--group_reporting", "--rw=randread", "--bs=4096", "--runtime=3",
+                "--percentile_list=50:99:99.9", "--output=/x/o.json"):
+        assert opt in argv
+    assert not any(a.startswith(("--uri", "--iodepth")) for a in argv)
+
+
+def test_sequential_fill_writes_the_whole_export_in_1mib_requests_once():
+    argv = fio.sequential_fill("nbd://h:1/d", size=64 << 20, output="/x/f.json")
+    for opt in ("--ioengine=nbd", "--uri=nbd://h:1/d", "--rw=write", "--bs=1M",
+                f"--size={64 << 20}", "--output=/x/f.json"):
+        assert opt in argv
+    assert "--time_based" not in argv  # once over the image, not for a time
 
 
 def test_version_string():
