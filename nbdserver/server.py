@@ -8,7 +8,8 @@ and runs it against the export's backend:
   (`nowait=True`: page-cache reads, small buffered writes) — a 4 KiB request then
   costs no thread hop and no task;
 - otherwise on a worker thread, replying from a future callback. Replies may go out of
-  order, as the spec allows.
+  order, as the spec allows, but a request on a worker is passed by a bounded number of
+  later ones (`OVERTAKE_MAX`): then the connection waits for it.
 
 Errors of the lower layer (OSError) become NBD errors once, in `_fail`. Memory stays
 bounded: reading pauses while too many requests are in flight, while the client is not
@@ -56,6 +57,17 @@ limited_log = LogLimiter(log)
 INLINE_READ_MAX = 128 * 1024
 # Per connection: stop reading new requests above this many in flight.
 MAX_INFLIGHT = 64
+# Per connection: a request waiting for a worker is overtaken by at most this many later
+# requests; then no new request starts until it completes (reading pauses meanwhile).
+# Without a bound, cached 4 KiB requests answered inline could pass one worker request
+# for as long as the client kept sending them: the event loop holds the GIL the worker
+# needs, and a worker's completion is handled only between two batches (2,270 passed one
+# 127 KiB write under a mixed load). 256 lets the loop run a few milliseconds of inline
+# work past a worker request, several times what a worker request normally takes, so a
+# mixed load on warm or cold data hardly ever stops on it, while a starved one waits for
+# at most that much (4 x MAX_INFLIGHT; cheap to count, nothing timed).
+OVERTAKE_MAX = 256
+_NEVER = 1 << 62  # _hold_at while no request waits for a worker
 # Per connection: stop reading while this much reply data waits for the client.
 WRITE_BUFFER_HIGH = 8 << 20
 # Structured reads at least this large ask the backend for holes and send OFFSET_HOLE.
@@ -129,6 +141,12 @@ class Connection(asyncio.Protocol):
         self.inflight = 0
         self.disconnecting = False
         self.shutting_down = False
+        # Fairness (OVERTAKE_MAX): requests started so far, the requests on workers in
+        # the order they started (each a one-item list: its start number, -1 once done),
+        # and the start number at which no more start until the oldest of them is done.
+        self._started = 0
+        self._on_workers: deque = deque()
+        self._hold_at = _NEVER
         self._reading_paused = False
         self._out: list | None = None  # reply bytes of the batch being processed
         self._writing_paused = False
@@ -370,7 +388,8 @@ class Connection(asyncio.Protocol):
         self._drain_pending()
 
     def _backlogged(self) -> bool:
-        return self._writing_paused or self.inflight >= MAX_INFLIGHT or self._awaiting_budget
+        return (self._writing_paused or self.inflight >= MAX_INFLIGHT or self._awaiting_budget
+                or self._started >= self._hold_at)
 
     def _write(self, data) -> None:
         """Queue reply bytes; inside a batch they go out in one writelines() call."""
@@ -402,6 +421,7 @@ class Connection(asyncio.Protocol):
                     self._pending.clear()
                     return
                 ev = self._pending.popleft()
+                self._started += 1
                 if type(ev) is BadMagic:
                     log.info("connection %s: bad request magic %#x; disconnecting", self.peer, ev.magic)
                     self.abort()
@@ -411,6 +431,7 @@ class Connection(asyncio.Protocol):
                     continue
                 if self._request(ev) is WAIT_FOR_BUDGET:
                     self._pending.appendleft(ev)
+                    self._started -= 1  # not started after all
                     break
         except Exception:  # a bug must cost this client its connection, never the server
             log.exception("connection %s: internal error; disconnecting", self.peer)
@@ -498,7 +519,9 @@ class Connection(asyncio.Protocol):
         self.inflight -= 1
         if self.transport is None or self.transport.is_closing():
             return
+        self._started += 1
         if self._request(req) is WAIT_FOR_BUDGET:
+            self._started -= 1
             self._pending.appendleft(req)
         self._update_reading()
         self._maybe_close()
@@ -516,12 +539,23 @@ class Connection(asyncio.Protocol):
             if req.cmd == NBD_CMD_READ:
                 self._uncharge(req.length)
             return self._fail(req, NBD_ESHUTDOWN, "server is shutting down")
-        fut.add_done_callback(lambda f: self._finished(req, f, export))
+        mark = [self._started]
+        if not self._on_workers:
+            self._hold_at = self._started + OVERTAKE_MAX
+        self._on_workers.append(mark)
+        fut.add_done_callback(lambda f: self._finished(req, f, export, mark))
         self._update_reading()
 
-    def _finished(self, req, fut, export):
+    def _finished(self, req, fut, export, mark):
         self.inflight -= 1
         export.end()
+        # Workers finish in any order: forget the finished ones at the head of the queue
+        # (each is popped once), and the hold moves on to the oldest still running.
+        mark[0] = -1
+        waiting = self._on_workers
+        while waiting and waiting[0][0] < 0:
+            waiting.popleft()
+        self._hold_at = waiting[0][0] + OVERTAKE_MAX if waiting else _NEVER
         # Retrieve the outcome even when nobody is left to tell: asyncio logs a future's
         # unretrieved exception as an error with a traceback.
         exc = fut.exception()
