@@ -114,13 +114,20 @@ def main():
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="its private key (0600)")
 @click.option("--insecure-plain-http", is_flag=True,
               help="allow plain HTTP on a non-loopback address (only behind a TLS proxy on this host)")
+@click.option("--http-header-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600),
+              help="seconds a client has to send a request's headers (slowloris guard)")
+@click.option("--http-body-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="seconds a client has to send a request's body after its headers")
+@click.option("--max-connections", default=512, show_default=True, type=click.IntRange(1, 65536),
+              help="open HTTP connections; more are answered 503")
 @click.option("--reserved-vault-prefix", "reserved", multiple=True,
               help="also reserve vault names starting with this for the platform role "
                    "(repeat; nbd-platform is always reserved)")
 def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat, tls_dir, tls_cert,
-          tls_key, insecure_plain_http, reserved):
+          tls_key, insecure_plain_http, http_header_timeout, http_body_timeout, max_connections, reserved):
     """Run the key service daemon."""
     from .sealing import MasterKeyError
+    from .httpguard import HttpLimits
     from .server import ServeConfig, open_service, serve as run_server
     from .tls import TlsConfigError, check_plain_http, server_context_from
     host, sep, port = listen.rpartition(":")
@@ -138,6 +145,8 @@ def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat
                          base_url=base_url, master_key_file=master_key_file,
                          token_lifetime=token_lifetime, heartbeat=heartbeat, ssl_context=ssl_context)
     config.reserved_vault_prefixes += tuple(reserved)
+    config.http_limits = HttpLimits(header_timeout=http_header_timeout, body_timeout=http_body_timeout,
+                                    max_connections=max_connections)
     try:
         service = open_service(config)
     except MasterKeyError as e:

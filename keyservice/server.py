@@ -21,6 +21,7 @@ from aiohttp import web
 from .api.app import make_app
 from .domain.names import DEFAULT_RESERVED_PREFIXES
 from .domain.service import KeyService
+from .httpguard import GuardedRunner, HttpLimits
 from .httplog import MalformedRequestLog
 from .sdnotify import sd_notify, watchdog_loop
 from .store import Store
@@ -42,6 +43,7 @@ class ServeConfig:
     heartbeat: float = 5.0
     ssl_context: ssl_module.SSLContext | None = None
     reserved_vault_prefixes: tuple[str, ...] = DEFAULT_RESERVED_PREFIXES
+    http_limits: HttpLimits = HttpLimits()
 
 
 def open_service(config: ServeConfig) -> KeyService:
@@ -93,7 +95,7 @@ async def serve(config: ServeConfig, service: KeyService) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = make_app(service, heartbeat=config.heartbeat)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    runner = GuardedRunner(app, limits=config.http_limits, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=config.ssl_context,
                        reuse_address=True)

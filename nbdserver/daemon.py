@@ -60,8 +60,9 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen
     nbd_addrs = await server.listen(*nbd_listen)
     nbd_host, nbd_port = nbd_addrs[0][:2]
     nbd_address = f"[{nbd_host}]:{nbd_port}" if ":" in nbd_host else f"{nbd_host}:{nbd_port}"
-    runner = web.AppRunner(build_app(platform, load_api_token(data_dir), nbd_address=nbd_address),
-                           access_log=None)
+    from keyservice.httpguard import GuardedRunner, HttpLimits  # slowloris guard
+    runner = GuardedRunner(build_app(platform, load_api_token(data_dir), nbd_address=nbd_address),
+                           limits=HttpLimits.from_env("NBDSERVER_API"), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, api_listen[0], api_listen[1])
     await site.start()
