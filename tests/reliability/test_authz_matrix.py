@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import os
 import time
+import uuid
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -114,7 +115,11 @@ def matrix(tmp_path_factory):
 def make_key(ctx, name: str, state: str) -> str:
     """A key imported by the admin, with a wrapped value for unwrap, put into `state`."""
     stack = ctx["stack"]
-    status, body = stack.ks_api("PUT", f"/vaults/{VAULT}/keys/{name}", {"pem": ctx["pem"]})
+    for _ in range(30):  # imports are rate-limited per identity: honour Retry-After
+        status, body = stack.ks_api("PUT", f"/vaults/{VAULT}/keys/{name}", {"pem": ctx["pem"]})
+        if status != 429:
+            break
+        time.sleep(1)  # the server's Retry-After (whole seconds); a back-off, not a sync
     assert status == 200, body
     status, body = stack.ks_api("POST", f"/vaults/{VAULT}/keys/{name}/wrapkey",
                                 {"alg": "RSA-OAEP-256", "value": b64u(os.urandom(32))})
@@ -164,3 +169,99 @@ def test_authorization_matrix(matrix, op):
                 failures.append(f"expected {want_status} {want_inner or ''}: " + case)
     assert not failures, "\n".join(failures[:20])
     assert successes > 0, f"{op}: no call succeeded even with its permission"
+
+
+# --------------------------------------------------------------------------- tenants
+# Identity kinds: the three directory types without roles, and the two roles. Own tenant: the
+# vault's; other tenant: one the home admin founded, whose identities its own admin made.
+KINDS = {"user": ("user", []), "servicePrincipal": ("servicePrincipal", []),
+         "managedIdentity": ("managedIdentity", []), "admin": ("user", ["admin"]),
+         "platform": ("servicePrincipal", ["platform"])}
+# Vault-level operations beside the key operations (OPS).
+VAULT_OPS = {
+    "vaultGet": ("GET", f"/vaults/{VAULT}", None),
+    "vaultUpdate": ("PATCH", f"/vaults/{VAULT}", {"enablePurgeProtection": False}),
+    "policyList": ("GET", f"/vaults/{VAULT}/accessPolicies", None),
+    "policySet": ("PUT", f"/vaults/{VAULT}/accessPolicies/00000000-0000-0000-0000-00000000beef",
+                  {"permissions": {"keys": ["get"]}}),
+    "audit": ("GET", f"/vaults/{VAULT}/audit", None),
+}
+
+
+def _token(stack, ident) -> str:
+    status, tok = _http(stack.ks_url, "POST", "/oauth2/token", {
+        "grant_type": "client_credentials", "client_id": ident["clientId"],
+        "client_secret": ident["clientSecret"]})
+    assert status == 200, tok
+    return tok["access_token"]
+
+
+@pytest.fixture(scope="module")
+def tenants(matrix):
+    """A token per (kind, tenant). Every identity gets every key permission on the vault by
+    its object id: a policy must not carry across tenants."""
+    stack = matrix["stack"]
+    other = str(uuid.uuid4())
+    status, founder = stack.ks_api("POST", "/identities", {"displayName": "founder", "type": "user",
+                                                           "roles": ["admin"], "tenantId": other})
+    assert status == 201, founder
+    founder_token = _token(stack, founder)
+    tokens = {}
+    for kind, (type_, roles) in KINDS.items():
+        for tenant in ("own", "other"):
+            body = {"displayName": f"{kind}-{tenant}", "type": type_, "roles": roles}
+            if tenant == "own":
+                status, ident = stack.ks_api("POST", "/identities", body)
+            else:
+                status, ident = _http(stack.ks_url, "POST", "/identities", body, token=founder_token)
+            assert status == 201, ident
+            status, out = stack.ks_api("PUT", f"/vaults/{VAULT}/accessPolicies/{ident['objectId']}",
+                                       {"permissions": {"keys": ["all"]}})
+            assert status == 200, out
+            tokens[(kind, tenant)] = _token(stack, ident)
+    return tokens
+
+
+@pytest.mark.parametrize("op", list(OPS) + list(VAULT_OPS))
+def test_tenant_matrix(matrix, tenants, op):
+    """Every operation x identity kind x own/other tenant. Another tenant's identity gets 401
+    for everything (a token of another tenant, as Key Vault answers), whatever its roles and
+    its policy entry, and nothing changes; an own-tenant identity holding every permission
+    gets what the key's state allows for key operations."""
+    stack = matrix["stack"]
+    failures = []
+    for (kind, tenant), token in tenants.items():
+        for state in STATES:
+            if op in OPS:
+                permission, mutates, request = OPS[op]
+                if mutates and tenant == "own":
+                    if state not in ("enabled", "deleted"):
+                        continue  # key states are the first matrix's; imports are rate-limited
+                    matrix["n"] += 1
+                    key = make_key(matrix, f"t{matrix['n']}-{op.lower()}", state)
+                else:
+                    key = matrix["shared"][state]
+                method, path, body = request(key, matrix)
+            else:
+                if state != STATES[0]:
+                    continue  # vault operations do not depend on a key's state
+                method, path, body = VAULT_OPS[op]
+            status, out = _http(stack.ks_url, method, path, body, token=token)
+            case = f"{op} by {kind} of the {tenant} tenant on {state} key -> {status} {out}"
+            if tenant == "other":
+                if status != 401:
+                    failures.append("other tenant: " + case)
+            elif op in OPS:
+                want_status, want_inner = expected_with_permission(op, state)
+                if status != want_status or (want_inner and inner_code(out) != want_inner):
+                    failures.append(f"expected {want_status} {want_inner or ''}: " + case)
+            elif op in ("vaultGet", "policyList") and status != 200:
+                failures.append("own tenant with a policy may read the vault: " + case)
+            elif op in ("vaultUpdate", "policySet", "audit"):
+                manager = kind == "admin"
+                if (200 <= status < 300) != manager or (not manager and status != 403):
+                    failures.append("vault management is for the owner or an admin: " + case)
+    assert not failures, "\n".join(failures[:20])
+    # The vault and the shared keys are as they were: nothing of another tenant got through.
+    status, body = stack.ks_api("GET", f"/vaults/{VAULT}/keys/{matrix['shared']['enabled']}")
+    assert status == 200 and body["attributes"]["enabled"] is True
