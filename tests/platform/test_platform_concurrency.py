@@ -198,6 +198,7 @@ def test_many_clients_on_colliding_names(make_stack):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_soak_many_clients_on_colliding_names(make_stack):
-    figures = storm_and_check(make_stack, seconds=300, clients=12)
+    figures = storm_and_check(make_stack, seconds=240, clients=12)
     print("soak:", figures)
