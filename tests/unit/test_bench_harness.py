@@ -1,8 +1,10 @@
 """bench.harness (medians and ratios) and the target/workload registries; no server is run."""
 
+from pathlib import Path
+
 import pytest
 
-from bench import targets, workloads
+from bench import harness, process, targets, workloads
 from bench.harness import median_of, reduce
 
 
@@ -59,10 +61,6 @@ def test_headline_figure_per_workload_shape():
 
 
 # -- new states, CPU per I/O, the device baseline
-
-from pathlib import Path  # noqa: E402
-
-from bench import harness, process  # noqa: E402
 
 
 def test_stat_fields_are_counted_from_the_last_parenthesis():
