@@ -182,20 +182,27 @@ class KeyAccess:
                 self._unreachable(scope, group, e.message)
                 continue
             self._schedule_expiry(scope, kid, attrs)
-            for d in group:
-                export = p.catalog.get(d.name)
-                if export is not None and export.locked:
-                    if await p.open_disk(d.name):
-                        self.cause.pop(d.name, None)
-                        log.warning("disk %s: key access restored, serving again", d.name)
+            locked = [d.name for d in group
+                      if (e := p.catalog.get(d.name)) is not None and e.locked]
+            if locked:
+                opened = await p.open_disks(locked)
+                for name in locked:
+                    export = p.catalog.get(name)
+                    if export is not None and not export.locked:
+                        self.cause.pop(name, None)
+                if opened:
+                    log.warning("%d disk(s) of %s: key access restored, serving again: %s",
+                                opened, kid, _names(locked))
         if reachable:
             self.last_ok[scope] = self.clock()
 
     async def _close(self, group: list, reason: str) -> None:
-        """Lock every disk of the group now (each close locks before its first await),
-        then give their drains `drain_bound` seconds: a request stuck in the file system
+        """Lock every disk of the group at once (no await between two locks), then give
+        their drains `drain_bound` seconds together: a request stuck in the file system
         must not hold up this scope's next check. The drains go on; each wipes its DEK."""
-        closes = [asyncio.ensure_future(self.platform.close_disk(d.name, reason)) for d in group]
+        closes = self.platform.close_disks([d.name for d in group], reason)
+        if not closes:
+            return
         for t in closes:
             t.add_done_callback(_report)
         _, pending = await asyncio.wait(closes, timeout=self.drain_bound)
@@ -211,8 +218,10 @@ class KeyAccess:
             return
         for d in group:
             self.cause[d.name] = "unreachable"
-            asyncio.create_task(self.platform.close_disk(
-                d.name, f"key service unreachable for more than the {self.grace:.0f}s grace period"))
+        for t in self.platform.close_disks(
+                [d.name for d in group],
+                f"key service unreachable for more than the {self.grace:.0f}s grace period"):
+            t.add_done_callback(_report)
 
     def _schedule_expiry(self, scope: str, kid: str, attrs: dict) -> None:
         exp = attrs.get("exp")
@@ -227,6 +236,12 @@ class KeyAccess:
         loop = asyncio.get_running_loop()
         # Just after the expiry instant, so the key service already refuses.
         self._timers[kid] = loop.call_later(delay + 0.05, self.poke, scope)
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    """A log line's list of disks: the first few, then how many more."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _report(t: asyncio.Task) -> None:
