@@ -5,13 +5,18 @@ explicit: AVAILABLE serves I/O; LOCKED (the disk's key was revoked, or the platf
 closed it) fails every request with EIO and refuses new connections with a message.
 The disk platform drives these transitions; the server only obeys them.
 
-`ExportCatalog` is what the protocol's handshake asks (`lookup`, `listing`).
+`ExportCatalog` is what the protocol's handshake asks (`lookup`, `listing`), and what the
+server tells when a client selects an export and when it leaves (`attach`, `detach`): an
+`opener` (the disk platform) may then open the disk's key, and close it after the last
+client left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .backend import BlockBackend
@@ -52,6 +57,14 @@ def transmission_flags(backend: BlockBackend, readonly: bool) -> int:
     return flags
 
 
+@dataclass
+class Attachment:
+    """One connection in transmission on an export."""
+    peer: str
+    identity: str | None = None  # the verified TLS client certificate's, if any
+    since: float = field(default_factory=time.time)
+
+
 class Export:
     def __init__(self, name: str, backend: BlockBackend, *, description: str = "",
                  readonly: bool = False):
@@ -66,7 +79,7 @@ class Export:
         self.flags = transmission_flags(backend, readonly)
         self._inflight = 0
         self._idle: asyncio.Event | None = None
-        self.clients = 0  # connections in transmission on this export ("attached")
+        self.attachments: dict[object, Attachment] = {}  # connection -> who, since when
         self._frozen = 0
         self._parked: list = []
 
@@ -86,6 +99,11 @@ class Export:
     @property
     def locked(self) -> bool:
         return self.state is ExportState.LOCKED
+
+    @property
+    def clients(self) -> int:
+        """Connections in transmission on this export ("attached")."""
+        return len(self.attachments)
 
     # -- in-flight accounting, so a lock can wait for the backend to be idle
     def begin(self) -> None:
@@ -144,6 +162,9 @@ class ExportCatalog:
     def __init__(self, default: str | None = None):
         self._exports: dict[str, Export] = {}
         self.default = default
+        # Told when a client selects an export and when the last one leaves:
+        # `async attach(export) -> bool` (False refuses the client), `detached(export)`.
+        self.opener = None
 
     def add(self, export: Export) -> None:
         if export.name in self._exports:
@@ -173,9 +194,36 @@ class ExportCatalog:
                                 else f"locked: {export.lock_reason}")
         return export
 
+    # -- the server's: a client selected an export (NBD_OPT_GO, NBD_OPT_EXPORT_NAME)
+    async def attach(self, name: str, client, *, peer=None, identity: str | None = None
+                     ) -> Export | None:
+        """Make `name` ready to serve `client` and count it; None if it cannot be used
+        now (gone, locked, or its key refused while opening)."""
+        export = self.get(name)
+        if export is None or export.locked:
+            return None
+        if self.opener is not None and not await self.opener.attach(export):
+            return None
+        if self.get(name) is not export or export.locked:  # deleted or locked meanwhile
+            return None
+        export.attachments[client] = Attachment(_peer_text(peer), identity)
+        return export
+
+    def detach(self, export: Export, client) -> None:
+        if export.attachments.pop(client, None) is not None and self.opener is not None \
+                and not export.attachments:
+            self.opener.detached(export)
+
     # -- the protocol's Catalog
     def lookup(self, name: str) -> ExportInfo:
         return self.export(name).info()
 
     def listing(self) -> list[tuple[str, str]]:
         return [(e.name, e.description) for e in self._exports.values()]
+
+
+def _peer_text(peer) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[:2]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer) if peer is not None else ""

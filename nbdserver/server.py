@@ -228,7 +228,7 @@ class Connection(asyncio.Protocol):
             self._charged_written = 0
         self.server.connections.discard(self)
         if self.export is not None:
-            self.export.clients -= 1
+            self.server.catalog.detach(self.export, self)
         self.handshake = None
         if not self.closed.done():
             self.closed.set_result(None)
@@ -295,7 +295,39 @@ class Connection(asyncio.Protocol):
 
     # -- handshake
     def _handshake(self, data):
-        for action in self.handshake.receive(data):
+        actions = self.handshake.receive(data)
+        ready = next((a for a in actions if isinstance(a, hs.Ready)), None)
+        if ready is not None:
+            # The client selected its export: the catalog opens it (a disk's key is
+            # unwrapped only now) before the selection's replies go out.
+            self.transport.pause_reading()
+            self.loop.create_task(self._attach(actions, ready.negotiated.export.name))
+            return
+        self._act(actions)
+
+    async def _attach(self, actions, name):
+        export = await self.server.catalog.attach(name, self, peer=self.peer,
+                                                  identity=self.view.identity)
+        if self.handshake is None or self.transport is None or self.transport.is_closing():
+            if export is not None:  # the client left while its export opened
+                self.server.catalog.detach(export, self)
+            return
+        if export is None:
+            # Opening failed after the handshake had accepted the name (the key was
+            # refused meanwhile): fail closed, the selection's replies never go out.
+            log.info("connection %s: export %r could not be opened; closing", self.peer, name)
+            self.transport.close()
+            return
+        self.export = export
+        self.transport.resume_reading()
+        try:
+            self._act(actions)
+        except Exception:  # a bug must cost this client its connection, never the server
+            log.exception("connection %s: internal error; disconnecting", self.peer)
+            self.abort()
+
+    def _act(self, actions):
+        for action in actions:
             if isinstance(action, hs.Send):
                 self.transport.write(action.data)
             elif isinstance(action, hs.StartTls):
@@ -352,15 +384,9 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def _enter_transmission(self, negotiated: hs.Negotiated):
-        export = self.server.catalog.get(negotiated.export.name)
-        if export is None:
-            self.transport.close()
-            return
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        self.export = export
-        export.clients += 1
         self.structured = negotiated.structured_replies
         self.min_block = negotiated.min_block
         self.meta_id = next((i for i, n in negotiated.meta_contexts.items() if n == BASE_ALLOCATION), None)
