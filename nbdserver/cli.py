@@ -42,6 +42,8 @@ def main():
               help="re-check every key this often, whatever the change stream says")
 @click.option("--grace-seconds", default=3600.0, show_default=True,
               help="keep serving this long while the key service is unreachable")
+@click.option("--idle-close-seconds", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="wipe a disk's key this long after its last NBD client left (0: at once)")
 @click.option("--workers", default=8, show_default=True, help="I/O worker threads")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--tls-mode", type=click.Choice(["off", "optional", "required"]),
@@ -74,8 +76,8 @@ def main():
               help="who may list the NBD exports: anyone, clients with a verified TLS "
                    "certificate, or nobody (clients connect by disk name)")
 def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credential, master_key_file,
-          lease_seconds, grace_seconds, workers, log_level, tls_mode, tls_dir, tls_verify_clients,
-          tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
+          lease_seconds, grace_seconds, idle_close_seconds, workers, log_level, tls_mode, tls_dir,
+          tls_verify_clients, tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
           max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list):
     """Run the NBD server and the disk platform."""
     from keyservice.tls import TlsConfigError as KsTlsError
@@ -103,7 +105,8 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
             stop, data_dir=data_dir, nbd_listen=nbd_addr,
             api_listen=parse_hostport(api_listen, 8080), keyservice_url=keyservice_url,
             credential_file=keyservice_credential, master_key_file=master_key_file,
-            lease=lease_seconds, grace=grace_seconds, workers=workers, ssl=ks_ssl,
+            lease=lease_seconds, grace=grace_seconds, idle_close=idle_close_seconds,
+            workers=workers, ssl=ks_ssl,
             tls_mode=mode, tls_context=tls_context,
             nbd_limits=ConnectionLimits(max_connections, max_connections_per_peer,
                                         handshake_timeout, fd_reserve,

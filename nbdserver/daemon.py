@@ -1,7 +1,8 @@
 """`nbdserver serve`: the NBD server, the disk platform and its API in one process.
 
-Start order: platform state and keys (opening disks needs the key service), the key
-access watcher, the NBD listener, the API listener; then READY=1 to systemd. Stop order
+Start order: platform state and keys (no disk is opened: each opens when a client
+attaches, so this costs the same for ten disks or ten thousand), the key access watcher,
+the NBD listener, the API listener; then READY=1 to systemd. Stop order
 is the reverse, finishing in-flight NBD requests before disks are closed and DEKs wiped.
 """
 
@@ -34,7 +35,7 @@ class StartupError(Exception):
 
 async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen, keyservice_url,
                         credential_file, master_key_file=None, lease=60.0, grace=3600.0,
-                        workers=8, ssl=None, tls_mode=None, tls_context=None,
+                        idle_close=60.0, workers=8, ssl=None, tls_mode=None, tls_context=None,
                         nbd_limits=None, nbd_export_list=None) -> None:
     catalog = ExportCatalog()
     try:
@@ -43,7 +44,7 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen
         raise StartupError(f"cannot read the key service credential {credential_file}: {e}") from None
     try:
         platform = Platform(data_dir, catalog, keyservice_url, credential,
-                            ssl=ssl, master_key_file=master_key_file)
+                            ssl=ssl, master_key_file=master_key_file, idle_close=idle_close)
     except (MasterKeyError, OSError) as e:
         raise StartupError(f"cannot open the platform's state in {data_dir}: {e}") from None
     try:

@@ -4,7 +4,8 @@ Every operation validates, talks to the key service where it must, commits its s
 SQLite, and only then answers. Disks are served as NBD exports named after the disk; the
 export of a disk whose key cannot be used is LOCKED (EIO to I/O, new clients refused).
 
-- here: start/stop, the key-service client of each scope, opening and closing disks;
+- here: start/stop, the key-service client of each scope;
+- `serving`: opening a disk when a client attaches, closing it when idle or revoked;
 - `encryption_sets`: create, show (live access check), rotate, delete;
 - `volumes`: disks, snapshots, images, re-wrapping between keys;
 - `access`: revocation (the change stream, the lease, the grace period).
@@ -12,38 +13,29 @@ export of a disk whose key cannot be used is LOCKED (EIO to I/O, new clients ref
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 
 from keyservice.client import Credential, KeyServiceClient, KeyServiceError, KeyServiceUnavailable
 
-from ..backend import FileBackend
-from ..crypto import XtsLayer
-from ..exports import Export, ExportCatalog
+from ..exports import ExportCatalog
 from ..state import State
 from . import keys
-from .errors import (
-    AccessMissing, KeyUnavailable, NotFound, PlatformVaultUntrusted,
-)
+from .errors import NotFound, PlatformVaultUntrusted
 from .model import (
-    PLATFORM_KEY, EncryptionSet, KeyUrl, Volume, VolumeKind, VolumeState,
+    PLATFORM_KEY, EncryptionSet, KeyUrl, VolumeKind, VolumeState,
 )
 from .encryption_sets import EncryptionSetOperations
 from .operations import Operations
-from .sealed import SealedBackend
+from .serving import IDLE_CLOSE, DiskServing
 from .sealing import Sealer, load_master_key
-from .volumes import DEFAULT_LOCATION, VolumeOperations, _unlink, describe_disk
+from .volumes import DEFAULT_LOCATION, VolumeOperations, _unlink
 
 log = logging.getLogger("nbdserver.platform")
 
 PLATFORM_VAULT = "nbd-platform"
 PLATFORM_KEY_NAME = "platform-dek-wrapping"
-# Unwraps in flight at once when many disks open together (a re-enabled key, a start):
-# the key service answers 16 concurrent calls about 40% faster than one at a time, and
-# more buy little while each costs a socket and a slot in its queue.
-UNWRAP_CONCURRENCY = 16
 
 
 def platform_vault_problems(vault: dict, object_id: str, tenant_id: str) -> list[str]:
@@ -66,9 +58,10 @@ def platform_vault_problems(vault: dict, object_id: str, tenant_id: str) -> list
     return problems
 
 
-class Platform(EncryptionSetOperations, VolumeOperations):
+class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
     def __init__(self, data_dir: str, catalog: ExportCatalog, keyservice_url: str,
-                 credential: Credential, *, ssl=None, master_key_file: str | None = None):
+                 credential: Credential, *, ssl=None, master_key_file: str | None = None,
+                 idle_close: float = IDLE_CLOSE):
         self.data_dir = data_dir
         self.catalog = catalog
         self.keyservice_url = keyservice_url.rstrip("/")
@@ -83,6 +76,7 @@ class Platform(EncryptionSetOperations, VolumeOperations):
         self.platform_key_url: str | None = self.state.get_config("platform_key_url")
         self.operations = Operations()  # claims, deadlines, tasks: see operations.py
         self.access = None  # set by access.KeyAccess
+        self._init_serving(idle_close)  # serving.py: open on attach, close when idle
 
     # -- start and stop
     async def start(self) -> None:
@@ -91,13 +85,14 @@ class Platform(EncryptionSetOperations, VolumeOperations):
             self.platform_key_url = await self._create_platform_key()
         else:
             await self._check_platform_vault(created_now=False)
+        # Nothing is unwrapped here: a disk opens when a client attaches (serving.py),
+        # so starting costs the same whatever the number of disks.
         for disk in self.state.list_volumes(VolumeKind.DISK):
-            await self._serve(disk)
+            self._export_disk(disk)
 
     async def stop(self) -> None:
         await self.operations.cancel_all()
-        for disk in self.state.list_volumes(VolumeKind.DISK):
-            await self.close_disk(disk.name, "server stopping")
+        await self._stop_serving()
         for c in list(self._des_clients.values()) + [self.client]:
             await c.close()
         self.state.close()
@@ -178,102 +173,3 @@ class Platform(EncryptionSetOperations, VolumeOperations):
         if des is None:
             raise NotFound(f"encryption set {name!r} not found")
         return des
-
-    async def _serve(self, disk: Volume) -> None:
-        """Open a disk at start: unwrap its DEK; if the key refuses, export it locked."""
-        export = Export(disk.name, SealedBackend(disk.size), description=describe_disk(disk))
-        export.lock("opening: key not yet unwrapped")
-        self.catalog.add(export)
-        await self.open_disk(disk.name)
-
-    async def open_disk(self, name: str) -> bool:
-        """Unwrap and serve a locked disk. Takes no lock: a close (or another open) that
-        happened while the key service answered wins, and this unwrapped DEK is wiped."""
-        disk = self.state.get_volume(VolumeKind.DISK, name)
-        export = self.catalog.get(name)
-        if disk is None or export is None:
-            return False
-        if not export.locked:
-            return True
-        sealed = export.backend  # every close installs a new one: a change means a close
-        try:
-            dek = await keys.unwrap(self.client_for(disk.des), disk.envelope)
-        except (AccessMissing, KeyUnavailable) as e:
-            if self.catalog.get(name) is export and export.backend is sealed:
-                export.lock(e.message)
-            log.warning("disk %s stays locked: %s", name, e.message)
-            return False
-        if self.catalog.get(name) is not export or export.backend is not sealed or not export.locked:
-            keys.wipe(dek)
-            return not export.locked
-        try:
-            layer = XtsLayer(FileBackend(disk.path), dek)
-        except OSError as e:  # the file went with a delete that committed meanwhile
-            keys.wipe(dek)
-            log.warning("disk %s stays locked: %s", name, e)
-            return False
-        export.unlock(layer)
-        log.info("disk %s is serving (key %s)", name, disk.envelope.kid)
-        return True
-
-    async def open_disks(self, names, *, limit: int = UNWRAP_CONCURRENCY) -> int:
-        """Open many locked disks, at most `limit` unwraps in flight: the key service
-        answers several calls at once much faster than one after another, and a bound
-        keeps a thousand disks from becoming a thousand sockets at once. Returns how
-        many serve."""
-        gate = asyncio.Semaphore(limit)
-
-        async def one(name):
-            async with gate:
-                return await self.open_disk(name)
-
-        results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
-        for name, r in zip(names, results):
-            if isinstance(r, Exception):
-                log.error("disk %s: opening failed: %r", name, r)
-        return sum(r is True for r in results)
-
-    def close_disks(self, names, reason: str) -> list[asyncio.Task]:
-        """Lock every named disk now, with nothing awaited between one lock and the next,
-        then drain, flush and wipe them all at once. Returns the tasks of the drains
-        (each wipes its DEK when its disk's last in-flight request ends); they run to
-        their end whoever waits for them."""
-        retiring = []
-        for name in names:
-            export = self.catalog.get(name)
-            if export is None:
-                continue
-            backend = self._seal(export, reason)
-            if backend is not None:
-                retiring.append((name, export, backend))
-        return [asyncio.ensure_future(self._retire(*r, reason)) for r in retiring]
-
-    async def close_disk(self, name: str, reason: str, export: Export | None = None) -> None:
-        """Lock the export, let in-flight requests finish, flush, wipe the DEK.
-
-        Locking is immediate (before the first await): new requests fail with EIO from
-        here on, whatever the rest waits for. The rest runs to its end even if the caller
-        is cancelled: a DEK is never left unwiped behind a locked export."""
-        export = export or self.catalog.get(name)
-        if export is None:
-            return
-        backend = self._seal(export, reason)
-        if backend is not None:
-            await asyncio.shield(self._retire(name, export, backend, reason))
-
-    @staticmethod
-    def _seal(export: Export, reason: str):
-        """Lock `export` and put a sealed backend in; the backend it had, if it held a DEK."""
-        backend = export.backend
-        export.lock(reason)
-        export.backend = SealedBackend(backend.size)
-        return None if isinstance(backend, SealedBackend) else backend
-
-    async def _retire(self, name: str, export: Export, backend, reason: str) -> None:
-        await export.drained()
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, backend.flush)
-        except (OSError, ValueError) as e:
-            log.error("disk %s: flush on close failed: %s", name, e)
-        backend.close()
-        log.warning("disk %s locked, DEK wiped: %s", name, reason)

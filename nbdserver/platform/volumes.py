@@ -22,10 +22,10 @@ import uuid
 
 from ..backend import FileBackend
 from ..crypto import XtsLayer
-from ..exports import Export
 from . import keys, rules
 from . import operations as ops
 from .copy import copy_ciphertext, reencrypt, run_copy
+from .serving import is_open
 from .errors import (
     AccessMissing, BadRequest, Conflict, InsufficientStorage, NotFound,
 )
@@ -193,8 +193,11 @@ class VolumeOperations:
             if isinstance(e, OSError):
                 raise _storage_error(e, f"writing disk {name!r}") from None
             raise
+        # Unattached from the start: the DEK is wiped now and unwrapped again when a
+        # client attaches (serving.py).
+        backend.close()
         self._mark_ready(v)
-        self.catalog.add(Export(name, backend, description=describe_disk(v)))
+        self._export_disk(v)
         if self.access is not None and self.access.checks_started(scope) != checks:
             self.access.poke(scope)
         return name
@@ -227,8 +230,13 @@ class VolumeOperations:
         out = _volume_view(v)
         export = self.catalog.get(name)
         if export is not None:
+            # Azure's disk states: Attached while a client is in transmission.
+            out["diskState"] = "Attached" if export.clients else "Unattached"
             out["serving"] = {"state": export.state.value, "reason": export.lock_reason or None,
-                              "connections": export.clients}
+                              "connections": export.clients, "keyLoaded": is_open(export),
+                              "clients": [{"peer": a.peer, "identity": a.identity,
+                                           "since": a.since}
+                                          for a in export.attachments.values()]}
         return out
 
     def list_volumes(self, kind: VolumeKind) -> list[dict]:
@@ -327,7 +335,7 @@ class VolumeOperations:
                 # requests (they wait, they do not fail), let in-flight ones finish,
                 # flush, copy, release.
                 async with export.frozen():
-                    if not export.locked:
+                    if is_open(export):  # an unattached disk has nothing unflushed
                         # Counted in flight: a revocation meanwhile drains it before it
                         # closes the backend under it.
                         export.begin()

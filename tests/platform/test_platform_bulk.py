@@ -1,6 +1,6 @@
-"""Many disks of one key at once (issue 22): revocation locks them all before it waits for
-anything, and a re-enable opens them again with several unwraps in flight, never more
-than the bound.
+"""Many disks of one key at once (issue 22): a start unwraps nothing, revocation locks them
+all before it waits for anything, and a re-enable opens the attached ones again with
+several unwraps in flight, never more than the bound, and unwraps nothing for the others.
 
 The platform runs in the test's process over the real key service (a process), as in
 test_platform_locking.py, so the test can watch the order in which exports lock and how
@@ -17,7 +17,8 @@ from keyservice.client import Credential
 from nbdserver.crypto import XtsLayer
 from nbdserver.exports import ExportCatalog
 from nbdserver.platform.access import KeyAccess
-from nbdserver.platform.service import UNWRAP_CONCURRENCY, Platform
+from nbdserver.platform.service import Platform
+from nbdserver.platform.serving import UNWRAP_CONCURRENCY, is_open
 from tests.helpers.platform import Stack
 
 DEADLINE = 20.0  # liveness bound; nothing here is timed
@@ -38,6 +39,7 @@ class CountingClient:
         async def call(*args, **kw):
             s = self._stats
             s["now"] += 1
+            s["calls"] += 1
             s["max"] = max(s["max"], s["now"])
             try:
                 return await attr(*args, **kw)
@@ -65,24 +67,46 @@ def run(ks, tmp_path, body):
                      Credential.load(ks.ks.admin_credential))
         await p.start()
         access = KeyAccess(p, drain_bound=1.0)
-        stats = {"now": 0, "max": 0}
+        stats = {"now": 0, "max": 0, "calls": 0}
         plain = p.client_for
         p.client_for = lambda scope: CountingClient(plain(scope), stats)
         try:
             des = await p.create_des("des1", ks.key_url("cust", "k1"))
             await asyncio.to_thread(ks.grant, "cust", des["identity"]["objectId"])
             await p.create_disks("d", size="1M", des="des1", count=N)
+            await p.create_disks("spare", size="1M", des="des1")  # never attached
             await body(p, access, stats, [f"d-{i}" for i in range(N)])
         finally:
             await access.stop()
             await p.stop()
+        # A restart over the same data exports every disk and unwraps nothing.
+        again = Platform(str(tmp_path / "nb"), ExportCatalog(), ks.ks_url,
+                         Credential.load(ks.ks.admin_credential))
+        stats["calls"] = 0
+        plain_again = again.client_for
+        again.client_for = lambda scope: CountingClient(plain_again(scope), stats)
+        await again.start()
+        try:
+            assert len(list(again.catalog)) == N + 1
+            assert stats["calls"] == 0
+            assert not any(is_open(e) or e.locked for e in again.catalog)
+        finally:
+            await again.stop()
 
     asyncio.run(main())
 
 
+async def attach_all(p, names):
+    """What the server does when a client selects each disk (NBD_OPT_GO)."""
+    attached = await asyncio.gather(*(p.catalog.attach(n, object(), peer=("127.0.0.1", 1))
+                                      for n in names))
+    assert all(e is not None for e in attached)
+    return attached
+
+
 def test_revocation_locks_every_disk_before_any_drain(keyservice, tmp_path):
     async def body(p, access, stats, names):
-        exports = [p.catalog.get(n) for n in names]
+        exports = await attach_all(p, names)
         layers = [e.backend for e in exports]
         assert all(isinstance(b, XtsLayer) for b in layers)
         locked_at_first_drain = []
@@ -111,16 +135,22 @@ def test_revocation_locks_every_disk_before_any_drain(keyservice, tmp_path):
 
 def test_reenable_reopens_with_bounded_unwraps_in_flight(keyservice, tmp_path):
     async def body(p, access, stats, names):
+        assert not is_open(p.catalog.get(names[0]))  # created unattached: no DEK held
+        await attach_all(p, names)
+        assert 1 < stats["max"] <= UNWRAP_CONCURRENCY, stats
         await asyncio.to_thread(keyservice.keyservice, "key", "disable", "cust", "k1")
         await asyncio.wait_for(access.recheck("des1"), DEADLINE)
-        assert all(p.catalog.get(n).locked for n in names)
+        assert all(p.catalog.get(n).locked for n in names + ["spare"])
         await asyncio.to_thread(keyservice.keyservice, "key", "enable", "cust", "k1")
-        stats["max"] = 0
+        stats["max"] = stats["calls"] = 0
         await asyncio.wait_for(access.recheck("des1"), DEADLINE)
-        assert not any(p.catalog.get(n).locked for n in names)
+        assert not any(p.catalog.get(n).locked for n in names + ["spare"])
         assert all(isinstance(p.catalog.get(n).backend, XtsLayer) for n in names)
         # Pipelined (one after another would be 1), and bounded.
         assert 1 < stats["max"] <= UNWRAP_CONCURRENCY, stats
+        # The recheck's own unwrap, and one per attached disk: none for the spare.
+        assert stats["calls"] == 1 + N, stats
+        assert not is_open(p.catalog.get("spare"))
 
     run(keyservice, tmp_path, body)
 
