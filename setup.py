@@ -1,7 +1,9 @@
 """Native parts only; every other piece of metadata lives in pyproject.toml.
 
-`nbdserver.crypto._xts` is a thin CPython extension over OpenSSL's EVP AES-256-XTS.
-It links, in order of preference:
+`nbdserver._readq` runs the server's cold reads on native threads that never take the
+GIL (no dependencies). `nbdserver.crypto._xts` is a thin CPython extension over
+OpenSSL's EVP AES-256-XTS; it also gives the read queue its decryption (the protocol
+between the two is nbdserver/_readq.h). It links, in order of preference:
 
 - statically, the libcrypto that `scripts/lib/openssl.sh` builds from a pinned OpenSSL
   release (3.2+ has the AVX-512/VAES XTS path, twice the speed of Debian 12's 3.0 here),
@@ -27,12 +29,22 @@ if static:
 else:
     openssl = dict(libraries=["crypto"])
 
+warnings = ["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
+
 setup(
     ext_modules=[
         Extension(
+            "nbdserver._readq",
+            sources=["nbdserver/_readq.c"],
+            depends=["nbdserver/_readq.h"],
+            extra_compile_args=warnings,
+            libraries=["pthread"],
+        ),
+        Extension(
             "nbdserver.crypto._xts",
             sources=["nbdserver/crypto/_xts.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            depends=["nbdserver/_readq.h"],
+            extra_compile_args=warnings,
             **openssl,
         ),
     ],

@@ -17,6 +17,11 @@ Conventions every implementation keeps:
   never stall other connections.
 - All methods are thread-safe for non-overlapping ranges; the server may run them from
   several worker threads at once.
+- Reads that miss the page cache may go to the server's native read queue instead
+  (`submit_read`): native threads that never take the GIL, so cold reads run in
+  parallel up to the clients' queue depth. A backend that can describe its read as
+  "preadv on this fd" (`native_read`), optionally followed by a native transform of the
+  bytes (XtsLayer's decryption), accepts; any other says no and the server uses a worker.
 """
 
 from __future__ import annotations
@@ -116,6 +121,27 @@ class BlockBackend(ABC):
         is open (XtsLayer asks once, at open, for its small writes). A subclass that
         changes pwrite must change this too."""
         return None
+
+    def native_read(self, length: int) -> int | None:
+        """The fd when `pread(buf, offset)` of `length` bytes is exactly preadv(fd, buf,
+        offset) until all is read, zeros past the end of the file; None when it is not.
+        The read side of `native_write`: a layer that transforms what it reads (XtsLayer
+        decrypts) can then have the read and its transform done together, natively."""
+        return None
+
+    def submit_read(self, queue, buf, offset: int, token) -> bool:
+        """Start `pread(buf, offset)` on `queue` (the server's `_readq.ReadQueue`: native
+        threads that never take the GIL) and return True; the queue reports `token` with
+        the byte count, or -errno, once the read is done, and keeps `buf` pinned until
+        then. False when this backend cannot be read that way: the caller then calls
+        pread on a worker. The backend must stay open until the queue reports the read
+        (the server counts it in flight until then, so a close waits for it). Raises
+        what pread would raise up front."""
+        fd = self.native_read(len(buf))
+        if fd is None:
+            return False
+        queue.submit(token, buf, fd, offset)
+        return True
 
     def stage_write(self, offset: int, length: int) -> "WriteStage | None":
         """A `WriteStage` for a write of `length` bytes at `offset` whose data is still
@@ -297,6 +323,10 @@ class FileBackend(BlockBackend):
                 buf[done:] = bytes(total - done)
                 return
             done += n
+
+    def native_read(self, length):
+        # pread is preadv on this fd with zeros past the end: exactly what the queue does.
+        return self._fd if not self._closed.is_set() else None
 
     def pwrite(self, data, offset, *, fua=False, nowait=False, owned=False):
         data = memoryview(data).cast("B")

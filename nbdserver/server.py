@@ -7,9 +7,14 @@ and runs it against the export's backend:
 - inline on the event loop when the backend says it can finish without blocking
   (`nowait=True`: page-cache reads, small buffered writes) — a 4 KiB request then
   costs no thread hop and no task;
+- a READ that misses the page cache on the server's native read queue
+  (`_readq.ReadQueue`, through `BlockBackend.submit_read`): native threads run preadv,
+  and an encrypting layer's decryption, without the GIL, and the loop collects every
+  finished read at once when the queue's eventfd fires;
 - otherwise on a worker thread, replying from a future callback. Replies may go out of
-  order, as the spec allows, but a request on a worker is passed by a bounded number of
-  later ones (`OVERTAKE_MAX`): then the connection waits for it.
+  order, as the spec allows, but a request completed off the loop (worker or read
+  queue) is passed by a bounded number of later ones (`OVERTAKE_MAX`): then the
+  connection waits for it.
 
 Errors of the lower layer (OSError) become NBD errors once, in `_fail`. Memory stays
 bounded: reading pauses while too many requests are in flight, while the client is not
@@ -24,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import ssl
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+from ._readq import ReadQueue
 from .admission import Admission, ConnectionLimits, peer_key
 from .backend import INLINE_WRITE_MAX
 from .budget import BufferBudget
@@ -68,6 +75,13 @@ MAX_INFLIGHT = 64
 # at most that much (4 x MAX_INFLIGHT; cheap to count, nothing timed).
 OVERTAKE_MAX = 256
 _NEVER = 1 << 62  # _hold_at while no request waits for a worker
+# Threads of the native read queue, started as cold reads wait for them. Through the
+# ThreadPoolExecutor each cold read went loop -> worker -> loop with the GIL taken twice
+# on the worker, and threads queuing for the GIL, not the disk, serialized cold reads
+# (more workers changed nothing). The queue's threads never take the GIL, so cold reads
+# overlap up to the clients' queue depth: as many threads as two connections' requests
+# in flight, beyond which reads wait for a thread in order.
+READ_THREADS = 2 * MAX_INFLIGHT
 # Per connection: stop reading while this much reply data waits for the client.
 WRITE_BUFFER_HIGH = 8 << 20
 # Structured reads at least this large ask the backend for holes and send OFFSET_HOLE.
@@ -93,6 +107,8 @@ class NbdServer:
         self.tls_mode = tls_mode
         self.tls_context = tls_context
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
+        # Made on the event loop by the first cold read (it registers an eventfd there).
+        self.read_queue: ReadQueue | None = None
         self.connections: set[Connection] = set()
         self.shutting_down = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -122,7 +138,44 @@ class NbdServer:
                 c.abort()
         for s in self._servers:
             await s.wait_closed()
+        self._close_read_queue()
         self.pool.shutdown(wait=True)
+
+    # -- the native read queue
+    def reads(self) -> ReadQueue | None:
+        """The read queue, made on first use; None once shutting down."""
+        if self.read_queue is None and not self.shutting_down:
+            queue = ReadQueue(READ_THREADS)
+            asyncio.get_running_loop().add_reader(queue.fileno(), self._reads_done)
+            self.read_queue = queue
+        return self.read_queue
+
+    def _reads_done(self):
+        """The read queue's eventfd fired: answer every read it finished, each
+        connection's replies in one writelines()."""
+        self._complete_reads(self.read_queue.collect())
+
+    def _complete_reads(self, finished):
+        batch = []
+        for (conn, req, buf, export, mark), result in finished:
+            if conn._out is None:  # the first of this connection's replies in this batch
+                conn._out = []
+                batch.append(conn)
+            try:
+                conn._read_done(req, buf, export, mark, result)
+            except Exception:  # a bug must cost this client its connection, never the server
+                log.exception("connection %s: internal error; disconnecting", conn.peer)
+                conn.abort()
+        for conn in batch:
+            conn._end_batch()
+
+    def _close_read_queue(self):
+        """Join the queue's threads; reads still in flight (connections aborted after the
+        grace) end here, so their exports' in-flight counts come back to zero."""
+        queue, self.read_queue = self.read_queue, None
+        if queue is not None:
+            asyncio.get_running_loop().remove_reader(queue.fileno())
+            self._complete_reads(queue.close())
 
 
 class Connection(asyncio.Protocol):
@@ -504,6 +557,18 @@ class Connection(asyncio.Protocol):
                     return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
                 else:
                     return self._send_read(req, buf)
+                scanned = self.structured and req.length >= HOLE_SCAN_MIN and backend.capabilities.extents
+                if not scanned:
+                    # A cache miss (or a file that cannot say): on the native read
+                    # queue, unless this backend cannot be read that way. Reads whose
+                    # holes are scanned, and larger ones (decrypted straight from the
+                    # file's mapping under XtsLayer), stay on workers.
+                    try:
+                        if self._queue_read(req, backend, buf):
+                            return
+                    except OSError as e:
+                        self._uncharge(req.length)
+                        return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
             return self._offload(req, self._read_worker, backend, req, buf)
         if cmd == NBD_CMD_WRITE:
             stage = req.stage
@@ -565,23 +630,69 @@ class Connection(asyncio.Protocol):
             if req.cmd == NBD_CMD_READ:
                 self._uncharge(req.length)
             return self._fail(req, NBD_ESHUTDOWN, "server is shutting down")
-        mark = [self._started]
-        if not self._on_workers:
-            self._hold_at = self._started + OVERTAKE_MAX
-        self._on_workers.append(mark)
+        mark = self._began_off_loop()
         fut.add_done_callback(lambda f: self._finished(req, f, export, mark))
         self._update_reading()
 
-    def _finished(self, req, fut, export, mark):
+    def _queue_read(self, req, backend, buf) -> bool:
+        """Submit a READ to the server's native read queue; `_read_done` replies. False
+        when the backend cannot be read that way (or the server is shutting down)."""
+        queue = self.server.reads()
+        if queue is None:
+            return False
+        export = self.export
+        mark = [self._started]
+        if not backend.submit_read(queue, buf, req.offset, (self, req, buf, export, mark)):
+            return False
+        # In flight until collected: a revocation's drain waits for the read, so the
+        # disk's key and file outlive it.
+        self.inflight += 1
+        export.begin()
+        self._began_off_loop(mark)
+        self._update_reading()
+        return True
+
+    def _read_done(self, req, buf, export, mark, result):
+        """The read queue finished a READ: `result` is its byte count or -errno. Runs
+        inside a batch (NbdServer._complete_reads); the batch's end sends the replies."""
         self.inflight -= 1
         export.end()
-        # Workers finish in any order: forget the finished ones at the head of the queue
+        self._ended_off_loop(mark)
+        if result < 0 or self.transport is None or self.transport.is_closing():
+            self._uncharge(req.length)  # no reply will hold the buffer
+            if result < 0:  # this request fails; the connection goes on
+                self._fail(req, nbd_error(-result), os.strerror(-result))
+            return
+        self._send_read(req, buf)
+
+    def _end_batch(self):
+        self._flush_out()
+        self._update_reading()
+        self._maybe_close()
+
+    def _began_off_loop(self, mark=None) -> list:
+        """Fairness (OVERTAKE_MAX): a request that completes off the loop (a worker, the
+        read queue) starts now; its mark is its start number until it completes."""
+        if mark is None:
+            mark = [self._started]
+        if not self._on_workers:
+            self._hold_at = mark[0] + OVERTAKE_MAX
+        self._on_workers.append(mark)
+        return mark
+
+    def _ended_off_loop(self, mark) -> None:
+        # They finish in any order: forget the finished ones at the head of the queue
         # (each is popped once), and the hold moves on to the oldest still running.
         mark[0] = -1
         waiting = self._on_workers
         while waiting and waiting[0][0] < 0:
             waiting.popleft()
         self._hold_at = waiting[0][0] + OVERTAKE_MAX if waiting else _NEVER
+
+    def _finished(self, req, fut, export, mark):
+        self.inflight -= 1
+        export.end()
+        self._ended_off_loop(mark)
         # Retrieve the outcome even when nobody is left to tell: asyncio logs a future's
         # unretrieved exception as an error with a traceback.
         exc = fut.exception()

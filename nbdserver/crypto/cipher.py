@@ -106,6 +106,12 @@ class XtsSectorCipher:
         OSError(EIO) instead of SIGBUS killing the process. `dst` must not overlap it."""
         return self._engine.decrypt_mapped(src, dst, first_sector)
 
+    def read_transform(self):
+        """For the server's native read queue (`nbdserver._readq`): a capsule that runs
+        `decrypt(buf, buf, first, holes=True)` on the queue's thread, without the GIL,
+        after each read. It keeps the engine object alive, not the key (see close)."""
+        return self._engine.read_transform()
+
     def close(self) -> None:
         """Free the OpenSSL contexts (cleansing the key schedule) and wipe the DEK."""
         self._engine.close()

@@ -26,6 +26,10 @@ Copies are avoided:
 - any other write is encrypted into a per-thread scratch buffer (reused, at most CHUNK)
   and written from there with one lower pwrite per CHUNK.
 
+Cold reads (`submit_read`): a whole-sector read over a lower layer that reads natively
+(`native_read`: a plain file) goes to the server's native read queue with this layer's
+decryption as its transform, so preadv and decryption both run without the GIL.
+
 nowait (see backend.py): passed down unchanged, and sector locks held by another write
 are not waited for (BlockingIOError: the server's event loop must not wait for a
 worker's RMW or a whole-disk trim). Everything this layer does before the lower write
@@ -77,6 +81,7 @@ class XtsLayer(BlockBackend):
         self._lower = lower
         self._size = lower.size
         self._native_write = lower.native_write
+        self._read_transform = None  # made on the first submit_read: nothing here may fail
         self._locks = SectorLocks(STRIPES, SECTORS_PER_STRIPE)
         self._stripes = self._locks.stripes  # pwrite's short path indexes them itself
         self._local = threading.local()
@@ -173,6 +178,23 @@ class XtsLayer(BlockBackend):
                 self._write_chunk(data, offset, start, stop, fua, nowait)
         finally:
             self._locks.release(held)
+
+    def submit_read(self, queue, buf, offset, token):
+        # Whole sectors only: an unaligned end needs the scratch sector of pread.
+        self._check_open()
+        n = len(buf)
+        if not n or (offset | n) % S:
+            return False
+        fd = self._lower.native_read(n)
+        if fd is None:
+            return False
+        transform = self._read_transform
+        if transform is None:
+            transform = self._read_transform = self._cipher.read_transform()
+        # Decrypted on the queue's thread, all-zero ciphertext sectors read as holes
+        # (zeros), exactly as _read_sectors does.
+        queue.submit(token, buf, fd, offset, transform, offset // S)
+        return True
 
     def flush(self):
         self._check_open()
