@@ -8,10 +8,16 @@
  * calls. Cold 4 KiB reads at queue depth 16 then spent about 1.8 ms each in the server,
  * nearly all of it threads queuing for the GIL, not the disk: the reads were serialized
  * by the lock, and more workers changed nothing. Here a thread takes a job from a mutex
- * protected list, runs preadv (and the layer's transform: XTS decryption), appends the
- * job to a done list, and writes the queue's eventfd only when that list was empty. The
- * loop watches the eventfd (loop.add_reader) and takes every finished read in one
- * collect() call.
+ * protected list, runs preadv (and the layer's transform: XTS decryption), pushes the
+ * job on a lock-free done stack, and writes the queue's eventfd only when that stack
+ * was empty. The loop watches the eventfd (loop.add_reader) and takes every finished
+ * read in one collect() call.
+ *
+ * The event loop's thread is the one to spare: it runs every request's Python code. So
+ * it wakes at most one sleeping thread per burst of submissions, and always outside the
+ * mutex (a thread woken inside it would only block on it, and the loop would pay a
+ * second futex call to hand it over); each thread that takes a job and sees more
+ * waiting wakes the next one. Completions never touch the mutex.
  *
  * Ownership: submit() (GIL held) takes a reference to the token and to the transform
  * capsule and a writable Py_buffer on the destination, which pins it (a bytearray
@@ -30,6 +36,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -61,18 +68,21 @@ typedef struct {
     PyObject_HEAD
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    /* Under mu: */
     Job *queue_head, *queue_tail;    /* submitted, not started */
-    Job *done_head, *done_tail;      /* finished, not collected */
-    int efd;
-    int signalled;                   /* the eventfd was written since the last collect */
     int stopping;
-    int closed;
-    int max_threads;
     int n_threads;
     int idle;                        /* threads waiting for a job */
+    int wakes;                       /* of those, signalled and not yet running */
     Py_ssize_t waiting;              /* jobs in the queue */
-    Py_ssize_t busy;                 /* jobs on threads right now */
-    Py_ssize_t peak;                 /* the most jobs on threads at once */
+    /* Lock-free: */
+    _Atomic(Job *) done;             /* finished, not collected: a stack (newest first) */
+    atomic_long busy;                /* jobs on threads right now */
+    atomic_long peak;                /* the most jobs on threads at once */
+    /* GIL only: */
+    int efd;
+    int closed;
+    int max_threads;
     Py_ssize_t in_flight;            /* submitted, not collected */
     pthread_t *threads;
 } ReadQueue;
@@ -106,49 +116,81 @@ read_all(Job *j)
     return (long)len;
 }
 
+/* q->mu held: whether to wake one more sleeping thread (then counted as woken). */
+static int
+want_wake(ReadQueue *q)
+{
+    if (q->waiting > q->wakes && q->idle > q->wakes) {
+        q->wakes++;
+        return 1;
+    }
+    return 0;
+}
+
+static void
+finished(ReadQueue *q, Job *j)
+{
+    Job *top = atomic_load(&q->done);
+    do {
+        j->next = top;
+    } while (!atomic_compare_exchange_weak(&q->done, &top, j));
+    if (top == NULL) {
+        /* The first of a batch wakes the loop; the rest ride along. collect() reads the
+         * eventfd before it takes the stack, so a push after the take finds it empty and
+         * writes again: no completion is left unseen. */
+        uint64_t one = 1;
+        (void)!write(q->efd, &one, sizeof one);
+    }
+}
+
 static void *
 worker(void *arg)
 {
     ReadQueue *q = arg;
-    pthread_mutex_lock(&q->mu);
     for (;;) {
+        int wake;
+        pthread_mutex_lock(&q->mu);
         while (q->queue_head == NULL && !q->stopping) {
             q->idle++;
             pthread_cond_wait(&q->cv, &q->mu);
             q->idle--;
+            if (q->wakes > 0)
+                q->wakes--;
         }
-        if (q->stopping)
-            break;
+        if (q->stopping) {
+            pthread_mutex_unlock(&q->mu);
+            return NULL;
+        }
         Job *j = q->queue_head;
         q->queue_head = j->next;
         if (q->queue_head == NULL)
             q->queue_tail = NULL;
         q->waiting--;
-        if (++q->busy > q->peak)
-            q->peak = q->busy;
+        wake = want_wake(q);             /* pass the wake-up on down the queue */
         pthread_mutex_unlock(&q->mu);
+        if (wake)
+            pthread_cond_signal(&q->cv);
 
+        long busy = atomic_fetch_add(&q->busy, 1) + 1;
+        long peak = atomic_load(&q->peak);
+        while (busy > peak && !atomic_compare_exchange_weak(&q->peak, &peak, busy))
+            ;
         j->result = read_all(j);
-
-        pthread_mutex_lock(&q->mu);
-        q->busy--;
-        j->next = NULL;
-        if (q->done_tail != NULL)
-            q->done_tail->next = j;
-        else
-            q->done_head = j;
-        q->done_tail = j;
-        if (!q->signalled) {
-            /* One wake-up of the loop for every batch, not for every read. */
-            uint64_t one = 1;
-            q->signalled = 1;
-            pthread_mutex_unlock(&q->mu);
-            (void)!write(q->efd, &one, sizeof one);
-            pthread_mutex_lock(&q->mu);
-        }
+        atomic_fetch_sub(&q->busy, 1);
+        finished(q, j);
     }
-    pthread_mutex_unlock(&q->mu);
-    return NULL;
+}
+
+static Job *
+reversed(Job *j)
+{
+    Job *out = NULL, *next;
+    for (; j != NULL; j = next) {
+        next = j->next;
+        j->next = out;
+        out = j;
+    }
+    return out;
 }
 
 /* GIL held. Releases what submit() took. */
@@ -198,6 +240,9 @@ readq_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     pthread_mutex_init(&q->mu, NULL);
     pthread_cond_init(&q->cv, NULL);
+    atomic_init(&q->done, NULL);
+    atomic_init(&q->busy, 0);
+    atomic_init(&q->peak, 0);
     q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (q->efd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -274,6 +319,7 @@ readq_submit(ReadQueue *q, PyObject *args, PyObject *kwds)
     j->offset = offset;
     j->first = first;
 
+    int wake;
     pthread_mutex_lock(&q->mu);
     if (q->queue_tail != NULL)
         q->queue_tail->next = j;
@@ -282,8 +328,8 @@ readq_submit(ReadQueue *q, PyObject *args, PyObject *kwds)
     q->queue_tail = j;
     q->waiting++;
     q->in_flight++;
-    if (q->idle > 0)
-        pthread_cond_signal(&q->cv);
+    /* One wake-up at a time from here: the woken thread wakes the next (worker). */
+    wake = q->wakes == 0 && want_wake(q);
     if (q->waiting > q->idle && q->n_threads < q->max_threads) {
         /* A failed start is not this read's failure: a running thread will take it. */
         if (start_thread(q) != 0 && q->n_threads == 0) {
@@ -299,6 +345,8 @@ readq_submit(ReadQueue *q, PyObject *args, PyObject *kwds)
         }
     }
     pthread_mutex_unlock(&q->mu);
+    if (wake)
+        pthread_cond_signal(&q->cv);
     Py_RETURN_NONE;
 fail:
     PyBuffer_Release(&j->buf);
@@ -319,11 +367,7 @@ readq_collect(ReadQueue *q, PyObject *Py_UNUSED(ignored))
     /* Read the eventfd before taking the list: a read finishing after the take then
      * finds `signalled` clear and writes it again, so no completion is left unseen. */
     (void)!read(q->efd, &v, sizeof v);
-    pthread_mutex_lock(&q->mu);
-    j = q->done_head;
-    q->done_head = q->done_tail = NULL;
-    q->signalled = 0;
-    pthread_mutex_unlock(&q->mu);
+    j = reversed(atomic_exchange(&q->done, NULL));  /* in the order they finished */
     for (; j != NULL; j = next) {
         next = j->next;
         q->in_flight--;
@@ -355,9 +399,9 @@ readq_stop(ReadQueue *q, Job **unstarted)
         pthread_join(q->threads[i], NULL);
     Py_END_ALLOW_THREADS
     q->n_threads = 0;
-    done = q->done_head;
+    done = reversed(atomic_exchange(&q->done, NULL));
     *unstarted = q->queue_head;
-    q->done_head = q->done_tail = q->queue_head = q->queue_tail = NULL;
+    q->queue_head = q->queue_tail = NULL;
     q->waiting = 0;
     q->in_flight = 0;
     return done;
@@ -437,8 +481,13 @@ readq_dealloc(ReadQueue *q)
         return PyLong_FromSsize_t(v);                                            \
     }
 
-LOCKED_COUNT(readq_peak, peak)
 LOCKED_COUNT(readq_threads, n_threads)
+
+static PyObject *
+readq_peak(ReadQueue *q, void *Py_UNUSED(c))
+{
+    return PyLong_FromLong(atomic_load(&q->peak));
+}
 
 static PyObject *
 readq_in_flight(ReadQueue *q, void *Py_UNUSED(c))
