@@ -11,20 +11,29 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import click
 
 from .admission import ConnectionLimits
+from .client import ApiError, api, wait_operation
+from .host.cli import attach, attachments, detach
 from .runtime import configure_logging, parse_hostport, run
 
 _LIMITS = ConnectionLimits()  # the defaults, shown in --help
 
 
+class PlatformCommands(click.Group):
+    """Turns a client error into its message and exit status 1, once, for every command."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ApiError as e:
+            raise Refusal(e.message) from None
+
+
 # --------------------------------------------------------------------------- the daemon
-@click.group()
+@click.group(cls=PlatformCommands)
 def main():
     """Encrypted managed disks over NBD."""
 
@@ -119,61 +128,15 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
 
 
 # --------------------------------------------------------------------------- the client
-class ApiError(click.ClickException):
+class Refusal(click.ClickException):
+    """A refusal shown as `error: MESSAGE` on stderr, exit status 1."""
+
     def show(self, file=None):
         click.echo(f"error: {self.message}", err=True)
 
 
-def _token() -> str | None:
-    if os.environ.get("NBDSERVER_TOKEN"):
-        return os.environ["NBDSERVER_TOKEN"]
-    path = os.environ.get("NBDSERVER_TOKEN_FILE", "/var/lib/nbdserver/api.token")
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def api(method: str, path: str, body: dict | None = None):
-    base = os.environ.get("NBDSERVER_API", "http://127.0.0.1:8080").rstrip("/")
-    data = json.dumps({k: v for k, v in body.items() if v is not None}).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    token = _token()
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=600) as resp:
-            raw = resp.read()
-            return json.loads(raw) if raw else None
-    except urllib.error.HTTPError as e:
-        try:
-            err = json.loads(e.read())["error"]
-            msg = f"{err.get('message')} [{err.get('code')}, HTTP {e.code}]"
-        except Exception:
-            msg = f"HTTP {e.code}"
-        raise ApiError(msg) from None
-    except urllib.error.URLError as e:
-        raise ApiError(f"cannot reach the nbdserver API at {base}: {e.reason}") from None
-
-
-def wait_operation(op: dict, quiet: bool = False):
-    """Follow a long operation, printing progress on stderr; return its result."""
-    last = None
-    while op["status"] == "running":
-        pct = int(op.get("progress", 0) * 100)
-        if not quiet and pct != last:
-            click.echo(f"{op['kind']}: {pct}%", err=True)
-        last = pct
-        time.sleep(0.2)  # polling interval of a remote operation
-        op = api("GET", f"/operations/{op['id']}")
-    if op["status"] == "failed":
-        err = op["error"]
-        raise ApiError(f"{err['message']} [{err['code']}, HTTP {err.get('status')}]")
-    if not quiet:
-        click.echo(f"{op['kind']}: 100%", err=True)
-    return op["result"]
+def progress(kind: str, percent: int) -> None:
+    click.echo(f"{kind}: {percent}%", err=True)
 
 
 def out(obj):
@@ -242,7 +205,7 @@ def disk():
 def disk_create(name, size, des, source, count, subscription, location, quiet):
     op = api("POST", "/disks", {"name": name, "size": size, "diskEncryptionSet": des, "source": source,
                                 "count": count, "subscription": subscription, "location": location})
-    result = wait_operation(op, quiet)
+    result = wait_operation(op, None if quiet else progress)
     out(result[0] if count is None else result)
 
 
@@ -289,7 +252,7 @@ def _volume_group(kind: str, create_opt: str, create_help: str):
     @click.option("--quiet", is_flag=True)
     def create(name, source, quiet):
         body = {"name": name, "disk": source} if create_opt == "disk" else {"name": name, "source": source}
-        out(wait_operation(api("POST", f"/{kind}s", body), quiet))
+        out(wait_operation(api("POST", f"/{kind}s", body), None if quiet else progress))
 
     @grp.command("show")
     @click.argument("name")
@@ -351,8 +314,6 @@ def tls_init(directory, hosts, client_name, psk_identity, days, force):
 
 
 # Host integration: attach a disk as a block device on this machine (nbdserver/host/).
-from .host.cli import attach, attachments, detach  # noqa: E402
-
 main.add_command(attach)
 main.add_command(detach)
 main.add_command(attachments)

@@ -10,6 +10,7 @@ import json
 
 import click
 
+from ..client import api
 from .attach import Host, Via
 from .errors import HostError
 
@@ -33,7 +34,6 @@ def _out(obj) -> None:
 def _nbd_address(given: str | None) -> str:
     if given:
         return given
-    from ..cli import api  # the client edge's HTTP helper (NBDSERVER_API, token)
     return api("GET", "/info")["nbd"]
 
 
