@@ -182,13 +182,13 @@ class XtsTarget(PlainTarget):
 
 class _NbdOverTls:
     """Mixin: the same server with NBD TLS required (STARTTLS, TLS 1.3, a fresh test CA from
-    `keyservice.tlsca`, as `nbdserver tls init` makes). The URI says tls-verify-peer=false:
+    `daemonkit.tlsca`, as `nbdserver tls init` makes). The URI says tls-verify-peer=false:
     fio's nbd engine cannot be handed a CA (libnbd refuses `tls-certificates=` in URIs from
     programs that do not allow local files), and verification is a once-per-connection
     cost; what is measured, the encryption of every byte, is the same."""
 
     def _prepare(self) -> None:
-        from keyservice.tlsca import init_ca
+        from daemonkit.tlsca import init_ca
         super()._prepare()
         init_ca(self.workdir / "tls")
 

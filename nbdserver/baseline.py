@@ -14,12 +14,14 @@ import argparse
 import asyncio
 import logging
 
+from daemonkit.sdnotify import sd_notify
+
 from .admission import ConnectionLimits
 from .backend import FileBackend
 from .budget import default_limit
 from .exports import Export, ExportCatalog
 from .protocol.handshake import TlsMode
-from .runtime import configure_logging, parse_hostport, run, sd_notify
+from .runtime import configure_logging, parse_hostport, run
 from .server import NbdServer
 from .tls import ServerTls, TlsConfigError, resolve_mode, server_context_for
 from .visibility import ExportList

@@ -89,8 +89,7 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
           tls_verify_clients, tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
           max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list):
     """Run the NBD server and the disk platform."""
-    from keyservice.tls import TlsConfigError as KsTlsError
-    from keyservice.tls import client_ssl_for
+    from keyservice.client import client_ssl_for
 
     from .daemon import StartupError, serve_forever
     from .tls import ServerTls, TlsConfigError, resolve_mode, server_context_for
@@ -102,7 +101,7 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
         mode = resolve_mode(tls_mode, nbd_addr[0])
         tls_context = server_context_for(mode, ServerTls(tls_dir, tls_verify_clients, tls_psk_file))
         ks_ssl = client_ssl_for(keyservice_url, keyservice_ca, insecure_keyservice_http)
-    except (TlsConfigError, KsTlsError) as e:
+    except TlsConfigError as e:
         raise click.UsageError(str(e))
     if keyservice_credential is None:
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -301,7 +300,7 @@ def tls():
 @click.option("--force", is_flag=True, help="make a new CA even if DIRECTORY has one")
 def tls_init(directory, hosts, client_name, psk_identity, days, force):
     """Create a CA, server and client certificates (keys 0600) in qemu/libnbd layout."""
-    from keyservice.tlsca import CaError, init_ca
+    from daemonkit.tlsca import CaError, init_ca
 
     from .tls import TlsConfigError, write_psk_file
     try:

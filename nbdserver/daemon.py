@@ -13,6 +13,7 @@ import logging
 
 from aiohttp import web
 
+from daemonkit.sdnotify import sd_notify
 from keyservice.client import Credential
 
 from .api import build_app, load_api_token
@@ -22,7 +23,6 @@ from .platform.errors import PlatformError
 from .platform.sealing import MasterKeyError
 from .platform.service import Platform
 from .protocol.handshake import TlsMode
-from .runtime import sd_notify
 from .server import NbdServer
 from .visibility import ExportList
 
@@ -61,7 +61,7 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen
     nbd_addrs = await server.listen(*nbd_listen)
     nbd_host, nbd_port = nbd_addrs[0][:2]
     nbd_address = f"[{nbd_host}]:{nbd_port}" if ":" in nbd_host else f"{nbd_host}:{nbd_port}"
-    from keyservice.httpguard import GuardedRunner, HttpLimits  # slowloris guard
+    from daemonkit.httpguard import GuardedRunner, HttpLimits  # slowloris guard
     runner = GuardedRunner(build_app(platform, load_api_token(data_dir), nbd_address=nbd_address),
                            limits=HttpLimits.from_env("NBDSERVER_API"), access_log=None)
     await runner.setup()

@@ -1,16 +1,17 @@
-"""Process plumbing shared by the daemons' entry points: event loop, signals, sd_notify."""
+"""Process plumbing of nbdserver's entry points: event loop, signals, memory, limits.
+
+sd_notify and the watchdog are daemonkit.sdnotify's, shared with the key service."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
 import logging
-import os
 import resource
 import signal
-import socket
 
-from keyservice.httplog import MalformedRequestLog
+from daemonkit.httplog import MalformedRequestLog
+from daemonkit.sdnotify import watchdog_loop
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
@@ -19,31 +20,6 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 MMAP_THRESHOLD = 32 << 20  # glibc's most on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 # ... and up to this much freed memory at the top of a heap stays mapped for the next.
 TRIM_THRESHOLD = 256 << 20
-
-
-def sd_notify(message: str) -> bool:
-    """Send a state line to systemd ($NOTIFY_SOCKET); False when not under systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return False
-    if path.startswith("@"):  # abstract namespace
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        s.connect(path)
-        s.sendall(message.encode())
-    return True
-
-
-async def _watchdog() -> None:
-    """WATCHDOG=1 at half the interval systemd asked for (WatchdogSec=): sent from the
-    event loop itself, so a stuck loop stops the pings and systemd restarts the daemon."""
-    interval = int(os.environ["WATCHDOG_USEC"]) / 2e6
-    pid = os.environ.get("WATCHDOG_PID")
-    if pid and int(pid) != os.getpid():
-        return
-    while True:
-        sd_notify("WATCHDOG=1")
-        await asyncio.sleep(interval)
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
@@ -136,11 +112,10 @@ def run(main) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        watchdog = asyncio.create_task(_watchdog()) if os.environ.get("WATCHDOG_USEC") else None
+        watchdog = asyncio.create_task(watchdog_loop())
         try:
             await main(stop)
         finally:
-            if watchdog:
-                watchdog.cancel()
+            watchdog.cancel()
 
     runner(wrapper())

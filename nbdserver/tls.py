@@ -5,7 +5,7 @@ in protocol/handshake.py; server.py upgrades the asyncio transport with
 `loop.start_tls`. This module only builds the `ssl.SSLContext` that upgrade uses, and
 tells clients (nbd-client, nbdfuse, libnbd, qemu) how to reach a TLS server.
 
-Files follow the GnuTLS/qemu naming that `tls init` writes (keyservice/tlsca.py):
+Files follow the GnuTLS/qemu naming that `tls init` writes (daemonkit/tlsca.py):
 `server-cert.pem`, `server-key.pem`, `ca-cert.pem` in one directory. A PSK file is in
 psktool's format, one `identity:hexkey` a line, the same file a libnbd or qemu client
 reads (`tls-psk-file=`), so one file serves both ends.
@@ -26,7 +26,6 @@ callback for TLS 1.2 PSK suites and, for TLS 1.3, as an external SHA-256 PSK
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import logging
 import os
 import ssl
@@ -34,7 +33,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyservice.tlsca import (
+from daemonkit.tls import TlsConfigError, is_loopback
+from daemonkit.tlsca import (
     CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY, CaError, check_private_file,
 )
 
@@ -52,20 +52,10 @@ MIN_PSK_BYTES = 16
 MAX_PSK_BYTES = 256
 
 
-class TlsConfigError(Exception):
-    """TLS settings that cannot work: the message says which file or option and why."""
+__all__ = ["TlsConfigError", "is_loopback"]  # re-exported: the errors of this module's calls
 
 
 # ----------------------------------------------------------------------- the mode
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name or a wildcard ("", "0.0.0.0" is not loopback either)
-
-
 def default_mode(listen_host: str) -> TlsMode:
     """REQUIRED unless the NBD listener is loopback-only: the issue's rule that a real
     deployment cannot forget TLS. Decrypted disk data crosses that socket."""
@@ -109,7 +99,7 @@ def load_psk_file(path) -> dict[str, bytes]:
 
 def write_psk_file(path, identity: str, key: bytes | None = None) -> Path:
     """Add (or replace) `identity` in a psktool-format file, 0600; a fresh 32-byte key by default."""
-    from keyservice.tlsca import write_private
+    from daemonkit.tlsca import write_private
     if ":" in identity or not identity.isprintable() or not identity:
         raise TlsConfigError(f"bad PSK identity {identity!r}")
     key = key if key is not None else os.urandom(32)

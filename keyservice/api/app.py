@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from daemonkit.httplog import escape
+
 from ..domain import errors
-from ..httplog import escape
 from .body import MAX_BODY
 from .refusals import RefusalTally, cap
 from .work import ExpensiveWork, WorkLimits

@@ -173,7 +173,7 @@ def test_a_tls_handshake_that_never_ends_is_closed(tls_pki_server):
 
 @pytest.fixture
 def tls_pki_server(tmp_path):
-    from keyservice.tlsca import init_ca
+    from daemonkit.tlsca import init_ca
     certs = tmp_path / "pki"
     init_ca(certs)
     srv = BaselineServer(tmp_path, [f"disk={tmp_path / 'disk.img'},size={DISK_SIZE}"],

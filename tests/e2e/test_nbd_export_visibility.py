@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from keyservice.tlsca import init_ca
+from daemonkit.tlsca import init_ca
 from nbdserver.protocol.constants import (
     NBD_CMD_READ, NBD_OPT_GO, NBD_OPT_LIST, NBD_REP_ACK, NBD_REP_ERR_POLICY, NBD_REP_ERR_UNKNOWN,
     NBD_REP_SERVER, NBD_REPLY_TYPE_ERROR,

@@ -11,7 +11,7 @@ import pytest
 
 from keyservice.domain.errors import BadRequest
 from keyservice.domain.names import check_key_name, check_vault_name, check_version
-from keyservice.httplog import escape
+from daemonkit.httplog import escape
 
 
 def test_names_with_a_trailing_newline_are_refused(daemon):

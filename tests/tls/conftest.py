@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from keyservice.tlsca import init_ca
+from daemonkit.tlsca import init_ca
 from nbdserver.tls import write_psk_file
 from tests.helpers.images import DISK_SIZE
 from tests.helpers.servers import BaselineServer, stop_healthy

@@ -1,4 +1,4 @@
-"""keyservice/tlsca.py: the CA tooling, checked with OpenSSL's command line as the oracle."""
+"""daemonkit/tlsca.py: the CA tooling, checked with OpenSSL's command line as the oracle."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 from cryptography import x509
 
-from keyservice.tlsca import CaError, check_private_file, init_ca
+from daemonkit.tlsca import CaError, check_private_file, init_ca
 from tests.helpers.servers import ROOT
 
 FILES = ["ca-cert.pem", "ca-key.pem", "server-cert.pem", "server-key.pem", "client-cert.pem",

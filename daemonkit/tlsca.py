@@ -11,8 +11,8 @@ nbd-client's `-cacert/-certfile/-keyfile`):
     client-cert.pem    a client certificate (CN = client_name), for client authentication
     client-key.pem     its key (0600)
 
-Both daemons use it (`nbdserver tls init`, `keyservice tls init`); it lives in
-keyservice because nbdserver may import keyservice and never the other way round.
+Both daemons use it (`nbdserver tls init`, `keyservice tls init`), so it lives in
+daemonkit, which neither daemon's package owns.
 A real deployment uses its own CA instead: the files only need these names
 (docs/tls.md). All cryptography comes from `cryptography`; keys are ECDSA P-256,
 which OpenSSL, GnuTLS and every client in use here accept.

@@ -1,7 +1,7 @@
 """sd_notify: one datagram to $NOTIFY_SOCKET, or nothing."""
 import socket
 
-from keyservice.sdnotify import sd_notify
+from daemonkit.sdnotify import sd_notify
 
 
 def test_sends_to_notify_socket(tmp_path, monkeypatch):

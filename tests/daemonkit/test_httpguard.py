@@ -2,7 +2,7 @@
 bytes are, fed in every possible split."""
 import pytest
 
-from keyservice.httpguard import BODY, CHUNKED, HEADERS, IDLE, RequestProgress
+from daemonkit.httpguard import BODY, CHUNKED, HEADERS, IDLE, RequestProgress
 
 GET = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
 POST = b"POST /vaults HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"

@@ -1,0 +1,7 @@
+"""What both daemons (nbdserver and keyservice) share: their process and HTTP edges.
+
+`sdnotify` (systemd readiness and watchdog), `tls` (the loopback rule and the one TLS
+configuration error), `tlsca` (the CA of test and demo set-ups), `httplog` (log lines
+safe from client input, aiohttp's malformed-request log) and `httpguard` (slowloris
+protection). It imports neither daemon: both depend on it, never the other way round.
+"""
