@@ -76,9 +76,7 @@ def _request_timeout() -> float:
 
 def _client_ssl(url):
     """KEYSERVICE_CA: the CA that signed the service's certificate (else the system's CAs)."""
-    from daemonkit.tls import TlsConfigError
-
-    from .client import client_context
+    from .tls import TlsConfigError, client_context
     ca = os.environ.get("KEYSERVICE_CA")
     if not ca:
         return None  # https:// verifies against the system's CAs; http:// needs nothing
@@ -125,16 +123,16 @@ def main():
 @click.option("--reserved-vault-prefix", "reserved", multiple=True,
               help="also reserve vault names starting with this for the platform role "
                    "(repeat; nbd-platform is always reserved)")
+@click.option("--vault-domain", help="also serve vault V as https://V.DOMAIN/keys (Key Vault's "
+              "addressing, for the Azure SDKs; docs/azure-clients.md)")
 def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat, tls_dir, tls_cert,
-          tls_key, insecure_plain_http, http_header_timeout, http_body_timeout, max_connections, reserved):
+          tls_key, insecure_plain_http, http_header_timeout, http_body_timeout, max_connections, reserved,
+          vault_domain):
     """Run the key service daemon."""
-    from daemonkit.httpguard import HttpLimits
-    from daemonkit.tls import TlsConfigError
-
     from .sealing import MasterKeyError
-    from .server import ServeConfig, open_service
-    from .server import serve as run_server
-    from .tls import check_plain_http, server_context_from
+    from .httpguard import HttpLimits
+    from .server import ServeConfig, open_service, serve as run_server
+    from .tls import TlsConfigError, check_plain_http, server_context_from
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
         raise click.UsageError("--listen must be HOST:PORT")
@@ -148,7 +146,8 @@ def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServeConfig(data_dir=data_dir, host=host.strip("[]") or "127.0.0.1", port=int(port),
                          base_url=base_url, master_key_file=master_key_file,
-                         token_lifetime=token_lifetime, heartbeat=heartbeat, ssl_context=ssl_context)
+                         token_lifetime=token_lifetime, heartbeat=heartbeat, ssl_context=ssl_context,
+                         vault_domain=vault_domain)
     config.reserved_vault_prefixes += tuple(reserved)
     config.http_limits = HttpLimits(header_timeout=http_header_timeout, body_timeout=http_body_timeout,
                                     max_connections=max_connections)
@@ -500,7 +499,7 @@ def tls():
 @click.option("--force", is_flag=True, help="make a new CA even if DIRECTORY has one")
 def tls_init(directory, hosts, days, force):
     """Create a CA, a server and a client certificate in DIRECTORY (keys 0600)."""
-    from daemonkit.tlsca import CaError, init_ca
+    from .tlsca import CaError, init_ca
     try:
         written = init_ca(directory, hosts=hosts, days=days, force=force)
     except CaError as e:

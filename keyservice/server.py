@@ -18,13 +18,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from daemonkit.httpguard import GuardedRunner, HttpLimits
-from daemonkit.httplog import MalformedRequestLog
-from daemonkit.sdnotify import sd_notify, watchdog_loop
-
+from .api.addressing import Addressing
 from .api.app import make_app
 from .domain.names import DEFAULT_RESERVED_PREFIXES
 from .domain.service import KeyService
+from .httpguard import GuardedRunner, HttpLimits
+from .httplog import MalformedRequestLog
+from .sdnotify import sd_notify, watchdog_loop
 from .store import Store
 from .tokens import DEFAULT_LIFETIME, TokenSigner
 
@@ -45,6 +45,7 @@ class ServeConfig:
     ssl_context: ssl_module.SSLContext | None = None
     reserved_vault_prefixes: tuple[str, ...] = DEFAULT_RESERVED_PREFIXES
     http_limits: HttpLimits = HttpLimits()
+    vault_domain: str | None = None  # vaults also as https://{vault}.{domain}/keys (docs/azure-clients.md)
 
 
 def open_service(config: ServeConfig) -> KeyService:
@@ -53,7 +54,8 @@ def open_service(config: ServeConfig) -> KeyService:
     host = f"[{config.host}]" if ":" in config.host else config.host
     base = config.base_url or f"{scheme}://{host}:{config.port}"
     service = KeyService(store, TokenSigner(store.token_key, config.token_lifetime), base_url=base,
-                         reserved_prefixes=config.reserved_vault_prefixes)
+                         reserved_prefixes=config.reserved_vault_prefixes,
+                         audiences=Addressing(base, config.vault_domain).audiences)
     path = Path(config.data_dir) / "admin.credential"
 
     def deliver(ident, secret):
@@ -95,7 +97,7 @@ async def serve(config: ServeConfig, service: KeyService) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = make_app(service, heartbeat=config.heartbeat)
+    app = make_app(service, heartbeat=config.heartbeat, vault_domain=config.vault_domain)
     runner = GuardedRunner(app, limits=config.http_limits, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=config.ssl_context,

@@ -5,6 +5,11 @@ and die with a master-key change. Claims: `oid` (object id), `tid` (tenant),
 `roles`, `iat`, `nbf`, `exp` (RFC 7519), and `gen`, the identity's generation
 (the service refuses a token whose generation is not the identity's current one). Only HS256 is accepted: the header's
 `alg` is checked, never trusted (no "alg": "none", no key confusion).
+
+`aud` (RFC 7519 section 4.1.3) is set when the token was asked for a resource (the
+OAuth 2.0 v2 endpoint's `scope`, or `resource` on /oauth2/token); the service then
+refuses it unless the audience is one of its own. Tokens without `aud` are the
+service's own clients' tokens, as before audiences existed, and stay valid.
 """
 import base64
 import hashlib
@@ -38,10 +43,12 @@ class TokenSigner:
         return hmac.new(self._key, signing_input, hashlib.sha256).digest()
 
     def issue(self, object_id: str, tenant_id: str, roles, now: float,
-              generation: int = 0) -> tuple[str, int]:
+              generation: int = 0, audience: str | None = None) -> tuple[str, int]:
         claims = {"iss": self.issuer, "oid": object_id, "sub": object_id, "tid": tenant_id,
                   "roles": list(roles), "gen": generation, "iat": int(now), "nbf": int(now),
                   "exp": int(now) + self.lifetime, "jti": secrets.token_hex(8)}
+        if audience is not None:
+            claims["aud"] = audience
         signing_input = (_b64(json.dumps(_HEADER).encode()) + "." +
                          _b64(json.dumps(claims, separators=(",", ":")).encode())).encode()
         return signing_input.decode() + "." + _b64(self._sign(signing_input)), claims["exp"]
@@ -70,9 +77,10 @@ class TokenSigner:
         if now + _LEEWAY < nbf:
             raise Unauthorized("The bearer token is not yet valid")
         oid, tid, roles = claims.get("oid"), claims.get("tid"), claims.get("roles", [])
-        gen = claims.get("gen", 0)
+        gen, aud = claims.get("gen", 0), claims.get("aud")
         if not isinstance(oid, str) or not isinstance(tid, str) or not isinstance(roles, list) \
-                or isinstance(gen, bool) or not isinstance(gen, int):
+                or isinstance(gen, bool) or not isinstance(gen, int) \
+                or not (aud is None or isinstance(aud, str)):
             raise Unauthorized("The bearer token is malformed")
         return Caller(object_id=oid, tenant_id=tid, roles=tuple(r for r in roles if isinstance(r, str)),
-                      generation=gen)
+                      generation=gen, audience=aud)

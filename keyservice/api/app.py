@@ -10,15 +10,16 @@ authorization and a commit, so revocation never waits behind them.
 import asyncio
 import functools
 import logging
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from daemonkit.httplog import escape
-
 from ..domain import errors
+from ..httplog import escape
+from .addressing import Addressing, is_host_form
 from .body import MAX_BODY
 from .refusals import RefusalTally, cap
 from .work import ExpensiveWork, WorkLimits
@@ -27,8 +28,10 @@ log = logging.getLogger("keyservice")
 
 STATUS = {errors.BadRequest: 400, errors.Unauthorized: 401, errors.Forbidden: 403,
           errors.NotFound: 404, errors.Conflict: 409, errors.TooManyRequests: 429}
-PUBLIC = {"Token", "OpenApi", "Health"}  # route names callable without a bearer token
-UNAUDITED = {"OpenApi", "Health"}
+# route names callable without a bearer token
+PUBLIC = {"Token", "TokenV2", "OpenIdConfiguration", "OpenApi", "Health"}
+UNAUDITED = {"OpenApi", "Health", "OpenIdConfiguration"}
+TOKEN_ROUTES = {"Token", "TokenV2"}  # their 401s are OAuth's, not a resource's challenge
 
 
 class EventBus:
@@ -76,10 +79,36 @@ def error_body(code: str, message: str, inner: str | None = None) -> dict:
 
 
 def _error_response(status: int, code: str, message: str, inner=None) -> web.Response:
-    resp = web.json_response(error_body(code, message, inner), status=status)
-    if status == 401:
-        resp.headers["WWW-Authenticate"] = 'Bearer realm="keyservice"'
-    return resp
+    return web.json_response(error_body(code, message, inner), status=status)
+
+
+# Key Vault's data-plane versions from 7.4 on: "7.N" (and its previews) and the dated
+# ones that followed 7.6 ("2025-07-01"). Clients that send none (this project's own)
+# get the current behaviour; the shapes served are those of 7.4 and later.
+_API_VERSION = re.compile(r"7\.(\d{1,3})(-preview(\.\d{1,3})?)?|(20\d\d-\d\d-\d\d)(-preview)?")
+
+
+def check_api_version(value: str | None) -> None:
+    if value is None:
+        return
+    m = _API_VERSION.fullmatch(value)
+    if not m or (m[1] is not None and int(m[1]) < 4) or (m[4] is not None and m[4] < "2025-01-01"):
+        raise errors.BadRequest(f"The specified version ({value[:32]}) is not recognized. "
+                                "Supported: 7.4, 7.5, 7.6 and 2025-07-01 or later")
+
+
+async def _challenge(request: web.Request, resp: web.Response) -> None:
+    """Key Vault's challenge (what the SDKs' challenge policy parses): where to get a
+    token (`authorization`: the token service and the tenant) and for what (`resource`)."""
+    domain: Domain = request.app["domain"]
+    addressing: Addressing = request.app["addressing"]
+    vault = request.match_info.get("vault") or request.get("host_vault")
+    try:
+        tenant = await domain.run(domain.service.challenge_tenant, vault)
+    except Exception:  # never worse than a challenge without the vault's tenant
+        tenant = domain.service.home_tenant
+    resp.headers["WWW-Authenticate"] = (f'Bearer authorization="{addressing.authority}/{tenant}", '
+                                        f'resource="{addressing.resource}"')
 
 
 _HTTP_CODES = {404: "NotFound", 405: "MethodNotAllowed", 413: "RequestEntityTooLarge"}
@@ -93,9 +122,17 @@ async def edge(request: web.Request, handler):
     rid = str(uuid.uuid4())
     request["request_id"] = rid
     request["caller"] = None
-    name = request.match_info.route.name or "Unknown"
+    request["host_vault"] = request.app["addressing"].vault_of_host(request.host)
+    name = (request.match_info.route.name or "Unknown").removesuffix(".host")
     error_code = None
     try:
+        check_api_version(request.query.get("api-version"))
+        if is_host_form(request):
+            if request["host_vault"] is None:
+                raise errors.NotFound(f"'{request.host}' names no vault: use "
+                                      "https://{vault}.{domain}/keys (serve --vault-domain) or "
+                                      "/vaults/{vault}/keys", code="VaultNotFound")
+            request["vault"] = request["host_vault"]  # for the audit chain
         if name not in PUBLIC and request.match_info.http_exception is None:
             request["caller"] = await domain.run(domain.service.authenticate, _bearer(request))
         resp = await handler(request)
@@ -118,8 +155,11 @@ async def edge(request: web.Request, handler):
         log.exception("request %s failed", rid)
         error_code = "InternalError"
         resp = _error_response(500, "InternalError", f"Internal error; request id {rid}")
+    error_code = error_code or request.get("error_code")
     if not resp.prepared:
         resp.headers["x-ms-request-id"] = rid
+        if resp.status == 401 and name not in TOKEN_ROUTES:
+            await _challenge(request, resp)
     caller = request["caller"].object_id if request["caller"] else request.get("caller_hint")
     if name in UNAUDITED:
         pass
@@ -152,14 +192,16 @@ def _bearer(request: web.Request) -> str:
     return token.strip()
 
 
-def make_app(service, *, heartbeat: float = 5.0, limits: WorkLimits = WorkLimits()) -> web.Application:
-    from . import audit, directory, events, keys, vaults
+def make_app(service, *, heartbeat: float = 5.0, limits: WorkLimits = WorkLimits(),
+             vault_domain: str | None = None) -> web.Application:
+    from . import audit, directory, events, keys, oauth, vaults
     app = web.Application(client_max_size=MAX_BODY, middlewares=[edge])
     app["domain"] = Domain(service, limits)
+    app["addressing"] = Addressing(getattr(service, "base_url", "http://127.0.0.1"), vault_domain)
     app["bus"] = EventBus()
     app["heartbeat"] = heartbeat
     app["refusals"] = RefusalTally(lambda entry: _record(app["domain"], entry))
-    for module in (directory, vaults, keys, audit, events):
+    for module in (directory, vaults, keys, audit, events, oauth):
         module.add_routes(app.router)
 
     async def on_startup(app):

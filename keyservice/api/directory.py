@@ -11,11 +11,13 @@ OPENAPI = Path(__file__).resolve().parent.parent / "openapi.json"
 
 
 async def token(request: web.Request) -> web.Response:
-    """OAuth 2.0 client credentials grant (RFC 6749 section 4.4); form or JSON body."""
+    """OAuth 2.0 client credentials grant (RFC 6749 section 4.4); form or JSON body.
+    `resource` (optional, Azure AD v1's name for it) stamps the token's audience;
+    without it the token has none, as before audiences existed (see tokens.py)."""
     domain = request.app["domain"]
     if request.content_type == "application/x-www-form-urlencoded":
         form = await request.post()
-        body = {k: form.get(k) for k in ("grant_type", "client_id", "client_secret")}
+        body = {k: form.get(k) for k in ("grant_type", "client_id", "client_secret", "resource")}
     else:
         body = await json_body(request)
     grant = field(body, "grant_type", str, default="client_credentials")
@@ -23,10 +25,15 @@ async def token(request: web.Request) -> web.Response:
         raise BadRequest("grant_type must be client_credentials")
     tok, exp, ident = await domain.run(domain.service.issue_token,
                                        field(body, "client_id", str, required=True),
-                                       field(body, "client_secret", str, required=True))
+                                       field(body, "client_secret", str, required=True),
+                                       _resource(field(body, "resource", str)))
     request["caller_hint"] = ident.object_id
     return web.json_response({"access_token": tok, "token_type": "Bearer",
                               "expires_in": domain.service.signer.lifetime, "expires_on": exp})
+
+
+def _resource(value: str | None) -> str | None:
+    return value.rstrip("/") if value else None
 
 
 async def create_identity(request: web.Request) -> web.Response:

@@ -1,16 +1,24 @@
-"""Key operations, in Key Vault's paths and field names."""
+"""Key operations, in Key Vault's paths and field names.
+
+Every route exists twice: in path form under /vaults/{vault} and in host form (the
+vault in the Host header, api/addressing.py). Version-less calls also come with a
+trailing slash (`GET /keys/k1/`, `PATCH /keys/k1/`): that is how the Azure SDKs send
+an empty version.
+"""
 from aiohttp import web
 
 from ..domain import rsakeys
 from ..domain.errors import BadRequest
 from ..domain.keys import parse_attributes
 from . import render, work
+from .addressing import vault_name, vault_url
 from .body import field, json_body
+from .paging import page
 
 
 def _args(request):
-    m = request.match_info
-    return request.app["domain"], request.app["domain"].service, request["caller"], m["vault"], m["name"]
+    return (request.app["domain"], request.app["domain"].service, request["caller"],
+            vault_name(request), request.match_info["name"])
 
 
 async def create(request: web.Request) -> web.Response:
@@ -67,17 +75,22 @@ async def rotate(request: web.Request) -> web.Response:
 
 async def list_(request: web.Request) -> web.Response:
     domain, svc, caller = request.app["domain"], request.app["domain"].service, request["caller"]
-    deleted = request.match_info.route.name == "DeletedKeyList"
-    v, keys = await domain.run(svc.list_keys, caller, request.match_info["vault"], deleted)
-    return web.json_response({"value": [render.key_item(svc, v, k, deleted) for k in keys],
-                              "nextLink": None})
+    deleted = request.match_info.route.name.startswith("DeletedKeyList")
+    vault = vault_name(request)
+    v, keys = await domain.run(svc.list_keys, caller, vault, deleted)
+    url = vault_url(request, vault)
+    p = page(request, url + ("/deletedkeys" if deleted else "/keys"), keys, lambda k: k.name)
+    return web.json_response({"value": [render.key_item(url, v, k, deleted) for k in p["chosen"]],
+                              "nextLink": p["nextLink"]})
 
 
 async def versions(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
     v, key = await domain.run(svc.list_versions, caller, vault, name)
-    return web.json_response({"value": [render.version_item(svc, v, key, kv) for kv in key.versions],
-                              "nextLink": None})
+    url = vault_url(request, vault)
+    p = page(request, f"{url}/keys/{name}/versions", list(enumerate(key.versions)), lambda i: i[0])
+    return web.json_response({"value": [render.version_item(url, v, key, kv) for _, kv in p["chosen"]],
+                              "nextLink": p["nextLink"]})
 
 
 async def _crypto(request: web.Request, op) -> web.Response:
@@ -87,6 +100,8 @@ async def _crypto(request: web.Request, op) -> web.Response:
     value = rsakeys.b64u_decode(field(body, "value", str, required=True))
     kid, out = await domain.run(op(svc), caller, vault, name, request.match_info.get("version"),
                                 alg, value)
+    # The domain names the version in its own (path-form) kid; answer in the request's form.
+    kid = render.kid(vault_url(request, vault), name, kid.rsplit("/", 1)[1])
     request["kid"] = kid
     return web.json_response({"kid": kid, "value": rsakeys.b64u_encode(out)})
 
@@ -102,13 +117,13 @@ async def unwrap(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
     v, key = await domain.run(svc.delete_key, caller, vault, name)
-    return web.json_response(render.deleted_key_bundle(svc, v, key))
+    return web.json_response(render.deleted_key_bundle(vault_url(request, vault), v, key))
 
 
 async def get_deleted(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
     v, key = await domain.run(svc.get_deleted_key, caller, vault, name)
-    return web.json_response(render.deleted_key_bundle(svc, v, key))
+    return web.json_response(render.deleted_key_bundle(vault_url(request, vault), v, key))
 
 
 async def recover(request: web.Request) -> web.Response:
@@ -124,30 +139,44 @@ async def purge(request: web.Request) -> web.Response:
 
 
 def _bundle(request, svc, v, key, kv) -> web.Response:
-    bundle = render.key_bundle(svc, v, key, kv)
+    bundle = render.key_bundle(vault_url(request, v.name), v, key, kv)
     request["kid"] = bundle["key"]["kid"]
     return web.json_response(bundle)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
-    base = "/vaults/{vault}/keys"
-    router.add_get(base, list_, name="KeyList")
+    _add_key_routes(router, "/vaults/{vault}", "")
+    _add_key_routes(router, "", ".host")  # the vault from the Host header
+
+
+def _add_key_routes(router: web.UrlDispatcher, vault: str, suffix: str) -> None:
+    base = vault + "/keys"
     # Literal segments before {version}, so "versions" is never read as a version.
-    router.add_get(base + "/{name}/versions", versions, name="KeyVersions")
-    router.add_post(base + "/{name}/create", create, name="KeyCreate")
-    router.add_post(base + "/{name}/rotate", rotate, name="KeyRotate")
-    router.add_post(base + "/{name}/wrapkey", wrap, name="KeyWrap")
-    router.add_post(base + "/{name}/unwrapkey", unwrap, name="KeyUnwrap")
-    router.add_put(base + "/{name}", import_, name="KeyImport")
-    router.add_get(base + "/{name}", get, name="KeyGet")
-    router.add_patch(base + "/{name}", update, name="KeyUpdate")
-    router.add_delete(base + "/{name}", delete, name="KeyDelete")
-    router.add_get(base + "/{name}/{version}", get, name="KeyGetVersion")
-    router.add_patch(base + "/{name}/{version}", update, name="KeyUpdateVersion")
-    router.add_post(base + "/{name}/{version}/wrapkey", wrap, name="KeyWrapVersion")
-    router.add_post(base + "/{name}/{version}/unwrapkey", unwrap, name="KeyUnwrapVersion")
-    deleted = "/vaults/{vault}/deletedkeys"
-    router.add_get(deleted, list_, name="DeletedKeyList")
-    router.add_get(deleted + "/{name}", get_deleted, name="DeletedKeyGet")
-    router.add_post(deleted + "/{name}/recover", recover, name="KeyRecover")
-    router.add_delete(deleted + "/{name}", purge, name="KeyPurge")
+    routes = [
+        ("GET", base, list_, "KeyList"),
+        ("GET", base + "/{name}/versions", versions, "KeyVersions"),
+        ("POST", base + "/{name}/create", create, "KeyCreate"),
+        ("POST", base + "/{name}/rotate", rotate, "KeyRotate"),
+        ("POST", base + "/{name}/wrapkey", wrap, "KeyWrap"),
+        ("POST", base + "/{name}/unwrapkey", unwrap, "KeyUnwrap"),
+        ("PUT", base + "/{name}", import_, "KeyImport"),
+        ("GET", base + "/{name}", get, "KeyGet"),
+        ("PATCH", base + "/{name}", update, "KeyUpdate"),
+        ("DELETE", base + "/{name}", delete, "KeyDelete"),
+        # The SDKs' empty version: a trailing slash.
+        ("GET", base + "/{name}/", get, "KeyGetLatest"),
+        ("PATCH", base + "/{name}/", update, "KeyUpdateLatest"),
+        ("GET", base + "/{name}/{version}", get, "KeyGetVersion"),
+        ("PATCH", base + "/{name}/{version}", update, "KeyUpdateVersion"),
+        ("POST", base + "/{name}/{version}/wrapkey", wrap, "KeyWrapVersion"),
+        ("POST", base + "/{name}/{version}/unwrapkey", unwrap, "KeyUnwrapVersion"),
+    ]
+    deleted = vault + "/deletedkeys"
+    routes += [
+        ("GET", deleted, list_, "DeletedKeyList"),
+        ("GET", deleted + "/{name}", get_deleted, "DeletedKeyGet"),
+        ("POST", deleted + "/{name}/recover", recover, "KeyRecover"),
+        ("DELETE", deleted + "/{name}", purge, "KeyPurge"),
+    ]
+    for method, path, handler, name in routes:
+        router.add_route(method, path, handler, name=name + suffix)

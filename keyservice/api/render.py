@@ -11,8 +11,11 @@ def _int(t):
 
 
 def attributes(vault: Vault, v: KeyVersion) -> dict:
+    """Key Vault's KeyAttributes: times in whole seconds since the epoch; `exportable`
+    is false because no private key ever leaves the service."""
     out = {"enabled": v.enabled, "created": _int(v.created), "updated": _int(v.updated),
-           "recoveryLevel": vault.recovery_level, "recoverableDays": vault.retention_days}
+           "recoveryLevel": vault.recovery_level, "recoverableDays": vault.retention_days,
+           "exportable": False}
     if v.nbf is not None:
         out["nbf"] = _int(v.nbf)
     if v.exp is not None:
@@ -20,32 +23,38 @@ def attributes(vault: Vault, v: KeyVersion) -> dict:
     return out
 
 
-def key_bundle(service, vault: Vault, key: Key, v: KeyVersion) -> dict:
-    jwk = {"kid": service.kid(vault.name, key.name, v.version), "key_ops": list(v.key_ops),
+# `vault_url` below is where the caller reached the vault (api/addressing.py): kids
+# are `{vault_url}/keys/{name}[/{version}]` in the form of the request.
+def kid(vault_url: str, name: str, version: str | None = None) -> str:
+    return f"{vault_url}/keys/{name}" + (f"/{version}" if version else "")
+
+
+def key_bundle(vault_url: str, vault: Vault, key: Key, v: KeyVersion) -> dict:
+    jwk = {"kid": kid(vault_url, key.name, v.version), "key_ops": list(v.key_ops),
            **rsakeys.public_jwk_fields(rsakeys.load_public_der(v.public_der))}
     return {"key": jwk, "attributes": attributes(vault, v)}
 
 
-def deleted_key_bundle(service, vault: Vault, key: Key) -> dict:
-    out = key_bundle(service, vault, key, key.current)
-    out.update(deleted_fields(service, vault, key))
+def deleted_key_bundle(vault_url: str, vault: Vault, key: Key) -> dict:
+    out = key_bundle(vault_url, vault, key, key.current)
+    out.update(deleted_fields(vault_url, key))
     return out
 
 
-def deleted_fields(service, vault: Vault, key: Key) -> dict:
-    return {"recoveryId": f"{service.base_url}/vaults/{vault.name}/deletedkeys/{key.name}",
+def deleted_fields(vault_url: str, key: Key) -> dict:
+    return {"recoveryId": f"{vault_url}/deletedkeys/{key.name}",
             "deletedDate": _int(key.deleted_at), "scheduledPurgeDate": _int(key.scheduled_purge)}
 
 
-def key_item(service, vault: Vault, key: Key, deleted: bool = False) -> dict:
-    out = {"kid": service.kid(vault.name, key.name), "attributes": attributes(vault, key.current)}
+def key_item(vault_url: str, vault: Vault, key: Key, deleted: bool = False) -> dict:
+    out = {"kid": kid(vault_url, key.name), "attributes": attributes(vault, key.current)}
     if deleted:
-        out.update(deleted_fields(service, vault, key))
+        out.update(deleted_fields(vault_url, key))
     return out
 
 
-def version_item(service, vault: Vault, key: Key, v: KeyVersion) -> dict:
-    return {"kid": service.kid(vault.name, key.name, v.version), "attributes": attributes(vault, v)}
+def version_item(vault_url: str, vault: Vault, key: Key, v: KeyVersion) -> dict:
+    return {"kid": kid(vault_url, key.name, v.version), "attributes": attributes(vault, v)}
 
 
 def policy(vault: Vault, object_id: str, perms) -> dict:

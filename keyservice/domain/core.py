@@ -14,8 +14,11 @@ from .vaults import Vault, VaultState
 
 class ServiceCore:
     def __init__(self, store, clock: Clock = system_clock, base_url: str = "http://127.0.0.1",
-                 reserved_prefixes=DEFAULT_RESERVED_PREFIXES):
+                 reserved_prefixes=DEFAULT_RESERVED_PREFIXES, audiences=()):
         self.store = store
+        # Token audiences this service accepts (api/addressing.py says which); a token
+        # issued for any other resource is refused.
+        self.audiences = tuple(audiences) or (base_url.rstrip("/"),)
         self.clock = clock
         self.base_url = base_url.rstrip("/")
         self.reserved_prefixes = tuple(reserved_prefixes)

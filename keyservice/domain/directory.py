@@ -93,25 +93,37 @@ class DirectoryOperations(ServiceCore):
         return ident
 
     # -- tokens --
-    def issue_token(self, client_id, client_secret) -> tuple[str, int, Identity]:
+    def issue_token(self, client_id, client_secret, audience: str | None = None,
+                    tenant_id: str | None = None) -> tuple[str, int, Identity]:
+        """`audience`: the resource the token is for (one of `self.audiences`), or None
+        for a token of the service's own clients. `tenant_id`: the tenant the client
+        named (the v2 endpoint's path); a client of another tenant is refused exactly
+        as a wrong secret is, so the answer does not tell where a client id lives."""
         if not isinstance(client_id, str) or not isinstance(client_secret, str):
             raise BadRequest("client_id and client_secret are required strings")
+        if audience is not None and audience not in self.audiences:
+            raise BadRequest(f"The resource '{audience}' is not served here; ask for "
+                             f"{' or '.join(self.audiences) or 'no resource'}", code="invalid_scope")
         ident = self.store.identity_by_client_id(client_id)
         # Compare against a dummy when the client is unknown, so timing does not
         # tell an attacker which client ids exist.
         ok = (ident or _DUMMY).secret_matches(client_secret) and ident is not None
-        if not ok:
+        if not ok or (tenant_id is not None and ident.tenant_id != tenant_id):
             raise Unauthorized("Invalid client id or client secret", code="Unauthorized")
         if ident.disabled:
             raise Unauthorized(f"The identity '{ident.object_id}' is disabled")
         token, exp = self.signer.issue(ident.object_id, ident.tenant_id, ident.roles, self.clock(),
-                                       ident.generation)
+                                       ident.generation, audience)
         return token, exp, ident
 
     def authenticate(self, token: str) -> Caller:
-        """A valid signature is not enough: the identity must still exist, be enabled
-        and be of the token's generation. Roles are the identity's current ones."""
+        """A valid signature is not enough: the audience (when the token has one) must
+        be this service's, and the identity must still exist, be enabled and be of the
+        token's generation. Roles are the identity's current ones."""
         claimed = self.signer.verify(token, self.clock())
+        if claimed.audience is not None and claimed.audience not in self.audiences:
+            raise Unauthorized(f"The bearer token's audience '{claimed.audience}' is not this "
+                               f"service ({', '.join(self.audiences)})")
         ident = self.store.identity(claimed.object_id)
         if ident is None or ident.tenant_id != claimed.tenant_id:
             raise Unauthorized("The bearer token's identity no longer exists")
@@ -120,4 +132,12 @@ class DirectoryOperations(ServiceCore):
         if ident.generation != claimed.generation:
             raise Unauthorized("The bearer token was revoked (its identity was disabled or its "
                                "secret was reset); request a new one")
-        return Caller(ident.object_id, ident.tenant_id, ident.roles, ident.generation)
+        return Caller(ident.object_id, ident.tenant_id, ident.roles, ident.generation,
+                      claimed.audience)
+
+    def challenge_tenant(self, vault: str | None) -> str:
+        """The tenant a 401's challenge names: the vault's (any state), else the home
+        tenant. Key Vault names the vault's tenant too: a client must get its token
+        there, and tenant ids are not secrets."""
+        v = self.store.vault(vault) if isinstance(vault, str) and vault else None
+        return v.tenant_id if v is not None else self.home_tenant

@@ -48,6 +48,7 @@ class Caller:
     tenant_id: str
     roles: tuple[str, ...] = field(default=())
     generation: int = 0  # the identity's generation when the token was issued
+    audience: str | None = None  # the token's `aud`; None for tokens issued without one
 
     @property
     def is_admin(self) -> bool:

@@ -11,8 +11,9 @@ from .vault_ops import VaultOperations
 
 class KeyService(DirectoryOperations, VaultOperations, KeyOperations):
     def __init__(self, store, signer, clock=None, base_url: str = "http://127.0.0.1",
-                 reserved_prefixes=None):
+                 reserved_prefixes=None, audiences=()):
         kwargs = {"clock": clock} if clock else {}
+        kwargs["audiences"] = audiences
         if reserved_prefixes is not None:
             kwargs["reserved_prefixes"] = reserved_prefixes
         super().__init__(store, base_url=base_url, **kwargs)

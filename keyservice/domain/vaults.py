@@ -70,7 +70,10 @@ class Vault:
 
     @property
     def recovery_level(self) -> str:
-        return "Recoverable" if self.purge_protection else "Recoverable+Purgeable"
+        """Key Vault's names: "Customized" when retention is under the default 90 days,
+        "+Purgeable" unless purge protection is on."""
+        level = "Recoverable" if self.retention_days == MAX_RETENTION else "CustomizedRecoverable"
+        return level if self.purge_protection else level + "+Purgeable"
 
 
 def check_retention(days) -> int:

@@ -1,0 +1,102 @@
+"""Running the official Azure Key Vault SDKs against a real key service process.
+
+Vault host names (`{vault}.vault.test`) are mapped to 127.0.0.1 in the client, as
+Lowkey Vault's client does: `LoopbackAdapter` connects every request to the loopback
+address and port while the URL, the Host header, SNI and the certificate check keep
+the name. No DNS, no /etc/hosts. The server's certificate comes from `keyservice tls
+init --host '*.vault.test'`, and the SDK trusts its CA through `connection_verify`.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from azure.core.pipeline.transport import RequestsTransport
+from azure.identity import ClientSecretCredential
+from azure.keyvault.keys import KeyClient
+
+# This directory's conftest by path: a bare `import conftest` gets whichever conftest
+# pytest imported first when several test directories run together.
+_spec = importlib.util.spec_from_file_location("keyservice_tests_conftest",
+                                               Path(__file__).with_name("conftest.py"))
+_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_conftest)
+Daemon = _conftest.Daemon
+
+DOMAIN = "vault.test"
+
+
+class LoopbackAdapter(HTTPAdapter):
+    """Connect to 127.0.0.1 whatever the URL's host; the name stays in Host, SNI and
+    the certificate's hostname check."""
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        name = host_params["host"]
+        if name != "127.0.0.1":
+            host_params = dict(host_params, host="127.0.0.1")
+            pool_kwargs = dict(pool_kwargs, server_hostname=name, assert_hostname=name)
+        return host_params, pool_kwargs
+
+    def send(self, request, *args, **kwargs):
+        request.headers["Host"] = urlsplit(request.url).netloc
+        return super().send(request, *args, **kwargs)
+
+
+def loopback_session() -> requests.Session:
+    session = requests.Session()
+    session.mount("https://", LoopbackAdapter())
+    return session
+
+
+def tls_dir(base: Path) -> Path:
+    d = base / "tls"
+    subprocess.run([sys.executable, "-m", "keyservice", "tls", "init", str(d),
+                    "--host", f"*.{DOMAIN}", "--host", DOMAIN], check=True, capture_output=True)
+    return d
+
+
+class AzureDaemon(Daemon):
+    """The key service over HTTPS with `--vault-domain vault.test`."""
+
+    def __init__(self, data_dir: Path, extra_args=()):
+        self.tls = tls_dir(Path(data_dir).parent)
+        super().__init__(data_dir, ["--tls-dir", str(self.tls), "--vault-domain", DOMAIN, *extra_args])
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.ca = str(self.tls / "ca-cert.pem")
+        self.session = loopback_session()
+
+    def http(self, method, path, body=None, *, as_=None, token="admin", raw=None, headers=None,
+             url=None):
+        """One request (to `url` or the service's base URL + path); (status, JSON or None)."""
+        hdrs = dict(headers or {})
+        if token == "admin":
+            token = self.token(as_ or self.admin)
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        if data is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        r = self.session.request(method, url or self.url + path, data=data, headers=hdrs,
+                                 verify=self.ca, timeout=30)
+        return r.status_code, (r.json() if r.content else None)
+
+    def vault_url(self, vault: str) -> str:
+        return f"https://{vault}.{DOMAIN}:{self.port}"
+
+    def transport(self) -> RequestsTransport:
+        return RequestsTransport(session=self.session, session_owner=False, connection_verify=self.ca)
+
+    def credential(self, cred) -> ClientSecretCredential:
+        return ClientSecretCredential(cred.tenant_id, cred.client_id, cred.client_secret,
+                                      authority=self.url, disable_instance_discovery=True,
+                                      transport=self.transport(), connection_verify=self.ca)
+
+    def key_client(self, vault: str, cred=None, **kwargs) -> KeyClient:
+        return KeyClient(self.vault_url(vault), self.credential(cred or self.admin),
+                         transport=self.transport(), connection_verify=self.ca, **kwargs)
