@@ -76,7 +76,9 @@ def _request_timeout() -> float:
 
 def _client_ssl(url):
     """KEYSERVICE_CA: the CA that signed the service's certificate (else the system's CAs)."""
-    from .tls import TlsConfigError, client_context
+    from daemonkit.tls import TlsConfigError
+
+    from .client import client_context
     ca = os.environ.get("KEYSERVICE_CA")
     if not ca:
         return None  # https:// verifies against the system's CAs; http:// needs nothing
@@ -129,10 +131,13 @@ def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat
           tls_key, insecure_plain_http, http_header_timeout, http_body_timeout, max_connections, reserved,
           vault_domain):
     """Run the key service daemon."""
+    from daemonkit.httpguard import HttpLimits
+    from daemonkit.tls import TlsConfigError
+
     from .sealing import MasterKeyError
-    from .httpguard import HttpLimits
-    from .server import ServeConfig, open_service, serve as run_server
-    from .tls import TlsConfigError, check_plain_http, server_context_from
+    from .server import ServeConfig, open_service
+    from .server import serve as run_server
+    from .tls import check_plain_http, server_context_from
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
         raise click.UsageError("--listen must be HOST:PORT")
@@ -499,7 +504,7 @@ def tls():
 @click.option("--force", is_flag=True, help="make a new CA even if DIRECTORY has one")
 def tls_init(directory, hosts, days, force):
     """Create a CA, a server and a client certificate in DIRECTORY (keys 0600)."""
-    from .tlsca import CaError, init_ca
+    from daemonkit.tlsca import CaError, init_ca
     try:
         written = init_ca(directory, hosts=hosts, days=days, force=force)
     except CaError as e:

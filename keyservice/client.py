@@ -11,12 +11,15 @@ import base64
 import errno
 import json
 import os
+import ssl
 import time
 from dataclasses import asdict, dataclass
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 import aiohttp
+
+from daemonkit.tls import TlsConfigError, is_loopback
 
 from . import secret_http
 
@@ -108,6 +111,38 @@ def parse_kid(kid: str) -> tuple[str, str, str | None]:
 def _key_path(kid: str) -> str:
     vault, name, version = parse_kid(kid)
     return f"/vaults/{vault}/keys/{name}" + (f"/{version}" if version else "")
+
+
+# The TLS of a connection to the service: verify its certificate, plain HTTP only to loopback.
+def client_context(cafile=None) -> ssl.SSLContext:
+    """Verify the key service's certificate: against `cafile`, else the system's CAs."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    except (OSError, ssl.SSLError) as e:
+        raise TlsConfigError(f"cannot load the key service CA {cafile}: {e}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def client_ssl_for(url: str, cafile=None, insecure_plain_http: bool = False):
+    """The `ssl=` a KeyServiceClient for `url` needs; refuses http:// to another host.
+
+    https:// gets a verifying context (hostname checked, default CAs or `cafile`);
+    http:// is fine to a loopback service, elsewhere only with `insecure_plain_http`.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return client_context(cafile)
+    if parts.scheme != "http":
+        raise TlsConfigError(f"key service URL must be https:// (or http:// on loopback): {url}")
+    if cafile:
+        raise TlsConfigError(f"a CA file was given but the key service URL is plain http: {url}")
+    if not insecure_plain_http and not is_loopback(parts.hostname or ""):
+        raise TlsConfigError(
+            f"refusing plain HTTP to the key service at {url}: unwrapped keys would cross the "
+            "network. Use https:// (and a CA file), or allow it explicitly "
+            "(nbdserver serve --insecure-keyservice-http)")
+    return None
 
 
 class KeyServiceClient:

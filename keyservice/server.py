@@ -18,13 +18,14 @@ from pathlib import Path
 
 from aiohttp import web
 
+from daemonkit.httpguard import GuardedRunner, HttpLimits
+from daemonkit.httplog import MalformedRequestLog
+from daemonkit.sdnotify import sd_notify, watchdog_loop
+
 from .api.addressing import Addressing
 from .api.app import make_app
 from .domain.names import DEFAULT_RESERVED_PREFIXES
 from .domain.service import KeyService
-from .httpguard import GuardedRunner, HttpLimits
-from .httplog import MalformedRequestLog
-from .sdnotify import sd_notify, watchdog_loop
 from .store import Store
 from .tokens import DEFAULT_LIFETIME, TokenSigner
 

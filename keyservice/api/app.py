@@ -17,8 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from daemonkit.httplog import escape
+
 from ..domain import errors
-from ..httplog import escape
 from .addressing import Addressing, is_host_form
 from .body import MAX_BODY
 from .refusals import RefusalTally, cap
