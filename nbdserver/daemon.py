@@ -53,6 +53,7 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen
         await platform.stop()
         raise StartupError(e.message) from None
     access = KeyAccess(platform, lease=lease, grace=grace)
+    platform.use_key_access(access)
     access.start()
     # tls_mode None: off (the CLI resolves the default; see nbdserver/tls.py).
     server = NbdServer(catalog, workers=workers, tls_mode=tls_mode or TlsMode.OFF,

@@ -54,7 +54,6 @@ class KeyAccess:
         self.stream_connected = False
         self.drain_bound = drain_bound
         self._started: dict[str, int] = {}  # scope -> rechecks started
-        platform.access = self
 
     def start(self) -> None:
         now = self.clock()

@@ -20,16 +20,21 @@ import os
 from keyservice.client import Credential, KeyServiceClient, KeyServiceError, KeyServiceUnavailable
 
 from ..exports import ExportCatalog
-from ..state import State
 from . import keys
+from .access import KeyAccess
+from .encryption_sets import EncryptionSetOperations
 from .errors import NotFound, PlatformVaultUntrusted
 from .model import (
-    PLATFORM_KEY, EncryptionSet, KeyUrl, VolumeKind, VolumeState,
+    PLATFORM_KEY,
+    EncryptionSet,
+    KeyUrl,
+    VolumeKind,
+    VolumeState,
 )
-from .encryption_sets import EncryptionSetOperations
 from .operations import Operations
-from .serving import IDLE_CLOSE, DiskServing
 from .sealing import Sealer, load_master_key
+from .serving import IDLE_CLOSE, DiskServing
+from .state import State
 from .volumes import DEFAULT_LOCATION, VolumeOperations, _unlink
 
 log = logging.getLogger("nbdserver.platform")
@@ -75,8 +80,14 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
         self._des_clients: dict[str, KeyServiceClient] = {}
         self.platform_key_url: str | None = self.state.get_config("platform_key_url")
         self.operations = Operations()  # claims, deadlines, tasks: see operations.py
-        self.access = None  # set by access.KeyAccess
+        self.access: KeyAccess | None = None  # see use_key_access
         self._init_serving(idle_close)  # serving.py: open on attach, close when idle
+
+    def use_key_access(self, access: KeyAccess) -> None:
+        """The revocation watcher to poke after a change that may alter key access (a new
+        key, a move, a refused unwrap). Whoever builds both wires them (daemon.py); a
+        platform without one changes nothing and is rechecked by nobody."""
+        self.access = access
 
     # -- start and stop
     async def start(self) -> None:

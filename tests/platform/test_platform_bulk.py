@@ -67,6 +67,7 @@ def run(ks, tmp_path, body):
                      Credential.load(ks.ks.admin_credential))
         await p.start()
         access = KeyAccess(p, drain_bound=1.0)
+        p.use_key_access(access)
         stats = {"now": 0, "max": 0, "calls": 0}
         plain = p.client_for
         p.client_for = lambda scope: CountingClient(plain(scope), stats)

@@ -91,6 +91,7 @@ def run(keyservice, tmp_path, body):
                      Credential.load(ks.ks.admin_credential))
         await p.start()
         access = KeyAccess(p, drain_bound=1.0)
+        p.use_key_access(access)
         gates: list[Gate] = []
         plain = p.client_for
         p.client_for = lambda scope: GatedClient(plain(scope), scope, gates)

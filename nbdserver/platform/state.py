@@ -11,8 +11,8 @@ import os
 import sqlite3
 import time
 
-from .platform.errors import InsufficientStorage
-from .platform.model import EncryptionSet, KeyEnvelope, Volume, VolumeKind, VolumeState
+from .errors import InsufficientStorage
+from .model import EncryptionSet, KeyEnvelope, Volume, VolumeKind, VolumeState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS config (k TEXT PRIMARY KEY, v TEXT NOT NULL);
