@@ -58,6 +58,10 @@ async def errors_middleware(request, handler):
         raise
     except asyncio.CancelledError:
         raise
+    except ConnectionResetError:
+        # The client went away while its request was read: nothing of ours failed.
+        log.info("%s %s: the client closed the connection mid-request", request.method, request.path)
+        return _error(400, "ClientClosedRequest", "the client closed the connection mid-request")
     except Exception:
         log.exception("internal error in %s %s", request.method, request.path)
         return _error(500, "InternalError", "internal error; see the server log")

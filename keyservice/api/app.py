@@ -152,6 +152,12 @@ async def edge(request: web.Request, handler):
         resp = _error_response(status, error_code, message)
     except asyncio.CancelledError:
         raise
+    except ConnectionResetError:
+        # The client went away while its request was read (killed, or cut off by
+        # httpguard): not a fault of ours, so no traceback. Nobody reads this answer;
+        # the code is for the audit entry and the log line.
+        error_code = "ClientClosedRequest"
+        resp = _error_response(400, error_code, "The client closed the connection mid-request")
     except Exception:
         log.exception("request %s failed", rid)
         error_code = "InternalError"
