@@ -1,0 +1,191 @@
+"""The official Azure SDK for Python (azure-keyvault-keys with azure-identity's
+ClientSecretCredential) against a real key service process, unchanged: only the
+client's configuration differs from Key Vault's (authority, vault URL, CA, and the
+loopback mapping of vault host names in azure_sdk.py)."""
+import itertools
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+from azure.keyvault.keys import JsonWebKey, KeyType
+from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from azure_sdk import AzureDaemon
+from keyservice.client import Credential
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def ks(tmp_path_factory):
+    d = AzureDaemon(tmp_path_factory.mktemp("azsdk") / "data").start()
+    yield d
+    d.close()
+
+
+def _vault(ks, purge_protection=False) -> str:
+    name = f"sdk-{next(_names)}-{uuid.uuid4().hex[:6]}"
+    status, body = ks.http("POST", "/vaults", {"name": name, "location": "l", "subscription": "s",
+                                               "softDeleteRetentionInDays": 7,
+                                               "enablePurgeProtection": purge_protection})
+    assert status == 201, body
+    return name
+
+
+@pytest.fixture
+def client(ks):
+    with ks.key_client(_vault(ks)) as c:
+        yield c
+
+
+def _crypto(ks, kid, cred=None) -> CryptographyClient:
+    return CryptographyClient(kid, ks.credential(cred or ks.admin), transport=ks.transport(),
+                              connection_verify=ks.ca)
+
+
+def _identity(ks, vault, permissions) -> Credential:
+    status, body = ks.http("POST", "/identities", {"displayName": "app", "type": "servicePrincipal"})
+    assert status == 201, body
+    cred = Credential(body["clientId"], body["clientSecret"], body["tenantId"], body["objectId"])
+    status, body = ks.http("PUT", f"/vaults/{vault}/accessPolicies/{cred.object_id}",
+                           {"permissions": {"keys": permissions}})
+    assert status == 200, body
+    return cred
+
+
+@pytest.mark.parametrize("size", [2048, 3072, 4096])
+def test_create_rsa_and_get_latest_and_by_version(client, size):
+    key = client.create_rsa_key("k", size=size)
+    assert key.key_type == KeyType.rsa and key.id.startswith(client.vault_url + "/keys/k/")
+    assert len(key.key.n) * 8 == size and key.properties.enabled is True
+    assert key.properties.recovery_level == "CustomizedRecoverable+Purgeable"
+    assert key.properties.recoverable_days == 7
+    assert key.properties.created_on <= datetime.now(timezone.utc)
+    assert client.get_key("k").id == key.id
+    assert client.get_key("k", key.properties.version).key.n == key.key.n
+
+
+def test_list_keys_and_versions_across_pages(client):
+    for name in ("a", "b", "c"):
+        client.create_rsa_key(name, size=2048)
+    client.rotate_key("a")
+    client.rotate_key("a")
+    pages = list(client.list_properties_of_keys(max_page_size=2).by_page())
+    assert len(pages) == 2
+    assert [p.name for page in pages for p in page] == ["a", "b", "c"]
+    versions = list(client.list_properties_of_key_versions("a", max_page_size=2).by_page())
+    assert [len(list(p)) for p in versions] == [2, 1]
+
+
+def test_update_disable_enable_and_expiry(ks, client):
+    key = client.create_rsa_key("k", size=2048)
+    assert client.update_key_properties("k", enabled=False).properties.enabled is False
+    crypto = _crypto(ks, key.id)
+    wrapped = crypto.wrap_key(KeyWrapAlgorithm.rsa_oaep_256, b"d" * 32).encrypted_key
+    with pytest.raises(HttpResponseError) as e:
+        crypto.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped)
+    assert e.value.status_code == 403 and e.value.error.code == "Forbidden"
+    assert "disabled" in e.value.error.message
+    assert client.update_key_properties("k", key.properties.version, enabled=True).properties.enabled
+    expires = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=30)
+    updated = client.update_key_properties("k", expires_on=expires)
+    assert updated.properties.expires_on == expires
+    assert crypto.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped).key == b"d" * 32
+
+
+def test_rotate_adds_a_current_version_of_the_same_size(client):
+    first = client.create_rsa_key("k", size=2048)
+    rotated = client.rotate_key("k")
+    assert rotated.properties.version != first.properties.version and len(rotated.key.n) == 256
+    assert client.get_key("k").id == rotated.id
+
+
+def test_delete_get_deleted_recover(client):
+    key = client.create_rsa_key("k", size=2048)
+    deleted = client.begin_delete_key("k").result()
+    assert deleted.recovery_id == f"{client.vault_url}/deletedkeys/k"
+    assert deleted.scheduled_purge_date - deleted.deleted_date == timedelta(days=7)
+    with pytest.raises(ResourceNotFoundError) as e:
+        client.get_key("k")
+    assert e.value.error.code == "KeyNotFound"
+    assert client.get_deleted_key("k").id == key.id
+    assert [d.name for d in client.list_deleted_keys()] == ["k"]
+    poller = client.begin_recover_deleted_key("k")
+    poller.wait()
+    assert poller.result().id == key.id and client.get_key("k").id == key.id
+
+
+def test_purge_without_and_with_purge_protection(ks, client):
+    client.create_rsa_key("k", size=2048)
+    client.begin_delete_key("k").wait()
+    client.purge_deleted_key("k")
+    with pytest.raises(ResourceNotFoundError):
+        client.get_deleted_key("k")
+    with ks.key_client(_vault(ks, purge_protection=True)) as protected:
+        protected.create_rsa_key("k", size=2048)
+        assert protected.get_key("k").properties.recovery_level == "CustomizedRecoverable"
+        protected.begin_delete_key("k").wait()
+        with pytest.raises(HttpResponseError) as e:
+            protected.purge_deleted_key("k")
+        assert e.value.status_code == 403 and e.value.error.code == "Forbidden"
+        assert protected.get_deleted_key("k").name == "k"
+
+
+@pytest.mark.parametrize("alg", [KeyWrapAlgorithm.rsa_oaep, KeyWrapAlgorithm.rsa_oaep_256])
+def test_wrap_unwrap_on_the_service(ks, client, alg):
+    """An identity with wrapKey/unwrapKey only: the SDK cannot read the public key, so
+    it asks the service for both operations (with `get`, it would wrap locally)."""
+    key = client.create_rsa_key("k", size=2048)
+    app = _identity(ks, client.vault_url.split("//")[1].split(".")[0], ["wrapKey", "unwrapKey"])
+    crypto = _crypto(ks, key.id, app)
+    dek = bytes(range(32))
+    wrapped = crypto.wrap_key(alg, dek)
+    assert wrapped.key_id == key.id
+    assert crypto.unwrap_key(alg, wrapped.encrypted_key).key == dek
+    # And with `get` too (the SDK wraps with the public key, the service unwraps).
+    local = _crypto(ks, key.id).wrap_key(alg, dek).encrypted_key
+    assert crypto.unwrap_key(alg, local).key == dek
+
+
+def test_import_a_jwk(ks, client):
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    nums = private.private_numbers()
+
+    def b(i):
+        return i.to_bytes((i.bit_length() + 7) // 8, "big")
+    jwk = JsonWebKey(kty="RSA", n=b(nums.public_numbers.n), e=b(nums.public_numbers.e), d=b(nums.d),
+                     p=b(nums.p), q=b(nums.q), dp=b(nums.dmp1), dq=b(nums.dmq1), qi=b(nums.iqmp),
+                     key_ops=["wrapKey", "unwrapKey"])
+    imported = client.import_key("imported", jwk)
+    assert imported.key.n == b(nums.public_numbers.n)
+    wrapped = private.public_key().encrypt(b"x" * 32, padding.OAEP(padding.MGF1(hashes.SHA256()),
+                                                                   hashes.SHA256(), None))
+    got = _crypto(ks, imported.id).unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped)
+    assert got.key == b"x" * 32
+
+
+def test_refusals_are_the_sdks_own_exceptions(ks, client):
+    with pytest.raises(ResourceNotFoundError) as e:
+        client.get_key("missing")
+    assert e.value.error.code == "KeyNotFound"
+    key = client.create_rsa_key("k", size=2048)
+    vault = client.vault_url.split("//")[1].split(".")[0]
+    reader = _identity(ks, vault, ["get"])
+    with ks.key_client(vault, reader) as as_reader:
+        assert as_reader.get_key("k").id == key.id
+        with pytest.raises(HttpResponseError) as e:
+            as_reader.create_rsa_key("other", size=2048)
+    assert e.value.status_code == 403 and e.value.error.code == "Forbidden"
+    assert "create permission" in e.value.error.message
+    # Another tenant's identity: the challenge names this vault's tenant, which its
+    # credential may not get tokens for.
+    status, body = ks.http("POST", "/identities", {"displayName": "stranger", "type": "user",
+                                                   "roles": ["admin"], "tenantId": str(uuid.uuid4())})
+    assert status == 201, body
+    stranger = Credential(body["clientId"], body["clientSecret"], body["tenantId"], body["objectId"])
+    with ks.key_client(vault, stranger) as as_stranger:
+        with pytest.raises(ClientAuthenticationError):
+            as_stranger.get_key("k")
