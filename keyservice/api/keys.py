@@ -16,6 +16,13 @@ from .body import field, json_body
 from .paging import page
 
 
+def _no_tags(body: dict) -> dict:
+    """Tags are not stored: refusing them says so, where dropping them would not."""
+    if body.get("tags"):
+        raise BadRequest("Key tags are not supported by this service")
+    return body
+
+
 def _args(request):
     return (request.app["domain"], request.app["domain"].service, request["caller"],
             vault_name(request), request.match_info["name"])
@@ -23,7 +30,7 @@ def _args(request):
 
 async def create(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
-    body = await json_body(request)
+    body = _no_tags(await json_body(request))
     kty = field(body, "kty", str, default="RSA")
     if kty not in ("RSA", "RSA-HSM"):
         raise BadRequest(f"Unsupported key type {kty!r}; only RSA keys are supported")
@@ -33,7 +40,7 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def import_(request: web.Request) -> web.Response:
-    body = await json_body(request)
+    body = _no_tags(await json_body(request))
     attrs = parse_attributes(field(body, "attributes", dict), None)
     if "pem" in body:  # an extension to Key Vault's JWK-only import, for `key import --pem`
         pem = field(body, "pem", str, required=True).encode()
@@ -62,7 +69,7 @@ async def get(request: web.Request) -> web.Response:
 
 async def update(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
-    body = await json_body(request)
+    body = _no_tags(await json_body(request))
     attrs = parse_attributes(field(body, "attributes", dict), field(body, "key_ops", list))
     v, key, kv = await domain.run(svc.update_key, caller, vault, name,
                                   request.match_info.get("version"), attrs)

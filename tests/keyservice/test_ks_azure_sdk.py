@@ -189,3 +189,12 @@ def test_refusals_are_the_sdks_own_exceptions(ks, client):
     with ks.key_client(vault, stranger) as as_stranger:
         with pytest.raises(ClientAuthenticationError):
             as_stranger.get_key("k")
+
+
+def test_tags_are_refused_not_dropped(client):
+    with pytest.raises(HttpResponseError) as e:
+        client.create_rsa_key("k", size=2048, tags={"env": "test"})
+    assert e.value.status_code == 400 and "tags" in e.value.error.message
+    client.create_rsa_key("k", size=2048)
+    with pytest.raises(HttpResponseError):
+        client.update_key_properties("k", tags={"env": "test"})
