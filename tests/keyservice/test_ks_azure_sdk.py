@@ -4,7 +4,7 @@ client's configuration differs from Key Vault's (authority, vault URL, CA, and t
 loopback mapping of vault host names in azure_sdk.py)."""
 import itertools
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
@@ -13,8 +13,9 @@ from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from azure_sdk import AzureDaemon
 from keyservice.client import Credential
+
+from azure_sdk import AzureDaemon
 
 _names = itertools.count(1)
 
@@ -63,7 +64,7 @@ def test_create_rsa_and_get_latest_and_by_version(client, size):
     assert len(key.key.n) * 8 == size and key.properties.enabled is True
     assert key.properties.recovery_level == "CustomizedRecoverable+Purgeable"
     assert key.properties.recoverable_days == 7
-    assert key.properties.created_on <= datetime.now(timezone.utc)
+    assert key.properties.created_on <= datetime.now(UTC)
     assert client.get_key("k").id == key.id
     assert client.get_key("k", key.properties.version).key.n == key.key.n
 
@@ -90,7 +91,7 @@ def test_update_disable_enable_and_expiry(ks, client):
     assert e.value.status_code == 403 and e.value.error.code == "Forbidden"
     assert "disabled" in e.value.error.message
     assert client.update_key_properties("k", key.properties.version, enabled=True).properties.enabled
-    expires = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=30)
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
     updated = client.update_key_properties("k", expires_on=expires)
     assert updated.properties.expires_on == expires
     assert crypto.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped).key == b"d" * 32
