@@ -641,6 +641,7 @@ class Connection(asyncio.Protocol):
         if queue is None:
             return False
         export = self.export
+        assert export is not None  # requests arrive only in transmission
         mark = [self._started]
         if not backend.submit_read(queue, buf, req.offset, (self, req, buf, export, mark)):
             return False
