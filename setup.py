@@ -17,8 +17,7 @@ import os
 from setuptools import Extension, setup
 
 prefix = os.environ.get("NBDSERVER_OPENSSL_PREFIX")
-static = prefix and os.path.isfile(os.path.join(prefix, "lib", "libcrypto.a"))
-if static:
+if prefix and os.path.isfile(os.path.join(prefix, "lib", "libcrypto.a")):
     openssl = dict(
         include_dirs=[os.path.join(prefix, "include")],
         extra_objects=[os.path.join(prefix, "lib", "libcrypto.a")],

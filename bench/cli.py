@@ -48,11 +48,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", type=positive(int), help="repetitions of each workload (default 3)")
     ap.add_argument("--runtime", "--seconds", type=positive(float),
                     help="seconds per fio run, after the ramp (default 5)")
-    ap.add_argument("--ramp", type=float, default=1.0, help="seconds of warm-up left out of each run (default 1)")
+    ap.add_argument("--ramp", type=float, default=1.0,
+                    help="seconds of warm-up left out of each run (default 1)")
     ap.add_argument("--size", type=parse_size, help="image size (default 1G; 256M with --quick)")
     ap.add_argument("--reference", default="plain", help="target the ratios compare to (default plain)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 run, 2 s each, 256 MiB image")
-    ap.add_argument("--out-dir", type=Path, default=ROOT / "bench", help="where results.* go (default bench/)")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "bench",
+                    help="where results.* go (default bench/)")
     ap.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "work",
                     help="scratch space for images; emptied afterwards (default bench/work/)")
     ap.add_argument("--list", action="store_true", help="list targets and workloads, then exit")

@@ -33,11 +33,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from . import fio
 from .process import ServerStartError, process_tree_cpu
@@ -141,9 +142,15 @@ def cpu_us_per_io(cpu_seconds: float, iops: float, seconds: float) -> float | No
     return cpu_seconds * 1e6 / ios if ios > 0 else None
 
 
+def _uri_of(target: Target) -> str:
+    if target.uri is None:
+        raise ServerStartError(f"{target.name} serves no NBD URI to fill")
+    return target.uri
+
+
 def median_of(samples: list[dict]) -> dict:
     ok = [s for s in samples if "error" not in s]
-    out = {"runs_ok": len(ok), "runs": len(samples)}
+    out: dict[str, Any] = {"runs_ok": len(ok), "runs": len(samples)}
     for m in METRICS:
         values = [s[m] for s in ok if s.get(m) is not None]
         out[m] = statistics.median(values) if values else None
@@ -182,7 +189,7 @@ class Bench:
     def run(self) -> dict:
         s = self.settings
         s.workdir.mkdir(parents=True, exist_ok=True)
-        started = datetime.now(timezone.utc)
+        started = datetime.now(UTC)
         self.host = host_info()
         with ExitStack() as stack:
             work = Path(tempfile.mkdtemp(prefix="run-", dir=s.workdir))
@@ -240,7 +247,7 @@ class Bench:
         s = self.settings
         if target.supports(w):
             return  # not a run: the medians show the pair as not applicable
-        record = {"target": target.name, "workload": w.name, "run": run}
+        record: dict[str, Any] = {"target": target.name, "workload": w.name, "run": run}
         out = work / f"fio-{target.name}-{w.name}-{run}.json"
         size = self.states[target.name].export_size
         try:
@@ -259,7 +266,7 @@ class Bench:
             if done.returncode:
                 raise fio.FioOutputError(f"fio exit {done.returncode}: {done.stderr.strip()[-300:]}")
             record.update(fio.sample(fio.parse_report(out.read_text()), w).as_dict())
-            if pid:
+            if cpu_before is not None and cpu_after is not None:
                 record["server_cpu_s"] = round(cpu_after - cpu_before, 3)
                 record["cpu_us_per_io"] = cpu_us_per_io(cpu_after - cpu_before, record["iops"],
                                                         s.runtime + s.ramp)
@@ -290,7 +297,7 @@ class Bench:
         os.sync()
         if w.state == "seqfill":
             out = work / f"fill-{target.name}-{w.name}.json"
-            done = subprocess.run(fio.sequential_fill(target.uri, size=size, output=str(out)),
+            done = subprocess.run(fio.sequential_fill(_uri_of(target), size=size, output=str(out)),
                                   capture_output=True, text=True, timeout=1800)
             if done.returncode:
                 raise fio.FioOutputError(f"sequential fill: fio exit {done.returncode}: "
@@ -311,7 +318,7 @@ class Bench:
         names = [w.name for w in self.workloads]
         return {
             "date": started.isoformat(timespec="seconds"),
-            "duration_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
+            "duration_s": round((datetime.now(UTC) - started).total_seconds(), 1),
             "host": {**self.host, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
             "fio_version": fio.version_string(tool_version(["fio", "--version"])),
             "tools": {"nbdkit": tool_version(["nbdkit", "--version"]),

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 PR_SET_PDEATHSIG = 1
 
@@ -43,7 +44,7 @@ class ServerProcess:
         self.log_path = log_path
         self.env = env
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: BinaryIO | None = None
         self._drain: threading.Thread | None = None
 
     @property
@@ -61,7 +62,7 @@ class ServerProcess:
 
     def wait_for_line(self, prefix: str, timeout: float) -> str:
         """The first stdout line starting with `prefix`; later output is copied to the log."""
-        assert self.proc and self.proc.stdout
+        assert self.proc and self.proc.stdout and self._log, "start(capture_stdout=True) first"
         deadline = time.monotonic() + timeout
         buf = b""
         with selectors.DefaultSelector() as sel:
@@ -88,6 +89,7 @@ class ServerProcess:
                 buf += chunk
 
     def _start_drain(self) -> None:
+        assert self.proc is not None
         def drain(src, dst):
             for chunk in iter(lambda: src.read1(65536), b""):
                 dst.write(chunk)
@@ -98,6 +100,7 @@ class ServerProcess:
         """Until a TCP connect to host:port succeeds; fails early if the server exits."""
         deadline = time.monotonic() + timeout
         delay = 0.01
+        assert self.proc is not None, "start() first"
         while True:
             if self.proc.poll() is not None:
                 raise ServerStartError(f"exited with status {self.proc.returncode}{self._tail()}")

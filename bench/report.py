@@ -140,7 +140,7 @@ def chart(results: dict, path: Path) -> None:
     rows = -(-len(workloads) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, w in zip(axes.flat, workloads):
+    for ax, w in zip(axes.flat, workloads, strict=False):
         ms = [med[n][w["name"]] for n in names]
         kind = w["headline"]
         x = list(range(len(names)))
@@ -153,15 +153,15 @@ def chart(results: dict, path: Path) -> None:
             ax.bar([i + 0.2 for i in x], p99, width=0.4, color=color, alpha=0.45, hatch="//")
             ax.set_yscale("log")
             unit = "µs: p50 (solid), p99 (hatched)"
-            tops = [(i, max(a, b)) for i, a, b in zip(x, p50, p99)]
+            tops = [(i, max(a, b)) for i, a, b in zip(x, p50, p99, strict=True)]
         else:
             if kind == "bandwidth":
                 values, unit = [_or0(m["bw_bytes"]) / MiB for m in ms], "MiB/s"
             else:
                 values, unit = [_or0(m["iops"]) for m in ms], "IOPS"
             ax.bar(x, values, color=color)
-            tops = list(zip(x, values))
-        for (i, top), m in zip(tops, ms):
+            tops = list(zip(x, values, strict=True))
+        for (i, top), m in zip(tops, ms, strict=True):
             ax.annotate(_ratio(m.get("ratio")), (i, top), ha="center", va="bottom", fontsize=8)
         ax.set_title(w["description"], fontsize=10)
         ax.set_ylabel(unit)

@@ -72,10 +72,12 @@ def run(disks: int, attached: int, workdir: Path) -> dict:
     nbd_args = ["--max-connections-per-peer", str(max(1024, 2 * attached)),
                 "--max-connections", str(max(4096, 2 * attached))]
     stack = Stack(workdir, lease=3600, nbd_args=nbd_args).start()
+    nb = stack.nb
+    assert nb is not None, "Stack.start() starts nbdserver"
     out: dict = {"disks": disks, "attached": attached}
     try:
         stack.customer_key("scale", "k1", "des-scale")
-        base = rss_kib(stack.nb.pid)
+        base = rss_kib(nb.pid)
         t0 = time.monotonic()
         for b in range(0, disks, BATCH):
             stack.nbdserver("disk", "create", f"s{b // BATCH}", "--size", "1M", "--des", "des-scale",
@@ -84,7 +86,7 @@ def run(disks: int, attached: int, workdir: Path) -> dict:
         names = [f"s{b // BATCH}-{i}" for b in range(0, disks, BATCH)
                  for i in range(min(BATCH, disks - b))]
         out["create_per_s"] = round(disks / created, 1)
-        unattached = rss_kib(stack.nb.pid)
+        unattached = rss_kib(nb.pid)
         out["rss_mib"] = {"empty": round(base / 1024, 1), "unattached": round(unattached / 1024, 1)}
         out["rss_kib_per_unattached_disk"] = round((unattached - base) / disks, 2)
 
@@ -98,7 +100,7 @@ def run(disks: int, attached: int, workdir: Path) -> dict:
             handles.append(h)
         out["first_go_ms"] = {"p50": round(1000 * statistics.median(go), 2),
                               "p99": round(1000 * pct(go, 0.99), 2)}
-        att = rss_kib(stack.nb.pid)
+        att = rss_kib(nb.pid)
         out["rss_mib"]["attached"] = round(att / 1024, 1)
         out["rss_kib_per_attached_disk"] = round((att - unattached) / max(1, attached), 2)
 
@@ -110,8 +112,8 @@ def run(disks: int, attached: int, workdir: Path) -> dict:
             status, body = stack.ks_api("PATCH", "/vaults/scale/keys/k1", {"attributes": {"enabled": True}})
             assert status == 200, body
             reopen.append(_all(handles, lambda h: not _eio(h), 120))
-        out["revoke_all_attached_s"] = {"samples": [round(x, 3) for x in revoke], "max": round(max(revoke), 3)}
-        out["reopen_all_attached_s"] = {"samples": [round(x, 3) for x in reopen], "max": round(max(reopen), 3)}
+        for key, samples in (("revoke_all_attached_s", revoke), ("reopen_all_attached_s", reopen)):
+            out[key] = {"samples": [round(x, 3) for x in samples], "max": round(max(samples), 3)}
         for h in handles:
             h.shutdown()
 

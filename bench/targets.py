@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .process import ServerProcess, ServerStartError, free_port
 from .workloads import Workload
@@ -74,12 +74,17 @@ class Target:
         return self._server.pid if self._server is not None else None
 
     def export_size(self) -> int:
-        return export_size(self.uri)
+        return export_size(self.started_uri())
+
+    def started_uri(self) -> str:
+        if self.uri is None:
+            raise ServerStartError(f"{self.name} is not started")
+        return self.uri
 
     def fill(self, source: Path) -> float:
         """Copy `source` onto the export; returns the seconds it took (for the record only)."""
         started = time.monotonic()
-        done = subprocess.run(["nbdcopy", str(source), self.uri], capture_output=True, text=True,
+        done = subprocess.run(["nbdcopy", str(source), self.started_uri()], capture_output=True, text=True,
                               timeout=1800)
         if done.returncode:
             raise ServerStartError(f"prefill with nbdcopy failed: {done.stderr.strip()}")
@@ -180,7 +185,7 @@ class XtsTarget(PlainTarget):
         return f"{super().export_spec()},key={self._keyfile}"
 
 
-class _NbdOverTls:
+class _NbdOverTls(PlainTarget):
     """Mixin: the same server with NBD TLS required (STARTTLS, TLS 1.3, a fresh test CA from
     `daemonkit.tlsca`, as `nbdserver tls init` makes). The URI says tls-verify-peer=false:
     fio's nbd engine cannot be handed a CA (libnbd refuses `tls-certificates=` in URIs from
@@ -233,12 +238,13 @@ class ProductTarget(Target):
         ks_port, self._nbd_port, self._api_port = free_port(), free_port(), free_port()
         self._ks_url = f"http://{HOST}:{ks_port}"
         self._credential = self.workdir / "ks" / "admin.credential"
-        self._ks = ServerProcess(
+        ks = ServerProcess(
             [sys.executable, "-m", "keyservice", "serve", "--data-dir", str(self.workdir / "ks"),
              "--listen", f"{HOST}:{ks_port}"],
             self.workdir / "keyservice.log", env=_child_env())
-        self._ks.start()
-        self._ks.wait_for_port(HOST, ks_port, START_TIMEOUT)
+        self._ks: ServerProcess | None = ks
+        ks.start()
+        ks.wait_for_port(HOST, ks_port, START_TIMEOUT)
         _wait(lambda: self._credential.exists() and self._credential.stat().st_size > 0,
               START_TIMEOUT, "the key service's admin credential")
         self.uri = self._serve()
@@ -276,7 +282,7 @@ class ProductTarget(Target):
         except (urllib.error.URLError, OSError, ValueError):
             return False
 
-    def _cli(self, module: str, *args: str) -> dict | None:
+    def _cli(self, module: str, *args: str) -> Any:  # the command's JSON output, if any
         env = _child_env()
         env.update(KEYSERVICE_URL=self._ks_url, KEYSERVICE_CREDENTIAL=str(self._credential),
                    NBDSERVER_API=f"http://{HOST}:{self._api_port}",
@@ -293,7 +299,8 @@ class ProductTarget(Target):
 
     def stop(self) -> None:
         self._stop_server()
-        ks, self._ks = getattr(self, "_ks", None), None
+        ks: ServerProcess | None = getattr(self, "_ks", None)
+        self._ks = None
         if ks is not None:
             ks.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)

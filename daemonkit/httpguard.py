@@ -25,6 +25,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass, fields
+from typing import Any
 
 from aiohttp import web
 
@@ -44,10 +45,10 @@ class HttpLimits:
     idle_timeout: float = 75.0
 
     @classmethod
-    def from_env(cls, prefix: str) -> "HttpLimits":
+    def from_env(cls, prefix: str) -> HttpLimits:
         """`{prefix}_HEADER_TIMEOUT`, `_BODY_TIMEOUT`, `_MAX_CONNECTIONS`, `_IDLE_TIMEOUT`
         override the defaults (how tests and operators tune a daemon without a flag)."""
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             raw = os.environ.get(f"{prefix}_{f.name.upper()}")
             if raw:
@@ -131,10 +132,10 @@ class RequestProgress:
 class _GuardedProtocol(asyncio.Protocol):
     """Stands between the event loop and aiohttp's RequestHandler for one connection."""
 
-    def __init__(self, guard: "_GuardedServer", inner):
+    def __init__(self, guard: _GuardedServer, inner):
         self._guard = guard
         self._inner = inner
-        self._transport = None
+        self._transport: asyncio.Transport | None = None
         self._progress = RequestProgress()
         self._timer: asyncio.TimerHandle | None = None
         self._counted = False
@@ -197,7 +198,8 @@ class _GuardedProtocol(asyncio.Protocol):
         what = "headers" if phase == HEADERS else "body"
         log.info("closing a connection from %s: request %s not complete within %g s",
                  _peer(self._transport), what, timeout)
-        self._transport.abort()  # abort: a client that does not read must not hold it open
+        if self._transport is not None:  # abort: a client that does not read must not hold it open
+            self._transport.abort()
 
 
 def _peer(transport) -> str:

@@ -31,12 +31,16 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_CERT, CA_KEY = "ca-cert.pem", "ca-key.pem"
 SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
+# Private keys that can sign a certificate (a CA made elsewhere may hold any of them).
+_ISSUER_KEYS = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey,
+                ed448.Ed448PrivateKey, dsa.DSAPrivateKey)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # Long enough for a demo or test set-up to outlive its use; a real CA sets its own.
 DEFAULT_DAYS = 825
@@ -49,7 +53,7 @@ class CaError(Exception):
 @dataclass(frozen=True)
 class Issued:
     cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+    key: CertificateIssuerPrivateKeyTypes  # ECDSA P-256 when this module made the CA
 
 
 def _name(cn: str) -> x509.Name:
@@ -68,7 +72,7 @@ def _san(hosts) -> x509.SubjectAlternativeName:
 
 
 def _validity(days: int):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     # A minute back: a peer whose clock is slightly behind still accepts a fresh cert.
     return now - datetime.timedelta(minutes=1), now + datetime.timedelta(days=days)
 
@@ -143,6 +147,8 @@ def load_ca(directory: Path) -> Issued:
         raise CaError(f"no CA in {directory}: {e.filename} is missing") from None
     except ValueError as e:
         raise CaError(f"cannot read the CA in {directory}: {e}") from None
+    if not isinstance(key, _ISSUER_KEYS):
+        raise CaError(f"the CA key in {directory} cannot sign certificates")
     return Issued(cert, key)
 
 

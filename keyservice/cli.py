@@ -43,7 +43,7 @@ def _call(fn, *, bounded: bool = True):
     try:
         cred = Credential.load(cred_path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise click.UsageError(f"cannot read credential file {cred_path}: {e}")
+        raise click.UsageError(f"cannot read credential file {cred_path}: {e}") from None
 
     ssl_context = _client_ssl(url)
 
@@ -87,7 +87,7 @@ def _client_ssl(url):
     try:
         return client_context(ca)
     except TlsConfigError as e:
-        raise click.UsageError(str(e))
+        raise click.UsageError(str(e)) from None
 
 
 def _show(method, path, body=None, params=None):
@@ -508,7 +508,7 @@ def tls_init(directory, hosts, days, force):
     try:
         written = init_ca(directory, hosts=hosts, days=days, force=force)
     except CaError as e:
-        raise click.UsageError(str(e))
+        raise click.UsageError(str(e)) from None
     _print({"directory": str(Path(directory).resolve()), "written": [p.name for p in written]})
 
 

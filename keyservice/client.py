@@ -13,8 +13,8 @@ import json
 import os
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
-from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -196,7 +196,7 @@ class KeyServiceClient:
                                             params=params, headers=headers, ssl=self._ssl) as resp:
                 data = await resp.read()
                 status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise unreachable(self.base_url, e) from e
         if status == 401 and auth:
             self._token = None  # e.g. the service's master key changed: re-authenticate next time
@@ -263,7 +263,7 @@ class KeyServiceClient:
                 status, body, secret = await secret_http.post_secret(
                     self.base_url + path, token, {"alg": alg}, "value", value,
                     answer_field=answer_field, ssl=self._ssl, timeout=self._timeout.total or 10.0)
-            except (OSError, asyncio.TimeoutError, ValueError) as e:
+            except (TimeoutError, OSError, ValueError) as e:
                 raise unreachable(self.base_url, e) from e
             if status < 400:
                 return body, secret
@@ -304,7 +304,7 @@ class KeyServiceClient:
                     elif line == "" and data:
                         yield json.loads("\n".join(data))
                         data = []
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise KeyServiceUnavailable(0, "ServiceUnavailable", f"change stream lost: {e!r}") from e
         raise KeyServiceUnavailable(0, "ServiceUnavailable", "change stream ended")
 

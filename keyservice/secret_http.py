@@ -88,7 +88,7 @@ class _Exchange(asyncio.BufferedProtocol):
         self.head: tuple[int, int] | None = None  # (end of headers, content length)
         self.status = 0
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport

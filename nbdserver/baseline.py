@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from typing import Any
 
 from daemonkit.sdnotify import sd_notify
 
 from .admission import ConnectionLimits
-from .backend import FileBackend
+from .backend import BlockBackend, FileBackend
 from .budget import default_limit
 from .exports import Export, ExportCatalog
 from .protocol.handshake import TlsMode
@@ -32,7 +33,7 @@ log = logging.getLogger("nbdserver.baseline")
 def parse_export(spec: str) -> tuple[str, dict]:
     name, _, rest = spec.partition("=")
     path, *opts = rest.split(",")
-    out = {"path": path, "size": None, "readonly": False, "key": None}
+    out: dict[str, Any] = {"path": path, "size": None, "readonly": False, "key": None}
     for o in opts:
         k, _, v = o.partition("=")
         if k == "size":
@@ -54,8 +55,8 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def open_backend(opts: dict):
-    backend = FileBackend(opts["path"], size=opts["size"], readonly=opts["readonly"])
+def open_backend(opts: dict) -> BlockBackend:
+    backend: BlockBackend = FileBackend(opts["path"], size=opts["size"], readonly=opts["readonly"])
     if opts["key"]:
         from .crypto import XtsLayer
         with open(opts["key"], "rb") as f:

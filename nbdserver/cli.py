@@ -44,9 +44,11 @@ def main():
 @click.option("--api-listen", default="127.0.0.1:8080", show_default=True)
 @click.option("--keyservice-url", required=True, envvar="KEYSERVICE_URL")
 @click.option("--keyservice-credential", type=click.Path(dir_okay=False),
-              help="credential file of the platform identity (default: $CREDENTIALS_DIRECTORY/keyservice-credential)")
+              help="credential file of the platform identity "
+                   "(default: $CREDENTIALS_DIRECTORY/keyservice-credential)")
 @click.option("--master-key-file", type=click.Path(dir_okay=False), default=None,
-              help="32-byte platform master key (default: $CREDENTIALS_DIRECTORY/platform-master-key or DATA_DIR/master.key)")
+              help="32-byte platform master key "
+                   "(default: $CREDENTIALS_DIRECTORY/platform-master-key or DATA_DIR/master.key)")
 @click.option("--lease-seconds", default=60.0, show_default=True,
               help="re-check every key this often, whatever the change stream says")
 @click.option("--grace-seconds", default=3600.0, show_default=True,
@@ -102,7 +104,7 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
         tls_context = server_context_for(mode, ServerTls(tls_dir, tls_verify_clients, tls_psk_file))
         ks_ssl = client_ssl_for(keyservice_url, keyservice_ca, insecure_keyservice_http)
     except TlsConfigError as e:
-        raise click.UsageError(str(e))
+        raise click.UsageError(str(e)) from None
     if keyservice_credential is None:
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         if not creds:
@@ -308,7 +310,7 @@ def tls_init(directory, hosts, client_name, psk_identity, days, force):
         if psk_identity:
             written.append(write_psk_file(os.path.join(directory, "keys.psk"), psk_identity))
     except (CaError, TlsConfigError) as e:
-        raise click.UsageError(str(e))
+        raise click.UsageError(str(e)) from None
     out({"directory": os.path.abspath(directory), "written": [os.path.basename(p) for p in written]})
 
 

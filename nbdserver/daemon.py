@@ -68,7 +68,7 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen
     await runner.setup()
     site = web.TCPSite(runner, api_listen[0], api_listen[1])
     await site.start()
-    api_addr = site._server.sockets[0].getsockname()[:2]
+    api_addr = runner.addresses[0][:2]  # the listener's real address (port 0: the one chosen)
     log.info("serving NBD on %s:%s, API on %s:%s", *nbd_addrs[0], *api_addr)
     print(f"READY nbd={nbd_addrs[0][0]}:{nbd_addrs[0][1]} api={api_addr[0]}:{api_addr[1]}", flush=True)
     sd_notify("READY=1")

@@ -18,12 +18,22 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 from .backend import BlockBackend
 from .protocol.constants import (
-    MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_HAS_FLAGS,
-    NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_CACHE, NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FLUSH,
-    NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_REP_ERR_UNKNOWN,
+    MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+    NBD_FLAG_CAN_MULTI_CONN,
+    NBD_FLAG_HAS_FLAGS,
+    NBD_FLAG_READ_ONLY,
+    NBD_FLAG_SEND_CACHE,
+    NBD_FLAG_SEND_FAST_ZERO,
+    NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_FUA,
+    NBD_FLAG_SEND_TRIM,
+    NBD_FLAG_SEND_WRITE_ZEROES,
+    NBD_REP_ERR_UNKNOWN,
     PREFERRED_BLOCK_SIZE,
 )
 from .protocol.handshake import ExportInfo, ExportRefused
@@ -158,13 +168,21 @@ class Export:
                           MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_BLOCK_SIZE)
 
 
+class ExportOpener(Protocol):
+    """What the catalog tells when clients come and go (the disk platform's serving)."""
+
+    async def attach(self, export: Export) -> bool: ...  # False refuses the client
+
+    def detached(self, export: Export) -> None: ...
+
+
 class ExportCatalog:
     def __init__(self, default: str | None = None):
         self._exports: dict[str, Export] = {}
         self.default = default
         # Told when a client selects an export and when the last one leaves:
         # `async attach(export) -> bool` (False refuses the client), `detached(export)`.
-        self.opener = None
+        self.opener: ExportOpener | None = None
 
     def add(self, export: Export) -> None:
         if export.name in self._exports:

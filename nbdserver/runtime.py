@@ -9,6 +9,8 @@ import ctypes
 import logging
 import resource
 import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from daemonkit.httplog import MalformedRequestLog
 from daemonkit.sdnotify import watchdog_loop
@@ -101,6 +103,7 @@ def run(main) -> None:
     harden_process()
     raise_fd_limit()
     tune_allocator()
+    runner: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
         runner = uvloop.run

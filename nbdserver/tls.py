@@ -35,7 +35,13 @@ from pathlib import Path
 
 from daemonkit.tls import TlsConfigError, is_loopback
 from daemonkit.tlsca import (
-    CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY, CaError, check_private_file,
+    CA_CERT,
+    CLIENT_CERT,
+    CLIENT_KEY,
+    SERVER_CERT,
+    SERVER_KEY,
+    CaError,
+    check_private_file,
 )
 
 from .protocol.handshake import TlsMode
@@ -149,7 +155,7 @@ def _ssl_ctx_pointer(lib, ctx: ssl.SSLContext) -> int:
             ok = ok and lib.SSL_CTX_get_verify_mode(ptr) == 0
     finally:
         ctx.verify_mode = saved
-    if not ok:
+    if not ok or not ptr:
         raise TlsConfigError("cannot reach OpenSSL's SSL_CTX of this Python for TLS-PSK; "
                              "use X.509 certificates")
     return ptr
@@ -185,7 +191,9 @@ def enable_psk(ctx: ssl.SSLContext, keys: dict[str, bytes], hint: str = "nbdserv
             return 0
 
     cb = _PSK_CALLBACK(callback)
-    ctx._nbd_psk_callback = cb  # the C side holds only a raw pointer: keep the thunk alive
+    # The C side holds only a raw pointer: the context keeps the thunk alive (an attribute
+    # of our own on the ssl.SSLContext instance, hence setattr).
+    setattr(ctx, "_nbd_psk_callback", cb)  # noqa: B010
     lib.SSL_CTX_set_psk_server_callback(ptr, cb)
     if lib.SSL_CTX_use_psk_identity_hint(ptr, hint.encode()) != 1:
         raise TlsConfigError("OpenSSL refused the PSK identity hint")
@@ -324,4 +332,6 @@ class ClientTls:
         if self.psk_file:
             d = Path(self.psk_file).resolve().parent
             return f"tls-creds-psk,id={obj_id},endpoint=client,dir={d},username={self.psk_identity}"
+        if self.cert_dir is None:
+            raise TlsConfigError("TLS for a client needs a certificate directory or a PSK file")
         return f"tls-creds-x509,id={obj_id},endpoint=client,dir={Path(self.cert_dir).resolve()}"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 import shutil
+import subprocess
 import time
 from dataclasses import asdict
 from enum import Enum
@@ -19,7 +19,14 @@ from ..runtime import parse_hostport
 from . import fuse, kernel
 from .errors import ExportUnreachable, MissingSupport, NotAttached, Refused, ToolFailed
 from .nbdclient import (
-    BLOCK_SIZE, NBD_DEVICE, TLS_FILES, ExportProbe, attach_argv, check_connections, check_disk_name, detach_argv,
+    BLOCK_SIZE,
+    NBD_DEVICE,
+    TLS_FILES,
+    ExportProbe,
+    attach_argv,
+    check_connections,
+    check_disk_name,
+    detach_argv,
 )
 from .records import FuseRecord, RecordStore
 

@@ -38,7 +38,7 @@ def nbd_devices(sys_root: str = "/sys") -> list[str]:
         names = [n for n in os.listdir(os.path.join(sys_root, "block")) if NBD_NAME.match(n)]
     except FileNotFoundError:
         return []
-    return sorted(names, key=lambda n: int(NBD_NAME.match(n).group(1)))
+    return sorted(names, key=lambda n: int(n.removeprefix("nbd")))  # NBD_NAME: nbd + digits
 
 
 def _read(path: str) -> str | None:

@@ -130,7 +130,7 @@ class KeyAccess:
                         self.poke(scope)
             except asyncio.CancelledError:
                 raise
-            except (KeyServiceError, OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, KeyServiceError, OSError) as e:
                 if self.stream_connected:
                     log.warning("change stream lost (%s); the lease re-check covers the gap", e)
                 self.stream_connected = False
@@ -182,7 +182,7 @@ class KeyAccess:
                 continue
             self._schedule_expiry(scope, kid, attrs)
             locked = [d.name for d in group
-                      if (e := p.catalog.get(d.name)) is not None and e.locked]
+                      if (x := p.catalog.get(d.name)) is not None and x.locked]
             if locked:
                 opened = await p.open_disks(locked)
                 for name in locked:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from ..backend import BlockBackend, file_extents
 

@@ -11,22 +11,51 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from keyservice.client import KeyServiceClient, KeyServiceError
 
 from . import keys, rules
 from . import operations as ops
 from .errors import (
-    AccessMissing, BadRequest, Conflict, KeyUnavailable,
+    AccessMissing,
+    BadRequest,
+    Conflict,
+    KeyUnavailable,
 )
 from .model import (
-    PLATFORM_KEY, EncryptionSet, KeyUrl, Volume, VolumeKind, check_name,
+    PLATFORM_KEY,
+    EncryptionSet,
+    KeyUrl,
+    Volume,
+    VolumeKind,
+    check_name,
 )
+
+if TYPE_CHECKING:
+    from .access import KeyAccess
+    from .operations import Operations
+    from .sealing import Sealer
+    from .state import State
 
 log = logging.getLogger("nbdserver.platform")
 
 
 class EncryptionSetOperations:
+    # What this group takes from Platform (service.py), stated for the reader and for mypy;
+    # issue 17 replaces these mixins by composed objects with explicit dependencies.
+    if TYPE_CHECKING:
+        state: State
+        sealer: Sealer
+        client: KeyServiceClient
+        keyservice_url: str
+        operations: Operations
+        access: KeyAccess | None
+        client_for: Callable[[str], KeyServiceClient]
+        key_url_for: Callable[[str], str]
+        _des: Callable[[str], EncryptionSet]
+
     # -- encryption sets
     def create_des(self, name: str, key_url: str, *, subscription: str | None = None,
                    location: str | None = None, allow_cross_subscription: bool = False) -> asyncio.Task:
@@ -80,19 +109,22 @@ class EncryptionSetOperations:
         try:
             await keys.key_attributes(client, url)
         except AccessMissing as e:
-            missing.append("get"); messages.append(e.message)
+            missing.append("get")
+            messages.append(e.message)
         probe = bytearray(os.urandom(32))
         env = None
         try:
             env = await keys.wrap(client, url, probe)
         except AccessMissing as e:
-            missing.append("wrapKey"); messages.append(e.message)
+            missing.append("wrapKey")
+            messages.append(e.message)
         unverified = []
         if env is not None:
             try:
                 keys.wipe(await keys.unwrap_raw(client, env))
             except AccessMissing as e:
-                missing.append("unwrapKey"); messages.append(e.message)
+                missing.append("unwrapKey")
+                messages.append(e.message)
         else:
             unverified.append("unwrapKey")  # nothing to unwrap without a wrap first
         keys.wipe(probe)

@@ -90,10 +90,11 @@ class KeyUrl:
     version: str | None
 
     @classmethod
-    def parse(cls, url: str) -> "KeyUrl":
+    def parse(cls, url: str) -> KeyUrl:
         m = _KID.fullmatch(url) if isinstance(url, str) else None
         if not m:
-            raise BadRequest(f"not a key URL: {url!r} (expected {{base}}/vaults/{{vault}}/keys/{{name}}[/{{version}}])")
+            raise BadRequest(f"not a key URL: {url!r} "
+                             "(expected {base}/vaults/{vault}/keys/{name}[/{version}])")
         return cls(m["base"], m["vault"], m["key"], m["version"])
 
     @property

@@ -177,7 +177,11 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
         return c
 
     def key_url_for(self, scope: str) -> str:
-        return self.platform_key_url if scope == PLATFORM_KEY else self._des(scope).key_url
+        if scope != PLATFORM_KEY:
+            return self._des(scope).key_url
+        if self.platform_key_url is None:
+            raise RuntimeError("the platform key is known only once start() has run")
+        return self.platform_key_url
 
     def _des(self, name: str) -> EncryptionSet:
         des = self.state.get_des(name)

@@ -18,20 +18,40 @@ import logging
 import os
 import time
 import uuid
-
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..backend import FileBackend
 from ..crypto import XtsLayer
 from . import keys, rules
 from . import operations as ops
 from .copy import copy_ciphertext, reencrypt, run_copy
-from .serving import is_open
 from .errors import (
-    AccessMissing, BadRequest, Conflict, InsufficientStorage, NotFound,
+    AccessMissing,
+    BadRequest,
+    Conflict,
+    InsufficientStorage,
+    NotFound,
 )
 from .model import (
-    PLATFORM_KEY, KeyUrl, Volume, VolumeKind, VolumeState, check_name, parse_size,
+    PLATFORM_KEY,
+    KeyUrl,
+    Volume,
+    VolumeKind,
+    VolumeState,
+    check_name,
+    parse_size,
 )
+from .serving import is_open
+
+if TYPE_CHECKING:
+    from keyservice.client import KeyServiceClient
+
+    from ..exports import Export, ExportCatalog
+    from .access import KeyAccess
+    from .model import EncryptionSet
+    from .operations import Operations
+    from .state import State
 
 log = logging.getLogger("nbdserver.platform")
 
@@ -40,6 +60,24 @@ DEFAULT_LOCATION = "local"
 
 
 class VolumeOperations:
+    # What this group takes from Platform (service.py), stated for the reader and for mypy;
+    # issue 17 replaces these mixins by composed objects with explicit dependencies.
+    if TYPE_CHECKING:
+        data_dir: str
+        state: State
+        catalog: ExportCatalog
+        operations: Operations
+        access: KeyAccess | None
+        client_for: Callable[[str], KeyServiceClient]
+        key_url_for: Callable[[str], str]
+        _des: Callable[[str], EncryptionSet]
+
+        def _export_disk(self, disk: Volume) -> Export:
+            raise NotImplementedError  # serving.DiskServing's
+
+        async def close_disk(self, name: str, reason: str, export: Export | None = None) -> None:
+            raise NotImplementedError  # serving.DiskServing's
+
     # -- volumes
     def volume(self, kind: VolumeKind, name: str) -> Volume:
         v = self.state.get_volume(kind, name)
@@ -112,6 +150,8 @@ class VolumeOperations:
         if self.state.get_volume(kind, name):
             raise Conflict(f"{kind.value} {name!r} exists")
         src = self._source(source)
+        if src is None:  # an empty source string: refused here, not a 500 further on
+            raise BadRequest(f"a {kind.value} needs a source: disk:NAME, snapshot:NAME or image:NAME")
         if kind is VolumeKind.SNAPSHOT and src.kind is not VolumeKind.DISK:
             raise BadRequest("a snapshot is taken of a disk")
         if kind is VolumeKind.IMAGE and src.kind is VolumeKind.IMAGE:
@@ -256,7 +296,7 @@ class VolumeOperations:
         if bool(des) == bool(platform_key):
             raise BadRequest("give exactly one of --des NAME or --platform-key")
         v = self.volume(VolumeKind.DISK, name)
-        target = PLATFORM_KEY if platform_key else des
+        target = des if des else PLATFORM_KEY  # exactly one of them was given
         if target != PLATFORM_KEY:
             rules.no_subscription_move(v, self._des(target))
         elif v.customer_managed:

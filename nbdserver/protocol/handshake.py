@@ -39,13 +39,38 @@ from enum import Enum
 from typing import Protocol
 
 from .constants import (
-    BASE_ALLOCATION, IHAVEOPT, MAX_OPTION_LENGTH, MAX_STRING, NBD_FLAG_C_FIXED_NEWSTYLE,
-    NBD_FLAG_C_NO_ZEROES, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_INFO_BLOCK_SIZE,
-    NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME,
-    NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT,
-    NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_INVALID,
-    NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_TOO_BIG, NBD_REP_ERR_UNKNOWN,
-    NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_META_CONTEXT, NBD_REP_SERVER, NBDMAGIC,
+    BASE_ALLOCATION,
+    IHAVEOPT,
+    MAX_OPTION_LENGTH,
+    MAX_STRING,
+    NBD_FLAG_C_FIXED_NEWSTYLE,
+    NBD_FLAG_C_NO_ZEROES,
+    NBD_FLAG_FIXED_NEWSTYLE,
+    NBD_FLAG_NO_ZEROES,
+    NBD_INFO_BLOCK_SIZE,
+    NBD_INFO_DESCRIPTION,
+    NBD_INFO_EXPORT,
+    NBD_INFO_NAME,
+    NBD_OPT_ABORT,
+    NBD_OPT_EXPORT_NAME,
+    NBD_OPT_GO,
+    NBD_OPT_INFO,
+    NBD_OPT_LIST,
+    NBD_OPT_LIST_META_CONTEXT,
+    NBD_OPT_SET_META_CONTEXT,
+    NBD_OPT_STARTTLS,
+    NBD_OPT_STRUCTURED_REPLY,
+    NBD_REP_ACK,
+    NBD_REP_ERR_INVALID,
+    NBD_REP_ERR_SHUTDOWN,
+    NBD_REP_ERR_TLS_REQD,
+    NBD_REP_ERR_TOO_BIG,
+    NBD_REP_ERR_UNKNOWN,
+    NBD_REP_ERR_UNSUP,
+    NBD_REP_INFO,
+    NBD_REP_META_CONTEXT,
+    NBD_REP_SERVER,
+    NBDMAGIC,
     OPTION_REPLY_MAGIC,
 )
 
@@ -119,6 +144,10 @@ class Close:
     reason: str
 
 
+# What `Handshake.receive` returns, in order.
+Event = Send | StartTls | Ready | Close
+
+
 class State(Enum):
     AWAIT_CLIENT_FLAGS = "await client flags"
     OPTIONS = "options"
@@ -127,6 +156,10 @@ class State(Enum):
     DONE = "transmission"
     CLOSED = "closed"
 
+
+# States after which receive() takes no more bytes. A set, not a tuple literal: each step
+# changes the state, and a type checker must not take the state narrowed by the first test.
+_FINAL = frozenset({State.DONE, State.CLOSED})
 
 _OPT_HEADER = struct.Struct(">QII")
 _REPLY_HEADER = struct.Struct(">QIII")
@@ -177,12 +210,12 @@ class Handshake:
         self._sel = _Selection()
         self.state = State.OPTIONS
 
-    def receive(self, data: bytes) -> list:
-        if self.state in (State.DONE, State.CLOSED):
+    def receive(self, data: bytes) -> list[Event]:
+        if self.state in _FINAL:
             raise RuntimeError(f"receive() in state {self.state.value}")
         self._buf += data
-        out: list = []
-        while self.state not in (State.DONE, State.CLOSED):
+        out: list[Event] = []
+        while self.state not in _FINAL:
             if not self._step(out):
                 break
         if self.state is State.DONE:
@@ -191,7 +224,7 @@ class Handshake:
         return out
 
     # -- one step of the machine; False when more bytes are needed
-    def _step(self, out: list) -> bool:
+    def _step(self, out: list[Event]) -> bool:
         buf = self._buf
         if self.state is State.AWAIT_CLIENT_FLAGS:
             if len(buf) < 4:
@@ -244,13 +277,13 @@ class Handshake:
             out.append(Send(option_error(option, NBD_REP_ERR_INVALID, str(e))))
         return True
 
-    def _close(self, out: list, reason: str) -> bool:
+    def _close(self, out: list[Event], reason: str) -> bool:
         self.state = State.CLOSED
         out.append(Close(reason))
         return False
 
     # -- options
-    def _option(self, option: int, data: bytes, out: list) -> None:
+    def _option(self, option: int, data: bytes, out: list[Event]) -> None:
         if option == NBD_OPT_ABORT:
             out.append(Send(option_reply(option, NBD_REP_ACK)))
             self._close(out, "client aborted")
@@ -285,7 +318,7 @@ class Handshake:
             return self._meta_context(option, data, out)
         out.append(Send(option_error(option, NBD_REP_ERR_UNSUP, f"option {option} is not supported")))
 
-    def _starttls(self, data: bytes, out: list) -> None:
+    def _starttls(self, data: bytes, out: list[Event]) -> None:
         if data:
             raise _BadOption("STARTTLS takes no data")
         if self._tls_mode is TlsMode.OFF:
@@ -297,7 +330,7 @@ class Handshake:
             out.append(StartTls())
             self.state = State.TLS_PENDING
 
-    def _export_name(self, data: bytes, out: list) -> None:
+    def _export_name(self, data: bytes, out: list[Event]) -> None:
         try:
             info = self._catalog.lookup(_decode(data))
         except (ExportRefused, _BadOption) as e:
@@ -310,13 +343,13 @@ class Handshake:
         out.append(Send(reply))
         self._ready(info, out, min_block=1)  # no way to learn block sizes: byte-granular
 
-    def _ready(self, info: ExportInfo, out: list, *, min_block: int) -> None:
+    def _ready(self, info: ExportInfo, out: list[Event], *, min_block: int) -> None:
         contexts = self._sel.meta_contexts if self._sel.meta_export == info.name else {}
         self.state = State.DONE
         out.append(Ready(Negotiated(info, self._sel.structured, dict(contexts), self._tls,
                                     min_block)))
 
-    def _list(self, data: bytes, out: list) -> None:
+    def _list(self, data: bytes, out: list[Event]) -> None:
         if data:
             raise _BadOption("LIST takes no data")
         try:
@@ -330,7 +363,7 @@ class Handshake:
                                          struct.pack(">I", len(n)) + n + description.encode()[:MAX_STRING])))
         out.append(Send(option_reply(NBD_OPT_LIST, NBD_REP_ACK)))
 
-    def _info_go(self, option: int, data: bytes, out: list) -> None:
+    def _info_go(self, option: int, data: bytes, out: list[Event]) -> None:
         name, pos = _read_string(data, 0)
         if len(data) < pos + 2:
             raise _BadOption("truncated information request count")
@@ -359,7 +392,7 @@ class Handshake:
             self._ready(info, out,
                         min_block=info.min_block if NBD_INFO_BLOCK_SIZE in wanted else 1)
 
-    def _meta_context(self, option: int, data: bytes, out: list) -> None:
+    def _meta_context(self, option: int, data: bytes, out: list[Event]) -> None:
         name, pos = _read_string(data, 0)
         if len(data) < pos + 4:
             raise _BadOption("truncated query count")

@@ -22,19 +22,50 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 from .constants import (
-    MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC,
-    NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE,
-    NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE,
-    NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_EIO, NBD_ENOMEM, NBD_ENOSPC, NBD_ENOTSUP,
-    NBD_EOVERFLOW, NBD_EPERM, NBD_ESHUTDOWN, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_CACHE,
-    NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM,
-    NBD_FLAG_SEND_WRITE_ZEROES, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
-    NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA,
-    NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
-    NBD_STRUCTURED_REPLY_MAGIC, MAX_STRING,
+    MAX_BLOCK_SIZE,
+    MAX_STRING,
+    MIN_BLOCK_SIZE,
+    NBD_CMD_BLOCK_STATUS,
+    NBD_CMD_CACHE,
+    NBD_CMD_DISC,
+    NBD_CMD_FLAG_DF,
+    NBD_CMD_FLAG_FAST_ZERO,
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_FLAG_REQ_ONE,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
+    NBD_EINVAL,
+    NBD_EIO,
+    NBD_ENOMEM,
+    NBD_ENOSPC,
+    NBD_ENOTSUP,
+    NBD_EOVERFLOW,
+    NBD_EPERM,
+    NBD_ESHUTDOWN,
+    NBD_FLAG_READ_ONLY,
+    NBD_FLAG_SEND_CACHE,
+    NBD_FLAG_SEND_FAST_ZERO,
+    NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_FUA,
+    NBD_FLAG_SEND_TRIM,
+    NBD_FLAG_SEND_WRITE_ZEROES,
+    NBD_REPLY_FLAG_DONE,
+    NBD_REPLY_TYPE_BLOCK_STATUS,
+    NBD_REPLY_TYPE_ERROR,
+    NBD_REPLY_TYPE_NONE,
+    NBD_REPLY_TYPE_OFFSET_DATA,
+    NBD_REPLY_TYPE_OFFSET_HOLE,
+    NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC,
 )
 
 REQUEST = struct.Struct(">IHHQQI")
@@ -67,14 +98,30 @@ class BadMagic(NamedTuple):
     magic: int
 
 
+# What `RequestParser.feed` returns, in order.
+Parsed = Request | Oversized | BadMagic
+# What feed() takes: the bytes as they came off the socket.
+Data = bytes | bytearray | memoryview
+
+
+class PayloadStage(Protocol):
+    """Where a large WRITE's payload goes as it arrives (see RequestParser)."""
+
+    def take(self, piece: memoryview) -> None: ...
+
+
 # A WRITE payload at least this large goes, piece by piece as it arrives, to the
 # consumer's stage if it offers one, or else (when it has not fully arrived) into a
 # buffer of its own: one copy per byte. Smaller ones are sliced out of the receive
 # buffer, where many of them usually arrive in one chunk.
 DIRECT_PAYLOAD_MIN = 64 * 1024
 
+# A large WRITE being received: cmd, flags, cookie, offset, length, then its payload
+# buffer or the stage taking it (one of the two is None).
+_Partial = tuple[int, int, int, int, int, bytearray | None, PayloadStage | None]
 
-def _large_write(header) -> bool:
+
+def _large_write(header: tuple[int, ...]) -> bool:
     magic, _, cmd, _, _, length = header
     return magic == NBD_REQUEST_MAGIC and cmd == NBD_CMD_WRITE and length >= DIRECT_PAYLOAD_MIN
 
@@ -93,22 +140,23 @@ class RequestParser:
     server passes its disk's `stage_write`: an encrypting layer encrypts each piece
     straight out of the receive buffer.)"""
 
-    def __init__(self, max_payload: int = MAX_BLOCK_SIZE, *, stage=None):
+    def __init__(self, max_payload: int = MAX_BLOCK_SIZE, *,
+                 stage: Callable[[int, int], PayloadStage | None] | None = None):
         self._buf = bytearray()
         self._skip = 0
         self._max = max_payload
         self._stage = stage
         # A large WRITE being received: its header fields, payload (or stage) and bytes
         # so far.
-        self._partial: tuple | None = None
+        self._partial: _Partial | None = None
         self._have = 0
         self.broken = False
 
     def buffered(self) -> int:
         return len(self._buf) + self._have
 
-    def feed(self, data) -> list:
-        out = []
+    def feed(self, data: Data) -> list[Parsed]:
+        out: list[Parsed] = []
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
@@ -176,14 +224,16 @@ class RequestParser:
             buf += memoryview(src)[pos:end]
         return out
 
-    def _fill(self, data, out: list):
+    def _fill(self, data: Data, out: list[Parsed]) -> Data:
         """Copy arriving bytes into the partial WRITE's payload; returns the rest of
         `data` (the next requests) once the payload is complete."""
+        if self._partial is None:
+            raise RuntimeError("_fill() without a partial WRITE")
         cmd, flags, cookie, offset, length, payload, stage = self._partial
         take = min(length - self._have, len(data))
         if stage is not None:
             stage.take(memoryview(data)[:take])
-        else:
+        elif payload is not None:  # one of the two is, always
             payload[self._have:self._have + take] = memoryview(data)[:take]
         self._have += take
         if self._have < length:
@@ -201,7 +251,8 @@ class RequestParser:
             return 0
         magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(self._buf)
         if cmd == NBD_CMD_WRITE and length <= self._max:
-            return REQUEST_SIZE + length - len(self._buf)
+            missing: int = REQUEST_SIZE + length - len(self._buf)
+            return missing
         return 0
 
 
@@ -230,8 +281,8 @@ _RANGED = (NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_CACHE, NBD_CMD_WRI
            NBD_CMD_BLOCK_STATUS)
 
 
-def check(req, size: int, tflags: int, *, has_meta: bool, min_block: int = MIN_BLOCK_SIZE,
-          max_payload: int = MAX_BLOCK_SIZE) -> tuple[int, str]:
+def check(req: Request | Oversized, size: int, tflags: int, *, has_meta: bool,
+          min_block: int = MIN_BLOCK_SIZE, max_payload: int = MAX_BLOCK_SIZE) -> tuple[int, str]:
     """(0, "") if the request may go to the backend, else (nbd error, message)."""
     cmd, flags = req.cmd, req.flags
     allowed = _ALLOWED_FLAGS.get(cmd)

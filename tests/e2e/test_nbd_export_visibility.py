@@ -16,8 +16,14 @@ import pytest
 
 from daemonkit.tlsca import init_ca
 from nbdserver.protocol.constants import (
-    NBD_CMD_READ, NBD_OPT_GO, NBD_OPT_LIST, NBD_REP_ACK, NBD_REP_ERR_POLICY, NBD_REP_ERR_UNKNOWN,
-    NBD_REP_SERVER, NBD_REPLY_TYPE_ERROR,
+    NBD_CMD_READ,
+    NBD_OPT_GO,
+    NBD_OPT_LIST,
+    NBD_REP_ACK,
+    NBD_REP_ERR_POLICY,
+    NBD_REP_ERR_UNKNOWN,
+    NBD_REP_SERVER,
+    NBD_REPLY_TYPE_ERROR,
 )
 from tests.helpers.images import DISK_SIZE, need_tool
 from tests.helpers.nbdraw import RawClient

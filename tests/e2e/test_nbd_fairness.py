@@ -17,7 +17,11 @@ import threading
 import pytest
 
 from nbdserver.protocol.constants import (
-    NBD_CMD_FLAG_FUA, NBD_CMD_READ, NBD_CMD_WRITE, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_READ,
+    NBD_CMD_WRITE,
+    NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
 )
 from nbdserver.server import INLINE_READ_MAX, OVERTAKE_MAX
 from tests.helpers.nbdraw import RawClient

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
 
 
-def connect(uri: str, *, structured: bool = True, strict: bool = True) -> "nbd.NBD":
+def connect(uri: str, *, structured: bool = True, strict: bool = True):  # -> nbd.NBD
     h = nbd.NBD()
     h.set_request_structured_replies(structured)
     if structured:
@@ -169,12 +169,12 @@ def test_64_requests_in_flight_complete_out_of_order_with_right_data(server, str
     payloads = [os.urandom(16) * (n // 16) for n in sizes]
     cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(p)), off,
                             flags=nbd.CMD_FLAG_FUA if i % 5 == 0 else 0)
-               for i, (p, off) in enumerate(zip(payloads, offsets))]
+               for i, (p, off) in enumerate(zip(payloads, offsets, strict=True))]
     order = drain(h, cookies)
     bufs = [nbd.Buffer(n) for n in sizes]
-    cookies = [h.aio_pread(b, off) for b, off in zip(bufs, offsets)]
+    cookies = [h.aio_pread(b, off) for b, off in zip(bufs, offsets, strict=True)]
     order += drain(h, cookies)
-    for b, p in zip(bufs, payloads):
+    for b, p in zip(bufs, payloads, strict=True):
         assert b.to_bytearray() == p
     h.shutdown()
 

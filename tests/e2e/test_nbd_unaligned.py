@@ -17,8 +17,13 @@ import struct
 import pytest
 
 from nbdserver.protocol.constants import (
-    NBD_CMD_FLAG_FUA, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES,
-    NBD_EINVAL, NBD_SIMPLE_REPLY_MAGIC,
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
+    NBD_EINVAL,
+    NBD_SIMPLE_REPLY_MAGIC,
 )
 from tests.helpers.images import dmcrypt_sector
 from tests.helpers.nbdraw import RawClient
@@ -70,7 +75,7 @@ def export_name_client(srv) -> RawClient:
 def replies(c: RawClient, reads: dict[int, int]) -> dict[int, tuple[int, bytes]]:
     """Simple replies until every cookie of `reads` (cookie -> read length; 0 for
     commands without data) is answered, in whatever order they come."""
-    out = {}
+    out: dict[int, tuple[int, bytes]] = {}
     while len(out) < len(reads):
         magic, err, cookie = struct.unpack(">IIQ", c.recv_exact(16))
         assert magic == NBD_SIMPLE_REPLY_MAGIC and cookie in reads and cookie not in out

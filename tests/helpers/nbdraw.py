@@ -12,10 +12,20 @@ import socket
 import struct
 
 from nbdserver.protocol.constants import (
-    IHAVEOPT, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_INFO_BLOCK_SIZE,
-    NBD_OPT_EXPORT_NAME, NBD_OPT_GO,
-    NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_INFO, NBD_REQUEST_MAGIC,
-    NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC, NBDMAGIC, OPTION_REPLY_MAGIC,
+    IHAVEOPT,
+    NBD_FLAG_C_FIXED_NEWSTYLE,
+    NBD_FLAG_C_NO_ZEROES,
+    NBD_INFO_BLOCK_SIZE,
+    NBD_OPT_EXPORT_NAME,
+    NBD_OPT_GO,
+    NBD_OPT_STRUCTURED_REPLY,
+    NBD_REP_ACK,
+    NBD_REP_INFO,
+    NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
 )
 
 TIMEOUT = 20.0
@@ -62,7 +72,7 @@ class RawClient:
                     return True
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     # -- handshake
@@ -120,7 +130,7 @@ class RawClient:
 
     @classmethod
     def connected(cls, address, name: str = "", *, structured: bool = False,
-                  block_size: bool = False) -> "RawClient":
+                  block_size: bool = False) -> RawClient:
         c = cls(address)
         c.start()
         c.go(name, structured=structured, block_size=block_size)

@@ -39,6 +39,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tests.helpers.servers import ROOT, DaemonProcess, wait_until
 
@@ -73,13 +74,14 @@ class KeyServiceProcess(DaemonProcess):
                 "--listen", f"127.0.0.1:{port}", *KS_DEFAULT_ARGS, *extra_args]
         super().__init__(argv, workdir, name="keyservice")
 
-    def start(self) -> "KeyServiceProcess":
+    def start(self) -> KeyServiceProcess:
         self.notify_path = str(self.workdir / f"ks-{self.port}-{time.monotonic_ns()}.notify")
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(self.notify_path)
         self.env = {"NOTIFY_SOCKET": self.notify_path}
         # The socket stays bound while the process runs: it also sends STOPPING=1 on SIGTERM.
-        return super().start()
+        super().start()
+        return self
 
     def _close_files(self) -> None:
         super()._close_files()
@@ -91,14 +93,14 @@ class KeyServiceProcess(DaemonProcess):
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None:
+            if left <= 0 or self.process.poll() is not None:
                 self.kill()
-                raise RuntimeError(f"keyservice not ready (rc={self.proc.returncode}); stderr:\n"
+                raise RuntimeError(f"keyservice not ready (rc={self.process.returncode}); stderr:\n"
                                    f"{self.stderr_text()[-4000:]}")
             self._notify.settimeout(min(left, 0.5))
             try:
                 msg = self._notify.recv(4096).decode()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if "READY=1" in msg:
                 return msg
@@ -120,7 +122,7 @@ class NbdServerProcess(DaemonProcess):
                 "--lease-seconds", str(lease), "--grace-seconds", str(grace), *extra_args]
         super().__init__(argv, workdir, ready_prefix="READY", name="nbdserver")
 
-    def start(self) -> "NbdServerProcess":
+    def start(self) -> NbdServerProcess:
         super().start()
         fields = dict(part.split("=", 1) for part in self.ready_line.split()[1:])
         self.nbd_address, self.api_address = fields["nbd"], fields["api"]
@@ -149,7 +151,7 @@ class Stack:
         self._logs: list[str] = []  # stderr of stopped processes, for leak scans and reports
 
     # -- lifecycle
-    def start(self) -> "Stack":
+    def start(self) -> Stack:
         self.start_keyservice()
         self.start_nbdserver()
         return self
@@ -182,7 +184,7 @@ class Stack:
         self.stop_nbdserver()
         return self.start_nbdserver(**kw)
 
-    def _stop(self, d: DaemonProcess, kill: bool) -> int | None:
+    def _stop(self, d: DaemonProcess | None, kill: bool) -> int | None:
         if d is None or d.proc is None:
             return None
         if kill:
@@ -204,7 +206,7 @@ class Stack:
                 else:
                     d.kill()
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -213,7 +215,8 @@ class Stack:
     def assert_healthy(self) -> None:
         """Both daemons run and neither logged a traceback."""
         for d in (self.ks, self.nb):
-            d.assert_healthy()
+            if d is not None:
+                d.assert_healthy()
 
     def logs(self) -> str:
         """Everything both daemons wrote on stderr, this run and the stopped ones."""
@@ -226,10 +229,15 @@ class Stack:
 
     @property
     def api_url(self) -> str:
-        return self.nb.api_url
+        return self._running_nb().api_url
 
     def nbd_uri(self, disk: str) -> str:
-        return f"nbd://{self.nb.nbd_address}/{disk}"
+        return f"nbd://{self._running_nb().nbd_address}/{disk}"
+
+    def _running_nb(self) -> NbdServerProcess:
+        if self.nb is None:
+            raise RuntimeError("nbdserver is not running: start() or start_nbdserver() first")
+        return self.nb
 
     def key_url(self, vault: str, key: str, version: str | None = None) -> str:
         return f"{self.ks_url}/vaults/{vault}/keys/{key}" + (f"/{version}" if version else "")
@@ -267,10 +275,10 @@ class Stack:
 
     # -- raw HTTP, for what the CLIs do not offer (bad input, key attributes)
     def api(self, method: str, path: str, body=None, *, raw: bytes | None = None,
-            token: str | None | bool = True, headers=None) -> tuple[int, object]:
+            token: str | None | bool = True, headers=None) -> tuple[int, Any]:
         """One request to the nbdserver API -> (status, decoded JSON or text)."""
         if token is True:
-            token = self.nb.token_file.read_text().strip()
+            token = self._running_nb().token_file.read_text().strip()
         return _http(self.api_url, method, path, body, raw=raw, token=token, headers=headers)
 
     def ks_api(self, method: str, path: str, body=None, *, _retry: bool = True) -> tuple[int, object]:
@@ -489,6 +497,7 @@ def revocation_latency(stack: Stack, disk: str, vault: str, key: str, trials: in
         assert status == 200, body
         wait_until(lambda: w.error is not None, timeout, what="the writer's first failed I/O")
         # Negative: the disk locked before the owner's own client had read the answer.
+        assert w.first_error_at is not None  # set with w.error
         samples.append(w.first_error_at - answered)
         w.close()
         status, body = stack.ks_api("PATCH", f"/vaults/{vault}/keys/{key}",

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +54,7 @@ class DaemonProcess:
         self.ready_line = ""
         self.stderr_path = self.workdir / f"{name}.{os.getpid()}.{id(self)}.stderr"
 
-    def start(self) -> "DaemonProcess":
+    def start(self) -> DaemonProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -65,9 +66,17 @@ class DaemonProcess:
         self.ready_line = self._read_ready()
         return self
 
+    @property
+    def process(self) -> subprocess.Popen:
+        """The daemon's process; start() first."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} was never started")
+        return self.proc
+
     def _read_ready(self) -> str:
         deadline = time.monotonic() + READY_TIMEOUT
-        fd = self.proc.stdout.fileno()
+        assert self.process.stdout is not None  # a pipe: start() asks for one
+        fd = self.process.stdout.fileno()
         buf = b""
         while True:
             for line in buf.split(b"\n")[:-1]:
@@ -81,15 +90,15 @@ class DaemonProcess:
             if r:
                 chunk = os.read(fd, 4096)
                 if not chunk:
-                    self.proc.wait(timeout=5)
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before ready; "
+                    self.process.wait(timeout=5)
+                    raise RuntimeError(f"{self.name} exited ({self.process.returncode}) before ready; "
                                        f"stderr:\n{self.stderr_text()}")
                 buf += chunk
 
     # -- health
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -104,15 +113,15 @@ class DaemonProcess:
         """The daemon still runs and logged no traceback (a bug, whatever the input was)."""
         text = self.stderr_text()
         assert "Traceback" not in text, f"{self.name} logged a traceback:\n{text[-4000:]}"
-        assert self.alive(), f"{self.name} died (rc={self.proc.returncode}):\n{text[-4000:]}"
+        assert self.alive(), f"{self.name} died (rc={self.process.returncode}):\n{text[-4000:]}"
 
     # -- stopping
     def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM and wait: the daemon's clean-shutdown path. Returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=timeout)
+            return self.process.wait(timeout=timeout)
         finally:
             self._close_files()
 
@@ -144,7 +153,7 @@ class DaemonProcess:
 class BaselineServer(DaemonProcess):
     """`python -m nbdserver.baseline` serving files: the NBD server without the platform."""
 
-    def __init__(self, workdir: Path, exports: list[str], *, extra_args: list[str] = (),
+    def __init__(self, workdir: Path, exports: list[str], *, extra_args: Sequence[str] = (),
                  name: str = "nbdserver"):
         argv = [sys.executable, "-m", "nbdserver.baseline", "--listen", "127.0.0.1:0",
                 *extra_args, *exports]
@@ -152,7 +161,7 @@ class BaselineServer(DaemonProcess):
         self.host = "127.0.0.1"
         self.port = 0
 
-    def start(self) -> "BaselineServer":
+    def start(self) -> BaselineServer:
         super().start()
         _, self.host, port = self.ready_line.split()
         self.port = int(port)

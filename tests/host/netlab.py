@@ -39,7 +39,7 @@ class TestNetwork:
     def _port(self, host: str) -> str:
         return f"p{self.hosts.index(host)}"  # the switch side of the host's cable
 
-    def start(self) -> "TestNetwork":
+    def start(self) -> TestNetwork:
         try:
             for name in [self.switch] + [self.ns(h) for h in self.hosts]:
                 netns.create(name)
@@ -84,7 +84,7 @@ class TestNetwork:
                 pass
         self.created = []
 
-    def __enter__(self) -> "TestNetwork":
+    def __enter__(self) -> TestNetwork:
         return self.start()
 
     def __exit__(self, *exc) -> None:

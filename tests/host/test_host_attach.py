@@ -15,7 +15,6 @@ import signal
 import pytest
 
 from tests.helpers.servers import wait_until
-
 from tests.host.hostutil import require_fuse_path, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]

@@ -9,7 +9,12 @@ import pytest
 
 from nbdserver.host.errors import Refused
 from nbdserver.host.nbdclient import (
-    ExportProbe, attach_argv, check_connections, check_disk_name, check_nbd_device, detach_argv,
+    ExportProbe,
+    attach_argv,
+    check_connections,
+    check_disk_name,
+    check_nbd_device,
+    detach_argv,
 )
 
 MULTI = ExportProbe(size=1 << 30, multi_conn=True)

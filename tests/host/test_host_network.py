@@ -79,8 +79,8 @@ class NetStack(Stack):
     def serving_state(self, name: str) -> str:
         return self.nbdserver("disk", "show", name)["serving"]["state"]
 
-    def client(self, disk: str) -> "Client":
-        return Client(self.net, f"nbds://{self.nb.nbd_address}/{disk}", self.nbd_tls)
+    def client(self, disk: str) -> Client:
+        return Client(self.net, f"nbds://{self._running_nb().nbd_address}/{disk}", self.nbd_tls)
 
 
 class Client:
@@ -91,8 +91,10 @@ class Client:
             net.argv("cli", [sys.executable, ROOT / "tests/host/ns_writer.py", uri, tls_dir]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert self.proc.stdin and self.proc.stdout and self.proc.stderr  # all three are pipes
+        self.stdin, self.stdout, self.stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self.lines: list[str] = []
-        self._buf, self._pending = "", []
+        self._buf, self._pending = "", list[str]()
         self.expect("READY")
 
     def expect(self, prefix: str, timeout: float = DEADLINE) -> str:
@@ -105,13 +107,13 @@ class Client:
                 if line.startswith(prefix):
                     return line
             left = deadline - time.monotonic()
-            r, _, _ = select.select([self.proc.stdout], [], [], max(0.0, left))
+            r, _, _ = select.select([self.stdout], [], [], max(0.0, left))
             if not r:
                 raise AssertionError(f"no {prefix!r} from the client in {timeout}s; "
                                      f"saw {self.lines[-10:]}")
-            chunk = os.read(self.proc.stdout.fileno(), 65536).decode()
+            chunk = os.read(self.stdout.fileno(), 65536).decode()
             if not chunk:
-                raise AssertionError(f"client exited: {self.proc.stderr.read()}")
+                raise AssertionError(f"client exited: {self.stderr.read()}")
             self._buf += chunk
             *done, self._buf = self._buf.split("\n")
             self._pending += [d.strip() for d in done]
@@ -120,21 +122,21 @@ class Client:
         return int(self.expect("OK ").split()[1])
 
     def verify(self) -> None:
-        self.proc.stdin.write("VERIFY\n")
-        self.proc.stdin.flush()
+        self.stdin.write("VERIFY\n")
+        self.stdin.flush()
         line = self.expect("VERIFIED")
         assert int(line.split()[1]) > 0
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            self.stdin.close()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
+        self.stdout.close()
+        self.stderr.close()
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +189,7 @@ def test_partition_grace_then_lock_then_recovery(net, stack):
         net.set_link("ks", up=False)
         # Within the grace period the disk keeps serving: writes go on being acknowledged.
         before = c.ok_count()
-        assert c.ok_count() > before and not [l for l in c.lines if l.startswith("ERR")]
+        assert c.ok_count() > before and not [ln for ln in c.lines if ln.startswith("ERR")]
         # The grace period ends without a successful check: the disk locks.
         assert c.expect("ERR").split()[1] == "EIO"
         state = stack.nbdserver("disk", "show", "d1")["serving"]

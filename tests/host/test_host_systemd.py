@@ -122,7 +122,7 @@ class NotifySocket:
         self.sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             msg = self.sock.recv(4096).decode()
-        except socket.timeout:
+        except TimeoutError:
             return None
         self.seen.append(msg)
         return msg

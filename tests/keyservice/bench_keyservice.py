@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import Daemon  # noqa: E402
-
 from keyservice.client import KeyServiceClient  # noqa: E402
+
+from conftest import Daemon  # noqa: E402
 
 
 async def hammer(client, kid, op, seconds, wrapped):

@@ -37,8 +37,8 @@ class Daemon:
         self.notify.bind(self.notify_path)
         self.extra_args = list(extra_args)
         self.env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, **(env or {}))
-        self.proc = None
-        self._tokens = {}
+        self.proc: subprocess.Popen | None = None
+        self._tokens: dict[str, str] = {}
 
     def start(self, expect_ready=True):
         self._stderr = open(self.stderr_path, "ab")
@@ -56,7 +56,7 @@ class Daemon:
             while True:
                 if message in self.notify.recv(4096).decode():
                     return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     def stop(self) -> int:
@@ -64,7 +64,7 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=15)
         self._stderr.close()
-        return self.proc.returncode
+        return self.proc.returncode if self.proc else 0
 
     def close(self):
         if self.proc and self.proc.poll() is None:

@@ -85,7 +85,9 @@ def test_import_pem_and_jwk(daemon, vault):
     pad = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)
     assert private.decrypt(unb64u(w["value"]), pad) == b"dek"  # the oracle: our own copy of the key
     nums = private.private_numbers()
-    i = lambda x: b64u(x.to_bytes((x.bit_length() + 7) // 8, "big"))
+    def i(x):
+        return b64u(x.to_bytes((x.bit_length() + 7) // 8, "big"))
+
     jwk = {"kty": "RSA", "n": i(nums.public_numbers.n), "e": i(nums.public_numbers.e), "d": i(nums.d),
            "p": i(nums.p), "q": i(nums.q), "dp": i(nums.dmp1), "dq": i(nums.dmq1), "qi": i(nums.iqmp)}
     status, body = daemon.http("PUT", f"/vaults/{vault}/keys/imported", {"key": jwk})
@@ -96,7 +98,9 @@ def test_import_pem_and_jwk(daemon, vault):
 
 def test_disable_expire_nbf_refuse_wrap(daemon, vault):
     create_key(daemon, vault, "k")
-    wrap = lambda: daemon.http("POST", f"/vaults/{vault}/keys/k/wrapkey", {"value": b64u(b"v")})
+    def wrap():
+        return daemon.http("POST", f"/vaults/{vault}/keys/k/wrapkey", {"value": b64u(b"v")})
+
     status, _ = daemon.http("PATCH", f"/vaults/{vault}/keys/k", {"attributes": {"enabled": False}})
     status, body = wrap()
     assert status == 403 and body["error"]["innererror"]["code"] == "KeyDisabled"

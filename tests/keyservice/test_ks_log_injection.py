@@ -9,9 +9,9 @@ import urllib.request
 
 import pytest
 
+from daemonkit.httplog import escape
 from keyservice.domain.errors import BadRequest
 from keyservice.domain.names import check_key_name, check_vault_name, check_version
-from daemonkit.httplog import escape
 
 
 def test_names_with_a_trailing_newline_are_refused(daemon):

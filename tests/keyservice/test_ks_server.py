@@ -150,7 +150,9 @@ def test_credential_dump_is_0600(tmp_path):
 
 def test_sigterm_ends_open_change_streams_and_exits_cleanly(make_daemon):
     import asyncio
+
     import pytest
+
     from keyservice.client import KeyServiceClient, KeyServiceUnavailable
     d = make_daemon()
 

@@ -8,7 +8,6 @@ healthy: both processes alive and no traceback in either log.
 
 from __future__ import annotations
 
-
 import pytest
 
 from tests.helpers.platform import Stack

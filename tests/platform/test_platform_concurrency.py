@@ -178,13 +178,14 @@ def storm_and_check(make_stack, seconds: float, clients: int) -> dict:
         h.shutdown()
 
     # Revocation after the storm: the busy customer-key disk stops within the deadline.
-    assert writer.error is None, writer.error
+    before = writer.error
+    assert before is None, before
     asked = time.monotonic()
     stack.keyservice("key", "disable", "live", "kl")
-    disabled = time.monotonic()  # the key service has committed the disable
     wait_until(lambda: writer.error is not None, LOCK_DEADLINE, interval=0.005,
                what="the busy disk to fail after its key's disable")
-    assert is_eio(writer.error), writer.error
+    assert writer.error is not None and is_eio(writer.error), writer.error
+    assert writer.first_error_at is not None  # set with writer.error
     lock_time = writer.first_error_at - asked  # an upper bound: from before the CLI ran
     writer.close()
     return {"operations": storm.done, "by_status": dict(sorted(storm.codes.items())),

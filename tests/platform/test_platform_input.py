@@ -40,3 +40,13 @@ def test_deeply_nested_json_is_a_bad_request(stack, depth):
         assert status == 400, (path, status, body)
         assert "nested too deeply" in body["error"]["message"]
     stack.nb.assert_healthy()
+
+
+def test_an_image_of_an_empty_source_is_a_bad_request(stack):
+    """`source: ""` passed the API's type check and reached `src.kind` on None: an internal
+    error instead of a 400 (found by mypy)."""
+    status, body = stack.api("POST", "/images", {"name": "img-empty", "source": ""})
+    assert status == 400, body
+    assert "needs a source" in body["error"]["message"]
+    assert stack.api("GET", "/images/img-empty")[0] == 404
+    stack.nb.assert_healthy()

@@ -24,8 +24,8 @@ from nbdserver.exports import ExportCatalog
 from nbdserver.platform.access import KeyAccess
 from nbdserver.platform.model import PLATFORM_KEY, VolumeKind
 from nbdserver.platform.operations import Busy, TimedOut
-from nbdserver.platform.service import Platform
 from nbdserver.platform.sealed import SealedBackend
+from nbdserver.platform.service import Platform
 from tests.helpers.platform import Stack
 
 DEADLINE = 10.0  # liveness bound for what must not wait at all; a wait fails the test here

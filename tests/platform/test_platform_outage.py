@@ -17,7 +17,14 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers.platform import (
-    Stack, Writer, connect_refused, io_fails, pattern, refusal_message, wait_for_eio, wait_for_io,
+    Stack,
+    Writer,
+    connect_refused,
+    io_fails,
+    pattern,
+    refusal_message,
+    wait_for_eio,
+    wait_for_io,
 )
 from tests.helpers.servers import wait_until
 
@@ -108,7 +115,7 @@ def test_keyservice_restarted_under_load(make_stack):
             # (the set identity's unwrap answered by the restarted key service).
             wait_until(lambda: "unwrapkey 200" in stack.ks.stderr_text(), 30,
                        what="a key check against the restarted key service")
-            wait_until(lambda: all(w.count > b + 10 or w.error for w, b in zip(writers, before)),
+            wait_until(lambda: all(w.count > b + 10 or w.error for w, b in zip(writers, before, strict=True)),
                        30, what="the writers to go on")
             assert all(w.error is None for w in writers), [w.error for w in writers]
     finally:

@@ -17,7 +17,12 @@ import time
 import pytest
 
 from tests.helpers.platform import (
-    Writer, connect_refused, io_fails, refusal_message, wait_for_eio, wait_for_io,
+    Writer,
+    connect_refused,
+    io_fails,
+    refusal_message,
+    wait_for_eio,
+    wait_for_io,
 )
 from tests.helpers.servers import wait_until
 

@@ -32,7 +32,7 @@ def _start_refused(stack, data_dir, credential) -> str:
                           extra_args=("--keyservice-credential", str(credential)))
     with pytest.raises(RuntimeError):
         nb.start()
-    assert nb.proc.wait(timeout=30) != 0
+    assert nb.process.wait(timeout=30) != 0
     err = nb.stderr_text()
     assert "Traceback" not in err, err
     return err

@@ -21,7 +21,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.helpers.images import need_tool
 from tests.helpers.platform import (
-    CliFailed, connect_refused, pattern, refusal_message, wait_for_eio, wait_for_io,
+    CliFailed,
+    connect_refused,
+    pattern,
+    refusal_message,
+    wait_for_eio,
+    wait_for_io,
 )
 from tests.helpers.servers import wait_until
 

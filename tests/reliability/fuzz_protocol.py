@@ -24,7 +24,12 @@ import atheris
 with atheris.instrument_imports():
     from nbdserver.protocol import handshake as hs
     from nbdserver.protocol import transmission as tx
-    from nbdserver.protocol.constants import NBD_CMD_WRITE, NBD_REP_ERR_UNKNOWN, OPTION_REPLY_MAGIC
+    from nbdserver.protocol.constants import (
+        NBD_CMD_WRITE,
+        NBD_REP_ERR_UNKNOWN,
+        NBD_REQUEST_MAGIC,
+        OPTION_REPLY_MAGIC,
+    )
 
 FLAGS = 0x1 | 0x4 | 0x8
 
@@ -86,7 +91,7 @@ def request_stream(data: bytes) -> bytes:
     fdp = atheris.FuzzedDataProvider(data)
     out = bytearray()
     while fdp.remaining_bytes() > 4:
-        magic = tx.NBD_REQUEST_MAGIC if fdp.ConsumeIntInRange(0, 15) else fdp.ConsumeInt(4) & 0xFFFFFFFF
+        magic = NBD_REQUEST_MAGIC if fdp.ConsumeIntInRange(0, 15) else fdp.ConsumeInt(4) & 0xFFFFFFFF
         flags = fdp.ConsumeIntInRange(0, 0xFFFF) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, 15)
         cmd = fdp.ConsumeIntInRange(0, 12)
         offset = fdp.ConsumeIntInRange(0, (1 << 64) - 1) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(0, 1 << 21)
@@ -107,7 +112,7 @@ def fuzz_transmission(data: bytes) -> None:
     for ev in whole:
         if type(ev) is tx.Request:
             if ev.cmd == NBD_CMD_WRITE:
-                assert len(ev.payload) == ev.length
+                assert ev.payload is not None and len(ev.payload) == ev.length
             err, msg = tx.check(ev, size, FLAGS | (0x2 if size & 0x1000 else 0) | 0x20 | 0x40,
                                 has_meta=bool(size & 0x2000))
             assert isinstance(err, int) and isinstance(msg, str)

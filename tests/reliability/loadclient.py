@@ -16,8 +16,8 @@ import argparse
 import json
 import random
 import select
-import sys
 import time
+from typing import Any
 
 import nbd
 
@@ -125,7 +125,7 @@ def main(argv=None) -> None:
             per_uri[uri] = region + 1
             conns.append(Conn(uri, len(conns), region, random.Random(rng.random()), args.depth))
     print(json.dumps({"event": "connected", "connections": len(conns)}), flush=True)
-    stats = {"connections": len(conns), "issued": 0, "completed": 0, "errors": 0,
+    stats: dict[str, Any] = {"connections": len(conns), "issued": 0, "completed": 0, "errors": 0,
              "mismatches": 0, "bytes": 0}
     start = time.monotonic()
     deadline = start + args.seconds
@@ -180,4 +180,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

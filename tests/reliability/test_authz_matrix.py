@@ -22,6 +22,8 @@ import base64
 import os
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -41,7 +43,7 @@ def b64u(b: bytes) -> str:
 
 
 # operation -> (permission, mutates, request(key) -> (method, path, body))
-OPS = {
+OPS: dict[str, tuple[str, bool, Callable[[str, dict], tuple[str, str, Any]]]] = {
     "get": ("get", False, lambda k, c: ("GET", f"/vaults/{VAULT}/keys/{k}", None)),
     "list": ("list", False, lambda k, c: ("GET", f"/vaults/{VAULT}/keys", None)),
     "listVersions": ("list", False, lambda k, c: ("GET", f"/vaults/{VAULT}/keys/{k}/versions", None)),

@@ -17,6 +17,7 @@ FUA/FLUSH paths map to RWF_DSYNC/fdatasync (tests/unit/test_backend.py).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ def crash_cycles(workdir, rng, cycles: int) -> dict:
     key = workdir / "dek.key"
     key.write_bytes(os.urandom(64))
     key.chmod(0o600)
-    stats = {"cycles": 0, "failures": 0, "acked": 0, "durable": 0, "lost_acked": 0, "problems": []}
+    stats: dict[str, Any] = {"cycles": 0, "failures": 0, "acked": 0, "durable": 0, "lost_acked": 0, "problems": []}
     regions = DISK // BLOCK // REGION
     expected: dict[int, tuple[int, int]] = {}
     image = None

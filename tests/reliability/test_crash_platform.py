@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import pytest
 
@@ -58,7 +59,7 @@ def assert_consistent(stack: Stack) -> dict:
 
 
 def platform_crash_cycles(stack: Stack, rng, cycles: int) -> dict:
-    stats = {"cycles": 0, "killed_during": {}, "snapshots_checked": 0}
+    stats: dict[str, Any] = {"cycles": 0, "killed_during": {}, "snapshots_checked": 0}
     stack.create_disk("d0", "--size", DISK)
     expected: dict[int, tuple[int, int]] = {}
     snap_expect: dict[str, dict] = {}
@@ -136,7 +137,7 @@ def test_kill9_nbdserver_platform_soak(tmp_path, seeded_rng):
 
 def keyservice_crash_cycles(stack: Stack, rng, cycles: int) -> dict:
     """Keys created and rotated from a thread; the key service killed after K answers."""
-    stats = {"cycles": 0, "answered": 0}
+    stats: dict[str, Any] = {"cycles": 0, "answered": 0}
     stack.keyservice("vault", "create", "kvault", "--location", "local", "--subscription", "sub1",
                      "--enable-purge-protection")
     answered: dict[str, set] = {}   # key name -> versions the key service answered with
@@ -175,6 +176,7 @@ def keyservice_crash_cycles(stack: Stack, rng, cycles: int) -> dict:
         stack.start_keyservice()
         for name, versions in answered.items():
             status, body = stack.ks_api("GET", f"/vaults/kvault/keys/{name}/versions")
+            assert isinstance(body, dict), body
             assert status == 200, body
             have = {v["kid"].rsplit("/", 1)[1] for v in body["value"]}
             assert versions <= have, f"key {name}: answered versions {versions - have} lost"

@@ -104,12 +104,12 @@ class FailingDevice:
              f"error-file={self.trigger}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_until(lambda: self.sock.exists() or self.kit.poll() is not None, 20, what="nbdkit")
-        assert self.kit.poll() is None, self.kit.stderr.read()
+        assert self.kit.poll() is None, self.kit.communicate()[1]
         self.fuse = subprocess.Popen(["nbdfuse", str(self.fusedir), f"nbd+unix:///?socket={self.sock}"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_until(lambda: (self.fusedir / "nbd").exists() or self.fuse.poll() is not None, 20,
                    what="nbdfuse")
-        assert self.fuse.poll() is None, self.fuse.stderr.read()
+        assert self.fuse.poll() is None, self.fuse.communicate()[1]
         self.path = self.fusedir / "nbd"
 
     def close(self):

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -28,7 +29,7 @@ SOAK_EXAMPLES = int(os.environ.get("RELIABILITY_SCHEMA_EXAMPLES", "200"))
 
 
 def schemathesis_run(tmp_path, examples: int, *, authorized: bool = True, seed: int = 1) -> dict:
-    st = shutil.which("st", path=os.path.dirname(os.sys.executable)) or shutil.which("st")
+    st = shutil.which("st", path=os.path.dirname(sys.executable)) or shutil.which("st")
     if st is None:
         pytest.skip("schemathesis is not installed")
     stack = Stack(tmp_path / "stack")
@@ -54,10 +55,9 @@ def schemathesis_run(tmp_path, examples: int, *, authorized: bool = True, seed: 
     finally:
         stack.close()
     assert r.returncode == 0, f"schemathesis found failures:\n{out[-6000:]}"
-    cases = re.findall(r"(\d+) generated", out)
     stats = {"examples_per_operation": examples, "authorized": authorized,
-             "summary": [l.strip() for l in out.splitlines()
-                         if re.search(r"(passed|generated|operations|failures|Test cases)", l)][-6:]}
+             "summary": [ln.strip() for ln in out.splitlines()
+                         if re.search(r"(passed|generated|operations|failures|Test cases)", ln)][-6:]}
     print(f"\nschemathesis: {json.dumps(stats)}")
     return stats
 

@@ -27,6 +27,7 @@ SOAK_SECONDS = int(os.environ.get("RELIABILITY_FUZZ_SECONDS", "600"))
 def seeds(target: str, corpus) -> None:
     """Valid sessions to start from: libFuzzer mutates toward the branches near them."""
     import struct
+
     from nbdserver.protocol.constants import IHAVEOPT, NBD_REQUEST_MAGIC
     if target == "transmission":
         for cmd in range(12):

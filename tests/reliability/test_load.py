@@ -36,14 +36,14 @@ def run_load(baseline, tmp_path, *, connections: int, exports: int, seconds: flo
     before = rss_kib(srv.pid)
     procs = []
     per_proc = connections // 2
-    for p in range(2):
+    for n in range(2):
         targets = []
         for i in range(per_proc):
-            targets.append(f"{srv.uri(f'e{(p * per_proc + i) % exports}')}#1")
+            targets.append(f"{srv.uri(f'e{(n * per_proc + i) % exports}')}#1")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "tests.reliability.loadclient", "--seconds", str(seconds),
-             "--seed", str(seed + p), "--region-base", str(p * 32), *targets],
+             "--seed", str(seed + n), "--region-base", str(n * 32), *targets],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env))
     peak = before
     deadline = time.monotonic() + seconds + 180

@@ -60,7 +60,7 @@ def test_no_secret_in_data_dirs_logs_or_core_dumps(tmp_path, seeded_rng):
     with Stack(tmp_path / "stack", lease=1) as stack:
         for daemon in (stack.ks, stack.nb):
             assert core_limit(daemon.pid) == "0 0", f"{daemon.name} may dump core"
-        cmk = stack.customer_key("secvault", "k1", "des1")
+        stack.customer_key("secvault", "k1", "des1")
         stack.keyservice("key", "import", "secvault", "k2", "--pem", tmp_path / "imported.pem")
         shown = stack.nbdserver("des", "create", "des2", "--key-url", stack.key_url("secvault", "k2"))
         stack.grant("secvault", shown["identity"]["objectId"])

@@ -16,14 +16,21 @@ import tempfile
 import nbd
 import pytest
 
+from nbdserver.protocol.constants import (
+    NBD_OPT_EXPORT_NAME,
+    NBD_OPT_GO,
+    NBD_OPT_INFO,
+    NBD_OPT_LIST,
+    NBD_OPT_STARTTLS,
+    NBD_REP_ACK,
+    NBD_REP_ERR_TLS_REQD,
+    NBD_REP_ERR_UNSUP,
+    NBD_REP_SERVER,
+)
 from tests.helpers.images import need_tool
 from tests.helpers.nbdraw import RawClient, ServerClosed
 from tests.helpers.servers import wait_until
 from tests.tls.conftest import PSK_IDENTITY, cert_uri, psk_uri
-from nbdserver.protocol.constants import (
-    NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_STARTTLS, NBD_REP_ACK,
-    NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNSUP, NBD_REP_SERVER,
-)
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20

@@ -13,7 +13,13 @@ import pytest
 
 from nbdserver.protocol.handshake import TlsMode
 from nbdserver.tls import (
-    ClientTls, ServerTls, TlsConfigError, _libssl, _ssl_ctx_pointer, default_mode, load_psk_file,
+    ClientTls,
+    ServerTls,
+    TlsConfigError,
+    _libssl,
+    _ssl_ctx_pointer,
+    default_mode,
+    load_psk_file,
     server_context_for,
 )
 from tests.helpers.servers import ROOT, BaselineServer

@@ -9,17 +9,49 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdserver.protocol.constants import (
-    IHAVEOPT, MAX_OPTION_LENGTH, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES,
-    NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION,
-    NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO,
-    NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS,
-    NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY,
-    NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_TOO_BIG, NBD_REP_ERR_UNKNOWN,
-    NBD_REP_ERR_UNSUP, NBD_REP_INFO, NBD_REP_META_CONTEXT, NBD_REP_SERVER, NBDMAGIC,
+    IHAVEOPT,
+    MAX_OPTION_LENGTH,
+    NBD_FLAG_C_FIXED_NEWSTYLE,
+    NBD_FLAG_C_NO_ZEROES,
+    NBD_FLAG_FIXED_NEWSTYLE,
+    NBD_FLAG_NO_ZEROES,
+    NBD_INFO_BLOCK_SIZE,
+    NBD_INFO_DESCRIPTION,
+    NBD_INFO_EXPORT,
+    NBD_INFO_NAME,
+    NBD_OPT_ABORT,
+    NBD_OPT_EXPORT_NAME,
+    NBD_OPT_GO,
+    NBD_OPT_INFO,
+    NBD_OPT_LIST,
+    NBD_OPT_LIST_META_CONTEXT,
+    NBD_OPT_SET_META_CONTEXT,
+    NBD_OPT_STARTTLS,
+    NBD_OPT_STRUCTURED_REPLY,
+    NBD_REP_ACK,
+    NBD_REP_ERR_INVALID,
+    NBD_REP_ERR_POLICY,
+    NBD_REP_ERR_SHUTDOWN,
+    NBD_REP_ERR_TLS_REQD,
+    NBD_REP_ERR_TOO_BIG,
+    NBD_REP_ERR_UNKNOWN,
+    NBD_REP_ERR_UNSUP,
+    NBD_REP_INFO,
+    NBD_REP_META_CONTEXT,
+    NBD_REP_SERVER,
+    NBDMAGIC,
     OPTION_REPLY_MAGIC,
 )
 from nbdserver.protocol.handshake import (
-    Close, ExportInfo, ExportRefused, Handshake, Ready, Send, StartTls, State, TlsMode,
+    Close,
+    ExportInfo,
+    ExportRefused,
+    Handshake,
+    Ready,
+    Send,
+    StartTls,
+    State,
+    TlsMode,
 )
 
 FLAGS = 0x1 | 0x4 | 0x8  # HAS_FLAGS | SEND_FLUSH | SEND_FUA
@@ -343,7 +375,7 @@ def run(h, pieces):
 def test_any_split_of_a_session_gives_the_same_result(cuts):
     whole = Handshake(Catalog()).receive(SESSION)
     points = sorted(set(cuts))
-    pieces = [SESSION[a:b] for a, b in zip([0] + points, points + [len(SESSION)])]
+    pieces = [SESSION[a:b] for a, b in zip([0] + points, points + [len(SESSION)], strict=True)]
     h = Handshake(Catalog())
     assert run(h, pieces) == whole
     assert h.leftover == b"tail"

@@ -25,7 +25,7 @@ S = 4096
 
 def collect_all(queue: ReadQueue, n: int, timeout: float = 20.0) -> dict:
     """Wait on the queue's eventfd, as the server's loop does, until n reads are back."""
-    done = {}
+    done: dict = {}
     deadline = time.monotonic() + timeout
     while len(done) < n:
         left = deadline - time.monotonic()

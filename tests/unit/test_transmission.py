@@ -11,19 +11,56 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdserver.protocol.constants import (
-    NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO,
-    NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ,
-    NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_EIO, NBD_ENOSPC,
-    NBD_ENOTSUP, NBD_EPERM, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_HAS_FLAGS, NBD_FLAG_READ_ONLY,
-    NBD_FLAG_SEND_CACHE, NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA,
-    NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES, NBD_REPLY_FLAG_DONE,
-    NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_NONE,
-    NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REQUEST_MAGIC,
-    NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC,
+    NBD_CMD_BLOCK_STATUS,
+    NBD_CMD_CACHE,
+    NBD_CMD_FLAG_DF,
+    NBD_CMD_FLAG_FAST_ZERO,
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_FLAG_REQ_ONE,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
+    NBD_EINVAL,
+    NBD_EIO,
+    NBD_ENOSPC,
+    NBD_ENOTSUP,
+    NBD_EPERM,
+    NBD_FLAG_CAN_MULTI_CONN,
+    NBD_FLAG_HAS_FLAGS,
+    NBD_FLAG_READ_ONLY,
+    NBD_FLAG_SEND_CACHE,
+    NBD_FLAG_SEND_FAST_ZERO,
+    NBD_FLAG_SEND_FLUSH,
+    NBD_FLAG_SEND_FUA,
+    NBD_FLAG_SEND_TRIM,
+    NBD_FLAG_SEND_WRITE_ZEROES,
+    NBD_REPLY_FLAG_DONE,
+    NBD_REPLY_TYPE_BLOCK_STATUS,
+    NBD_REPLY_TYPE_ERROR,
+    NBD_REPLY_TYPE_NONE,
+    NBD_REPLY_TYPE_OFFSET_DATA,
+    NBD_REPLY_TYPE_OFFSET_HOLE,
+    NBD_REQUEST_MAGIC,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC,
 )
 from nbdserver.protocol.transmission import (
-    DIRECT_PAYLOAD_MIN, BadMagic, Oversized, Request, RequestParser, block_status_chunk, check, data_chunk_header,
-    error_chunk, hole_chunk, nbd_error, none_reply, simple_reply,
+    DIRECT_PAYLOAD_MIN,
+    BadMagic,
+    Oversized,
+    Request,
+    RequestParser,
+    block_status_chunk,
+    check,
+    data_chunk_header,
+    error_chunk,
+    hole_chunk,
+    nbd_error,
+    none_reply,
+    simple_reply,
 )
 
 SIZE = 1 << 20
@@ -106,13 +143,13 @@ def test_large_writes_go_to_the_consumers_stage_piece_by_piece(seed):
     p = RequestParser(stage=stage)
     got = []
     cuts = sorted(rng.sample(range(1, len(stream)), 60))
-    for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+    for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
         got += p.feed(stream[a:b])
     assert p.buffered() == 0
     assert [r.cookie for r in got] == [1, 2, 3, 4, 5, 6]
     staged = {r.cookie: r for r in got if r.stage is not None}
     assert sorted(staged) == [1, 3, 6]
-    for cookie, data in zip((1, 3, 6), big):
+    for cookie, data in zip((1, 3, 6), big, strict=True):
         r = staged[cookie]
         assert r.payload is None and r.stage.data == data and r.stage.length == len(data)
         assert r.stage.offset == r.offset
