@@ -14,11 +14,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
-
 from azure.core.pipeline.transport import RequestsTransport
 from azure.identity import ClientSecretCredential
 from azure.keyvault.keys import KeyClient
+from requests.adapters import HTTPAdapter
 
 # This directory's conftest by path: a bare `import conftest` gets whichever conftest
 # pytest imported first when several test directories run together.

@@ -9,12 +9,13 @@ import uuid
 
 import pytest
 
-from azure_sdk import DOMAIN, AzureDaemon
 from keyservice.client import Credential, parse_kid
 from keyservice.domain.errors import BadRequest, Unauthorized
 from keyservice.domain.service import KeyService
 from keyservice.store import Store
 from keyservice.tokens import TokenSigner
+
+from azure_sdk import DOMAIN, AzureDaemon
 
 
 @pytest.fixture(scope="module")
