@@ -40,7 +40,7 @@ bootstrap_venv() {
     local stamp="$VENV/.install-stamp" want
     # The build inputs: a change to any of them re-runs the editable install (and the C build).
     # The libcrypto the engine links (scripts/lib/openssl.sh) is one of them.
-    want="$(cd "$ROOT" && { cat pyproject.toml $(ls setup.py nbdserver/crypto/*.c 2>/dev/null)
+    want="$(cd "$ROOT" && { cat pyproject.toml $(ls setup.py nbdserver/*.c nbdserver/*.h nbdserver/crypto/*.c 2>/dev/null)
                             echo "openssl=${NBDSERVER_OPENSSL_PREFIX:-system}"; } | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "bootstrap: installing the project into $VENV" >&2
