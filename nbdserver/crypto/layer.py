@@ -138,7 +138,7 @@ class XtsLayer(BlockBackend):
             first = offset // S
             stripe = first // SECTORS_PER_STRIPE
             if stripe == (first + n // S - 1) // SECTORS_PER_STRIPE:
-                lock = self._stripes[stripe % STRIPES]
+                lock = self._stripes[stripe % STRIPES] or self._locks.stripe(stripe % STRIPES)
                 if not lock.acquire(not nowait):
                     raise BlockingIOError(errno.EAGAIN, BUSY)
                 try:

@@ -1,5 +1,7 @@
 """SectorLocks: which stripes a sector range takes, in which order."""
 
+import threading
+
 from nbdserver.crypto.sector_locks import SectorLocks
 
 
@@ -12,7 +14,7 @@ def test_stripes_of_a_range_ascending_and_held():
     held = locks.acquire(5, 6)  # one sector: one stripe
     assert indices(locks, held) == [1] and all(lock.locked() for lock in held)
     locks.release(held)
-    assert not any(lock.locked() for lock in locks._locks)
+    assert not any(lock is not None and lock.locked() for lock in locks._locks)
     held = locks.acquire(3, 13)  # sectors 3..12: stripes 0, 1, 2, 3
     assert indices(locks, held) == [0, 1, 2, 3]
     locks.release(held)
@@ -51,8 +53,28 @@ def test_without_blocking_a_busy_stripe_gives_none_and_leaves_nothing_held():
     locks = SectorLocks(stripes=8, sectors_per_stripe=4)
     busy = locks.acquire(8, 9)  # stripe 2
     assert locks.acquire(0, 16, blocking=False) is None  # stripes 0..3: 2 is taken
-    assert [lock.locked() for lock in locks._locks] == [False, False, True] + [False] * 5
+    assert [lock is not None and lock.locked() for lock in locks._locks] == [False, False, True] + [False] * 5
     locks.release(busy)
     held = locks.acquire(0, 16, blocking=False)
     assert indices(locks, held) == [0, 1, 2, 3]
     locks.release(held)
+
+
+def test_a_stripe_lock_is_made_on_first_use_and_only_once():
+    """An open disk holds no lock objects until it is written (issue 22: an attached,
+    idle disk must cost little); threads that race for a new stripe share one lock."""
+    locks = SectorLocks(stripes=8, sectors_per_stripe=4)
+    assert locks._locks == [None] * 8
+    got: list = []
+    start = threading.Barrier(8)
+
+    def take():
+        start.wait()
+        got.append(locks.stripe(5))
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(lock) for lock in got}) == 1 and locks._locks[5] is got[0]
+    assert sum(lock is not None for lock in locks._locks) == 1
