@@ -74,6 +74,13 @@ MAX_INFLIGHT = 64
 # mixed load on warm or cold data hardly ever stops on it, while a starved one waits for
 # at most that much (4 x MAX_INFLIGHT; cheap to count, nothing timed).
 OVERTAKE_MAX = 256
+# The inline attempt at a small READ (RWF_NOWAIT) costs the loop a syscall, and on a miss
+# the kernel starts the disk read from the loop's own thread. After this many misses in
+# a row a connection stops trying, and only every PROBE_EVERY-th read tries again (one
+# hit and it is back to trying every read): a client on cold data goes straight to the
+# read queue, one on warm data never notices.
+NOWAIT_MISSES_MAX = 8
+PROBE_EVERY = 16
 _NEVER = 1 << 62  # _hold_at while no request waits for a worker
 # Threads of the native read queue, started as cold reads wait for them. Through the
 # ThreadPoolExecutor each cold read went loop -> worker -> loop with the GIL taken twice
@@ -191,6 +198,7 @@ class Connection(asyncio.Protocol):
         self.meta_id: int | None = None
         # The alignment this client agreed to (handshake.Negotiated.min_block); 1 = any.
         self.min_block = 1
+        self.nowait_misses = 0  # small READs in a row the page cache missed (NOWAIT_MISSES_MAX)
         self.inflight = 0
         self.disconnecting = False
         self.shutting_down = False
@@ -548,15 +556,20 @@ class Connection(asyncio.Protocol):
                 return WAIT_FOR_BUDGET
             buf = bytearray(req.length)
             if req.length <= INLINE_READ_MAX:
-                try:
-                    backend.pread(memoryview(buf), req.offset, nowait=True)
-                except BlockingIOError:
-                    pass
-                except OSError as e:
-                    self._uncharge(req.length)
-                    return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
+                misses = self.nowait_misses
+                if misses < NOWAIT_MISSES_MAX or not misses % PROBE_EVERY:
+                    try:
+                        backend.pread(memoryview(buf), req.offset, nowait=True)
+                    except BlockingIOError:
+                        self.nowait_misses = misses + 1
+                    except OSError as e:
+                        self._uncharge(req.length)
+                        return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
+                    else:
+                        self.nowait_misses = 0
+                        return self._send_read(req, buf)
                 else:
-                    return self._send_read(req, buf)
+                    self.nowait_misses = misses + 1
                 scanned = self.structured and req.length >= HOLE_SCAN_MIN and backend.capabilities.extents
                 if not scanned:
                     # A cache miss (or a file that cannot say): on the native read

@@ -156,3 +156,43 @@ def test_a_drain_waits_until_the_read_is_collected(tmp_path):
         drained.result(10)
         assert c.simple_reply(S) == (0, 7, data[2 * S:3 * S])
     backend.close()
+
+
+class CountingCold(AlwaysCold):
+    """AlwaysCold until `warm` is set; counts the inline (RWF_NOWAIT) attempts."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.attempts = 0
+        self.warm = False
+
+    def pread(self, buf, offset, *, nowait=False):
+        if nowait:
+            self.attempts += 1
+            if not self.warm:
+                raise BlockingIOError("cold")
+        FileBackend.pread(self, buf, offset)
+
+
+def test_a_connection_on_cold_data_stops_trying_inline_reads(tmp_path):
+    """After NOWAIT_MISSES_MAX misses in a row only every PROBE_EVERY-th read tries the
+    page cache first; the first hit of a probe brings every read back inline."""
+    from nbdserver.server import NOWAIT_MISSES_MAX, PROBE_EVERY
+    backend = CountingCold(tmp_path / "d.img", tmp_path, size=SIZE)
+    catalog = ExportCatalog()
+    catalog.add(Export("d", backend))
+    n = 8 * PROBE_EVERY
+    with ServerThread(asyncio.new_event_loop, catalog) as srv, \
+            RawClient.connected(srv.address, "d") as c:
+        for i in range(n):  # one at a time: each read's miss is counted before the next
+            assert pipeline_reads(c, [i * S])[0][0] == 0
+        cold_attempts = backend.attempts
+        backend.warm = True
+        for i in range(2 * PROBE_EVERY):
+            assert pipeline_reads(c, [i * S])[0][0] == 0
+        warm_attempts = backend.attempts - cold_attempts
+    probes = len(range(PROBE_EVERY, n, PROBE_EVERY))
+    assert cold_attempts == NOWAIT_MISSES_MAX + probes
+    # Warm again: n is a multiple of PROBE_EVERY, so the first warm read is a probe; it
+    # hits, and from then on every read is tried inline.
+    assert warm_attempts == 2 * PROBE_EVERY
