@@ -321,6 +321,7 @@ class Store:
         cur = self._db.execute("INSERT INTO events (type, vault, key, version, kid, object_id, time, "
                                "tenant_id) VALUES (?,?,?,?,?,?,?,?)",
                                (e.type, e.vault, e.key, e.version, e.kid, e.objectId, e.time, e.tenantId))
+        assert cur.lastrowid is not None  # an INSERT into a rowid table
         return cur.lastrowid
 
     def events_after(self, seq: int, limit: int, tenant_id: str) -> list[Event]:

@@ -2,9 +2,10 @@
 
 The signing key is derived from the master key, so tokens survive a restart
 and die with a master-key change. Claims: `oid` (object id), `tid` (tenant),
-`roles`, `iat`, `nbf`, `exp` (RFC 7519), and `gen`, the identity's generation
-(the service refuses a token whose generation is not the identity's current one). Only HS256 is accepted: the header's
-`alg` is checked, never trusted (no "alg": "none", no key confusion).
+`roles`, `iat`, `nbf`, `exp` (RFC 7519), and `gen`, the identity's generation (the
+service refuses a token whose generation is not the identity's current one). Only
+HS256 is accepted: the header's `alg` is checked, never trusted (no "alg": "none", no
+key confusion).
 
 `aud` (RFC 7519 section 4.1.3) is set when the token was asked for a resource (the
 OAuth 2.0 v2 endpoint's `scope`, or `resource` on /oauth2/token); the service then
@@ -44,14 +45,15 @@ class TokenSigner:
 
     def issue(self, object_id: str, tenant_id: str, roles, now: float,
               generation: int = 0, audience: str | None = None) -> tuple[str, int]:
+        exp = int(now) + self.lifetime
         claims = {"iss": self.issuer, "oid": object_id, "sub": object_id, "tid": tenant_id,
                   "roles": list(roles), "gen": generation, "iat": int(now), "nbf": int(now),
-                  "exp": int(now) + self.lifetime, "jti": secrets.token_hex(8)}
+                  "exp": exp, "jti": secrets.token_hex(8)}
         if audience is not None:
             claims["aud"] = audience
         signing_input = (_b64(json.dumps(_HEADER).encode()) + "." +
                          _b64(json.dumps(claims, separators=(",", ":")).encode())).encode()
-        return signing_input.decode() + "." + _b64(self._sign(signing_input)), claims["exp"]
+        return signing_input.decode() + "." + _b64(self._sign(signing_input)), exp
 
     def verify(self, token: str, now: float) -> Caller:
         parts = token.split(".")

@@ -33,8 +33,8 @@ import mmap
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +107,7 @@ class BlockBackend(ABC):
         """Allocation of the range, as consecutive extents starting at `offset`. May
         describe less than `length` (at least one byte), never more."""
 
-    def cache(self, offset: int, length: int) -> None:
+    def cache(self, offset: int, length: int) -> None:  # noqa: B027 (optional: a no-op by default)
         """Prefetch the range (NBD_CMD_CACHE). Advisory."""
 
     def native_write(self, length: int, *, fua: bool = False,
@@ -143,7 +143,7 @@ class BlockBackend(ABC):
         queue.submit(token, buf, fd, offset)
         return True
 
-    def stage_write(self, offset: int, length: int) -> "WriteStage | None":
+    def stage_write(self, offset: int, length: int) -> WriteStage | None:
         """A `WriteStage` for a write of `length` bytes at `offset` whose data is still
         arriving (a large NBD WRITE payload), or None to take it as one buffer through
         `pwrite`. A layer that transforms what it writes (XtsLayer encrypts) can then
@@ -160,7 +160,7 @@ class BlockBackend(ABC):
         the event loop."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a no-op by default)
         """Release resources. Idempotent."""
 
 

@@ -40,18 +40,40 @@ from .admission import Admission, ConnectionLimits, peer_key
 from .backend import INLINE_WRITE_MAX
 from .budget import BufferBudget
 from .exports import Export, ExportCatalog
+from .loglimit import LogLimiter
 from .protocol import handshake as hs
 from .protocol.constants import (
-    BASE_ALLOCATION, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_FAST_ZERO,
-    NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ,
-    NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_EIO, NBD_ESHUTDOWN,
-    NBD_STATE_HOLE, NBD_STATE_ZERO,
+    BASE_ALLOCATION,
+    NBD_CMD_BLOCK_STATUS,
+    NBD_CMD_CACHE,
+    NBD_CMD_DISC,
+    NBD_CMD_FLAG_FAST_ZERO,
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_FLAG_REQ_ONE,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
+    NBD_EINVAL,
+    NBD_EIO,
+    NBD_ESHUTDOWN,
+    NBD_STATE_HOLE,
+    NBD_STATE_ZERO,
 )
 from .protocol.transmission import (
-    BadMagic, Oversized, RequestParser, block_status_chunk, check, data_chunk_header,
-    error_chunk, hole_chunk, nbd_error, simple_reply,
+    BadMagic,
+    Oversized,
+    RequestParser,
+    block_status_chunk,
+    check,
+    data_chunk_header,
+    error_chunk,
+    hole_chunk,
+    nbd_error,
+    simple_reply,
 )
-from .loglimit import LogLimiter
 from .tls import client_identity, tls_summary
 from .visibility import ClientView, ExportList
 
@@ -189,7 +211,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: NbdServer):
         self.server = server
         self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made sets it
         self.view = ClientView(server.catalog, server.export_list)
         self.handshake: hs.Handshake | None = hs.Handshake(self.view, tls_mode=server.tls_mode)
         self.parser: RequestParser | None = None
@@ -451,6 +473,7 @@ class Connection(asyncio.Protocol):
         self.structured = negotiated.structured_replies
         self.min_block = negotiated.min_block
         self.meta_id = next((i for i, n in negotiated.meta_contexts.items() if n == BASE_ALLOCATION), None)
+        assert self.handshake is not None  # this runs once, as the handshake ends
         leftover = self.handshake.leftover
         self.handshake = None
         self.parser = RequestParser(stage=self._stage_write)

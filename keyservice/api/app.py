@@ -58,10 +58,10 @@ class EventBus:
 class Domain:
     """The service plus the thread it runs on."""
 
-    def __init__(self, service, limits: WorkLimits = WorkLimits()):
+    def __init__(self, service, limits: WorkLimits | None = None):
         self.service = service
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyservice-domain")
-        self.work = ExpensiveWork(limits)
+        self.work = ExpensiveWork(limits or WorkLimits())
 
     async def run(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(
@@ -73,7 +73,7 @@ class Domain:
 
 
 def error_body(code: str, message: str, inner: str | None = None) -> dict:
-    err = {"code": code, "message": message}
+    err: dict[str, object] = {"code": code, "message": message}
     if inner:
         err["innererror"] = {"code": inner}
     return {"error": err}
@@ -174,7 +174,8 @@ async def edge(request: web.Request, handler):
         request.app["refusals"].count(name, resp.status, error_code)  # see refusals.py
     else:
         entry = {"time": time.time(), "requestId": rid, "caller": caller, "operation": name,
-                 "vault": request.match_info.get("vault") or request.get("vault"), "key": request.match_info.get("name"),
+                 "vault": request.match_info.get("vault") or request.get("vault"),
+                 "key": request.match_info.get("name"),
                  "kid": request.get("kid"), "objectId": request.match_info.get("object_id"),
                  "vaultId": request.get("vault_id"),
                  "status": resp.status, "error": error_code}
@@ -199,7 +200,7 @@ def _bearer(request: web.Request) -> str:
     return token.strip()
 
 
-def make_app(service, *, heartbeat: float = 5.0, limits: WorkLimits = WorkLimits(),
+def make_app(service, *, heartbeat: float = 5.0, limits: WorkLimits | None = None,
              vault_domain: str | None = None) -> web.Application:
     from . import audit, directory, events, keys, oauth, vaults
     app = web.Application(client_max_size=MAX_BODY, middlewares=[edge])

@@ -54,7 +54,7 @@ async def _follow(resp, domain, bus, caller, since: int, heartbeat: float) -> No
             continue
         try:
             await asyncio.wait_for(wake.wait(), heartbeat)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await resp.write(b": keepalive\n\n")
 
 

@@ -82,7 +82,7 @@ async def rotate(request: web.Request) -> web.Response:
 
 async def list_(request: web.Request) -> web.Response:
     domain, svc, caller = request.app["domain"], request.app["domain"].service, request["caller"]
-    deleted = request.match_info.route.name.startswith("DeletedKeyList")
+    deleted = (request.match_info.route.name or "").startswith("DeletedKeyList")
     vault = vault_name(request)
     v, keys = await domain.run(svc.list_keys, caller, vault, deleted)
     url = vault_url(request, vault)

@@ -90,13 +90,13 @@ async def token(request: web.Request) -> web.Response:
         return oauth_error(400, "unsupported_grant_type",
                            "Only grant_type=client_credentials is supported")
     client_id, secret = _client_from_basic(request)
-    client_id = form.get("client_id") or client_id
-    secret = form.get("client_secret") or secret
+    client_id = _text(form.get("client_id")) or client_id
+    secret = _text(form.get("client_secret")) or secret
     if not isinstance(client_id, str) or not isinstance(secret, str) or not client_id or not secret:
         return oauth_error(400, "invalid_request", "client_id and client_secret are required "
                            "(certificate and assertion credentials are not supported)")
     try:
-        audience = audience_of(form.get("scope"))
+        audience = audience_of(_text(form.get("scope")))
         tok, _, ident = await domain.run(domain.service.issue_token, client_id, secret,
                                          audience, tenant)
     except errors.BadRequest as e:
@@ -117,3 +117,8 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", openid_configuration,
                    name="OpenIdConfiguration")
     router.add_post("/{tenant}/oauth2/v2.0/token", token, name="TokenV2")
+
+
+def _text(value) -> str | None:
+    """A form field as text; a file upload (or nothing) is None."""
+    return value if isinstance(value, str) else None

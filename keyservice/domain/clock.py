@@ -1,6 +1,6 @@
 """Time as a dependency, so retention and expiry rules are testable without waiting."""
 import time
-from typing import Callable
+from collections.abc import Callable
 
 Clock = Callable[[], float]  # seconds since the epoch
 

@@ -1,7 +1,7 @@
 """What every operation of the service shares: the store, the clock, who may
 touch a vault, and how a change and its events are committed together."""
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 from . import policies
 from .clock import Clock, system_clock
@@ -22,7 +22,8 @@ class ServiceCore:
         self.clock = clock
         self.base_url = base_url.rstrip("/")
         self.reserved_prefixes = tuple(reserved_prefixes)
-        self.home_tenant: str | None = None  # the bootstrap admin's tenant, set by KeyService
+        # The bootstrap admin's tenant, set by KeyService ("" until then matches no tenant).
+        self.home_tenant = ""
         self.notify: Callable[[int], None] = lambda seq: None  # set by the API: wakes subscribers
 
     def kid(self, vault: str, name: str, version: str | None = None) -> str:

@@ -9,15 +9,16 @@ exception: an admin of the service's home tenant (the bootstrap admin's) may fou
 there. It can never add an identity to an existing tenant, so no admin can plant an
 identity in a tenant it does not belong to.
 """
+from ..tokens import TokenSigner
 from .core import ServiceCore
 from .errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
-from .identities import (Caller, Identity, check_new_identity, new_identity, reset_secret,
-                         set_enabled)
+from .identities import Caller, Identity, check_new_identity, new_identity, reset_secret, set_enabled
 
 _DUMMY = Identity("", "", "", "", "", (), b"\x00" * 32, 0.0)
 
 
 class DirectoryOperations(ServiceCore):
+    signer: TokenSigner  # set by KeyService
     def create_identity(self, caller: Caller, display_name, type_="managedIdentity", roles=(),
                         tenant_id=None) -> tuple[Identity, str]:
         check_new_identity(caller, display_name, type_, roles, tenant_id)

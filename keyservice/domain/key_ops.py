@@ -3,8 +3,7 @@ from . import rsakeys
 from .core import ServiceCore
 from .errors import NotFound
 from .identities import Caller
-from .keys import (KEY_OPS, Attributes, Key, KeyState, KeyVersion, check_not_deleted_name,
-                   new_version_id)
+from .keys import KEY_OPS, Attributes, Key, KeyState, KeyVersion, check_not_deleted_name, new_version_id
 from .names import check_key_name, check_version
 from .vaults import Vault
 

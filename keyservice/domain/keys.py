@@ -84,7 +84,7 @@ class Key:
         self.deleted_at = self.scheduled_purge = None
 
     def check_purge(self, now: float, purge_protection: bool) -> None:
-        if purge_protection and now < self.scheduled_purge:
+        if purge_protection and (self.scheduled_purge is None or now < self.scheduled_purge):
             raise Forbidden(f"Key '{self.name}' is in a vault with purge protection enabled and "
                             "cannot be purged before its scheduled purge date", permission="purge",
                             inner="PurgeProtected")

@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .errors import BadRequest
 
+_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
 SIZES = (2048, 3072, 4096)
 DEFAULT_SIZE = 3072
 ALGORITHMS = {"RSA-OAEP-256": hashes.SHA256, "RSA-OAEP": hashes.SHA1}
@@ -28,7 +30,7 @@ def b64u_decode(value, field: str = "value") -> bytes:
     """Strict base64url (RFC 4648 section 5, padding optional): anything else is refused."""
     if not isinstance(value, str):
         raise BadRequest(f"{field} must be a base64url string")
-    if any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_" for c in value.rstrip("=")):
+    if any(c not in _B64URL for c in value.rstrip("=")):
         raise BadRequest(f"{field} is not valid base64url")
     try:
         return base64.urlsafe_b64decode(value.rstrip("=") + "=" * (-len(value.rstrip("=")) % 4))
@@ -96,7 +98,10 @@ def load_private_der(der: bytes) -> rsa.RSAPrivateKey:
     """Load a key this service sealed itself. OpenSSL's RSA consistency check costs
     hundreds of milliseconds for a 3072-bit key; it ran when the key was generated or
     imported, and AES-GCM authenticated the blob since, so it is skipped here."""
-    return serialization.load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=True)
+    key = serialization.load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=True)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError("a sealed key that is not RSA")
+    return key
 
 
 def public_der(key) -> bytes:
@@ -106,7 +111,10 @@ def public_der(key) -> bytes:
 
 
 def load_public_der(der: bytes) -> rsa.RSAPublicKey:
-    return serialization.load_der_public_key(der)
+    key = serialization.load_der_public_key(der)
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError("a stored public key that is not RSA")
+    return key
 
 
 def public_jwk_fields(public: rsa.RSAPublicKey) -> dict:
@@ -125,7 +133,7 @@ def _padding(alg) -> padding.OAEP:
 
 def max_wrap_length(public: rsa.RSAPublicKey, alg: str) -> int:
     """RFC 8017 section 7.1.1: mLen <= k - 2*hLen - 2."""
-    return public.key_size // 8 - 2 * ALGORITHMS[alg].digest_size - 2
+    return public.key_size // 8 - 2 * ALGORITHMS[alg]().digest_size - 2
 
 
 def check_alg(alg) -> str:

@@ -19,7 +19,8 @@ class VaultOperations(ServiceCore):
                             "platform: only the platform role or an admin of the service's "
                             "home tenant may create them", permission="vaults/create",
                             inner="ReservedVaultName")
-        vault = Vault(name=name, tenant_id=caller.tenant_id, subscription=check_label("subscription", subscription),
+        vault = Vault(name=name, tenant_id=caller.tenant_id,
+                      subscription=check_label("subscription", subscription),
                       location=check_label("location", location),
                       retention_days=check_retention(retention_days), purge_protection=False,
                       owner=caller.object_id, created=self.clock(), id=str(uuid.uuid4()))

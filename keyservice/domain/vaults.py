@@ -56,7 +56,8 @@ class Vault:
     def check_purge(self, now: float) -> None:
         if self.state is not VaultState.SOFT_DELETED:
             raise Conflict(f"Vault '{self.name}' must be deleted before it can be purged")
-        if self.purge_protection and now < self.scheduled_purge:
+        # A soft-deleted vault always has its purge date; without one, refuse.
+        if self.purge_protection and (self.scheduled_purge is None or now < self.scheduled_purge):
             raise Forbidden(f"Vault '{self.name}' has purge protection enabled and cannot be "
                             "purged before its scheduled purge date", permission="purge",
                             inner="PurgeProtected")

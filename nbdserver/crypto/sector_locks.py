@@ -55,6 +55,7 @@ class SectorLocks:
         n = len(self._locks)
         g0 = first // self._per
         g1 = (end - 1) // self._per
+        order: range | list[int]
         if g1 - g0 + 1 >= n:
             order = range(n)
         else:

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -23,9 +24,10 @@ from requests.adapters import HTTPAdapter
 # pytest imported first when several test directories run together.
 _spec = importlib.util.spec_from_file_location("keyservice_tests_conftest",
                                                Path(__file__).with_name("conftest.py"))
+assert _spec is not None and _spec.loader is not None
 _conftest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_conftest)
-Daemon = _conftest.Daemon
+Daemon: Any = _conftest.Daemon
 
 DOMAIN = "vault.test"
 
