@@ -45,3 +45,11 @@ def make_stack(tmp_path):
         _finish(s)
 
 
+@pytest.fixture
+def keyservice(tmp_path):
+    """The key service alone, for tests that run the platform in their own process."""
+    stack = Stack(tmp_path)
+    stack.start_keyservice()
+    yield stack
+    stack.ks.assert_healthy()
+    stack.close()

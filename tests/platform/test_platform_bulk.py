@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from keyservice.client import Credential
 from nbdserver.crypto import XtsLayer
 from nbdserver.exports import ExportCatalog
 from nbdserver.platform.access import KeyAccess
 from nbdserver.platform.service import Platform
 from nbdserver.platform.serving import UNWRAP_CONCURRENCY, is_open
-from tests.helpers.platform import Stack
 
 DEADLINE = 20.0  # liveness bound; nothing here is timed
 N = 24  # more disks than UNWRAP_CONCURRENCY
@@ -46,15 +43,6 @@ class CountingClient:
             finally:
                 s["now"] -= 1
         return call
-
-
-@pytest.fixture
-def keyservice(tmp_path):
-    stack = Stack(tmp_path)
-    stack.start_keyservice()
-    yield stack
-    stack.ks.assert_healthy()
-    stack.close()
 
 
 def run(ks, tmp_path, body):

@@ -26,7 +26,6 @@ from nbdserver.platform.model import PLATFORM_KEY, VolumeKind
 from nbdserver.platform.operations import Busy, TimedOut
 from nbdserver.platform.sealed import SealedBackend
 from nbdserver.platform.service import Platform
-from tests.helpers.platform import Stack
 
 DEADLINE = 10.0  # liveness bound for what must not wait at all; a wait fails the test here
 
@@ -67,15 +66,6 @@ class GatedClient:
                     await g.released.wait()
             return await attr(*args, **kw)
         return call
-
-
-@pytest.fixture
-def keyservice(tmp_path):
-    stack = Stack(tmp_path)
-    stack.start_keyservice()
-    yield stack
-    stack.ks.assert_healthy()
-    stack.close()
 
 
 def run(keyservice, tmp_path, body):
