@@ -7,7 +7,6 @@ the name. No DNS, no /etc/hosts. The server's certificate comes from `keyservice
 init --host '*.vault.test'`, and the SDK trusts its CA through `connection_verify`.
 """
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -75,14 +74,7 @@ class AzureDaemon(Daemon):
     def http(self, method, path, body=None, *, as_=None, token="admin", raw=None, headers=None,
              url=None):
         """One request (to `url` or the service's base URL + path); (status, JSON or None)."""
-        hdrs = dict(headers or {})
-        if token == "admin":
-            token = self.token(as_ or self.admin)
-        if token:
-            hdrs["Authorization"] = f"Bearer {token}"
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        if data is not None:
-            hdrs.setdefault("Content-Type", "application/json")
+        hdrs, data = self.request_parts(body, as_=as_, token=token, raw=raw, headers=headers)
         r = self.session.request(method, url or self.url + path, data=data, headers=hdrs,
                                  verify=self.ca, timeout=30)
         return r.status_code, (r.json() if r.content else None)

@@ -88,9 +88,10 @@ class Daemon:
             self._tokens[cred.client_id] = body["access_token"]
         return self._tokens[cred.client_id]
 
-    def http(self, method, path, body=None, *, as_=None, token="admin", raw: bytes | None = None,
-             headers=None):
-        """One request; returns (status, decoded JSON or None). `as_` is a Credential."""
+    def request_parts(self, body=None, *, as_=None, token="admin", raw: bytes | None = None,
+                      headers=None) -> tuple[dict, bytes | None]:
+        """The headers and body of a request: the bearer token (the admin's unless told
+        otherwise, none with token=None) and the JSON or raw body."""
         hdrs = dict(headers or {})
         if token == "admin":
             token = self.token(as_ or self.admin)
@@ -99,6 +100,12 @@ class Daemon:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         if data is not None:
             hdrs.setdefault("Content-Type", "application/json")
+        return hdrs, data
+
+    def http(self, method, path, body=None, *, as_=None, token="admin", raw: bytes | None = None,
+             headers=None):
+        """One request; returns (status, decoded JSON or None). `as_` is a Credential."""
+        hdrs, data = self.request_parts(body, as_=as_, token=token, raw=raw, headers=headers)
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
