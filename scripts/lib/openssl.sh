@@ -6,7 +6,8 @@
 # else keep the system's OpenSSL.
 #
 # Source: the upstream tarball as Debian 13 (trixie) ships it, fetched from the Debian
-# archive and checked against the SHA-256 in trixie's signed Sources index (pinned here).
+# archives apt is configured with (_apt_archives) and checked against the SHA-256 in
+# trixie's signed Sources index (pinned here).
 # Output: $OPENSSL_PREFIX/{include/openssl,lib/libcrypto.a}, built once (about a minute on
 # two cores) and reused. If the source cannot be fetched or built, this warns and returns
 # 0: setup.py then links the system libcrypto and the engine is simply slower.
@@ -17,10 +18,21 @@
 
 OPENSSL_VERSION=3.5.7
 OPENSSL_SHA256=a8c0d28a529ca480f9f36cf5792e2cd21984552a3c8e4aa11a24aa31aeac98e8
-OPENSSL_URLS=(
-    "http://deb.debian.org/debian/pool/main/o/openssl/openssl_${OPENSSL_VERSION}.orig.tar.gz"
-    "http://deb.debian.org/debian-security/pool/updates/main/o/openssl/openssl_${OPENSSL_VERSION}.orig.tar.gz"
+OPENSSL_POOL_PATHS=(
+    "pool/main/o/openssl/openssl_${OPENSSL_VERSION}.orig.tar.gz"
+    "pool/updates/main/o/openssl/openssl_${OPENSSL_VERSION}.orig.tar.gz"
 )
+
+# The Debian archives this machine's apt is configured with (deb822 *.sources and
+# one-line *.list entries), so no archive address is written here; the pinned SHA-256,
+# not the archive, is what the source is trusted for.
+_apt_archives() {
+    {
+        cat /etc/apt/sources.list.d/*.sources 2>/dev/null | sed -n 's/^URIs:[[:space:]]*//p' | tr ' ' '\n'
+        cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+            awk '$1 == "deb" || $1 == "deb-src" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { print $i; break } }'
+    } | grep -E '^(https?|file):' | sed 's:/*$::' | awk '!seen[$0]++'
+}
 OPENSSL_PREFIX="$ROOT/.cache/openssl-$OPENSSL_VERSION"
 
 bootstrap_openssl() {
@@ -47,12 +59,16 @@ _build_openssl() (
     work="$(mktemp -d "$ROOT/.cache/openssl-build.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
     tarball="$work/openssl.tar.gz"
-    for url in "${OPENSSL_URLS[@]}"; do
-        if curl -fsSL --retry 2 -m 300 -o "$tarball" "$url" &&
-           echo "$OPENSSL_SHA256  $tarball" | sha256sum -c --quiet -; then
-            break
-        fi
-        rm -f "$tarball"
+    local archive path
+    for archive in $(_apt_archives); do
+        for path in "${OPENSSL_POOL_PATHS[@]}"; do
+            url="$archive/$path"
+            if curl -fsSL --retry 2 -m 300 -o "$tarball" "$url" &&
+               echo "$OPENSSL_SHA256  $tarball" | sha256sum -c --quiet -; then
+                break 2
+            fi
+            rm -f "$tarball"
+        done
     done
     [ -f "$tarball" ] || { echo "bootstrap: no verified OpenSSL $OPENSSL_VERSION source" >&2; return 1; }
     tar -xzf "$tarball" -C "$work"
