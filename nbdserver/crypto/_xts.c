@@ -440,6 +440,20 @@ done:
  * all of it with pwritev2(fd, offset, flags), in one call without the GIL. A layer's
  * encrypt-then-write would otherwise take the GIL back between the two, and on a busy
  * event loop that wait is a visible part of a 1 MiB write. */
+/* A C int from a Python int; _PyLong_AsInt is private and gone in Python 3.13. */
+static int
+as_int(PyObject *o)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "value does not fit a C int");
+        return -1;
+    }
+    return (int)v;
+}
+
 static PyObject *
 engine_encrypt_write(Engine *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -455,9 +469,9 @@ engine_encrypt_write(Engine *self, PyObject *const *args, Py_ssize_t nargs)
                             "encrypt_write(buf, fd, offset, first_sector, flags)");
     if (self->pool[ENCRYPT].proto == NULL)
         return PyErr_Format(PyExc_ValueError, "encrypt_write on a closed Engine");
-    fd = _PyLong_AsInt(args[1]);
+    fd = as_int(args[1]);
     offset = PyLong_AsLongLong(args[2]);
-    flags = _PyLong_AsInt(args[4]);
+    flags = as_int(args[4]);
     if (PyErr_Occurred())
         return NULL;
     if (fd < 0 || offset < 0)
