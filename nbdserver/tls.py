@@ -10,9 +10,10 @@ Files follow the GnuTLS/qemu naming that `tls init` writes (daemonkit/tlsca.py):
 psktool's format, one `identity:hexkey` a line, the same file a libnbd or qemu client
 reads (`tls-psk-file=`), so one file serves both ends.
 
-TLS-PSK on Python 3.11: `SSLContext.set_psk_server_callback` exists only from 3.13, and
-no Python has an API for TLS 1.3 cipher suites, which PSK needs (see enable_psk). So
-the OpenSSL calls (SSL_CTX_set_psk_server_callback, SSL_CTX_set_ciphersuites) are
+TLS-PSK: from Python 3.13 the callback goes through `SSLContext.set_psk_server_callback`;
+before, and on every version for TLS 1.3 cipher suites (no Python has an API for them,
+and PSK needs them, see enable_psk), the OpenSSL calls (SSL_CTX_set_psk_server_callback,
+SSL_CTX_set_ciphersuites) are
 made through ctypes on the context's SSL_CTX, resolved through the `_ssl` extension's
 own handle so it is the very libssl Python links. There is no public accessor for the
 SSL_CTX pointer: it is the first field after PyObject_HEAD in CPython's PySSLContext
@@ -178,7 +179,29 @@ def enable_psk(ctx: ssl.SSLContext, keys: dict[str, bytes], hint: str = "nbdserv
     ctx.set_ciphers(f"{CERT_TLS12_CIPHERS}:{PSK_TLS12_CIPHERS}")
     lib = _libssl()
     ptr = _ssl_ctx_pointer(lib, ctx)
+    if hasattr(ctx, "set_psk_server_callback"):  # Python 3.13 and later
+        _enable_psk_public(ctx, keys, hint)
+    else:
+        _enable_psk_ctypes(lib, ptr, ctx, keys, hint)
+    # OpenSSL picks the TLS 1.3 suite before it asks for the PSK, and a callback PSK is
+    # a SHA-256 one: with a certificate loaded, a SHA-384 suite first made OpenSSL skip
+    # the PSK and GnuTLS PSK clients failed ("Insufficient credentials"). SHA-256 first.
+    # No Python version has an API for TLS 1.3 suites, so this one call stays in ctypes.
+    if lib.SSL_CTX_set_ciphersuites(ptr, TLS13_SUITES_SHA256_FIRST) != 1:
+        raise TlsConfigError("OpenSSL refused the TLS 1.3 cipher suites")
 
+
+def _enable_psk_public(ctx: ssl.SSLContext, keys: dict[str, bytes], hint: str) -> None:
+    """Python 3.13's own PSK hook: the callback returns the key, b"" refuses."""
+    def callback(identity: str | None) -> bytes:
+        return _lookup(keys, identity) or b""
+
+    ctx.set_psk_server_callback(callback, identity_hint=hint)  # type: ignore[attr-defined]
+
+
+def _enable_psk_ctypes(lib, ptr: int, ctx: ssl.SSLContext, keys: dict[str, bytes],
+                       hint: str) -> None:
+    """Before 3.13: SSL_CTX_set_psk_server_callback on the context's SSL_CTX."""
     def callback(_ssl_ptr, identity, psk, max_len):
         try:  # an exception here would only be printed by ctypes: fail the handshake instead
             key = _lookup(keys, identity)
@@ -197,11 +220,6 @@ def enable_psk(ctx: ssl.SSLContext, keys: dict[str, bytes], hint: str = "nbdserv
     lib.SSL_CTX_set_psk_server_callback(ptr, cb)
     if lib.SSL_CTX_use_psk_identity_hint(ptr, hint.encode()) != 1:
         raise TlsConfigError("OpenSSL refused the PSK identity hint")
-    # OpenSSL picks the TLS 1.3 suite before it asks for the PSK, and a callback PSK is
-    # a SHA-256 one: with a certificate loaded, a SHA-384 suite first made OpenSSL skip
-    # the PSK and GnuTLS PSK clients failed ("Insufficient credentials"). SHA-256 first.
-    if lib.SSL_CTX_set_ciphersuites(ptr, TLS13_SUITES_SHA256_FIRST) != 1:
-        raise TlsConfigError("OpenSSL refused the TLS 1.3 cipher suites")
 
 
 # ----------------------------------------------------------------------- the server context
