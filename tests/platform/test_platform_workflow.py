@@ -139,7 +139,7 @@ def test_imported_key_and_fio_verify(stack, tmp_path):
     stack.create_disk("fio1", "--size", "32M", "--des", "des-imp")
     r = subprocess.run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={stack.nbd_uri('fio1')}",
                         "--rw=randwrite", "--bs=64k", "--size=16M", "--iodepth=16",
-                        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
                         "--output-format=json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]

@@ -38,10 +38,11 @@ def keyed(workdir, image, size):
     return [f"d={image},size={size},key={key}"]
 
 
-def fio(uri: str, *args, timeout=120) -> subprocess.CompletedProcess:
+def fio(uri: str, *args, cwd, timeout=120) -> subprocess.CompletedProcess:
+    # cwd: fio leaves its verify state file (local-*-verify.state) in the working directory.
     return subprocess.run(["fio", "--name=crash", "--ioengine=nbd", f"--uri={uri}", f"--bs={BS}",
                            "--verify=crc32c", "--output-format=json", *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def fio_cycle(workdir, rng, cycle: int) -> int:
@@ -52,7 +53,7 @@ def fio_cycle(workdir, rng, cycle: int) -> int:
                                f"--bs={BS}", f"--size={SIZE}", "--rw=write", "--iodepth=1",
                                "--fsync=4", "--verify=crc32c", "--do_verify=0",
                                "--output-format=json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workdir)
     threshold = rng.randint(2, 24) << 20
     wait_until(lambda: image.stat().st_blocks * 512 >= threshold or writer.poll() is not None,
                60, what=f"{threshold} bytes written")
@@ -64,7 +65,7 @@ def fio_cycle(workdir, rng, cycle: int) -> int:
     done -= done % BS
     with BaselineServer(workdir, spec, name=f"fio{cycle}-check") as check:
         if done:
-            r = fio(check.uri("d"), "--rw=read", f"--size={done}", "--do_verify=1")
+            r = fio(check.uri("d"), "--rw=read", f"--size={done}", "--do_verify=1", cwd=workdir)
             assert r.returncode == 0, f"fio verify of {done} bytes failed:\n{r.stdout[-3000:]}{r.stderr}"
         check.assert_healthy()
     if done:  # the verification can fail: corrupt one completed block's ciphertext
@@ -74,7 +75,7 @@ def fio_cycle(workdir, rng, cycle: int) -> int:
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([byte[0] ^ 0xFF]))
         with BaselineServer(workdir, spec, name=f"fio{cycle}-neg") as check:
-            r = fio(check.uri("d"), "--rw=read", f"--size={done}", "--do_verify=1")
+            r = fio(check.uri("d"), "--rw=read", f"--size={done}", "--do_verify=1", cwd=workdir)
             assert r.returncode != 0, "fio verification did not notice a corrupted block"
     image.unlink()
     return done
