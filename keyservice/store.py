@@ -90,6 +90,9 @@ class Store:
         self._seal = Seal(master)
         self.token_key = derive(master, "tokens/v1")
         self._audit_key = derive(master, "audit/v1")
+        # Key backups (domain/backup_ops.py) leave the service: their own key, so a
+        # backup blob and a sealed row can never be taken for each other.
+        self.backup_seal = Seal(derive(master, "backup/v1"))
         self._keys: OrderedDict = OrderedDict()
         self.path = db_path
         if fresh:
