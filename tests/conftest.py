@@ -2,6 +2,8 @@
 
 import pytest
 
+from tests.helpers.servers import BaselineServer, stop_healthy
+
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", default=False,
@@ -15,3 +17,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """start(exports) -> a running BaselineServer; at teardown each must be healthy and
+    must stop cleanly on SIGTERM (exit 0)."""
+    started: list[BaselineServer] = []
+
+    def start(exports: list[str], **kw) -> BaselineServer:
+        srv = BaselineServer(tmp_path, exports, name=f"nbdserver{len(started)}", **kw).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    stop_healthy(started)

@@ -5,22 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers.images import DISK_SIZE, RO_SIZE, write_ro_pattern
-from tests.helpers.servers import BaselineServer, stop_healthy
-
-
-@pytest.fixture
-def server_factory(tmp_path):
-    """start(exports) -> a running BaselineServer; at teardown each must be healthy and
-    must stop cleanly on SIGTERM (exit 0)."""
-    started: list[BaselineServer] = []
-
-    def start(exports: list[str], **kw) -> BaselineServer:
-        srv = BaselineServer(tmp_path, exports, name=f"nbdserver{len(started)}", **kw).start()
-        started.append(srv)
-        return srv
-
-    yield start
-    stop_healthy(started)
 
 
 @pytest.fixture

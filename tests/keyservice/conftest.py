@@ -16,14 +16,9 @@ from pathlib import Path
 import pytest
 
 from keyservice.client import Credential
+from tests.helpers.platform import free_port
 
 START_DEADLINE = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Daemon:

@@ -6,8 +6,7 @@ import os
 import pytest
 
 from keyservice.client import Credential, KeyServiceClient, KeyServiceError, KeyServiceUnavailable, parse_kid
-
-from conftest import free_port
+from tests.helpers.platform import free_port
 
 DEADLINE = 5.0  # generous: the requirement is "within a second"; CI machines stall
 

@@ -13,8 +13,6 @@ import random
 
 import pytest
 
-from tests.helpers.servers import BaselineServer, stop_healthy
-
 
 def rss_kib(pid: int) -> int:
     """Resident set size of a process in KiB (/proc/PID/status VmRSS)."""
@@ -32,18 +30,3 @@ def seeded_rng(request):
     seed = int(os.environ.get("RELIABILITY_SEED", random.randrange(1 << 32)))
     print(f"RELIABILITY_SEED={seed} for {request.node.nodeid}")
     return random.Random(seed)
-
-
-@pytest.fixture
-def baseline(tmp_path):
-    """start(exports, **kw) -> a running BaselineServer; at teardown each still running
-    one must be healthy (no traceback) and stop cleanly on SIGTERM."""
-    started: list[BaselineServer] = []
-
-    def start(exports: list[str], **kw) -> BaselineServer:
-        srv = BaselineServer(tmp_path, exports, name=f"nbdserver{len(started)}", **kw).start()
-        started.append(srv)
-        return srv
-
-    yield start
-    stop_healthy(started)

@@ -34,8 +34,8 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def test_client_that_stops_reading_replies(baseline, tmp_path):
-    srv = baseline([f"a={tmp_path / 'a.img'},size=64M", f"b={tmp_path / 'b.img'},size=64M"])
+def test_client_that_stops_reading_replies(server_factory, tmp_path):
+    srv = server_factory([f"a={tmp_path / 'a.img'},size=64M", f"b={tmp_path / 'b.img'},size=64M"])
     before = rss_kib(srv.pid)
     hog = RawClient.connected(srv.address, "a")
     hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -62,8 +62,8 @@ def test_client_that_stops_reading_replies(baseline, tmp_path):
     srv.assert_healthy()
 
 
-def test_clients_that_disconnect_mid_request(baseline, tmp_path):
-    srv = baseline([f"a={tmp_path / 'a.img'},size=64M"])
+def test_clients_that_disconnect_mid_request(server_factory, tmp_path):
+    srv = server_factory([f"a={tmp_path / 'a.img'},size=64M"])
     wait_until(lambda: fd_count(srv.pid) > 0, what="server fds")
     fds_before = fd_count(srv.pid)
     for i in range(30):

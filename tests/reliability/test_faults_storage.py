@@ -51,9 +51,9 @@ def keyfile(tmp_path):
     return key
 
 
-def test_enospc_reaches_the_client_and_trim_recovers(baseline, tmp_path, small_fs):
+def test_enospc_reaches_the_client_and_trim_recovers(server_factory, tmp_path, small_fs):
     key = keyfile(tmp_path)
-    srv = baseline([f"full={small_fs / 'full.img'},size=256M,key={key}",
+    srv = server_factory([f"full={small_fs / 'full.img'},size=256M,key={key}",
                     f"other={tmp_path / 'other.img'},size=16M,key={key}"])
     h = nbd.NBD()
     h.connect_uri(srv.uri("full"))
@@ -126,7 +126,7 @@ class FailingDevice:
             subprocess.run(["fusermount3", "-uz", str(self.fusedir)], capture_output=True, timeout=30)
 
 
-def test_eio_from_the_backing_device(baseline, tmp_path):
+def test_eio_from_the_backing_device(server_factory, tmp_path):
     need_root()
     for tool in ("nbdkit", "nbdfuse", "fusermount3"):
         if shutil.which(tool) is None:
@@ -134,7 +134,7 @@ def test_eio_from_the_backing_device(baseline, tmp_path):
     dev = FailingDevice(tmp_path)
     try:
         key = keyfile(tmp_path)
-        srv = baseline([f"faulty={dev.path},key={key}", f"good={tmp_path / 'g.img'},size=16M,key={key}"])
+        srv = server_factory([f"faulty={dev.path},key={key}", f"good={tmp_path / 'g.img'},size=16M,key={key}"])
         h = nbd.NBD()
         h.connect_uri(srv.uri("faulty"))
         data = os.urandom(256 << 10)

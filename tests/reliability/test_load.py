@@ -27,11 +27,11 @@ from tests.reliability.conftest import rss_kib
 RSS_GROWTH_LIMIT_KIB = 384 * 1024
 
 
-def run_load(baseline, tmp_path, *, connections: int, exports: int, seconds: float, seed: int) -> dict:
+def run_load(server_factory, tmp_path, *, connections: int, exports: int, seconds: float, seed: int) -> dict:
     key = tmp_path / "dek.key"
     key.write_bytes(os.urandom(64))
     key.chmod(0o600)
-    srv = baseline([f"e{i}={tmp_path / f'e{i}.img'},size=64M,key={key}" for i in range(exports)],
+    srv = server_factory([f"e{i}={tmp_path / f'e{i}.img'},size=64M,key={key}" for i in range(exports)],
                    extra_args=["--log-level", "WARNING"])
     before = rss_kib(srv.pid)
     procs = []
@@ -82,15 +82,15 @@ def check(total: dict, connections: int) -> None:
     assert (total["rss_peak_mib"] - total["rss_before_mib"]) * 1024 < RSS_GROWTH_LIMIT_KIB
 
 
-def test_load_256_connections_32_exports(baseline, tmp_path):
-    total = run_load(baseline, tmp_path, connections=256, exports=32, seconds=30, seed=1)
+def test_load_256_connections_32_exports(server_factory, tmp_path):
+    total = run_load(server_factory, tmp_path, connections=256, exports=32, seconds=30, seed=1)
     check(total, 256)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(7200)
-def test_load_long(baseline, tmp_path):
+def test_load_long(server_factory, tmp_path):
     conns = int(os.environ.get("RELIABILITY_LOAD_CONNECTIONS", "512"))
-    total = run_load(baseline, tmp_path, connections=conns, exports=64,
+    total = run_load(server_factory, tmp_path, connections=conns, exports=64,
                      seconds=float(os.environ.get("RELIABILITY_LOAD_SECONDS", "300")), seed=2)
     check(total, conns)
