@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sqlite3
 
 from aiohttp import web
 
@@ -22,6 +24,7 @@ from .platform.access import KeyAccess
 from .platform.errors import PlatformError
 from .platform.sealing import MasterKeyError
 from .platform.service import Platform
+from .platform.state import SchemaTooNew
 from .protocol.handshake import TlsMode
 from .server import NbdServer
 from .visibility import ExportList
@@ -38,6 +41,9 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen
                         idle_close=60.0, workers=8, ssl=None, tls_mode=None, tls_context=None,
                         nbd_limits=None, nbd_export_list=None) -> None:
     catalog = ExportCatalog()
+    # Resolved before anything uses it: a relative path would mean another directory
+    # for whoever starts the daemon from elsewhere (systemd, a shell in another cwd).
+    data_dir = os.path.abspath(data_dir)
     try:
         credential = Credential.load(credential_file)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -45,7 +51,7 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen
     try:
         platform = Platform(data_dir, catalog, keyservice_url, credential,
                             ssl=ssl, master_key_file=master_key_file, idle_close=idle_close)
-    except (MasterKeyError, OSError) as e:
+    except (MasterKeyError, OSError, sqlite3.Error, SchemaTooNew) as e:
         raise StartupError(f"cannot open the platform's state in {data_dir}: {e}") from None
     try:
         await platform.start()

@@ -67,7 +67,8 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
     def __init__(self, data_dir: str, catalog: ExportCatalog, keyservice_url: str,
                  credential: Credential, *, ssl=None, master_key_file: str | None = None,
                  idle_close: float = IDLE_CLOSE):
-        self.data_dir = data_dir
+        # Absolute once, here: files are found relative to it whatever the working directory.
+        self.data_dir = data_dir = os.path.abspath(data_dir)
         self.catalog = catalog
         self.keyservice_url = keyservice_url.rstrip("/")
         self.ssl = ssl
@@ -100,6 +101,7 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
         # so starting costs the same whatever the number of disks.
         for disk in self.state.list_volumes(VolumeKind.DISK):
             self._export_disk(disk)
+        self.report_failed_disks()  # volumes.py: a missing file fails its disk alone
 
     async def stop(self) -> None:
         await self.operations.cancel_all()

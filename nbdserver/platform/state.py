@@ -2,6 +2,12 @@
 
 Only wrapped keys are stored here (`KeyEnvelope`), and the encryption sets' identity
 credentials only sealed under the platform master key (`platform.sealing`).
+
+Volume files are named relative to the data directory (`backing`), so the directory may
+move. The schema's version is SQLite's `PRAGMA user_version`; `MIGRATIONS` bring an
+older database up to `SCHEMA_VERSION` at open, in one transaction (a crash leaves the old
+version, and the next start migrates again). A database of a newer release is refused:
+its rows may mean what this release does not know.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 
+from . import backing
 from .errors import InsufficientStorage
 from .model import EncryptionSet, KeyEnvelope, Volume, VolumeKind, VolumeState
 
@@ -28,6 +36,31 @@ CREATE TABLE IF NOT EXISTS volumes (
     created REAL NOT NULL, extra TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (kind, name));
 """
+
+
+
+
+def _relative_paths(db: sqlite3.Connection, data_dir: str) -> None:
+    """Version 1: volume paths relative to the data directory. Releases before stored
+    them as given (absolute, or relative to the daemon's working directory); every file
+    the platform made is in the data directory's layout, so that is where its row now
+    points, wherever the directory was when the row was written."""
+    for kind, name, path in db.execute("SELECT kind, name, path FROM volumes").fetchall():
+        new = backing.layout_path(path)
+        if new is None and os.path.isabs(path):
+            new = backing.stored_path(data_dir, path)
+        if new is not None and new != path:
+            db.execute("UPDATE volumes SET path=? WHERE kind=? AND name=?", (new, kind, name))
+
+
+# MIGRATIONS[n] brings a database of version n to n + 1. Version 0 is every database of
+# the releases before versioning (the SCHEMA above, without user_version).
+MIGRATIONS: list[Callable[[sqlite3.Connection, str], None]] = [_relative_paths]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer release; this one must not guess at it."""
 
 
 SQLITE_FULL = 13  # "database or disk is full" (sqlite3.h)
@@ -59,13 +92,47 @@ def _private_files(path: str) -> None:
 
 
 class State:
-    def __init__(self, path: str):
+    def __init__(self, path: str, data_dir: str | None = None):
+        self.data_dir = os.path.abspath(data_dir or os.path.dirname(path))
         _private_files(path)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                   factory=_Connection)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed change survives power loss
-        self.db.executescript(SCHEMA)
+        self.db.execute("PRAGMA busy_timeout=5000")  # a backup's read may hold the lock briefly
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            version = self.schema_version()
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"the platform state {self.data_dir} has schema version {version}, written "
+                    f"by a newer release; this one knows up to {SCHEMA_VERSION}. Run the newer "
+                    "release, or restore the backup taken before the upgrade (docs/operations.md)")
+            fresh = self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    self.db.execute(stmt)
+            if not fresh:
+                for migrate in MIGRATIONS[version:]:
+                    migrate(self.db, self.data_dir)
+            # An f-string: PRAGMA takes no parameters; SCHEMA_VERSION is this module's int.
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def backup_to(self, path: str) -> None:
+        """A consistent copy of the whole database at `path` (created 0600), taken with
+        SQLite's online backup while the platform keeps changing it: every committed
+        change up to one moment, none after."""
+        _private_files(path)
+        target = sqlite3.connect(path)
+        try:
+            self.db.backup(target)
+        finally:
+            target.close()
 
     def close(self) -> None:
         self.db.close()
@@ -103,12 +170,13 @@ class State:
         self.db.execute(
             "INSERT OR REPLACE INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (v.kind.value, v.name, v.size, v.subscription, v.location, v.des, v.envelope.kid,
-             v.envelope.alg, v.envelope.wrapped, v.path, v.state.value, v.source, v.gallery,
+             v.envelope.alg, v.envelope.wrapped, backing.stored_path(self.data_dir, v.path),
+             v.state.value, v.source, v.gallery,
              v.created or time.time(), json.dumps(v.extra)))
 
     def get_volume(self, kind: VolumeKind, name: str) -> Volume | None:
         row = self.db.execute("SELECT * FROM volumes WHERE kind=? AND name=?", (kind.value, name)).fetchone()
-        return _volume(row) if row else None
+        return self._volume(row) if row else None
 
     def list_volumes(self, kind: VolumeKind | None = None, *, des: str | None = None) -> list[Volume]:
         q, args = "SELECT * FROM volumes WHERE 1=1", []
@@ -118,7 +186,14 @@ class State:
         if des is not None:
             q += " AND des=?"
             args.append(des)
-        return [_volume(r) for r in self.db.execute(q + " ORDER BY kind, name", args)]
+        return [self._volume(r) for r in self.db.execute(q + " ORDER BY kind, name", args)]
+
+    def _volume(self, r) -> Volume:
+        return Volume(name=r[1], kind=VolumeKind(r[0]), size=r[2], subscription=r[3],
+                      location=r[4], des=r[5], envelope=KeyEnvelope(r[6], r[7], bytes(r[8])),
+                      path=backing.resolved_path(self.data_dir, r[9]),
+                      state=VolumeState(r[10]), source=r[11], gallery=r[12], created=r[13],
+                      extra=json.loads(r[14] or "{}"))
 
     def replace_envelope(self, v: Volume, old: KeyEnvelope, new: KeyEnvelope, des: str) -> bool:
         """Re-wrap `v` only if its row still holds `old` (compare and set): a volume deleted
@@ -153,9 +228,3 @@ class _Tx:
 def _des(r) -> EncryptionSet:
     return EncryptionSet(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), bool(r[6]), r[7])
 
-
-def _volume(r) -> Volume:
-    return Volume(name=r[1], kind=VolumeKind(r[0]), size=r[2], subscription=r[3], location=r[4],
-                  des=r[5], envelope=KeyEnvelope(r[6], r[7], bytes(r[8])), path=r[9],
-                  state=VolumeState(r[10]), source=r[11], gallery=r[12], created=r[13],
-                  extra=json.loads(r[14] or "{}"))

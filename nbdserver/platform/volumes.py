@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from ..backend import FileBackend
 from ..crypto import XtsLayer
-from . import keys, rules
+from . import backing, keys, rules
 from . import operations as ops
 from .copy import copy_ciphertext, reencrypt, run_copy
 from .errors import (
@@ -265,9 +265,21 @@ class VolumeOperations:
                     log.warning("removing %s, which no volume names (left by a crash)", entry.path)
                     _unlink(entry.path)
 
+    def report_failed_disks(self) -> int:
+        """At start: say in the log which disks cannot serve because of their file (the
+        others serve); how many. Each is refused to clients when it is selected."""
+        failed = 0
+        for v in self.state.list_volumes(VolumeKind.DISK):
+            why = backing.problem(v.path, v.size)
+            if why is not None:
+                failed += 1
+                log.warning("disk %s failed: %s; the other disks serve", v.name, why)
+        return failed
+
     def show_disk(self, name: str) -> dict:
         v = self.volume(VolumeKind.DISK, name)
         out = _volume_view(v)
+        out["file"] = backing.stored_path(self.data_dir, v.path)  # docs/format.md
         export = self.catalog.get(name)
         if export is not None:
             # Azure's disk states: Attached while a client is in transmission.
@@ -277,6 +289,11 @@ class VolumeOperations:
                               "clients": [{"peer": a.peer, "identity": a.identity,
                                            "since": a.since}
                                           for a in export.attachments.values()]}
+            # A disk that holds its DEK serves from the file it opened, whatever happened
+            # to the name since; one that does not would be refused at its next attach.
+            why = None if is_open(export) else backing.problem(v.path, v.size)
+            if why is not None:
+                out["serving"].update(state="failed", reason=why)
         return out
 
     def list_volumes(self, kind: VolumeKind) -> list[dict]:
