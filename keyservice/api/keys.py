@@ -139,6 +139,21 @@ async def recover(request: web.Request) -> web.Response:
     return _bundle(request, svc, v, key, kv)
 
 
+async def backup(request: web.Request) -> web.Response:
+    domain, svc, caller, vault, name = _args(request)
+    blob = await domain.run(svc.backup_key, caller, vault, name)
+    return web.json_response({"value": rsakeys.b64u_encode(blob)})
+
+
+async def restore(request: web.Request) -> web.Response:
+    """The key's name comes from the blob, not the path (Key Vault's restore)."""
+    domain, svc, caller = request.app["domain"], request.app["domain"].service, request["caller"]
+    body = await json_body(request)
+    blob = rsakeys.b64u_decode(field(body, "value", str, required=True))
+    v, key, kv = await domain.run(svc.restore_key, caller, vault_name(request), blob)
+    return _bundle(request, svc, v, key, kv)
+
+
 async def purge(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
     await domain.run(svc.purge_key, caller, vault, name)
@@ -161,6 +176,8 @@ def _add_key_routes(router: web.UrlDispatcher, vault: str, suffix: str) -> None:
     # Literal segments before {version}, so "versions" is never read as a version.
     routes = [
         ("GET", base, list_, "KeyList"),
+        ("POST", base + "/restore", restore, "KeyRestore"),  # before /{name}: a literal segment
+        ("POST", base + "/{name}/backup", backup, "KeyBackup"),
         ("GET", base + "/{name}/versions", versions, "KeyVersions"),
         ("POST", base + "/{name}/create", create, "KeyCreate"),
         ("POST", base + "/{name}/rotate", rotate, "KeyRotate"),

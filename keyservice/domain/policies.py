@@ -6,7 +6,7 @@ Every key operation names the permission it needs; a caller without it gets
 from .errors import BadRequest, Forbidden
 
 KEY_PERMISSIONS = ("get", "list", "create", "import", "update", "delete", "recover",
-                   "purge", "wrapKey", "unwrapKey", "rotate")
+                   "purge", "wrapKey", "unwrapKey", "rotate", "backup", "restore")
 
 
 def parse_permissions(value) -> tuple[str, ...]:

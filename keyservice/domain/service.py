@@ -2,6 +2,7 @@
 and the change stream. The API and the CLI talk only to this."""
 import uuid
 
+from .backup_ops import BackupOperations
 from .directory import DirectoryOperations
 from .errors import Forbidden, NotFound, Unauthorized
 from .identities import Caller, Identity, new_identity
@@ -9,7 +10,7 @@ from .key_ops import KeyOperations
 from .vault_ops import VaultOperations
 
 
-class KeyService(DirectoryOperations, VaultOperations, KeyOperations):
+class KeyService(DirectoryOperations, VaultOperations, BackupOperations, KeyOperations):
     def __init__(self, store, signer, clock=None, base_url: str = "http://127.0.0.1",
                  reserved_prefixes=None, audiences=()):
         kwargs = {"clock": clock} if clock else {}

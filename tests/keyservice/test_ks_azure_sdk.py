@@ -2,15 +2,21 @@
 ClientSecretCredential) against a real key service process, unchanged: only the
 client's configuration differs from Key Vault's (authority, vault URL, CA, and the
 loopback mapping of vault host names in azure_sdk.py)."""
+import base64
 import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
 from azure.keyvault.keys import JsonWebKey, KeyType
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from keyservice.client import Credential
@@ -199,3 +205,136 @@ def test_tags_are_refused_not_dropped(client):
     client.create_rsa_key("k", size=2048)
     with pytest.raises(HttpResponseError):
         client.update_key_properties("k", tags={"env": "test"})
+
+
+def _vault_of(client) -> str:
+    return client.vault_url.split("//")[1].split(".")[0]
+
+
+def test_backup_and_restore_keep_every_version_and_its_attributes(ks, client):
+    first = client.create_rsa_key("k", size=2048)
+    dek = bytes(range(32))
+    wrapped = _crypto(ks, first.id).wrap_key(KeyWrapAlgorithm.rsa_oaep_256, dek).encrypted_key
+    client.rotate_key("k")
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
+    current = client.update_key_properties("k", expires_on=expires)
+    client.update_key_properties("k", first.properties.version, enabled=False)
+    blob = client.backup_key("k")
+    client.begin_delete_key("k").wait()
+    client.purge_deleted_key("k")
+    with pytest.raises(ResourceNotFoundError):
+        client.get_key("k")
+    restored = client.restore_key_backup(blob)
+    assert restored.id == current.id and restored.properties.expires_on == expires
+    versions = {p.version: p for p in client.list_properties_of_key_versions("k")}
+    assert set(versions) == {first.properties.version, current.properties.version}
+    assert versions[first.properties.version].enabled is False
+    # The private keys came back too: what the first version wrapped before the backup
+    # unwraps once that version is enabled again.
+    client.update_key_properties("k", first.properties.version, enabled=True)
+    assert _crypto(ks, first.id).unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped).key == dek
+
+
+def test_restore_into_another_vault_of_the_tenant_and_the_audit(ks, client):
+    key = client.create_rsa_key("k", size=2048)
+    blob = client.backup_key("k")
+    other = _vault(ks)
+    with ks.key_client(other) as there:
+        restored = there.restore_key_backup(blob)
+    assert restored.id == f"{ks.vault_url(other)}/keys/k/{key.properties.version}"
+    assert restored.key.n == key.key.n
+    _, body = ks.http("GET", f"/vaults/{_vault_of(client)}/audit")
+    assert any(e["operation"] == "KeyBackup" and e["key"] == "k" and e["status"] == 200
+               for e in body["value"])
+    _, body = ks.http("GET", f"/vaults/{other}/audit")
+    assert any(e["operation"] == "KeyRestore" and e["kid"] == restored.id and e["status"] == 200
+               for e in body["value"])
+
+
+def test_restore_is_refused_while_the_name_is_taken(client):
+    client.create_rsa_key("k", size=2048)
+    blob = client.backup_key("k")
+    with pytest.raises(ResourceExistsError) as e:
+        client.restore_key_backup(blob)
+    assert e.value.status_code == 409 and e.value.error.code == "Conflict"
+    client.begin_delete_key("k").wait()
+    with pytest.raises(ResourceExistsError):  # soft-deleted: recover or purge it first
+        client.restore_key_backup(blob)
+
+
+def test_backup_and_restore_need_their_own_permissions(ks, client):
+    client.create_rsa_key("k", size=2048)
+    vault = _vault_of(client)
+    everything_else = ["get", "list", "create", "import", "update", "delete", "recover", "purge",
+                       "wrapKey", "unwrapKey", "rotate"]
+    with ks.key_client(vault, _identity(ks, vault, everything_else)) as app:
+        with pytest.raises(HttpResponseError) as e:
+            app.backup_key("k")
+        assert e.value.status_code == 403 and "backup permission" in e.value.error.message
+        blob = client.backup_key("k")
+        app.begin_delete_key("k").wait()
+        app.purge_deleted_key("k")
+        with pytest.raises(HttpResponseError) as e:
+            app.restore_key_backup(blob)
+        assert e.value.status_code == 403 and "restore permission" in e.value.error.message
+    with ks.key_client(vault, _identity(ks, vault, ["restore"])) as restorer:
+        assert restorer.restore_key_backup(blob).name == "k"
+
+
+def test_another_tenants_vault_refuses_the_blob(ks, client):
+    client.create_rsa_key("k", size=2048)
+    blob = client.backup_key("k")
+    status, body = ks.http("POST", "/identities", {"displayName": "other-tenant", "type": "user",
+                                                   "roles": ["admin"], "tenantId": str(uuid.uuid4())})
+    assert status == 201, body
+    stranger = Credential(body["clientId"], body["clientSecret"], body["tenantId"], body["objectId"])
+    theirs = f"theirs-{uuid.uuid4().hex[:6]}"
+    status, body = ks.http("POST", "/vaults", {"name": theirs, "location": "l", "subscription": "s"},
+                           as_=stranger)
+    assert status == 201 and body["tenantId"] == stranger.tenant_id, body
+    with ks.key_client(theirs, stranger) as as_stranger:
+        with pytest.raises(HttpResponseError) as e:
+            as_stranger.restore_key_backup(blob)
+        assert e.value.status_code == 403 and e.value.error.code == "Forbidden"
+        assert e.value.error.innererror == {"code": "BackupFromAnotherTenant"}
+        with pytest.raises(ResourceNotFoundError):
+            as_stranger.get_key("k")
+
+
+def test_a_damaged_blob_is_a_clean_400(ks, client):
+    client.create_rsa_key("k", size=2048)
+    blob = client.backup_key("k")
+    client.begin_delete_key("k").wait()
+    client.purge_deleted_key("k")
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 1
+    for bad in (bytes(flipped), blob[:-1], blob[:20], b"\x01" + bytes(64), b"x"):
+        with pytest.raises(HttpResponseError) as e:
+            client.restore_key_backup(bad)
+        assert e.value.status_code == 400 and e.value.error.code == "BadParameter", bad[:8]
+        assert "backup blob" in e.value.error.message
+    vault = _vault_of(client)
+    for body in ({"value": "not base64!"}, {"value": 7}, {}):
+        status, answer = ks.http("POST", "/keys/restore", body, url=f"{ks.vault_url(vault)}/keys/restore")
+        assert status == 400 and answer["error"]["code"] == "BadParameter", (body, answer)
+    with pytest.raises(ResourceNotFoundError):
+        client.get_key("k")
+    assert client.restore_key_backup(blob).name == "k"  # the intact blob still restores
+
+
+def test_the_blob_holds_no_private_key_in_clear(client):
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    nums = private.private_numbers()
+
+    def b(i):
+        return i.to_bytes((i.bit_length() + 7) // 8, "big")
+    client.import_key("imported", JsonWebKey(kty="RSA", n=b(nums.public_numbers.n),
+                                             e=b(nums.public_numbers.e), d=b(nums.d), p=b(nums.p),
+                                             q=b(nums.q), dp=b(nums.dmp1), dq=b(nums.dmq1),
+                                             qi=b(nums.iqmp)))
+    blob = client.backup_key("imported")
+    der = private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    for secret in (b(nums.d), b(nums.p), b(nums.q), der):
+        for form in (secret, base64.urlsafe_b64encode(secret).rstrip(b"="), base64.b64encode(secret)):
+            assert form[:32] not in blob
