@@ -22,6 +22,13 @@ Conventions every implementation keeps:
   parallel up to the clients' queue depth. A backend that can describe its read as
   "preadv on this fd" (`native_read`), optionally followed by a native transform of the
   bytes (XtsLayer's decryption), accepts; any other says no and the server uses a worker.
+- Cache modes (`FileSpec.cache`, like qemu's `cache=`): `writeback` goes through the
+  page cache; `none` opens the file with O_DIRECT, so reads and writes reach the device
+  and nothing of the disk is kept in (or has to be evicted from) the page cache. Such a
+  file needs its I/O aligned (`io_align`): layers above read and write through aligned
+  buffers where they can, `FileBackend` bounces the rest (and does read-modify-write of
+  a partial block for byte-granular clients). FLUSH is fdatasync in both modes (O_DIRECT
+  does not empty the device's own cache), FUA is RWF_DSYNC in both.
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import mmap
 import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +118,15 @@ class BlockBackend(ABC):
     def cache(self, offset: int, length: int) -> None:  # noqa: B027 (optional: a no-op by default)
         """Prefetch the range (NBD_CMD_CACHE). Advisory."""
 
+    @property
+    def io_align(self) -> int:
+        """The alignment (bytes) that the address, offset and length of this backend's
+        native I/O need: 0 for none (the page cache takes any), the block size for a file
+        opened with O_DIRECT. `native_read`'s fd is then read only through buffers so
+        aligned (the read queue bounces the rest), and a layer above does best to hand
+        `pwrite`/`pread` aligned buffers (`aligned_buffer`), or pays a copy."""
+        return 0
+
     def native_write(self, length: int, *, fua: bool = False,
                      nowait: bool = False) -> tuple[int, int] | None:
         """`(fd, flags)` when `pwrite(data, offset, fua=, nowait=)` of `length` bytes is
@@ -140,7 +157,7 @@ class BlockBackend(ABC):
         fd = self.native_read(len(buf))
         if fd is None:
             return False
-        queue.submit(token, buf, fd, offset)
+        queue.submit(token, buf, fd, offset, align=self.io_align)
         return True
 
     def stage_write(self, offset: int, length: int) -> WriteStage | None:
@@ -257,6 +274,63 @@ def write_zeros(write, offset: int, length: int) -> None:
         length -= n
 
 
+# --- cache modes -----------------------------------------------------------------------
+
+WRITEBACK = "writeback"
+NONE = "none"
+CACHE_MODES = (WRITEBACK, NONE)
+# O_DIRECT alignment: 4 KiB, the logical block size of every device this runs on and
+# the XTS sector, so an encrypted disk's I/O is always aligned. (512 would do on most
+# devices; 4096 is never wrong.)
+DIRECT_ALIGN = 4096
+BOUNCE_MIN = 64 * 1024
+BOUNCE_MAX = 1 << 20  # an unaligned request larger than this is bounced in pieces
+BLOCK_LOCKS = 64      # O_DIRECT writes: lock stripes of LOCK_STRIPE blocks each
+LOCK_STRIPE = 16
+
+
+def check_cache_mode(mode: str) -> str:
+    if mode not in CACHE_MODES:
+        raise ValueError(f"cache mode must be one of {', '.join(CACHE_MODES)}, not {mode!r}")
+    return mode
+
+
+def direct_on(fd: int, path: str) -> None:
+    """Turn O_DIRECT on for an open file, or say clearly why the file cannot have it (a
+    file system without direct I/O, tmpfs for one, refuses it with EINVAL)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        # F_SETFL does not check that the file system can do direct I/O; a read does.
+        probe = aligned_buffer(DIRECT_ALIGN)
+        os.preadv(fd, [probe], 0)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        raise OSError(errno.EINVAL, f"cache=none needs O_DIRECT, which the file system of {path} "
+                                    "does not support (tmpfs, some FUSE or network file systems); "
+                                    "use cache=writeback there") from None
+
+
+def aligned_buffer(n: int, align: int = DIRECT_ALIGN) -> memoryview:
+    """n writable bytes at an address that is a multiple of `align` (a view into a
+    slightly larger bytearray: plain heap memory, nothing to free)."""
+    raw = bytearray(n + align)
+    skip = -_address(raw) % align
+    return memoryview(raw)[skip:skip + n]
+
+
+def aligned(buf: memoryview, offset: int, align: int = DIRECT_ALIGN) -> bool:
+    """Whether O_DIRECT can take `buf` at `offset` as it is. A read-only buffer (bytes)
+    is taken as unaligned: its address cannot be had without a copy."""
+    if (offset | len(buf)) % align or buf.readonly:
+        return False
+    return _address(buf) % align == 0
+
+
+def _address(buf) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0
+
+
 # Address space that mapping() may take, over all open files: a mapping costs no memory
 # (it is the page cache), only virtual addresses, of which x86-64 has 128 TiB. Disks past
 # the budget read with pread, which is correct, just one copy slower under XtsLayer.
@@ -270,22 +344,40 @@ class FileBackend(BlockBackend):
 
     TRIM and WRITE_ZEROES punch holes, FLUSH and FUA reach stable storage with
     fdatasync (RWF_DSYNC for FUA writes), and block status comes from SEEK_DATA/SEEK_HOLE.
+    With `cache="none"` the file is opened with O_DIRECT (see the module's docstring).
     """
 
-    def __init__(self, path: str | os.PathLike, *, size: int | None = None, readonly: bool = False):
+    def __init__(self, path: str | os.PathLike, *, size: int | None = None, readonly: bool = False,
+                 cache: str = WRITEBACK):
         self.path = os.fspath(path)
         self._readonly = readonly
+        self.cache_mode = check_cache_mode(cache)
+        self._direct = cache == NONE
         flags = os.O_RDONLY if readonly else os.O_RDWR
         if size is not None and not readonly:
             flags |= os.O_CREAT
         self._fd = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
-        if size is not None and not readonly and os.fstat(self._fd).st_size != size:
-            os.ftruncate(self._fd, size)
+        try:
+            if size is not None and not readonly and os.fstat(self._fd).st_size != size:
+                os.ftruncate(self._fd, size)
+            if self._direct:
+                if os.fstat(self._fd).st_size % DIRECT_ALIGN:
+                    # A partial last block could only be written whole, growing the file.
+                    raise OSError(errno.EINVAL, f"cache=none needs a size that is a multiple of "
+                                                f"{DIRECT_ALIGN} bytes ({self.path})")
+                direct_on(self._fd, self.path)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._size = os.fstat(self._fd).st_size
         self._nowait_ok = True  # cleared if the kernel/filesystem rejects RWF_NOWAIT
         self._mapping: memoryview | None = None  # made by mapping() on first use
         self._map_failed = False
         self._closed = threading.Event()
+        # O_DIRECT: per-thread aligned bounce buffers, and the locks that order a partial
+        # block's read-modify-write against every other write of that block.
+        self._local = threading.local()
+        self._block_locks = [threading.Lock() for _ in range(BLOCK_LOCKS)] if self._direct else []
         self._caps = Capabilities(
             writable=not readonly, flush=not readonly, fua=not readonly,
             trim=not readonly, zero=not readonly, fast_zero=not readonly,
@@ -302,13 +394,22 @@ class FileBackend(BlockBackend):
     def fileno(self) -> int:
         return self._fd
 
+    @property
+    def io_align(self):
+        return DIRECT_ALIGN if self._direct else 0
+
     def pread(self, buf, offset, *, nowait=False):
         buf = memoryview(buf).cast("B")
         flags = 0
         if nowait:
-            if not self._nowait_ok:
+            if not self._nowait_ok or self._direct:
+                # O_DIRECT has no page cache to hit: RWF_NOWAIT would still wait for the
+                # device, on the event loop.
                 raise BlockingIOError(errno.EAGAIN, "nowait unsupported")
             flags = os.RWF_NOWAIT
+        if self._direct and not aligned(buf, offset):
+            self._bounced_read(buf, offset)
+            return
         done = 0
         total = len(buf)
         while done < total:
@@ -325,11 +426,15 @@ class FileBackend(BlockBackend):
             done += n
 
     def native_read(self, length):
-        # pread is preadv on this fd with zeros past the end: exactly what the queue does.
+        # pread is preadv on this fd with zeros past the end: exactly what the queue does
+        # (through an aligned bounce buffer where io_align asks for one).
         return self._fd if not self._closed.is_set() else None
 
     def pwrite(self, data, offset, *, fua=False, nowait=False, owned=False):
         data = memoryview(data).cast("B")
+        if self._direct:
+            self._direct_write(data, offset, fua=fua, nowait=nowait)
+            return
         fd, flags = self._write_target(len(data), fua=fua, nowait=nowait)
         done = 0
         while done < len(data):
@@ -339,8 +444,11 @@ class FileBackend(BlockBackend):
         # pwrite's checks, and where and how it writes: (fd, pwritev2 flags).
         if self._readonly:
             raise OSError(errno.EPERM, "read-only")
-        if nowait and (fua or length > INLINE_WRITE_MAX):
-            raise BlockingIOError(errno.EAGAIN, "large or FUA write: use a worker")
+        if nowait and (fua or length > INLINE_WRITE_MAX or self._direct):
+            raise BlockingIOError(errno.EAGAIN, "large, FUA or O_DIRECT write: use a worker")
+        if self._direct:
+            # Not a plain pwritev2 of the caller's buffer: O_DIRECT needs it aligned.
+            return None
         # Buffered RWF_NOWAIT writes are not supported by ext4 (EOPNOTSUPP, seen on 6.18),
         # so a small buffered write is taken as cheap: it lands in the page cache and
         # blocks only under writeback throttling, which then slows every client alike.
@@ -385,10 +493,13 @@ class FileBackend(BlockBackend):
         return file_extents(self._fd, offset, length, self._size)
 
     def cache(self, offset, length):
-        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        if not self._direct:  # O_DIRECT never reads from the page cache: nothing to warm
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def mapping(self):
         global _mapped_bytes
+        if self._direct:  # a mapping reads through the page cache, which cache=none avoids
+            return None
         view = self._mapping
         if view is None and not self._map_failed and not self._closed.is_set():
             with _MAPPED_LOCK:
@@ -407,6 +518,87 @@ class FileBackend(BlockBackend):
             self._closed.set()
             self._unmap()
             os.close(self._fd)
+
+    # --- O_DIRECT (cache=none) ----------------------------------------------------------
+
+    def _bounce(self, n: int) -> memoryview:
+        """This thread's aligned bounce buffer, at least n bytes (grown as needed)."""
+        view = getattr(self._local, "bounce", None)
+        if view is None or len(view) < n:
+            view = self._local.bounce = aligned_buffer(max(n, BOUNCE_MIN))
+        return view[:n]
+
+    def _bounced_read(self, buf: memoryview, offset: int) -> None:
+        """pread of an unaligned buffer or range: the aligned blocks around it, through
+        the bounce buffer, BOUNCE_MAX at a time."""
+        pos, end = offset, offset + len(buf)
+        while pos < end:
+            lo = pos - pos % DIRECT_ALIGN
+            hi = min(-(-end // DIRECT_ALIGN) * DIRECT_ALIGN, lo + BOUNCE_MAX)
+            bounce = self._bounce(hi - lo)
+            self._read_aligned(bounce, lo)
+            stop = min(end, hi)
+            buf[pos - offset:stop - offset] = bounce[pos - lo:stop - lo]
+            pos = stop
+
+    def _read_aligned(self, buf: memoryview, offset: int) -> None:
+        done, total = 0, len(buf)
+        while done < total:
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n == 0:  # past the end of the file (a short last block): zeros
+                buf[done:] = bytes(total - done)
+                return
+            done += n
+
+    def _direct_write(self, data: memoryview, offset: int, *, fua: bool, nowait: bool) -> None:
+        """pwrite through O_DIRECT: an aligned buffer goes straight down; an unaligned one
+        is copied into the bounce buffer; a partial block at either end is read, patched
+        and written back, under the locks of the blocks written (any write of them, so
+        a read-modify-write never undoes a write that ran meanwhile)."""
+        if self._readonly:
+            raise OSError(errno.EPERM, "read-only")
+        if nowait:
+            raise BlockingIOError(errno.EAGAIN, "O_DIRECT write: use a worker")
+        if not data:
+            return
+        flags = os.RWF_DSYNC if fua else 0
+        end = offset + len(data)
+        locks = self._locks_of(offset // DIRECT_ALIGN, -(-end // DIRECT_ALIGN))
+        for lock in locks:
+            lock.acquire()
+        try:
+            if aligned(data, offset):
+                self._write_aligned(data, offset, flags)
+                return
+            pos = offset
+            while pos < end:
+                lo = pos - pos % DIRECT_ALIGN
+                hi = min(-(-end // DIRECT_ALIGN) * DIRECT_ALIGN, lo + BOUNCE_MAX)
+                stop = min(end, hi)
+                bounce = self._bounce(hi - lo)
+                if pos > lo:  # a partial first block: its old bytes first
+                    self._read_aligned(bounce[:DIRECT_ALIGN], lo)
+                if stop < hi and not (pos > lo and hi - lo == DIRECT_ALIGN):  # partial last
+                    self._read_aligned(bounce[hi - lo - DIRECT_ALIGN:], hi - DIRECT_ALIGN)
+                bounce[pos - lo:stop - lo] = data[pos - offset:stop - offset]
+                self._write_aligned(bounce, lo, flags)
+                pos = stop
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def _write_aligned(self, buf: memoryview, offset: int, flags: int) -> None:
+        done = 0
+        while done < len(buf):
+            done += os.pwritev(self._fd, [buf[done:]], offset + done, flags)
+
+    def _locks_of(self, first: int, end: int) -> list:
+        """The block locks of blocks [first, end), each once, in index order (so two
+        writes never wait for each other in a cycle)."""
+        stripes = range(first // LOCK_STRIPE, (end - 1) // LOCK_STRIPE + 1)
+        if len(stripes) >= BLOCK_LOCKS:
+            return self._block_locks
+        return [self._block_locks[i] for i in sorted({s % BLOCK_LOCKS for s in stripes})]
 
     def _unmap(self):
         global _mapped_bytes
@@ -431,3 +623,26 @@ def iter_chunks(offset: int, length: int, chunk: int) -> Iterable[tuple[int, int
         n = min(chunk, end - offset)
         yield offset, n
         offset += n
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    """How to open a disk's file, as plain data: what another process (an I/O worker)
+    needs to open the same disk the same way. The key of an encrypted one is never part
+    of it; `nbdserver.crypto.open_disk(spec, key)` puts the layer on."""
+
+    path: str
+    size: int | None = None        # create or resize to this; None: as the file is
+    readonly: bool = False
+    cache: str = WRITEBACK         # CACHE_MODES
+    encrypted: bool = False
+
+    def __post_init__(self):
+        check_cache_mode(self.cache)
+
+    def open(self) -> FileBackend:
+        """The file's backend (never the encryption layer: see crypto.open_disk)."""
+        return FileBackend(self.path, size=self.size, readonly=self.readonly, cache=self.cache)
+
+    def with_cache(self, cache: str) -> FileSpec:
+        return replace(self, cache=cache)

@@ -30,6 +30,13 @@ Cold reads (`submit_read`): a whole-sector read over a lower layer that reads na
 (`native_read`: a plain file) goes to the server's native read queue with this layer's
 decryption as its transform, so preadv and decryption both run without the GIL.
 
+Over a file opened with O_DIRECT (cache=none: the lower layer's `io_align`), every lower
+write is whole aligned sectors already; what changes is where the ciphertext lives. It
+is encrypted into an aligned scratch buffer (or a staged write's aligned buffer) instead
+of in place, and read into one and decrypted out of it into the caller's buffer: the
+same single pass over the data, and the file never sees an unaligned buffer. There is
+no mapping to read from (it would fill the page cache that cache=none avoids).
+
 nowait (see backend.py): passed down unchanged, and sector locks held by another write
 are not waited for (BlockingIOError: the server's event loop must not wait for a
 worker's RMW or a whole-disk trim). Everything this layer does before the lower write
@@ -43,7 +50,7 @@ from __future__ import annotations
 import errno
 import threading
 
-from ..backend import BlockBackend, Capabilities, Extent, WriteStage
+from ..backend import BlockBackend, Capabilities, Extent, FileSpec, WriteStage, aligned, aligned_buffer
 from .cipher import SECTOR_SIZE, XtsSectorCipher
 from .sector_locks import SECTORS_PER_STRIPE, STRIPES, SectorLocks
 
@@ -81,6 +88,7 @@ class XtsLayer(BlockBackend):
         self._lower = lower
         self._size = lower.size
         self._native_write = lower.native_write
+        self._align = lower.io_align  # O_DIRECT below: hand it aligned buffers only
         self._read_transform = None  # made on the first submit_read: nothing here may fail
         self._locks = SectorLocks(STRIPES, SECTORS_PER_STRIPE)
         self._stripes = self._locks.stripes  # pwrite's short path indexes them itself
@@ -92,6 +100,10 @@ class XtsLayer(BlockBackend):
     @property
     def size(self) -> int:
         return self._size  # the lower layer's, fixed: read for every request
+
+    @property
+    def io_align(self) -> int:
+        return self._align
 
     @property
     def capabilities(self) -> Capabilities:
@@ -193,7 +205,7 @@ class XtsLayer(BlockBackend):
             transform = self._read_transform = self._cipher.read_transform()
         # Decrypted on the queue's thread, all-zero ciphertext sectors read as holes
         # (zeros), exactly as _read_sectors does.
-        queue.submit(token, buf, fd, offset, transform, offset // S)
+        queue.submit(token, buf, fd, offset, transform, offset // S, align=self._align)
         return True
 
     def flush(self):
@@ -266,11 +278,21 @@ class XtsLayer(BlockBackend):
             raise OSError(errno.ESHUTDOWN, "the encrypted disk is closed")
 
     def _scratch(self, n: int) -> memoryview:
-        """This thread's reusable buffer, at least n (<= CHUNK) bytes long."""
+        """This thread's reusable buffer, at least n (<= CHUNK) bytes long; aligned for
+        O_DIRECT, so what is encrypted into it can go down as it is."""
         view = getattr(self._local, "view", None)
         if view is None or len(view) < n:
-            view = memoryview(bytearray(max(n, 64 * 1024)))
+            view = aligned_buffer(max(n, 64 * 1024))
             self._local.view = view
+        return view[:n]
+
+    def _read_scratch(self, n: int) -> memoryview:
+        """Another one for O_DIRECT reads into an unaligned buffer: a read may fill the
+        sector that _scratch holds (RMW), so it cannot use that one."""
+        view = getattr(self._local, "read_view", None)
+        if view is None or len(view) < n:
+            view = aligned_buffer(max(n, 64 * 1024))
+            self._local.read_view = view
         return view[:n]
 
     def _read_sectors(self, buf: memoryview, offset: int, nowait: bool):
@@ -284,6 +306,13 @@ class XtsLayer(BlockBackend):
             if view is not None and offset + n <= len(view):
                 self._cipher.decrypt_mapped(view[offset:offset + n], buf, offset // S)
                 return
+        if self._align and not nowait and n <= CHUNK and not aligned(buf, offset, self._align):
+            # O_DIRECT into an unaligned buffer (a request's): read into aligned scratch
+            # and decrypt out of it, instead of a bounce copy below and decryption here.
+            src = self._read_scratch(n)
+            self._lower.pread(src, offset)
+            self._cipher.decrypt(src, buf, offset // S, holes=True)
+            return
         self._lower.pread(buf, offset, nowait=nowait)
         self._cipher.decrypt(buf, buf, offset // S, holes=True)
 
@@ -319,7 +348,10 @@ class XtsLayer(BlockBackend):
             if target is not None:
                 self._encrypt_write(data, target[0], offset, first, target[1])
                 return
-        out = data if owned else self._scratch(len(data))
+        if owned and not (self._align and len(data) <= CHUNK):
+            out = data
+        else:  # O_DIRECT below takes aligned scratch as it is, where data needs a copy
+            out = self._scratch(len(data))
         self._encrypt(data, out, first)
         try:
             self._lower.pwrite(out, offset, fua=fua, nowait=nowait)
@@ -450,7 +482,8 @@ class EncryptingStage(WriteStage):
 
     def __init__(self, layer: XtsLayer, offset: int, length: int):
         super().__init__(layer, offset, length)
-        self.buffer = bytearray(length)
+        # Aligned over O_DIRECT, which then writes it as it is.
+        self.buffer = aligned_buffer(length) if layer._align else bytearray(length)
         self.failed = False  # the layer was closed before all of it was encrypted
         self._view = memoryview(self.buffer)
         self._encrypt = layer._encrypt
@@ -489,3 +522,20 @@ class EncryptingStage(WriteStage):
     def commit(self, *, fua=False, nowait=False):
         self.backend._commit(self, fua, nowait)
 
+
+
+def open_disk(spec: FileSpec, key: bytearray | None = None) -> BlockBackend:
+    """The backend a `FileSpec` describes: the file, and over it, if the spec says the
+    disk is encrypted, an XtsLayer keyed by `key` (which it then owns, see XtsLayer).
+    The one way the baseline, the platform and an I/O worker process open a disk, so
+    they all open it alike. If this raises, the caller still owns `key`."""
+    if spec.encrypted != (key is not None):
+        raise ValueError("an encrypted disk needs its key, and only an encrypted one")
+    lower = spec.open()
+    if key is None:
+        return lower
+    try:
+        return XtsLayer(lower, key)
+    except BaseException:
+        lower.close()
+        raise

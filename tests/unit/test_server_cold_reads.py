@@ -70,8 +70,9 @@ class AlwaysCold(FileBackend):
             self.bad_fd = -1
 
 
+@pytest.mark.parametrize("cache", ["writeback", "none"])
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "xts"])
-def test_cold_reads_overlap_on_the_read_queue(tmp_path, encrypted):
+def test_cold_reads_overlap_on_the_read_queue(tmp_path, encrypted, cache):
     path = tmp_path / "cold.img"
     offsets = [i * (SIZE // 16) + (i % 3) * S for i in range(16)]
     if encrypted:
@@ -81,12 +82,12 @@ def test_cold_reads_overlap_on_the_read_queue(tmp_path, encrypted):
         for off, data in plain.items():
             writer.pwrite(data, off)
         writer.close()
-        backend = XtsLayer(AlwaysCold(path, tmp_path), key)
+        backend = XtsLayer(AlwaysCold(path, tmp_path, cache=cache), key)
         expect = {off: plain.get(off, bytes(S)) for off in offsets}
     else:
         data = os.urandom(SIZE)
         path.write_bytes(data)
-        backend = AlwaysCold(path, tmp_path)
+        backend = AlwaysCold(path, tmp_path, cache=cache)
         expect = {off: data[off:off + S] for off in offsets}
     # Really cold too: the queue's threads wait for the disk, so a queue that ran one
     # read at a time would show it.
