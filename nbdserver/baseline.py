@@ -1,11 +1,14 @@
 """Serve files as NBD exports without the disk platform: the benchmark baseline.
 
-    python -m nbdserver.baseline --listen 127.0.0.1:10809 NAME=PATH[,size=BYTES][,ro][,key=KEYFILE] ...
+    python -m nbdserver.baseline --listen 127.0.0.1:10809 [--cache none|writeback] \
+        NAME=PATH[,size=BYTES][,ro][,key=KEYFILE][,cache=none|writeback] ...
 
 Not a product command: the product (`nbdserver serve`) only serves the platform's
 encrypted disks. This runner exists so the protocol and the plain I/O path can be tested
 and benchmarked on their own, and so the encryption layer can be measured against the
 same server without it (`key=` wraps the file in XtsLayer with a 64-byte key file).
+`--cache` is every export's cache mode unless its own `cache=` says otherwise (backend.py:
+`none` is O_DIRECT); a file system that cannot do O_DIRECT fails the start with a message.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 from daemonkit.sdnotify import sd_notify
 
 from .admission import ConnectionLimits
-from .backend import BlockBackend, FileBackend
+from .backend import CACHE_MODES, WRITEBACK, BlockBackend, FileSpec
 from .budget import default_limit
 from .exports import Export, ExportCatalog
 from .protocol.handshake import TlsMode
@@ -33,7 +36,7 @@ log = logging.getLogger("nbdserver.baseline")
 def parse_export(spec: str) -> tuple[str, dict]:
     name, _, rest = spec.partition("=")
     path, *opts = rest.split(",")
-    out: dict[str, Any] = {"path": path, "size": None, "readonly": False, "key": None}
+    out: dict[str, Any] = {"path": path, "size": None, "readonly": False, "key": None, "cache": None}
     for o in opts:
         k, _, v = o.partition("=")
         if k == "size":
@@ -42,6 +45,10 @@ def parse_export(spec: str) -> tuple[str, dict]:
             out["readonly"] = True
         elif k == "key":
             out["key"] = v
+        elif k == "cache":
+            if v not in CACHE_MODES:
+                raise SystemExit(f"export {name!r}: cache must be one of {', '.join(CACHE_MODES)}")
+            out["cache"] = v
         else:
             raise SystemExit(f"unknown export option {k!r}")
     return name, out
@@ -55,22 +62,31 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def open_backend(opts: dict) -> BlockBackend:
-    backend: BlockBackend = FileBackend(opts["path"], size=opts["size"], readonly=opts["readonly"])
+def file_spec(opts: dict, cache: str = WRITEBACK) -> FileSpec:
+    """The export's disk as plain data (what an I/O worker process opens again)."""
+    return FileSpec(opts["path"], size=opts["size"], readonly=opts["readonly"],
+                    cache=opts["cache"] or cache, encrypted=bool(opts["key"]))
+
+
+def open_backend(opts: dict, cache: str = WRITEBACK) -> BlockBackend:
+    from .crypto import open_disk
+    key = None
     if opts["key"]:
-        from .crypto import XtsLayer
         with open(opts["key"], "rb") as f:
             key = bytearray(f.read())
-        backend = XtsLayer(backend, key)
-    return backend
+    return open_disk(file_spec(opts, cache), key)
 
 
 async def serve(listen: str, specs: list[str], workers: int, stop: asyncio.Event, tls=None,
-                limits=None, export_list=ExportList.ALL) -> None:
+                limits=None, export_list=ExportList.ALL, cache: str = WRITEBACK) -> None:
     catalog = ExportCatalog()
     for spec in specs:
         name, opts = parse_export(spec)
-        catalog.add(Export(name, open_backend(opts), readonly=opts["readonly"],
+        try:
+            backend = open_backend(opts, cache)
+        except OSError as err:  # a file system without O_DIRECT, a bad path: say which export
+            raise SystemExit(f"export {name!r}: {err.strerror or err}") from None
+        catalog.add(Export(name, backend, readonly=opts["readonly"],
                            description=f"file {opts['path']}"))
         if catalog.default is None:
             catalog.default = name
@@ -94,6 +110,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m nbdserver.baseline", description=__doc__.split("\n")[0])
     ap.add_argument("--listen", default="127.0.0.1:10809")
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--cache", choices=CACHE_MODES, default=WRITEBACK,
+                    help="every export's cache mode unless it says cache=: writeback (the page "
+                         "cache) or none (O_DIRECT; docs/operations.md)")
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--tls-mode", choices=["off", "optional", "required"],
                     help="default: required unless --listen is loopback (docs/tls.md)")
@@ -104,7 +123,7 @@ def main(argv=None) -> None:
     add_limit_arguments(ap)
     ap.add_argument("--export-list", choices=[e.value for e in ExportList], default="all",
                     help="who may list the exports (default all: this runner serves test files)")
-    ap.add_argument("exports", nargs="+", metavar="NAME=PATH[,size=..][,ro][,key=FILE]")
+    ap.add_argument("exports", nargs="+", metavar="NAME=PATH[,size=..][,ro][,key=FILE][,cache=MODE]")
     args = ap.parse_args(argv)
     configure_logging(args.log_level)
     mode = resolve_mode(args.tls_mode, parse_hostport(args.listen, 10809)[0])
@@ -118,7 +137,8 @@ def main(argv=None) -> None:
     except (TlsConfigError, ValueError) as e:
         ap.error(str(e))
     run(lambda stop: serve(args.listen, args.exports, args.workers, stop, tls=(mode, context),
-                           limits=limits, export_list=ExportList(args.export_list)))
+                           limits=limits, export_list=ExportList(args.export_list),
+                           cache=args.cache))
 
 
 def add_limit_arguments(ap: argparse.ArgumentParser) -> None:

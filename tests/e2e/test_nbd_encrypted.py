@@ -33,9 +33,10 @@ KiB, MiB = 1 << 10, 1 << 20
 SIZE = 16 * MiB
 
 
-@pytest.fixture
-def encrypted(server_factory, tmp_path):
-    """(server, image path, key): a 16 MiB encrypted export named `enc`."""
+@pytest.fixture(params=["writeback", "none"], ids=["cache-writeback", "cache-none"])
+def encrypted(request, server_factory, tmp_path):
+    """(server, image path, key): a 16 MiB encrypted export named `enc`, in each cache
+    mode (none: O_DIRECT, the ciphertext written from aligned buffers)."""
     key = os.urandom(64)
     while key[:32] == key[32:]:
         key = os.urandom(64)
@@ -43,7 +44,7 @@ def encrypted(server_factory, tmp_path):
     keyfile.write_bytes(key)
     keyfile.chmod(0o600)
     image = tmp_path / "enc.img"
-    srv = server_factory([f"enc={image},size={SIZE},key={keyfile}"])
+    srv = server_factory([f"enc={image},size={SIZE},key={keyfile},cache={request.param}"])
     return srv, image, key
 
 

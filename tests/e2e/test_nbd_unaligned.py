@@ -47,13 +47,17 @@ WRITES = [
 ]
 
 
-@pytest.fixture(params=["plain", "xts"])
+@pytest.fixture(params=["plain", "xts", "plain-direct", "xts-direct"])
 def disk(request, server_factory, tmp_path):
-    """(server, image path, key or None): a 16 MiB export named `disk`."""
+    """(server, image path, key or None): a 16 MiB export named `disk`. `-direct`:
+    cache=none, O_DIRECT, where the plain file does its own read-modify-write of
+    partial 4 KiB blocks (the encrypted one's are whole sectors already)."""
     image = tmp_path / "disk.img"
     spec = f"disk={image},size={SIZE}"
+    if request.param.endswith("-direct"):
+        spec += ",cache=none"
     key = None
-    if request.param == "xts":
+    if request.param.startswith("xts"):
         key = os.urandom(64)
         while key[:32] == key[32:]:
             key = os.urandom(64)
