@@ -1,68 +1,104 @@
-"""`keyservice`: the daemon (`serve`) and client commands that print JSON.
+"""`keyservice`: the daemon (`serve`) and its client commands.
 
-Client commands read KEYSERVICE_URL and KEYSERVICE_CREDENTIAL (a credential
-file such as DATA_DIR/admin.credential), and KEYSERVICE_TIMEOUT (seconds per
-HTTP request, default 10). A command that is not done within its deadline
-(four requests' worth: token, call, and the one retry of both after a 401, plus
-a few seconds) exits 3 with its stacks on stderr rather than hang (`deadline.py`);
-`events` follows the stream for as long as it lasts. Exit codes: 0 success;
-1 the service refused (JSON error on stderr) or `audit verify` found tampering;
-2 usage; 3 the service is unreachable or too slow.
+Client commands read KEYSERVICE_URL and KEYSERVICE_CREDENTIAL (a credential file such as
+DATA_DIR/admin.credential), KEYSERVICE_TIMEOUT (seconds per HTTP request, default 10) and
+KEYSERVICE_CA (`SETTINGS`: the environment, else the settings file's [keyservice]
+section, `daemonkit.config`). They print the answer in `--output` (`daemonkit.cliout`)
+and report a failure once, in the shape and with the exit code both CLIs share
+(docs/operations.md, "Exit codes"). A command that is not done within its deadline (four
+requests' worth: token, call, and the one retry of both after a 401, plus a few
+seconds) exits 3 with its stacks on stderr rather than hang (`daemonkit.deadline`);
+`events` follows the stream for as long as it lasts.
 """
 import asyncio
 import json
 import logging
-import os
 import sqlite3
 import sys
 from pathlib import Path
 
 import click
 
-from . import deadline
+from daemonkit import deadline
+from daemonkit.clicommand import ClientGroup, emit, output_format, version
+from daemonkit.cliout import EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, CliError
+from daemonkit.config import Settings
+
 from .client import Credential, KeyServiceClient, KeyServiceError, KeyServiceUnavailable, parse_kid
 
 DEFAULT_TIMEOUT = 10.0  # seconds per HTTP request
 DEADLINE_MARGIN = 5.0  # seconds on top of the requests' own: start-up and teardown
 
+SETTINGS = Settings("keyservice", {
+    "KEYSERVICE_URL": "URL of the key service",
+    "KEYSERVICE_CREDENTIAL": "credential file of the identity to act as (JSON, 0600)",
+    "KEYSERVICE_TIMEOUT": f"seconds one request may take, (0, 3600] (default {DEFAULT_TIMEOUT:g})",
+    "KEYSERVICE_CA": "CA certificate that signed the service's (https://; default: system CAs)",
+})
+
+
+def _translate(e: Exception) -> CliError | None:
+    if isinstance(e, KeyServiceError):
+        unavailable = isinstance(e, KeyServiceUnavailable) or e.status >= 500
+        return CliError(e.message, code=e.code, status=e.status or None,
+                        exit_code=EXIT_UNAVAILABLE if unavailable else EXIT_REFUSED)
+    return None
+
+
+class KeyServiceCommands(ClientGroup):
+    settings = SETTINGS
+    # Key Vault's epoch-seconds fields (and the audit log's `time`), printed in RFC 3339.
+    time_keys = frozenset({"created", "updated", "nbf", "exp", "createdDate", "deletedDate",
+                           "scheduledPurgeDate", "time", "since", "expires_on"})
+    translate = staticmethod(_translate)
+
 
 def _print(obj) -> None:
-    click.echo(json.dumps(obj, indent=2))
+    emit(obj)
+
+
+def _usage(message: str) -> CliError:
+    return CliError(message, code="UsageError", exit_code=EXIT_USAGE)
 
 
 def _call(fn, *, bounded: bool = True):
-    """Run `fn(client)` against the service named by the environment; `bounded`: within
-    a deadline (every command but `events`, which follows the stream for good)."""
-    url = os.environ.get("KEYSERVICE_URL")
-    cred_path = os.environ.get("KEYSERVICE_CREDENTIAL")
+    """Run `fn(client)` against the service the settings name; `bounded`: within a
+    deadline (every command but `events`, which follows the stream for good)."""
+    url = SETTINGS.get("KEYSERVICE_URL")
+    cred_path = SETTINGS.get("KEYSERVICE_CREDENTIAL")
     if not url or not cred_path:
-        raise click.UsageError("set KEYSERVICE_URL and KEYSERVICE_CREDENTIAL (a credential file)")
+        raise _usage("set KEYSERVICE_URL and KEYSERVICE_CREDENTIAL (a credential file), in the "
+                     "environment or the settings file (see --help)")
     timeout = _request_timeout()
     if bounded:
-        deadline.arm(4 * timeout + DEADLINE_MARGIN, f"keyservice {' '.join(sys.argv[1:3])}")
-    try:
-        cred = Credential.load(cred_path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise click.UsageError(f"cannot read credential file {cred_path}: {e}") from None
-
+        deadline.arm(4 * timeout + DEADLINE_MARGIN, f"keyservice {' '.join(sys.argv[1:3])}",
+                     output_format())
+    cred = load_credential(cred_path)
     ssl_context = _client_ssl(url)
 
     async def run():
         async with KeyServiceClient(url, cred, ssl=ssl_context, timeout=timeout) as client:
             return await fn(client)
+    return asyncio.run(run())
+
+
+def load_credential(path: str) -> Credential:
+    """The credential file, or a usage error that says what is wrong with it."""
     try:
-        return asyncio.run(run())
-    except KeyServiceUnavailable as e:
-        click.echo(json.dumps({"error": {"code": e.code, "message": e.message}}), err=True)
-        sys.exit(3)
-    except KeyServiceError as e:
-        click.echo(json.dumps({"error": {"code": e.code, "message": e.message, "status": e.status}}),
-                   err=True)
-        sys.exit(1)
+        return Credential.load(path)
+    except OSError as e:
+        raise _usage(f"cannot read credential file {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise _usage(f"credential file {path} is not JSON ({e}); it should hold client_id, "
+                     "client_secret, tenant_id and object_id, as `identity create "
+                     "--output-credential` writes it") from None
+    except (KeyError, TypeError) as e:
+        raise _usage(f"credential file {path} lacks {e}: it should hold client_id, "
+                     "client_secret, tenant_id and object_id") from None
 
 
 def _request_timeout() -> float:
-    raw = os.environ.get("KEYSERVICE_TIMEOUT", "")
+    raw = SETTINGS.get("KEYSERVICE_TIMEOUT") or ""
     if not raw:
         return DEFAULT_TIMEOUT
     try:
@@ -70,7 +106,7 @@ def _request_timeout() -> float:
     except ValueError:
         value = 0.0
     if not 0 < value <= 3600:
-        raise click.UsageError(f"KEYSERVICE_TIMEOUT must be seconds in (0, 3600], not {raw!r}")
+        raise _usage(f"KEYSERVICE_TIMEOUT must be seconds in (0, 3600], not {raw!r}")
     return value
 
 
@@ -79,15 +115,15 @@ def _client_ssl(url):
     from daemonkit.tls import TlsConfigError
 
     from .client import client_context
-    ca = os.environ.get("KEYSERVICE_CA")
+    ca = SETTINGS.get("KEYSERVICE_CA")
     if not ca:
         return None  # https:// verifies against the system's CAs; http:// needs nothing
     if not url.startswith("https://"):
-        raise click.UsageError(f"KEYSERVICE_CA is set but KEYSERVICE_URL is not https://: {url}")
+        raise _usage(f"KEYSERVICE_CA is set but KEYSERVICE_URL is not https://: {url}")
     try:
         return client_context(ca)
     except TlsConfigError as e:
-        raise click.UsageError(str(e)) from None
+        raise _usage(str(e)) from None
 
 
 def _show(method, path, body=None, params=None):
@@ -95,12 +131,13 @@ def _show(method, path, body=None, params=None):
     _print(result if result is not None else {"status": "ok"})
 
 
-@click.group()
+@click.group(cls=KeyServiceCommands)
+@click.version_option(version(), prog_name="keyservice")
 def main():
     """Key service: a key vault for the encrypted disk platform."""
 
 
-@main.command()
+@main.command(cls=click.Command)
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT")
 @click.option("--base-url", help="URL clients use to reach the service (the base of every kid)")

@@ -1,48 +1,61 @@
 """`nbdserver`: the daemon (`serve`) and the client commands of the disk platform.
 
-Client commands talk to the API at $NBDSERVER_API (default http://127.0.0.1:8080) with
-the bearer token in $NBDSERVER_TOKEN_FILE (default DATA_DIR/api.token of a local server)
-or $NBDSERVER_TOKEN; they print JSON on stdout and, on refusal, the server's message on
-stderr with exit status 1.
+Client commands talk to the API at NBDSERVER_API with the bearer token of
+NBDSERVER_TOKEN_FILE or NBDSERVER_TOKEN (`client.SETTINGS`: the environment, else the
+settings file); they print the answer in `--output` (`daemonkit.cliout`) and report a
+failure once, in the shape and with the exit code both CLIs share (docs/operations.md).
+Each request has NBDSERVER_TIMEOUT, and the whole command a deadline of two requests'
+worth (`daemonkit.deadline`), re-armed while it follows an operation that answers.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import click
 
+from daemonkit import deadline
+from daemonkit.clicommand import ClientGroup, emit, output_format, version
+
 from .admission import ConnectionLimits
-from .client import ApiError, api, wait_operation
+from .client import SETTINGS, api, request_timeout, wait_operation
 from .host.cli import attach, attachments, detach
 from .runtime import configure_logging, parse_hostport, run
 
 _LIMITS = ConnectionLimits()  # the defaults, shown in --help
 
 
-class PlatformCommands(click.Group):
-    """Turns a client error into its message and exit status 1, once, for every command."""
+DEADLINE_MARGIN = 5.0  # seconds on top of the requests' own: start-up and teardown
 
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except ApiError as e:
-            raise Refusal(e.message) from None
+
+class PlatformCommands(ClientGroup):
+    settings = SETTINGS
+    # The API's epoch-seconds fields, printed in RFC 3339.
+    time_keys = frozenset({"created", "since", "started", "ended"})
+
+    def before_command(self, ctx):
+        arm_deadline()
 
 
 # --------------------------------------------------------------------------- the daemon
 @click.group(cls=PlatformCommands)
+@click.version_option(version(), prog_name="nbdserver")
 def main():
     """Encrypted managed disks over NBD."""
 
 
-@main.command()
+def arm_deadline() -> None:
+    """Two requests' worth: the call and, for commands that follow an operation, one poll."""
+    seconds = 2 * request_timeout() + DEADLINE_MARGIN
+    deadline.arm(seconds, f"nbdserver {' '.join(sys.argv[1:3])}", output_format())
+
+
+@main.command(cls=click.Command)
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False), help="state, disks, keys")
 @click.option("--nbd-listen", default="127.0.0.1:10809", show_default=True)
 @click.option("--api-listen", default="127.0.0.1:8080", show_default=True)
-@click.option("--keyservice-url", required=True, envvar="KEYSERVICE_URL")
+@click.option("--keyservice-url", required=True, envvar="KEYSERVICE_URL", show_envvar=True)
 @click.option("--keyservice-credential", type=click.Path(dir_okay=False),
               help="credential file of the platform identity "
                    "(default: $CREDENTIALS_DIRECTORY/keyservice-credential)")
@@ -65,7 +78,7 @@ def main():
               help="require client certificates signed by the TLS directory's ca-cert.pem")
 @click.option("--tls-psk-file", type=click.Path(dir_okay=False),
               help="TLS-PSK keys, psktool format (identity:hexkey per line, 0600)")
-@click.option("--keyservice-ca", type=click.Path(dir_okay=False), envvar="KEYSERVICE_CA",
+@click.option("--keyservice-ca", type=click.Path(dir_okay=False), envvar="KEYSERVICE_CA", show_envvar=True,
               help="CA certificate that signed the key service's (https://; default: system CAs)")
 @click.option("--insecure-keyservice-http", is_flag=True,
               help="allow an http:// key service on a non-loopback address")
@@ -129,20 +142,18 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
 
 
 # --------------------------------------------------------------------------- the client
-class Refusal(click.ClickException):
-    """A refusal shown as `error: MESSAGE` on stderr, exit status 1."""
-
-    def show(self, file=None):
-        click.echo(f"error: {self.message}", err=True)
+_last_percent: dict[str, int] = {}
 
 
-def progress(kind: str, percent: int) -> None:
-    click.echo(f"{kind}: {percent}%", err=True)
+def progress(op: dict) -> None:
+    pct = 100 if op["status"] == "succeeded" else int(op.get("progress", 0) * 100)
+    if _last_percent.get(op["id"]) != pct:
+        _last_percent[op["id"]] = pct
+        click.echo(f"{op['kind']}: {pct}%", err=True)
 
 
 def out(obj):
-    if obj is not None:
-        click.echo(json.dumps(obj, indent=2, sort_keys=True))
+    emit(obj)
 
 
 @main.group()
@@ -206,7 +217,7 @@ def disk():
 def disk_create(name, size, des, source, count, subscription, location, quiet):
     op = api("POST", "/disks", {"name": name, "size": size, "diskEncryptionSet": des, "source": source,
                                 "count": count, "subscription": subscription, "location": location})
-    result = wait_operation(op, None if quiet else progress)
+    result = wait_operation(op, None if quiet else progress, arm_deadline)
     out(result[0] if count is None else result)
 
 
@@ -245,7 +256,7 @@ def disk_key_envelope(name):
 
 
 def _volume_group(kind: str, create_opt: str, create_help: str):
-    grp = click.Group(kind, help=f"{kind.capitalize()}s.")
+    grp = ClientGroup(kind, help=f"{kind.capitalize()}s.")
 
     @grp.command("create")
     @click.argument("name")
@@ -253,7 +264,7 @@ def _volume_group(kind: str, create_opt: str, create_help: str):
     @click.option("--quiet", is_flag=True)
     def create(name, source, quiet):
         body = {"name": name, "disk": source} if create_opt == "disk" else {"name": name, "source": source}
-        out(wait_operation(api("POST", f"/{kind}s", body), None if quiet else progress))
+        out(wait_operation(api("POST", f"/{kind}s", body), None if quiet else progress, arm_deadline))
 
     @grp.command("show")
     @click.argument("name")

@@ -1,43 +1,73 @@
 """Client of the disk platform's HTTP API (the `nbdserver` client commands use it).
 
-The API is at $NBDSERVER_API (default http://127.0.0.1:8080); the bearer token is
-$NBDSERVER_TOKEN, else the file $NBDSERVER_TOKEN_FILE (default
-/var/lib/nbdserver/api.token of a local server). Every failure, a refusal of the
-platform or an API that cannot be reached, is an `ApiError` carrying the message to
-show; the CLI turns it into `error: MESSAGE` and exit status 1, once, at its edge.
+Settings (`SETTINGS`: the environment first, then section [nbdserver] of the settings
+file, `daemonkit.config`): the API is at NBDSERVER_API (default http://127.0.0.1:8080);
+the bearer token is NBDSERVER_TOKEN, else the file NBDSERVER_TOKEN_FILE (default
+/var/lib/nbdserver/api.token of a local server); each request waits at most
+NBDSERVER_TIMEOUT seconds. Every failure, a refusal of the platform or an API that
+cannot be reached, is an `ApiError` carrying the message, code, status and exit code
+to show; the CLI reports it once, at its edge.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from daemonkit.cliout import EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, CliError
+from daemonkit.config import Settings
+
 DEFAULT_API = "http://127.0.0.1:8080"
 DEFAULT_TOKEN_FILE = "/var/lib/nbdserver/api.token"
-TIMEOUT = 600  # seconds: a synchronous call may wait on the key service and on disk I/O
+# Seconds per request: a synchronous change may wait out the platform's own deadline for
+# an operation (platform.operations.DEADLINE, 120 s); past that something is stuck.
+DEFAULT_TIMEOUT = 130.0
 POLL_INTERVAL = 0.2  # seconds between two looks at a running operation
 
+SETTINGS = Settings("nbdserver", {
+    "NBDSERVER_API": f"URL of the platform API (default {DEFAULT_API})",
+    "NBDSERVER_TOKEN": "the API's bearer token itself (a settings file holding it must be 0600)",
+    "NBDSERVER_TOKEN_FILE": f"file holding the bearer token (default {DEFAULT_TOKEN_FILE})",
+    "NBDSERVER_TIMEOUT": f"seconds one request may take, (0, 3600] (default {DEFAULT_TIMEOUT:g})",
+}, secrets=frozenset({"NBDSERVER_TOKEN"}))
 
-class ApiError(Exception):
+
+class ApiError(CliError):
     """The platform refused a call (its message, code and status) or could not be reached."""
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
+    def __init__(self, message: str, *, code: str = "Error", status: int | None = None,
+                 exit_code: int | None = None):
+        if exit_code is None:
+            exit_code = EXIT_UNAVAILABLE if status is None or status >= 500 else EXIT_REFUSED
+        super().__init__(message, code=code, status=status, exit_code=exit_code)
+
+
+def request_timeout() -> float:
+    raw = SETTINGS.get("NBDSERVER_TIMEOUT") or ""
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise ApiError(f"NBDSERVER_TIMEOUT must be seconds in (0, 3600], not {raw!r}",
+                       code="BadSettings", exit_code=EXIT_USAGE)
+    return value
 
 
 def token() -> str | None:
-    """The bearer token: $NBDSERVER_TOKEN, else the token file's content, else None."""
-    if os.environ.get("NBDSERVER_TOKEN"):
-        return os.environ["NBDSERVER_TOKEN"]
-    path = os.environ.get("NBDSERVER_TOKEN_FILE", DEFAULT_TOKEN_FILE)
+    """The bearer token: NBDSERVER_TOKEN, else the token file's content, else None."""
+    direct = SETTINGS.get("NBDSERVER_TOKEN")
+    if direct:
+        return direct
+    path = SETTINGS.get("NBDSERVER_TOKEN_FILE", DEFAULT_TOKEN_FILE)
     try:
-        with open(path) as f:
+        with open(path or DEFAULT_TOKEN_FILE) as f:
             return f.read().strip()
     except OSError:
         return None
@@ -48,44 +78,62 @@ def api(method: str, path: str, body: dict | None = None) -> Any:
 
     Keys of `body` whose value is None are left out: the API reads a missing field as
     "not given", which is what an unset CLI option means."""
-    base = os.environ.get("NBDSERVER_API", DEFAULT_API).rstrip("/")
+    base = (SETTINGS.get("NBDSERVER_API") or DEFAULT_API).rstrip("/")
     data = json.dumps({k: v for k, v in body.items() if v is not None}).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method)
     req.add_header("Content-Type", "application/json")
     bearer = token()
     if bearer:
         req.add_header("Authorization", f"Bearer {bearer}")
+    timeout = request_timeout()
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
             return json.loads(raw) if raw else None
     except urllib.error.HTTPError as e:
         try:
             err = json.loads(e.read())["error"]
-            msg = f"{err.get('message')} [{err.get('code')}, HTTP {e.code}]"
-        except Exception:
-            msg = f"HTTP {e.code}"
-        raise ApiError(msg) from None
+            raise ApiError(str(err.get("message")), code=str(err.get("code")), status=e.code) from None
+        except (ValueError, KeyError, TypeError):
+            raise ApiError(f"HTTP {e.code} {e.reason}", code="HttpError", status=e.code) from None
     except urllib.error.URLError as e:
-        raise ApiError(f"cannot reach the nbdserver API at {base}: {e.reason}") from None
+        raise ApiError(f"cannot reach the nbdserver API at {base}: {_reason(e.reason)}",
+                       code="ServiceUnavailable") from None
+    except (TimeoutError, OSError) as e:
+        raise ApiError(f"the nbdserver API at {base} did not answer within {timeout:g} s "
+                       f"(NBDSERVER_TIMEOUT): {_reason(e)}", code="ServiceUnavailable") from None
 
 
-def wait_operation(op: dict, progress: Callable[[str, int], None] | None = None) -> Any:
+def _reason(e: object) -> str:
+    """What went wrong in words: "connection refused", not ConnectionRefusedError(111, ...)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    return str(e) or type(e).__name__
+
+
+def operation_error(op: dict) -> ApiError:
+    err = op.get("error") or {}
+    return ApiError(str(err.get("message", "the operation failed")), code=str(err.get("code", "Error")),
+                    status=err.get("status"),
+                    exit_code=EXIT_UNAVAILABLE if op.get("status") == "interrupted" else None)
+
+
+def wait_operation(op: dict, progress: Callable[[dict], None] | None = None,
+                   on_answer: Callable[[], None] | None = None) -> Any:
     """Follow a long operation until it ends; return its result, or raise its error.
 
-    `progress(kind, percent)` is called when the percentage changes, and with 100 at
-    the end of a successful operation."""
-    last = None
+    `progress(op)` is called with every look at the running operation and once at the
+    end of a successful one; `on_answer()` after every answer (the CLI re-arms its
+    deadline there)."""
     while op["status"] == "running":
-        pct = int(op.get("progress", 0) * 100)
-        if progress and pct != last:
-            progress(op["kind"], pct)
-        last = pct
+        if progress:
+            progress(op)
         time.sleep(POLL_INTERVAL)
         op = api("GET", f"/operations/{op['id']}")
-    if op["status"] == "failed":
-        err = op["error"]
-        raise ApiError(f"{err['message']} [{err['code']}, HTTP {err.get('status')}]")
+        if on_answer:
+            on_answer()
+    if op["status"] != "succeeded":
+        raise operation_error(op)
     if progress:
-        progress(op["kind"], 100)
-    return op["result"]
+        progress(op)
+    return op.get("result")

@@ -42,7 +42,7 @@ def test_cli_walkthrough(daemon, tmp_path):
     assert u["value"] == value
     out(cli("key", "disable", "clivault", "k1"))
     r = cli("key", "wrap", "clivault", "k1", "--value", value, cred_path=cred_file, check=False)
-    assert r.returncode == 1 and json.loads(r.stderr)["error"]["code"] == "Forbidden"
+    assert r.returncode == 1 and json.loads(r.stderr.splitlines()[-1])["error"]["code"] == "Forbidden"
     out(cli("key", "enable", "clivault", "k1"))
     out(cli("key", "wrap", "clivault", "k1", "--value", value, cred_path=cred_file))
     out(cli("policy", "delete", "clivault", "--object-id", mi["objectId"]))
@@ -56,7 +56,7 @@ def test_cli_walkthrough(daemon, tmp_path):
     out(cli("vault", "delete", "clivault"))
     assert out(cli("vault", "show", "clivault", "--deleted"))["state"] == "softDeleted"
     r = cli("vault", "purge", "clivault", check=False)
-    assert r.returncode == 1 and json.loads(r.stderr)["error"]["status"] == 403
+    assert r.returncode == 1 and json.loads(r.stderr.splitlines()[-1])["error"]["status"] == 403
     out(cli("vault", "recover", "clivault"))
     entries = out(cli("audit", "show", "clivault"))["value"]
     assert {"KeyWrap", "KeyUnwrapVersion", "PolicySet", "VaultRecover"} <= {e["operation"] for e in entries}
@@ -75,7 +75,7 @@ def test_cli_plain_vault_purge_and_errors(daemon):
     out(cli("vault", "delete", "cliplain"))
     out(cli("vault", "purge", "cliplain"))
     r = cli("vault", "show", "cliplain", check=False)
-    assert r.returncode == 1 and json.loads(r.stderr)["error"]["code"] == "VaultNotFound"
+    assert r.returncode == 1 and json.loads(r.stderr.splitlines()[-1])["error"]["code"] == "VaultNotFound"
 
 
 def test_cli_without_environment_or_service(daemon, tmp_path):

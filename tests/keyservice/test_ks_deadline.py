@@ -1,5 +1,5 @@
 """The CLI never hangs: every request has a timeout (the token fetch too), and the whole
-command a deadline (`keyservice/deadline.py`). Seen once in CI: `keyservice vault create`
+command a deadline (`daemonkit/deadline.py`). Seen once in CI: `keyservice vault create`
 printed nothing for 120 s and was killed, so nobody learnt where it stuck.
 
 Real parts: the CLI as a subprocess, a real listening socket that never answers, a real
@@ -48,7 +48,7 @@ def test_a_silent_service_is_reported_unreachable_not_waited_for(silent_service,
                 env={"KEYSERVICE_URL": silent_service, "KEYSERVICE_CREDENTIAL": str(credential),
                      "KEYSERVICE_TIMEOUT": "1"})
     assert r.returncode == 3, r.stderr
-    err = json.loads(r.stderr)["error"]
+    err = json.loads(r.stderr.splitlines()[-1])["error"]
     assert err["code"] == "ServiceUnavailable" and "unreachable" in err["message"], err
     assert "TimeoutError" in err["message"], err
 
@@ -62,8 +62,9 @@ def test_a_command_stuck_outside_any_request_ends_at_its_deadline(silent_service
                 env={"KEYSERVICE_URL": silent_service, "KEYSERVICE_CREDENTIAL": str(fifo),
                      "KEYSERVICE_TIMEOUT": "0.5"})
     assert r.returncode == 3, r.stderr
-    first, _, stacks = r.stderr.partition("\n")
-    err = json.loads(first)["error"]
+    human, err_json, stacks = r.stderr.split("\n", 2)
+    err = json.loads(err_json)["error"]
+    assert human.startswith("error: ") and "deadline" in human, human
     assert err["code"] == "Timeout" and "keyservice vault show" in err["message"], err
     assert "deadline" in err["message"] and "load" in stacks, r.stderr  # Credential.load
     assert r.stdout == ""
