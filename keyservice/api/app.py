@@ -30,8 +30,8 @@ log = logging.getLogger("keyservice")
 STATUS = {errors.BadRequest: 400, errors.Unauthorized: 401, errors.Forbidden: 403,
           errors.NotFound: 404, errors.Conflict: 409, errors.TooManyRequests: 429}
 # route names callable without a bearer token
-PUBLIC = {"Token", "TokenV2", "OpenIdConfiguration", "OpenApi", "Health"}
-UNAUDITED = {"OpenApi", "Health", "OpenIdConfiguration"}
+PUBLIC = {"Token", "TokenV2", "OpenIdConfiguration", "OpenIdKeys", "OpenApi", "Health"}
+UNAUDITED = {"OpenApi", "Health", "OpenIdConfiguration", "OpenIdKeys"}
 TOKEN_ROUTES = {"Token", "TokenV2"}  # their 401s are OAuth's, not a resource's challenge
 
 

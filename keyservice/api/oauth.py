@@ -3,6 +3,7 @@ Key Vault expect it: `azure-identity`'s ClientSecretCredential, MSAL, and any OA
 client given this service as its authority.
 
     GET  /{tenant}/v2.0/.well-known/openid-configuration   OpenID Connect Discovery 1.0
+    GET  /{tenant}/discovery/v2.0/keys                      its jwks_uri: an empty key set
     POST /{tenant}/oauth2/v2.0/token                        RFC 6749 section 4.4
 
 Only the client credentials grant with a client secret (`client_secret_post` or HTTP
@@ -45,6 +46,10 @@ async def openid_configuration(request: web.Request) -> web.Response:
         "issuer": f"{base}/v2.0",
         "token_endpoint": f"{base}/oauth2/v2.0/token",
         "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",  # required by MSAL; no users here
+        # Required by OpenID Connect Discovery 1.0 section 3 and by MSAL for JavaScript
+        # (which refuses the document without it). The set is empty: tokens are signed
+        # with a key only this service holds, so nobody else can or need verify them.
+        "jwks_uri": f"{base}/discovery/v2.0/keys",
         "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
         "grant_types_supported": ["client_credentials"],
         "response_types_supported": ["token"],
@@ -53,6 +58,12 @@ async def openid_configuration(request: web.Request) -> web.Response:
         "id_token_signing_alg_values_supported": ["HS256"],
         "tenant_region_scope": None,
     })
+
+
+async def openid_keys(request: web.Request) -> web.Response:
+    if not _tenant(request):
+        return oauth_error(400, "invalid_tenant", "The tenant must be a tenant id (a UUID)")
+    return web.json_response({"keys": []})
 
 
 def _client_from_basic(request: web.Request) -> tuple[str | None, str | None]:
@@ -116,6 +127,7 @@ async def token(request: web.Request) -> web.Response:
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", openid_configuration,
                    name="OpenIdConfiguration")
+    router.add_get("/{tenant}/discovery/v2.0/keys", openid_keys, name="OpenIdKeys")
     router.add_post("/{tenant}/oauth2/v2.0/token", token, name="TokenV2")
 
 

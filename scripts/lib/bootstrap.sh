@@ -51,8 +51,26 @@ bootstrap_venv() {
     export PATH="$VENV/bin:$PATH"
 }
 
+bootstrap_js_sdk() {
+    # The Azure SDK for JavaScript that tests/keyservice/test_ks_azure_js_sdk.py drives, from
+    # the committed lock file, into its git-ignored node_modules; again only when the lock
+    # changes. Optional: without node and npm, or when npm fails (offline), that test skips.
+    local dir="$ROOT/tests/keyservice/js" stamp want
+    command -v node >/dev/null && command -v npm >/dev/null || return 0
+    stamp="$dir/node_modules/.install-stamp"
+    want="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
+    [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && return 0
+    echo "bootstrap: installing the Azure SDK for JavaScript into $dir/node_modules" >&2
+    if (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >&2); then
+        echo "$want" > "$stamp"
+    else
+        echo "bootstrap: npm ci failed; the JavaScript SDK test will skip" >&2
+    fi
+}
+
 bootstrap() {
     bootstrap_debs
     bootstrap_openssl
     bootstrap_venv
+    bootstrap_js_sdk
 }

@@ -90,6 +90,19 @@ def test_openid_discovery_points_at_the_v2_token_endpoint(ks):
     assert r.status_code == 400 and r.json()["error"] == "invalid_tenant"
 
 
+def test_discovery_names_a_key_set_that_is_public_and_empty(ks):
+    """OIDC Discovery requires jwks_uri (MSAL for JavaScript refuses a document without
+    it); the set is empty because only this service verifies its tokens."""
+    tenant = ks.admin.tenant_id
+    doc = ks.session.get(f"{ks.url}/{tenant}/v2.0/.well-known/openid-configuration", verify=ks.ca,
+                         timeout=30).json()
+    assert doc["jwks_uri"] == f"{ks.url}/{tenant}/discovery/v2.0/keys"
+    r = ks.session.get(doc["jwks_uri"], verify=ks.ca, timeout=30)  # no token: it is public
+    assert r.status_code == 200 and r.json() == {"keys": []}
+    r = ks.session.get(f"{ks.url}/not-a-tenant/discovery/v2.0/keys", verify=ks.ca, timeout=30)
+    assert r.status_code == 400 and r.json()["error"] == "invalid_tenant"
+
+
 def test_v2_token_carries_the_resource_as_audience_and_works_by_host(ks):
     resource = f"https://{DOMAIN}:{ks.port}"
     status, body = _v2_token(ks, ks.admin, f"{resource}/.default")
