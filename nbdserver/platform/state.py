@@ -35,7 +35,12 @@ CREATE TABLE IF NOT EXISTS volumes (
     path TEXT NOT NULL, state TEXT NOT NULL, source TEXT, gallery TEXT,
     created REAL NOT NULL, extra TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (kind, name));
+CREATE TABLE IF NOT EXISTS operations (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL,
+    started REAL NOT NULL, ended REAL, view TEXT NOT NULL);
 """
+# `operations` (platform.oplog) came without a schema version of its own: a table only
+# added, which a release that does not know it never reads, and every open creates.
 
 
 
@@ -207,6 +212,34 @@ class State:
     def set_gallery(self, kind: VolumeKind, name: str, gallery: str | None) -> None:
         self.db.execute("UPDATE volumes SET gallery=? WHERE kind=? AND name=?",
                         (gallery, kind.value, name))
+
+    # -- long operations (platform.oplog): the view a client sees, as JSON
+    def put_operation(self, op: dict) -> None:
+        self.db.execute("INSERT OR REPLACE INTO operations VALUES (?,?,?,?,?,?)",
+                        (op["id"], op["kind"], op["status"], op["started"], op.get("ended"),
+                         json.dumps(op)))
+
+    def get_operation(self, op_id: str) -> dict | None:
+        row = self.db.execute("SELECT view FROM operations WHERE id=?", (op_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def list_operations(self, limit: int) -> list[dict]:
+        return [json.loads(r[0]) for r in self.db.execute(
+            "SELECT view FROM operations ORDER BY started DESC LIMIT ?", (limit,))]
+
+    def forget_operations(self, keep: int) -> None:
+        self.db.execute("DELETE FROM operations WHERE status != 'running' AND id NOT IN "
+                        "(SELECT id FROM operations ORDER BY started DESC LIMIT ?)", (keep,))
+
+    def interrupt_running_operations(self, now: float, error: dict) -> int:
+        """Every operation still marked running: its process is gone (see oplog)."""
+        with self.transaction():
+            rows = self.db.execute("SELECT view FROM operations WHERE status='running'").fetchall()
+            for (view,) in rows:
+                op = json.loads(view)
+                op.update(status="interrupted", error=dict(error), ended=now)
+                self.put_operation(op)
+        return len(rows)
 
     def delete_volume(self, kind: VolumeKind, name: str) -> None:
         self.db.execute("DELETE FROM volumes WHERE kind=? AND name=?", (kind.value, name))
