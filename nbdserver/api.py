@@ -217,7 +217,8 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
         name = _field(b, "name", required=True)
         kw = dict(size=_field(b, "size", (int, str)), des=_field(b, "diskEncryptionSet"),
                   source=_field(b, "source"), count=_field(b, "count", int),
-                  subscription=_field(b, "subscription"), location=_field(b, "location"))
+                  subscription=_field(b, "subscription"), location=_field(b, "location"),
+                  cache=_field(b, "cache"))
         # Validated and its names claimed before answering 202.
         return accepted(ops.start("disk.create", lambda progress: platform.create_disks(
             name, progress=progress, **kw)))

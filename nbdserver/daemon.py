@@ -39,7 +39,7 @@ class StartupError(Exception):
 async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen, keyservice_url,
                         credential_file, master_key_file=None, lease=60.0, grace=3600.0,
                         idle_close=60.0, workers=8, ssl=None, tls_mode=None, tls_context=None,
-                        nbd_limits=None, nbd_export_list=None) -> None:
+                        nbd_limits=None, nbd_export_list=None, cache="writeback") -> None:
     catalog = ExportCatalog()
     # Resolved before anything uses it: a relative path would mean another directory
     # for whoever starts the daemon from elsewhere (systemd, a shell in another cwd).
@@ -53,6 +53,7 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen
                             ssl=ssl, master_key_file=master_key_file, idle_close=idle_close)
     except (MasterKeyError, OSError, sqlite3.Error, SchemaTooNew) as e:
         raise StartupError(f"cannot open the platform's state in {data_dir}: {e}") from None
+    platform.default_cache = cache  # disks without a cache mode of their own
     try:
         await platform.start()
     except PlatformError as e:  # e.g. first start, the key service down: no platform key yet

@@ -19,6 +19,9 @@ from enum import Enum
 from .errors import BadRequest
 
 PLATFORM_KEY = "platform"  # the `des` of a volume under the platform-managed key
+# A disk's cache mode (backend.py, like qemu's cache=): `none` is O_DIRECT on its file.
+# Kept in `Volume.extra["cache"]`; a disk without one follows `nbdserver serve --cache`.
+CACHE_MODES = ("none", "writeback")
 
 
 class VolumeKind(Enum):
@@ -77,6 +80,11 @@ class Volume:
     def customer_managed(self) -> bool:
         return self.des != PLATFORM_KEY
 
+    @property
+    def cache(self) -> str | None:
+        """The disk's own cache mode, or None: the server's default."""
+        return self.extra.get("cache")
+
 
 # Matched whole (fullmatch): `$` would also match before a trailing newline.
 _KID = re.compile(r"(?P<base>https?://[^/\s]+)/vaults/(?P<vault>[^/\s]+)/keys/(?P<key>[^/\s]+)(?:/(?P<version>[^/\s]+))?/?")
@@ -110,6 +118,12 @@ def check_name(kind: str, name: str) -> str:
         raise BadRequest(f"invalid {kind} name {name!r}: 1-80 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return name
+
+
+def check_cache(value) -> str | None:
+    if value is not None and value not in CACHE_MODES:
+        raise BadRequest(f"cache must be one of {', '.join(CACHE_MODES)}, not {value!r}")
+    return value
 
 
 def parse_size(value) -> int:

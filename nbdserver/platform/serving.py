@@ -30,8 +30,8 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..backend import FileBackend
-from ..crypto import XtsLayer
+from ..backend import FileSpec
+from ..crypto import open_disk
 from ..exports import Export
 from . import keys
 from .errors import AccessMissing, KeyUnavailable
@@ -69,6 +69,7 @@ class DiskServing:
         catalog: ExportCatalog
         access: KeyAccess | None
         client_for: Callable[[str], KeyServiceClient]
+        disk_spec: Callable[[Volume], FileSpec]  # volumes.py: the file and its cache mode
 
     def _init_serving(self, idle_close: float) -> None:
         self.idle_close = idle_close
@@ -158,7 +159,7 @@ class DiskServing:
             keys.wipe(dek)  # closed, locked or deleted meanwhile: fail closed
             return False
         try:
-            layer = XtsLayer(FileBackend(disk.path), dek)
+            layer = open_disk(self.disk_spec(disk), dek)
         except OSError as e:  # the file went with a delete that committed meanwhile
             keys.wipe(dek)
             log.warning("disk %s cannot be opened: %s", export.name, e)

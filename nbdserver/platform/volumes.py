@@ -19,10 +19,11 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..backend import FileBackend
-from ..crypto import XtsLayer
+from ..backend import WRITEBACK, FileBackend, FileSpec
+from ..crypto import XtsLayer, open_disk
 from . import backing, keys, rules
 from . import operations as ops
 from .copy import copy_ciphertext, reencrypt, run_copy
@@ -39,6 +40,7 @@ from .model import (
     Volume,
     VolumeKind,
     VolumeState,
+    check_cache,
     check_name,
     parse_size,
 )
@@ -60,6 +62,9 @@ DEFAULT_LOCATION = "local"
 
 
 class VolumeOperations:
+    # The cache mode of disks that have none of their own (`nbdserver serve --cache`).
+    default_cache = WRITEBACK
+
     # What this group takes from Platform (service.py), stated for the reader and for mypy;
     # issue 17 replaces these mixins by composed objects with explicit dependencies.
     if TYPE_CHECKING:
@@ -99,9 +104,11 @@ class VolumeOperations:
 
     def validate_disk_request(self, name: str, *, size=None, des: str | None = None,
                               source: str | None = None, count: int | None = None,
-                              subscription: str | None = None, location: str | None = None):
+                              subscription: str | None = None, location: str | None = None,
+                              cache: str | None = None):
         """Everything about a disk request that can be refused before any work starts."""
         check_name("disk", name)
+        check_cache(cache)
         src = self._source(source)
         if src is not None and src.kind is VolumeKind.DISK:
             raise BadRequest("a disk is made from a snapshot or an image; snapshot the disk first")
@@ -122,6 +129,7 @@ class VolumeOperations:
 
     def create_disks(self, name: str, *, progress=None, **request) -> asyncio.Task:
         names, size, src, scope, subscription, location = self.validate_disk_request(name, **request)
+        cache = request.get("cache")
 
         async def run():
             created = []
@@ -131,7 +139,7 @@ class VolumeOperations:
                         if progress:
                             progress((i + done / total) / len(names))
                     created.append(await self._create_disk(n, size, scope, subscription, location,
-                                                           src, part))
+                                                           src, part, cache))
             except BaseException:
                 for n in created:  # all or nothing, a set of disks too
                     await self._discard_disk(n, "creation failed")
@@ -169,7 +177,12 @@ class VolumeOperations:
         return PLATFORM_KEY, subscription or (src.subscription if src else DEFAULT_SUBSCRIPTION), \
             location or (src.location if src else DEFAULT_LOCATION)
 
-    async def _create_disk(self, name, size, scope, subscription, location, src, progress) -> str:
+    def disk_spec(self, disk: Volume) -> FileSpec:
+        """How the disk's file is opened: its own cache mode, or the server's default."""
+        return FileSpec(disk.path, cache=disk.cache or self.default_cache, encrypted=True)
+
+    async def _create_disk(self, name, size, scope, subscription, location, src, progress,
+                           cache=None) -> str:
         dek = keys.new_dek()
         # A recheck of the scope that starts after this point may not see the disk (it is
         # not served yet): if one did, the scope is checked again once the disk serves.
@@ -207,14 +220,20 @@ class VolumeOperations:
             raise Conflict(f"disk {name!r} exists")
         v = Volume(name, VolumeKind.DISK, size, subscription, location, scope, env,
                    self._new_path(VolumeKind.DISK), VolumeState.CREATING,
-                   source=f"{src.kind.value}:{src.name}" if src else None, created=time.time())
+                   source=f"{src.kind.value}:{src.name}" if src else None, created=time.time(),
+                   extra={"cache": cache} if cache else {})
         self.state.put_volume(v)
+        spec = self.disk_spec(v)
         try:
-            backend = XtsLayer(FileBackend(v.path, size=size), dek)
+            # Opened as it will be served: a cache mode its file system cannot do is
+            # refused now, not at every attach.
+            backend = open_disk(replace(spec, size=size), dek)
         except OSError as e:
             keys.wipe(dek)
             _unlink(v.path)
             self.state.delete_volume(VolumeKind.DISK, name)
+            if e.errno == errno.EINVAL and spec.cache != WRITEBACK:
+                raise BadRequest(f"disk {name!r}: {e.strerror}") from None
             raise _storage_error(e, f"creating disk {name!r} of {size} bytes") from None
         try:
             if src is not None:
@@ -280,6 +299,9 @@ class VolumeOperations:
         v = self.volume(VolumeKind.DISK, name)
         out = _volume_view(v)
         out["file"] = backing.stored_path(self.data_dir, v.path)  # docs/format.md
+        # What the disk is opened with: its own mode, or the server's default.
+        out["cache"] = {"mode": v.cache or self.default_cache,
+                        "source": "disk" if v.cache else "server default"}
         export = self.catalog.get(name)
         if export is not None:
             # Azure's disk states: Attached while a client is in transmission.
