@@ -527,6 +527,31 @@ def events(since):
     _call(follow, bounded=False)
 
 
+# -- backup --
+@main.command("backup")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--data-dir", default="/var/lib/keyservice", show_default=True,
+              type=click.Path(file_okay=False), help="the key service's data directory (running or not)")
+@click.option("--include-master-key", is_flag=True,
+              help="also copy the master key (0600): the backup then opens every key on its own")
+@click.option("--master-key-file", type=click.Path(dir_okay=False),
+              help="the master key's place when not the default (with --include-master-key)")
+def backup(directory, data_dir, include_master_key, master_key_file):
+    """Back up the key service's database, online, into the new DIRECTORY (0700, files 0600).
+
+    Reads the data directory itself (SQLite's online backup), so it runs on the service's
+    host as its user; restore: docs/operations.md, "Backup and restore"."""
+    from daemonkit.backup import BackupError
+
+    from .service_backup import backup_keyservice
+    try:
+        manifest = backup_keyservice(data_dir, directory, include_master_key=include_master_key,
+                                     master_key_file=master_key_file)
+    except BackupError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+
+
 # -- TLS --
 @main.group()
 def tls():

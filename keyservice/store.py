@@ -75,6 +75,17 @@ _IDENTITY_COLUMNS = ("object_id, client_id, tenant_id, display_name, type, roles
                      "created, disabled, generation")
 
 
+# The schema's version, in SQLite's PRAGMA user_version. 0: the releases before it was
+# kept (brought up to date by ADDED_COLUMNS and `_migrate`'s steps, which are idempotent).
+SCHEMA_VERSION = 1
+
+
+class StoreRefused(MasterKeyError):
+    """The data directory cannot be used as it is (a missing database, a newer release's
+    schema): the message says why and what to do. A MasterKeyError, so every caller that
+    reports why the service cannot start reports this too."""
+
+
 def _aad(vault: str, name: str, version: str) -> str:
     return f"key-version:{vault}/{name}/{version}"
 
@@ -85,6 +96,13 @@ class Store:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         db_path = data_dir / DB_NAME
         fresh = not db_path.exists()
+        if fresh and (data_dir / "admin.credential").exists():
+            # The admin credential is written after the database: this directory had one.
+            # Starting empty would forget every vault and key and issue a new admin.
+            raise StoreRefused(
+                f"{db_path} is missing but {data_dir} held a key service (admin.credential is "
+                "there): restore the database from a backup (docs/operations.md), or remove "
+                "admin.credential to start a new, empty key service")
         path, may_create = master_key_path(data_dir, master_key_file)
         master = load_master_key(path, may_create, fresh)
         self._seal = Seal(master)
@@ -103,9 +121,18 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise StoreRefused(
+                f"{db_path} has schema version {version}, written by a newer release; this "
+                f"one knows up to {SCHEMA_VERSION}. Run the newer release, or restore the "
+                "backup taken before the upgrade (docs/operations.md)")
         self._db.executescript(SCHEMA)
         self._migrate()
         self._check_master_key()
+
+    def schema_version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     def _migrate(self) -> None:
         with self.transaction():
@@ -123,6 +150,9 @@ class Store:
             for (name,) in self._db.execute("SELECT name FROM vaults WHERE id IS NULL").fetchall():
                 self._db.execute("UPDATE vaults SET id=?, audit_chain=? WHERE name=?",
                                  (str(uuid.uuid4()), name, name))
+            # Version 1 is every database these steps brought up to date; later versions
+            # add their steps after them. PRAGMA takes no parameters: our own int.
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _check_master_key(self) -> None:
         row = self._db.execute("SELECT v FROM meta WHERE k='master_check'").fetchone()

@@ -69,9 +69,6 @@ def arm_deadline() -> None:
 @click.option("--idle-close-seconds", type=click.FloatRange(0), default=60.0, show_default=True,
               help="wipe a disk's key this long after its last NBD client left (0: at once)")
 @click.option("--workers", default=8, show_default=True, help="I/O worker threads")
-@click.option("--cache", type=click.Choice(["none", "writeback"]), default="writeback",
-              show_default=True, help="cache mode of disks without their own (none: O_DIRECT; "
-                                      "docs/operations.md)")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--tls-mode", type=click.Choice(["off", "optional", "required"]),
               help="NBD TLS; default: required unless --nbd-listen is loopback (docs/tls.md)")
@@ -103,7 +100,7 @@ def arm_deadline() -> None:
               help="who may list the NBD exports: anyone, clients with a verified TLS "
                    "certificate, or nobody (clients connect by disk name)")
 def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credential, master_key_file,
-          lease_seconds, grace_seconds, idle_close_seconds, workers, cache, log_level, tls_mode, tls_dir,
+          lease_seconds, grace_seconds, idle_close_seconds, workers, log_level, tls_mode, tls_dir,
           tls_verify_clients, tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
           max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list):
     """Run the NBD server and the disk platform."""
@@ -132,7 +129,7 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
             api_listen=parse_hostport(api_listen, 8080), keyservice_url=keyservice_url,
             credential_file=keyservice_credential, master_key_file=master_key_file,
             lease=lease_seconds, grace=grace_seconds, idle_close=idle_close_seconds,
-            workers=workers, cache=cache, ssl=ks_ssl,
+            workers=workers, ssl=ks_ssl,
             tls_mode=mode, tls_context=tls_context,
             nbd_limits=ConnectionLimits(max_connections, max_connections_per_peer,
                                         handshake_timeout, fd_reserve,
@@ -217,12 +214,9 @@ def disk():
 @click.option("--subscription")
 @click.option("--location")
 @click.option("--quiet", is_flag=True, help="no progress on stderr")
-@click.option("--cache", type=click.Choice(["none", "writeback"]),
-              help="cache mode (none: O_DIRECT); default: the server's --cache")
-def disk_create(name, size, des, source, count, subscription, location, quiet, cache):
+def disk_create(name, size, des, source, count, subscription, location, quiet):
     op = api("POST", "/disks", {"name": name, "size": size, "diskEncryptionSet": des, "source": source,
-                                "count": count, "subscription": subscription, "location": location,
-                                "cache": cache})
+                                "count": count, "subscription": subscription, "location": location})
     result = wait_operation(op, None if quiet else progress, arm_deadline)
     out(result[0] if count is None else result)
 
@@ -329,6 +323,38 @@ def tls_init(directory, hosts, client_name, psk_identity, days, force):
     except (CaError, TlsConfigError) as e:
         raise click.UsageError(str(e)) from None
     out({"directory": os.path.abspath(directory), "written": [os.path.basename(p) for p in written]})
+
+
+# --------------------------------------------------------------------------- backup
+@main.command("backup")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--data-dir", default="/var/lib/nbdserver", show_default=True,
+              type=click.Path(file_okay=False), help="the platform's data directory (running or not)")
+@click.option("--include-data", is_flag=True,
+              help="also copy every volume's ciphertext file, sparse (attached disks: snapshot "
+                   "them first for a consistent image)")
+@click.option("--include-master-key", is_flag=True,
+              help="also copy the platform master key (0600): the backup is then as secret as "
+                   "the data directory")
+@click.option("--master-key-file", type=click.Path(dir_okay=False),
+              help="the master key's place when not the default (with --include-master-key)")
+def backup(directory, data_dir, include_data, include_master_key, master_key_file):
+    """Back up the platform's state, online, into the new DIRECTORY (0700, files 0600).
+
+    Reads the data directory itself (SQLite's online backup), so it runs on the server's
+    host as its user; restore: docs/operations.md, "Backup and restore"."""
+    import json
+
+    from daemonkit.backup import BackupError
+
+    from .platform.backup import backup_platform
+    try:
+        manifest = backup_platform(data_dir, directory, include_data=include_data,
+                                   include_master_key=include_master_key,
+                                   master_key_file=master_key_file)
+    except BackupError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(manifest, indent=2, sort_keys=True))
 
 
 # Host integration: attach a disk as a block device on this machine (nbdserver/host/).
