@@ -69,6 +69,9 @@ def arm_deadline() -> None:
 @click.option("--idle-close-seconds", type=click.FloatRange(0), default=60.0, show_default=True,
               help="wipe a disk's key this long after its last NBD client left (0: at once)")
 @click.option("--workers", default=8, show_default=True, help="I/O worker threads")
+@click.option("--cache", type=click.Choice(["none", "writeback"]), default="writeback",
+              show_default=True, help="cache mode of disks without their own (none: O_DIRECT; "
+                                      "docs/operations.md)")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--tls-mode", type=click.Choice(["off", "optional", "required"]),
               help="NBD TLS; default: required unless --nbd-listen is loopback (docs/tls.md)")
@@ -100,7 +103,7 @@ def arm_deadline() -> None:
               help="who may list the NBD exports: anyone, clients with a verified TLS "
                    "certificate, or nobody (clients connect by disk name)")
 def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credential, master_key_file,
-          lease_seconds, grace_seconds, idle_close_seconds, workers, log_level, tls_mode, tls_dir,
+          lease_seconds, grace_seconds, idle_close_seconds, workers, cache, log_level, tls_mode, tls_dir,
           tls_verify_clients, tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
           max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list):
     """Run the NBD server and the disk platform."""
@@ -129,7 +132,7 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
             api_listen=parse_hostport(api_listen, 8080), keyservice_url=keyservice_url,
             credential_file=keyservice_credential, master_key_file=master_key_file,
             lease=lease_seconds, grace=grace_seconds, idle_close=idle_close_seconds,
-            workers=workers, ssl=ks_ssl,
+            workers=workers, cache=cache, ssl=ks_ssl,
             tls_mode=mode, tls_context=tls_context,
             nbd_limits=ConnectionLimits(max_connections, max_connections_per_peer,
                                         handshake_timeout, fd_reserve,
@@ -214,9 +217,12 @@ def disk():
 @click.option("--subscription")
 @click.option("--location")
 @click.option("--quiet", is_flag=True, help="no progress on stderr")
-def disk_create(name, size, des, source, count, subscription, location, quiet):
+@click.option("--cache", type=click.Choice(["none", "writeback"]),
+              help="cache mode (none: O_DIRECT); default: the server's --cache")
+def disk_create(name, size, des, source, count, subscription, location, quiet, cache):
     op = api("POST", "/disks", {"name": name, "size": size, "diskEncryptionSet": des, "source": source,
-                                "count": count, "subscription": subscription, "location": location})
+                                "count": count, "subscription": subscription, "location": location,
+                                "cache": cache})
     result = wait_operation(op, None if quiet else progress, arm_deadline)
     out(result[0] if count is None else result)
 
