@@ -13,6 +13,8 @@ DEB_PACKAGES=(
     libnbd-bin fuse3 qemu-utils fio nbdkit nbd-client
     e2fsprogs util-linux cryptsetup-bin openssl kmod iproute2 procps
     systemd
+    # A throwaway single-node Ceph cluster for disks on RBD (tests/helpers/ceph.py).
+    ceph-mon ceph-osd ceph-common python3-rbd python3-rados
 )
 
 bootstrap_debs() {
