@@ -3,35 +3,34 @@
 The signing key is derived from the master key, so tokens survive a restart
 and die with a master-key change. Claims: `oid` (object id), `tid` (tenant),
 `roles`, `iat`, `nbf`, `exp` (RFC 7519), and `gen`, the identity's generation (the
-service refuses a token whose generation is not the identity's current one). Only
-HS256 is accepted: the header's `alg` is checked, never trusted (no "alg": "none", no
-key confusion).
+service refuses a token whose generation is not the identity's current one).
 
 `aud` (RFC 7519 section 4.1.3) is set when the token was asked for a resource (the
 OAuth 2.0 v2 endpoint's `scope`, or `resource` on /oauth2/token); the service then
 refuses it unless the audience is one of its own. Tokens without `aud` are the
 service's own clients' tokens, as before audiences existed, and stay valid.
+
+Encoding, the signature and the header's `alg` are PyJWT's (`algorithms` pinned to
+HS256, so neither "none" nor a public-key algorithm fed our HMAC key is accepted), as
+is the issuer check. Times are checked here against the service's clock (`now`, which
+tests and the domain inject; PyJWT would read the wall clock). The audience is checked by
+the service (`domain/directory.py`) because it is optional: PyJWT's check refuses a
+token without `aud` once an audience is asked for.
 """
-import base64
-import hashlib
-import hmac
-import json
 import secrets
+
+import jwt
 
 from .domain.errors import Unauthorized
 from .domain.identities import Caller
 
 DEFAULT_LIFETIME = 3600
-_HEADER = {"alg": "HS256", "typ": "JWT"}
+ALGORITHM = "HS256"
 _LEEWAY = 5  # seconds of clock skew tolerated on nbf only
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(s: str) -> bytes:
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+# Times are ours to check (above); everything else PyJWT decodes and verifies.
+_OPTIONS = {"verify_signature": True, "verify_exp": False, "verify_nbf": False,
+            "verify_iat": False, "verify_aud": False, "verify_iss": True,
+            "require": ["exp", "iss"]}
 
 
 class TokenSigner:
@@ -39,9 +38,6 @@ class TokenSigner:
         self._key = key
         self.lifetime = lifetime
         self.issuer = issuer
-
-    def _sign(self, signing_input: bytes) -> bytes:
-        return hmac.new(self._key, signing_input, hashlib.sha256).digest()
 
     def issue(self, object_id: str, tenant_id: str, roles, now: float,
               generation: int = 0, audience: str | None = None) -> tuple[str, int]:
@@ -51,28 +47,24 @@ class TokenSigner:
                   "exp": exp, "jti": secrets.token_hex(8)}
         if audience is not None:
             claims["aud"] = audience
-        signing_input = (_b64(json.dumps(_HEADER).encode()) + "." +
-                         _b64(json.dumps(claims, separators=(",", ":")).encode())).encode()
-        return signing_input.decode() + "." + _b64(self._sign(signing_input)), exp
+        # PyJWT 2.6's hints say str; an HMAC key is bytes (its later versions say so too).
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM), exp  # type: ignore[arg-type]
 
     def verify(self, token: str, now: float) -> Caller:
-        parts = token.split(".")
-        if len(parts) != 3:
-            raise Unauthorized("The bearer token is malformed")
         try:
-            header = json.loads(_unb64(parts[0]))
-            claims = json.loads(_unb64(parts[1]))
-            signature = _unb64(parts[2])
-        except (ValueError, UnicodeDecodeError):
+            claims = jwt.decode(token, self._key, algorithms=[ALGORITHM],  # type: ignore[arg-type]
+                                issuer=self.issuer, options=_OPTIONS)
+        except jwt.InvalidSignatureError:
+            raise Unauthorized("The bearer token's signature is invalid") from None
+        except jwt.InvalidAlgorithmError:
+            raise Unauthorized("The bearer token's algorithm is not accepted") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthorized("The bearer token was not issued by this service") from None
+        except jwt.InvalidTokenError:  # DecodeError, MissingRequiredClaimError, ...
             raise Unauthorized("The bearer token is malformed") from None
-        if not isinstance(header, dict) or header.get("alg") != "HS256":
-            raise Unauthorized("The bearer token's algorithm is not accepted")
-        if not hmac.compare_digest(self._sign(f"{parts[0]}.{parts[1]}".encode()), signature):
-            raise Unauthorized("The bearer token's signature is invalid")
-        if not isinstance(claims, dict):
-            raise Unauthorized("The bearer token is malformed")
         exp, nbf = claims.get("exp"), claims.get("nbf", 0)
-        if not isinstance(exp, int) or not isinstance(nbf, int):
+        if isinstance(exp, bool) or not isinstance(exp, int) \
+                or isinstance(nbf, bool) or not isinstance(nbf, int):
             raise Unauthorized("The bearer token is malformed")
         if now >= exp:
             raise Unauthorized("The bearer token has expired")

@@ -55,3 +55,45 @@ def test_malformed_claims_with_valid_signature():
         sig = base64.urlsafe_b64encode(hmac.new(key, si.encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
         with pytest.raises(Unauthorized, match="malformed"):
             TokenSigner(key).verify(f"{si}.{sig}", NOW)
+
+
+def _hand_signed(key: bytes, header: dict, claims: dict) -> str:
+    """A token signed without the library: what the service issued before it used PyJWT
+    (the same JWS), or a forgery by someone who holds the key."""
+    import hashlib
+    import hmac
+    si = f"{b64(header)}.{b64(claims)}"
+    sig = base64.urlsafe_b64encode(hmac.new(key, si.encode(), hashlib.sha256).digest()).rstrip(b"=")
+    return f"{si}.{sig.decode()}"
+
+
+def test_tokens_issued_before_the_library_still_verify():
+    key = b"k" * 32
+    claims = {"iss": "keyservice", "oid": "o", "sub": "o", "tid": "t", "roles": ["admin"], "gen": 2,
+              "iat": NOW, "nbf": NOW, "exp": NOW + 600, "jti": "00" * 8}
+    caller = TokenSigner(key).verify(_hand_signed(key, {"alg": "HS256", "typ": "JWT"}, claims), NOW)
+    assert (caller.object_id, caller.roles, caller.generation) == ("o", ("admin",), 2)
+
+
+def test_issuer_and_expiry_are_required():
+    key = b"k" * 32
+    base = {"iss": "keyservice", "oid": "o", "tid": "t", "exp": NOW + 600}
+    with pytest.raises(Unauthorized, match="not issued by this service"):
+        TokenSigner(key).verify(_hand_signed(key, {"alg": "HS256"}, dict(base, iss="elsewhere")), NOW)
+    for missing in ("iss", "exp"):
+        claims = {k: v for k, v in base.items() if k != missing}
+        with pytest.raises(Unauthorized, match="malformed"):
+            TokenSigner(key).verify(_hand_signed(key, {"alg": "HS256"}, claims), NOW)
+
+
+def test_only_hs256_even_with_the_right_key():
+    """A token whose header names another algorithm is refused before its signature is
+    looked at: `alg` is pinned, never taken from the token."""
+    import hashlib
+    import hmac
+    key = b"k" * 32
+    claims = {"iss": "keyservice", "oid": "o", "tid": "t", "exp": NOW + 600}
+    si = f"{b64({'alg': 'HS512'})}.{b64(claims)}"
+    sig = base64.urlsafe_b64encode(hmac.new(key, si.encode(), hashlib.sha512).digest()).rstrip(b"=")
+    with pytest.raises(Unauthorized, match="algorithm"):
+        TokenSigner(key).verify(f"{si}.{sig.decode()}", NOW)
