@@ -17,9 +17,10 @@ import click
 
 from daemonkit import deadline
 from daemonkit.clicommand import ClientGroup, emit, output_format, version
+from daemonkit.https import listener_tls_options
 
 from .admission import ConnectionLimits
-from .client import SETTINGS, api, request_timeout, wait_operation
+from .client import SETTINGS, api, request_timeout, use_api_ca, wait_operation
 from .host.cli import attach, attachments, detach
 from .runtime import configure_logging, parse_hostport, run
 
@@ -41,6 +42,8 @@ class PlatformCommands(ClientGroup):
 # --------------------------------------------------------------------------- the daemon
 @click.group(cls=PlatformCommands)
 @click.version_option(version(), prog_name="nbdserver")
+@click.option("--api-ca", metavar="FILE", expose_value=False, is_eager=True, callback=use_api_ca,
+              help="CA certificate of an https:// API (also NBDSERVER_CA)")
 def main():
     """Encrypted managed disks over NBD."""
 
@@ -102,7 +105,8 @@ def arm_deadline() -> None:
               default="authenticated", show_default=True,
               help="who may list the NBD exports: anyone, clients with a verified TLS "
                    "certificate, or nobody (clients connect by disk name)")
-def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credential, master_key_file,
+@listener_tls_options("api", "api_listen")
+def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credential, master_key_file,
           lease_seconds, grace_seconds, idle_close_seconds, workers, cache, log_level, tls_mode, tls_dir,
           tls_verify_clients, tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
           max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list):
@@ -129,7 +133,8 @@ def serve(data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credentia
     try:
         run(lambda stop: serve_forever(
             stop, data_dir=data_dir, nbd_listen=nbd_addr,
-            api_listen=parse_hostport(api_listen, 8080), keyservice_url=keyservice_url,
+            api_listen=parse_hostport(api_listen, 8080), api_ssl=api_ssl,
+            keyservice_url=keyservice_url,
             credential_file=keyservice_credential, master_key_file=master_key_file,
             lease=lease_seconds, grace=grace_seconds, idle_close=idle_close_seconds,
             workers=workers, cache=cache, ssl=ks_ssl,

@@ -12,6 +12,8 @@ to show; the CLI reports it once, at its edge.
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +34,7 @@ SETTINGS = Settings("nbdserver", {
     "NBDSERVER_API": f"URL of the platform API (default {DEFAULT_API})",
     "NBDSERVER_TOKEN": "the API's bearer token itself (a settings file holding it must be 0600)",
     "NBDSERVER_TOKEN_FILE": f"file holding the bearer token (default {DEFAULT_TOKEN_FILE})",
+    "NBDSERVER_CA": "CA certificate that signed an https:// API's (default: the system's CAs)",
     "NBDSERVER_TIMEOUT": f"seconds one request may take, (0, 3600] (default {DEFAULT_TIMEOUT:g})",
 }, secrets=frozenset({"NBDSERVER_TOKEN"}))
 
@@ -87,7 +90,7 @@ def api(method: str, path: str, body: dict | None = None) -> Any:
         req.add_header("Authorization", f"Bearer {bearer}")
     timeout = request_timeout()
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=_tls_context(base)) as resp:
             raw = resp.read()
             return json.loads(raw) if raw else None
     except urllib.error.HTTPError as e:
@@ -109,6 +112,27 @@ def _reason(e: object) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror.lower()
     return str(e) or type(e).__name__
+
+
+def _tls_context(base: str) -> ssl.SSLContext | None:
+    """For an https:// API: verify its certificate (and name) against NBDSERVER_CA, else
+    the system's CAs. None for http:// (the server refuses that off loopback)."""
+    if not base.startswith("https://"):
+        return None
+    ca = SETTINGS.get("NBDSERVER_CA")
+    if not ca:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ApiError(f"cannot load the CA certificate {ca} (NBDSERVER_CA): {_reason(e)}",
+                       code="BadSettings", exit_code=EXIT_USAGE) from None
+
+
+def use_api_ca(ctx, param, value) -> None:
+    """`nbdserver --api-ca FILE`: the same as NBDSERVER_CA for this command."""
+    if value:
+        os.environ["NBDSERVER_CA"] = value
 
 
 def operation_error(op: dict) -> ApiError:

@@ -36,7 +36,8 @@ class StartupError(Exception):
     """The daemon cannot start, for a reason its message gives (a condition, not a bug)."""
 
 
-async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen, keyservice_url,
+async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
+                        nbd_listen, api_listen, keyservice_url,
                         credential_file, master_key_file=None, lease=60.0, grace=3600.0,
                         idle_close=60.0, workers=8, ssl=None, tls_mode=None, tls_context=None,
                         nbd_limits=None, nbd_export_list=None, cache="writeback") -> None:
@@ -73,7 +74,7 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, nbd_listen, api_listen
     runner = GuardedRunner(build_app(platform, load_api_token(data_dir), nbd_address=nbd_address),
                            limits=HttpLimits.from_env("NBDSERVER_API"), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, api_listen[0], api_listen[1])
+    site = web.TCPSite(runner, api_listen[0], api_listen[1], ssl_context=api_ssl)
     await site.start()
     api_addr = runner.addresses[0][:2]  # the listener's real address (port 0: the one chosen)
     log.info("serving NBD on %s:%s, API on %s:%s", *nbd_addrs[0], *api_addr)
