@@ -27,6 +27,7 @@ and prints its `ceph.conf`'s path, `python -m tests.helpers.ceph stop DIR` stops
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -201,8 +202,9 @@ class CephCluster:
         self._keyring(osd_keyring, "osd.0")
         secret = self._run("ceph-authtool", str(osd_keyring), "-p", "-n", "osd.0").strip()
         secrets = self.dir / "osd-secrets.json"
-        secrets.write_text('{"cephx_secret": "%s"}' % secret)
-        os.chmod(secrets, 0o600)
+        fd = os.open(secrets, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"cephx_secret": secret}, f)
         # The first command of the cluster: it waits for the monitor to answer.
         osd_id = self.ceph("osd", "new", osd_uuid, "-i", str(secrets), timeout=START_TIMEOUT).strip()
         secrets.unlink()

@@ -1,0 +1,299 @@
+"""RbdBackend: a disk kept in a Ceph RBD image, through librbd (Debian's python3-rbd).
+
+The image holds what the layer above writes and nothing else: under `XtsLayer` that is
+ciphertext only, so Ceph never sees a DEK or a plaintext byte. The encryption layer is
+unchanged; it only sees another `BlockBackend` (backend.py).
+
+How the NBD commands map (librbd, Ceph 16):
+- READ / WRITE: `Image.read` / `Image.write`, which release the GIL, so requests run
+  in parallel on the server's worker threads, up to its worker count. librbd is safe for
+  concurrent I/O on one image handle. `nowait` is always refused (BlockingIOError):
+  every request is network I/O, never a page-cache hit, and must not run on the loop.
+- FLUSH: `Image.flush`. The librbd cache is off (`rbd_cache=false`): a write completes
+  only once the OSDs have it, so FUA needs nothing more, and a server killed mid-write
+  loses no write it acknowledged.
+- TRIM: `Image.discard`; with `rbd_skip_partial_discard=false` a discard of part of an
+  object zeroes it (Ceph's default would skip it), so a trimmed range reads as zeros,
+  as over the file backend.
+- WRITE_ZEROES: a discard, or with NO_HOLE `Image.write_zeroes(THICK_PROVISION)`.
+  FAST_ZERO is not offered: librbd writes zeros for the parts of objects a range only
+  covers in part, which is what FAST_ZERO promises not to do.
+- BLOCK_STATUS: `Image.diff_iterate(whole_object=True)`, answered from the object map
+  (the `fast-diff` feature, on by default) without a round trip per object: objects
+  (4 MiB) never written are holes, anything in a written one is data.
+- Size: the image's, read once at open (images are not resized under a server).
+
+Opening is by plain data (`RbdSpec`), like `backend.FileSpec`, so another process (an
+I/O worker) can open the same image the same way. Images of one cluster share one RADOS
+connection per process (`_Connections`): a connection has its own messenger threads and
+sockets to every OSD, which a server with many disks should pay once.
+
+Every librbd/librados error becomes an OSError with its errno at this boundary; a
+request whose OSD does not answer within OP_TIMEOUT fails with ETIMEDOUT instead of
+holding its worker forever.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backend import BlockBackend, Capabilities, Extent
+
+# Seconds librados waits for a monitor or an OSD before failing the operation: long
+# enough for an OSD to restart or a PG to peer, short enough that a lost cluster turns
+# into I/O errors the client sees rather than requests that never end.
+OP_TIMEOUT = 30
+CONNECT_TIMEOUT = 30
+SCHEME = "rbd:"
+
+
+@dataclass(frozen=True, slots=True)
+class RbdSpec:
+    """Where an RBD disk is and how to reach it, as plain data. The key of an encrypted
+    one is never part of it (the caller puts XtsLayer on, as `crypto.open_disk` does for
+    files). `size`: create the image with this size if it does not exist; an existing
+    image must already have it (never resized behind its owner's back)."""
+
+    pool: str
+    image: str
+    conf: str                       # ceph.conf (mon host, ...)
+    client_id: str = "admin"        # the cephx name is client.<client_id>
+    keyring: str | None = None      # None: what ceph.conf says
+    size: int | None = None
+    readonly: bool = False
+    encrypted: bool = False
+
+    @classmethod
+    def parse(cls, text: str, **kw) -> RbdSpec:
+        """`rbd:POOL/IMAGE` (the rest of the fields from `kw`)."""
+        if not text.startswith(SCHEME):
+            raise ValueError(f"an RBD disk is written rbd:POOL/IMAGE, not {text!r}")
+        pool, sep, image = text[len(SCHEME):].partition("/")
+        if not sep or not pool or not image or "/" in image or "@" in image:
+            raise ValueError(f"an RBD disk is written rbd:POOL/IMAGE, not {text!r}")
+        return cls(pool, image, **kw)
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.pool}/{self.image}"
+
+    def open(self) -> RbdBackend:
+        return RbdBackend(self)
+
+
+def _oserror(e: Exception, what: str) -> OSError:
+    """librbd/librados errors carry a positive errno; anything else is EIO."""
+    code = abs(getattr(e, "errno", 0) or 0) or errno.EIO
+    return OSError(code, f"{what}: {e}")
+
+
+class _Connections:
+    """One RADOS connection per (conf, client, keyring) in this process, shared by the
+    images opened through it and shut down with the last of them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: dict[tuple, list] = {}  # key -> [rados.Rados, users]
+
+    def acquire(self, spec: RbdSpec):
+        import rados
+        key = (spec.conf, spec.client_id, spec.keyring)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                conf = {"rbd_cache": "false", "rbd_skip_partial_discard": "false",
+                        "rados_osd_op_timeout": str(OP_TIMEOUT), "rados_mon_op_timeout": str(OP_TIMEOUT)}
+                if spec.keyring:
+                    conf["keyring"] = spec.keyring
+                cluster = rados.Rados(conffile=spec.conf, rados_id=spec.client_id, conf=conf)
+                try:
+                    cluster.connect(timeout=CONNECT_TIMEOUT)
+                except rados.Error as e:
+                    cluster.shutdown()
+                    raise _oserror(e, f"cannot reach the Ceph cluster of {spec.conf} as "
+                                      f"client.{spec.client_id}") from None
+                entry = self._open[key] = [cluster, 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, spec: RbdSpec) -> None:
+        key = (spec.conf, spec.client_id, spec.keyring)
+        with self._lock:
+            entry = self._open[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._open[key]
+                entry[0].shutdown()
+
+
+CONNECTIONS = _Connections()
+
+
+class RbdBackend(BlockBackend):
+    """The image `spec` names, opened through librbd (see the module's docstring)."""
+
+    def __init__(self, spec: RbdSpec):
+        import rados
+        import rbd
+        if not Path(spec.conf).is_file():
+            raise OSError(errno.ENOENT, f"no Ceph configuration at {spec.conf}")
+        self.spec = spec
+        self._rbd = rbd
+        cluster = CONNECTIONS.acquire(spec)
+        self._ioctx = None
+        self._image = None
+        try:
+            try:
+                self._ioctx = cluster.open_ioctx(spec.pool)
+            except rados.Error as e:
+                raise _oserror(e, f"pool {spec.pool!r}") from None
+            self._image = self._open_image()
+        except BaseException:
+            self._release()
+            raise
+        self._size = self._image.size()
+        ro = spec.readonly
+        self._caps = Capabilities(writable=not ro, flush=not ro, fua=not ro, trim=not ro, zero=not ro,
+                                  fast_zero=False, cache=False, multi_conn=True, extents=True)
+        self._closed = False
+
+    def _open_image(self):
+        rbd, spec = self._rbd, self.spec
+        try:
+            if spec.size is not None and not spec.readonly:
+                try:
+                    rbd.RBD().create(self._ioctx, spec.image, spec.size)
+                except rbd.ImageExists:
+                    pass
+            image = rbd.Image(self._ioctx, spec.image, read_only=spec.readonly)
+        except rbd.Error as e:
+            raise _oserror(e, f"RBD image {spec}") from None
+        if spec.size is not None and image.size() != spec.size:
+            have = image.size()
+            image.close()
+            raise OSError(errno.EINVAL, f"RBD image {spec} has {have} bytes, not the {spec.size} asked for "
+                                        "(images are never resized here)")
+        return image
+
+    # --- BlockBackend -----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def pread(self, buf, offset, *, nowait=False):
+        if nowait:
+            raise BlockingIOError(errno.EAGAIN, "RBD I/O is network I/O: use a worker")
+        buf = memoryview(buf).cast("B")
+        if not len(buf):
+            return
+        try:
+            data = self._image.read(offset, len(buf))
+        except self._rbd.Error as e:
+            raise _oserror(e, "RBD read") from None
+        buf[:len(data)] = data
+        if len(data) < len(buf):  # past the end of the image: zeros, like a file's hole
+            buf[len(data):] = bytes(len(buf) - len(data))
+
+    def pwrite(self, data, offset, *, fua=False, nowait=False, owned=False):
+        self._check_writable()
+        if nowait:
+            raise BlockingIOError(errno.EAGAIN, "RBD I/O is network I/O: use a worker")
+        # librbd's Python binding takes bytes only: one copy of the payload.
+        payload = bytes(data)
+        try:
+            done = self._image.write(payload, offset)
+        except self._rbd.Error as e:
+            raise _oserror(e, "RBD write") from None
+        if done != len(payload):
+            raise OSError(errno.EIO, f"RBD write of {len(payload)} bytes wrote {done}")
+        # fua: nothing more to do, the write completed on the OSDs (no librbd cache).
+
+    def flush(self):
+        try:
+            self._image.flush()
+        except self._rbd.Error as e:
+            raise _oserror(e, "RBD flush") from None
+
+    def trim(self, offset, length, *, fua=False):
+        self._check_writable()
+        try:
+            self._image.discard(offset, length)
+        except self._rbd.Error as e:
+            raise _oserror(e, "RBD discard") from None
+
+    def zero(self, offset, length, *, may_trim=True, fua=False, fast=False):
+        self._check_writable()
+        if fast:
+            raise OSError(errno.ENOTSUP, "fast zeroing is not supported on RBD")
+        try:
+            if may_trim:
+                self._image.discard(offset, length)
+            else:
+                self._image.write_zeroes(offset, length, self._rbd.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION)
+        except self._rbd.Error as e:
+            raise _oserror(e, "RBD write-zeroes") from None
+
+    def block_status(self, offset, length):
+        end = min(offset + length, self._size)
+        written: list[tuple[int, int]] = []
+
+        def changed(off: int, n: int, exists: bool) -> int:
+            if exists:
+                written.append((max(off, offset), min(off + n, end)))
+            return 0
+
+        try:
+            self._image.diff_iterate(offset, end - offset, None, changed, include_parent=True,
+                                     whole_object=True)
+        except self._rbd.Error as e:
+            raise _oserror(e, "RBD diff") from None
+        out: list[Extent] = []
+        pos = offset
+        for lo, hi in sorted(written):
+            if hi <= pos:
+                continue
+            if lo > pos:
+                out.append(Extent(lo - pos, hole=True, zero=True))
+            out.append(Extent(hi - max(lo, pos)))
+            pos = hi
+        if pos < end:
+            out.append(Extent(end - pos, hole=True, zero=True))
+        return _merged(out)
+
+    def close(self):
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        try:
+            self._image.close()
+        finally:
+            self._release()
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.spec.readonly:
+            raise OSError(errno.EPERM, "read-only")
+
+    def _release(self) -> None:
+        if self._ioctx is not None:
+            self._ioctx.close()
+            self._ioctx = None
+        CONNECTIONS.release(self.spec)
+
+
+def _merged(extents: list[Extent]) -> list[Extent]:
+    out: list[Extent] = []
+    for e in extents:
+        if out and (out[-1].hole, out[-1].zero) == (e.hole, e.zero):
+            out[-1] = Extent(out[-1].length + e.length, e.hole, e.zero)
+        else:
+            out.append(e)
+    return out
