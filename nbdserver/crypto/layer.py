@@ -90,7 +90,9 @@ class XtsLayer(BlockBackend):
         self._native_write = lower.native_write
         self._align = lower.io_align  # O_DIRECT below: hand it aligned buffers only
         self._read_transform = None  # made on the first submit_read: nothing here may fail
-        self._locks = SectorLocks(STRIPES, SECTORS_PER_STRIPE)
+        # The file below, if any: its byte-range locks order RMW across processes.
+        fileno = getattr(lower, "fileno", None)
+        self._locks = SectorLocks(STRIPES, SECTORS_PER_STRIPE, file_fd=fileno() if fileno else None)
         self._stripes = self._locks.stripes  # pwrite's short path indexes them itself
         self._local = threading.local()
         self._closed = False

@@ -16,14 +16,57 @@ with everything else; NBD requests are at most 32 MiB, so only whole-disk trims 
 Reads take no lock: a read overlapping an in-flight write may see either version of a
 sector (NBD gives no order between overlapping in-flight requests, doc/proto.md
 "Ordering of messages and writes").
+
+Across processes (the I/O workers, nbdserver/iopool.py, each with its own layer over the
+same file): a thread lock orders nothing outside its process, so `acquire` (the path of
+every read-modify-write, trim and zero, and of writes wider than one stripe) also takes
+an open-file-description lock (fcntl F_OFD_SETLKW) on the file, over the byte range
+[first, end): sector numbers used as byte offsets, which every process does alike. Two
+sub-sector writes to one sector from two processes are then ordered, and neither is
+lost. The short path of a small aligned write (`single`, and XtsLayer's pwrite) takes no
+file lock: such a write overlaps, byte for byte, any RMW of its sector, and NBD orders
+no overlapping writes in flight; within one process the stripe lock still orders them.
+OFD locks belong to the open file, not the thread, so they never exclude a process's
+own threads from each other (the stripe locks do that, and are always taken first: the
+file ranges held at once in one process are disjoint), and the kernel releases them when
+a process dies.
 """
 
 from __future__ import annotations
 
+import fcntl
+import struct
 import threading
 
 STRIPES = 1024
 SECTORS_PER_STRIPE = 16
+
+
+# struct flock (x86-64 and every LP64 Linux): l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = struct.Struct("@hhqqi4x")
+
+
+class FileRange:
+    """An OFD write lock on [first, end) of a file (see the module docstring)."""
+
+    __slots__ = ("fd", "first", "end")
+
+    def __init__(self, fd: int, first: int, end: int):
+        self.fd, self.first, self.end = fd, first, end
+
+    def acquire(self, blocking: bool = True) -> bool:
+        arg = _FLOCK.pack(fcntl.F_WRLCK, 0, self.first, self.end - self.first, 0)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLKW if blocking else fcntl.F_OFD_SETLK, arg)
+        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another holds it
+            if blocking:
+                raise
+            return False
+        return True
+
+    def release(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK,
+                    _FLOCK.pack(fcntl.F_UNLCK, 0, self.first, self.end - self.first, 0))
 
 
 class SectorLocks:
@@ -31,8 +74,10 @@ class SectorLocks:
     has written, not for all 1,024 of them at open (about 100 KiB a disk, which
     dominated what an attached, idle disk costs the server)."""
 
-    def __init__(self, stripes: int = STRIPES, sectors_per_stripe: int = SECTORS_PER_STRIPE):
+    def __init__(self, stripes: int = STRIPES, sectors_per_stripe: int = SECTORS_PER_STRIPE, *,
+                 file_fd: int | None = None):
         self._locks: list[threading.Lock | None] = [None] * stripes
+        self._fd = file_fd  # the file whose byte ranges order RMW across processes
         # read-only: stripe (s // sectors_per_stripe) % stripes, None until first used
         self.stripes = self._locks
         self._per = sectors_per_stripe
@@ -49,9 +94,10 @@ class SectorLocks:
                     lock = self._locks[i] = threading.Lock()
         return lock
 
-    def acquire(self, first: int, end: int, *, blocking: bool = True) -> list[threading.Lock] | None:
-        """Take the locks of sectors [first, end) (end > first); returns them for release().
-        With blocking=False, None (and nothing held) if any of them is taken."""
+    def acquire(self, first: int, end: int, *, blocking: bool = True) -> list | None:
+        """Take the locks of sectors [first, end) (end > first), and the file's range of
+        them if there is a file; returns them for release(). With blocking=False, None
+        (and nothing held) if any of them is taken."""
         n = len(self._locks)
         g0 = first // self._per
         g1 = (end - 1) // self._per
@@ -63,10 +109,17 @@ class SectorLocks:
             # Ascending stripe index in both cases: the global order that rules out deadlock.
             order = range(a, b + 1) if a <= b else [*range(b + 1), *range(a, n)]
         stripe = self.stripe
-        held = [stripe(i) for i in order]
+        held: list = [stripe(i) for i in order]
+        if self._fd is not None:  # last: taken once this process's own writers are excluded
+            held.append(FileRange(self._fd, first, end))
         if blocking:
-            for lock in held:
-                lock.acquire()
+            for i, lock in enumerate(held):
+                try:
+                    lock.acquire()
+                except BaseException:  # the file lock failed (EINTR, ENOLCK): hold nothing
+                    for taken in reversed(held[:i]):
+                        taken.release()
+                    raise
             return held
         for i, lock in enumerate(held):
             if not lock.acquire(False):
@@ -85,6 +138,6 @@ class SectorLocks:
         return self.stripe(g % len(self._locks))
 
     @staticmethod
-    def release(held: list[threading.Lock]) -> None:
+    def release(held: list) -> None:
         for lock in reversed(held):
             lock.release()

@@ -1,5 +1,6 @@
 """SectorLocks: which stripes a sector range takes, in which order."""
 
+import os
 import threading
 
 from nbdserver.crypto.sector_locks import SectorLocks
@@ -78,3 +79,46 @@ def test_a_stripe_lock_is_made_on_first_use_and_only_once():
         t.join()
     assert len({id(lock) for lock in got}) == 1 and locks._locks[5] is got[0]
     assert sum(lock is not None for lock in locks._locks) == 1
+
+
+def test_the_file_range_orders_two_open_files_of_one_disk(tmp_path):
+    """Two opens of one file stand for two processes (OFD locks belong to the open file):
+    a range one holds is refused to the other, a disjoint range is not, and the range
+    comes free with its release."""
+    path = tmp_path / "disk"
+    path.write_bytes(bytes(1 << 16))
+    fd1, fd2 = os.open(path, os.O_RDWR), os.open(path, os.O_RDWR)
+    try:
+        a = SectorLocks(stripes=8, sectors_per_stripe=4, file_fd=fd1)
+        b = SectorLocks(stripes=8, sectors_per_stripe=4, file_fd=fd2)
+        held = a.acquire(5, 6)
+        assert b.acquire(5, 6, blocking=False) is None
+        assert not any(lock is not None and lock.locked() for lock in b._locks), \
+            "a refused file range must leave no stripe of the other held"
+        other = b.acquire(6, 7, blocking=False)  # same stripe index, another sector
+        assert other is not None
+        b.release(other)
+        a.release(held)
+        again = b.acquire(5, 6, blocking=False)
+        assert again is not None
+        b.release(again)
+    finally:
+        os.close(fd1)
+        os.close(fd2)
+
+
+def test_a_file_range_is_not_taken_against_its_own_open_file(tmp_path):
+    """Threads of one process share the open file: the stripe locks order them, and the
+    file range never makes one wait for the other (nor deadlock on a merged range)."""
+    path = tmp_path / "disk"
+    path.write_bytes(bytes(1 << 16))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        locks = SectorLocks(stripes=8, sectors_per_stripe=4, file_fd=fd)
+        first = locks.acquire(0, 4)  # stripe 0
+        second = locks.acquire(4, 8, blocking=False)  # stripe 1, adjacent range
+        assert second is not None
+        locks.release(first)
+        locks.release(second)
+    finally:
+        os.close(fd)
