@@ -14,7 +14,7 @@ import ssl
 from pathlib import Path
 
 from daemonkit.tls import TlsConfigError, is_loopback
-from daemonkit.tlsca import CA_CERT, SERVER_CERT, SERVER_KEY, CaError, check_private_file
+from daemonkit.tlsca import SERVER_CERT, SERVER_KEY, CaError, check_private_file
 
 
 def server_context(cert_file, key_file) -> ssl.SSLContext:
@@ -49,7 +49,3 @@ def check_plain_http(host: str, tls: bool, insecure_plain_http: bool) -> None:
             f"refusing plain HTTP on {host or 'all addresses'}: keys would cross the network "
             "unencrypted. Give --tls-dir (see `keyservice tls init`) or, if a TLS proxy on this "
             "host fronts the service, --insecure-plain-http")
-
-
-def default_ca_file(tls_dir) -> Path:
-    return Path(tls_dir) / CA_CERT

@@ -41,7 +41,6 @@ import mmap
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 
@@ -615,14 +614,6 @@ class FileBackend(BlockBackend):
             # A reader still holds a slice (close() normally runs after I/O drained): the
             # mapping goes away with the last reference instead, never under a reader.
             pass
-
-
-def iter_chunks(offset: int, length: int, chunk: int) -> Iterable[tuple[int, int]]:
-    end = offset + length
-    while offset < end:
-        n = min(chunk, end - offset)
-        yield offset, n
-        offset += n
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,9 @@
-"""TLS for NBD: the server's SSL context (X.509 and TLS-PSK), the default mode, client options.
+"""TLS for NBD: the server's SSL context (X.509 and TLS-PSK) and the default mode.
 
 The protocol side (NBD_OPT_STARTTLS, the OFF/OPTIONAL/REQUIRED modes) is pure and lives
 in protocol/handshake.py; server.py upgrades the asyncio transport with
-`loop.start_tls`. This module only builds the `ssl.SSLContext` that upgrade uses, and
-tells clients (nbd-client, nbdfuse, libnbd, qemu) how to reach a TLS server.
+`loop.start_tls`. This module only builds the `ssl.SSLContext` that upgrade uses; the
+clients' command lines are built where they are run (host/nbdclient.py, host/fuse.py).
 
 Files follow the GnuTLS/qemu naming that `tls init` writes (daemonkit/tlsca.py):
 `server-cert.pem`, `server-key.pem`, `ca-cert.pem` in one directory. A PSK file is in
@@ -37,8 +37,6 @@ from pathlib import Path
 from daemonkit.tls import TlsConfigError, is_loopback
 from daemonkit.tlsca import (
     CA_CERT,
-    CLIENT_CERT,
-    CLIENT_KEY,
     SERVER_CERT,
     SERVER_KEY,
     CaError,
@@ -294,62 +292,3 @@ def tls_summary(ssl_object) -> str:
         cn = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
         who = f"client certificate CN={cn[0] if cn else '?'}"
     return f"{ssl_object.version()} {cipher[0] if cipher else '?'}, {who}"
-
-
-# ----------------------------------------------------------------------- clients
-@dataclass(frozen=True)
-class ClientTls:
-    """How a client reaches a TLS server: a certificate directory and/or a PSK file."""
-    cert_dir: str | None = None
-    psk_file: str | None = None
-    psk_identity: str | None = None
-
-    def nbds_uri(self, host: str, port: int, export: str) -> str:
-        """An NBD URI for libnbd/nbdinfo/nbdfuse/nbdcopy/fio (doc: libnbd nbd_connect_uri(3))."""
-        from urllib.parse import quote
-        h = f"[{host}]" if ":" in host else host
-        user = f"{quote(self.psk_identity, safe='')}@" if self.psk_file and self.psk_identity else ""
-        query = []
-        if self.psk_file:
-            query.append(f"tls-psk-file={quote(str(Path(self.psk_file).resolve()))}")
-        elif self.cert_dir:
-            query.append(f"tls-certificates={quote(str(Path(self.cert_dir).resolve()))}")
-        return f"nbds://{user}{h}:{port}/{quote(export, safe='')}" + ("?" + "&".join(query) if query else "")
-
-    def nbd_client_args(self) -> list[str]:
-        """nbd-client(8) 3.24 options: -x (TLS) -cacertfile/-certfile/-keyfile. Its short
-        forms (-A/-F/-K) are refused by Debian's build; the long ones work. No PSK option."""
-        if self.psk_file:
-            raise TlsConfigError("nbd-client has no TLS-PSK option; use certificates (or nbdfuse)")
-        if not self.cert_dir:
-            return []
-        d = Path(self.cert_dir)
-        args = ["-x", "-cacertfile", str(d / CA_CERT)]
-        if (d / CLIENT_CERT).exists() and (d / CLIENT_KEY).exists():
-            args += ["-certfile", str(d / CLIENT_CERT), "-keyfile", str(d / CLIENT_KEY)]
-        return args
-
-    def nbdfuse_args(self, host: str, port: int, export: str) -> list[str]:
-        """What follows `nbdfuse MOUNTPOINT` to mount a TLS export.
-
-        libnbd 1.14's nbdfuse refuses `tls-certificates=`/`tls-psk-file=` in a URI ("local
-        file access ... not allowed") and root's default certificate directory is
-        /etc/pki/libnbd; so nbdfuse runs nbdkit's nbd plugin over a socketpair (`--command
-        ... -s`), which takes the TLS files as parameters and speaks TLS to us.
-        """
-        argv = ["--command", "nbdkit", "-s", "--exit-with-parent", "nbd", f"hostname={host}",
-                f"port={port}", f"export={export}", "tls=require"]
-        if self.psk_file:
-            argv += [f"tls-psk={Path(self.psk_file).resolve()}", f"tls-username={self.psk_identity}"]
-        elif self.cert_dir:
-            argv.append(f"tls-certificates={Path(self.cert_dir).resolve()}")
-        return argv
-
-    def qemu_object(self, obj_id: str = "tls0") -> str:
-        """qemu's --object for the client end (tls-creds-x509 or tls-creds-psk)."""
-        if self.psk_file:
-            d = Path(self.psk_file).resolve().parent
-            return f"tls-creds-psk,id={obj_id},endpoint=client,dir={d},username={self.psk_identity}"
-        if self.cert_dir is None:
-            raise TlsConfigError("TLS for a client needs a certificate directory or a PSK file")
-        return f"tls-creds-x509,id={obj_id},endpoint=client,dir={Path(self.cert_dir).resolve()}"

@@ -60,7 +60,6 @@ from .constants import (
     NBD_REPLY_FLAG_DONE,
     NBD_REPLY_TYPE_BLOCK_STATUS,
     NBD_REPLY_TYPE_ERROR,
-    NBD_REPLY_TYPE_NONE,
     NBD_REPLY_TYPE_OFFSET_DATA,
     NBD_REPLY_TYPE_OFFSET_HOLE,
     NBD_REQUEST_MAGIC,
@@ -243,18 +242,6 @@ class RequestParser:
         out.append(Request(cmd, flags, cookie, offset, length, payload, stage))
         return memoryview(data)[take:]
 
-    def need(self) -> int:
-        """How many more bytes complete the pending request (0 if unknown/none)."""
-        if self._partial is not None:
-            return self._partial[4] - self._have
-        if len(self._buf) < REQUEST_SIZE:
-            return 0
-        magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(self._buf)
-        if cmd == NBD_CMD_WRITE and length <= self._max:
-            missing: int = REQUEST_SIZE + length - len(self._buf)
-            return missing
-        return 0
-
 
 # Flags each command accepts (before checking what the export advertised). FUA is valid
 # on every command once NBD_FLAG_SEND_FUA is negotiated: the server MUST accept it, even
@@ -350,10 +337,6 @@ def simple_reply(cookie: int, error: int = 0) -> bytes:
 def chunk(cookie: int, ctype: int, payload: bytes = b"", *, done: bool = True) -> bytes:
     return CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE if done else 0, ctype,
                       cookie, len(payload)) + payload
-
-
-def none_reply(cookie: int) -> bytes:
-    return chunk(cookie, NBD_REPLY_TYPE_NONE)
 
 
 def data_chunk_header(cookie: int, offset: int, length: int, *, done: bool = True) -> bytes:

@@ -148,11 +148,13 @@ def test_fio_over_nbds(tls_server, pki):
 
 
 def test_nbd_client_lists_exports_over_tls(tls_server, pki):
-    """nbd-client (the kernel driver's userspace) with the options `attach` passes; its
-    list mode needs no /dev/nbd, which this machine lacks."""
-    from nbdserver.tls import ClientTls
+    """nbd-client (the kernel driver's userspace) with the TLS options `attach` passes
+    (`host.nbdclient.attach_argv`); its list mode needs no /dev/nbd, which this machine
+    lacks."""
+    from nbdserver.host.nbdclient import attach_argv
     srv = tls_server(*x509(pki, "--tls-verify-clients"))
-    args = ClientTls(cert_dir=str(pki.good)).nbd_client_args()
+    argv = attach_argv(srv.host, srv.port, "/dev/nbd0", "disk", 1, persist=False, tls_dir=str(pki.good))
+    args = argv[argv.index("-x"):]
     out = run("nbd-client", *args, "-l", srv.host, str(srv.port)).stdout
     assert "disk" in out
     p = run("nbd-client", "-l", srv.host, str(srv.port), ok=False)
@@ -161,19 +163,25 @@ def test_nbd_client_lists_exports_over_tls(tls_server, pki):
 
 @pytest.mark.parametrize("auth", ["x509", "psk"])
 def test_nbdfuse_mounts_a_tls_export(tls_server, pki, tmp_path, auth):
-    """The `attach --via fuse` path: nbdfuse with the arguments ClientTls gives."""
-    from nbdserver.tls import ClientTls
+    """The `attach --via fuse` path: nbdfuse with the source `host.fuse.tls_source`
+    gives (certificates); with a PSK, which `attach` does not offer, nbdkit's own
+    parameters reach the server's PSK callback the same way."""
+    from nbdserver.host.fuse import tls_source
     need_tool("nbdfuse", "nbdkit", "fusermount3")
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")
     srv = tls_server("--tls-mode", "required", "--tls-dir", str(pki.good), "--tls-verify-clients",
                      "--tls-psk-file", str(pki.good / "keys.psk"))
-    client = (ClientTls(cert_dir=str(pki.good)) if auth == "x509" else
-              ClientTls(psk_file=str(pki.good / "keys.psk"), psk_identity=PSK_IDENTITY))
+    if auth == "x509":
+        source = tls_source(srv.host, srv.port, "disk", str(pki.good))
+    else:
+        source = ["--command", "nbdkit", "-s", "--exit-with-parent", "nbd", f"hostname={srv.host}",
+                  f"port={srv.port}", "export=disk", "tls=require",
+                  f"tls-psk={pki.good / 'keys.psk'}", f"tls-username={PSK_IDENTITY}"]
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     log = open(tmp_path / "nbdfuse.log", "wb")
-    fuse = subprocess.Popen(["nbdfuse", str(mnt), *client.nbdfuse_args(srv.host, srv.port, "disk")],
+    fuse = subprocess.Popen(["nbdfuse", str(mnt), *source],
                             stdout=log, stderr=log)
     try:
         wait_until(lambda: fuse.poll() is not None or (mnt / "nbd").exists(), 20, what="nbdfuse")

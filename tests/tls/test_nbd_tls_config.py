@@ -1,4 +1,4 @@
-"""nbdserver/tls.py: the default mode, refusals of settings that cannot work, client options;
+"""nbdserver/tls.py: the default mode, refusals of settings that cannot work;
 and the daemons' command lines refusing what the issue says a deployment must not forget."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import pytest
 
 from nbdserver.protocol.handshake import TlsMode
 from nbdserver.tls import (
-    ClientTls,
     ServerTls,
     TlsConfigError,
     _libssl,
@@ -69,20 +68,6 @@ def test_psk_identities_and_ssl_ctx_pointer(pki):
     ptr = _ssl_ctx_pointer(lib, ctx)
     ctx.options |= ssl.OP_NO_TICKET  # a change through Python shows through that pointer
     assert lib.SSL_CTX_get_options(ptr) == int(ctx.options)
-
-
-def test_client_options(pki):
-    c = ClientTls(cert_dir=str(pki.good))
-    assert c.nbds_uri("10.0.0.1", 10809, "my disk") == \
-        f"nbds://10.0.0.1:10809/my%20disk?tls-certificates={pki.good}"
-    assert c.nbd_client_args() == ["-x", "-cacertfile", str(pki.good / "ca-cert.pem"),
-                                   "-certfile", str(pki.good / "client-cert.pem"),
-                                   "-keyfile", str(pki.good / "client-key.pem")]
-    assert c.qemu_object() == f"tls-creds-x509,id=tls0,endpoint=client,dir={pki.good}"
-    p = ClientTls(psk_file=str(pki.good / "keys.psk"), psk_identity="alice")
-    assert p.nbds_uri("::1", 1, "d") == f"nbds://alice@[::1]:1/d?tls-psk-file={pki.good / 'keys.psk'}"
-    with pytest.raises(TlsConfigError, match="nbd-client has no TLS-PSK"):
-        p.nbd_client_args()
 
 
 def baseline(*args) -> subprocess.CompletedProcess:

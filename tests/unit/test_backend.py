@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from nbdserver.backend import Extent, FileBackend, file_extents, iter_chunks
+from nbdserver.backend import Extent, FileBackend, file_extents
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -126,8 +126,3 @@ def test_cache_is_advisory(disk):
 
 def test_file_extents_past_the_end_stop_at_size(disk):
     assert file_extents(disk.fileno(), SIZE - 4096, 1 << 30, SIZE) == [Extent(4096, hole=True, zero=True)]
-
-
-def test_iter_chunks():
-    assert list(iter_chunks(10, 25, 10)) == [(10, 10), (20, 10), (30, 5)]
-    assert list(iter_chunks(0, 0, 10)) == []
