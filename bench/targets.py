@@ -185,6 +185,24 @@ class XtsTarget(PlainTarget):
         return f"{super().export_spec()},key={self._keyfile}"
 
 
+@register
+class PlainDirectTarget(PlainTarget):
+    name = "plain-direct"
+    description = "nbdserver.baseline, plain file backend, cache=none (O_DIRECT)"
+
+    def export_spec(self) -> str:
+        return f"{super().export_spec()},cache=none"
+
+
+@register
+class XtsDirectTarget(XtsTarget):
+    name = "xts-direct"
+    description = "nbdserver.baseline, AES-256-XTS layer, cache=none (O_DIRECT)"
+
+    def export_spec(self) -> str:
+        return f"{super().export_spec()},cache=none"
+
+
 class _NbdOverTls(PlainTarget):
     """Mixin: the same server with NBD TLS required (STARTTLS, TLS 1.3, a fresh test CA from
     `daemonkit.tlsca`, as `nbdserver tls init` makes). The URI says tls-verify-peer=false:
@@ -328,6 +346,16 @@ class ProductCustomerKeyTarget(ProductTarget):
                   "--key-permissions", "get,wrapKey,unwrapKey")
         self._cli("nbdserver.cli", "disk", "create", self.DISK, "--size", str(self.size),
                   "--des", des, "--quiet")
+
+
+@register
+class ProductDirectTarget(ProductTarget):
+    name = "product-direct"
+    description = "nbdserver serve, platform disk made with --cache none (O_DIRECT), platform-managed key"
+
+    def _make_disk(self) -> None:
+        self._cli("nbdserver.cli", "disk", "create", self.DISK, "--size", str(self.size),
+                  "--cache", "none", "--quiet")
 
 
 def _child_env() -> dict:
