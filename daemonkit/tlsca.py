@@ -5,7 +5,8 @@ read directly (qemu's `tls-creds-x509,dir=DIR`, libnbd's `tls-certificates=DIR`,
 nbd-client's `-cacert/-certfile/-keyfile`):
 
     ca-cert.pem        the CA certificate: what every peer trusts
-    ca-key.pem         the CA private key (0600): keep it off servers and clients
+    ca-key.pem         the CA private key (0600): keep it off servers and clients; written
+                       elsewhere (`ca_key_file`) or not at all (`keep_ca_key=False`) on request
     server-cert.pem    the server certificate, SANs for localhost, 127.0.0.1, ::1 and `hosts`
     server-key.pem     its key (0600)
     client-cert.pem    a client certificate (CN = client_name), for client authentication
@@ -18,7 +19,10 @@ A real deployment uses its own CA instead: the files only need these names
 which OpenSSL, GnuTLS and every client in use here accept.
 
 Private keys are created 0600 from the first byte (os.open with the mode), never
-chmodded after a world-readable moment.
+chmodded after a world-readable moment. The CA key is what lets anyone mint a server
+certificate every peer trusts: `scripts/install` does not keep it on the host
+(`keep_ca_key=False`: it exists in memory only while the leaves are signed); `tls init
+--ca-key FILE` keeps it only where asked, e.g. on removable media.
 """
 
 from __future__ import annotations
@@ -138,13 +142,21 @@ def _key_pem(key) -> bytes:
                              serialization.NoEncryption())
 
 
-def load_ca(directory: Path) -> Issued:
+def load_ca(directory: Path, key_file=None) -> Issued:
     directory = Path(directory)
+    key_file = Path(key_file) if key_file else directory / CA_KEY
     try:
         cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
-        key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), password=None)
     except FileNotFoundError as e:
         raise CaError(f"no CA in {directory}: {e.filename} is missing") from None
+    except ValueError as e:
+        raise CaError(f"cannot read the CA in {directory}: {e}") from None
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise CaError(f"the CA of {directory} has no private key at {key_file} (it was not kept, "
+                      "or is kept elsewhere): give its place (--ca-key), or make a new CA "
+                      "(--force; every peer must then trust the new ca-cert.pem)") from None
     except ValueError as e:
         raise CaError(f"cannot read the CA in {directory}: {e}") from None
     if not isinstance(key, _ISSUER_KEYS):
@@ -153,22 +165,31 @@ def load_ca(directory: Path) -> Issued:
 
 
 def init_ca(directory, *, hosts=(), server_cn: str = "localhost", client_name: str = "client",
-            days: int = DEFAULT_DAYS, force: bool = False) -> list[Path]:
+            days: int = DEFAULT_DAYS, force: bool = False, ca_key_file=None,
+            keep_ca_key: bool = True) -> list[Path]:
     """Create the CA, a server and a client certificate in `directory`; the paths written.
 
-    An existing CA in the directory is reused (new leaves, same trust) unless `force`;
-    refusing to overwrite silently keeps clients that trust the old CA working.
+    The CA key goes to `ca_key_file` (default DIRECTORY/ca-key.pem), or nowhere with
+    `keep_ca_key=False`. An existing CA in the directory is reused (new leaves, same
+    trust; its key read from the same place) unless `force`; refusing to overwrite
+    silently keeps clients that trust the old CA working.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    key_path = Path(ca_key_file) if ca_key_file else directory / CA_KEY
     if (directory / CA_CERT).exists() and not force:
-        ca = load_ca(directory)
+        ca = load_ca(directory, key_path)
         written = []
     else:
         ca = make_ca(days=days)
-        write_private(directory / CA_KEY, _key_pem(ca.key))
+        written = [directory / CA_CERT]
+        if keep_ca_key:
+            key_path.parent.mkdir(parents=True, exist_ok=True)
+            write_private(key_path, _key_pem(ca.key))
+            written.append(key_path)
+        if (not keep_ca_key or key_path != directory / CA_KEY) and (directory / CA_KEY).exists():
+            os.unlink(directory / CA_KEY)  # a forced new CA: the old one's key must not linger
         _write_cert(directory / CA_CERT, ca.cert)
-        written = [directory / CA_CERT, directory / CA_KEY]
     server = issue(ca, server_cn, server=True, hosts=[*LOOPBACK_NAMES, *hosts], days=days)
     client = issue(ca, client_name, server=False, days=days)
     for cert_name, key_name, leaf in ((SERVER_CERT, SERVER_KEY, server), (CLIENT_CERT, CLIENT_KEY, client)):

@@ -564,11 +564,18 @@ def tls():
               help="a name or IP clients use to reach the service (repeat); loopback is always in")
 @click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650))
 @click.option("--force", is_flag=True, help="make a new CA even if DIRECTORY has one")
-def tls_init(directory, hosts, days, force):
+@click.option("--ca-key", type=click.Path(dir_okay=False),
+              help="keep the CA's private key here (0600), not in DIRECTORY/ca-key.pem")
+@click.option("--no-ca-key", is_flag=True,
+              help="keep no CA key: it signs these certificates, then is gone")
+def tls_init(directory, hosts, days, force, ca_key, no_ca_key):
     """Create a CA, a server and a client certificate in DIRECTORY (keys 0600)."""
     from daemonkit.tlsca import CaError, init_ca
+    if ca_key and no_ca_key:
+        raise click.UsageError("--ca-key and --no-ca-key contradict each other")
     try:
-        written = init_ca(directory, hosts=hosts, days=days, force=force)
+        written = init_ca(directory, hosts=hosts, days=days, force=force, ca_key_file=ca_key,
+                          keep_ca_key=not no_ca_key)
     except CaError as e:
         raise click.UsageError(str(e)) from None
     _print({"directory": str(Path(directory).resolve()), "written": [p.name for p in written]})

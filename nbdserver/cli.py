@@ -322,13 +322,20 @@ def tls():
 @click.option("--psk-identity", help="also add a TLS-PSK key for this identity to DIRECTORY/keys.psk")
 @click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650))
 @click.option("--force", is_flag=True, help="make a new CA even if DIRECTORY has one")
-def tls_init(directory, hosts, client_name, psk_identity, days, force):
+@click.option("--ca-key", type=click.Path(dir_okay=False),
+              help="keep the CA's private key here (0600), not in DIRECTORY/ca-key.pem")
+@click.option("--no-ca-key", is_flag=True,
+              help="keep no CA key: it signs these certificates, then is gone")
+def tls_init(directory, hosts, client_name, psk_identity, days, force, ca_key, no_ca_key):
     """Create a CA, server and client certificates (keys 0600) in qemu/libnbd layout."""
     from daemonkit.tlsca import CaError, init_ca
 
     from .tls import TlsConfigError, write_psk_file
+    if ca_key and no_ca_key:
+        raise click.UsageError("--ca-key and --no-ca-key contradict each other")
     try:
-        written = init_ca(directory, hosts=hosts, client_name=client_name, days=days, force=force)
+        written = init_ca(directory, hosts=hosts, client_name=client_name, days=days, force=force,
+                          ca_key_file=ca_key, keep_ca_key=not no_ca_key)
         if psk_identity:
             written.append(write_psk_file(os.path.join(directory, "keys.psk"), psk_identity))
     except (CaError, TlsConfigError) as e:

@@ -108,6 +108,24 @@ def test_install_lays_out_config_and_secrets(installed, tmp_path):
     assert (etc / "nbdserver.env").read_text() == "NBD_LISTEN=10.0.0.1:10809\n"
 
 
+def test_install_keeps_no_ca_key_unless_asked(installed, tmp_path):
+    """A CA key on the host would let anyone who reads it mint certificates every peer
+    trusts: install signs this host's certificates and keeps the CA key only where asked."""
+    assert not list(installed.rglob("ca-key.pem")), "a CA private key was left on the host"
+    etc = installed / "etc/encrypted-disks"
+    for d in ("keyservice-tls", "nbd-tls"):
+        r = sh("openssl", "verify", "-CAfile", etc / d / "ca-cert.pem", etc / d / "server-cert.pem",
+               check=False)
+        assert r.returncode == 0, (d, r.stdout, r.stderr)
+    root, media = tmp_path / "root", tmp_path / "media"
+    sh(ROOT / "scripts/install", "--root", root, "--local-keyservice",
+       "--bin-from", ROOT / ".venv/bin", "--keep-ca-keys", media)
+    assert not list(root.rglob("ca-key.pem"))
+    assert sorted(p.name for p in media.iterdir()) == ["keyservice-ca-key.pem", "nbd-ca-key.pem"]
+    for p in media.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+
+
 # --------------------------------------------------------------------------- sd_notify
 class NotifySocket:
     """The systemd side of sd_notify: an AF_UNIX datagram socket the daemon writes to."""

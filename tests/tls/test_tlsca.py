@@ -89,3 +89,27 @@ def test_tls_init_commands(tmp_path, cli):
     cert = x509.load_pem_x509_certificate((tmp_path / "d" / "server-cert.pem").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert ipaddress.ip_address("10.1.2.3") in san.get_values_for_type(x509.IPAddress)
+
+
+def test_ca_key_not_kept_or_kept_only_where_asked(tmp_path):
+    # Not kept: the leaves are signed, the CA key existed only in memory.
+    bare = tmp_path / "bare"
+    written = init_ca(bare, keep_ca_key=False)
+    assert not (bare / "ca-key.pem").exists() and bare / "ca-key.pem" not in written
+    assert openssl_verify(bare / "ca-cert.pem", bare / "server-cert.pem", "sslserver").returncode == 0
+    with pytest.raises(CaError, match="no private key"):
+        init_ca(bare, hosts=["more.test"])  # cannot sign more without it, and says so
+    # Kept elsewhere, 0600; the CA is reused from there; the directory holds no key.
+    d, away = tmp_path / "d", tmp_path / "media" / "ca-key.pem"
+    init_ca(d, ca_key_file=away)
+    assert not (d / "ca-key.pem").exists()
+    assert stat.S_IMODE(os.stat(away).st_mode) == 0o600
+    ca = (d / "ca-cert.pem").read_bytes()
+    init_ca(d, hosts=["more.test"], ca_key_file=away)
+    assert (d / "ca-cert.pem").read_bytes() == ca
+    assert openssl_verify(d / "ca-cert.pem", d / "server-cert.pem", "sslserver").returncode == 0
+    # A forced new CA leaves no key of the old one behind.
+    old = tmp_path / "old"
+    init_ca(old)
+    init_ca(old, force=True, keep_ca_key=False)
+    assert not (old / "ca-key.pem").exists()
