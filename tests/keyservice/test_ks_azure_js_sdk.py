@@ -33,6 +33,7 @@ def ks(tmp_path_factory):
 
 
 def _run(ks, vault: str, cred, wrapper) -> dict:
+    assert NODE is not None  # the module is skipped without it
     cfg = {"authority": ks.url, "tenantId": cred.tenant_id, "clientId": cred.client_id,
            "clientSecret": cred.client_secret, "vaultUrl": ks.vault_url(vault), "domain": DOMAIN,
            "wrapper": {"clientId": wrapper.client_id, "clientSecret": wrapper.client_secret}}
