@@ -30,6 +30,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 1  # the service answered no (4xx), an operation failed, or a check found a fault
 EXIT_USAGE = 2  # the command line, a setting or a local file is wrong: nothing was sent
 EXIT_UNAVAILABLE = 3  # unreachable, too slow, or the service failed (5xx): a retry may work
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it); what the server runs goes on
 
 
 class CliError(Exception):

@@ -23,13 +23,13 @@ import json
 import logging
 import os
 import secrets
-import uuid
 
 from aiohttp import web
 
-from .platform.errors import BadRequest, NotFound, PlatformError
+from .platform.errors import BadRequest, PlatformError
 from .platform.model import VolumeKind
 from .platform.operations import finish
+from .platform.oplog import OperationLog
 from .platform.service import Platform
 
 log = logging.getLogger("nbdserver.api")
@@ -113,55 +113,22 @@ def _field(data: dict, name: str, kind=str, required=False):
     return v
 
 
-class Operations:
-    """Long-running operations, kept in memory (a restart removes unfinished volumes)."""
-
-    def __init__(self):
-        self.ops: dict[str, dict] = {}
-
-    def start(self, kind: str, start_fn) -> dict:
-        """`start_fn(progress)` starts the platform's operation and returns its task; it is
-        called here, so a refusal (a name in use: 409) is the request's answer."""
-        op_id = uuid.uuid4().hex[:16]
-        op = {"id": op_id, "kind": kind, "status": "running", "progress": 0.0}
-
-        def progress(fraction: float) -> None:
-            op["progress"] = round(min(max(fraction, 0.0), 1.0), 4)
-
-        task = start_fn(progress)
-        self.ops[op_id] = op
-
-        async def run():
-            try:
-                op["result"] = await task
-                op["status"], op["progress"] = "succeeded", 1.0
-            except PlatformError as e:
-                op["status"], op["error"] = "failed", {"code": e.code, "message": e.message,
-                                                       "status": e.status}
-            except Exception:
-                log.exception("operation %s failed", op_id)
-                op["status"], op["error"] = "failed", {"code": "InternalError",
-                                                       "message": "internal error", "status": 500}
-        op["_task"] = asyncio.create_task(run())
-        return op
-
-    def view(self, op_id: str) -> dict:
-        op = self.ops.get(op_id)
-        if op is None:
-            raise NotFound(f"operation {op_id!r} not found")
-        return {k: v for k, v in op.items() if not k.startswith("_")}
-
-
 def build_app(platform: Platform, token: str, *, nbd_address: str | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware(token)],
                           client_max_size=MAX_BODY)
-    ops = Operations()
+    ops = OperationLog(platform.state)
     r = web.RouteTableDef()
     J = web.json_response
 
     def accepted(op):
-        return J({k: v for k, v in op.items() if not k.startswith("_")}, status=202,
-                 headers={"Location": f"/operations/{op['id']}"})
+        return J(op, status=202, headers={"Location": f"/operations/{op['id']}"})
+
+    def size_of(kind: VolumeKind, name) -> int | None:
+        """The bytes an operation copies, for clients' progress (None: not known yet)."""
+        try:
+            return platform.volume(kind, name).size
+        except PlatformError:
+            return None
 
     @r.get("/healthz")
     async def healthz(request):
@@ -174,9 +141,9 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
 
     @r.get("/operations")
     async def list_ops(request):
-        """Every operation of this run, and what the platform is working on right now."""
-        return J({"value": [ops.view(i) for i in ops.ops],
-                  "inProgress": platform.operations.views()})
+        """Long operations, running first, then newest first (kept across restarts), and
+        what the platform is working on right now."""
+        return J({"value": ops.list(), "inProgress": platform.operations.views()})
 
     @r.get("/operations/{id}")
     async def get_op(request):
@@ -219,9 +186,11 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
                   source=_field(b, "source"), count=_field(b, "count", int),
                   subscription=_field(b, "subscription"), location=_field(b, "location"),
                   cache=_field(b, "cache"))
+        src_kind, _, src_name = (kw["source"] or "").partition(":")
+        copied = size_of(VolumeKind(src_kind), src_name) if src_kind in ("snapshot", "image") else None
         # Validated and its names claimed before answering 202.
-        return accepted(ops.start("disk.create", lambda progress: platform.create_disks(
-            name, progress=progress, **kw)))
+        return accepted(ops.start("disk.create", f"disk:{name}", lambda progress: platform.create_disks(
+            name, progress=progress, **kw), copied and copied * (kw["count"] or 1)))
 
     @r.get("/disks")
     async def disk_list(request):
@@ -235,9 +204,18 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
     async def disk_envelope(request):
         return J(platform.key_envelope(request.match_info["name"]))
 
+    @r.get("/disks/{name}/usage")
+    async def disk_usage(request):
+        return J(platform.disk_usage(request.match_info["name"]))
+
     @r.patch("/disks/{name}")
     async def disk_update(request):
         b = await _body(request)
+        if b.get("size") is not None:  # a resize: the key is changed by a request of its own
+            if b.get("diskEncryptionSet") is not None or b.get("platformKey"):
+                raise BadRequest("change a disk's size and its key in two requests")
+            return J(await finish(platform.resize_disk(request.match_info["name"],
+                                                       _field(b, "size", (int, str)))))
         return J(await finish(platform.update_disk(
             request.match_info["name"], des=_field(b, "diskEncryptionSet"),
             platform_key=bool(_field(b, "platformKey", bool)))))
@@ -253,15 +231,18 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
     async def snap_create(request):
         b = await _body(request)
         name, disk = _field(b, "name", required=True), _field(b, "disk", required=True)
-        return accepted(ops.start("snapshot.create", lambda progress: platform.create_snapshot(
-            name, disk, progress)))
+        return accepted(ops.start("snapshot.create", f"snapshot:{name}", lambda progress:
+                                  platform.create_snapshot(name, disk, progress),
+                                  size_of(VolumeKind.DISK, disk)))
 
     @r.post("/images")
     async def image_create(request):
         b = await _body(request)
         name, source = _field(b, "name", required=True), _field(b, "source", required=True)
-        return accepted(ops.start("image.create", lambda progress: platform.create_image(
-            name, source, progress)))
+        src_kind, _, src_name = str(source).partition(":")
+        copied = size_of(VolumeKind(src_kind), src_name) if src_kind in ("disk", "snapshot") else None
+        return accepted(ops.start("image.create", f"image:{name}", lambda progress:
+                                  platform.create_image(name, source, progress), copied))
 
     @r.post("/images/{name}/share")
     async def image_share(request):

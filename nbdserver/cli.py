@@ -11,12 +11,15 @@ worth (`daemonkit.deadline`), re-armed while it follows an operation that answer
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import click
 
 from daemonkit import deadline
 from daemonkit.clicommand import ClientGroup, emit, output_format, version
+from daemonkit.cliout import EXIT_INTERRUPTED, EXIT_USAGE, CliError
+from daemonkit.cliprogress import ProgressLine
 from daemonkit.https import listener_tls_options
 
 from .admission import ConnectionLimits
@@ -150,14 +153,28 @@ def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_
 
 
 # --------------------------------------------------------------------------- the client
-_last_percent: dict[str, int] = {}
+def follow(op: dict, *, quiet: bool = False, no_wait: bool = False):
+    """A long operation the API accepted: with --no-wait, the operation itself (its id is
+    what `operation wait` takes); otherwise its result, its id and progress on stderr."""
+    if no_wait:
+        return op
+    line = None
+    if not quiet:
+        click.echo(f"operation {op['id']} ({op['kind']}): started", err=True)
+        line = ProgressLine(op["kind"])
 
-
-def progress(op: dict) -> None:
-    pct = 100 if op["status"] == "succeeded" else int(op.get("progress", 0) * 100)
-    if _last_percent.get(op["id"]) != pct:
-        _last_percent[op["id"]] = pct
-        click.echo(f"{op['kind']}: {pct}%", err=True)
+    def show(o: dict) -> None:
+        if line is not None:
+            line.update(1.0 if o["status"] == "succeeded" else o.get("progress", 0.0), o.get("bytesTotal"))
+    try:
+        return wait_operation(op, show, arm_deadline)
+    except KeyboardInterrupt:
+        raise CliError(f"stopped following operation {op['id']}; it goes on in the server: "
+                       f"`nbdserver operation wait {op['id']}`", code="Interrupted",
+                       exit_code=EXIT_INTERRUPTED) from None
+    finally:
+        if line is not None:
+            line.done()
 
 
 def out(obj):
@@ -222,14 +239,32 @@ def disk():
 @click.option("--subscription")
 @click.option("--location")
 @click.option("--quiet", is_flag=True, help="no progress on stderr")
+@click.option("--no-wait", is_flag=True, help="print the operation and return (see `operation wait`)")
 @click.option("--cache", type=click.Choice(["none", "writeback"]),
               help="cache mode (none: O_DIRECT); default: the server's --cache")
-def disk_create(name, size, des, source, count, subscription, location, quiet, cache):
+def disk_create(name, size, des, source, count, subscription, location, quiet, no_wait, cache):
+    """Create a disk (SIZE: 10G or 10GiB binary, 10GB decimal, 1.5G; docs/platform.md)."""
     op = api("POST", "/disks", {"name": name, "size": size, "diskEncryptionSet": des, "source": source,
                                 "count": count, "subscription": subscription, "location": location,
                                 "cache": cache})
-    result = wait_operation(op, None if quiet else progress, arm_deadline)
-    out(result[0] if count is None else result)
+    result = follow(op, quiet=quiet, no_wait=no_wait)
+    out(result[0] if count is None and not no_wait else result)
+
+
+@disk.command("resize")
+@click.argument("name")
+@click.option("--size", required=True, help="the new, larger size: 20G, 20GiB, 20GB, 1.5T")
+def disk_resize(name, size):
+    """Grow a disk while no client is attached; the next client sees the new size (a
+    disk never shrinks). Grow the file system on it afterwards (resize2fs, xfs_growfs)."""
+    out(api("PATCH", f"/disks/{name}", {"size": size}))
+
+
+@disk.command("usage")
+@click.argument("name")
+def disk_usage(name):
+    """Bytes the disk's file holds on the platform's storage, against its size."""
+    out(api("GET", f"/disks/{name}/usage"))
 
 
 @disk.command("show")
@@ -272,10 +307,11 @@ def _volume_group(kind: str, create_opt: str, create_help: str):
     @grp.command("create")
     @click.argument("name")
     @click.option(f"--{create_opt}", "source", required=True, help=create_help)
-    @click.option("--quiet", is_flag=True)
-    def create(name, source, quiet):
+    @click.option("--quiet", is_flag=True, help="no progress on stderr")
+    @click.option("--no-wait", is_flag=True, help="print the operation and return (see `operation wait`)")
+    def create(name, source, quiet, no_wait):
         body = {"name": name, "disk": source} if create_opt == "disk" else {"name": name, "source": source}
-        out(wait_operation(api("POST", f"/{kind}s", body), None if quiet else progress, arm_deadline))
+        out(follow(api("POST", f"/{kind}s", body), quiet=quiet, no_wait=no_wait))
 
     @grp.command("show")
     @click.argument("name")
@@ -306,6 +342,40 @@ main.add_command(image)
 def image_share(name, gallery):
     """Share an image to a gallery (refused for customer-managed images)."""
     out(api("POST", f"/images/{name}/share", {"gallery": gallery}))
+
+
+@main.group()
+def operation():
+    """Long operations (disk, snapshot and image creation), kept across restarts."""
+
+
+def _operation_id(op_id: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{16}", op_id):
+        raise CliError(f"{op_id!r} is not an operation id (16 hexadecimal digits, as "
+                       "`disk create --no-wait` and `operation list` print them)",
+                       code="UsageError", exit_code=EXIT_USAGE)
+    return op_id
+
+
+@operation.command("list")
+def operation_list():
+    """Running operations first, then the others, newest first."""
+    out(api("GET", "/operations")["value"])
+
+
+@operation.command("show")
+@click.argument("op_id", metavar="ID")
+def operation_show(op_id):
+    out(api("GET", f"/operations/{_operation_id(op_id)}"))
+
+
+@operation.command("wait")
+@click.argument("op_id", metavar="ID")
+@click.option("--quiet", is_flag=True, help="no progress on stderr")
+def operation_wait(op_id, quiet):
+    """Follow an operation to its end; print its result (exit 1 if it failed, 3 if a
+    restart interrupted it)."""
+    out(follow(api("GET", f"/operations/{_operation_id(op_id)}"), quiet=quiet))
 
 
 # --------------------------------------------------------------------------- TLS

@@ -126,21 +126,44 @@ def check_cache(value) -> str | None:
     return value
 
 
+SIZE_FORMS = ("bytes (4096 multiples), 10G or 10GiB (binary, 1024-based), 10GB (decimal, "
+              "1000-based), 1.5G; units K M G T P")
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGTP])(i?B)?)?\s*", re.I)
+_POWERS = {"K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+SECTOR = 4096
+MAX_SIZE = 1 << 50
+
+
 def parse_size(value) -> int:
-    """Bytes from an int or a string like 10G / 512M / 4096; a positive multiple of 4096."""
-    if isinstance(value, bool):
-        raise BadRequest("size must be a number or a string like 10G")
+    """Bytes from an int or a string: `10G` and `10GiB` are binary (the dm/LVM habit),
+    `10GB` decimal (the disk vendors' and Azure's), `1.5G` a fraction of the unit. A size
+    given with a unit is rounded up to whole 4096-byte sectors (10GB is no multiple of
+    4096); a bare byte count must be one, as it says exactly what it wants."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise BadRequest(f"size must be a number or a string; accepted forms: {SIZE_FORMS}")
     if isinstance(value, int):
         size = value
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", value, re.I)
-        if not m:
-            raise BadRequest(f"invalid size {value!r}: use bytes or a suffix K, M, G, T")
-        size = int(m[1]) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m[2].upper()]
     else:
-        raise BadRequest("size must be a number or a string like 10G")
-    if size <= 0 or size % 4096:
-        raise BadRequest(f"size must be a positive multiple of 4096 bytes, got {size}")
-    if size > 1 << 50:
+        m = _SIZE.fullmatch(value)
+        if not m or (m[2] is None and "." in m[1]):
+            raise BadRequest(f"invalid size {value!r}; accepted forms: {SIZE_FORMS}")
+        number, unit, suffix = m[1], m[2], m[3]
+        if unit is None:
+            size = int(number)
+        else:
+            base = 1000 if suffix is not None and suffix.upper() == "B" else 1024
+            size = _scaled(number, base ** _POWERS[unit.upper()])
+            size = -(-size // SECTOR) * SECTOR
+    if size <= 0 or size % SECTOR:
+        raise BadRequest(f"size must be a positive multiple of {SECTOR} bytes, got {size}; "
+                         f"accepted forms: {SIZE_FORMS}")
+    if size > MAX_SIZE:
         raise BadRequest("size over 1 PiB")
     return size
+
+
+def _scaled(number: str, unit: int) -> int:
+    """`number` (decimal digits, maybe a fraction) times `unit`, rounded up, exactly."""
+    whole, _, frac = number.partition(".")
+    scale = 10 ** len(frac)
+    return -(-(int(whole + frac) * unit) // scale)

@@ -34,6 +34,7 @@ from .model import (
 from .operations import Operations
 from .sealing import Sealer, load_master_key
 from .serving import IDLE_CLOSE, DiskServing
+from .sizing import DiskSizing
 from .state import State
 from .volumes import DEFAULT_LOCATION, VolumeOperations, _unlink
 
@@ -63,7 +64,7 @@ def platform_vault_problems(vault: dict, object_id: str, tenant_id: str) -> list
     return problems
 
 
-class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
+class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServing):
     def __init__(self, data_dir: str, catalog: ExportCatalog, keyservice_url: str,
                  credential: Credential, *, ssl=None, master_key_file: str | None = None,
                  idle_close: float = IDLE_CLOSE):

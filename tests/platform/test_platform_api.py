@@ -64,7 +64,7 @@ BAD_DISKS = [
     ({"name": "d", "size": -4096}, 400),
     ({"name": "d", "size": 4097}, 400),
     ({"name": "d", "size": "10X"}, 400),
-    ({"name": "d", "size": "1.5G"}, 400),
+    ({"name": "d", "size": "1.5"}, 400),  # a fraction needs a unit (1.5G is fine)
     ({"name": "d", "size": "2P"}, 400),
     ({"name": "d", "size": 1 << 60}, 400),
     ({"name": "d", "size": True}, 400),
