@@ -9,6 +9,9 @@ and benchmarked on their own, and so the encryption layer can be measured agains
 same server without it (`key=` wraps the file in XtsLayer with a 64-byte key file).
 `--cache` is every export's cache mode unless its own `cache=` says otherwise (backend.py:
 `none` is O_DIRECT); a file system that cannot do O_DIRECT fails the start with a message.
+A PATH written `rbd:POOL/IMAGE` is a Ceph RBD image instead (nbdserver/rbdbackend.py),
+reached with `--ceph-conf`, `--ceph-id` and `--ceph-keyring`; `size=` creates it if it
+does not exist, and `key=` puts the same XtsLayer over it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .tls import ServerTls, TlsConfigError, resolve_mode, server_context_for
 from .visibility import ExportList
 
 log = logging.getLogger("nbdserver.baseline")
+RBD_SCHEME = "rbd:"  # rbdbackend.SCHEME, spelt here so a file export never imports librbd
 
 
 def parse_export(spec: str) -> tuple[str, dict]:
@@ -68,8 +72,10 @@ def file_spec(opts: dict, cache: str = WRITEBACK) -> FileSpec:
                     cache=opts["cache"] or cache, encrypted=bool(opts["key"]))
 
 
-def open_backend(opts: dict, cache: str = WRITEBACK) -> BlockBackend:
+def open_backend(opts: dict, cache: str = WRITEBACK, ceph: dict | None = None) -> BlockBackend:
     from .crypto import open_disk
+    if opts["path"].startswith(RBD_SCHEME):
+        return open_rbd(opts, ceph)
     key = None
     if opts["key"]:
         with open(opts["key"], "rb") as f:
@@ -77,17 +83,46 @@ def open_backend(opts: dict, cache: str = WRITEBACK) -> BlockBackend:
     return open_disk(file_spec(opts, cache), key)
 
 
+def open_rbd(opts: dict, ceph: dict | None) -> BlockBackend:
+    """An export on RBD: the image, and XtsLayer over it with `key=` (as open_disk does
+    for a file: the image then holds ciphertext only)."""
+    from .crypto import XtsLayer
+    from .rbdbackend import RbdSpec
+    if not ceph:
+        raise ValueError("an export on RBD needs --ceph-conf")
+    if opts["cache"]:
+        raise ValueError("cache= is for files; librbd's cache is always off (rbdbackend.py)")
+    spec = RbdSpec.parse(opts["path"], size=opts["size"], readonly=opts["readonly"],
+                         encrypted=bool(opts["key"]), **ceph)
+    key = None
+    if opts["key"]:
+        with open(opts["key"], "rb") as f:
+            key = bytearray(f.read())
+    lower = spec.open()
+    if key is None:
+        return lower
+    try:
+        return XtsLayer(lower, key)
+    except BaseException:
+        lower.close()
+        raise
+
+
 async def serve(listen: str, specs: list[str], workers: int, stop: asyncio.Event, tls=None,
-                limits=None, export_list=ExportList.ALL, cache: str = WRITEBACK) -> None:
+                limits=None, export_list=ExportList.ALL, cache: str = WRITEBACK,
+                ceph: dict | None = None) -> None:
     catalog = ExportCatalog()
     for spec in specs:
         name, opts = parse_export(spec)
         try:
-            backend = open_backend(opts, cache)
+            backend = open_backend(opts, cache, ceph)
         except OSError as err:  # a file system without O_DIRECT, a bad path: say which export
             raise SystemExit(f"export {name!r}: {err.strerror or err}") from None
+        except ValueError as err:  # an RBD export written wrong, or without its cluster
+            raise SystemExit(f"export {name!r}: {err}") from None
+        where = "RBD image" if opts["path"].startswith(RBD_SCHEME) else "file"
         catalog.add(Export(name, backend, readonly=opts["readonly"],
-                           description=f"file {opts['path']}"))
+                           description=f"{where} {opts['path']}"))
         if catalog.default is None:
             catalog.default = name
     host, port = parse_hostport(listen, 10809)
@@ -121,10 +156,15 @@ def main(argv=None) -> None:
                     help="require a client certificate signed by the directory's ca-cert.pem")
     ap.add_argument("--tls-psk-file", help="psktool-format identity:hexkey file (TLS-PSK)")
     add_limit_arguments(ap)
+    ap.add_argument("--ceph-conf", help="ceph.conf of the cluster of the rbd:POOL/IMAGE exports")
+    ap.add_argument("--ceph-id", default="admin", help="cephx client name, without client. (default admin)")
+    ap.add_argument("--ceph-keyring", help="that client's keyring (default: what ceph.conf says)")
     ap.add_argument("--export-list", choices=[e.value for e in ExportList], default="all",
                     help="who may list the exports (default all: this runner serves test files)")
     ap.add_argument("exports", nargs="+", metavar="NAME=PATH[,size=..][,ro][,key=FILE][,cache=MODE]")
     args = ap.parse_args(argv)
+    ceph = ({"conf": args.ceph_conf, "client_id": args.ceph_id, "keyring": args.ceph_keyring}
+            if args.ceph_conf else None)
     configure_logging(args.log_level)
     mode = resolve_mode(args.tls_mode, parse_hostport(args.listen, 10809)[0])
     try:
@@ -138,7 +178,7 @@ def main(argv=None) -> None:
         ap.error(str(e))
     run(lambda stop: serve(args.listen, args.exports, args.workers, stop, tls=(mode, context),
                            limits=limits, export_list=ExportList(args.export_list),
-                           cache=args.cache))
+                           cache=args.cache, ceph=ceph))
 
 
 def add_limit_arguments(ap: argparse.ArgumentParser) -> None:

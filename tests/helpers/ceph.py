@@ -145,6 +145,20 @@ class CephCluster:
         return self._run("rbd", "--conf", str(self.conf), "--keyring", str(self.keyring),
                          "--id", self.client_id, *args, timeout=timeout)
 
+    def read_image(self, name: str, offset: int, length: int) -> bytes:
+        """An image's bytes as Ceph stores them, read through a client of its own: what
+        tests check the server's writes against, apart from the server."""
+        import rados
+        import rbd
+        client = rados.Rados(conffile=str(self.conf), rados_id=self.client_id,
+                             conf={"keyring": str(self.keyring)})
+        client.connect(timeout=30)
+        try:
+            with client.open_ioctx(self.pool) as io, rbd.Image(io, name, read_only=True) as image:
+                return image.read(offset, length)
+        finally:
+            client.shutdown()
+
     def _daemon(self, kind: str, ident: str, *extra: str) -> None:
         """Start a daemon in the foreground of its own process group: the pid file is
         how stop() finds it, from this process or from another (`stop DIR`)."""

@@ -158,19 +158,6 @@ def test_xts_over_rbd_stores_dmcrypt_ciphertext_only(ceph_cluster, rbd_image):
         assert small == b"a" * 100
     finally:
         layer.close()
-    raw = raw_image(ceph_cluster, name, MiB, len(plain))
+    raw = ceph_cluster.read_image(name, MiB, len(plain))
     for i in range(0, len(plain), 4096):
         assert raw[i:i + 4096] == dmcrypt_sector(key, (MiB + i) // 4096, plain[i:i + 4096])
-
-
-def raw_image(cluster, name: str, offset: int, length: int) -> bytes:
-    """The image's bytes as librbd has them (what Ceph stores), read apart from the server."""
-    import rados
-    client = rados.Rados(conffile=str(cluster.conf), rados_id=cluster.client_id,
-                         conf={"keyring": str(cluster.keyring)})
-    client.connect(timeout=30)
-    try:
-        with client.open_ioctx(cluster.pool) as io, rbd.Image(io, name, read_only=True) as image:
-            return image.read(offset, length)
-    finally:
-        client.shutdown()
