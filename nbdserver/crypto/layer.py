@@ -115,6 +115,8 @@ class XtsLayer(BlockBackend):
 
     def pread(self, buf, offset, *, nowait=False):
         self._check_open()
+        if nowait and self._align:  # O_DIRECT below: every read waits for the device
+            raise BlockingIOError(errno.EAGAIN, "O_DIRECT: no page cache to hit")
         buf = memoryview(buf).cast("B")
         n = len(buf)
         if n == 0:
@@ -141,6 +143,8 @@ class XtsLayer(BlockBackend):
     def pwrite(self, data, offset, *, fua=False, nowait=False, owned=False):
         if self._closed:
             self._check_open()
+        if nowait and self._align:  # refused below anyway: spare the locks and the unwinding
+            raise BlockingIOError(errno.EAGAIN, "O_DIRECT write: use a worker")
         data = memoryview(data).cast("B")
         n = len(data)
         fd = self._small_write_fd

@@ -22,13 +22,16 @@ from tests.helpers.images import dmcrypt_sector
 SIZE = 64 * S  # 256 KiB
 
 
-@pytest.fixture
-def disk(tmp_path):
-    """(layer, path, key copy): a fresh encrypted disk; closed afterwards."""
+@pytest.fixture(params=["writeback", "none"], ids=["cache-writeback", "cache-none"])
+def disk(request, tmp_path):
+    """(layer, path, key copy): a fresh encrypted disk, in each cache mode (none:
+    O_DIRECT below, aligned scratch and staging buffers); closed afterwards."""
+    if request.param == "none" and "nowait" in request.node.name:
+        pytest.skip("O_DIRECT refuses every nowait write (test_backend_direct.py)")
     key = generate_dek()
     keep = bytes(key)
     path = tmp_path / "disk.img"
-    layer = XtsLayer(FileBackend(path, size=SIZE), key)
+    layer = XtsLayer(FileBackend(path, size=SIZE, cache=request.param), key)
     yield layer, path, keep
     layer.close()
 
