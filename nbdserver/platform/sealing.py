@@ -20,13 +20,22 @@ class MasterKeyError(Exception):
     pass
 
 
-def load_master_key(data_dir: str, path: str | None = None) -> bytes:
+def load_master_key(data_dir: str, path: str | None = None, *, may_create: bool = True) -> bytes:
+    """The master key; DATA_DIR/master.key is made only with `may_create` (a new state):
+    a state sealed under a key that went missing is refused, never silently re-keyed
+    (its encryption sets' credentials would no longer open)."""
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if path is None and creds and os.path.exists(os.path.join(creds, "platform-master-key")):
         path = os.path.join(creds, "platform-master-key")
     if path is None:
         path = os.path.join(data_dir, "master.key")
         if not os.path.exists(path):
+            if not may_create:
+                raise MasterKeyError(
+                    f"the platform master key {path} is missing, and the state in {data_dir} is "
+                    "sealed under it: supply the original (--master-key-file, the systemd "
+                    "credential platform-master-key, or DATA_DIR/master.key; docs/operations.md, "
+                    "\"Backup and restore\")")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(os.urandom(32))

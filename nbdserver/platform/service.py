@@ -76,8 +76,9 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         for sub in ("disks", "snapshots", "images"):
             os.makedirs(os.path.join(data_dir, sub), mode=0o700, exist_ok=True)
+        fresh = not os.path.exists(os.path.join(data_dir, "platform.db"))
         self.state = State(os.path.join(data_dir, "platform.db"))
-        self.sealer = Sealer(load_master_key(data_dir, master_key_file))
+        self.sealer = Sealer(load_master_key(data_dir, master_key_file, may_create=fresh))
         self.client = KeyServiceClient(self.keyservice_url, credential, ssl=ssl)
         self._des_clients: dict[str, KeyServiceClient] = {}
         self.platform_key_url: str | None = self.state.get_config("platform_key_url")

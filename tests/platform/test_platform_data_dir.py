@@ -155,3 +155,25 @@ def test_newer_schema_is_refused_with_a_message(make_stack):
     err = proc.stderr_text()
     assert proc.proc is not None and proc.proc.returncode == 1, err
     assert "newer release" in err and "Traceback" not in err, err
+
+
+def test_missing_master_key_is_refused_not_replaced(make_stack):
+    stack = make_stack()
+    stack.customer_key("mkey", "k1", "desmk")  # a sealed identity credential in the state
+    stack.stop_nbdserver()
+    key = stack.nb_dir / "master.key"
+    aside = stack.workdir / "master.key.aside"
+    os.rename(key, aside)
+    proc = NbdServerProcess(stack.workdir, stack.nb_dir, stack.ks, lease=stack.lease,
+                            grace=stack.grace)
+    try:
+        proc.start()
+        raise AssertionError("nbdserver started without the master key its state is sealed under")
+    except RuntimeError:
+        pass
+    err = proc.stderr_text()
+    assert "master key" in err and "missing" in err and "Traceback" not in err, err
+    assert not key.exists()  # not silently re-keyed
+    os.rename(aside, key)
+    stack.start_nbdserver()
+    assert stack.nbdserver("des", "show", "desmk")["name"] == "desmk"
