@@ -13,22 +13,9 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from daemonkit.https import server_context  # the platform API's listener uses it too
 from daemonkit.tls import TlsConfigError, is_loopback
-from daemonkit.tlsca import SERVER_CERT, SERVER_KEY, CaError, check_private_file
-
-
-def server_context(cert_file, key_file) -> ssl.SSLContext:
-    try:
-        check_private_file(key_file)
-    except CaError as e:
-        raise TlsConfigError(str(e)) from None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(cert_file, key_file)
-    except (OSError, ssl.SSLError) as e:
-        raise TlsConfigError(f"cannot load {cert_file} / {key_file}: {e}") from None
-    return ctx
+from daemonkit.tlsca import SERVER_CERT, SERVER_KEY
 
 
 def server_context_from(tls_dir=None, cert=None, key=None) -> ssl.SSLContext | None:
