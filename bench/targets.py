@@ -250,6 +250,9 @@ class ProductTarget(Target):
 
     DISK = "bench"
     key_args: ClassVar[tuple[str, ...]] = ()
+    # `nbdserver serve`'s own default unless a target says otherwise: one I/O worker
+    # process per core (docs/operations.md, "I/O processes").
+    serve_args: ClassVar[tuple[str, ...]] = ()
 
     def start(self) -> str:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +284,7 @@ class ProductTarget(Target):
                 "--data-dir", str(self.workdir / "nb"),
                 "--nbd-listen", f"{HOST}:{self._nbd_port}", "--api-listen", f"{HOST}:{self._api_port}",
                 "--keyservice-url", self._ks_url, "--keyservice-credential", str(self._credential),
-                "--log-level", "WARNING"]
+                "--log-level", "WARNING", *self.serve_args]
         self.command = argv
         self._server = ServerProcess(argv, self.workdir / "server.log", env=_child_env())
         self._server.start(capture_stdout=True)
@@ -328,6 +331,13 @@ class ProductTarget(Target):
 class ProductPlatformKeyTarget(ProductTarget):
     name = "product"
     description = "nbdserver serve, platform disk, platform-managed key (AES-256-XTS)"
+
+
+@register
+class ProductOneProcessTarget(ProductTarget):
+    name = "product-1proc"
+    description = "as product, every connection served by the main process (--io-processes 1)"
+    serve_args = ("--io-processes", "1")
 
 
 @register

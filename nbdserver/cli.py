@@ -75,6 +75,9 @@ def arm_deadline() -> None:
 @click.option("--idle-close-seconds", type=click.FloatRange(0), default=60.0, show_default=True,
               help="wipe a disk's key this long after its last NBD client left (0: at once)")
 @click.option("--workers", default=8, show_default=True, help="I/O worker threads")
+@click.option("--io-processes", type=click.IntRange(0), default=None,
+              help="processes serving plain-TCP NBD connections (default: one per core; "
+                   "0 or 1: all in this process; docs/operations.md)")
 @click.option("--cache", type=click.Choice(["none", "writeback"]), default="writeback",
               show_default=True, help="cache mode of disks without their own (none: O_DIRECT; "
                                       "docs/operations.md)")
@@ -110,13 +113,15 @@ def arm_deadline() -> None:
                    "certificate, or nobody (clients connect by disk name)")
 @listener_tls_options("api", "api_listen")
 def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credential, master_key_file,
-          lease_seconds, grace_seconds, idle_close_seconds, workers, cache, log_level, tls_mode, tls_dir,
+          lease_seconds, grace_seconds, idle_close_seconds, workers,
+          io_processes, cache, log_level, tls_mode, tls_dir,
           tls_verify_clients, tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
           max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list):
     """Run the NBD server and the disk platform."""
     from keyservice.client import client_ssl_for
 
     from .daemon import StartupError, serve_forever
+    from .iopool import default_processes
     from .tls import ServerTls, TlsConfigError, resolve_mode, server_context_for
     from .visibility import ExportList
 
@@ -140,6 +145,7 @@ def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_
             keyservice_url=keyservice_url,
             credential_file=keyservice_credential, master_key_file=master_key_file,
             lease=lease_seconds, grace=grace_seconds, idle_close=idle_close_seconds,
+            io_processes=default_processes() if io_processes is None else io_processes,
             workers=workers, cache=cache, ssl=ks_ssl,
             tls_mode=mode, tls_context=tls_context,
             nbd_limits=ConnectionLimits(max_connections, max_connections_per_peer,

@@ -20,6 +20,7 @@ from keyservice.client import Credential
 
 from .api import build_app, load_api_token
 from .exports import ExportCatalog
+from .iopool import IoPool
 from .platform.access import KeyAccess
 from .platform.errors import PlatformError
 from .platform.sealing import MasterKeyError
@@ -40,7 +41,8 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
                         nbd_listen, api_listen, keyservice_url,
                         credential_file, master_key_file=None, lease=60.0, grace=3600.0,
                         idle_close=60.0, workers=8, ssl=None, tls_mode=None, tls_context=None,
-                        nbd_limits=None, nbd_export_list=None, cache="writeback") -> None:
+                        nbd_limits=None, nbd_export_list=None, cache="writeback",
+                        io_processes=1) -> None:
     catalog = ExportCatalog()
     # Resolved before anything uses it: a relative path would mean another directory
     # for whoever starts the daemon from elsewhere (systemd, a shell in another cwd).
@@ -67,6 +69,10 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
     server = NbdServer(catalog, workers=workers, tls_mode=tls_mode or TlsMode.OFF,
                        tls_context=tls_context, limits=nbd_limits,
                        export_list=nbd_export_list or ExportList.AUTHENTICATED)
+    if io_processes > 1:  # plain-TCP connections in transmission go to I/O worker processes
+        server.handoff = IoPool(io_processes, catalog, admission=server.admission,
+                                buffer_budget=server.limits.buffer_budget, threads=workers)
+        server.handoff.start()
     nbd_addrs = await server.listen(*nbd_listen)
     nbd_host, nbd_port = nbd_addrs[0][:2]
     nbd_address = f"[{nbd_host}]:{nbd_port}" if ":" in nbd_host else f"{nbd_host}:{nbd_port}"

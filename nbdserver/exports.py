@@ -9,6 +9,12 @@ The disk platform drives these transitions; the server only obeys them.
 server tells when a client selects an export and when it leaves (`attach`, `detach`): an
 `opener` (the disk platform) may then open the disk's key, and close it after the last
 client left.
+
+An export may also be served by other processes (the I/O workers, nbdserver/iopool.py):
+its `source` says how to open the same backend there, and its `copies` (set by whoever
+handed connections to them) hear every state change made here: a lock stops them (drain,
+wipe the key), an unlock opens them again, a freeze holds their requests too. The
+platform drives this process's Export only; the fan-out is the copies' business.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from .backend import BlockBackend
 from .protocol.constants import (
@@ -67,6 +73,30 @@ def transmission_flags(backend: BlockBackend, readonly: bool) -> int:
     return flags
 
 
+@dataclass(frozen=True)
+class ExportSource:
+    """How another process opens the same backend: `spec` is the disk's
+    `backend.FileSpec` (file, cache mode, encrypted or not: `crypto.open_disk` opens it),
+    and `key` its DEK, the very bytearray the backend's cipher owns (wiped in place when
+    it closes), never a copy."""
+    spec: Any
+    key: bytearray | None = None
+
+
+class ExportCopies(Protocol):
+    """The other processes serving an export (nbdserver/iopool.py's workers)."""
+
+    def opened(self, export: Export) -> None: ...  # a new backend (and key) serves
+
+    def stop(self, export: Export) -> None: ...  # lock, drain and wipe: sent at once
+
+    async def stopped(self, export: Export) -> None: ...  # every stop sent so far is done
+
+    async def freeze(self, export: Export) -> None: ...  # their requests held and drained
+
+    def thaw(self, export: Export) -> None: ...
+
+
 @dataclass
 class Attachment:
     """One connection in transmission on an export."""
@@ -92,19 +122,50 @@ class Export:
         self.attachments: dict[object, Attachment] = {}  # connection -> who, since when
         self._frozen = 0
         self._parked: list = []
+        self._source: tuple[BlockBackend, ExportSource] | None = None
+        self.generation = 0  # counts the sources shared: a copy holding an older one is stale
+        self.copies: ExportCopies | None = None
 
     # -- state transitions (called on the event loop)
     def lock(self, reason: str) -> None:
-        """Stop serving: requests from now on fail with EIO, new clients are refused."""
+        """Stop serving: requests from now on fail with EIO, new clients are refused;
+        other processes serving it are told at once."""
         self.state = ExportState.LOCKED
         self.lock_reason = reason
+        self.stop_copies()
 
-    def unlock(self, backend: BlockBackend | None = None) -> None:
+    def unlock(self, backend: BlockBackend | None = None, source: ExportSource | None = None) -> None:
         if backend is not None:
             self.backend = backend
             self.flags = transmission_flags(backend, self.readonly)
+            if source is not None:
+                self.share(source)
         self.state = ExportState.AVAILABLE
         self.lock_reason = ""
+        if backend is not None and self.copies is not None and self.source is not None:
+            self.copies.opened(self)
+
+    # -- other processes (docs/architecture.md, "The data path")
+    def share(self, source: ExportSource) -> None:
+        """Let other processes open the current backend as `source` says."""
+        self._source = (self.backend, source)
+        self.generation += 1
+
+    @property
+    def source(self) -> ExportSource | None:
+        """How to open the current backend elsewhere; None once it was replaced (sealed,
+        closed) or never shared: then only this process serves the export."""
+        if self._source is None or self._source[0] is not self.backend or self.locked:
+            return None
+        return self._source[1]
+
+    def stop_copies(self) -> None:
+        if self.copies is not None:
+            self.copies.stop(self)
+
+    async def copies_stopped(self) -> None:
+        if self.copies is not None:
+            await self.copies.stopped(self)
 
     @property
     def locked(self) -> bool:
@@ -153,10 +214,15 @@ class Export:
     @contextlib.asynccontextmanager
     async def frozen(self):
         self._frozen += 1
+        copies = self.copies
         try:
             await self.drained()
+            if copies is not None:
+                await copies.freeze(self)
             yield
         finally:
+            if copies is not None:
+                copies.thaw(self)
             self._frozen -= 1
             if not self._frozen:
                 parked, self._parked = self._parked, []
@@ -226,6 +292,13 @@ class ExportCatalog:
             return None
         export.attachments[client] = Attachment(_peer_text(peer), identity)
         return export
+
+    def transfer(self, export: Export, client, to) -> None:
+        """`client`'s attachment now belongs to `to` (a connection that moved to another
+        process): counted once, detached when `to` is."""
+        attachment = export.attachments.pop(client, None)
+        if attachment is not None:
+            export.attachments[to] = attachment
 
     def detach(self, export: Export, client) -> None:
         if export.attachments.pop(client, None) is not None and self.opener is not None \

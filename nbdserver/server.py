@@ -125,7 +125,8 @@ TLS_SHUTDOWN_TIMEOUT = 3.0
 class NbdServer:
     def __init__(self, catalog: ExportCatalog, *, workers: int = 8,
                  tls_mode: hs.TlsMode = hs.TlsMode.OFF, tls_context: ssl.SSLContext | None = None,
-                 limits: ConnectionLimits | None = None, export_list: ExportList = ExportList.ALL):
+                 limits: ConnectionLimits | None = None, export_list: ExportList = ExportList.ALL,
+                 handoff=None):
         if tls_mode is not hs.TlsMode.OFF and tls_context is None:
             raise ValueError("TLS mode needs an SSL context")
         self.catalog = catalog
@@ -139,6 +140,9 @@ class NbdServer:
         # Made on the event loop by the first cold read (it registers an eventfd there).
         self.read_queue: ReadQueue | None = None
         self.connections: set[Connection] = set()
+        # Where plain-TCP connections go once in transmission (nbdserver/iopool.py's
+        # I/O worker processes); None: every connection is served here.
+        self.handoff = handoff
         self.shutting_down = False
         self._servers: list[asyncio.AbstractServer] = []
 
@@ -165,10 +169,23 @@ class NbdServer:
             done, pending = await asyncio.wait(waits, timeout=grace)
             for c in list(self.connections):
                 c.abort()
+        if self.handoff is not None:
+            await self.handoff.shutdown(grace)
         for s in self._servers:
             await s.wait_closed()
         self._close_read_queue()
         self.pool.shutdown(wait=True)
+
+    async def adopt(self, sock: socket.socket, export: Export, *, structured: bool, min_block: int,
+                    meta_id: int | None, leftover: bytes) -> Connection:
+        """Serve a connection another process negotiated (nbdserver/ioworker.py): it is
+        in transmission from its first byte here, `leftover` being what that process
+        had read past the handshake."""
+        conn = Connection(self)
+        conn.export = export
+        conn._adopted = (structured, min_block, meta_id, leftover)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
+        return conn
 
     # -- the native read queue
     def reads(self) -> ReadQueue | None:
@@ -252,6 +269,7 @@ class Connection(asyncio.Protocol):
         # Decrypted bytes that reach data_received() while start_tls() has not returned yet
         # (the TLS layer delivers them as soon as its handshake ends); None when not upgrading.
         self._tls_early: bytearray | None = None
+        self._adopted: tuple | None = None  # NbdServer.adopt's negotiated parameters
 
     # -- asyncio callbacks
     def connection_made(self, transport):
@@ -268,6 +286,10 @@ class Connection(asyncio.Protocol):
         self.server.connections.add(self)
         if self.server.shutting_down:
             transport.close()
+            return
+        if self._adopted is not None:  # admitted and negotiated by the main process
+            self.handshake = None
+            self._transmit(*self._adopted)
             return
         key = peer_key(self.peer)
         refused = self.server.admission.admit(key)
@@ -470,12 +492,37 @@ class Connection(asyncio.Protocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        self.structured = negotiated.structured_replies
-        self.min_block = negotiated.min_block
-        self.meta_id = next((i for i, n in negotiated.meta_contexts.items() if n == BASE_ALLOCATION), None)
+        meta_id = next((i for i, n in negotiated.meta_contexts.items() if n == BASE_ALLOCATION), None)
         assert self.handshake is not None  # this runs once, as the handshake ends
         leftover = self.handshake.leftover
+        if self.server.handoff is not None and self._hand_off(negotiated, meta_id, leftover):
+            return
         self.handshake = None
+        self._transmit(negotiated.structured_replies, negotiated.min_block, meta_id, leftover)
+
+    def _hand_off(self, negotiated: hs.Negotiated, meta_id, leftover) -> bool:
+        """Move this connection to an I/O worker process (nbdserver/iopool.py); False:
+        it stays here. A TLS session stays: its state is this process's SSL object."""
+        t, export = self.transport, self.export
+        if (negotiated.tls or t.get_extra_info("ssl_object") is not None or export is None
+                or export.is_frozen or export.locked or self.shutting_down
+                or t.get_write_buffer_size()):  # the handshake's last reply still queued here
+            return False
+        sock = t.get_extra_info("socket")
+        if sock is None or not self.server.handoff.hand_off(
+                sock.fileno(), self, export, negotiated, meta_id, leftover, self._peer_key):
+            return False
+        # Its attachment and its place under the caps moved with it (to the worker's
+        # record, released when the worker reports the connection's end).
+        self._peer_key, self.export, self.handshake = None, None, None
+        self.server.connections.discard(self)
+        t.abort()  # closes this process's descriptor only (no shutdown): the worker's lives on
+        return True
+
+    def _transmit(self, structured: bool, min_block: int, meta_id, leftover) -> None:
+        self.structured = structured
+        self.min_block = min_block
+        self.meta_id = meta_id
         self.parser = RequestParser(stage=self._stage_write)
         if self.shutting_down:
             self.begin_shutdown()

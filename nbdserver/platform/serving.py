@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from ..backend import FileSpec
 from ..crypto import open_disk
-from ..exports import Export
+from ..exports import Export, ExportSource
 from . import keys
 from .errors import AccessMissing, KeyUnavailable
 from .model import Volume, VolumeKind
@@ -118,6 +118,7 @@ class DiskServing:
             return
         backend = export.backend
         export.backend = SealedBackend(backend.size)  # unattached: sealed, not locked
+        export.stop_copies()
         self._start_retire(export, backend, "no client attached", idle=True)
 
     # -- opening
@@ -159,12 +160,15 @@ class DiskServing:
             keys.wipe(dek)  # closed, locked or deleted meanwhile: fail closed
             return False
         try:
-            layer = open_disk(self.disk_spec(disk), dek)
+            spec = self.disk_spec(disk)
+            layer = open_disk(spec, dek)
         except OSError as e:  # the file went with a delete that committed meanwhile
             keys.wipe(dek)
             log.warning("disk %s cannot be opened: %s", export.name, e)
             return False
-        export.unlock(layer)
+        # The I/O workers open the same file with the same key (the layer owns `dek`
+        # and wipes it in place when it closes).
+        export.unlock(layer, ExportSource(spec, key=dek))
         log.info("disk %s opened (key %s)", export.name, disk.envelope.kid)
         return True
 
@@ -247,7 +251,9 @@ class DiskServing:
     async def _retire(self, export: Export, backend, reason: str, idle: bool, previous) -> None:
         if previous is not None:  # one retirement after another: a later open waits for both
             await asyncio.shield(previous)
-        await export.drained()
+        # This process's requests and every I/O worker's (each wipes its copy of the key
+        # when its own have finished; a dead worker's copy went with it).
+        await asyncio.gather(export.drained(), export.copies_stopped())
         try:
             await asyncio.get_running_loop().run_in_executor(None, backend.flush)
         except (OSError, ValueError) as e:
