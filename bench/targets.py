@@ -518,6 +518,158 @@ class DeviceTarget(Target):
         return time.monotonic() - started
 
 
+# -- disks on Ceph RBD: ours and qemu's librbd clients, on one throwaway cluster
+
+class _SharedCeph:
+    """The single-node cluster of tests/helpers/ceph.py (one monitor, one memstore OSD),
+    started by the first RBD target and stopped with the last, so every RBD target
+    reads and writes the same cluster. memstore keeps the data in the OSD's memory: what
+    these targets compare is the client side (librbd, the server, its encryption), not
+    a device."""
+
+    cluster: ClassVar[Any] = None
+    users: ClassVar[int] = 0
+
+    @classmethod
+    def acquire(cls, workdir: Path) -> Any:
+        if cls.cluster is None:
+            from tests.helpers.ceph import CephCluster
+            try:
+                cls.cluster = CephCluster(workdir / "ceph").start()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                raise ServerStartError(f"the Ceph cluster did not start: {e}") from None
+        cls.users += 1
+        return cls.cluster
+
+    @classmethod
+    def release(cls) -> None:
+        cls.users -= 1
+        if cls.users == 0 and cls.cluster is not None:
+            cls.cluster.stop()
+            cls.cluster = None
+
+
+class RbdTarget(Target):
+    """A target whose disk is an RBD image of the shared cluster; `_prepare` makes it."""
+
+    tools: ClassVar[tuple[str, ...]] = ()
+    ceph: Any
+    rbd_image: str
+
+    def unavailable(self) -> str | None:
+        from tests.helpers.ceph import missing
+        return missing() or missing_tools(*self.tools)
+
+    def start(self) -> str:
+        self.ceph = _SharedCeph.acquire(self.workdir.parent)
+        self._holds_ceph = True
+        self.rbd_image = f"bench-{self.name}"
+        return super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        if getattr(self, "_holds_ceph", False):
+            self._holds_ceph = False
+            _SharedCeph.release()
+
+    @property
+    def image(self) -> Path:
+        # The disk is in Ceph: no file, and nothing of it in this host's page cache to
+        # warm (librbd's cache is off, memstore keeps the data in the OSD). The harness's
+        # warm-up reads this empty file instead.
+        path = self.workdir / "image-is-in-ceph"
+        path.touch()
+        return path
+
+    def ceph_args(self) -> list[str]:
+        return ["--ceph-conf", str(self.ceph.conf), "--ceph-id", self.ceph.client_id,
+                "--ceph-keyring", str(self.ceph.keyring)]
+
+    def qemu_rbd(self) -> str:
+        """qemu's rbd driver options for the image (the keyring is the one ceph.conf names)."""
+        return (f"pool={self.ceph.pool},image={self.rbd_image},conf={self.ceph.conf},"
+                f"user={self.ceph.client_id}")
+
+
+@register
+class RbdXtsTarget(RbdTarget, XtsTarget):
+    name = "rbd-xts"
+    description = "nbdserver.baseline, AES-256-XTS layer over RbdBackend (librbd, cache off)"
+
+    def export_spec(self) -> str:
+        return f"disk=rbd:{self.ceph.pool}/{self.rbd_image},size={self.size},key={self._keyfile}"
+
+    def _serve(self) -> str:
+        argv = [sys.executable, "-m", "nbdserver.baseline", "--listen", f"{HOST}:0",
+                "--log-level", "WARNING", *self.ceph_args(), self.export_spec()]
+        server = self._spawn(argv, capture_stdout=True)
+        _, host, port = server.wait_for_line("LISTENING ", START_TIMEOUT).split()
+        return f"nbd://{host}:{port}/disk"
+
+
+class _QemuNbdRbd(RbdTarget):
+    """qemu-nbd over qemu's rbd driver (Debian's qemu-block-extra), with --cache=none,
+    which turns librbd's cache off as ours is."""
+
+    tools = ("qemu-nbd", "qemu-img", "rbd")
+    _passfile: Path
+
+    def _image_opts(self) -> str:
+        raise NotImplementedError
+
+    def _serve(self) -> str:
+        port = free_port()
+        argv = ["qemu-nbd", "--object", f"secret,id={PASSPHRASE_ID},file={self._passfile}",
+                "--image-opts", self._image_opts(), "-b", HOST, "-p", str(port), "-x", "disk",
+                "--persistent", "--shared=8", "--cache=none"]
+        self._spawn(argv).wait_for_port(HOST, port, START_TIMEOUT)
+        return f"nbd://{HOST}:{port}/disk"
+
+
+@register
+class QemuNbdRbdLuksTarget(_QemuNbdRbd):
+    name = "qemu-nbd-rbd-luks"
+    description = "qemu-nbd, qemu's LUKS1 aes-xts-plain64 driver over its rbd driver"
+
+    def _prepare(self) -> None:
+        self._passfile = self.secret_file("passphrase", os.urandom(24).hex().encode())
+        dest = f"rbd:{self.ceph.pool}/{self.rbd_image}:conf={self.ceph.conf}:id={self.ceph.client_id}"
+        argv = ["qemu-img", "create", "-q", "-f", "luks",
+                "--object", f"secret,id={PASSPHRASE_ID},file={self._passfile}",
+                "-o", f"key-secret={PASSPHRASE_ID},cipher-alg=aes-256,cipher-mode=xts,"
+                      f"ivgen-alg=plain64,hash-alg=sha256,iter-time={LuksImage.ITER_TIME_MS}",
+                dest, str(self.size)]
+        for _ in range(LuksImage.ATTEMPTS):  # see LuksImage: qemu-img's coarse PBKDF2 timing
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if not done.returncode:
+                return
+            self.ceph.rbd("rm", "--no-progress", f"{self.ceph.pool}/{self.rbd_image}")
+        raise ServerStartError(f"qemu-img create on RBD failed: {done.stderr.strip()}")
+
+    def _image_opts(self) -> str:
+        return f"driver=luks,key-secret={PASSPHRASE_ID},file.driver=rbd," + \
+            ",".join(f"file.{o}" for o in self.qemu_rbd().split(","))
+
+
+@register
+class QemuNbdRbdLuks2Target(_QemuNbdRbd):
+    name = "qemu-nbd-rbd-luks2"
+    description = "qemu-nbd, librbd's own LUKS2 encryption (rbd encryption format), qemu's rbd driver"
+
+    # librbd's LUKS2 header (16 MiB) is taken from the image: made that much larger, the
+    # export is the size asked for.
+    HEADER = 16 << 20
+
+    def _prepare(self) -> None:
+        self._passfile = self.secret_file("passphrase", os.urandom(24).hex().encode())
+        where = f"{self.ceph.pool}/{self.rbd_image}"
+        self.ceph.rbd("create", "--size", f"{self.size + self.HEADER}B", where)
+        self.ceph.rbd("encryption", "format", where, "luks2", str(self._passfile), timeout=300)
+
+    def _image_opts(self) -> str:
+        return f"driver=rbd,{self.qemu_rbd()},encrypt.format=luks2,encrypt.key-secret={PASSPHRASE_ID}"
+
+
 def select(names: str | None) -> list[str]:
     """`"a,b"` -> those target names in the order given; None or "all" -> every registered one."""
     if not names or names == "all":

@@ -15,6 +15,7 @@ DEB_PACKAGES=(
     systemd
     # A throwaway single-node Ceph cluster for disks on RBD (tests/helpers/ceph.py).
     ceph-mon ceph-osd ceph-common python3-rbd python3-rados
+    qemu-block-extra  # qemu's rbd driver: the bench's qemu-nbd peers on RBD (bench/targets.py)
 )
 
 bootstrap_debs() {
