@@ -92,9 +92,11 @@ class ExportCopies(Protocol):
 
     async def stopped(self, export: Export) -> None: ...  # every stop sent so far is done
 
-    async def freeze(self, export: Export) -> None: ...  # their requests held and drained
+    # Their requests held and drained; `token` names this freeze (one export may be
+    # frozen by several snapshots at once), for its thaw.
+    async def freeze(self, export: Export, token: object) -> None: ...
 
-    def thaw(self, export: Export) -> None: ...
+    def thaw(self, export: Export, token: object) -> None: ...
 
 
 @dataclass
@@ -214,15 +216,15 @@ class Export:
     @contextlib.asynccontextmanager
     async def frozen(self):
         self._frozen += 1
-        copies = self.copies
+        copies, token = self.copies, object()
         try:
             await self.drained()
             if copies is not None:
-                await copies.freeze(self)
+                await copies.freeze(self, token)
             yield
         finally:
             if copies is not None:
-                copies.thaw(self)
+                copies.thaw(self, token)
             self._frozen -= 1
             if not self._frozen:
                 parked, self._parked = self._parked, []

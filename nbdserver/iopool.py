@@ -43,6 +43,7 @@ import time
 from collections import deque
 
 from . import iowire
+from .backend import FileSpec
 from .exports import Export, ExportCatalog
 
 log = logging.getLogger("nbdserver.iopool")
@@ -89,6 +90,7 @@ class Worker:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "nbdserver.ioworker", "--control-fd", str(child.fileno()),
+                 "--parent-pid", str(os.getpid()),
                  "--threads", str(pool.threads), "--buffer-budget", str(pool.budget_share),
                  "--log-level", logging.getLevelName(logging.getLogger().level)],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
@@ -205,7 +207,7 @@ class IoPool:
         self.workers: list[Worker] = []
         self.seqs = itertools.count(1)
         self._ids = itertools.count(1)
-        self._frozen: dict[Export, list[Worker]] = {}
+        self._frozen: dict[object, list[Worker]] = {}  # a freeze's token -> the workers it froze
         self._stops: dict[Export, list[asyncio.Future]] = {}
         self.closing = False
         self._respawns: set[asyncio.TimerHandle] = set()
@@ -223,7 +225,8 @@ class IoPool:
         """Send a connection in transmission to a worker; False: serve it here."""
         source = export.source
         ready = [w for w in self.workers if w.ready]
-        if self.closing or source is None or not ready or len(leftover) > iowire.MAX_LEFTOVER:
+        if (self.closing or source is None or not ready or len(leftover) > iowire.MAX_LEFTOVER
+                or not isinstance(source.spec, FileSpec)):  # a worker opens files only
             return False
         worker = min(ready, key=lambda w: len(w.conns))
         if worker.holdings.get(export.name) != export.generation:
@@ -304,13 +307,13 @@ class IoPool:
         if stops:
             await asyncio.gather(*stops)
 
-    async def freeze(self, export: Export) -> None:
+    async def freeze(self, export: Export, token: object) -> None:
         holders = [w for w in self.workers if export.name in w.holdings]
-        self._frozen.setdefault(export, []).extend(holders)
+        self._frozen[token] = holders  # before the first await: a cancelled freeze still thaws
         await asyncio.gather(*(w.ask({"t": "freeze", "export": export.name}) for w in holders))
 
-    def thaw(self, export: Export) -> None:
-        holders = self._frozen.pop(export, [])
+    def thaw(self, export: Export, token: object) -> None:
+        holders = self._frozen.pop(token, [])
         for w in holders:
             if w in self.workers:
                 w.send({"t": "thaw", "export": export.name})

@@ -242,11 +242,12 @@ def die_with_parent(parent: int) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m nbdserver.ioworker")
     ap.add_argument("--control-fd", type=int, required=True)
+    ap.add_argument("--parent-pid", type=int, required=True)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--buffer-budget", type=int, default=1 << 30)
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    die_with_parent(os.getppid())
+    die_with_parent(args.parent_pid)
     harden_process()
     raise_fd_limit()
     tune_allocator()
