@@ -18,10 +18,11 @@ exit status says what the caller can do about it (docs/operations.md, "Exit code
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 from typing import Any, TextIO
+
+from .rfc3339 import format_time
 
 FORMATS = ("json", "table", "tsv")
 
@@ -69,29 +70,10 @@ def report_error(err: CliError, fmt: str | None, stream: TextIO | None = None) -
 
 
 # --------------------------------------------------------------------------- timestamps
-def rfc3339(seconds: float) -> str:
-    """Epoch seconds as RFC 3339 in UTC, whole seconds (the APIs' resolution)."""
-    t = datetime.datetime.fromtimestamp(int(seconds), datetime.UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_rfc3339(text: str) -> float:
-    """RFC 3339 ("2026-12-06T07:55:00Z", "...+01:00", fractions allowed) -> epoch seconds.
-    An offset is required: a time without one means a different instant on every host."""
-    try:
-        t = datetime.datetime.fromisoformat(text.replace("z", "Z"))
-    except ValueError:
-        t = None
-    if t is None or t.tzinfo is None:
-        raise ValueError(f"{text!r} is not an RFC 3339 time with an offset "
-                         "(e.g. 2026-12-06T07:55:00Z)")
-    return t.timestamp()
-
-
 def with_rfc3339(obj: Any, keys: frozenset[str]) -> Any:
     """A copy of `obj` with every number under one of `keys` (at any depth) as RFC 3339."""
     if isinstance(obj, dict):
-        return {k: (rfc3339(v) if k in keys and _is_time(v) else with_rfc3339(v, keys))
+        return {k: (format_time(v) if k in keys and _is_time(v) else with_rfc3339(v, keys))
                 for k, v in obj.items()}
     if isinstance(obj, list):
         return [with_rfc3339(v, keys) for v in obj]

@@ -15,6 +15,7 @@ import json
 import logging
 import sqlite3
 import sys
+import uuid
 from pathlib import Path
 
 import click
@@ -23,6 +24,7 @@ from daemonkit import deadline
 from daemonkit.clicommand import ClientGroup, emit, output_format, version
 from daemonkit.cliout import EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, CliError
 from daemonkit.config import Settings
+from daemonkit.rfc3339 import format_time, parse_time
 
 from .client import Credential, KeyServiceClient, KeyServiceError, KeyServiceUnavailable, parse_kid
 
@@ -55,6 +57,41 @@ class KeyServiceCommands(ClientGroup):
 
 def _print(obj) -> None:
     emit(obj)
+
+
+class ObjectId(click.ParamType):
+    """An identity's object id: a UUID, as the directory makes them. Checked here, so a
+    typo or a display name given by mistake says so instead of an opaque 404."""
+    name = "OBJECT_ID"
+
+    def convert(self, value, param, ctx):
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            self.fail(f"{value!r} is not an object id (a UUID such as "
+                      "3f2504e0-4f89-11d3-9a0c-0305e82c3301; `identity list` shows them)", param, ctx)
+
+
+OBJECT_ID = ObjectId()
+
+
+CLEAR = "clear"  # what an Rfc3339 option gives for its word that removes the setting
+
+
+class Rfc3339(click.ParamType):
+    """An RFC 3339 time, or one of `clear` (the words that remove the setting: CLEAR)."""
+    name = "TIME"
+
+    def __init__(self, *clear: str):
+        self.clear = clear
+
+    def convert(self, value, param, ctx):
+        if value in self.clear:
+            return CLEAR
+        try:
+            return parse_time(value)
+        except ValueError as e:
+            self.fail(f"{e}{' or ' + ' / '.join(self.clear) if self.clear else ''}", param, ctx)
 
 
 def _usage(message: str) -> CliError:
@@ -250,33 +287,33 @@ def identity_list():
 
 
 @identity.command("show")
-@click.argument("object_id")
+@click.argument("object_id", type=OBJECT_ID)
 def identity_show(object_id):
     _show("GET", f"/identities/{object_id}")
 
 
 @identity.command("disable")
-@click.argument("object_id")
+@click.argument("object_id", type=OBJECT_ID)
 def identity_disable(object_id):
     """No new tokens, and its current tokens stop working at once."""
     _show("PATCH", f"/identities/{object_id}", {"enabled": False})
 
 
 @identity.command("enable")
-@click.argument("object_id")
+@click.argument("object_id", type=OBJECT_ID)
 def identity_enable(object_id):
     _show("PATCH", f"/identities/{object_id}", {"enabled": True})
 
 
 @identity.command("delete")
-@click.argument("object_id")
+@click.argument("object_id", type=OBJECT_ID)
 def identity_delete(object_id):
     """Delete an identity and its access policies."""
     _show("DELETE", f"/identities/{object_id}")
 
 
 @identity.command("reset-secret")
-@click.argument("object_id")
+@click.argument("object_id", type=OBJECT_ID)
 @click.option("--output-credential", type=click.Path(dir_okay=False),
               help="also write the new credential file here (0600)")
 def identity_reset_secret(object_id, output_credential):
@@ -423,6 +460,33 @@ def key_purge(vault, name):
     _show("DELETE", f"/vaults/{vault}/deletedkeys/{name}")
 
 
+@key.command("update")
+@click.argument("vault")
+@click.argument("name")
+@click.option("--version", help="default: the current version")
+@click.option("--enable/--disable", "enabled", default=None, help="allow or stop every operation")
+@click.option("--expires", type=Rfc3339("never"), metavar="TIME|never",
+              help="no operation from this RFC 3339 time on (2027-01-01T00:00:00Z); never: remove")
+@click.option("--not-before", type=Rfc3339("none"), metavar="TIME|none",
+              help="no operation before this RFC 3339 time; none: remove")
+@click.option("--ops", help="the operations the version allows, comma-separated (wrapKey,unwrapKey)")
+def key_update(vault, name, version, enabled, expires, not_before, ops):
+    """Change a key version's attributes: enabled, expiry, not-before, operations."""
+    attributes = {}
+    if enabled is not None:
+        attributes["enabled"] = enabled
+    if expires is not None:  # JSON null removes the attribute (Key Vault's PATCH)
+        attributes["exp"] = None if expires == CLEAR else int(expires)
+    if not_before is not None:
+        attributes["nbf"] = None if not_before == CLEAR else int(not_before)
+    body: dict = {"attributes": attributes} if attributes else {}
+    if ops is not None:
+        body["key_ops"] = [o.strip() for o in ops.split(",") if o.strip()]
+    if not body:
+        raise _usage("give at least one of --enable/--disable, --expires, --not-before, --ops")
+    _show("PATCH", _key_path(vault, name, version), body)
+
+
 def _set_enabled(vault, name, version, enabled):
     _show("PATCH", _key_path(vault, name, version), {"attributes": {"enabled": enabled}})
 
@@ -475,7 +539,7 @@ def policy():
 
 @policy.command("set")
 @click.argument("vault")
-@click.option("--object-id", required=True)
+@click.option("--object-id", required=True, type=OBJECT_ID)
 @click.option("--key-permissions", required=True, help="comma-separated, e.g. get,wrapKey,unwrapKey")
 def policy_set(vault, object_id, key_permissions):
     perms = [p.strip() for p in key_permissions.split(",") if p.strip()]
@@ -484,7 +548,7 @@ def policy_set(vault, object_id, key_permissions):
 
 @policy.command("delete")
 @click.argument("vault")
-@click.option("--object-id", required=True)
+@click.option("--object-id", required=True, type=OBJECT_ID)
 def policy_delete(vault, object_id):
     _show("DELETE", f"/vaults/{vault}/accessPolicies/{object_id}")
 
@@ -503,9 +567,18 @@ def audit():
 
 @audit.command("show")
 @click.argument("vault")
-@click.option("--limit", default=1000, show_default=True, type=int)
-def audit_show(vault, limit):
-    _show("GET", f"/vaults/{vault}/audit", params={"limit": str(limit)})
+@click.option("--limit", type=click.IntRange(1, 10000), help="the first N entries (default 1000)")
+@click.option("--tail", type=click.IntRange(1, 10000), help="the last N entries")
+@click.option("--since", type=Rfc3339(), metavar="TIME",
+              help="only entries at or after this RFC 3339 time (2026-12-06T07:55:00Z)")
+def audit_show(vault, limit, tail, since):
+    """VAULT's audit entries, oldest first."""
+    if limit is not None and tail is not None:
+        raise _usage("give --limit (the first N entries) or --tail (the last N), not both")
+    params = {"tail": str(tail)} if tail is not None else {"limit": str(limit or 1000)}
+    if since is not None:
+        params["since"] = format_time(since)
+    _show("GET", f"/vaults/{vault}/audit", params=params)
 
 
 @audit.command("verify")

@@ -394,10 +394,18 @@ class Store:
         self._db.execute("INSERT OR REPLACE INTO audit_heads VALUES (?,?,?,?)",
                          (chain, seq, mac, audit.head_mac(self._audit_key, chain, seq, mac)))
 
-    def audit_entries(self, chain: str, limit: int, after: int = 0) -> list[dict]:
-        return [dict(json.loads(e), seq=s) for s, e in self._db.execute(
-            "SELECT seq, entry FROM audit WHERE chain=? AND seq > ? ORDER BY seq LIMIT ?",
-            (chain, after, limit))]
+    def audit_entries(self, chain: str, limit: int, after: int = 0, *, newest: bool = False,
+                      since: float | None = None) -> list[dict]:
+        """Up to `limit` entries after seq `after` (and at or after time `since`), oldest
+        first; `newest`: the last `limit` of them (`audit show --tail`), still oldest first."""
+        query = "SELECT seq, entry FROM audit WHERE chain=? AND seq > ?"
+        args: list = [chain, after]
+        if since is not None:
+            query += " AND json_extract(entry, '$.time') >= ?"
+            args.append(since)
+        query += f" ORDER BY seq {'DESC' if newest else 'ASC'} LIMIT ?"
+        rows = self._db.execute(query, (*args, limit)).fetchall()
+        return [dict(json.loads(e), seq=s) for s, e in (reversed(rows) if newest else rows)]
 
     def verify_audit(self, chain: str) -> audit.Verification:
         rows = self._db.execute("SELECT seq, entry, prev, mac FROM audit WHERE chain=? ORDER BY seq",

@@ -4,17 +4,34 @@ import uuid
 
 from aiohttp import web
 
+from daemonkit.rfc3339 import parse_time
+
 from ..domain.errors import BadRequest
 from .body import query_int
 
 
 async def show(request: web.Request) -> web.Response:
+    """`limit` entries after seq `after`, oldest first; `tail=N`: the last N instead;
+    `since=TIME` (RFC 3339): only entries at or after it."""
     domain = request.app["domain"]
+    if "tail" in request.query and "limit" in request.query:
+        raise BadRequest("give 'tail' (the last N entries) or 'limit' (the first N), not both")
+    tail = "tail" in request.query
+    limit = query_int(request, "tail", 100, 1, 10000) if tail else query_int(request, "limit", 1000, 1, 10000)
     entries = await domain.run(domain.service.audit_entries, request["caller"],
-                               request.match_info.get("vault"),
-                               query_int(request, "limit", 1000, 1, 10000),
-                               query_int(request, "after", 0), _vault_id(request))
+                               request.match_info.get("vault"), limit, query_int(request, "after", 0),
+                               _vault_id(request), newest=tail, since=_since(request))
     return web.json_response({"value": entries})
+
+
+def _since(request: web.Request) -> float | None:
+    value = request.query.get("since")
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as e:
+        raise BadRequest(f"query parameter 'since': {e}") from None
 
 
 async def verify(request: web.Request) -> web.Response:

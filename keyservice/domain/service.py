@@ -71,8 +71,9 @@ class KeyService(DirectoryOperations, VaultOperations, BackupOperations, KeyOper
         return v.audit_chain
 
     def audit_entries(self, caller: Caller, vault: str | None, limit: int = 1000, after: int = 0,
-                      vault_id: str | None = None):
-        return self.store.audit_entries(self._audit_chain(caller, vault, vault_id), limit, after)
+                      vault_id: str | None = None, *, newest: bool = False, since: float | None = None):
+        return self.store.audit_entries(self._audit_chain(caller, vault, vault_id), limit, after,
+                                        newest=newest, since=since)
 
     def verify_audit(self, caller: Caller, vault: str | None, vault_id: str | None = None):
         return self.store.verify_audit(self._audit_chain(caller, vault, vault_id))
