@@ -1,8 +1,10 @@
 """Authorization matrix of the key service: every key operation x every permission set x
 every key state, against the real daemon over HTTP.
 
-Permission sets: none (no access policy at all), each of the 11 key permissions alone,
-and all of them: 13 identities, each with its own token. Key states: enabled, disabled,
+Permission sets: none (no access policy at all), each of the 12 key permissions alone,
+and all of them: 14 identities, each with its own token. (`restore` is not in the matrix:
+its outcome depends on a blob, not on the key's state; tests/keyservice/test_ks_azure_sdk.py
+checks that it needs its permission.) Key states: enabled, disabled,
 expired, not yet valid, soft-deleted. For every (operation, identity, state):
 
 - without the operation's permission the answer is 403 AccessDenied, whatever the key's
@@ -32,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.helpers.platform import Stack, _http
 
 PERMS = ("get", "list", "create", "import", "update", "delete", "recover", "purge",
-         "wrapKey", "unwrapKey", "rotate")
+         "wrapKey", "unwrapKey", "rotate", "backup")
 PERM_SETS = {"none": ()} | {p: (p,) for p in PERMS} | {"all": PERMS}
 STATES = ("enabled", "disabled", "expired", "notyetvalid", "deleted")
 VAULT = "matrixvault"
@@ -62,6 +64,7 @@ OPS: dict[str, tuple[str, bool, Callable[[str, dict], tuple[str, str, Any]]]] = 
     "unwrapKey": ("unwrapKey", False, lambda k, c: ("POST", f"/vaults/{VAULT}/keys/{k}/unwrapkey",
                                                    {"alg": "RSA-OAEP-256", "value": c["wrapped"][k]})),
     "rotate": ("rotate", True, lambda k, c: ("POST", f"/vaults/{VAULT}/keys/{k}/rotate", None)),
+    "backup": ("backup", False, lambda k, c: ("POST", f"/vaults/{VAULT}/keys/{k}/backup", None)),
 }
 
 # Outcome allowed by the key's state, for a caller holding the permission.
