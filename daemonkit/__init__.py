@@ -4,4 +4,9 @@
 configuration error), `tlsca` (the CA of test and demo set-ups), `httplog` (log lines
 safe from client input, aiohttp's malformed-request log) and `httpguard` (slowloris
 protection). It imports neither daemon: both depend on it, never the other way round.
+
+The two CLIs' common edge: `clicommand` (every client command's --output/--query and
+environment help, one error handling), `cliout` (formats, the error shape, the exit
+codes), `config` (the settings file), `deadline` (a whole command's deadline),
+`cliprogress` (a long operation's progress line) and `rfc3339` (times as people read them).
 """
