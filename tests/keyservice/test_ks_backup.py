@@ -87,10 +87,14 @@ def test_online_backup_restores_elsewhere_with_the_master_key_supplied(make_daem
 def _as_previous_release(db_path: Path) -> None:
     """Rebuild the database with the previous release's schema (the fixture), its rows
     kept, user_version 0: what that release left on disk."""
-    src = sqlite3.connect(db_path)
-    tables = [t for (t,) in src.execute("SELECT name FROM sqlite_master WHERE type='table' "
-                                        "AND name NOT LIKE 'sqlite_%'")]
-    rows = {t: src.execute(f"SELECT * FROM {t}").fetchall() for t in tables}
+    schema = sqlite3.connect(":memory:")
+    schema.executescript((FIXTURES / "keyservice_schema_v0.sql").read_text())
+    columns = {t: [c[1] for c in schema.execute(f"PRAGMA table_info({t})")]
+               for (t,) in schema.execute("SELECT name FROM sqlite_master WHERE type='table' "
+                                          "AND name NOT LIKE 'sqlite_%'")}
+    schema.close()
+    src = sqlite3.connect(db_path)  # what this release wrote, as that release's columns
+    rows = {t: src.execute(f"SELECT {', '.join(cs)} FROM {t}").fetchall() for t, cs in columns.items()}
     src.close()
     for suffix in ("", "-wal", "-shm"):
         Path(str(db_path) + suffix).unlink(missing_ok=True)
@@ -99,7 +103,8 @@ def _as_previous_release(db_path: Path) -> None:
     old.executescript((FIXTURES / "keyservice_schema_v0.sql").read_text())
     for t, rs in rows.items():
         for r in rs:
-            old.execute(f"INSERT INTO {t} VALUES ({','.join('?' * len(r))})", r)
+            old.execute(f"INSERT INTO {t} ({', '.join(columns[t])}) VALUES "
+                        f"({','.join('?' * len(r))})", r)
     old.commit()
     assert old.execute("PRAGMA user_version").fetchone()[0] == 0
     old.close()

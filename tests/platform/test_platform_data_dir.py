@@ -90,19 +90,26 @@ def test_missing_file_fails_its_disk_only(make_stack):
 def _as_previous_release(db_path: Path, old_root: Path) -> None:
     """Rewrite a state database as the release before schema versions left it: its
     schema (the fixture), user_version 0, and volume paths absolute under `old_root`."""
-    src = sqlite3.connect(db_path)
-    tables = {t: src.execute(f"SELECT * FROM {t}").fetchall()
-              for t in ("config", "encryption_sets", "volumes")}
+    schema = sqlite3.connect(":memory:")
+    schema.executescript((FIXTURES / "platform_schema_v0.sql").read_text())
+    columns = {t: [c[1] for c in schema.execute(f"PRAGMA table_info({t})")]
+               for (t,) in schema.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    schema.close()
+    src = sqlite3.connect(db_path)  # what this release wrote, as that release's columns
+    tables = {t: src.execute(f"SELECT {', '.join(cs)} FROM {t}").fetchall()
+              for t, cs in columns.items()}
     src.close()
     for suffix in ("", "-wal", "-shm"):
         Path(str(db_path) + suffix).unlink(missing_ok=True)
     old = sqlite3.connect(db_path)
     old.executescript((FIXTURES / "platform_schema_v0.sql").read_text())
+    path_at = columns["volumes"].index("path")
     for t, rows in tables.items():
         for r in rows:
             if t == "volumes":
-                r = (*r[:9], str(old_root / r[9]), *r[10:])
-            old.execute(f"INSERT INTO {t} VALUES ({','.join('?' * len(r))})", r)
+                r = (*r[:path_at], str(old_root / r[path_at]), *r[path_at + 1:])
+            old.execute(f"INSERT INTO {t} ({', '.join(columns[t])}) VALUES "
+                        f"({','.join('?' * len(r))})", r)
     old.commit()
     assert old.execute("PRAGMA user_version").fetchone()[0] == 0
     old.close()
