@@ -9,6 +9,7 @@ start every row still marked running becomes `interrupted`, with an error that s
 and a client waiting on it learns the outcome instead of a 404 for an id it was given.
 
 Statuses: running -> succeeded | failed; running -> interrupted (only across a restart).
+Times: `started`/`ended` in epoch seconds, `startTime`/`endTime` in RFC 3339.
 Progress is a fraction in memory only: a client polls it, and it dies with the run.
 """
 
@@ -20,6 +21,8 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from daemonkit.rfc3339 import format_time
 
 from .errors import NotFound, PlatformError
 
@@ -49,9 +52,10 @@ class OperationLog:
         """`start_fn(progress)` starts the platform's operation and returns its task; it is
         called here, so a refusal (a name in use: 409) is the request's answer and leaves
         no operation behind."""
+        now = time.time()
         op: dict[str, Any] = {"id": uuid.uuid4().hex[:16], "kind": kind, "target": target,
                               "status": "running", "progress": 0.0, "bytesTotal": total_bytes,
-                              "started": time.time()}
+                              "started": now, "startTime": format_time(now)}
 
         def progress(fraction: float) -> None:
             op["progress"] = round(min(max(fraction, 0.0), 1.0), 4)
@@ -79,6 +83,7 @@ class OperationLog:
                                                        "message": "internal error", "status": 500}
             finally:
                 op["ended"] = time.time()
+                op["endTime"] = format_time(op["ended"])
                 self._record_end(op)
 
         op_task = asyncio.create_task(run())

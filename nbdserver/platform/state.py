@@ -18,6 +18,8 @@ import sqlite3
 import time
 from collections.abc import Callable
 
+from daemonkit.rfc3339 import format_time
+
 from . import backing
 from .errors import InsufficientStorage
 from .model import EncryptionSet, KeyEnvelope, Volume, VolumeKind, VolumeState
@@ -237,7 +239,8 @@ class State:
             rows = self.db.execute("SELECT view FROM operations WHERE status='running'").fetchall()
             for (view,) in rows:
                 op = json.loads(view)
-                op.update(status="interrupted", error=dict(error), ended=now)
+                op.update(status="interrupted", error=dict(error), ended=now,
+                          endTime=format_time(now))
                 self.put_operation(op)
         return len(rows)
 

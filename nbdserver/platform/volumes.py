@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from daemonkit.rfc3339 import format_time
+
 from ..backend import WRITEBACK, FileBackend, FileSpec
 from ..crypto import XtsLayer, open_disk
 from . import backing, keys, rules
@@ -477,7 +479,8 @@ def _volume_view(v: Volume) -> dict:
                            else "EncryptionAtRestWithCustomerKey",
                            "diskEncryptionSet": None if v.des == PLATFORM_KEY else v.des,
                            "kid": v.envelope.kid, "keyVersion": ku.version, "alg": v.envelope.alg},
-            "state": v.state.value, "source": v.source, "gallery": v.gallery, "created": v.created}
+            "state": v.state.value, "source": v.source, "gallery": v.gallery, "created": v.created,
+            "timeCreated": format_time(v.created)}
 
 
 def _storage_error(e: OSError, what: str) -> Exception:

@@ -9,6 +9,7 @@ the NBD client that sees a disk's size and data.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import sys
 import time
@@ -19,6 +20,7 @@ from tests.helpers.platform import CliFailed, pattern
 from tests.helpers.servers import wait_until
 
 MiB = 1 << 20
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 
 def _refused(call) -> CliFailed:
@@ -116,6 +118,12 @@ def test_an_operation_left_and_found_again(stack):
     assert shown["status"] == "succeeded" and shown["progress"] == 1.0
     assert shown["started"].endswith("Z") and shown["ended"].endswith("Z")  # RFC 3339
     assert op["id"] in [o["id"] for o in nb("operation", "list")]
+    # The API itself gives both: epoch seconds, and RFC 3339 next to them.
+    status, raw = stack.api("GET", f"/operations/{op['id']}")
+    assert status == 200 and isinstance(raw["ended"], float) and RFC3339.match(raw["endTime"])
+    assert RFC3339.match(raw["startTime"]) and raw["startTime"] <= raw["endTime"]
+    status, disk = stack.api("GET", "/disks/opsrc")
+    assert isinstance(disk["created"], float) and RFC3339.match(disk["timeCreated"])
     err = _refused(lambda: nb("operation", "show", "not-an-id"))
     assert err.returncode == 2 and "16 hexadecimal digits" in err.stderr
     err = _refused(lambda: nb("operation", "show", "0123456789abcdef"))
@@ -139,6 +147,7 @@ def test_an_operation_cut_by_a_restart_is_reported_interrupted(make_stack):
     stack.start_nbdserver(same_ports=True)
     shown = stack.nbdserver("operation", "show", "00000000000000aa")
     assert shown["status"] == "interrupted" and shown["error"]["code"] == "OperationInterrupted"
+    assert RFC3339.match(shown["endTime"])
     r = stack._cli([sys.executable, "-m", "nbdserver.cli", "operation", "wait", "00000000000000aa"],
                    stack.env, False)
     assert r.returncode == 3 and "undone at the next start" in r.stderr, r.stderr

@@ -67,7 +67,7 @@ def test_dek_is_in_memory_only_while_attached(at_once):
     shown = stack.disk("a1")
     assert shown["diskState"] == "Attached" and shown["serving"]["keyLoaded"] is True
     [client] = shown["serving"]["clients"]
-    assert client["peer"].startswith("127.0.0.1:") and client["since"] > 0
+    assert client["peer"].startswith("127.0.0.1:") and client["since"].endswith("Z")  # RFC 3339
     if root:
         assert _memory_hits(stack.nb.pid, needles), "the scan must see the DEK while attached"
 
