@@ -12,7 +12,6 @@ seconds) exits 3 with its stacks on stderr rather than hang (`daemonkit.deadline
 """
 import asyncio
 import json
-import logging
 import sqlite3
 import sys
 import uuid
@@ -24,6 +23,9 @@ from daemonkit import deadline
 from daemonkit.clicommand import ClientGroup, emit, output_format, version
 from daemonkit.cliout import EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, CliError
 from daemonkit.config import Settings
+from daemonkit.logsetup import FORMATS as LOG_FORMATS
+from daemonkit.logsetup import LEVELS as LOG_LEVELS
+from daemonkit.logsetup import configure as configure_logging
 from daemonkit.rfc3339 import format_time, parse_time
 
 from .client import Credential, KeyServiceClient, KeyServiceError, KeyServiceUnavailable, parse_kid
@@ -201,9 +203,16 @@ def main():
                    "(repeat; nbd-platform is always reserved)")
 @click.option("--vault-domain", help="also serve vault V as https://V.DOMAIN/keys (Key Vault's "
               "addressing, for the Azure SDKs; docs/azure-clients.md)")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
+              show_default=True)
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+              help="json: one object per line, with request ids (docs/operations.md, \"Logs\")")
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="also serve /metrics, /healthz and /readyz here, plain HTTP "
+                   "(docs/operations.md, \"Monitoring\")")
 def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat, tls_dir, tls_cert,
           tls_key, insecure_plain_http, http_header_timeout, http_body_timeout, max_connections, reserved,
-          vault_domain):
+          vault_domain, log_level, log_format, metrics_listen):
     """Run the key service daemon."""
     from daemonkit.httpguard import HttpLimits
     from daemonkit.tls import TlsConfigError
@@ -221,12 +230,17 @@ def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat
     except TlsConfigError as e:
         click.echo(f"keyservice: cannot start: {e}", err=True)
         sys.exit(2)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if metrics_listen is not None:
+        m_host, m_sep, m_port = metrics_listen.rpartition(":")
+        if not m_sep or not m_port.isdigit():
+            raise click.UsageError("--metrics-listen must be HOST:PORT")
+    configure_logging(log_level, log_format)
     config = ServeConfig(data_dir=data_dir, host=host.strip("[]") or "127.0.0.1", port=int(port),
                          base_url=base_url, master_key_file=master_key_file,
                          token_lifetime=token_lifetime, heartbeat=heartbeat, ssl_context=ssl_context,
-                         vault_domain=vault_domain)
+                         vault_domain=vault_domain,
+                         metrics_listen=(m_host.strip("[]") or "127.0.0.1", int(m_port))
+                         if metrics_listen is not None else None)
     config.reserved_vault_prefixes += tuple(reserved)
     config.http_limits = HttpLimits(header_timeout=http_header_timeout, body_timeout=http_body_timeout,
                                     max_connections=max_connections)
@@ -623,6 +637,23 @@ def backup(directory, data_dir, include_master_key, master_key_file):
     except BackupError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+# -- status --
+@main.command("status")
+def status():
+    """Ready or not and why, audit chains and entries, change-stream subscribers (needs
+    only KEYSERVICE_URL). Exit 1: not ready; 3: unreachable."""
+    from .status import readiness
+    url = SETTINGS.get("KEYSERVICE_URL")
+    if not url:
+        raise _usage("set KEYSERVICE_URL, in the environment or the settings file (see --help)")
+    timeout = _request_timeout()
+    deadline.arm(timeout + DEADLINE_MARGIN, "keyservice status", output_format())
+    report = asyncio.run(readiness(url, ssl=_client_ssl(url), timeout=timeout))
+    _print(report)
+    if not report["ready"]:
+        sys.exit(EXIT_REFUSED)
 
 
 # -- TLS --

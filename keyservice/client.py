@@ -11,6 +11,7 @@ import base64
 import errno
 import json
 import os
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from daemonkit.latency import Latency
 from daemonkit.tls import TlsConfigError, is_loopback
 
 from . import secret_http
@@ -54,9 +56,77 @@ def unreachable(base_url: str, e: BaseException) -> KeyServiceError:
         if getattr(cause, "errno", None) in _LOCAL_ERRNOS or isinstance(cause, MemoryError):
             return LocalResourceError(0, "LocalResourceExhausted",
                                       f"cannot call the key service at {base_url}: this process "
-                                      f"is out of a local resource: {cause!r}")
+                                      f"is out of a local resource: {describe(cause)}")
         cause = getattr(cause, "os_error", None) or cause.__cause__
-    return KeyServiceUnavailable(0, "ServiceUnavailable", f"key service at {base_url} unreachable: {e!r}")
+    return KeyServiceUnavailable(0, "ServiceUnavailable",
+                                 f"key service at {base_url} unreachable: {describe(e)}")
+
+
+def describe(e: BaseException) -> str:
+    """Why a call got no answer, in an operator's words ("connection refused").
+
+    Never a repr: aiohttp's `ClientConnectorError(ConnectionKey(host=..., ssl=...))`
+    used to reach the log, the CLIs, `disk show` and NBD clients. The cause chain is
+    searched for what the system said (an errno's text, a resolver's message, TLS's
+    reason); failing that, the exception's class name in words."""
+    seen: BaseException | None = e
+    while seen is not None:
+        inner = getattr(seen, "os_error", None) or seen
+        if isinstance(inner, TimeoutError):
+            return "no answer in time"
+        if isinstance(inner, ssl.SSLCertVerificationError):
+            return f"its TLS certificate is not trusted: {inner.verify_message}"
+        if isinstance(inner, ssl.SSLError):
+            return f"TLS failed: {inner.reason or 'handshake error'}"
+        if isinstance(inner, OSError) and (inner.strerror or inner.errno):
+            # The errno's own text: asyncio's strerror is "Connect call failed (addr)".
+            # A resolver's errors (gaierror) are not errnos: their text is theirs.
+            if inner.errno and inner.errno > 0 and not isinstance(inner, socket.gaierror):
+                text = os.strerror(inner.errno)
+            else:
+                text = inner.strerror or "failed"
+            return text[:1].lower() + text[1:]
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "the connection closed before an answer"
+    name = type(e).__name__.removesuffix("Error")
+    words = "".join(f" {c.lower()}" if c.isupper() else c for c in name).strip()
+    return words or "failed"
+
+
+class CallTally:
+    """The platform's calls to the key service, by operation and outcome, and how long
+    they took: plain ints and histograms that nbdserver/metrics.py exports at scrape
+    time. One per process, hung on KeyServiceClient by the daemon (`tally`)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple[str, str], int] = {}  # (operation, outcome) -> count
+        self.latency: dict[str, Latency] = {}
+
+    def record(self, operation: str, outcome: str, started: float) -> None:
+        key = (operation, outcome)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        h = self.latency.get(operation)
+        if h is None:
+            h = self.latency[operation] = Latency()
+        h.observe(time.monotonic() - started)
+
+
+def _operation(method: str, path: str) -> str:
+    """A bounded label for a call (never a vault or key name: those are the tenants')."""
+    if path == "/oauth2/token":
+        return "token"
+    if path.endswith("/wrapkey"):
+        return "wrapKey"
+    if path.endswith("/unwrapkey"):
+        return "unwrapKey"
+    if method == "GET" and "/keys/" in path:
+        return "getKey"
+    return "other"
+
+
+def _outcome(status: int) -> str:
+    return "ok" if status < 400 else "refused" if status < 500 else "failed"
 
 
 @dataclass
@@ -146,6 +216,9 @@ def client_ssl_for(url: str, cafile=None, insecure_plain_http: bool = False):
 
 
 class KeyServiceClient:
+    # Where calls are counted, if anywhere: the platform daemon sets one for the process.
+    tally: CallTally | None = None
+
     def __init__(self, base_url: str, credential: Credential, *, ssl=None, timeout: float = 10.0):
         self.base_url = base_url.rstrip("/")
         self.credential = credential
@@ -191,13 +264,18 @@ class KeyServiceClient:
 
     async def _send(self, method: str, path: str, *, json_body=None, params=None, auth=True):
         headers = {"Authorization": f"Bearer {await self._bearer()}"} if auth else {}
+        started = time.monotonic()
         try:
             async with self._http().request(method, self.base_url + path, json=json_body,
                                             params=params, headers=headers, ssl=self._ssl) as resp:
                 data = await resp.read()
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            if self.tally is not None:
+                self.tally.record(_operation(method, path), "unreachable", started)
             raise unreachable(self.base_url, e) from e
+        if self.tally is not None:
+            self.tally.record(_operation(method, path), _outcome(status), started)
         if status == 401 and auth:
             self._token = None  # e.g. the service's master key changed: re-authenticate next time
         return _decode(status, data)
@@ -259,12 +337,17 @@ class KeyServiceClient:
         """wrapKey/unwrapKey through `secret_http` (one retry on 401, like `request`)."""
         for attempt in (1, 2):
             token = await self._bearer()
+            started = time.monotonic()
             try:
                 status, body, secret = await secret_http.post_secret(
                     self.base_url + path, token, {"alg": alg}, "value", value,
                     answer_field=answer_field, ssl=self._ssl, timeout=self._timeout.total or 10.0)
             except (TimeoutError, OSError, ValueError) as e:
+                if self.tally is not None:
+                    self.tally.record(_operation("POST", path), "unreachable", started)
                 raise unreachable(self.base_url, e) from e
+            if self.tally is not None:
+                self.tally.record(_operation("POST", path), _outcome(status), started)
             if status < 400:
                 return body, secret
             if secret is not None:
@@ -305,7 +388,8 @@ class KeyServiceClient:
                         yield json.loads("\n".join(data))
                         data = []
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            raise KeyServiceUnavailable(0, "ServiceUnavailable", f"change stream lost: {e!r}") from e
+            raise KeyServiceUnavailable(0, "ServiceUnavailable",
+                                        f"change stream lost: {describe(e)}") from e
         raise KeyServiceUnavailable(0, "ServiceUnavailable", "change stream ended")
 
 

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from daemonkit.httpguard import GuardedRunner, HttpLimits
 from daemonkit.httplog import MalformedRequestLog
+from daemonkit.metrics import MetricsListener
 from daemonkit.sdnotify import sd_notify, watchdog_loop
 
 from .api.addressing import Addressing
@@ -47,6 +48,7 @@ class ServeConfig:
     reserved_vault_prefixes: tuple[str, ...] = DEFAULT_RESERVED_PREFIXES
     http_limits: HttpLimits = HttpLimits()
     vault_domain: str | None = None  # vaults also as https://{vault}.{domain}/keys (docs/azure-clients.md)
+    metrics_listen: tuple[str, int] | None = None  # a listener of its own for the probes and /metrics
 
 
 def open_service(config: ServeConfig) -> KeyService:
@@ -105,6 +107,13 @@ async def serve(config: ServeConfig, service: KeyService) -> None:
                        reuse_address=True)
     await site.start()
     log.info("listening on %s (kids use %s)", site.name, service.base_url)
+    listener = None
+    if config.metrics_listen is not None:
+        from .api import health, metrics
+        listener = MetricsListener({"/healthz": health.healthz, "/readyz": health.readyz,
+                                    "/metrics": metrics.metrics},
+                                   shared={k: app[k] for k in ("domain", "tally", "bus")})
+        await listener.start(*config.metrics_listen)
     sd_notify("READY=1")
     timers = [
         asyncio.create_task(_every(app, SWEEP_INTERVAL, "sweep",
@@ -118,6 +127,8 @@ async def serve(config: ServeConfig, service: KeyService) -> None:
     log.info("stopping")
     for t in timers:
         t.cancel()
+    if listener is not None:
+        await listener.stop()
     await runner.cleanup()
     service.store.close()
     log.info("stopped")

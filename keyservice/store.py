@@ -368,6 +368,12 @@ class Store:
         return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
 
     # -- audit --
+    def audit_totals(self) -> tuple[int, int]:
+        """(chains, entries over all chains): what the metrics report, no name in it."""
+        chains, entries = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(seq), 0) FROM audit_heads").fetchone()
+        return int(chains), int(entries)
+
     def append_audit(self, chain: str, entry: dict) -> None:
         with self.transaction():
             self._append_audit(chain, entry)

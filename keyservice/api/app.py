@@ -33,6 +33,9 @@ STATUS = {errors.BadRequest: 400, errors.Unauthorized: 401, errors.Forbidden: 40
 PUBLIC = {"Token", "TokenV2", "OpenIdConfiguration", "OpenIdKeys", "OpenApi", "Health"}
 UNAUDITED = {"OpenApi", "Health", "OpenIdConfiguration", "OpenIdKeys"}
 TOKEN_ROUTES = {"Token", "TokenV2"}  # their 401s are OAuth's, not a resource's challenge
+# The probes and the scraper's route (health.py, metrics.py): no token, no audit entry.
+PUBLIC |= {"Liveness", "Readiness", "Metrics"}
+UNAUDITED |= {"Liveness", "Readiness", "Metrics"}
 
 
 class EventBus:
@@ -121,6 +124,7 @@ async def edge(request: web.Request, handler):
     audit the call and log one line. Never lets a traceback reach a client."""
     domain: Domain = request.app["domain"]
     rid = str(uuid.uuid4())
+    started = time.monotonic()
     request["request_id"] = rid
     request["caller"] = None
     request["host_vault"] = request.app["addressing"].vault_of_host(request.host)
@@ -180,8 +184,10 @@ async def edge(request: web.Request, handler):
                  "vaultId": request.get("vault_id"),
                  "status": resp.status, "error": error_code}
         await _record(domain, {k: cap(v) for k, v in entry.items() if v is not None})
+    request.app["tally"].record(name, error_code, started)
     log.info("%s %s %s %s %d%s", rid, escape(caller or "-"), escape(request.method),
-             escape(request.path), resp.status, f" {error_code}" if error_code else "")
+             escape(request.path), resp.status, f" {error_code}" if error_code else "",
+             extra={"request_id": rid, "caller": caller, "operation": name, "status": resp.status})
     return resp
 
 
@@ -202,14 +208,15 @@ def _bearer(request: web.Request) -> str:
 
 def make_app(service, *, heartbeat: float = 5.0, limits: WorkLimits | None = None,
              vault_domain: str | None = None) -> web.Application:
-    from . import audit, directory, events, keys, oauth, vaults
+    from . import audit, directory, events, health, keys, metrics, oauth, vaults
     app = web.Application(client_max_size=MAX_BODY, middlewares=[edge])
     app["domain"] = Domain(service, limits)
     app["addressing"] = Addressing(getattr(service, "base_url", "http://127.0.0.1"), vault_domain)
     app["bus"] = EventBus()
     app["heartbeat"] = heartbeat
     app["refusals"] = RefusalTally(lambda entry: _record(app["domain"], entry))
-    for module in (directory, vaults, keys, audit, events, oauth):
+    app["tally"] = metrics.ApiTally()
+    for module in (directory, vaults, keys, audit, events, oauth, health, metrics):
         module.add_routes(app.router)
 
     async def on_startup(app):

@@ -34,10 +34,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
                                        "x-ms-request-id": request["request_id"]})
     await resp.prepare(request)
     await resp.write(b"retry: 1000\n: connected\n\n")
+    tally = request.app["tally"]
+    tally.subscribers += 1
     try:
         await _follow(resp, domain, bus, request["caller"], since, request.app["heartbeat"])
     except (ConnectionResetError, ConnectionError):
         pass  # the subscriber went away: that is how streams end
+    finally:
+        tally.subscribers -= 1
     return resp
 
 
