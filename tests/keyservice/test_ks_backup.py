@@ -137,3 +137,5 @@ def test_newer_schema_or_lost_database_is_refused_with_a_message(make_daemon):
     err = _refused_start(d.data_dir)
     assert "keyservice.db is missing" in err and "restore" in err, err
     assert not (d.data_dir / "keyservice.db").exists()  # nothing made in its place
+    (d.data_dir / "keyservice.db").write_bytes(os.urandom(8192))
+    assert "not a database" in _refused_start(d.data_dir)

@@ -162,6 +162,19 @@ def test_newer_schema_is_refused_with_a_message(make_stack):
     err = proc.stderr_text()
     assert proc.proc is not None and proc.proc.returncode == 1, err
     assert "newer release" in err and "Traceback" not in err, err
+    # A database that is not one (a disk error, a wrong file put in its place): the same.
+    for suffix in ("-wal", "-shm"):
+        (stack.nb_dir / f"platform.db{suffix}").unlink(missing_ok=True)
+    (stack.nb_dir / "platform.db").write_bytes(os.urandom(8192))
+    proc = NbdServerProcess(stack.workdir, stack.nb_dir, stack.ks, lease=stack.lease,
+                            grace=stack.grace)
+    try:
+        proc.start()
+        raise AssertionError("nbdserver started on a database that is not one")
+    except RuntimeError:
+        pass
+    err = proc.stderr_text()
+    assert "not a database" in err and "Traceback" not in err, err
 
 
 def test_missing_master_key_is_refused_not_replaced(make_stack):
