@@ -69,6 +69,8 @@ def test_version_and_the_environment_in_every_commands_help(tmp_path):
         text = run(*cmd, "--help", env=env).stdout
         assert all(v in text for v in read), (cmd, text)
         assert "encrypted-disks/config" in text and "--output" in text and "--query" in text
+    text = run("attach", "--help", env=env).stdout  # a host command: the API's and its own
+    assert all(v in text for v in read) and "NBDSERVER_RUN_DIR" in text, text
 
 
 def test_the_settings_file_replaces_the_exports_and_the_environment_wins(stack, tmp_path):
