@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -37,8 +38,14 @@ def private_directory(dest) -> Path:
     try:
         dest.mkdir(parents=True, mode=0o700)
     except FileExistsError:
-        if not dest.is_dir():
+        st = dest.lstat()
+        if not stat.S_ISDIR(st.st_mode):
             raise BackupError(f"{dest} exists and is not a directory") from None
+        if st.st_uid != os.geteuid():
+            # Its owner could swap the files after they are written, and a restore would
+            # trust the swapped state.
+            raise BackupError(f"{dest} belongs to another user (uid {st.st_uid}): give a "
+                              "directory of your own, or a new one") from None
         if any(dest.iterdir()):
             raise BackupError(f"{dest} is not empty: give a new directory for each backup") from None
     except OSError as e:

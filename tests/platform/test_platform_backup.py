@@ -117,6 +117,16 @@ def test_backup_refusals_and_the_master_key_on_request(make_stack, tmp_path):
                                           check=False).stderr
     r = stack.keyservice("backup", busy, "--data-dir", stack.ks_dir, check=False)
     assert r.returncode == 1 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    theirs = tmp_path / "theirs"  # empty, but another user could swap what is written
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    r = stack.nbdserver("backup", theirs, "--data-dir", stack.nb_dir, check=False)
+    assert r.returncode == 1 and "another user" in r.stderr, r.stderr
+    link = tmp_path / "link"  # a symlink to a directory is not the directory asked for
+    link.symlink_to(tmp_path / "new-target", target_is_directory=True)
+    (tmp_path / "new-target").mkdir()
+    r = stack.nbdserver("backup", link, "--data-dir", stack.nb_dir, check=False)
+    assert r.returncode == 1 and "not a directory" in r.stderr, r.stderr
 
     out = tmp_path / "withkey"
     manifest = stack.nbdserver("backup", out, "--data-dir", stack.nb_dir, "--include-master-key")
