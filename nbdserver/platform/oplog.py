@@ -61,8 +61,14 @@ class OperationLog:
             op["progress"] = round(min(max(fraction, 0.0), 1.0), 4)
 
         task = start_fn(progress)
+        try:
+            self.state.put_operation(op)
+        except BaseException:
+            # Unrecorded, it could not be followed or reported: undo it (each step of an
+            # operation undoes itself on cancellation) and answer the state's error.
+            task.cancel()
+            raise
         self.live[op["id"]] = op
-        self.state.put_operation(op)
 
         async def run():
             try:
