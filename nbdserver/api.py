@@ -12,7 +12,11 @@ operation past its deadline fails with 504; and one keeps running when its HTTP 
 goes away (handlers await it through a shield).
 
 Authentication: a bearer token, generated on first start as DATA_DIR/api.token (0600),
-compared in constant time.
+compared in constant time. Not needed for `/healthz`, `/readyz` and `/metrics`, which
+say nothing of a tenant to an unauthenticated client off loopback (nbdserver/metrics.py).
+
+Every request gets an id (`X-Request-Id` in the answer); every change (a POST, PATCH or
+DELETE) is logged at INFO with its outcome, who asked and that id.
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ import json
 import logging
 import os
 import secrets
+import uuid
 
 from aiohttp import web
+
+from daemonkit.httplog import escape
+from daemonkit.tls import is_loopback
 
 from .platform.errors import BadRequest, PlatformError
 from .platform.model import VolumeKind
@@ -71,16 +79,60 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
+PUBLIC = ("/healthz", "/readyz", "/metrics")  # each decides what it shows (module docstring)
+
+
+def has_token(request, token: str) -> bool:
+    got = request.headers.get("Authorization", "")
+    return got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), token.encode())
+
+
 def auth_middleware(token: str):
     @web.middleware
     async def middleware(request, handler):
-        if request.path in ("/healthz",):
+        if request.path in PUBLIC:
             return await handler(request)
-        got = request.headers.get("Authorization", "")
-        if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), token.encode()):
+        if not has_token(request, token):
+            request["who"] = None
             return _error(401, "Unauthorized", "missing or invalid bearer token (see DATA_DIR/api.token)")
         return await handler(request)
     return middleware
+
+
+# A change's log line names its kind by the path's first segment.
+_KINDS = {"disks": "disk", "encryption-sets": "encryption set", "snapshots": "snapshot",
+          "images": "image"}
+_ACTIONS = {"POST": "create", "PUT": "update", "PATCH": "update", "DELETE": "delete"}
+
+
+@web.middleware
+async def request_log_middleware(request, handler):
+    """An id for every request; one INFO line for every change, whatever its outcome.
+    Who asked: the API has one credential, so "the API token" and the peer's address
+    (refusals for a missing token go to DEBUG: anyone can cause those, as often as
+    they like)."""
+    rid = uuid.uuid4().hex
+    request["request_id"] = rid
+    request["who"] = "api-token"
+    resp = await handler(request)
+    resp.headers["X-Request-Id"] = rid
+    action = _ACTIONS.get(request.method)
+    if action is not None:
+        parts = request.path.strip("/").split("/")
+        kind = _KINDS.get(parts[0], parts[0])
+        name = request.match_info.get("name") or request.get("subject") or "-"
+        if len(parts) > 2:  # /images/{name}/share
+            action = parts[2]
+        who = request["who"] or "unauthenticated"
+        peer = request.remote or "-"
+        level = logging.INFO if request["who"] else logging.DEBUG
+        op = resp.headers.get("Location", "").rpartition("/operations/")[2]
+        log.log(level, "%s %s %s: %d %s%s (by %s from %s, request %s)", escape(kind), action,
+                escape(name), resp.status, resp.reason, f", operation {op}" if op else "", who,
+                peer, rid, extra={"request_id": rid, "who": who, "peer": peer, "kind": kind,
+                                  "action": action, "subject": name, "status": resp.status,
+                                  "operation": op or None})
+    return resp
 
 
 async def _body(request) -> dict:
@@ -98,6 +150,8 @@ async def _body(request) -> dict:
         raise BadRequest("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    if isinstance(data.get("name"), str):
+        request["subject"] = data["name"]  # for the change's log line
     return data
 
 
@@ -113,8 +167,33 @@ def _field(data: dict, name: str, kind=str, required=False):
     return v
 
 
-def build_app(platform: Platform, token: str, *, nbd_address: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware, auth_middleware(token)],
+def observability_routes(token: str, readiness=None, metrics=None) -> dict:
+    """`/healthz`, `/readyz` and `/metrics`: on the API and on `--metrics-listen`.
+
+    `readiness()` -> (ready, report); `metrics(per_disk)` -> the exposition's response.
+    Per-disk series only for a client on loopback or with the API token."""
+    async def healthz(request):
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request):
+        ready, report = readiness()
+        return web.json_response(report, status=200 if ready else 503)
+
+    async def metrics_route(request):
+        return metrics(is_loopback(request.remote or "") or has_token(request, token))
+
+    routes = {"/healthz": healthz}
+    if readiness is not None:
+        routes["/readyz"] = readyz
+    if metrics is not None:
+        routes["/metrics"] = metrics_route
+    return routes
+
+
+def build_app(platform: Platform, token: str, *, nbd_address: str | None = None,
+              readiness=None, metrics=None) -> web.Application:
+    app = web.Application(middlewares=[request_log_middleware, errors_middleware,
+                                       auth_middleware(token)],
                           client_max_size=MAX_BODY)
     ops = OperationLog(platform.state)
     r = web.RouteTableDef()
@@ -130,9 +209,15 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None)
         except PlatformError:
             return None
 
-    @r.get("/healthz")
-    async def healthz(request):
-        return J({"status": "ok"})
+    for path, handler in observability_routes(token, readiness, metrics).items():
+        r.get(path)(handler)
+
+    @r.get("/status")
+    async def status(request):
+        """`nbdserver status`: the readiness report, for the token holder, with addresses."""
+        ready, report = readiness() if readiness is not None else (True, {"status": "ready"})
+        return J({**report, "ready": ready, "nbd": nbd_address,
+                  "keyServiceUrl": platform.keyservice_url})
 
     @r.get("/info")
     async def info(request):

@@ -21,11 +21,14 @@ from daemonkit.clicommand import ClientGroup, emit, output_format, version
 from daemonkit.cliout import EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from daemonkit.cliprogress import ProgressLine
 from daemonkit.https import listener_tls_options
+from daemonkit.logsetup import FORMATS as LOG_FORMATS
+from daemonkit.logsetup import LEVELS as LOG_LEVELS
 
 from .admission import ConnectionLimits
 from .client import SETTINGS, api, request_timeout, use_api_ca, wait_operation
 from .host.cli import attach, attachments, detach
 from .runtime import configure_logging, parse_hostport, run
+from .status import status
 
 _LIMITS = ConnectionLimits()  # the defaults, shown in --help
 
@@ -81,7 +84,13 @@ def arm_deadline() -> None:
 @click.option("--cache", type=click.Choice(["none", "writeback"]), default="writeback",
               show_default=True, help="cache mode of disks without their own (none: O_DIRECT; "
                                       "docs/operations.md)")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
+              show_default=True)
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+              help="json: one object per line, with request ids (docs/operations.md, \"Logs\")")
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="also serve /metrics, /healthz and /readyz here (per-disk series only to "
+                   "loopback clients or with the API token; docs/operations.md, \"Monitoring\")")
 @click.option("--tls-mode", type=click.Choice(["off", "optional", "required"]),
               help="NBD TLS; default: required unless --nbd-listen is loopback (docs/tls.md)")
 @click.option("--tls-dir", type=click.Path(file_okay=False),
@@ -116,7 +125,8 @@ def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_
           lease_seconds, grace_seconds, idle_close_seconds, workers,
           io_processes, cache, log_level, tls_mode, tls_dir,
           tls_verify_clients, tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
-          max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list):
+          max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list,
+          log_format, metrics_listen):
     """Run the NBD server and the disk platform."""
     from keyservice.client import client_ssl_for
 
@@ -125,7 +135,7 @@ def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_
     from .tls import ServerTls, TlsConfigError, resolve_mode, server_context_for
     from .visibility import ExportList
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     nbd_addr = parse_hostport(nbd_listen, 10809)
     try:
         mode = resolve_mode(tls_mode, nbd_addr[0])
@@ -152,7 +162,8 @@ def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_
                                         handshake_timeout, fd_reserve,
                                         (buffer_budget_mib << 20) if buffer_budget_mib
                                         else _LIMITS.buffer_budget),
-            nbd_export_list=ExportList(export_list)))
+            nbd_export_list=ExportList(export_list),
+            metrics_listen=parse_hostport(metrics_listen, 9108) if metrics_listen else None))
     except StartupError as e:
         click.echo(f"nbdserver: cannot start: {e}", err=True)
         sys.exit(1)
@@ -455,12 +466,7 @@ def backup(directory, data_dir, include_data, include_master_key, master_key_fil
 main.add_command(attach)
 main.add_command(detach)
 main.add_command(attachments)
-# They read the API's settings too (attach: the NBD address from GET /info), and their
-# records' place; their help says so, as every client command's does.
-for _host_command in (attach, detach, attachments):
-    _host_command.epilog = ("\b\nEnvironment (or section [nbdserver] of the settings file):\n"
-                            + SETTINGS.help_text() + "\n  NBDSERVER_RUN_DIR: where attachments are "
-                            "recorded (default /run/nbdserver)")
+main.add_command(status)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,15 @@ import sqlite3
 
 from aiohttp import web
 
+from daemonkit.metrics import MetricsListener, metrics_response
 from daemonkit.sdnotify import sd_notify
-from keyservice.client import Credential
+from keyservice.client import CallTally, Credential, KeyServiceClient
 
-from .api import build_app, load_api_token
+from .api import build_app, load_api_token, observability_routes
 from .exports import ExportCatalog
+from .health import Readiness
 from .iopool import IoPool
+from .metrics import PlatformCollector, registry_for
 from .platform.access import KeyAccess
 from .platform.errors import PlatformError
 from .platform.sealing import MasterKeyError
@@ -41,9 +44,10 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
                         nbd_listen, api_listen, keyservice_url,
                         credential_file, master_key_file=None, lease=60.0, grace=3600.0,
                         idle_close=60.0, workers=8, ssl=None, tls_mode=None, tls_context=None,
-                        nbd_limits=None, nbd_export_list=None, cache="writeback",
-                        io_processes=1) -> None:
+                        nbd_limits=None, nbd_export_list=None, metrics_listen=None,
+                        io_processes=1, cache="writeback") -> None:
     catalog = ExportCatalog()
+    tally = KeyServiceClient.tally = CallTally()  # this process's calls, for the metrics
     # Resolved before anything uses it: a relative path would mean another directory
     # for whoever starts the daemon from elsewhere (systemd, a shell in another cwd).
     data_dir = os.path.abspath(data_dir)
@@ -77,19 +81,35 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
     nbd_host, nbd_port = nbd_addrs[0][:2]
     nbd_address = f"[{nbd_host}]:{nbd_port}" if ":" in nbd_host else f"{nbd_host}:{nbd_port}"
     from daemonkit.httpguard import GuardedRunner, HttpLimits  # slowloris guard
-    runner = GuardedRunner(build_app(platform, load_api_token(data_dir), nbd_address=nbd_address),
+    token = load_api_token(data_dir)
+    readiness = Readiness(catalog, access)
+
+    def metrics(per_disk: bool):
+        return metrics_response(registry_for(PlatformCollector(
+            catalog, access, tally=tally, connections=lambda: len(server.connections),
+            per_disk=per_disk)))
+    runner = GuardedRunner(build_app(platform, token, nbd_address=nbd_address,
+                                     readiness=readiness.report, metrics=metrics),
                            limits=HttpLimits.from_env("NBDSERVER_API"), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, api_listen[0], api_listen[1], ssl_context=api_ssl)
     await site.start()
     api_addr = runner.addresses[0][:2]  # the listener's real address (port 0: the one chosen)
+    listener, extra = None, ""
+    if metrics_listen is not None:
+        listener = MetricsListener(observability_routes(token, readiness.report, metrics))
+        extra = " metrics={}:{}".format(*await listener.start(*metrics_listen))
     log.info("serving NBD on %s:%s, API on %s:%s", *nbd_addrs[0], *api_addr)
-    print(f"READY nbd={nbd_addrs[0][0]}:{nbd_addrs[0][1]} api={api_addr[0]}:{api_addr[1]}", flush=True)
+    print(f"READY nbd={nbd_addrs[0][0]}:{nbd_addrs[0][1]} api={api_addr[0]}:{api_addr[1]}{extra}",
+          flush=True)
     sd_notify("READY=1")
     await stop.wait()
     sd_notify("STOPPING=1")
+    readiness.stopping = True
     log.info("shutting down: finishing in-flight requests")
     await server.shutdown()
     await runner.cleanup()
+    if listener is not None:
+        await listener.stop()
     await access.stop()
     await platform.stop()

@@ -27,6 +27,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from .backend import BlockBackend
+from .iostats import ExportStats
 from .protocol.constants import (
     MAX_BLOCK_SIZE,
     MIN_BLOCK_SIZE,
@@ -124,6 +125,7 @@ class Export:
         self.attachments: dict[object, Attachment] = {}  # connection -> who, since when
         self._frozen = 0
         self._parked: list = []
+        self.stats = ExportStats()  # the server counts each request here (nbdserver/iostats.py)
         self._source: tuple[BlockBackend, ExportSource] | None = None
         self.generation = 0  # counts the sources shared: a copy holding an older one is stale
         self.copies: ExportCopies | None = None

@@ -42,6 +42,8 @@ import sys
 import time
 from collections import deque
 
+from daemonkit.logsetup import current_format
+
 from . import iowire
 from .backend import FileSpec
 from .exports import Export, ExportCatalog
@@ -92,7 +94,8 @@ class Worker:
                 [sys.executable, "-m", "nbdserver.ioworker", "--control-fd", str(child.fileno()),
                  "--parent-pid", str(os.getpid()),
                  "--threads", str(pool.threads), "--buffer-budget", str(pool.budget_share),
-                 "--log-level", logging.getLevelName(logging.getLogger().level)],
+                 "--log-level", logging.getLevelName(logging.getLogger().level),
+                 "--log-format", current_format()],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             child.close()
@@ -172,6 +175,10 @@ class Worker:
                 self.ready = True
             elif kind == "ended":
                 self.pool.ended(self, header["id"])
+            elif kind == "stats":  # I/O counted there, for the metrics (nbdserver/iostats.py)
+                export = self.pool.catalog.get(header["export"])
+                if export is not None:
+                    export.stats.merge(header["stats"])
             elif kind == "done":
                 fut = self.owed.pop(header["seq"], None)
                 if fut is not None and not fut.done():

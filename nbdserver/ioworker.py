@@ -38,6 +38,7 @@ from .server import NbdServer
 log = logging.getLogger("nbdserver.ioworker")
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STATS_INTERVAL = 1.0  # seconds between two reports of I/O counts: a scrape's staleness
 
 
 class HeldExport:
@@ -65,6 +66,22 @@ class IoWorker:
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.ctrl.fileno(), self._readable)
         self._send({"t": "hello", "pid": os.getpid()})
+        task = asyncio.ensure_future(self._ship_stats())
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    async def _ship_stats(self) -> None:
+        """The I/O counts of each export, to the main process's metrics (nbdserver/iostats.py)."""
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)  # a reporting period, not a synchronisation
+            for held in list(self.held.values()):
+                self._send_stats(held)
+
+    def _send_stats(self, held: HeldExport) -> None:
+        export = held.export
+        taken = export.stats.take() if export is not None else None
+        if export is not None and taken is not None:
+            self._send({"t": "stats", "export": export.name, "stats": taken})
 
     def _send(self, header: dict) -> None:
         try:
@@ -176,6 +193,7 @@ class IoWorker:
 
     def _ended(self, held: HeldExport, name: str, ident: int) -> None:
         held.conns.discard(ident)
+        self._send_stats(held)  # its last requests count before the main process hears it left
         self._send({"t": "ended", "id": ident})
 
     async def _stop(self, held: HeldExport, h: dict) -> None:
@@ -246,12 +264,13 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--buffer-budget", type=int, default=1 << 30)
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-format", default="text")
     args = ap.parse_args(argv)
     die_with_parent(args.parent_pid)
     harden_process()
     raise_fd_limit()
     tune_allocator()
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the main process
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the main process says when (shutdown)
     ctrl = socket.socket(fileno=args.control_fd)

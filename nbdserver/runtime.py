@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from daemonkit.httplog import MalformedRequestLog
+from daemonkit.logsetup import configure
 from daemonkit.sdnotify import watchdog_loop
 
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
@@ -35,9 +36,8 @@ def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    configure(level, fmt)
     logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
 
 

@@ -34,12 +34,14 @@ import socket
 import ssl
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from time import monotonic_ns
 
 from ._readq import ReadQueue
 from .admission import Admission, ConnectionLimits, peer_key
 from .backend import INLINE_WRITE_MAX
 from .budget import BufferBudget
 from .exports import Export, ExportCatalog
+from .iostats import ENABLED as IO_STATS
 from .loglimit import LogLimiter
 from .protocol import handshake as hs
 from .protocol.constants import (
@@ -256,6 +258,8 @@ class Connection(asyncio.Protocol):
         # the server allocate a reply buffer for every header it sent).
         self._pending: deque = deque()
         self._draining = False
+        # id(request) -> when it started, for the export's I/O statistics (`_count`).
+        self._t0: dict[int, int] | None = {} if IO_STATS else None
         self.closed: asyncio.Future = self.loop.create_future()
         self.peer = None
         self._peer_key: str | None = None  # set while counted by the server's Admission
@@ -333,6 +337,9 @@ class Connection(asyncio.Protocol):
             self._charged_written = 0
         self.server.connections.discard(self)
         if self.export is not None:
+            peer = "{}:{}".format(*self.peer[:2]) if isinstance(self.peer, tuple) else str(self.peer)
+            log.info("NBD client %s detached from export %r", peer, self.export.name,
+                     extra={"peer": peer, "export": self.export.name})
             self.server.catalog.detach(self.export, self)
         self.handshake = None
         if not self.closed.done():
@@ -424,6 +431,10 @@ class Connection(asyncio.Protocol):
             self.transport.close()
             return
         self.export = export
+        tls = self.transport.get_extra_info("ssl_object") is not None
+        peer = "{}:{}".format(*self.peer[:2]) if isinstance(self.peer, tuple) else str(self.peer)
+        log.info("NBD client %s attached to export %r (%s)", peer, name, "TLS" if tls else "no TLS",
+                 extra={"peer": peer, "export": name, "tls": tls})
         self.transport.resume_reading()
         try:
             self._act(actions)
@@ -572,6 +583,7 @@ class Connection(asyncio.Protocol):
             return
         self._draining = True
         self._out = []
+        t0, now = self._t0, monotonic_ns()  # a batch's requests arrived together
         try:
             while self._pending and not self._backlogged():
                 if self.disconnecting:
@@ -579,6 +591,8 @@ class Connection(asyncio.Protocol):
                     return
                 ev = self._pending.popleft()
                 self._started += 1
+                if t0 is not None:
+                    t0[id(ev)] = now
                 if type(ev) is BadMagic:
                     log.info("connection %s: bad request magic %#x; disconnecting", self.peer, ev.magic)
                     self.abort()
@@ -798,6 +812,7 @@ class Connection(asyncio.Protocol):
                 self._send_read_parts(req, result)
             elif req.cmd == NBD_CMD_BLOCK_STATUS:
                 self._write(block_status_chunk(req.cookie, self.meta_id, result))
+                self._count(req)
             else:
                 self._ok(req)
         self._update_reading()
@@ -826,6 +841,7 @@ class Connection(asyncio.Protocol):
         return [(req.offset, req.length, view)]
 
     def _send_read(self, req, buf):
+        self._count(req)
         self._reply_charged(req.length)
         if self.structured:
             self._write(data_chunk_header(req.cookie, req.offset, len(buf)))
@@ -834,6 +850,7 @@ class Connection(asyncio.Protocol):
         self._write(buf)
 
     def _send_read_parts(self, req, parts):
+        self._count(req)
         self._reply_charged(req.length)
         if not self.structured:  # holes are only split out for structured replies
             self._write(simple_reply(req.cookie))
@@ -848,10 +865,18 @@ class Connection(asyncio.Protocol):
                 self._write(data_chunk_header(req.cookie, off, n, done=i == last))
                 self._write(data)
 
+    def _count(self, req, error: int = 0) -> None:
+        """One request answered (or failed): the export's statistics (nbdserver/iostats.py)."""
+        start = self._t0.pop(id(req), None) if self._t0 is not None else None
+        if start is not None and self.export is not None:
+            self.export.stats.done(req.cmd, req.length, monotonic_ns() - start, error)
+
     def _ok(self, req):
+        self._count(req)
         self._write(simple_reply(req.cookie))
 
     def _fail(self, req, error: int, message: str):
+        self._count(req, error)
         if self.transport is None or self.transport.is_closing():
             return
         if self.structured:

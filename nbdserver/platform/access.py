@@ -29,6 +29,7 @@ import asyncio
 import logging
 import time
 
+from daemonkit.latency import Latency
 from keyservice.client import KeyServiceError
 
 from . import keys
@@ -52,7 +53,12 @@ class KeyAccess:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task] = []
         self.stream_connected = False
+        self.stream_down_since = clock()  # since when the change stream is not followed
         self.drain_bound = drain_bound
+        # For the metrics (nbdserver/metrics.py): disks locked by a refusal, and how long
+        # from the start of the check that met it until they were locked.
+        self.revocations = 0
+        self.revocation_latency = Latency()
         self._started: dict[str, int] = {}  # scope -> rechecks started
 
     def start(self) -> None:
@@ -132,10 +138,14 @@ class KeyAccess:
                 raise
             except (TimeoutError, KeyServiceError, OSError) as e:
                 if self.stream_connected:
-                    log.warning("change stream lost (%s); the lease re-check covers the gap", e)
+                    log.warning("change stream lost (%s); the lease re-check covers the gap",
+                                getattr(e, "message", None) or e)
+                    self.stream_down_since = self.clock()
                 self.stream_connected = False
             except Exception:
                 log.exception("change stream failed")
+                if self.stream_connected:
+                    self.stream_down_since = self.clock()
                 self.stream_connected = False
             # Retry backoff for a stream that is down: not synchronisation.
             await asyncio.sleep(backoff)
@@ -144,7 +154,10 @@ class KeyAccess:
     async def _lease_loop(self) -> None:
         while True:
             await asyncio.sleep(self.lease)
-            for scope in self.scopes():
+            scopes = self.scopes()
+            # Routine, every lease: DEBUG, or a quiet server's log would be nothing else.
+            log.debug("lease: re-checking the keys of %d scope(s)", len(scopes))
+            for scope in scopes:
                 self.poke(scope)
 
     def checks_started(self, scope: str) -> int:
@@ -155,6 +168,7 @@ class KeyAccess:
     # -- the check itself
     async def recheck(self, scope: str) -> None:
         p = self.platform
+        started = self.clock()
         self._started[scope] = self._started.get(scope, 0) + 1
         disks = [v for v in p.state.list_volumes(VolumeKind.DISK, des=scope)]
         if not disks:
@@ -174,7 +188,7 @@ class KeyAccess:
             except AccessMissing as e:
                 for d in group:
                     self.cause[d.name] = "revoked"
-                await self._close(group, f"key access revoked: {e.message}")
+                await self._close(group, f"key access revoked: {e.message}", started)
                 continue
             except KeyUnavailable as e:
                 reachable = False
@@ -195,11 +209,16 @@ class KeyAccess:
         if reachable:
             self.last_ok[scope] = self.clock()
 
-    async def _close(self, group: list, reason: str) -> None:
+    async def _close(self, group: list, reason: str, started: float) -> None:
         """Lock every disk of the group at once (no await between two locks), then give
         their drains `drain_bound` seconds together: a request stuck in the file system
         must not hold up this scope's next check. The drains go on; each wipes its DEK."""
+        catalog = self.platform.catalog
+        newly = sum(1 for d in group if (x := catalog.get(d.name)) is not None and not x.locked)
         closes = self.platform.close_disks([d.name for d in group], reason)
+        if newly:
+            self.revocations += newly
+            self.revocation_latency.observe(self.clock() - started)
         if not closes:
             return
         for t in closes:

@@ -40,7 +40,7 @@ def translate(e: Exception, what: str) -> Exception:
     if isinstance(e, OSError) and not isinstance(e, KeyServiceError):
         e = unreachable("the key service", e)
     if isinstance(e, KeyServiceUnavailable):
-        return KeyUnavailable(f"{what}: key service unreachable: {e}")
+        return KeyUnavailable(f"{what}: {e.message}")  # "key service at URL unreachable: why"
     if isinstance(e, KeyServiceError):
         return AccessMissing(f"{what}: {e.message}")
     return e

@@ -54,6 +54,7 @@ UNWRAP_CONCURRENCY = 16
 # Seconds an open disk with no connection keeps its DEK: a client that reconnects (a
 # reboot, a remount) finds it open. `nbdserver serve --idle-close-seconds`.
 IDLE_CLOSE = 60.0
+SERVER_STOPPING = "server stopping"  # the reason of the closes at a routine stop
 
 
 def is_open(export: Export) -> bool:
@@ -259,7 +260,7 @@ class DiskServing:
         except (OSError, ValueError) as e:
             log.error("disk %s: flush on close failed: %s", export.name, e)
         backend.close()
-        if idle:
+        if idle or reason == SERVER_STOPPING:  # routine: not a warning
             log.info("disk %s closed, DEK wiped: %s", export.name, reason)
         else:
             log.warning("disk %s locked, DEK wiped: %s", export.name, reason)
@@ -269,6 +270,6 @@ class DiskServing:
             h.cancel()
         self._idle_timers.clear()
         for export in list(self.catalog):
-            await self.close_disk(export.name, "server stopping", export)
+            await self.close_disk(export.name, SERVER_STOPPING, export)
         if self._retiring:
             await asyncio.gather(*self._retiring.values(), return_exceptions=True)

@@ -161,7 +161,7 @@ def test_cannot_start_says_why(tmp_path):
     try:
         stack.start_keyservice()
         stack.stop_keyservice()
-        assert "key service unreachable" in _start_refused(stack)
+        assert "unreachable: connection refused" in _start_refused(stack)
     finally:
         stack.close()
     stack = Stack(tmp_path / "nocred")  # the key service never ran: no admin.credential
