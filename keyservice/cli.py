@@ -210,9 +210,15 @@ def main():
 @click.option("--metrics-listen", metavar="HOST:PORT",
               help="also serve /metrics, /healthz and /readyz here, plain HTTP "
                    "(docs/operations.md, \"Monitoring\")")
+@click.option("--pkcs11-module", type=click.Path(dir_okay=False),
+              help="PKCS#11 library for RSA-HSM keys (docs/operations.md, \"HSM\")")
+@click.option("--pkcs11-token", help="label of the token to use (with --pkcs11-module)")
+@click.option("--pkcs11-pin-file", type=click.Path(dir_okay=False),
+              help="the token's user PIN, a 0600 file; default $CREDENTIALS_DIRECTORY/pkcs11-pin")
 def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat, tls_dir, tls_cert,
           tls_key, insecure_plain_http, http_header_timeout, http_body_timeout, max_connections, reserved,
-          vault_domain, log_level, log_format, metrics_listen):
+          vault_domain, log_level, log_format, metrics_listen, pkcs11_module, pkcs11_token,
+          pkcs11_pin_file):
     """Run the key service daemon."""
     from daemonkit.httpguard import HttpLimits
     from daemonkit.tls import TlsConfigError
@@ -242,6 +248,10 @@ def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat
                          metrics_listen=(m_host.strip("[]") or "127.0.0.1", int(m_port))
                          if metrics_listen is not None else None)
     config.reserved_vault_prefixes += tuple(reserved)
+    if (pkcs11_module is None) != (pkcs11_token is None) or (pkcs11_pin_file and not pkcs11_module):
+        raise click.UsageError("--pkcs11-module and --pkcs11-token go together (and --pkcs11-pin-file "
+                               "with them)")
+    config.pkcs11 = (pkcs11_module, pkcs11_token, pkcs11_pin_file) if pkcs11_module else None
     config.http_limits = HttpLimits(header_timeout=http_header_timeout, body_timeout=http_body_timeout,
                                     max_connections=max_connections)
     try:
@@ -406,8 +416,10 @@ def _key_path(vault, name, version=None):
 @click.argument("vault")
 @click.argument("name")
 @click.option("--size", default=3072, show_default=True, type=int)
-def key_create(vault, name, size):
-    _show("POST", _key_path(vault, name) + "/create", {"kty": "RSA", "key_size": size})
+@click.option("--kty", type=click.Choice(["RSA", "RSA-HSM"]), default="RSA", show_default=True,
+              help="RSA-HSM: made and used inside the service's PKCS#11 token, never exported")
+def key_create(vault, name, size, kty):
+    _show("POST", _key_path(vault, name) + "/create", {"kty": kty, "key_size": size})
 
 
 @key.command("import")

@@ -49,6 +49,7 @@ class ServeConfig:
     http_limits: HttpLimits = HttpLimits()
     vault_domain: str | None = None  # vaults also as https://{vault}.{domain}/keys (docs/azure-clients.md)
     metrics_listen: tuple[str, int] | None = None  # a listener of its own for the probes and /metrics
+    pkcs11: tuple[str, str, str | None] | None = None  # module, token label, PIN file (hsm.py)
 
 
 def open_service(config: ServeConfig) -> KeyService:
@@ -59,6 +60,11 @@ def open_service(config: ServeConfig) -> KeyService:
     service = KeyService(store, TokenSigner(store.token_key, config.token_lifetime), base_url=base,
                          reserved_prefixes=config.reserved_vault_prefixes,
                          audiences=Addressing(base, config.vault_domain).audiences)
+    if config.pkcs11 is not None:
+        from .hsm import Pkcs11Token, read_pin  # python-pkcs11 only where it is used
+        module, label, pin_file = config.pkcs11
+        service.hsm = Pkcs11Token(module, label, read_pin(pin_file))
+        log.info("RSA-HSM keys in PKCS#11 token %r", label)
     path = Path(config.data_dir) / "admin.credential"
 
     def deliver(ident, secret):

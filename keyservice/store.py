@@ -68,6 +68,8 @@ ADDED_COLUMNS = {
                    ("generation", "INTEGER NOT NULL DEFAULT 0")),
     "vaults": (("id", "TEXT"), ("audit_chain", "TEXT")),
     "events": (("tenant_id", "TEXT"),),
+    # RSA-HSM versions (domain/hsm_keys.py): sealed_private holds the token reference.
+    "key_versions": (("kty", "TEXT NOT NULL DEFAULT 'RSA'"),),
 }
 _VAULT_COLUMNS = ("name, tenant_id, subscription, location, retention_days, purge_protection, owner, "
                   "created, deleted_at, scheduled_purge, id, audit_chain")
@@ -269,10 +271,10 @@ class Store:
         if row is None:
             return None
         versions = [KeyVersion(r[0], r[1], bytes(r[2]), bool(r[3]), r[4], r[5], tuple(json.loads(r[6])),
-                               r[7], r[8])
+                               r[7], r[8], r[9])
                     for r in self._db.execute(
-                        "SELECT version, size, public_der, enabled, nbf, exp, key_ops, created, updated "
-                        "FROM key_versions WHERE vault=? AND name=? ORDER BY ord", (vault, name))]
+                        "SELECT version, size, public_der, enabled, nbf, exp, key_ops, created, updated, "
+                        "kty FROM key_versions WHERE vault=? AND name=? ORDER BY ord", (vault, name))]
         return Key(vault, name, row[0], versions, row[1], row[2])
 
     def key_names(self, vault: str, deleted: bool) -> list[str]:
@@ -287,11 +289,11 @@ class Store:
     def add_version(self, k: Key, v: KeyVersion, private_der: bytes) -> None:
         sealed = self._seal.seal(private_der, _aad(k.vault, k.name, v.version))
         self._db.execute("INSERT INTO key_versions (vault, name, version, ord, size, public_der, "
-                         "sealed_private, enabled, nbf, exp, key_ops, created, updated) "
-                         "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                         "sealed_private, enabled, nbf, exp, key_ops, created, updated, kty) "
+                         "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          (k.vault, k.name, v.version, len(k.versions), v.size, v.public_der, sealed,
                           int(v.enabled), v.nbf, v.exp, json.dumps(list(v.key_ops)), v.created,
-                          v.updated))
+                          v.updated, v.kty))
 
     def put_version_attributes(self, k: Key, v: KeyVersion) -> None:
         self._db.execute("UPDATE key_versions SET enabled=?, nbf=?, exp=?, key_ops=?, updated=? "
@@ -377,6 +379,13 @@ class Store:
     def append_audit(self, chain: str, entry: dict) -> None:
         with self.transaction():
             self._append_audit(chain, entry)
+
+    def append_audit_many(self, items: list[tuple[str, dict]]) -> None:
+        """(chain, entry) pairs appended in order in one transaction: one commit, one
+        fsync for all (group commit, api/audit_writer.py); all of them or none."""
+        with self.transaction():
+            for chain, entry in items:
+                self._append_audit(chain, entry)
 
     def close_audit_chain(self, v: Vault, entry: dict) -> None:
         """Inside the purge's transaction: the last entry, and the chain kept by vault id."""

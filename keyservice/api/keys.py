@@ -7,7 +7,7 @@ an empty version.
 """
 from aiohttp import web
 
-from ..domain import rsakeys
+from ..domain import hsm_keys, rsakeys
 from ..domain.errors import BadRequest
 from ..domain.keys import parse_attributes
 from . import render, work
@@ -31,17 +31,21 @@ def _args(request):
 async def create(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
     body = _no_tags(await json_body(request))
-    kty = field(body, "kty", str, default="RSA")
-    if kty not in ("RSA", "RSA-HSM"):
-        raise BadRequest(f"Unsupported key type {kty!r}; only RSA keys are supported")
+    kty = hsm_keys.check_kty(field(body, "kty", str, default="RSA"))
     size = rsakeys.check_size(field(body, "key_size", int, default=rsakeys.DEFAULT_SIZE))
     attrs = parse_attributes(field(body, "attributes", dict), field(body, "key_ops", list))
-    return await _new_version(request, "create", lambda _: rsakeys.generate(size), attrs, size)
+    if kty == hsm_keys.KTY_HSM:
+        hsm_keys.require_token(svc.hsm)  # refused before any work
+    return await _new_version(request, "create", lambda _: svc.generate_key(kty, size), attrs, size)
 
 
 async def import_(request: web.Request) -> web.Response:
     body = _no_tags(await json_body(request))
     attrs = parse_attributes(field(body, "attributes", dict), None)
+    if body.get("hsm") or (isinstance(body.get("key"), dict) and body["key"].get("kty") == "RSA-HSM"):
+        # A key that was ever in the clear is not an HSM key: RSA-HSM keys are made in the token.
+        raise BadRequest("A plaintext key cannot be imported as RSA-HSM; import it as RSA, or "
+                         "create an RSA-HSM key (kty RSA-HSM) in the HSM")
     if "pem" in body:  # an extension to Key Vault's JWK-only import, for `key import --pem`
         pem = field(body, "pem", str, required=True).encode()
         return await _new_version(request, "import", lambda _: rsakeys.load_pem(pem), attrs)
@@ -77,7 +81,9 @@ async def update(request: web.Request) -> web.Response:
 
 
 async def rotate(request: web.Request) -> web.Response:
-    return await _new_version(request, "rotate", rsakeys.generate)  # the current size
+    domain, svc, caller, vault, name = _args(request)
+    kty = await domain.run(svc.current_kty, caller, vault, name)
+    return await _new_version(request, "rotate", lambda size: svc.generate_key(kty, size))
 
 
 async def list_(request: web.Request) -> web.Response:

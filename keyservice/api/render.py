@@ -31,7 +31,7 @@ def kid(vault_url: str, name: str, version: str | None = None) -> str:
 
 def key_bundle(vault_url: str, vault: Vault, key: Key, v: KeyVersion) -> dict:
     jwk = {"kid": kid(vault_url, key.name, v.version), "key_ops": list(v.key_ops),
-           **rsakeys.public_jwk_fields(rsakeys.load_public_der(v.public_der))}
+           **rsakeys.public_jwk_fields(rsakeys.load_public_der(v.public_der)), "kty": v.kty}
     return {"key": jwk, "attributes": attributes(vault, v)}
 
 

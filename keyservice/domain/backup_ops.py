@@ -17,7 +17,7 @@ this service (any of its vaults of the same tenant), not into another installati
 import json
 
 from ..sealing import SealError
-from . import rsakeys
+from . import hsm_keys, rsakeys
 from .errors import BadRequest, Conflict, Forbidden
 from .identities import Caller
 from .key_ops import KeyOperations
@@ -73,6 +73,12 @@ class BackupOperations(KeyOperations):
     def backup_key(self, caller: Caller, vault: str, name: str) -> bytes:
         v = self._authorize(caller, vault, "backup")
         key = self._key(v, name)  # an active key: Key Vault backs up no deleted one
+        if any(kv.kty == hsm_keys.KTY_HSM for kv in key.versions):
+            # The blob would hold only the token reference; a restore would make a second
+            # key on the same token object, and purging either would destroy the other's.
+            raise Forbidden(f"Operation backup is not allowed on key {name}: it has RSA-HSM "
+                            "versions, whose private keys never leave the HSM",
+                            inner="KeyNotBackupable")
         private = {kv.version: self.store.private_der(vault, name, kv.version) for kv in key.versions}
         blob = self.store.backup_seal.seal(_pack(v.tenant_id, key, private), AAD)
         if len(blob) > MAX_BLOB:

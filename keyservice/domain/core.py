@@ -3,7 +3,7 @@ touch a vault, and how a change and its events are committed together."""
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from . import policies
+from . import hsm_keys, policies
 from .clock import Clock, system_clock
 from .errors import Forbidden, NotFound, Unauthorized
 from .events import Event
@@ -13,6 +13,8 @@ from .vaults import Vault, VaultState
 
 
 class ServiceCore:
+    hsm: hsm_keys.Token | None = None  # the PKCS#11 token of RSA-HSM keys, if configured
+
     def __init__(self, store, clock: Clock = system_clock, base_url: str = "http://127.0.0.1",
                  reserved_prefixes=DEFAULT_RESERVED_PREFIXES, audiences=()):
         self.store = store
@@ -35,12 +37,32 @@ class ServiceCore:
         """One transaction for a change and the events describing it; subscribers
         are woken only after the commit, so they never see an uncommitted change."""
         pending: list[Event] = []
+        self._doomed_token_objects: list[bytes] = []
         with self.store.transaction():
             yield pending
             for e in pending:
                 e.seq = self.store.add_event(e)
+        self._destroy_doomed_token_objects()
         if pending:
             self.notify(pending[-1].seq)
+
+    # A purge (of a key, by retention, of a vault) destroys the token objects of its RSA-HSM
+    # versions after the commit: a purge that fails to commit must leave usable keys. A
+    # destroy that fails leaves an object no row names, unusable through the service.
+    def _doom_token_objects(self, vault: str, name: str | None = None) -> None:
+        names = [name] if name else (self.store.key_names(vault, False) + self.store.key_names(vault, True))
+        for n in names:
+            key = self.store.key(vault, n)
+            for kv in key.versions if key else ():
+                if kv.kty == hsm_keys.KTY_HSM:
+                    ref = self.store.private_der(vault, n, kv.version)
+                    self._doomed_token_objects.append(hsm_keys.parse_reference(ref)[1])
+
+    def _destroy_doomed_token_objects(self) -> None:
+        doomed, self._doomed_token_objects = self._doomed_token_objects, []
+        if self.hsm is not None:
+            for object_id in doomed:
+                self.hsm.destroy(object_id)
 
     def _event(self, type_: str, vault: str, key=None, version=None, object_id=None,
                tenant: str | None = None) -> Event:
@@ -73,6 +95,7 @@ class ServiceCore:
         """The vault and its keys go; its audit chain is closed, not deleted: a last entry
         says so, and from then on only the service's auditors (admins of the home tenant)
         read it, by the vault's id. A new vault of the same name starts a new chain."""
+        self._doom_token_objects(vault.name)
         self.store.close_audit_chain(vault, {"time": self.clock(), "operation": "ChainClosed",
                                              "vault": vault.name, "vaultId": vault.id})
         self.store.purge_vault(vault.name)

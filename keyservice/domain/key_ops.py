@@ -1,5 +1,7 @@
 """Key operations. Each names the access-policy permission it needs, first thing."""
-from . import rsakeys
+import contextlib
+
+from . import hsm_keys, rsakeys
 from .core import ServiceCore
 from .errors import NotFound
 from .identities import Caller
@@ -33,9 +35,35 @@ class KeyOperations(ServiceCore):
 
     def add_version(self, caller: Caller, vault: str, name: str, permission: str, private,
                     attributes: Attributes | None = None):
-        if permission == "rotate":
-            self._key(self._authorize(caller, vault, "rotate"), name)  # still there, not deleted
-        return self._add_version(caller, vault, name, permission, private, attributes, "key.rotated")
+        with self._discarding_on_failure(private):
+            if permission == "rotate":
+                self._key(self._authorize(caller, vault, "rotate"), name)  # still there, not deleted
+            return self._add_version(caller, vault, name, permission, private, attributes,
+                                     "key.rotated")
+
+    # RSA-HSM: the pair is made in the token before the version is committed; a commit that
+    # is refused (a permission revoked meanwhile, the name taken) destroys it again.
+    @contextlib.contextmanager
+    def _discarding_on_failure(self, private):
+        try:
+            yield
+        except BaseException:
+            if isinstance(private, hsm_keys.HsmKeyMaterial) and self.hsm is not None:
+                self.hsm.destroy(private.object_id)
+            raise
+
+    def generate_key(self, kty: str, size: int):
+        """New key material of a kind: a software key pair, or a pair made in the token."""
+        if hsm_keys.check_kty(kty) == hsm_keys.KTY_HSM:
+            return hsm_keys.require_token(self.hsm).generate_rsa(rsakeys.check_size(size))
+        return rsakeys.generate(rsakeys.check_size(size))
+
+    def current_kty(self, caller: Caller, vault: str, name: str) -> str:
+        """What a rotation makes: a key of the current version's kind."""
+        kty = self._key(self._authorize(caller, vault, "rotate"), name).current.kty
+        if kty == hsm_keys.KTY_HSM:
+            hsm_keys.require_token(self.hsm)  # before any work
+        return kty
 
     def _add_version(self, caller: Caller, vault_name: str, name: str, permission: str,
                      private, attributes: Attributes | None, event_new: str):
@@ -51,12 +79,15 @@ class KeyOperations(ServiceCore):
             if is_new:
                 key = Key(vault_name, name, now)
                 self.store.put_key(key)
+            in_token = isinstance(private, hsm_keys.HsmKeyMaterial)
             v = KeyVersion(version=new_version_id(), size=private.key_size,
-                           public_der=rsakeys.public_der(private), enabled=True, nbf=None, exp=None,
-                           key_ops=KEY_OPS, created=now, updated=now)
+                           public_der=rsakeys.public_der(private.public_key()), enabled=True,
+                           nbf=None, exp=None, key_ops=KEY_OPS, created=now, updated=now,
+                           kty=hsm_keys.KTY_HSM if in_token else hsm_keys.KTY_SOFTWARE)
             if attributes is not None:
                 attributes.apply(v, now)
-            self.store.add_version(key, v, rsakeys.private_der(private))
+            self.store.add_version(key, v, private.reference() if in_token
+                                   else rsakeys.private_der(private))
             key.versions.append(v)
             events.append(self._event("key.created" if is_new else event_new, vault_name, name, v.version))
         return vault, key, v
@@ -64,10 +95,12 @@ class KeyOperations(ServiceCore):
     # The one-call forms below do all three steps on the calling thread (tests, tools);
     # the API uses the steps (api/keys.py).
     def create_key(self, caller: Caller, vault: str, name: str, size=rsakeys.DEFAULT_SIZE,
-                   attributes: Attributes | None = None):
+                   attributes: Attributes | None = None, kty: str = hsm_keys.KTY_SOFTWARE):
         self._authorize(caller, vault, "create")
-        private = rsakeys.generate(rsakeys.check_size(size))
-        return self._add_version(caller, vault, name, "create", private, attributes, "key.rotated")
+        private = self.generate_key(kty, size)
+        with self._discarding_on_failure(private):
+            return self._add_version(caller, vault, name, "create", private, attributes,
+                                     "key.rotated")
 
     def import_key(self, caller: Caller, vault: str, name: str, private,
                    attributes: Attributes | None = None):
@@ -75,9 +108,10 @@ class KeyOperations(ServiceCore):
 
     def rotate_key(self, caller: Caller, vault: str, name: str):
         v = self._authorize(caller, vault, "rotate")
-        size = self._key(v, name).current.size
-        return self._add_version(caller, vault, name, "rotate", rsakeys.generate(size), None,
-                                 "key.rotated")
+        current = self._key(v, name).current
+        private = self.generate_key(current.kty, current.size)
+        with self._discarding_on_failure(private):
+            return self._add_version(caller, vault, name, "rotate", private, None, "key.rotated")
 
     def _authorize(self, caller: Caller, vault: str, permission: str) -> Vault:
         """Check before slow work (RSA generation), and again inside the transaction."""
@@ -136,7 +170,10 @@ class KeyOperations(ServiceCore):
     def unwrap(self, caller: Caller, vault: str, name: str, version: str | None, alg, value: bytes):
         rsakeys.check_alg(alg)
         key, kv = self._usable(caller, vault, name, version, "unwrapKey")
-        private = self.store.private_key(vault, name, kv.version)
+        if kv.kty == hsm_keys.KTY_HSM:  # the private operation runs in the token
+            label, object_id = hsm_keys.parse_reference(self.store.private_der(vault, name, kv.version))
+            token = hsm_keys.require_token(self.hsm, label)
+            return self.kid(vault, name, kv.version), token.unwrap(object_id, kv.size, alg, value)
         return self.kid(vault, name, kv.version), rsakeys.unwrap(private, alg, value)
 
     def delete_key(self, caller: Caller, vault: str, name: str):
@@ -166,5 +203,6 @@ class KeyOperations(ServiceCore):
             v = self._authorize(caller, vault, "purge")
             key = self._key(v, name, deleted=True)
             key.check_purge(self.clock(), v.purge_protection)
+            self._doom_token_objects(vault, name)
             self.store.purge_key(vault, name)
             events.append(self._event("key.purged", vault, name))

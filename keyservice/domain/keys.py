@@ -36,6 +36,7 @@ class KeyVersion:
     key_ops: tuple[str, ...]
     created: float
     updated: float
+    kty: str = "RSA"  # "RSA-HSM": the private key is in a PKCS#11 token (hsm_keys.py)
 
     def check_usable(self, op: str, now: float) -> None:
         if not self.enabled:

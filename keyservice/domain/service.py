@@ -111,6 +111,7 @@ class KeyService(DirectoryOperations, VaultOperations, BackupOperations, KeyOper
         with self._change() as events:
             for vault, name in keys:
                 if vault not in vaults:
+                    self._doom_token_objects(vault, name)
                     self.store.purge_key(vault, name)
                     events.append(self._event("key.purged", vault, name))
             for name in vaults:

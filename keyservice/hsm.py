@@ -1,0 +1,206 @@
+"""RSA-HSM keys in a PKCS#11 token: generation, unwrap and destruction run inside it.
+
+The key service names a token (`--pkcs11-module`, `--pkcs11-token`) and logs in with a
+PIN read from a credential file, never from argv or the environment (both are readable
+by other processes through /proc). Private keys are made in the token with CKA_SENSITIVE
+true and CKA_EXTRACTABLE false (PKCS#11 v2.40 section 4.9): no call returns their value,
+so this process holds only a handle. The database keeps the reference (token label and
+CKA_ID) and the public key.
+
+unwrapKey: CKM_RSA_PKCS_OAEP with the algorithm's hash when the token offers it. A token
+without OAEP over SHA-256 (SoftHSM 2.6 has only SHA-1) does the private-key operation as
+CKM_RSA_X_509 in the token and the OAEP decoding (RFC 8017 section 7.1.2) here: what
+leaves the token is then the padded message, which holds nothing but the value being
+unwrapped; the private key stays in the token either way. wrapKey needs no secret: it is
+done with the stored public key (rsakeys.wrap), as Key Vault's clients may do themselves.
+
+One logged-in session, used under a lock: PKCS#11 does not let two threads use one
+session at once, and the work is short (one RSA private operation).
+"""
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+import threading
+from pathlib import Path
+
+import pkcs11
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11
+from pkcs11.mechanisms import MGF
+
+from .domain import rsakeys
+from .domain.errors import BadRequest
+from .domain.hsm_keys import HsmKeyMaterial
+from .sealing import MasterKeyError
+
+PIN_CREDENTIAL = "pkcs11-pin"  # the name under systemd's $CREDENTIALS_DIRECTORY
+_HASHES = {"RSA-OAEP-256": (Mechanism.SHA256, MGF.SHA256, hashlib.sha256),
+           "RSA-OAEP": (Mechanism.SHA_1, MGF.SHA1, hashlib.sha1)}
+
+
+class HsmConfigError(MasterKeyError):
+    """The token cannot be used as configured; reported like a missing master key:
+    the service refuses to start and says why."""
+
+
+def read_pin(pin_file: str | None) -> str:
+    """The PIN from `pin_file`, else from systemd's LoadCredential= (pkcs11-pin). The file
+    must be the service user's and readable by nobody else, like the master key file."""
+    if pin_file is None:
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            raise HsmConfigError("--pkcs11-module needs a PIN: --pkcs11-pin-file, or a systemd "
+                                 f"credential named {PIN_CREDENTIAL} (LoadCredential=)")
+        pin_file = str(Path(creds) / PIN_CREDENTIAL)
+    try:
+        fd = os.open(pin_file, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise HsmConfigError(f"cannot read the PKCS#11 PIN file {pin_file}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) or st.st_uid != os.geteuid():
+            raise HsmConfigError(f"the PKCS#11 PIN file {pin_file} must be owned by this user and "
+                                 "mode 0600 (chmod 600); it is readable by others")
+        pin = f.read().strip()
+    if not pin:
+        raise HsmConfigError(f"the PKCS#11 PIN file {pin_file} is empty")
+    return pin.decode()
+
+
+class Pkcs11Token:
+    """One token of one PKCS#11 module, logged in as its user."""
+
+    def __init__(self, module: str, label: str, pin: str):
+        try:
+            self._lib = pkcs11.lib(module)
+        except (RuntimeError, OSError) as e:  # not there, or not a PKCS#11 library
+            raise HsmConfigError(f"cannot load the PKCS#11 module {module}: {e}") from None
+        try:
+            token = self._lib.get_token(token_label=label)
+            self._session = token.open(user_pin=pin, rw=True)
+        except p11.NoSuchToken:
+            raise HsmConfigError(f"the PKCS#11 module has no token labelled {label!r}") from None
+        except p11.PinIncorrect:
+            raise HsmConfigError(f"the PIN for PKCS#11 token {label!r} is incorrect") from None
+        except p11.PKCS11Error as e:
+            raise HsmConfigError(f"cannot open PKCS#11 token {label!r}: {type(e).__name__}") from None
+        self.label = label
+        self._lock = threading.Lock()
+        self._native_oaep: dict[str, bool] = {}  # learnt at the first unwrap of each algorithm
+
+    def generate_rsa(self, size: int) -> HsmKeyMaterial:
+        """A new key pair stored in the token; its CKA_ID is random, so references never
+        collide, and says nothing about the vault or key (other tenants share the token)."""
+        object_id = secrets.token_bytes(16)
+        with self._lock:
+            public, _ = self._session.generate_keypair(
+                KeyType.RSA, rsakeys.check_size(size), id=object_id, label="keyservice",
+                store=True,
+                public_template={Attribute.ENCRYPT: True, Attribute.WRAP: False,
+                                 Attribute.VERIFY: False},
+                private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                                  Attribute.DECRYPT: True, Attribute.UNWRAP: False,
+                                  Attribute.SIGN: False, Attribute.PRIVATE: True})
+            n = int.from_bytes(public[Attribute.MODULUS], "big")
+            e = int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big")
+        return HsmKeyMaterial(self.label, object_id, rsa.RSAPublicNumbers(e, n).public_key())
+
+    def _private(self, object_id: bytes):
+        try:
+            return self._session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=object_id)
+        except p11.NoSuchKey:
+            raise HsmKeyMissing("The key's object is missing from the HSM token") from None
+
+    def unwrap(self, object_id: bytes, size: int, alg: str, value: bytes) -> bytes:
+        rsakeys.check_alg(alg)
+        if len(value) != size // 8:
+            raise BadRequest(f"value must be exactly {size // 8} bytes for a {size}-bit key, "
+                             f"got {len(value)}")
+        mech, mgf, hash_fn = _HASHES[alg]
+        with self._lock:
+            key = self._private(object_id)
+            if self._native_oaep.get(alg, True):
+                try:
+                    return bytes(key.decrypt(value, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                             mechanism_param=(mech, mgf, None)))
+                except (p11.ArgumentsBad, p11.MechanismInvalid, p11.MechanismParamInvalid):
+                    self._native_oaep[alg] = False  # this token lacks it: decode here from now on
+                except p11.PKCS11Error:
+                    raise _unwrap_failed() from None
+            try:
+                em = bytes(key.decrypt(value, mechanism=Mechanism.RSA_X_509))
+            except p11.PKCS11Error:
+                raise _unwrap_failed() from None
+        return oaep_decode(em, size // 8, hash_fn)
+
+    def destroy(self, object_id: bytes) -> None:
+        """Both halves of the pair; a half already gone is not an error (a purge retried)."""
+        with self._lock:
+            for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                try:
+                    self._session.get_key(object_class=cls, id=object_id).destroy()
+                except p11.NoSuchKey:
+                    pass
+
+    def has_key(self, object_id: bytes) -> bool:
+        with self._lock:
+            try:
+                self._session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=object_id)
+                return True
+            except p11.NoSuchKey:
+                return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._session.close()
+
+
+class HsmKeyMissing(BadRequest):
+    """A version whose token object was destroyed outside the service: its unwraps fail."""
+
+
+def _unwrap_failed() -> BadRequest:
+    # One message for every failure, as rsakeys.unwrap: no oracle for a caller.
+    return BadRequest("The value could not be unwrapped with this key and algorithm")
+
+
+def oaep_decode(em: bytes, k: int, hash_fn) -> bytes:
+    """EME-OAEP decoding, RFC 8017 section 7.1.2 step 3, empty label. Every check is
+    folded into one flag and one error, so neither the message nor (as far as Python
+    allows) the path taken tells which check failed (Manger's attack)."""
+    h_len = hash_fn().digest_size
+    if len(em) < k:  # a token may drop leading zero bytes of the integer
+        em = bytes(k - len(em)) + em
+    if len(em) != k or k < 2 * h_len + 2:
+        raise _unwrap_failed()
+    y, masked_seed, masked_db = em[0], em[1:1 + h_len], em[1 + h_len:]
+    seed = _xor(masked_seed, _mgf1(masked_db, h_len, hash_fn))
+    db = _xor(masked_db, _mgf1(seed, k - h_len - 1, hash_fn))
+    good = hmac.compare_digest(db[:h_len], hash_fn(b"").digest()) & (y == 0)
+    # The first 0x01 after the zero padding, found without an early exit.
+    index, looking, bad_pad = 0, 1, 0
+    for i in range(h_len, len(db)):
+        b = db[i]
+        is_one, is_zero = int(b == 1), int(b == 0)
+        index = index | (i * (looking & is_one))
+        bad_pad |= looking & (1 - is_one) & (1 - is_zero)
+        looking &= 1 - is_one
+    if not good or looking or bad_pad:
+        raise _unwrap_failed()
+    return db[index + 1:]
+
+
+def _mgf1(seed: bytes, length: int, hash_fn) -> bytes:
+    out = bytearray()
+    counter = 0
+    while len(out) < length:
+        out += hash_fn(seed + counter.to_bytes(4, "big")).digest()
+        counter += 1
+    return bytes(out[:length])
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
