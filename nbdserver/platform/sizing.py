@@ -8,11 +8,12 @@ not expect its device to get smaller under it.
 
 A disk grows while no NBD client is attached. A client negotiated its export's size at
 its handshake (NBD doc/proto.md, NBD_INFO_EXPORT), and the open encryption layer and
-the I/O workers' copies of it hold the file at that size; so a disk with clients is
-refused (409), and one idle with its key still loaded is closed first (its key wiped
-as at the end of the idle window). Everything from the check to the new size in the
-state and the catalog happens without an await, so no client can attach in between;
-the next client opens the disk at its new size and is told that size.
+the I/O workers' copies of it hold the file at that size; so a disk with clients, or
+one a client is attaching to, is refused (409), and one idle with its key still loaded
+(its idle timer running) is closed first, its key wiped as at the end of that window.
+Everything from the check to the new size in the state and the catalog happens without
+an await, so no client can attach in between; the next client opens the disk at its new
+size and is told that size.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class DiskSizing:
         catalog: ExportCatalog
         operations: Operations
         _opening: dict
+        _idle_timers: dict
 
         def volume(self, kind: VolumeKind, name: str) -> Volume:
             raise NotImplementedError  # volumes.VolumeOperations'
@@ -82,6 +84,12 @@ class DiskSizing:
         self._check_unattached(name)
         export = self.catalog.get(name)
         if export is not None and is_open(export):
+            if export not in self._idle_timers:
+                # Open with no client counted and no idle timer: a client's open has just
+                # finished and its attach is about to count it. Closing now would hand
+                # that client a sealed disk.
+                raise Conflict(f"disk {name!r} is being attached: a disk grows while no "
+                               "client is attached; detach it, resize, attach again")
             self._cancel_idle(export)
             self._close_idle(export)  # sealed now; the old layer drains and flushes behind
         try:
