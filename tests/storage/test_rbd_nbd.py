@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.helpers.ceph import CephCluster
 from tests.helpers.images import dmcrypt_sector, need_tool
-from tests.helpers.servers import ROOT
+from tests.helpers.servers import ROOT, BaselineServer
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
 
@@ -26,8 +27,8 @@ SIZE = 32 * MiB
 
 @dataclass
 class RbdExports:
-    server: object
-    cluster: object
+    server: BaselineServer
+    cluster: CephCluster
     encrypted: str  # the image names of the exports `enc` and `plain`
     plain: str
     key: bytes
