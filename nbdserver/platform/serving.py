@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from ..backend import FileSpec
 from ..crypto import open_disk
 from ..exports import Export, ExportSource
-from . import keys
+from . import backing, keys
 from .errors import AccessMissing, KeyUnavailable
 from .model import Volume, VolumeKind
 from .sealed import SealedBackend
@@ -141,6 +141,10 @@ class DiskServing:
         disk = self.state.get_volume(VolumeKind.DISK, export.name)
         if disk is None or is_open(export):
             return disk is not None and not export.locked
+        failed = backing.problem(disk.path, disk.size)
+        if failed is not None:  # refused before the key service is asked for anything
+            log.warning("disk %s failed: %s", export.name, failed)
+            return False
         sealed, was_locked = export.backend, export.locked
         try:
             async with self._unwraps:

@@ -41,6 +41,12 @@ def _reads(stack, disk: str, data: bytes) -> None:
     h.shutdown()
 
 
+def _unwraps(stack) -> int:
+    """UnwrapKey calls on the platform's vault so far, from its audit chain."""
+    entries = stack.keyservice("audit", "show", "nbd-platform", "--limit", "1000")["value"]
+    return sum(e.get("operation", "").startswith("KeyUnwrap") for e in entries)
+
+
 def test_relative_data_dir_then_absolute_keeps_every_disk(make_stack):
     stack = make_stack()
     stack.stop_nbdserver()
@@ -76,8 +82,10 @@ def test_missing_file_fails_its_disk_only(make_stack):
     listed = {d["name"]: d["serving"]["state"] for d in stack.nbdserver("disk", "list")}
     assert listed == {"gone": "failed", "kept": "available"}, listed
     _reads(stack, "kept", kept)
+    unwraps = _unwraps(stack)
     refused = connect_refused(stack, "gone")
     assert refused is not None
+    assert _unwraps(stack) == unwraps  # refused before the key service was asked
     assert "missing" not in refused and str(stack.nb_dir) not in refused  # generic refusal
     log = stack.nb.stderr_text()
     assert "disk gone failed" in log and "missing" in log, log[-2000:]
