@@ -174,6 +174,7 @@ class KeyOperations(ServiceCore):
             label, object_id = hsm_keys.parse_reference(self.store.private_der(vault, name, kv.version))
             token = hsm_keys.require_token(self.hsm, label)
             return self.kid(vault, name, kv.version), token.unwrap(object_id, kv.size, alg, value)
+        private = self.store.private_key(vault, name, kv.version)
         return self.kid(vault, name, kv.version), rsakeys.unwrap(private, alg, value)
 
     def delete_key(self, caller: Caller, vault: str, name: str):
