@@ -80,8 +80,11 @@ def with_rfc3339(obj: Any, keys: frozenset[str]) -> Any:
     return obj
 
 
+MAX_TIME = 253402300800  # 10000-01-01: past it a year has five digits, which RFC 3339 lacks
+
+
 def _is_time(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 2**40
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < MAX_TIME
 
 
 # --------------------------------------------------------------------------- rendering

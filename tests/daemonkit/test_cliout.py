@@ -25,6 +25,8 @@ def test_query_then_times():
     shown = with_rfc3339(obj, frozenset({"created"}))
     assert shown["value"][0]["attributes"] == {"created": "2026-12-06T07:55:00Z", "enabled": True}
     assert apply_query(shown, "value[0].attributes.created") == "2026-12-06T07:55:00Z"
+    # A time past year 9999 (the API takes up to 2**40) is shown as the number it is.
+    assert with_rfc3339({"exp": 2**39}, frozenset({"exp"})) == {"exp": 2**39}
     with pytest.raises(CliError) as e:
         apply_query(shown, "value[")
     assert e.value.exit_code == 2
