@@ -110,6 +110,11 @@ keyring = {dir}/osd/$cluster-$id/keyring
 osd objectstore = memstore
 memstore device bytes = {memstore}
 osd check max object name len on startup = false
+# A client that died (a server killed -9) keeps its watch on an image, and so the image's
+# exclusive lock, until this many seconds pass without a ping (default 30): a test that
+# kills a server then waits that long to remove or take over its image. Live clients
+# ping their watches on every tick of their objecter (5 s).
+osd client watch timeout = 10
 """
 
 

@@ -158,3 +158,23 @@ def test_bad_rbd_exports_fail_the_start_with_a_message(ceph_cluster, tmp_path):
                                                              f"d=rbd:{pool}/x,cache=none"])
     err = start_failing(tmp_path, [*ceph_args(ceph_cluster), f"d=rbd:{pool}/absent"])
     assert "export 'd'" in err and "absent" in err
+
+
+def test_a_server_killed_after_answering_writes_lost_none_of_them(ceph_cluster, rbd_image, server_factory):
+    """librbd's cache is off: a write is answered once the OSDs have it. With the cache
+    on, writes after the first flush would be answered from memory and die with the
+    process."""
+    name = rbd_image(SIZE)
+    srv = server_factory([f"plain=rbd:{ceph_cluster.pool}/{name}"], extra_args=ceph_args(ceph_cluster))
+    h = nbd.NBD()
+    h.connect_uri(srv.uri("plain"))
+    written = {i * 256 * KiB: os.urandom(64 * KiB) for i in range(64)}
+    h.flush()  # librbd's cache, were it on, would turn from write-through to write-back here
+    for off, data in written.items():
+        h.pwrite(data, off)  # answered: promised, though not flushed
+    srv.proc.kill()
+    srv.proc.wait(timeout=30)
+    del h  # its connection died with the server
+    stored = ceph_cluster.read_image(name, 0, 16 * MiB)
+    for off, data in written.items():
+        assert stored[off:off + len(data)] == data, f"the write at {off} was lost"
