@@ -466,6 +466,12 @@ def backup(directory, data_dir, include_data, include_master_key, master_key_fil
 main.add_command(attach)
 main.add_command(detach)
 main.add_command(attachments)
+# They read the API's settings too (attach: the NBD address from GET /info), and their
+# records' place; their help says so, as every client command's does.
+for _host_command in (attach, detach, attachments):
+    _host_command.epilog = ("\b\nEnvironment (or section [nbdserver] of the settings file):\n"
+                            + SETTINGS.help_text() + "\n  NBDSERVER_RUN_DIR: where attachments are "
+                            "recorded (default /run/nbdserver)")
 main.add_command(status)
 
 
