@@ -98,12 +98,18 @@ def open_rbd(opts: dict, ceph: dict | None) -> BlockBackend:
     if opts["key"]:
         with open(opts["key"], "rb") as f:
             key = bytearray(f.read())
-    lower = spec.open()
+    try:
+        lower = spec.open()
+    except BaseException:
+        if key is not None:  # not handed to a layer: wiped here (XtsLayer wipes its own)
+            key[:] = bytes(len(key))
+        raise
     if key is None:
         return lower
     try:
         return XtsLayer(lower, key)
     except BaseException:
+        key[:] = bytes(len(key))
         lower.close()
         raise
 
