@@ -62,6 +62,8 @@ def _shared_conf() -> Path:
         conf.write_text(f"directories.tokendir = {top / 'tokens'}\nobjectstore.backend = file\n"
                         "log.level = ERROR\n")
         _conf.append(conf)
+        # Daemons this process starts inherit it (tests/helpers/servers.py passes os.environ).
+        os.environ["SOFTHSM2_CONF"] = str(conf)
     return _conf[0]
 
 

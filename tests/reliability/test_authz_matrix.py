@@ -16,6 +16,11 @@ expired, not yet valid, soft-deleted. For every (operation, identity, state):
 Operations that change state run on a fresh key (imported from a PEM made once, so no RSA
 generation per case); the others share one key per state. The vault has no purge
 protection, so that purge can succeed when it is allowed.
+
+Both matrices run twice: on software keys (RSA) and on keys made in a SoftHSM2 token
+(RSA-HSM, which cannot be imported: those are created). The permission rules are the
+same; the one difference in outcome is backup, which RSA-HSM keys refuse (403
+KeyNotBackupable) to a caller who holds the permission.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.helpers.platform import Stack, _http
+from tests.helpers.softhsm import make_token
 
 PERMS = ("get", "list", "create", "import", "update", "delete", "recover", "purge",
          "wrapKey", "unwrapKey", "rotate", "backup")
@@ -52,7 +58,7 @@ OPS: dict[str, tuple[str, bool, Callable[[str, dict], tuple[str, str, Any]]]] = 
     "listDeleted": ("list", False, lambda k, c: ("GET", f"/vaults/{VAULT}/deletedkeys", None)),
     "getDeleted": ("get", False, lambda k, c: ("GET", f"/vaults/{VAULT}/deletedkeys/{k}", None)),
     "create": ("create", True, lambda k, c: ("POST", f"/vaults/{VAULT}/keys/{k}/create",
-                                             {"kty": "RSA", "key_size": 2048})),
+                                             {"kty": c["kty"], "key_size": 2048})),
     "import": ("import", True, lambda k, c: ("PUT", f"/vaults/{VAULT}/keys/{k}", {"pem": c["pem"]})),
     "update": ("update", True, lambda k, c: ("PATCH", f"/vaults/{VAULT}/keys/{k}",
                                              {"attributes": {}})),
@@ -71,7 +77,7 @@ OPS: dict[str, tuple[str, bool, Callable[[str, dict], tuple[str, str, Any]]]] = 
 USABILITY = {"disabled": "KeyDisabled", "expired": "KeyExpired", "notyetvalid": "KeyNotYetValid"}
 
 
-def expected_with_permission(op: str, state: str) -> tuple[int, str | None]:
+def expected_with_permission(op: str, state: str, kty: str = "RSA") -> tuple[int, str | None]:
     deleted = state == "deleted"
     if op in ("list", "listDeleted"):
         return 200, None
@@ -81,12 +87,17 @@ def expected_with_permission(op: str, state: str) -> tuple[int, str | None]:
         return (409, None) if op in ("create", "import") else (404, None)
     if op in ("wrapKey", "unwrapKey") and state in USABILITY:
         return 403, USABILITY[state]
+    if op == "backup" and kty == "RSA-HSM":
+        return 403, "KeyNotBackupable"
     return 200, None
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("authz"))
+@pytest.fixture(scope="module", params=["RSA", "RSA-HSM"])
+def matrix(request, tmp_path_factory):
+    ks_args = []
+    if request.param == "RSA-HSM":
+        ks_args = make_token(tmp_path_factory.mktemp("hsm")).serve_args()
+    stack = Stack(tmp_path_factory.mktemp("authz"), ks_args=ks_args)
     stack.start_keyservice()
     status, body = stack.ks_api("POST", "/vaults", {"name": VAULT, "location": "local",
                                                     "subscription": "s1"})
@@ -94,7 +105,7 @@ def matrix(tmp_path_factory):
     pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()).decode()
-    ctx = {"pem": pem, "wrapped": {}, "stack": stack, "n": 0}
+    ctx = {"pem": pem, "wrapped": {}, "stack": stack, "n": 0, "kty": request.param}
     ctx["shared"] = {state: make_key(ctx, f"shared-{state}", state) for state in STATES}
     ctx["tokens"] = {}
     for name, perms in PERM_SETS.items():
@@ -118,10 +129,15 @@ def matrix(tmp_path_factory):
 
 
 def make_key(ctx, name: str, state: str) -> str:
-    """A key imported by the admin, with a wrapped value for unwrap, put into `state`."""
+    """A key imported by the admin (created in the token for RSA-HSM), with a wrapped value
+    for unwrap, put into `state`."""
     stack = ctx["stack"]
     for _ in range(30):  # imports are rate-limited per identity: honour Retry-After
-        status, body = stack.ks_api("PUT", f"/vaults/{VAULT}/keys/{name}", {"pem": ctx["pem"]})
+        if ctx["kty"] == "RSA-HSM":
+            status, body = stack.ks_api("POST", f"/vaults/{VAULT}/keys/{name}/create",
+                                        {"kty": "RSA-HSM", "key_size": 2048})
+        else:
+            status, body = stack.ks_api("PUT", f"/vaults/{VAULT}/keys/{name}", {"pem": ctx["pem"]})
         if status != 429:
             break
         time.sleep(1)  # the server's Retry-After (whole seconds); a back-off, not a sync
@@ -169,11 +185,12 @@ def test_authorization_matrix(matrix, op):
                     failures.append("without permission: " + case)
                 continue
             successes += 200 <= status < 300
-            want_status, want_inner = expected_with_permission(op, state)
+            want_status, want_inner = expected_with_permission(op, state, matrix["kty"])
             if status != want_status or (want_inner and inner_code(out) != want_inner):
                 failures.append(f"expected {want_status} {want_inner or ''}: " + case)
     assert not failures, "\n".join(failures[:20])
-    assert successes > 0, f"{op}: no call succeeded even with its permission"
+    if not (op == "backup" and matrix["kty"] == "RSA-HSM"):
+        assert successes > 0, f"{op}: no call succeeded even with its permission"
 
 
 # --------------------------------------------------------------------------- tenants
@@ -257,7 +274,7 @@ def test_tenant_matrix(matrix, tenants, op):
                 if status != 401:
                     failures.append("other tenant: " + case)
             elif op in OPS:
-                want_status, want_inner = expected_with_permission(op, state)
+                want_status, want_inner = expected_with_permission(op, state, matrix["kty"])
                 if status != want_status or (want_inner and inner_code(out) != want_inner):
                     failures.append(f"expected {want_status} {want_inner or ''}: " + case)
             elif op in ("vaultGet", "policyList") and status != 200:
