@@ -349,10 +349,11 @@ readq_submit(ReadQueue *q, PyObject *args, PyObject *kwds)
         return PyErr_Format(PyExc_ValueError, "submit on a closed ReadQueue");
     if (fd < 0 || offset < 0)
         return PyErr_Format(PyExc_ValueError, "submit: bad fd or offset");
-    /* A power of two up to 1 MiB: O_DIRECT's alignment is the device's block size. */
-    if (align < 0 || align > (1 << 20) || (align & (align - 1)))
+    /* O_DIRECT's alignment is a block size: a power of two, 512 to 1 MiB (and at least
+     * what posix_memalign takes for the bounce buffer). */
+    if (align != 0 && (align < 512 || align > (1 << 20) || (align & (align - 1))))
         return PyErr_Format(PyExc_ValueError, "submit: align must be 0 or a power of two "
-                            "up to 1 MiB, not %d", align);
+                            "from 512 to 1 MiB, not %d", align);
     j = PyMem_RawCalloc(1, sizeof *j);
     if (j == NULL)
         return PyErr_NoMemory();

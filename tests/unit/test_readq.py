@@ -208,6 +208,9 @@ def test_o_direct_reads_of_any_alignment_go_through_the_bounce_buffer(queue, tmp
         for token, (buf, offset) in cases.items():
             want = (data[offset:offset + len(buf)] + bytes(len(buf)))[:len(buf)]
             assert results[token] == len(buf) and bytes(buf) == want, token
+        for bad in (-1, 3, 256, 3 * S, 2 << 20):
+            with pytest.raises(ValueError, match="align"):
+                queue.submit("bad", bytearray(S), backend.fileno(), 0, align=bad)
         # The kernel's own answer to an unaligned O_DIRECT read, which the bounce avoids.
         with pytest.raises(OSError) as e:
             os.preadv(backend.fileno(), [bytearray(S)[1:]], 0)
