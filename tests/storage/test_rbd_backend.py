@@ -4,9 +4,13 @@ leaving only dm-crypt ciphertext in the image."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import os
 import random
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,6 +18,7 @@ import pytest
 from nbdserver.backend import Extent
 from nbdserver.rbdbackend import CONNECTIONS, RbdSpec
 from tests.helpers.images import dmcrypt_sector
+from tests.helpers.servers import ROOT
 
 rbd = pytest.importorskip("rbd", reason="python3-rbd is not installed")
 
@@ -161,3 +166,30 @@ def test_xts_over_rbd_stores_dmcrypt_ciphertext_only(ceph_cluster, rbd_image):
     raw = ceph_cluster.read_image(name, MiB, len(plain))
     for i in range(0, len(plain), 4096):
         assert raw[i:i + 4096] == dmcrypt_sector(key, (MiB + i) // 4096, plain[i:i + 4096])
+
+
+def test_another_process_opens_the_same_image_from_the_spec_as_plain_data(ceph_cluster, rbd_image):
+    """What an I/O worker process would do: rebuild the spec from JSON, open the image,
+    see this process's writes and write its own (RBD's exclusive lock moves between the
+    two clients on demand)."""
+    spec = spec_of(ceph_cluster, rbd_image(8 * MiB))
+    here = spec.open()
+    try:
+        here.pwrite(memoryview(b"p" * 4096), 0)
+        here.flush()
+        child = (
+            "import json, sys\n"
+            "from nbdserver.rbdbackend import RbdSpec\n"
+            "b = RbdSpec(**json.loads(sys.argv[1])).open()\n"
+            "buf = bytearray(4096); b.pread(memoryview(buf), 0)\n"
+            "assert buf == b'p' * 4096, bytes(buf[:8])\n"
+            "b.pwrite(memoryview(b'c' * 4096), 4096); b.flush(); b.close()\n")
+        done = subprocess.run([sys.executable, "-c", child, json.dumps(dataclasses.asdict(spec))],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        buf = bytearray(4096)
+        here.pread(memoryview(buf), 4096)
+        assert buf == b"c" * 4096
+        here.pwrite(memoryview(b"q" * 4096), 8192)  # the lock comes back on demand
+    finally:
+        here.close()
