@@ -30,12 +30,12 @@ BS = 64 << 10
 SIZE = 32 << 20
 
 
-def keyed(workdir, image, size):
+def keyed(workdir, image, size, cache="writeback"):
     key = workdir / "dek.key"
     if not key.exists():
         key.write_bytes(os.urandom(64))
         key.chmod(0o600)
-    return [f"d={image},size={size},key={key}"]
+    return [f"d={image},size={size},key={key},cache={cache}"]
 
 
 def fio(uri: str, *args, cwd, timeout=120) -> subprocess.CompletedProcess:
@@ -45,9 +45,9 @@ def fio(uri: str, *args, cwd, timeout=120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
-def fio_cycle(workdir, rng, cycle: int) -> int:
+def fio_cycle(workdir, rng, cycle: int, cache: str = "writeback") -> int:
     image = workdir / f"fio{cycle}.img"
-    spec = keyed(workdir, image, SIZE)
+    spec = keyed(workdir, image, SIZE, cache)
     srv = BaselineServer(workdir, spec, name=f"fio{cycle}").start()
     writer = subprocess.Popen(["fio", "--name=crash", "--ioengine=nbd", f"--uri={srv.uri('d')}",
                                f"--bs={BS}", f"--size={SIZE}", "--rw=write", "--iodepth=1",
@@ -81,10 +81,11 @@ def fio_cycle(workdir, rng, cycle: int) -> int:
     return done
 
 
-def test_kill9_under_fio_verify(tmp_path, seeded_rng):
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_kill9_under_fio_verify(tmp_path, seeded_rng, cache):
     if shutil.which("fio") is None:
         pytest.skip("fio is not installed")
-    verified = [fio_cycle(tmp_path, seeded_rng, c) for c in range(3)]
+    verified = [fio_cycle(tmp_path, seeded_rng, c, cache) for c in range(3)]
     print(f"\ncrash-fio: cycles=3 verified_bytes={verified}")
 
 
