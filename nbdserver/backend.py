@@ -296,7 +296,7 @@ def check_cache_mode(mode: str) -> str:
 
 def direct_on(fd: int, path: str) -> None:
     """Turn O_DIRECT on for an open file, or say clearly why the file cannot have it (a
-    file system without direct I/O, tmpfs for one, refuses it with EINVAL)."""
+    file system without direct I/O, ramfs for one, refuses it with EINVAL)."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
         # F_SETFL does not check that the file system can do direct I/O; a read does.
@@ -306,7 +306,7 @@ def direct_on(fd: int, path: str) -> None:
         if e.errno != errno.EINVAL:
             raise
         raise OSError(errno.EINVAL, f"cache=none needs O_DIRECT, which the file system of {path} "
-                                    "does not support (tmpfs, some FUSE or network file systems); "
+                                    "does not support (ramfs, some FUSE or network file systems); "
                                     "use cache=writeback there") from None
 
 
