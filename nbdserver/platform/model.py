@@ -58,6 +58,12 @@ class EncryptionSet:
     identity_sealed: bytes  # the identity's credential, sealed under the platform master key
     allow_cross_subscription: bool = False
     created: float = 0.0
+    # Automatic rotation (Azure's rotationToLatestKeyVersionEnabled): follow the key's
+    # latest version, re-wrapping every volume's DEK to it (`auto_rotation`).
+    auto_rotate: bool = False
+    active_key_url: str | None = None  # kid with version: what the last rotation wrapped with
+    last_key_rotation: float | None = None  # when the last rotation (manual or automatic) ended
+    rotation_error: dict | None = None  # why the last automatic attempt failed: code, message, time
 
 
 @dataclass

@@ -29,7 +29,9 @@ CREATE TABLE IF NOT EXISTS config (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS encryption_sets (
     name TEXT PRIMARY KEY, subscription TEXT NOT NULL, location TEXT NOT NULL,
     key_url TEXT NOT NULL, identity_object_id TEXT NOT NULL, identity_sealed BLOB NOT NULL,
-    allow_cross_subscription INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+    allow_cross_subscription INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL,
+    auto_rotate INTEGER NOT NULL DEFAULT 0, active_key_url TEXT, last_key_rotation REAL,
+    rotation_error TEXT);
 CREATE TABLE IF NOT EXISTS volumes (
     kind TEXT NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
     subscription TEXT NOT NULL, location TEXT NOT NULL, des TEXT NOT NULL,
@@ -60,9 +62,19 @@ def _relative_paths(db: sqlite3.Connection, data_dir: str) -> None:
             db.execute("UPDATE volumes SET path=? WHERE kind=? AND name=?", (new, kind, name))
 
 
+def _key_rotation(db: sqlite3.Connection, data_dir: str) -> None:
+    """Version 2: an encryption set may follow its key's latest version (`auto_rotate`),
+    and records the version its volumes were last re-wrapped to, when, and why the last
+    automatic attempt failed. Sets made before are manual (0), their active version not
+    yet known: the columns SCHEMA gives a new database, at the same place (appended)."""
+    for column in ("auto_rotate INTEGER NOT NULL DEFAULT 0", "active_key_url TEXT",
+                   "last_key_rotation REAL", "rotation_error TEXT"):
+        db.execute(f"ALTER TABLE encryption_sets ADD COLUMN {column}")
+
+
 # MIGRATIONS[n] brings a database of version n to n + 1. Version 0 is every database of
 # the releases before versioning (the SCHEMA above, without user_version).
-MIGRATIONS: list[Callable[[sqlite3.Connection, str], None]] = [_relative_paths]
+MIGRATIONS: list[Callable[[sqlite3.Connection, str], None]] = [_relative_paths, _key_rotation]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -158,16 +170,30 @@ class State:
     # -- encryption sets
     def put_des(self, d: EncryptionSet) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO encryption_sets VALUES (?,?,?,?,?,?,?,?)",
+            f"INSERT OR REPLACE INTO encryption_sets ({_DES_COLUMNS}) VALUES "
+            "(?,?,?,?,?,?,?,?,?,?,?,?)",
             (d.name, d.subscription, d.location, d.key_url, d.identity_object_id, d.identity_sealed,
-             int(d.allow_cross_subscription), d.created or time.time()))
+             int(d.allow_cross_subscription), d.created or time.time(), int(d.auto_rotate),
+             d.active_key_url, d.last_key_rotation,
+             None if d.rotation_error is None else json.dumps(d.rotation_error)))
 
     def get_des(self, name: str) -> EncryptionSet | None:
-        row = self.db.execute("SELECT * FROM encryption_sets WHERE name=?", (name,)).fetchone()
+        row = self.db.execute(f"SELECT {_DES_COLUMNS} FROM encryption_sets WHERE name=?",
+                              (name,)).fetchone()
         return _des(row) if row else None
 
     def list_des(self) -> list[EncryptionSet]:
-        return [_des(r) for r in self.db.execute("SELECT * FROM encryption_sets ORDER BY name")]
+        return [_des(r) for r in self.db.execute(
+            f"SELECT {_DES_COLUMNS} FROM encryption_sets ORDER BY name")]
+
+    def set_des_rotation(self, name: str, *, active_key_url: str | None, rotated: float | None,
+                         error: dict | None) -> None:
+        """Record a rotation's outcome alone: the rest of the row (its key URL, changed by a
+        manual rotation meanwhile) stays as it is. `rotated` None keeps the last time."""
+        self.db.execute(
+            "UPDATE encryption_sets SET active_key_url=coalesce(?, active_key_url), "
+            "last_key_rotation=coalesce(?, last_key_rotation), rotation_error=? WHERE name=?",
+            (active_key_url, rotated, None if error is None else json.dumps(error), name))
 
     def delete_des(self, name: str) -> None:
         self.db.execute("DELETE FROM encryption_sets WHERE name=?", (name,))
@@ -261,6 +287,13 @@ class _Tx:
         return False
 
 
+_DES_COLUMNS = ("name, subscription, location, key_url, identity_object_id, identity_sealed, "
+                "allow_cross_subscription, created, auto_rotate, active_key_url, "
+                "last_key_rotation, rotation_error")
+
+
 def _des(r) -> EncryptionSet:
-    return EncryptionSet(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), bool(r[6]), r[7])
+    return EncryptionSet(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), bool(r[6]), r[7],
+                         auto_rotate=bool(r[8]), active_key_url=r[9], last_key_rotation=r[10],
+                         rotation_error=json.loads(r[11]) if r[11] else None)
 
