@@ -5,11 +5,13 @@ and leaves no daemon behind."""
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from tests.helpers import ceph
-from tests.helpers.servers import wait_until
+from tests.helpers.servers import ROOT, wait_until
 
 rados = pytest.importorskip("rados", reason="python3-rados is not installed")
 rbd = pytest.importorskip("rbd", reason="python3-rbd is not installed")
@@ -57,13 +59,28 @@ def test_the_servers_client_has_no_other_pool(ceph_cluster):
         ceph_cluster.ceph("osd", "pool", "rm", "other", "other", "--yes-i-really-really-mean-it")
 
 
-def test_stop_ends_every_daemon_and_removes_the_data(tmp_path):
+def ceph_cli(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.ceph", *args], capture_output=True,
+                          text=True, timeout=ceph.START_TIMEOUT + 60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_command_starts_a_cluster_and_another_command_stops_it(tmp_path):
+    """What scripts do: `start DIR` prints where the cluster is and leaves it running;
+    `stop DIR`, from another process, ends every daemon and removes DIR."""
     reason = ceph.missing()
     if reason:
         pytest.skip(reason)
-    cluster = ceph.CephCluster(tmp_path / "c").start()
+    where = tmp_path / "c"
+    printed = dict(line.split("=", 1) for line in ceph_cli("start", str(where)).splitlines())
+    cluster = ceph.CephCluster(where)
     pids = cluster.pids()
-    assert len(pids) == 2 and all(ceph._alive(p) for p in pids)
-    cluster.stop()
+    try:
+        assert printed["CEPH_CONF"] == str(cluster.conf) and printed["CEPH_POOL"] == "rbd"
+        assert len(pids) == 2 and all(ceph._alive(p) for p in pids)
+        cluster.rbd("create", "--size", "1M", "rbd/x")  # it serves
+    finally:
+        ceph_cli("stop", str(where))
     wait_until(lambda: not any(ceph._alive(p) for p in pids), timeout=30, what="the daemons to end")
-    assert not (tmp_path / "c").exists()
+    assert not where.exists()
