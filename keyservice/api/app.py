@@ -5,7 +5,8 @@ connection is used by one thread only, transactions are serialised, and nothing
 there blocks the event loop, so the change stream and heartbeats keep flowing.
 That thread does only short work (lookups, checks, commits, one RSA operation):
 key generation and import parsing run on `Domain.work` (`work.py`) between an
-authorization and a commit, so revocation never waits behind them.
+authorization and a commit, so revocation never waits behind them. Audit entries are
+group-committed (`audit_writer.py`): calls that end together share one transaction.
 """
 import asyncio
 import functools
@@ -21,6 +22,7 @@ from daemonkit.httplog import escape
 
 from ..domain import errors
 from .addressing import Addressing, is_host_form
+from .audit_writer import AuditWriter
 from .body import MAX_BODY
 from .refusals import RefusalTally, cap
 from .work import ExpensiveWork, WorkLimits
@@ -59,12 +61,13 @@ class EventBus:
 
 
 class Domain:
-    """The service plus the thread it runs on."""
+    """The service plus the thread it runs on, and the audit writer that commits on it."""
 
     def __init__(self, service, limits: WorkLimits | None = None):
         self.service = service
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keyservice-domain")
         self.work = ExpensiveWork(limits or WorkLimits())
+        self.audit = AuditWriter(lambda entries: self.run(service.record_many, entries))
 
     async def run(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(
@@ -192,10 +195,12 @@ async def edge(request: web.Request, handler):
 
 
 async def _record(domain: Domain, entry: dict) -> None:
+    """Return once the entry is committed, so the call is answered after its record is
+    durable; a failed append is logged by the writer, and the call is answered anyway."""
     try:
-        await domain.run(domain.service.record, entry)
-    except Exception as e:  # the call itself is done; say loudly that its record is missing
-        log.error("request %s: audit append failed: %r", entry.get("requestId", "-"), e)
+        await domain.audit.record(entry)
+    except Exception:
+        pass
 
 
 def _bearer(request: web.Request) -> str:
@@ -228,6 +233,7 @@ def make_app(service, *, heartbeat: float = 5.0, limits: WorkLimits | None = Non
 
     async def on_cleanup(app):
         await app["refusals"].close()
+        await app["domain"].audit.close()
         app["domain"].shutdown()
 
     app.on_startup.append(on_startup)

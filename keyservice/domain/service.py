@@ -44,8 +44,31 @@ class KeyService(DirectoryOperations, VaultOperations, BackupOperations, KeyOper
     def record(self, entry: dict) -> None:
         """Append to the vault's chain when the call named an existing vault, else
         to the service chain (""), so made-up names cannot create chains."""
+        self.store.append_audit(self._chain_of(entry), entry)
+
+    def record_many(self, entries: list[dict]) -> list[Exception | None]:
+        """Several calls' entries, in order, in one transaction (group commit: one fsync
+        for all, api/audit_writer.py). If that transaction fails, each entry is tried on
+        its own, so one that cannot be written costs no other its record. Returns each
+        entry's error, None where it was committed."""
+        try:
+            self.store.append_audit_many([(self._chain_of(e), e) for e in entries])
+            return [None] * len(entries)
+        except Exception:
+            if len(entries) == 1:
+                raise
+        outcomes: list[Exception | None] = []
+        for entry in entries:
+            try:
+                self.record(entry)
+                outcomes.append(None)
+            except Exception as e:
+                outcomes.append(e)
+        return outcomes
+
+    def _chain_of(self, entry: dict) -> str:
         vault = self.store.vault(entry["vault"]) if entry.get("vault") else None
-        self.store.append_audit(vault.audit_chain if vault is not None else "", entry)
+        return vault.audit_chain if vault is not None else ""
 
     def _audit_chain(self, caller: Caller, vault: str | None, vault_id: str | None = None) -> str:
         """The chain a caller may read. The service chain (every tenant's calls that named
