@@ -1,5 +1,7 @@
 """Key operations. Each names the access-policy permission it needs, first thing."""
 import contextlib
+import functools
+from collections.abc import Callable
 
 from . import hsm_keys, rsakeys
 from .core import ServiceCore
@@ -161,21 +163,39 @@ class KeyOperations(ServiceCore):
         kv.check_usable(op, self.clock())
         return key, kv
 
-    def wrap(self, caller: Caller, vault: str, name: str, version: str | None, alg, value: bytes):
+    # wrap and unwrap in two steps: authorize (here, on the domain thread: the store and
+    # the key's state), then the RSA operation, which the API runs on its own pool so the
+    # domain thread is not held by it. The authorization is the call's moment: a disable
+    # that commits after it does not stop the operation, as a disable that commits while
+    # the answer travels back never did.
+    def authorize_wrap(self, caller: Caller, vault: str, name: str, version: str | None,
+                       alg) -> tuple[str, Callable[[bytes], bytes]]:
+        """The kid and the wrap to run (bytes -> wrapped bytes), once allowed."""
         rsakeys.check_alg(alg)
         key, kv = self._usable(caller, vault, name, version, "wrapKey")
-        wrapped = rsakeys.wrap(rsakeys.load_public_der(kv.public_der), alg, value)
-        return self.kid(vault, name, kv.version), wrapped
+        public = rsakeys.load_public_der(kv.public_der)
+        return self.kid(vault, name, kv.version), functools.partial(rsakeys.wrap, public, alg)
 
-    def unwrap(self, caller: Caller, vault: str, name: str, version: str | None, alg, value: bytes):
+    def authorize_unwrap(self, caller: Caller, vault: str, name: str, version: str | None,
+                         alg) -> tuple[str, Callable[[bytes], bytes]]:
+        """The kid and the unwrap to run (wrapped bytes -> bytes), once allowed."""
         rsakeys.check_alg(alg)
         key, kv = self._usable(caller, vault, name, version, "unwrapKey")
         if kv.kty == hsm_keys.KTY_HSM:  # the private operation runs in the token
             label, object_id = hsm_keys.parse_reference(self.store.private_der(vault, name, kv.version))
             token = hsm_keys.require_token(self.hsm, label)
-            return self.kid(vault, name, kv.version), token.unwrap(object_id, kv.size, alg, value)
+            return (self.kid(vault, name, kv.version),
+                    functools.partial(token.unwrap, object_id, kv.size, alg))
         private = self.store.private_key(vault, name, kv.version)
-        return self.kid(vault, name, kv.version), rsakeys.unwrap(private, alg, value)
+        return self.kid(vault, name, kv.version), functools.partial(rsakeys.unwrap, private, alg)
+
+    def wrap(self, caller: Caller, vault: str, name: str, version: str | None, alg, value: bytes):
+        kid, op = self.authorize_wrap(caller, vault, name, version, alg)
+        return kid, op(value)
+
+    def unwrap(self, caller: Caller, vault: str, name: str, version: str | None, alg, value: bytes):
+        kid, op = self.authorize_unwrap(caller, vault, name, version, alg)
+        return kid, op(value)
 
     def delete_key(self, caller: Caller, vault: str, name: str):
         with self._change() as events:
