@@ -215,10 +215,12 @@ def main():
 @click.option("--pkcs11-token", help="label of the token to use (with --pkcs11-module)")
 @click.option("--pkcs11-pin-file", type=click.Path(dir_okay=False),
               help="the token's user PIN, a 0600 file; default $CREDENTIALS_DIRECTORY/pkcs11-pin")
+@click.option("--seal", type=click.Choice(["file", "pkcs11"]), default="file", show_default=True,
+              help="pkcs11: the master key sealed by an AES key in the token (new data directories)")
 def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat, tls_dir, tls_cert,
           tls_key, insecure_plain_http, http_header_timeout, http_body_timeout, max_connections, reserved,
           vault_domain, log_level, log_format, metrics_listen, pkcs11_module, pkcs11_token,
-          pkcs11_pin_file):
+          pkcs11_pin_file, seal):
     """Run the key service daemon."""
     from daemonkit.httpguard import HttpLimits
     from daemonkit.tls import TlsConfigError
@@ -252,6 +254,10 @@ def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat
         raise click.UsageError("--pkcs11-module and --pkcs11-token go together (and --pkcs11-pin-file "
                                "with them)")
     config.pkcs11 = (pkcs11_module, pkcs11_token, pkcs11_pin_file) if pkcs11_module else None
+    if seal == "pkcs11" and (not pkcs11_module or master_key_file):
+        raise click.UsageError("--seal pkcs11 needs --pkcs11-module and --pkcs11-token, and takes "
+                               "no --master-key-file")
+    config.seal = seal
     config.http_limits = HttpLimits(header_timeout=http_header_timeout, body_timeout=http_body_timeout,
                                     max_connections=max_connections)
     try:

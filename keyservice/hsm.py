@@ -29,7 +29,7 @@ import pkcs11
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
-from pkcs11.mechanisms import MGF
+from pkcs11.mechanisms import MGF, GCMParams
 
 from .domain import rsakeys
 from .domain.errors import BadRequest
@@ -152,6 +152,43 @@ class Pkcs11Token:
                 return True
             except p11.NoSuchKey:
                 return False
+
+    # The master-key seal (hsm_seal.py): one AES-256 key in the token, found by its label.
+    def seal_key_id(self, label: str, create: bool) -> bytes:
+        with self._lock:
+            try:
+                return self._session.get_key(object_class=ObjectClass.SECRET_KEY, label=label)[Attribute.ID]
+            except p11.NoSuchKey:
+                if not create:
+                    raise HsmConfigError(f"PKCS#11 token {self.label!r} has no key labelled {label!r}: "
+                                         "the master key of this data directory cannot be unsealed "
+                                         "without it") from None
+            except p11.MultipleObjectsReturned:
+                raise HsmConfigError(f"PKCS#11 token {self.label!r} has several keys labelled "
+                                     f"{label!r}; keep one") from None
+            key_id = secrets.token_bytes(16)
+            self._session.generate_key(
+                KeyType.AES, 256, id=key_id, label=label, store=True,
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                          Attribute.ENCRYPT: True, Attribute.DECRYPT: True, Attribute.WRAP: False,
+                          Attribute.UNWRAP: False, Attribute.PRIVATE: True})
+            return key_id
+
+    def seal_crypt(self, key_id: bytes, encrypt: bool, nonce: bytes, aad: bytes, data: bytes) -> bytes:
+        """AES-256-GCM in the token (CKM_AES_GCM, 128-bit tag) with the key `key_id`."""
+        params = GCMParams(nonce, aad, 128)
+        with self._lock:
+            try:
+                key = self._session.get_key(object_class=ObjectClass.SECRET_KEY, id=key_id)
+            except p11.NoSuchKey:
+                raise HsmConfigError(f"PKCS#11 token {self.label!r} no longer has the key that "
+                                     "sealed this data directory's master key") from None
+            try:
+                op = key.encrypt if encrypt else key.decrypt  # type: ignore[attr-defined]  # a SecretKey
+                return bytes(op(data, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+            except p11.PKCS11Error as e:
+                raise HsmConfigError(f"the HSM could not {'seal' if encrypt else 'unseal'} the "
+                                     f"master key ({type(e).__name__})") from None
 
     def close(self) -> None:
         with self._lock:

@@ -50,21 +50,29 @@ class ServeConfig:
     vault_domain: str | None = None  # vaults also as https://{vault}.{domain}/keys (docs/azure-clients.md)
     metrics_listen: tuple[str, int] | None = None  # a listener of its own for the probes and /metrics
     pkcs11: tuple[str, str, str | None] | None = None  # module, token label, PIN file (hsm.py)
+    seal: str = "file"  # "pkcs11": the master key sealed in the token (hsm_seal.py)
 
 
 def open_service(config: ServeConfig) -> KeyService:
-    store = Store(config.data_dir, config.master_key_file)
+    token = None
+    if config.pkcs11 is not None:
+        from .hsm import Pkcs11Token, read_pin  # python-pkcs11 only where it is used
+        module, label, pin_file = config.pkcs11
+        token = Pkcs11Token(module, label, read_pin(pin_file))
+        log.info("RSA-HSM keys in PKCS#11 token %r", label)
+    if config.seal == "pkcs11":
+        from .hsm_seal import master_from_token
+        assert token is not None, "the CLI requires --pkcs11-module for --seal pkcs11"
+        store = Store(config.data_dir, master_key=master_from_token(token, config.data_dir))
+    else:
+        store = Store(config.data_dir, config.master_key_file)
     scheme = "https" if config.ssl_context else "http"
     host = f"[{config.host}]" if ":" in config.host else config.host
     base = config.base_url or f"{scheme}://{host}:{config.port}"
     service = KeyService(store, TokenSigner(store.token_key, config.token_lifetime), base_url=base,
                          reserved_prefixes=config.reserved_vault_prefixes,
                          audiences=Addressing(base, config.vault_domain).audiences)
-    if config.pkcs11 is not None:
-        from .hsm import Pkcs11Token, read_pin  # python-pkcs11 only where it is used
-        module, label, pin_file = config.pkcs11
-        service.hsm = Pkcs11Token(module, label, read_pin(pin_file))
-        log.info("RSA-HSM keys in PKCS#11 token %r", label)
+    service.hsm = token
     path = Path(config.data_dir) / "admin.credential"
 
     def deliver(ident, secret):

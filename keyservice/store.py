@@ -93,7 +93,8 @@ def _aad(vault: str, name: str, version: str) -> str:
 
 
 class Store:
-    def __init__(self, data_dir: Path, master_key_file: str | None = None):
+    def __init__(self, data_dir: Path, master_key_file: str | None = None,
+                 master_key: bytes | None = None):
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         db_path = data_dir / DB_NAME
@@ -105,8 +106,11 @@ class Store:
                 f"{db_path} is missing but {data_dir} held a key service (admin.credential is "
                 "there): restore the database from a backup (docs/operations.md), or remove "
                 "admin.credential to start a new, empty key service")
-        path, may_create = master_key_path(data_dir, master_key_file)
-        master = load_master_key(path, may_create, fresh)
+        if master_key is None:
+            path, may_create = master_key_path(data_dir, master_key_file)
+            master = load_master_key(path, may_create, fresh)
+        else:  # unsealed by the HSM (keyservice/hsm_seal.py)
+            master = master_key
         self._seal = Seal(master)
         self.token_key = derive(master, "tokens/v1")
         self._audit_key = derive(master, "audit/v1")

@@ -108,7 +108,8 @@ class RemoteToken:
         wait_until(lambda: self.socket.exists() or self.proc.poll() is not None, timeout=20,
                    what="p11-kit server's socket")
         if self.proc.poll() is not None:
-            raise RuntimeError(f"p11-kit server failed: {self.proc.stderr.read().decode()}")
+            err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+            raise RuntimeError(f"p11-kit server failed: {err}")
 
     @property
     def env(self) -> dict:

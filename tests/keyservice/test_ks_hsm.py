@@ -50,7 +50,6 @@ def public_of(bundle) -> rsa.RSAPublicKey:
 
 def object_id_of(daemon, token, vault, name, version):
     """The CKA_ID the service gave a version, found by its public modulus in the token."""
-    import pkcs11
     from pkcs11 import Attribute, ObjectClass
     status, bundle = daemon.http("GET", f"/vaults/{vault}/keys/{name}/{version}")
     n = unb64u(bundle["key"]["n"])
@@ -58,7 +57,6 @@ def object_id_of(daemon, token, vault, name, version):
         for obj in s.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY}):
             if obj[Attribute.MODULUS] == n:
                 return obj[Attribute.ID]
-    del pkcs11
     return None
 
 
