@@ -60,6 +60,10 @@ class KeyAccess:
         self.revocations = 0
         self.revocation_latency = Latency()
         self._started: dict[str, int] = {}  # scope -> rechecks started
+        # scope -> when the platform learned it must check it (the change stream's event,
+        # the lease, a refused open): where the platform's own share of a revocation or a
+        # reopen starts. `recheck` logs that share; bench.scale reads it from the log.
+        self._learned: dict[str, float] = {}
 
     def start(self) -> None:
         now = self.clock()
@@ -85,6 +89,7 @@ class KeyAccess:
     # -- triggers
     def poke(self, scope: str) -> None:
         """Ask for a recheck of `scope` soon; bursts of pokes coalesce into one check."""
+        self._learned.setdefault(scope, time.monotonic())
         ev = self._dirty.setdefault(scope, asyncio.Event())
         ev.set()
         w = self._workers.get(scope)
@@ -170,6 +175,7 @@ class KeyAccess:
         p = self.platform
         started = self.clock()
         self._started[scope] = self._started.get(scope, 0) + 1
+        learned = self._learned.pop(scope, None) or time.monotonic()
         disks = [v for v in p.state.list_volumes(VolumeKind.DISK, des=scope)]
         if not disks:
             return
@@ -188,7 +194,8 @@ class KeyAccess:
             except AccessMissing as e:
                 for d in group:
                     self.cause[d.name] = "revoked"
-                await self._close(group, f"key access revoked: {e.message}", started)
+                await self._close(group, f"key access revoked: {e.message}", started,
+                                  learned=learned)
                 continue
             except KeyUnavailable as e:
                 reachable = False
@@ -204,18 +211,26 @@ class KeyAccess:
                     if export is not None and not export.locked:
                         self.cause.pop(name, None)
                 if opened:
-                    log.warning("%d disk(s) of %s: key access restored, serving again: %s",
-                                opened, kid, _names(locked))
+                    log.warning("%d disk(s) of %s: key access restored, serving again %.1f ms "
+                                "after the platform learned of it: %s", opened, kid,
+                                (time.monotonic() - learned) * 1000, _names(locked))
         if reachable:
             self.last_ok[scope] = self.clock()
 
-    async def _close(self, group: list, reason: str, started: float) -> None:
+    async def _close(self, group: list, reason: str, started: float, *,
+                     learned: float | None = None) -> None:
         """Lock every disk of the group at once (no await between two locks), then give
         their drains `drain_bound` seconds together: a request stuck in the file system
-        must not hold up this scope's next check. The drains go on; each wipes its DEK."""
+        must not hold up this scope's next check. The drains go on; each wipes its DEK.
+        `learned`: when the platform learned of the refusal (see `poke`), for the log line
+        that times the platform's share: to every disk locked, and to every DEK wiped."""
         catalog = self.platform.catalog
         newly = sum(1 for d in group if (x := catalog.get(d.name)) is not None and not x.locked)
+        catalog = self.platform.catalog
+        serving = [d for d in group if (x := catalog.get(d.name)) is not None and not x.locked]
         closes = self.platform.close_disks([d.name for d in group], reason)
+        if learned is not None and serving:  # a lease check of a revoked key times nothing
+            _time_revocation(group[0].envelope.kid, len(serving), learned, closes)
         if newly:
             self.revocations += newly
             self.revocation_latency.observe(self.clock() - started)
@@ -260,6 +275,18 @@ def _names(names: list[str], shown: int = 5) -> str:
     """A log line's list of disks: the first few, then how many more."""
     more = len(names) - shown
     return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def _time_revocation(kid: str, disks: int, learned: float, closes: list[asyncio.Task]) -> None:
+    """Log how long after `learned` the disks were locked (now: `close_disks` locks them all
+    before it returns) and their DEKs wiped (when the last drain ends)."""
+    locked = time.monotonic() - learned
+
+    def wiped(_) -> None:
+        log.warning("revocation of %s: %d disk(s) locked %.1f ms and wiped %.1f ms after the "
+                    "platform learned of it", kid, disks, locked * 1000,
+                    (time.monotonic() - learned) * 1000)
+    asyncio.gather(*closes, return_exceptions=True).add_done_callback(wiped)
 
 
 def _report(t: asyncio.Task) -> None:
