@@ -18,6 +18,11 @@ def _check(out: dict, disks: int, attached: int) -> None:
     assert out["disks"] == disks and out["attached"] == attached
     assert len(out["revoke_all_attached_s"]["samples"]) == 3
     assert len(out["reopen_all_attached_s"]["samples"]) == 3
+    # The platform's own share, from its log: each revocation and reopen timed.
+    for figure in (out["revoke_platform_ms"]["locked"], out["revoke_platform_ms"]["wiped"],
+                   out["reopen_platform_ms"]["served"]):
+        assert len(figure["samples"]) == 3 and 0 < figure["p50"] <= figure["p99"]
+    assert out["revoke_platform_ms"]["locked"]["p99"] <= out["revoke_platform_ms"]["wiped"]["p99"]
     for key in ("create_per_s", "restart_ready_s", "restart_first_served_s", "reconnect_storm_s"):
         assert out[key] > 0, key
 
