@@ -226,11 +226,9 @@ class KeyAccess:
         that times the platform's share: to every disk locked, and to every DEK wiped."""
         catalog = self.platform.catalog
         newly = sum(1 for d in group if (x := catalog.get(d.name)) is not None and not x.locked)
-        catalog = self.platform.catalog
-        serving = [d for d in group if (x := catalog.get(d.name)) is not None and not x.locked]
         closes = self.platform.close_disks([d.name for d in group], reason)
-        if learned is not None and serving:  # a lease check of a revoked key times nothing
-            _time_revocation(group[0].envelope.kid, len(serving), learned, closes)
+        if learned is not None and newly:  # a lease check of a revoked key times nothing
+            _time_revocation(group[0].envelope.kid, newly, learned, closes)
         if newly:
             self.revocations += newly
             self.revocation_latency.observe(self.clock() - started)
