@@ -195,7 +195,7 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None,
     app = web.Application(middlewares=[request_log_middleware, errors_middleware,
                                        auth_middleware(token)],
                           client_max_size=MAX_BODY)
-    ops = OperationLog(platform.state)
+    ops: OperationLog = platform.oplog  # the platform starts some itself (key rotation)
     r = web.RouteTableDef()
     J = web.json_response
 
@@ -241,7 +241,8 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None,
         return J(await finish(platform.create_des(
             _field(b, "name", required=True), _field(b, "keyUrl", required=True),
             subscription=_field(b, "subscription"), location=_field(b, "location"),
-            allow_cross_subscription=bool(_field(b, "allowCrossSubscription", bool)))), status=201)
+            allow_cross_subscription=bool(_field(b, "allowCrossSubscription", bool)),
+            auto_rotate=bool(_field(b, "rotationToLatestKeyVersionEnabled", bool)))), status=201)
 
     @r.get("/encryption-sets")
     async def des_list(request):
@@ -254,8 +255,9 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None,
     @r.patch("/encryption-sets/{name}")
     async def des_update(request):
         b = await _body(request)
-        return J(await finish(platform.update_des(request.match_info["name"],
-                                                  _field(b, "keyUrl", required=True))))
+        return J(await finish(platform.update_des(
+            request.match_info["name"], _field(b, "keyUrl"),
+            auto_rotate=_field(b, "rotationToLatestKeyVersionEnabled", bool))))
 
     @r.delete("/encryption-sets/{name}")
     async def des_delete(request):

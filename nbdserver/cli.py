@@ -210,11 +210,14 @@ def des():
 @click.option("--location")
 @click.option("--allow-cross-subscription", is_flag=True,
               help="accept a vault in another subscription (the vault owner's explicit consent)")
-def des_create(name, key_url, subscription, location, allow_cross_subscription):
+@click.option("--auto-rotate", is_flag=True,
+              help="follow the key's latest version: re-wrap every DEK after `key rotate`")
+def des_create(name, key_url, subscription, location, allow_cross_subscription, auto_rotate):
     """Create an encryption set; grant its identity get, wrapKey, unwrapKey on the vault."""
     out(api("POST", "/encryption-sets", {"name": name, "keyUrl": key_url, "subscription": subscription,
                                         "location": location,
-                                        "allowCrossSubscription": allow_cross_subscription or None}))
+                                        "allowCrossSubscription": allow_cross_subscription or None,
+                                        "rotationToLatestKeyVersionEnabled": auto_rotate or None}))
 
 
 @des.command("show")
@@ -230,10 +233,16 @@ def des_list():
 
 @des.command("update")
 @click.argument("name")
-@click.option("--key-url", required=True)
-def des_update(name, key_url):
-    """Rotate: re-wrap every DEK under the set with a new key or key version, online."""
-    out(api("PATCH", f"/encryption-sets/{name}", {"keyUrl": key_url}))
+@click.option("--key-url", help="rotate now to this key or key version")
+@click.option("--auto-rotate/--no-auto-rotate", default=None,
+              help="follow the key's latest version, or stay on the active one")
+def des_update(name, key_url, auto_rotate):
+    """Rotate: re-wrap every DEK under the set with a new key or key version, online;
+    or switch automatic rotation on or off."""
+    if key_url is None and auto_rotate is None:
+        raise click.UsageError("give --key-url, --auto-rotate/--no-auto-rotate, or both")
+    out(api("PATCH", f"/encryption-sets/{name}",
+            {"keyUrl": key_url, "rotationToLatestKeyVersionEnabled": auto_rotate}))
 
 
 @des.command("delete")

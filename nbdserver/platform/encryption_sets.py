@@ -1,7 +1,8 @@
 """Disk encryption sets: a customer's key, and the managed identity that may use it.
 
 A mixin of `Platform` (see `service`): the operations on encryption sets, and re-wrapping
-a volume's DEK from one key to another (rotation and moves between keys).
+a volume's DEK from one key to another (rotation and moves between keys). A set may also
+follow its key's latest version by itself (`auto_rotation`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from daemonkit.rfc3339 import format_time
 from keyservice.client import KeyServiceClient, KeyServiceError
 
 from . import keys, rules
@@ -35,6 +37,7 @@ from .model import (
 
 if TYPE_CHECKING:
     from .access import KeyAccess
+    from .auto_rotation import AutoRotation
     from .operations import Operations
     from .sealing import Sealer
     from .state import State
@@ -52,13 +55,15 @@ class EncryptionSetOperations:
         keyservice_url: str
         operations: Operations
         access: KeyAccess | None
+        auto_rotation: AutoRotation
         client_for: Callable[[str], KeyServiceClient]
         key_url_for: Callable[[str], str]
         _des: Callable[[str], EncryptionSet]
 
     # -- encryption sets
     def create_des(self, name: str, key_url: str, *, subscription: str | None = None,
-                   location: str | None = None, allow_cross_subscription: bool = False) -> asyncio.Task:
+                   location: str | None = None, allow_cross_subscription: bool = False,
+                   auto_rotate: bool = False) -> asyncio.Task:
         check_name("encryption set", name)
         if name == PLATFORM_KEY:
             # Volumes record their scope by name, and this one means the platform's own key:
@@ -70,11 +75,11 @@ class EncryptionSetOperations:
         return self.operations.start(
             f"creation of encryption set {name!r}",
             lambda: self._create_des(name, key_url, ku, subscription, location,
-                                     allow_cross_subscription),
+                                     allow_cross_subscription, auto_rotate),
             exclusive=[ops.scope(name)])
 
     async def _create_des(self, name, key_url, ku, subscription, location,
-                          allow_cross_subscription) -> dict:
+                          allow_cross_subscription, auto_rotate) -> dict:
         vault = await self._vault(ku)
         subscription = subscription or vault.get("subscription")
         location = location or vault.get("location")
@@ -85,7 +90,9 @@ class EncryptionSetOperations:
             raise keys.translate(e, "creating the encryption set's identity") from None
         des = EncryptionSet(name, subscription, location, key_url, cred.object_id,
                             self.sealer.seal(json.dumps(cred.__dict__).encode(), f"des:{name}"),
-                            allow_cross_subscription, time.time())
+                            allow_cross_subscription, time.time(), auto_rotate=auto_rotate,
+                            # Known only when named: the identity may not `get` the key yet.
+                            active_key_url=key_url if ku.version else None)
         if self.state.get_des(name):  # taken by a concurrent request meanwhile (no await until put)
             raise Conflict(f"encryption set {name!r} exists")
         self.state.put_des(des)
@@ -137,6 +144,7 @@ class EncryptionSetOperations:
                "keyUrl": des.key_url, "identity": {"type": "SystemAssigned",
                                                    "objectId": des.identity_object_id},
                "allowCrossSubscription": des.allow_cross_subscription,
+               **rotation_view(des, self.state.list_volumes(des=name)),
                "disks": [v.name for v in self.state.list_volumes(VolumeKind.DISK, des=name)]}
         try:
             access = await self.check_access(name)
@@ -161,24 +169,56 @@ class EncryptionSetOperations:
 
     def list_des(self) -> list[dict]:
         return [{"name": d.name, "keyUrl": d.key_url, "subscription": d.subscription,
-                 "location": d.location, "identity": {"objectId": d.identity_object_id}}
+                 "location": d.location, "identity": {"objectId": d.identity_object_id},
+                 "rotationToLatestKeyVersionEnabled": d.auto_rotate}
                 for d in self.state.list_des()]
 
-    def update_des(self, name: str, key_url: str) -> asyncio.Task:
+    def update_des(self, name: str, key_url: str | None = None, *,
+                   auto_rotate: bool | None = None) -> asyncio.Task:
         """Rotate: re-wrap every DEK under the set with the new key (version); online.
+        And/or turn automatic rotation on or off (`auto_rotation`).
 
         Each volume's row changes alone (its envelope), so a rotation cut short, by its
         deadline or a crash, leaves every volume under the old key or the new one, both
         usable by the set; running it again finishes it."""
         self._des(name)
-        ku = KeyUrl.parse(key_url)
-        count = len(self.state.list_volumes(des=name))
-        return self.operations.start(f"rotation of encryption set {name!r}",
-                                     lambda: self._rotate(name, key_url, ku),
-                                     exclusive=[ops.key_of(name)], shared=[ops.scope(name)],
-                                     deadline=ops.DEADLINE * (1 + count / 10))
+        if key_url is None and auto_rotate is None:
+            raise BadRequest("nothing to update: give keyUrl, rotationToLatestKeyVersionEnabled "
+                             "or both")
+        if key_url is None:
+            # Claims the set's key: the switch must not change under a rotation's feet.
+            task = self.operations.start(
+                f"update of encryption set {name!r}",
+                lambda: self._set_auto_rotate(name, bool(auto_rotate)),
+                exclusive=[ops.key_of(name)], shared=[ops.scope(name)])
+        else:
+            ku = KeyUrl.parse(key_url)
+            count = len(self.state.list_volumes(des=name))
+            task = self.operations.start(f"rotation of encryption set {name!r}",
+                                         lambda: self._rotate(name, key_url, ku, auto_rotate),
+                                         exclusive=[ops.key_of(name)], shared=[ops.scope(name)],
+                                         deadline=ops.DEADLINE * (1 + count / 10))
+        # Once its claim on the key is released: a set that follows its key catches up now
+        # (switched on, or pinned to an older version than the latest), not at the lease,
+        # and an automatic attempt that gave way to this update is made again.
+        task.add_done_callback(lambda _: self._follow_latest(name))
+        return task
 
-    async def _rotate(self, name: str, key_url: str, ku: KeyUrl) -> dict:
+    def _follow_latest(self, name: str) -> None:
+        des = self.state.get_des(name)
+        if des is not None and des.auto_rotate:
+            self.auto_rotation.poke(name)
+
+    async def _set_auto_rotate(self, name: str, auto_rotate: bool) -> dict:
+        des = self._des(name)
+        des.auto_rotate = auto_rotate
+        if not auto_rotate:
+            des.rotation_error = None  # a manual set has no automatic attempts to report
+        self.state.put_des(des)
+        return await self.show_des(name)
+
+    async def _rotate(self, name: str, key_url: str, ku: KeyUrl,
+                      auto_rotate: bool | None = None) -> dict:
         des = self._des(name)
         vault = await self._vault(ku)
         rules.vault_fit_for_des(vault, ku.vault, des.location, des.subscription,
@@ -193,6 +233,8 @@ class EncryptionSetOperations:
             if await self._rewrap(v, client, client, key_url):
                 kids.add(v.envelope.kid)
         des.key_url = key_url
+        if auto_rotate is not None:
+            des.auto_rotate = auto_rotate
         self.state.put_des(des)
         # Disks and copies being made meanwhile claim no key (a long copy must not hold a
         # rotation back): one wrapped before the new key was committed but written after
@@ -200,6 +242,11 @@ class EncryptionSetOperations:
         for v in self.state.list_volumes(des=name):
             if v.envelope.kid not in kids:
                 await self._rewrap(v, client, client, key_url)
+        wrapped = {v.envelope.kid for v in self.state.list_volumes(des=name)}
+        # What the volumes are on; with none, the version the key URL names now.
+        active = (next(iter(wrapped)) if len(wrapped) == 1
+                  else await keys.latest_version(client, key_url))
+        self.state.set_des_rotation(name, active_key_url=active, rotated=time.time(), error=None)
         if self.access is not None:
             self.access.poke(name)
         return await self.show_des(name)
@@ -232,3 +279,18 @@ class EncryptionSetOperations:
         v.envelope, v.des = envelope, des or v.des
         return True
 
+
+
+def rotation_view(des: EncryptionSet, volumes: list[Volume]) -> dict:
+    """The set's rotation as Azure names it. The active key is the version the last
+    rotation wrapped every volume with; before any, the one version its volumes share
+    (a set on a versionless URL that has not rotated), or null if they share none."""
+    active = des.active_key_url
+    if active is None:
+        kids = {v.envelope.kid for v in volumes}
+        active = next(iter(kids)) if len(kids) == 1 else None
+    return {"rotationToLatestKeyVersionEnabled": des.auto_rotate,
+            "activeKey": {"keyUrl": active},
+            "lastKeyRotationTimestamp": (format_time(des.last_key_rotation)
+                                         if des.last_key_rotation is not None else None),
+            "autoKeyRotationError": des.rotation_error}

@@ -76,3 +76,16 @@ async def key_attributes(client: KeyServiceClient, kid: str) -> dict:
     except (KeyServiceError, OSError) as e:
         raise translate(e, f"get {kid}") from None
     return bundle.get("attributes", {})
+
+
+async def latest_version(client: KeyServiceClient, key_url: str) -> str:
+    """The kid, with version, of the key's current version (needs `get`): what a wrap
+    with the versionless URL would use."""
+    try:
+        bundle = await client.get_key(key_url)
+    except (KeyServiceError, OSError) as e:
+        raise translate(e, f"get {key_url}") from None
+    kid = (bundle.get("key") or {}).get("kid") if isinstance(bundle, dict) else None
+    if not isinstance(kid, str) or not kid:
+        raise KeyUnavailable(f"get {key_url}: the key service answered without a kid")
+    return kid

@@ -22,6 +22,7 @@ from keyservice.client import Credential, KeyServiceClient, KeyServiceError, Key
 from ..exports import ExportCatalog
 from . import keys
 from .access import KeyAccess
+from .auto_rotation import AutoRotation
 from .encryption_sets import EncryptionSetOperations
 from .errors import NotFound, PlatformVaultUntrusted
 from .model import (
@@ -32,6 +33,7 @@ from .model import (
     VolumeState,
 )
 from .operations import Operations
+from .oplog import OperationLog
 from .sealing import Sealer, load_master_key
 from .serving import IDLE_CLOSE, DiskServing
 from .sizing import DiskSizing
@@ -83,6 +85,8 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
         self._des_clients: dict[str, KeyServiceClient] = {}
         self.platform_key_url: str | None = self.state.get_config("platform_key_url")
         self.operations = Operations()  # claims, deadlines, tasks: see operations.py
+        self.oplog = OperationLog(self.state)  # what clients follow: the API's and our own
+        self.auto_rotation = AutoRotation(self)  # sets that follow their key's latest version
         self.access: KeyAccess | None = None  # see use_key_access
         self._init_serving(idle_close)  # serving.py: open on attach, close when idle
 
@@ -106,6 +110,7 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
         self.report_failed_disks()  # volumes.py: a missing file fails its disk alone
 
     async def stop(self) -> None:
+        await self.auto_rotation.stop()
         await self.operations.cancel_all()
         await self._stop_serving()
         for c in list(self._des_clients.values()) + [self.client]:
