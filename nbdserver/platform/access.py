@@ -129,6 +129,7 @@ class KeyAccess:
             # by a recheck made now, after the stream is established.
             for scope in self.scopes():
                 self.poke(scope)
+            self.platform.auto_rotation.on_key_event(None)  # versions added meanwhile
 
         while True:
             try:
@@ -139,6 +140,7 @@ class KeyAccess:
                         log.info("key event %s on vault %s: rechecking %s", event.get("type"),
                                  event.get("vault"), scope)
                         self.poke(scope)
+                    self.platform.auto_rotation.on_key_event(event)  # a new version to follow
             except asyncio.CancelledError:
                 raise
             except (TimeoutError, KeyServiceError, OSError) as e:
@@ -164,6 +166,7 @@ class KeyAccess:
             log.debug("lease: re-checking the keys of %d scope(s)", len(scopes))
             for scope in scopes:
                 self.poke(scope)
+            self.platform.auto_rotation.on_key_event(None)  # what the stream missed
 
     def checks_started(self, scope: str) -> int:
         """How many rechecks of `scope` have started: a disk that starts serving compares
