@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+from collections import deque
 
 from . import iowire
 from .admission import ConnectionLimits
@@ -62,6 +63,7 @@ class IoWorker:
         self.done = asyncio.get_running_loop().create_future()
         self.grace = 0.0
         self._tasks: set[asyncio.Task] = set()
+        self._out: deque = deque()  # messages waiting for room in the control socket
 
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.ctrl.fileno(), self._readable)
@@ -84,14 +86,33 @@ class IoWorker:
             self._send({"t": "stats", "export": export.name, "stats": taken})
 
     def _send(self, header: dict) -> None:
-        try:
-            iowire.send(self.ctrl, iowire.message(header))
-        except BlockingIOError:
-            # The main process reads its control sockets on every loop turn; a full one
-            # means it is stuck, and losing an "ended" costs it an attachment count.
-            log.error("control socket full: %s lost", header.get("t"))
-        except OSError:
-            pass  # the main process is gone; we follow it
+        """Send now, or after what waits already: never dropped, as every answer is
+        awaited there (a revocation of a thousand disks answers a thousand stops at once,
+        more than the socket's buffer holds while the main process is busy locking)."""
+        buffers = iowire.message(header)
+        if not self._out:
+            try:
+                iowire.send(self.ctrl, buffers)
+                return
+            except BlockingIOError:
+                pass
+            except OSError:
+                return  # the main process is gone; we follow it
+        self._out.append(buffers)
+        if len(self._out) == 1:
+            asyncio.get_running_loop().add_writer(self.ctrl.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        while self._out:
+            try:
+                iowire.send(self.ctrl, self._out[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self._out.clear()
+                break
+            self._out.popleft()
+        asyncio.get_running_loop().remove_writer(self.ctrl.fileno())
 
     def _readable(self) -> None:
         while not self.done.done():
