@@ -1,9 +1,11 @@
 """Native parts only; every other piece of metadata lives in pyproject.toml.
 
 `nbdserver._readq` runs the server's cold reads on native threads that never take the
-GIL (no dependencies). `nbdserver.crypto._xts` is a thin CPython extension over
-OpenSSL's EVP AES-256-XTS; it also gives the read queue its decryption (the protocol
-between the two is nbdserver/_readq.h). It links, in order of preference:
+GIL (no dependencies); `nbdserver._uring` is the same queue on io_uring, through raw
+system calls (the kernel's headers only, no liburing). `nbdserver.crypto._xts` is a
+thin CPython extension over OpenSSL's EVP AES-256-XTS; it also gives the read queue its
+decryption (the protocol between the two is nbdserver/_readq.h). It links, in order of
+preference:
 
 - statically, the libcrypto that `scripts/lib/openssl.sh` builds from a pinned OpenSSL
   release (3.2+ has the AVX-512/VAES XTS path, twice the speed of Debian 12's 3.0 here),
@@ -38,6 +40,12 @@ setup(
             depends=["nbdserver/_readq.h"],
             extra_compile_args=warnings,
             libraries=["pthread"],
+        ),
+        Extension(
+            "nbdserver._uring",
+            sources=["nbdserver/_uring.c"],
+            depends=["nbdserver/_readq.h"],
+            extra_compile_args=warnings,
         ),
         Extension(
             "nbdserver.crypto._xts",
