@@ -76,6 +76,7 @@ from .protocol.transmission import (
     nbd_error,
     simple_reply,
 )
+from .readqueue import make_read_queue
 from .tls import client_identity, tls_summary
 from .visibility import ClientView, ExportList
 
@@ -193,7 +194,7 @@ class NbdServer:
     def reads(self) -> ReadQueue | None:
         """The read queue, made on first use; None once shutting down."""
         if self.read_queue is None and not self.shutting_down:
-            queue = ReadQueue(READ_THREADS)
+            queue = make_read_queue(READ_THREADS)  # io_uring or threads (readqueue.py)
             asyncio.get_running_loop().add_reader(queue.fileno(), self._reads_done)
             self.read_queue = queue
         return self.read_queue
