@@ -1,4 +1,6 @@
-"""nbdserver._readq.ReadQueue: cold reads on native threads, collected in batches.
+"""The native read queues: nbdserver._readq.ReadQueue (cold reads on native threads)
+and nbdserver._uring.RingQueue (the same API on io_uring), collected in batches; every
+test runs on both (the `kind` fixture), plus how nbdserver/readqueue.py picks one.
 
 Real files, real errors from the kernel (a directory's fd gives EISDIR, a closed fd
 EBADF), and XtsLayer's decryption checked against its own pread (itself checked against
@@ -14,9 +16,11 @@ import time
 
 import pytest
 
+from nbdserver import readqueue
 from nbdserver._readq import ReadQueue
 from nbdserver.backend import FileBackend
 from nbdserver.crypto import XtsLayer, generate_dek
+from tests.helpers.servers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
@@ -47,9 +51,27 @@ def drop_cache(path) -> None:
         os.close(fd)
 
 
+def ring_error() -> OSError | None:
+    return readqueue._ring_error()
+
+
+@pytest.fixture(params=["threads", "uring"])
+def kind(request) -> str:
+    if request.param == "uring" and ring_error() is not None:
+        pytest.skip(f"io_uring is not available here: {ring_error()}")
+    return request.param
+
+
+def make_queue(kind: str, depth: int):
+    if kind == "uring":
+        from nbdserver._uring import RingQueue
+        return RingQueue(depth)
+    return ReadQueue(depth)
+
+
 @pytest.fixture
-def queue():
-    q = ReadQueue(32)
+def queue(kind):
+    q = make_queue(kind, 32)
     yield q
     q.close()
 
@@ -62,7 +84,7 @@ def data_file(tmp_path):
     return path, data
 
 
-def test_many_reads_in_flight_all_come_back_right(queue, data_file):
+def test_many_reads_in_flight_all_come_back_right(queue, kind, data_file):
     path, data = data_file
     drop_cache(path)
     rng = random.Random(7)
@@ -85,7 +107,10 @@ def test_many_reads_in_flight_all_come_back_right(queue, data_file):
         expect = data[offset:offset + len(buf)]
         assert buf == expect + bytes(len(buf) - len(expect)), i
     assert queue.in_flight == 0
-    assert 1 <= queue.threads <= 32
+    if kind == "threads":
+        assert 1 <= queue.threads <= 32
+    else:  # 300 reads through 32 slots: the backlog fed the ring as slots came free
+        assert queue.threads == 0 and queue.peak == 32
 
 
 def test_cold_reads_overlap(queue, data_file):
@@ -139,9 +164,10 @@ def test_the_buffer_stays_pinned_until_collected(queue, data_file):
         os.close(fd)
 
 
-def test_close_joins_and_hands_back_what_was_not_collected(data_file):
+def test_close_joins_and_hands_back_what_was_not_collected(kind, data_file):
     path, _ = data_file
-    q = ReadQueue(2)
+    drop_cache(path)  # reads still in the kernel when close() comes
+    q = make_queue(kind, 2)
     fd = os.open(path, os.O_RDONLY)
     try:
         bufs = [bytearray(S) for _ in range(50)]
@@ -286,3 +312,96 @@ def test_a_read_keeps_the_engine_usable_after_the_layer_closes(queue, tmp_path):
         assert collect_all(queue, 1) == {"r": S}
     finally:
         os.close(fd)
+
+
+# --- the ring's own cases, and the choice between the queues (nbdserver/readqueue.py)
+
+def test_the_ring_reads_the_rest_of_a_short_read(data_file):
+    """A completion with fewer bytes than asked is resubmitted for the rest, and 0 bytes
+    (the end) leaves zeros, as the thread queue's preadv loop does. A pipe makes the
+    kernel's short reads happen on demand (preadv refuses a pipe: ESPIPE)."""
+    if ring_error() is not None:
+        pytest.skip(f"io_uring is not available here: {ring_error()}")
+    q = make_queue("uring", 4)
+    r, w = os.pipe()
+    try:
+        buf = bytearray(b"\xaa") * 300
+        os.write(w, b"a" * 100)
+        q.submit("p", buf, r, 0)
+
+        def first_part_read() -> bool:
+            assert q.collect() == []  # short: not done, read again for the rest
+            return buf[:100] == b"a" * 100
+
+        wait_until(first_part_read, what="the first part read")
+        assert q.in_flight == 1
+        os.write(w, b"b" * 150)
+        os.close(w)
+        w = -1
+        assert collect_all(q, 1) == {"p": 300}
+        assert buf == b"a" * 100 + b"b" * 150 + bytes(50)
+    finally:
+        q.close()
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    """readqueue decides once per process: forget that decision for this test."""
+    monkeypatch.setattr(readqueue, "_chosen", None)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("setting, expect", [("threads", ReadQueue), ("uring", "ring"),
+                                             ("auto", "ring"), ("bogus", "ring")])
+def test_the_environment_picks_the_queue(fresh_choice, caplog, setting, expect):
+    if expect == "ring":
+        if ring_error() is not None:
+            pytest.skip(f"io_uring is not available here: {ring_error()}")
+        from nbdserver._uring import RingQueue
+        expect = RingQueue
+    fresh_choice.setenv(readqueue.ENV, setting)
+    with caplog.at_level("INFO", logger="nbdserver.readqueue"):
+        queues = [readqueue.make_read_queue(8) for _ in range(3)]
+    for q in queues:
+        assert type(q) is expect
+        q.close()
+    said = [r.getMessage() for r in caplog.records]
+    if setting == "bogus":
+        assert "'bogus' is none of auto, uring, threads" in said.pop(0)
+    assert len(said) == 1, said  # the choice, once
+    assert ("io_uring" if expect is not ReadQueue else "thread read queue") in said[0]
+
+
+FALLBACK = """
+import logging, os, resource, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+from nbdserver import readqueue
+from nbdserver._uring import RingQueue
+# Leave exactly one free descriptor: io_uring_setup takes it, the ring's eventfd then
+# has none (EMFILE), and the thread queue's eventfd gets it back.
+lowest_free = os.dup(0)  # dup takes the lowest free descriptor
+os.close(lowest_free)
+resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+q = readqueue.make_read_queue(8)
+print("made", type(q).__name__)
+"""
+
+
+def test_without_a_ring_the_thread_queue_serves():
+    """When the process cannot make a ring, the thread queue serves, and the log says
+    why once. What refuses the ring here is the descriptor limit (a seccomp filter would
+    need a library this project does not have): io_uring_setup's descriptor fits, the
+    ring's eventfd does not."""
+    import subprocess
+    import sys
+    if ring_error() is not None:
+        pytest.skip(f"io_uring is not available here: {ring_error()}")
+    env = dict(os.environ, **{readqueue.ENV: "auto"})
+    out = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True,
+                         text=True, timeout=30, check=True).stdout.splitlines()
+    assert out[-1] == "made ReadQueue", out
+    assert any("thread read queue: io_uring is not available" in line and "Too many open files"
+               in line for line in out), out

@@ -1,5 +1,6 @@
-"""Cold READs go to the server's native read queue (nbdserver/_readq.c): they overlap,
-a failing one fails alone, and a drain (revocation, snapshot, delete) waits for them.
+"""Cold READs go to the server's native read queue (nbdserver/_readq.c on threads, or
+nbdserver/_uring.c on io_uring: every test runs on both): they overlap, a failing one
+fails alone, and a drain (revocation, snapshot, delete) waits for them.
 
 The server runs in this process (tests/helpers/inproc.py) so that the test can see the
 queue and hold back the loop's collection of finished reads at a precise moment."""
@@ -13,6 +14,7 @@ import struct
 
 import pytest
 
+from nbdserver import readqueue
 from nbdserver.backend import FileBackend
 from nbdserver.crypto import XtsLayer, generate_dek
 from nbdserver.exports import Export, ExportCatalog
@@ -20,12 +22,23 @@ from nbdserver.protocol.constants import NBD_CMD_READ, NBD_EIO, NBD_REQUEST_MAGI
 from tests.helpers.inproc import ServerThread
 from tests.helpers.nbdraw import RawClient
 from tests.helpers.servers import wait_until
-from tests.unit.test_readq import drop_cache
+from tests.unit.test_readq import drop_cache, ring_error
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
 S = 4096
 SIZE = 64 * MiB
+QUEUE_TYPES = {"threads": "ReadQueue", "uring": "RingQueue"}
+
+
+@pytest.fixture(autouse=True, params=sorted(QUEUE_TYPES))
+def read_queue_kind(request, monkeypatch):
+    """The server (in this process) makes the queue NBDSERVER_READQ asks for."""
+    if request.param == "uring" and ring_error() is not None:
+        pytest.skip(f"io_uring is not available here: {ring_error()}")
+    monkeypatch.setenv(readqueue.ENV, request.param)
+    monkeypatch.setattr(readqueue, "_chosen", None)
+    return request.param
 
 
 def pipeline_reads(c: RawClient, offsets: list[int], length: int = S) -> dict:
@@ -72,7 +85,7 @@ class AlwaysCold(FileBackend):
 
 @pytest.mark.parametrize("cache", ["writeback", "none"])
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "xts"])
-def test_cold_reads_overlap_on_the_read_queue(tmp_path, encrypted, cache):
+def test_cold_reads_overlap_on_the_read_queue(tmp_path, encrypted, cache, read_queue_kind):
     path = tmp_path / "cold.img"
     offsets = [i * (SIZE // 16) + (i % 3) * S for i in range(16)]
     if encrypted:
@@ -101,6 +114,7 @@ def test_cold_reads_overlap_on_the_read_queue(tmp_path, encrypted, cache):
         assert replies == {i: (0, expect[off]) for i, off in enumerate(offsets)}
         queue = srv.server.read_queue
         assert queue is not None and queue.in_flight == 0
+        assert type(queue).__name__ == QUEUE_TYPES[read_queue_kind]
         # Before the queue, cold reads were serialized behind the GIL: one at a time.
         assert queue.peak > 1
         assert srv.call(lambda: export.inflight) == 0
