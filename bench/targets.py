@@ -203,6 +203,33 @@ class XtsDirectTarget(XtsTarget):
         return f"{super().export_spec()},cache=none"
 
 
+class _ReadQueueChoice(PlainTarget):
+    """The baseline with its cold-read queue forced (NBDSERVER_READQ, nbdserver/readqueue.py):
+    the io_uring ring against the native threads, side by side in one run."""
+    read_queue: ClassVar[str]
+
+    def _spawn(self, argv: list[str], **kw) -> ServerProcess:
+        self.command = [f"NBDSERVER_READQ={self.read_queue}", *argv]
+        self._server = ServerProcess(argv, self.workdir / "server.log",
+                                     env=dict(os.environ, NBDSERVER_READQ=self.read_queue))
+        self._server.start(**kw)
+        return self._server
+
+
+def _read_queue_targets() -> None:
+    """plain-uring, plain-threads, xts-uring, xts-threads and their -direct (cache=none)."""
+    for base in (PlainTarget, XtsTarget, PlainDirectTarget, XtsDirectTarget):
+        for kind in ("uring", "threads"):
+            register(type(f"{base.__name__}_{kind}", (_ReadQueueChoice, base), {
+                "name": f"{base.name}-{kind}", "read_queue": kind,
+                "description": f"{base.description}, cold reads on "
+                               + ("io_uring" if kind == "uring" else "the thread read queue"),
+            }))
+
+
+_read_queue_targets()
+
+
 class _NbdOverTls(PlainTarget):
     """Mixin: the same server with NBD TLS required (STARTTLS, TLS 1.3, a fresh test CA from
     `daemonkit.tlsca`, as `nbdserver tls init` makes). The URI says tls-verify-peer=false:
