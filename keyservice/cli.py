@@ -424,16 +424,30 @@ def _key_path(vault, name, version=None):
 @click.option("--size", default=3072, show_default=True, type=int)
 @click.option("--kty", type=click.Choice(["RSA", "RSA-HSM"]), default="RSA", show_default=True,
               help="RSA-HSM: made and used inside the service's PKCS#11 token, never exported")
-def key_create(vault, name, size, kty):
-    _show("POST", _key_path(vault, name) + "/create", {"kty": kty, "key_size": size})
+@click.option("--ops", type=click.Choice(["import"]),
+              help="import: a key-exchange key for BYOK (RSA-HSM; it can do nothing else)")
+def key_create(vault, name, size, kty, ops):
+    body = {"kty": kty, "key_size": size}
+    if ops:
+        body["key_ops"] = [ops]
+    _show("POST", _key_path(vault, name) + "/create", body)
 
 
 @key.command("import")
 @click.argument("vault")
 @click.argument("name")
-@click.option("--pem", "pem_file", required=True, type=click.File("r"), help="unencrypted PEM private key")
-def key_import(vault, name, pem_file):
-    _show("PUT", _key_path(vault, name), {"pem": pem_file.read()})
+@click.option("--pem", "pem_file", type=click.File("r"), help="unencrypted PEM private key")
+@click.option("--byok-file", type=click.File("rb"),
+              help="BYOK: a key transfer blob for --kek-kid (docs/keyservice-api.md, \"BYOK\")")
+@click.option("--kek-kid", help="the key-exchange key the --byok-file was made for")
+def key_import(vault, name, pem_file, byok_file, kek_kid):
+    if (pem_file is None) == (byok_file is None) or (byok_file is None) != (kek_kid is None):
+        raise click.UsageError("give --pem FILE, or --byok-file FILE with --kek-kid KID")
+    if pem_file is not None:
+        _show("PUT", _key_path(vault, name), {"pem": pem_file.read()})
+        return
+    from .byok import transfer_blob_jwk
+    _show("PUT", _key_path(vault, name), {"key": transfer_blob_jwk(byok_file.read(), kek_kid)})
 
 
 @key.command("show")

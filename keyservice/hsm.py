@@ -29,6 +29,7 @@ import pkcs11
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
+from pkcs11.constants import DEFAULT
 from pkcs11.mechanisms import MGF, GCMParams
 
 from .domain import rsakeys
@@ -91,9 +92,11 @@ class Pkcs11Token:
         self._lock = threading.Lock()
         self._native_oaep: dict[str, bool] = {}  # learnt at the first unwrap of each algorithm
 
-    def generate_rsa(self, size: int) -> HsmKeyMaterial:
+    def generate_rsa(self, size: int, kek: bool = False) -> HsmKeyMaterial:
         """A new key pair stored in the token; its CKA_ID is random, so references never
-        collide, and says nothing about the vault or key (other tenants share the token)."""
+        collide, and says nothing about the vault or key (other tenants share the token).
+        A key-exchange key (`kek`) may unwrap keys into the token and decrypt nothing, so
+        no caller can use it to read what a transfer blob holds."""
         object_id = secrets.token_bytes(16)
         with self._lock:
             public, _ = self._session.generate_keypair(
@@ -102,11 +105,49 @@ class Pkcs11Token:
                 public_template={Attribute.ENCRYPT: True, Attribute.WRAP: False,
                                  Attribute.VERIFY: False},
                 private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                                  Attribute.DECRYPT: True, Attribute.UNWRAP: False,
+                                  Attribute.DECRYPT: not kek, Attribute.UNWRAP: kek,
                                   Attribute.SIGN: False, Attribute.PRIVATE: True})
             n = int.from_bytes(public[Attribute.MODULUS], "big")
             e = int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big")
-        return HsmKeyMaterial(self.label, object_id, rsa.RSAPublicNumbers(e, n).public_key())
+        return HsmKeyMaterial(self.label, object_id, rsa.RSAPublicNumbers(e, n).public_key(), kek)
+
+    def import_transfer_blob(self, kek_id: bytes, kek_size: int, ciphertext: bytes) -> HsmKeyMaterial:
+        """BYOK: CKM_RSA_AES_KEY_WRAP (PKCS#11 v2.40 section 2.1.21) done as its two steps,
+        both in the token, as SoftHSM 2.6 lacks the combined mechanism: RSA-OAEP (SHA-1,
+        as Key Vault's BYOK specifies) unwraps the ephemeral AES key into a session object,
+        which unwraps the PKCS#8 private key (AES key wrap with padding, RFC 5649) into a
+        token object, sensitive and not extractable. Neither key is ever in this process."""
+        k = kek_size // 8
+        if len(ciphertext) <= k + 8:
+            raise _import_failed()
+        object_id = secrets.token_bytes(16)
+        with self._lock:
+            kek = self._private(kek_id)
+            ephemeral = None
+            try:
+                ephemeral = kek.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.AES, ciphertext[:k], store=False,
+                    mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=(Mechanism.SHA_1, MGF.SHA1, None),
+                    template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                              Attribute.UNWRAP: True, **_NO_OTHER_USE})
+                private = ephemeral.unwrap_key(
+                    ObjectClass.PRIVATE_KEY, KeyType.RSA, ciphertext[k:], id=object_id,
+                    label="keyservice", store=True, mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                    template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                              Attribute.DECRYPT: True, Attribute.PRIVATE: True, **_NO_OTHER_USE})
+            except p11.PKCS11Error:
+                raise _import_failed() from None
+            finally:
+                if ephemeral is not None:
+                    ephemeral.destroy()
+            n = int.from_bytes(private[Attribute.MODULUS], "big")
+            e = int.from_bytes(private[Attribute.PUBLIC_EXPONENT], "big")
+        public = rsa.RSAPublicNumbers(e, n).public_key()
+        if public.key_size not in rsakeys.SIZES:
+            self.destroy(object_id)
+            raise BadRequest(f"RSA key size {public.key_size} is not supported; use one of "
+                             f"{', '.join(map(str, rsakeys.SIZES))}")
+        return HsmKeyMaterial(self.label, object_id, public)
 
     def _private(self, object_id: bytes):
         try:
@@ -197,6 +238,15 @@ class Pkcs11Token:
 
 class HsmKeyMissing(BadRequest):
     """A version whose token object was destroyed outside the service: its unwraps fail."""
+
+
+# Attributes python-pkcs11 would set from default capabilities, left to the token instead.
+_NO_OTHER_USE = {Attribute.ENCRYPT: DEFAULT, Attribute.WRAP: DEFAULT, Attribute.VERIFY: DEFAULT,
+                 Attribute.DERIVE: DEFAULT, Attribute.SIGN: DEFAULT}
+
+
+def _import_failed() -> BadRequest:
+    return BadRequest("The key transfer blob could not be unwrapped with this key-exchange key")
 
 
 def _unwrap_failed() -> BadRequest:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from ..domain import hsm_keys, rsakeys
 from ..domain.errors import BadRequest
-from ..domain.keys import parse_attributes
+from ..domain.keys import IMPORT_OP, parse_attributes
 from . import render, work
 from .addressing import vault_name, vault_url
 from .body import field, json_body
@@ -36,12 +36,20 @@ async def create(request: web.Request) -> web.Response:
     attrs = parse_attributes(field(body, "attributes", dict), field(body, "key_ops", list))
     if kty == hsm_keys.KTY_HSM:
         hsm_keys.require_token(svc.hsm)  # refused before any work
-    return await _new_version(request, "create", lambda _: svc.generate_key(kty, size), attrs, size)
+    kek = attrs.key_ops is not None and IMPORT_OP in attrs.key_ops  # BYOK's key-exchange key
+    return await _new_version(request, "create", lambda _: svc.generate_key(kty, size, kek), attrs,
+                              size)
 
 
 async def import_(request: web.Request) -> web.Response:
     body = _no_tags(await json_body(request))
     attrs = parse_attributes(field(body, "attributes", dict), None)
+    if isinstance(body.get("key"), dict) and "key_hsm" in body["key"]:  # BYOK (hsm_keys.py)
+        kek_kid, ciphertext = hsm_keys.parse_transfer_blob(body["key"])
+        domain, svc, caller, vault, _ = _args(request)
+        kek_id, kek_size = await domain.run(svc.authorize_byok, caller, vault, kek_kid)
+        return await _new_version(request, "import", lambda _: hsm_keys.require_token(svc.hsm)
+                                  .import_transfer_blob(kek_id, kek_size, ciphertext), attrs)
     if body.get("hsm") or (isinstance(body.get("key"), dict) and body["key"].get("kty") == "RSA-HSM"):
         # A key that was ever in the clear is not an HSM key: RSA-HSM keys are made in the token.
         raise BadRequest("A plaintext key cannot be imported as RSA-HSM; import it as RSA, or "
@@ -82,8 +90,8 @@ async def update(request: web.Request) -> web.Response:
 
 async def rotate(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
-    kty = await domain.run(svc.current_kty, caller, vault, name)
-    return await _new_version(request, "rotate", lambda size: svc.generate_key(kty, size))
+    kty, kek = await domain.run(svc.current_kty, caller, vault, name)
+    return await _new_version(request, "rotate", lambda size: svc.generate_key(kty, size, kek))
 
 
 async def list_(request: web.Request) -> web.Response:

@@ -25,6 +25,7 @@ class HsmKeyMaterial:
     token: str
     object_id: bytes
     public: rsa.RSAPublicKey
+    kek: bool = False  # a key-exchange key: unwraps key transfer blobs only
 
     @property
     def key_size(self) -> int:
@@ -40,7 +41,8 @@ class HsmKeyMaterial:
 class Token(Protocol):
     label: str
 
-    def generate_rsa(self, size: int) -> HsmKeyMaterial: ...
+    def generate_rsa(self, size: int, kek: bool = False) -> HsmKeyMaterial: ...
+    def import_transfer_blob(self, kek_id: bytes, kek_size: int, ciphertext: bytes) -> HsmKeyMaterial: ...
     def unwrap(self, object_id: bytes, size: int, alg: str, value: bytes) -> bytes: ...
     def destroy(self, object_id: bytes) -> None: ...
 
@@ -60,6 +62,57 @@ def check_kty(kty) -> str:
         raise BadRequest(f"Unsupported key type {kty!r}; only RSA keys are supported "
                          f"({' or '.join(KTYS)})")
     return kty
+
+
+def check_kek_ops(kek: bool, key_ops: tuple[str, ...]) -> None:
+    """A KEK's key_ops are ["import"], and only a KEK's: the token object was made for one
+    use or the other (CKA_UNWRAP or CKA_DECRYPT), which no update can change."""
+    if kek and key_ops != ("import",):
+        raise BadRequest("A key-exchange key (key_ops import) can do nothing but import; its "
+                         "key_ops cannot change")
+    if not kek and "import" in key_ops:
+        raise BadRequest("key_ops import is given to a key-exchange key when it is created "
+                         "(kty RSA-HSM, key_ops [\"import\"]), never later")
+
+
+BYOK_ENC = "CKM_RSA_AES_KEY_WRAP"
+
+
+def parse_transfer_blob(jwk: dict) -> tuple[str, bytes]:
+    """Key Vault's BYOK import: `{"kty": "RSA-HSM", "key_hsm": base64url(transfer blob)}`,
+    the blob JSON `{"schema_version", "header": {"kid": KEK kid, "alg": "dir", "enc":
+    "CKM_RSA_AES_KEY_WRAP"}, "ciphertext": base64url, "generator"}`. (KEK kid, ciphertext)."""
+    from .rsakeys import b64u_decode
+    if jwk.get("kty") != KTY_HSM:
+        raise BadRequest("A key transfer blob (key_hsm) imports an RSA-HSM key: kty must be RSA-HSM")
+    try:
+        blob = json.loads(b64u_decode(jwk["key_hsm"], "key.key_hsm"))
+        header = blob["header"]
+        kid, enc = header["kid"], header.get("enc")
+        ciphertext = b64u_decode(blob["ciphertext"], "ciphertext")
+    except (ValueError, KeyError, TypeError):
+        raise BadRequest("key.key_hsm is not a key transfer blob (base64url of its JSON with "
+                         "header.kid and ciphertext)") from None
+    if enc != BYOK_ENC or not isinstance(kid, str):
+        raise BadRequest(f"The key transfer blob must say enc {BYOK_ENC} and name its KEK's kid")
+    return kid, ciphertext
+
+
+def parse_kek_kid(kid: str) -> tuple[str, str, str | None]:
+    """(vault, name, version) of a kid in either form: .../vaults/V/keys/N[/VER] or
+    https://V.domain/keys/N[/VER]."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(kid)
+    path = parts.path.strip("/").split("/")
+    if len(path) >= 4 and path[0] == "vaults" and path[2] == "keys":
+        vault, rest = path[1], path[3:]
+    elif len(path) >= 2 and path[0] == "keys" and parts.hostname:
+        vault, rest = parts.hostname.split(".", 1)[0], path[1:]
+    else:
+        raise BadRequest("The key transfer blob's kid is not a key identifier")
+    if not 1 <= len(rest) <= 2:
+        raise BadRequest("The key transfer blob's kid is not a key identifier")
+    return vault, rest[0], rest[1] if len(rest) == 2 else None
 
 
 def require_token(token: "Token | None", reference_token: str | None = None) -> Token:

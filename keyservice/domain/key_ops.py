@@ -5,9 +5,18 @@ from collections.abc import Callable
 
 from . import hsm_keys, rsakeys
 from .core import ServiceCore
-from .errors import NotFound
+from .errors import BadRequest, NotFound
 from .identities import Caller
-from .keys import KEY_OPS, Attributes, Key, KeyState, KeyVersion, check_not_deleted_name, new_version_id
+from .keys import (
+    IMPORT_OP,
+    KEY_OPS,
+    Attributes,
+    Key,
+    KeyState,
+    KeyVersion,
+    check_not_deleted_name,
+    new_version_id,
+)
 from .names import check_key_name, check_version
 from .vaults import Vault
 
@@ -54,18 +63,21 @@ class KeyOperations(ServiceCore):
                 self.hsm.destroy(private.object_id)
             raise
 
-    def generate_key(self, kty: str, size: int):
-        """New key material of a kind: a software key pair, or a pair made in the token."""
+    def generate_key(self, kty: str, size: int, kek: bool = False):
+        """New key material of a kind: a software key pair, or a pair made in the token
+        (`kek`: a key-exchange key, whose private half unwraps keys and decrypts nothing)."""
         if hsm_keys.check_kty(kty) == hsm_keys.KTY_HSM:
-            return hsm_keys.require_token(self.hsm).generate_rsa(rsakeys.check_size(size))
+            return hsm_keys.require_token(self.hsm).generate_rsa(rsakeys.check_size(size), kek=kek)
+        if kek:
+            raise BadRequest("key_ops import is for key-exchange keys, which are RSA-HSM")
         return rsakeys.generate(rsakeys.check_size(size))
 
-    def current_kty(self, caller: Caller, vault: str, name: str) -> str:
-        """What a rotation makes: a key of the current version's kind."""
-        kty = self._key(self._authorize(caller, vault, "rotate"), name).current.kty
-        if kty == hsm_keys.KTY_HSM:
+    def current_kty(self, caller: Caller, vault: str, name: str) -> tuple[str, bool]:
+        """What a rotation makes: a key of the current version's kind (and a KEK of a KEK)."""
+        current = self._key(self._authorize(caller, vault, "rotate"), name).current
+        if current.kty == hsm_keys.KTY_HSM:
             hsm_keys.require_token(self.hsm)  # before any work
-        return kty
+        return current.kty, IMPORT_OP in current.key_ops
 
     def _add_version(self, caller: Caller, vault_name: str, name: str, permission: str,
                      private, attributes: Attributes | None, event_new: str):
@@ -82,12 +94,15 @@ class KeyOperations(ServiceCore):
                 key = Key(vault_name, name, now)
                 self.store.put_key(key)
             in_token = isinstance(private, hsm_keys.HsmKeyMaterial)
+            kek = in_token and private.kek
             v = KeyVersion(version=new_version_id(), size=private.key_size,
                            public_der=rsakeys.public_der(private.public_key()), enabled=True,
-                           nbf=None, exp=None, key_ops=KEY_OPS, created=now, updated=now,
+                           nbf=None, exp=None, key_ops=(IMPORT_OP,) if kek else KEY_OPS,
+                           created=now, updated=now,
                            kty=hsm_keys.KTY_HSM if in_token else hsm_keys.KTY_SOFTWARE)
             if attributes is not None:
                 attributes.apply(v, now)
+            hsm_keys.check_kek_ops(kek, v.key_ops)
             self.store.add_version(key, v, private.reference() if in_token
                                    else rsakeys.private_der(private))
             key.versions.append(v)
@@ -111,9 +126,23 @@ class KeyOperations(ServiceCore):
     def rotate_key(self, caller: Caller, vault: str, name: str):
         v = self._authorize(caller, vault, "rotate")
         current = self._key(v, name).current
-        private = self.generate_key(current.kty, current.size)
+        private = self.generate_key(current.kty, current.size, IMPORT_OP in current.key_ops)
         with self._discarding_on_failure(private):
             return self._add_version(caller, vault, name, "rotate", private, None, "key.rotated")
+
+    def authorize_byok(self, caller: Caller, vault: str, kek_kid: str) -> tuple[bytes, int]:
+        """The token object and size of the key-exchange key a transfer blob names, once the
+        caller may import into `vault` and the KEK, in that same vault, allows import."""
+        kek_vault, kek_name, kek_version = hsm_keys.parse_kek_kid(kek_kid)
+        if kek_vault != vault:
+            raise BadRequest(f"The key-exchange key must be in key vault '{vault}', where the key "
+                             "is imported")
+        key, kv = self._usable(caller, vault, kek_name, kek_version, IMPORT_OP)
+        if kv.kty != hsm_keys.KTY_HSM:  # import in key_ops is given to RSA-HSM keys only
+            raise BadRequest("The key-exchange key is not an RSA-HSM key")
+        label, object_id = hsm_keys.parse_reference(self.store.private_der(vault, kek_name, kv.version))
+        hsm_keys.require_token(self.hsm, label)
+        return object_id, kv.size
 
     def _authorize(self, caller: Caller, vault: str, permission: str) -> Vault:
         """Check before slow work (RSA generation), and again inside the transaction."""
@@ -146,6 +175,7 @@ class KeyOperations(ServiceCore):
             kv = key.version(version)
             before = (kv.enabled, kv.nbf, kv.exp, kv.key_ops)
             attributes.apply(kv, self.clock())
+            hsm_keys.check_kek_ops(IMPORT_OP in before[3], kv.key_ops)
             self.store.put_version_attributes(key, kv)
             if kv.enabled != before[0]:
                 events.append(self._event("key.enabled" if kv.enabled else "key.disabled",

@@ -18,6 +18,9 @@ from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .vaults import DAY
 
 KEY_OPS = ("wrapKey", "unwrapKey")  # the only operations this service implements
+# A key-exchange key (BYOK, hsm_keys.py) has key_ops ["import"] and nothing else: it only
+# unwraps key transfer blobs, in the token, and that is fixed when it is made.
+IMPORT_OP = "import"
 
 
 class KeyState(enum.Enum):
@@ -148,7 +151,8 @@ def parse_attributes(attributes, key_ops) -> Attributes:
                 else:
                     setattr(out, name, float(value))
     if key_ops is not None:
-        if not isinstance(key_ops, list) or any(op not in KEY_OPS for op in key_ops):
-            raise BadRequest(f"key_ops must be a list drawn from {', '.join(KEY_OPS)}")
-        out.key_ops = tuple(op for op in KEY_OPS if op in key_ops)
+        allowed = (*KEY_OPS, IMPORT_OP)
+        if not isinstance(key_ops, list) or any(op not in allowed for op in key_ops):
+            raise BadRequest(f"key_ops must be a list drawn from {', '.join(allowed)}")
+        out.key_ops = tuple(op for op in allowed if op in key_ops)
     return out

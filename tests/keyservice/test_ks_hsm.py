@@ -54,7 +54,7 @@ def object_id_of(daemon, token, vault, name, version):
     status, bundle = daemon.http("GET", f"/vaults/{vault}/keys/{name}/{version}")
     n = unb64u(bundle["key"]["n"])
     with token.session() as s:
-        for obj in s.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY}):
+        for obj in s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}):  # an imported key has no public object
             if obj[Attribute.MODULUS] == n:
                 return obj[Attribute.ID]
     return None
