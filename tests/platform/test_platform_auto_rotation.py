@@ -9,6 +9,8 @@
 - A new version the set may not wrap with (wrapKey taken away): the set reports the
   failure and keeps the old version, the disk keeps serving; granted again, the policy
   change's event retries and the set rotates.
+- A version added while the platform was down is followed once it is back (the stream's
+  reconnection checks every set: what it missed).
 - `des update --auto-rotate` on a manual set catches up at once; bad input is a 400.
 - A state database of schema version 1 (before these fields) is migrated: its sets are
   manual.
@@ -163,6 +165,26 @@ def test_new_version_without_wrap_permission_keeps_the_old_one(make_stack):
         w.verify()
     finally:
         w.close()
+
+
+def test_version_added_while_the_platform_was_down_is_followed(make_stack):
+    stack = make_stack()
+    _auto_set(stack, "ard", "des-d")
+    stack.create_disk("d1", "--size", "16M", "--des", "des-d")
+    data = pattern(0xD1, 1 << 20)
+    h = stack.connect("d1")
+    h.pwrite(data, 0)
+    h.flush()
+    h.shutdown()
+    stack.stop_nbdserver()
+    new = stack.keyservice("key", "rotate", "ard", "k1")["key"]["kid"]
+    stack.start_nbdserver()
+    wait_until(lambda: stack.disk("d1")["encryption"]["kid"] == new, EVENT_DEADLINE,
+               interval=0.2, what="the restarted platform to follow the new version")
+    assert stack.nbdserver("des", "show", "des-d")["activeKey"]["keyUrl"] == new
+    h = stack.connect("d1")
+    assert h.pread(len(data), 0) == data
+    h.shutdown()
 
 
 def test_switching_auto_rotate_on_catches_up_and_bad_input_is_refused(make_stack):
