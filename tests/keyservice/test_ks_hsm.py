@@ -14,8 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from test_ks_api import b64u, unb64u
 
 from tests.helpers.softhsm import make_token
-
-from conftest import Daemon
+from tests.keyservice.conftest import Daemon
 
 OAEP256 = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)
 OAEP1 = padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None)

@@ -12,8 +12,7 @@ from test_ks_api import b64u, unb64u
 from test_ks_hsm import object_id_of, public_of
 
 from tests.helpers.softhsm import make_token
-
-from conftest import Daemon
+from tests.keyservice.conftest import Daemon
 
 OAEP256 = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)
 VAULT = "byokv"

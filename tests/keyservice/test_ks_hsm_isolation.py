@@ -22,9 +22,8 @@ from test_ks_api import b64u, unb64u
 
 from tests.helpers.platform import scan_for
 from tests.helpers.softhsm import RemoteToken, make_token
+from tests.keyservice.conftest import Daemon
 from tests.platform.test_platform_revocation import _memory_hits
-
-from conftest import Daemon
 
 OAEP256 = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)
 
