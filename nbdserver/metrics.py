@@ -76,9 +76,10 @@ class PlatformCollector:
         return [(ALL, exports)]
 
     def _io(self) -> Iterator[Metric]:
-        reqs = CounterMetricFamily("nbdserver_io_requests", "NBD requests answered, by command",
+        reqs = CounterMetricFamily("nbdserver_io_requests", "NBD requests started, by command",
                                    labels=["disk", "command"])
-        moved = CounterMetricFamily("nbdserver_io_bytes", "bytes of successful NBD requests, by command",
+        moved = CounterMetricFamily("nbdserver_io_bytes",
+                                    "bytes the NBD requests cover (read, written, trimmed...)",
                                     labels=["disk", "command"])
         errors = CounterMetricFamily("nbdserver_io_errors", "NBD requests failed, by NBD error",
                                      labels=["disk", "errno"])
@@ -102,7 +103,8 @@ class PlatformCollector:
             inflight.add_metric([label], sum(e.inflight for e in exports))
             clients.add_metric([label], sum(e.clients for e in exports))
         yield from (reqs, moved, errors, inflight, clients)
-        yield histogram("nbdserver_io_latency_seconds", "NBD request latency, by command",
+        yield histogram("nbdserver_io_latency_seconds",
+                        "NBD request latency, by command (of one request in 16 of each connection)",
                         ["disk", "command"], latency_series)
         yield GaugeMetricFamily("nbdserver_nbd_connections", "open NBD connections (all phases)",
                                 value=self.connections())

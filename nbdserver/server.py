@@ -42,6 +42,7 @@ from .backend import INLINE_WRITE_MAX
 from .budget import BufferBudget
 from .exports import Export, ExportCatalog
 from .iostats import ENABLED as IO_STATS
+from .iostats import LATENCY_MASK, OTHER_CMD
 from .loglimit import LogLimiter
 from .protocol import handshake as hs
 from .protocol.constants import (
@@ -259,8 +260,10 @@ class Connection(asyncio.Protocol):
         # the server allocate a reply buffer for every header it sent).
         self._pending: deque = deque()
         self._draining = False
-        # id(request) -> when it started, for the export's I/O statistics (`_count`).
-        self._t0: dict[int, int] | None = {} if IO_STATS else None
+        # The request whose latency is being sampled (one at a time: LATENCY_SAMPLE), and
+        # when it started; completions compare by identity, the cheapest test there is.
+        self._sampled: object = None
+        self._sampled_t0 = 0
         self.closed: asyncio.Future = self.loop.create_future()
         self.peer = None
         self._peer_key: str | None = None  # set while counted by the server's Admission
@@ -584,7 +587,12 @@ class Connection(asyncio.Protocol):
             return
         self._draining = True
         self._out = []
-        t0, now = self._t0, monotonic_ns()  # a batch's requests arrived together
+        # The export's I/O statistics (nbdserver/iostats.py), counted here inline: a method
+        # call per request would cost more than the counting.
+        stats = self.export.stats if IO_STATS and self.export is not None else None
+        if stats is not None:
+            requests, covered = stats.requests, stats.bytes
+        now = monotonic_ns()  # a batch's requests arrived together
         try:
             while self._pending and not self._backlogged():
                 if self.disconnecting:
@@ -592,18 +600,24 @@ class Connection(asyncio.Protocol):
                     return
                 ev = self._pending.popleft()
                 self._started += 1
-                if t0 is not None:
-                    t0[id(ev)] = now
                 if type(ev) is BadMagic:
                     log.info("connection %s: bad request magic %#x; disconnecting", self.peer, ev.magic)
                     self.abort()
                     return
+                if stats is not None:
+                    cmd = ev.cmd if ev.cmd < OTHER_CMD else OTHER_CMD
+                    requests[cmd] += 1
+                    covered[cmd] += ev.length
+                    if not self._started & LATENCY_MASK and self._sampled is None:
+                        self._sampled, self._sampled_t0 = ev, now
                 if type(ev) is Oversized:
                     self._fail(ev, NBD_EINVAL, "request over the maximum block size")
                     continue
                 if self._request(ev) is WAIT_FOR_BUDGET:
                     self._pending.appendleft(ev)
                     self._started -= 1  # not started after all
+                    if stats is not None:
+                        stats.unstarted(ev.cmd, ev.length)
                     break
         except Exception:  # a bug must cost this client its connection, never the server
             log.exception("connection %s: internal error; disconnecting", self.peer)
@@ -813,7 +827,8 @@ class Connection(asyncio.Protocol):
                 self._send_read_parts(req, result)
             elif req.cmd == NBD_CMD_BLOCK_STATUS:
                 self._write(block_status_chunk(req.cookie, self.meta_id, result))
-                self._count(req)
+                if req is self._sampled:
+                    self._timed(req)
             else:
                 self._ok(req)
         self._update_reading()
@@ -842,7 +857,8 @@ class Connection(asyncio.Protocol):
         return [(req.offset, req.length, view)]
 
     def _send_read(self, req, buf):
-        self._count(req)
+        if req is self._sampled:
+            self._timed(req)
         self._reply_charged(req.length)
         if self.structured:
             self._write(data_chunk_header(req.cookie, req.offset, len(buf)))
@@ -851,7 +867,8 @@ class Connection(asyncio.Protocol):
         self._write(buf)
 
     def _send_read_parts(self, req, parts):
-        self._count(req)
+        if req is self._sampled:
+            self._timed(req)
         self._reply_charged(req.length)
         if not self.structured:  # holes are only split out for structured replies
             self._write(simple_reply(req.cookie))
@@ -866,18 +883,22 @@ class Connection(asyncio.Protocol):
                 self._write(data_chunk_header(req.cookie, off, n, done=i == last))
                 self._write(data)
 
-    def _count(self, req, error: int = 0) -> None:
-        """One request answered (or failed): the export's statistics (nbdserver/iostats.py)."""
-        start = self._t0.pop(id(req), None) if self._t0 is not None else None
-        if start is not None and self.export is not None:
-            self.export.stats.done(req.cmd, req.length, monotonic_ns() - start, error)
+    def _timed(self, req) -> None:
+        """The sampled request (LATENCY_SAMPLE) is answered: its latency."""
+        self._sampled = None
+        if self.export is not None:
+            self.export.stats.timed(req.cmd, monotonic_ns() - self._sampled_t0)
 
     def _ok(self, req):
-        self._count(req)
+        if req is self._sampled:
+            self._timed(req)
         self._write(simple_reply(req.cookie))
 
     def _fail(self, req, error: int, message: str):
-        self._count(req, error)
+        if IO_STATS and self.export is not None:
+            self.export.stats.failed(error)
+            if req is self._sampled:
+                self._timed(req)
         if self.transport is None or self.transport.is_closing():
             return
         if self.structured:

@@ -47,10 +47,12 @@ def test_io_moves_the_metrics_by_command(stack):
     for _ in range(2):
         h.pread(8192, 0)
     h.flush()
+    for _ in range(26):  # 32 requests: the latency of every 16th is sampled
+        h.pread(4096, 0)
 
-    def flush_counted():  # an I/O worker process reports its counts every second
-        return sample(scrape(stack.api_url), "nbdserver_io_requests_total", disk="m1", command="flush")
-    wait_until(flush_counted, 10, interval=0.1, what="the requests counted")
+    def all_counted():  # an I/O worker process reports its counts every second
+        return sample(scrape(stack.api_url), "nbdserver_io_requests_total", disk="m1", command="read") == 28
+    wait_until(all_counted, 10, interval=0.1, what="the requests counted")
     after = scrape(stack.api_url)  # from loopback, no token: per-disk series
     h.shutdown()
 
@@ -58,11 +60,13 @@ def test_io_moves_the_metrics_by_command(stack):
         return sample(after, name, **labels) - sample(before, name, **labels)
     assert delta("nbdserver_io_requests_total", disk="m1", command="write") == 3
     assert delta("nbdserver_io_bytes_total", disk="m1", command="write") == 3 * 4096
-    assert delta("nbdserver_io_requests_total", disk="m1", command="read") == 2
-    assert delta("nbdserver_io_bytes_total", disk="m1", command="read") == 2 * 8192
+    assert delta("nbdserver_io_requests_total", disk="m1", command="read") == 28
+    assert delta("nbdserver_io_bytes_total", disk="m1", command="read") == 2 * 8192 + 26 * 4096
     assert delta("nbdserver_io_requests_total", disk="m1", command="flush") == 1
-    assert delta("nbdserver_io_latency_seconds_count", disk="m1", command="write") == 3
-    assert sample(after, "nbdserver_io_latency_seconds_bucket", disk="m1", command="write", le="+Inf") >= 3
+    timed = sum(delta("nbdserver_io_latency_seconds_count", disk="m1", command=c) for c in ("read", "write", "flush"))
+    assert timed == 2
+    assert sum(sample(after, "nbdserver_io_latency_seconds_bucket", disk="m1", command=c, le="+Inf")
+               for c in ("read", "write", "flush")) == 2
     assert sample(after, "nbdserver_disk_state", disk="m1", state="available") == 1
     assert sample(after, "nbdserver_disk_clients", disk="m1") == 1
     # The platform's calls to the key service (the disk's unwrap when it opened).
@@ -216,3 +220,16 @@ def test_unknown_log_level_is_a_usage_error(tmp_path):
                         str(tmp_path / "c"), "--log-level", "LOUD"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "--log-level" in r.stderr and "LOUD" in r.stderr, r.stderr
+
+
+def test_the_dashboard_shows_only_exported_metrics(stack):
+    """Every metric docs/grafana-dashboard.json queries is one the daemons export."""
+    import re
+    exported = set()
+    for url in (stack.api_url, stack.ks_url):
+        text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+        exported |= {re.sub(r"_total$", "", n) for n in re.findall(r"^# TYPE (\S+) ", text, re.M)}
+    dashboard = (ROOT / "docs" / "grafana-dashboard.json").read_text()
+    queried = set(re.findall(r"\b((?:nbdserver|keyservice)_[a-z_]+)", dashboard))
+    base = {re.sub(r"_(bucket|count|sum|total)$", "", name) for name in queried}
+    assert queried and base <= exported, sorted(base - exported)
