@@ -192,8 +192,10 @@ class KeyAccess:
         reachable = True
         for kid, group in by_kid.items():
             try:
-                attrs = await keys.key_attributes(client, kid)
+                # The unwrap first: its refusal alone is a revocation (disabled, expired,
+                # deleted, permission removed), so disks lock one round trip after the event.
                 keys.wipe(await keys.unwrap(client, group[0].envelope))
+                attrs = await keys.key_attributes(client, kid)
             except AccessMissing as e:
                 for d in group:
                     self.cause[d.name] = "revoked"
