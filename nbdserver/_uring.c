@@ -512,8 +512,13 @@ ringq_collect(RingQueue *q, PyObject *Py_UNUSED(ignored))
     (void)!read(q->efd, &v, sizeof v);
     ring_reap(q, &done_tail);
     fill_from_backlog(q);
-    /* On failure the entries stay queued, and the next reap's enter retries them. */
-    (void)ring_enter(q);
+    /* On failure (the kernel short of memory) the entries stay queued and the next
+     * collect() retries them; when nothing else is in the kernel to bring one, the
+     * eventfd is made readable so that the loop calls again. */
+    if (ring_enter(q) < 0 && q->in_ring == q->unsubmitted) {
+        uint64_t one = 1;
+        (void)!write(q->efd, &one, sizeof one);
+    }
     finish_batch(done);
     for (Job *j = done; j != NULL; j = j->next)
         q->in_flight--;
@@ -522,7 +527,7 @@ ringq_collect(RingQueue *q, PyObject *Py_UNUSED(ignored))
 
 /* GIL held. Cancels the backlog, waits for every read in the ring (short ones read to
  * the end), unmaps and closes. The jobs, in a chain: finished first, then cancelled.
- * Returns -1 (leaking the reads in the ring, whose buffers the kernel may still
+ * Returns -errno (leaking the reads in the ring, whose buffers the kernel may still
  * write) only if the kernel refuses to wait. */
 static int
 ringq_stop(RingQueue *q, Job **chain)
@@ -541,7 +546,7 @@ ringq_stop(RingQueue *q, Job **chain)
         n = sys_enter(q->ring_fd, q->unsubmitted, 1, IORING_ENTER_GETEVENTS);
         Py_END_ALLOW_THREADS
         if (n < 0 && errno != EINTR) {
-            rc = -1;
+            rc = -errno;
             break;
         }
         if (n > 0)
@@ -562,7 +567,7 @@ ringq_stop(RingQueue *q, Job **chain)
     q->efd = -1;
     q->in_flight = 0;
     q->in_ring = 0;
-    return rc;
+    return rc;                       /* 0, or -errno of the failed wait */
 }
 
 static PyObject *
@@ -571,10 +576,10 @@ ringq_close(RingQueue *q, PyObject *Py_UNUSED(ignored))
     Job *chain = NULL;
     if (q->closed)
         return PyList_New(0);
-    if (ringq_stop(q, &chain) < 0) {
-        int err = errno;
+    int rc = ringq_stop(q, &chain);
+    if (rc < 0) {
         Py_XDECREF(report(chain));
-        errno = err;
+        errno = -rc;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     return report(chain);
