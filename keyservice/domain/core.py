@@ -1,5 +1,6 @@
 """What every operation of the service shares: the store, the clock, who may
 touch a vault, and how a change and its events are committed together."""
+import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -10,6 +11,8 @@ from .events import Event
 from .identities import Caller
 from .names import DEFAULT_RESERVED_PREFIXES, check_vault_name
 from .vaults import Vault, VaultState
+
+log = logging.getLogger("keyservice")
 
 
 class ServiceCore:
@@ -62,7 +65,11 @@ class ServiceCore:
         doomed, self._doomed_token_objects = self._doomed_token_objects, []
         if self.hsm is not None:
             for object_id in doomed:
-                self.hsm.destroy(object_id)
+                try:
+                    self.hsm.destroy(object_id)
+                except Exception:  # the purge is committed: say so, do not fail the call
+                    log.warning("purged key's token object %s was not destroyed; remove it with "
+                                "the token's tools", object_id.hex(), exc_info=True)
 
     def _event(self, type_: str, vault: str, key=None, version=None, object_id=None,
                tenant: str | None = None) -> Event:
