@@ -15,6 +15,9 @@ a customer key holds N disks of 1 MiB, C of them attached over NBD with libnbd. 
 - the platform's own share of each (from nbdserver's log, `platform/access.py`): from
   the moment it learned of the change (the key service's event reached it) until every
   disk was locked, and until every DEK was wiped; for a reopen, until every disk served;
+- the CPU seconds each daemon used for a reopen: on a shared host the wall-clock figures
+  follow the other load, these much less (nbdserver's own process only: with
+  `--io-processes` above 1 its workers are not counted);
 - restart: from `nbdserver serve` starting to its READY line, to the first disk served,
   and until C clients reconnecting at once are all served.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import statistics
@@ -50,6 +54,13 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds the process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(samples, q):
@@ -150,7 +161,7 @@ def run(disks: int, attached: int, workdir: Path, runs: int = 3, io_processes: i
         out["rss_mib"]["attached"] = round(att / 1024, 1)
         out["rss_kib_per_attached_disk"] = round((att - unattached) / max(1, attached), 2)
 
-        revoke, reopen, locked, wiped, served = [], [], [], [], []
+        revoke, reopen, locked, wiped, served, ks_cpu, nb_cpu = [], [], [], [], [], [], []
         log = LogCursor(nb)
         for _ in range(runs):
             status, body = stack.ks_api("PATCH", "/vaults/scale/keys/k1", {"attributes": {"enabled": False}})
@@ -160,14 +171,18 @@ def run(disks: int, attached: int, workdir: Path, runs: int = 3, io_processes: i
             lock_ms, wipe_ms = _platform_share(log, _REVOKED, disks)
             locked.append(lock_ms)
             wiped.append(wipe_ms)
+            cpu = cpu_s(stack.ks.pid), cpu_s(nb.pid)
             status, body = stack.ks_api("PATCH", "/vaults/scale/keys/k1", {"attributes": {"enabled": True}})
             assert status == 200, body
             reopen.append(_all(handles, lambda h: not _eio(h), 120))
+            ks_cpu.append(cpu_s(stack.ks.pid) - cpu[0])
+            nb_cpu.append(cpu_s(nb.pid) - cpu[1])
             served.append(_platform_share(log, _REOPENED, disks)[0])
         out["revoke_all_attached_s"] = _summary(revoke)
         out["revoke_platform_ms"] = {"locked": _summary(locked, 1), "wiped": _summary(wiped, 1)}
         out["reopen_all_attached_s"] = _summary(reopen)
         out["reopen_platform_ms"] = {"served": _summary(served, 1)}
+        out["reopen_cpu_s"] = {"keyservice": _summary(ks_cpu, 2), "nbdserver": _summary(nb_cpu, 2)}
         for h in handles:
             h.shutdown()
 

@@ -23,6 +23,7 @@ def _check(out: dict, disks: int, attached: int) -> None:
                    out["reopen_platform_ms"]["served"]):
         assert len(figure["samples"]) == 3 and 0 < figure["p50"] <= figure["p99"]
     assert out["revoke_platform_ms"]["locked"]["p99"] <= out["revoke_platform_ms"]["wiped"]["p99"]
+    assert all(out["reopen_cpu_s"][d]["p50"] > 0 for d in ("keyservice", "nbdserver"))
     for key in ("create_per_s", "restart_ready_s", "restart_first_served_s", "reconnect_storm_s"):
         assert out[key] > 0, key
 
