@@ -64,6 +64,7 @@ class AutoRotation:
         self.concurrency = concurrency
         self._dirty: dict[str, asyncio.Event] = {}
         self._workers: dict[str, asyncio.Task] = {}
+        self._stopped = False
 
     # -- triggers
     def on_key_event(self, event: dict | None) -> None:
@@ -75,6 +76,8 @@ class AutoRotation:
 
     def poke(self, name: str) -> None:
         """Check `name` soon; pokes during a check coalesce into one more check after it."""
+        if self._stopped:  # the platform is stopping: its state is about to close
+            return
         ev = self._dirty.setdefault(name, asyncio.Event())
         ev.set()
         w = self._workers.get(name)
@@ -91,6 +94,7 @@ class AutoRotation:
                 log.exception("automatic key rotation check of encryption set %s failed", name)
 
     async def stop(self) -> None:
+        self._stopped = True
         workers = list(self._workers.values())
         for t in workers:
             t.cancel()

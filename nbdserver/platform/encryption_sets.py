@@ -201,10 +201,12 @@ class EncryptionSetOperations:
         # Once its claim on the key is released: a set that follows its key catches up now
         # (switched on, or pinned to an older version than the latest), not at the lease,
         # and an automatic attempt that gave way to this update is made again.
-        task.add_done_callback(lambda _: self._follow_latest(name))
+        task.add_done_callback(lambda t: self._follow_latest(name, t))
         return task
 
-    def _follow_latest(self, name: str) -> None:
+    def _follow_latest(self, name: str, task: asyncio.Task) -> None:
+        if task.cancelled():  # the platform is stopping
+            return
         des = self.state.get_des(name)
         if des is not None and des.auto_rotate:
             self.auto_rotation.poke(name)
