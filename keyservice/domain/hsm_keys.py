@@ -102,12 +102,15 @@ def parse_kek_kid(kid: str) -> tuple[str, str, str | None]:
     """(vault, name, version) of a kid in either form: .../vaults/V/keys/N[/VER] or
     https://V.domain/keys/N[/VER]."""
     from urllib.parse import urlsplit
-    parts = urlsplit(kid)
-    path = parts.path.strip("/").split("/")
+    try:
+        parts = urlsplit(kid)
+        path, host = parts.path.strip("/").split("/"), parts.hostname
+    except ValueError:  # "http://[": not a URL
+        raise BadRequest("The key transfer blob's kid is not a key identifier") from None
     if len(path) >= 4 and path[0] == "vaults" and path[2] == "keys":
         vault, rest = path[1], path[3:]
-    elif len(path) >= 2 and path[0] == "keys" and parts.hostname:
-        vault, rest = parts.hostname.split(".", 1)[0], path[1:]
+    elif len(path) >= 2 and path[0] == "keys" and host:
+        vault, rest = host.split(".", 1)[0], path[1:]
     else:
         raise BadRequest("The key transfer blob's kid is not a key identifier")
     if not 1 <= len(rest) <= 2:

@@ -1,0 +1,80 @@
+"""Pure parts of RSA-HSM keys: OAEP decoding after the token's raw RSA (keyservice/hsm.py),
+checked against OpenSSL's OAEP; transfer blobs and kids as callers may send them."""
+import base64
+import hashlib
+import json
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keyservice.domain import hsm_keys
+from keyservice.domain.errors import BadRequest
+from keyservice.hsm import oaep_decode
+
+KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def raw_decrypt(c: bytes) -> bytes:
+    """What CKM_RSA_X_509 returns: c^d mod n, k bytes."""
+    nums = KEY.private_numbers()
+    m = pow(int.from_bytes(c, "big"), nums.d, nums.public_numbers.n)
+    return m.to_bytes(256, "big")
+
+
+@pytest.mark.parametrize("h,hash_fn", [(hashes.SHA256, hashlib.sha256), (hashes.SHA1, hashlib.sha1)])
+@pytest.mark.parametrize("length", [1, 32, 64, 190])
+def test_oaep_decode_matches_openssl(h, hash_fn, length):
+    if h is hashes.SHA1 and length > 214 or h is hashes.SHA256 and length > 190:
+        pytest.skip("longer than the key takes")
+    message = bytes(range(length))
+    c = KEY.public_key().encrypt(message, padding.OAEP(padding.MGF1(h()), h(), None))
+    assert oaep_decode(raw_decrypt(c), 256, hash_fn) == message
+    # The other hash, a changed byte anywhere, a short value: one error, the same message.
+    other = hashlib.sha1 if hash_fn is hashlib.sha256 else hashlib.sha256
+    em = raw_decrypt(c)
+    bad = [(em, other), (em[:100] + bytes([em[100] ^ 1]) + em[101:], hash_fn),
+           (b"\x01" + em[1:], hash_fn), (em[:-1], hash_fn)]
+    messages = set()
+    for value, fn in bad:
+        with pytest.raises(BadRequest) as e:
+            oaep_decode(value, 256, fn)
+        messages.add(e.value.message)
+    assert len(messages) == 1
+
+
+def b64u(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def test_transfer_blob_and_kid_forms():
+    blob = {"schema_version": "1.0.0", "header": {"kid": "https://kv/vaults/v1/keys/kek/" + "a" * 32,
+                                                   "alg": "dir", "enc": "CKM_RSA_AES_KEY_WRAP"},
+            "ciphertext": b64u(b"\x01\x02")}
+    kid, data = hsm_keys.parse_transfer_blob({"kty": "RSA-HSM", "key_hsm": b64u(json.dumps(blob).encode())})
+    assert data == b"\x01\x02" and hsm_keys.parse_kek_kid(kid) == ("v1", "kek", "a" * 32)
+    assert hsm_keys.parse_kek_kid("https://v2.vault.example:8443/keys/kek") == ("v2", "kek", None)
+    for bad in ("https://kv/vaults/v1/secrets/x", "http://[", "kek", "https://kv/vaults/v1/keys/a/b/c"):
+        with pytest.raises(BadRequest):
+            hsm_keys.parse_kek_kid(bad)
+    with pytest.raises(BadRequest):  # kty must say RSA-HSM
+        hsm_keys.parse_transfer_blob({"kty": "RSA", "key_hsm": b64u(json.dumps(blob).encode())})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                    max_leaves=12))
+def test_any_key_hsm_is_parsed_or_refused(value):
+    """Whatever JSON a caller puts in the transfer blob: a result or BadRequest, no crash."""
+    for key_hsm in (value, b64u(json.dumps(value).encode()),
+                    b64u(json.dumps({"header": value, "ciphertext": "AA"}).encode()),
+                    b64u(json.dumps({"header": {"kid": value, "enc": "CKM_RSA_AES_KEY_WRAP"},
+                                     "ciphertext": "AA"}).encode())):
+        try:
+            kid, _ = hsm_keys.parse_transfer_blob({"kty": "RSA-HSM", "key_hsm": key_hsm})
+            hsm_keys.parse_kek_kid(kid)
+        except BadRequest:
+            pass
