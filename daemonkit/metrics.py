@@ -20,9 +20,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 
+from .httpguard import GuardedRunner, HttpLimits
 from .latency import Latency
 
 log = logging.getLogger("metrics")
+# A scraper or two and the probes: a few connections are plenty, and a flood of them
+# must not take the daemon's descriptors.
+LISTENER_LIMITS = HttpLimits(max_connections=32)
 
 
 def histogram(name: str, doc: str, labels: list[str],
@@ -49,7 +53,8 @@ class MetricsListener:
             app[key] = value
         for path, handler in routes.items():
             app.router.add_get(path, handler)
-        self.runner = web.AppRunner(app, access_log=None)
+        # Slowloris-guarded and capped like the APIs: the port is often open to a network.
+        self.runner = GuardedRunner(app, limits=LISTENER_LIMITS, access_log=None)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         await self.runner.setup()

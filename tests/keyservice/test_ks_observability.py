@@ -101,3 +101,27 @@ def test_unknown_log_level_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "keyservice", "serve", "--data-dir", str(tmp_path / "d"),
                         "--log-level", "chatty"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--log-level" in r.stderr and "chatty" in r.stderr, r.stderr
+
+
+def test_metrics_listener_caps_connections(make_daemon):
+    """A flood of connections to --metrics-listen is turned away, not served."""
+    import socket
+
+    from daemonkit.metrics import LISTENER_LIMITS
+    from tests.helpers.servers import wait_until
+    port = free_port()
+    make_daemon(extra_args=["--metrics-listen", f"127.0.0.1:{port}"])
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(LISTENER_LIMITS.max_connections)]
+
+    def turned_away() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            try:
+                return s.recv(64).startswith(b"HTTP/1.1 503")
+            except TimeoutError:
+                return False  # accepted: the held ones are not all counted yet
+    try:
+        wait_until(turned_away, 15, interval=0.05, what="a connection past the cap answered 503")
+    finally:
+        for s in held:
+            s.close()
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30).status == 200
