@@ -26,7 +26,8 @@ from daemonkit.sdnotify import sd_notify
 from .admission import ConnectionLimits
 from .backend import CACHE_MODES, WRITEBACK, BlockBackend, FileSpec
 from .budget import default_limit
-from .exports import Export, ExportCatalog
+from .exports import Export, ExportCatalog, ExportSource
+from .iopool import IoPool
 from .protocol.handshake import TlsMode
 from .runtime import configure_logging, parse_hostport, run
 from .server import NbdServer
@@ -72,15 +73,19 @@ def file_spec(opts: dict, cache: str = WRITEBACK) -> FileSpec:
                     cache=opts["cache"] or cache, encrypted=bool(opts["key"]))
 
 
-def open_backend(opts: dict, cache: str = WRITEBACK, ceph: dict | None = None) -> BlockBackend:
+def open_backend(opts: dict, cache: str = WRITEBACK, ceph: dict | None = None
+                 ) -> tuple[BlockBackend, ExportSource | None]:
+    """The export's backend, and for a file how an I/O worker process opens it too (the
+    key is the very bytearray the layer owns and wipes)."""
     from .crypto import open_disk
     if opts["path"].startswith(RBD_SCHEME):
-        return open_rbd(opts, ceph)
+        return open_rbd(opts, ceph), None
     key = None
     if opts["key"]:
         with open(opts["key"], "rb") as f:
             key = bytearray(f.read())
-    return open_disk(file_spec(opts, cache), key)
+    spec = file_spec(opts, cache)
+    return open_disk(spec, key), ExportSource(spec, key)
 
 
 def open_rbd(opts: dict, ceph: dict | None) -> BlockBackend:
@@ -116,25 +121,31 @@ def open_rbd(opts: dict, ceph: dict | None) -> BlockBackend:
 
 async def serve(listen: str, specs: list[str], workers: int, stop: asyncio.Event, tls=None,
                 limits=None, export_list=ExportList.ALL, cache: str = WRITEBACK,
-                ceph: dict | None = None) -> None:
+                ceph: dict | None = None, io_processes: int = 1) -> None:
     catalog = ExportCatalog()
     for spec in specs:
         name, opts = parse_export(spec)
         try:
-            backend = open_backend(opts, cache, ceph)
+            backend, source = open_backend(opts, cache, ceph)
         except OSError as err:  # a file system without O_DIRECT, a bad path: say which export
             raise SystemExit(f"export {name!r}: {err.strerror or err}") from None
         except ValueError as err:  # an RBD export written wrong, or without its cluster
             raise SystemExit(f"export {name!r}: {err}") from None
         where = "RBD image" if opts["path"].startswith(RBD_SCHEME) else "file"
-        catalog.add(Export(name, backend, readonly=opts["readonly"],
-                           description=f"{where} {opts['path']}"))
+        export = Export(name, backend, readonly=opts["readonly"], description=f"{where} {opts['path']}")
+        if source is not None:
+            export.share(source)
+        catalog.add(export)
         if catalog.default is None:
             catalog.default = name
     host, port = parse_hostport(listen, 10809)
     tls_mode, tls_context = tls if tls is not None else (TlsMode.OFF, None)
     server = NbdServer(catalog, workers=workers, tls_mode=tls_mode, tls_context=tls_context,
                        limits=limits, export_list=export_list)
+    if io_processes > 1:  # as `nbdserver serve --io-processes` (nbdserver/iopool.py)
+        server.handoff = IoPool(io_processes, catalog, admission=server.admission,
+                                buffer_budget=server.limits.buffer_budget, threads=workers)
+        server.handoff.start()
     addrs = await server.listen(host, port)
     log.info("serving %d export(s) on %s", len(specs), addrs)
     print(f"LISTENING {addrs[0][0]} {addrs[0][1]}", flush=True)
@@ -151,6 +162,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m nbdserver.baseline", description=__doc__.split("\n")[0])
     ap.add_argument("--listen", default="127.0.0.1:10809")
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--io-processes", type=int, default=1,
+                    help="processes serving plain-TCP connections (default 1: all in this one; "
+                         "`nbdserver serve` defaults to one per core)")
     ap.add_argument("--cache", choices=CACHE_MODES, default=WRITEBACK,
                     help="every export's cache mode unless it says cache=: writeback (the page "
                          "cache) or none (O_DIRECT; docs/operations.md)")
@@ -184,7 +198,7 @@ def main(argv=None) -> None:
         ap.error(str(e))
     run(lambda stop: serve(args.listen, args.exports, args.workers, stop, tls=(mode, context),
                            limits=limits, export_list=ExportList(args.export_list),
-                           cache=args.cache, ceph=ceph))
+                           cache=args.cache, ceph=ceph, io_processes=args.io_processes))
 
 
 def add_limit_arguments(ap: argparse.ArgumentParser) -> None:

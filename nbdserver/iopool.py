@@ -173,6 +173,7 @@ class Worker:
             kind = header.get("t")
             if kind == "hello":
                 self.ready = True
+                log.info("I/O worker %s ready", self.pid)
             elif kind == "ended":
                 self.pool.ended(self, header["id"])
             elif kind == "stats":  # I/O counted there, for the metrics (nbdserver/iostats.py)

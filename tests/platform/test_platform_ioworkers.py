@@ -27,6 +27,7 @@ import pytest
 from nbdserver.protocol.constants import NBD_CMD_READ, NBD_CMD_WRITE
 from tests.helpers.nbdraw import RawClient
 from tests.helpers.platform import NbdServerProcess, Stack, Writer, pattern
+from tests.helpers.procs import children, connections_held
 from tests.helpers.servers import wait_until
 from tests.platform.conftest import _finish
 from tests.platform.test_platform_revocation import _memory_hits, encoded_forms
@@ -38,6 +39,7 @@ IO_PROCESSES = ["--io-processes", "2"]
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("ioworkers"), nbd_args=IO_PROCESSES).start()
+    wait_workers_ready(s)
     yield s
     _finish(s)
 
@@ -50,51 +52,23 @@ def server(stack: Stack) -> NbdServerProcess:
 
 def workers(stack: Stack) -> list[int]:
     """The server's child processes (its I/O workers)."""
-    pid = server(stack).pid
-    kids: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids += [int(p) for p in f.read().split()]
-        except FileNotFoundError:
-            continue
-    return sorted(kids)
-
-
-def _nbd_socket_inodes(port: int) -> set[str]:
-    """Inodes of the established TCP sockets whose local port is the NBD port."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f[9])
-    return inodes
+    return children(server(stack).pid)
 
 
 def served_by(stack: Stack) -> dict[int, int]:
     """pid -> NBD connections it holds, over the main process and its workers."""
     port = int(server(stack).nbd_address.rsplit(":", 1)[1])
-    inodes = _nbd_socket_inodes(port)
-    out = {}
-    for pid in [server(stack).pid, *workers(stack)]:
-        n = 0
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if link.startswith("socket:[") and link[8:-1] in inodes:
-                    n += 1
-        except FileNotFoundError:
-            continue
-        out[pid] = n
-    return out
+    return connections_held([server(stack).pid, *workers(stack)], port)
+
+
+def wait_workers_ready(stack: Stack, n: int = 2) -> None:
+    """Until `n` workers run and the server logged each one ready (it hands connections
+    only to a worker that said hello)."""
+    def ready():
+        pids = workers(stack)
+        text = server(stack).stderr_text()
+        return len(pids) == n and all(f"I/O worker {pid} ready" in text for pid in pids)
+    wait_until(ready, 30, what=f"{n} I/O workers ready")
 
 
 def connect_on_new_worker(stack: Stack, disk: str, connect=None):
@@ -127,7 +101,7 @@ def needles(stack: Stack, disk: str) -> dict[str, bytes]:
 def test_connections_spread_over_workers_and_share_the_disk(stack):
     c = stack.customer_key("iow-spread", "k1", "des-iow-spread")
     stack.create_disk("spread", "--size", "16M", "--des", c["des"])
-    wait_until(lambda: len(workers(stack)) == 2, 20, what="two I/O workers")
+    wait_workers_ready(stack)
     a, pa = connect_on_new_worker(stack, "spread")
     b, pb = connect_on_new_worker(stack, "spread")
     assert {pa, pb} == set(workers(stack)), "two connections of one disk went to one worker"
@@ -316,7 +290,7 @@ def test_a_killed_worker_is_replaced_and_leaves_nothing_behind(make_stack):
     stack = make_stack(nbd_args=IO_PROCESSES)
     c = stack.customer_key("iow-kill", "k1", "des-iow-kill")
     stack.create_disk("kill", "--size", "16M", "--des", c["des"])
-    wait_until(lambda: len(workers(stack)) == 2, 20, what="two I/O workers")
+    wait_workers_ready(stack)
     a, pa = connect_on_new_worker(stack, "kill")
     b, pb = connect_on_new_worker(stack, "kill")
     assert pa != pb
@@ -326,8 +300,8 @@ def test_a_killed_worker_is_replaced_and_leaves_nothing_behind(make_stack):
     b.pwrite(pattern(8, 4096), 4096)  # the other worker's client goes on
     wait_until(lambda: stack.disk("kill")["serving"]["connections"] == 1, 10,
                what="the dead worker's attachment to be forgotten")
-    wait_until(lambda: len(workers(stack)) == 2 and pa not in workers(stack), 20,
-               what="a new worker in the dead one's place")
+    wait_until(lambda: pa not in workers(stack), 20, what="the dead worker to be gone")
+    wait_workers_ready(stack)  # a new one in its place
     h, ph = connect_on_new_worker(stack, "kill")
     assert h.pread(4096, 0) == pattern(7, 4096) and h.pread(4096, 4096) == pattern(8, 4096)
     h.shutdown()
