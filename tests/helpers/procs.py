@@ -28,9 +28,9 @@ def _socket_inodes(port: int) -> set[str]:
         except FileNotFoundError:
             continue
         for line in lines:
-            f = line.split()
-            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f[9])
+            fields = line.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
     return inodes
 
 
