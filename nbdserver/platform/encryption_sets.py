@@ -144,7 +144,11 @@ class EncryptionSetOperations:
                "keyUrl": des.key_url, "identity": {"type": "SystemAssigned",
                                                    "objectId": des.identity_object_id},
                "allowCrossSubscription": des.allow_cross_subscription,
-               **rotation_view(des, self.state.list_volumes(des=name)),
+               **rotation_view(des, self.state.list_volumes(des=name),
+                               # Not the update this view ends, if it is one.
+                               rotating=any(ops.key_of(name) in r.exclusive
+                                            and r.task is not asyncio.current_task()
+                                            for r in self.operations.running)),
                "disks": [v.name for v in self.state.list_volumes(VolumeKind.DISK, des=name)]}
         try:
             access = await self.check_access(name)
@@ -283,10 +287,18 @@ class EncryptionSetOperations:
 
 
 
-def rotation_view(des: EncryptionSet, volumes: list[Volume]) -> dict:
+def rotation_view(des: EncryptionSet, volumes: list[Volume], *, rotating: bool) -> dict:
     """The set's rotation as Azure names it. The active key is the version the last
     rotation wrapped every volume with; before any, the one version its volumes share
-    (a set on a versionless URL that has not rotated), or null if they share none."""
+    (a set on a versionless URL that has not rotated), or null if they share none.
+    The state: InProgress while an operation holds the set's key, else Failed after a
+    failed automatic attempt, Succeeded after a rotation, null before any."""
+    if rotating:
+        state: str | None = "InProgress"
+    elif des.rotation_error is not None:
+        state = "Failed"
+    else:
+        state = "Succeeded" if des.last_key_rotation is not None else None
     active = des.active_key_url
     if active is None:
         kids = {v.envelope.kid for v in volumes}
@@ -295,4 +307,5 @@ def rotation_view(des: EncryptionSet, volumes: list[Volume]) -> dict:
             "activeKey": {"keyUrl": active},
             "lastKeyRotationTimestamp": (format_time(des.last_key_rotation)
                                          if des.last_key_rotation is not None else None),
+            "keyRotationState": state,
             "autoKeyRotationError": des.rotation_error}

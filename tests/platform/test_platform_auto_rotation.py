@@ -51,6 +51,12 @@ def _unwrapped_since(stack, vault: str, seen: int, object_id: str, kid: str) -> 
                and e.get("kid") == kid and e.get("status") == 200 for e in entries)
 
 
+def _rotated_to(stack, des: str, kid: str) -> bool:
+    """The set's rotation to `kid` has ended: every volume re-wrapped, the set updated."""
+    shown = stack.nbdserver("des", "show", des)
+    return shown["activeKey"]["keyUrl"] == kid and shown["keyRotationState"] == "Succeeded"
+
+
 def _rotations(stack, des: str) -> list[dict]:
     return [op for op in stack.nbdserver("operation", "list")
             if op["kind"] == "encryptionSetKeyRotation" and op["target"] == des]
@@ -70,6 +76,7 @@ def test_auto_rotate_rewraps_every_disk_while_a_client_stays_attached(make_stack
     shown = stack.nbdserver("des", "show", "des-auto")
     assert shown["activeKey"]["keyUrl"] == auto["kid"], shown
     assert shown["lastKeyRotationTimestamp"] is None and shown["autoKeyRotationError"] is None
+    assert shown["keyRotationState"] is None
 
     h = stack.connect("ar2")
     before = pattern(0xA2, 1 << 20)
@@ -81,11 +88,13 @@ def test_auto_rotate_rewraps_every_disk_while_a_client_stays_attached(make_stack
     try:
         wait_until(lambda: w.count > 10 or w.error, 20, what="the writer to run")
         new = stack.keyservice("key", "rotate", "arv", "k1")["key"]["kid"]
-        wait_until(lambda: _versions(stack, disks) == {new}, EVENT_DEADLINE,
-                   interval=0.2, what="every disk of the set re-wrapped to the new version")
+        wait_until(lambda: _rotated_to(stack, "des-auto", new), EVENT_DEADLINE,
+                   interval=0.2, what="the set's rotation to the new version")
+        assert _versions(stack, disks) == {new}
         shown = stack.nbdserver("des", "show", "des-auto")
         assert shown["activeKey"]["keyUrl"] == new, shown
         assert shown["lastKeyRotationTimestamp"] and shown["autoKeyRotationError"] is None, shown
+        assert shown["keyRotationState"] == "Succeeded", shown
         assert shown["keyUrl"] == stack.key_url("arv", "k1")  # still follows the versionless URL
         ops = _rotations(stack, "des-auto")
         assert [op["status"] for op in ops] == ["succeeded"], ops
@@ -146,6 +155,7 @@ def test_new_version_without_wrap_permission_keeps_the_old_one(make_stack):
         shown = stack.nbdserver("des", "show", "des-w")
         assert shown["activeKey"]["keyUrl"] == auto["kid"], shown
         assert shown["lastKeyRotationTimestamp"] is None, shown
+        assert shown["keyRotationState"] == "Failed", shown
         assert stack.disk("w1")["encryption"]["kid"] == auto["kid"]
         assert [op["status"] for op in _rotations(stack, "des-w")] == ["failed"]
         n = w.count
@@ -154,10 +164,12 @@ def test_new_version_without_wrap_permission_keeps_the_old_one(make_stack):
 
         # Granted again: the policy change's event retries, and the set rotates.
         stack.grant("arw", auto["object_id"])
-        wait_until(lambda: stack.disk("w1")["encryption"]["kid"] == new, EVENT_DEADLINE,
-                   interval=0.2, what="the retry to re-wrap the disk")
+        wait_until(lambda: _rotated_to(stack, "des-w", new), EVENT_DEADLINE,
+                   interval=0.2, what="the retry to rotate the set")
+        assert stack.disk("w1")["encryption"]["kid"] == new
         shown = stack.nbdserver("des", "show", "des-w")
         assert shown["activeKey"]["keyUrl"] == new and shown["autoKeyRotationError"] is None, shown
+        assert shown["keyRotationState"] == "Succeeded", shown
         n = w.count
         wait_until(lambda: w.count > n + 10 or w.error, 20, what="I/O after the retry")
         assert w.error is None, w.error
@@ -179,9 +191,9 @@ def test_version_added_while_the_platform_was_down_is_followed(make_stack):
     stack.stop_nbdserver()
     new = stack.keyservice("key", "rotate", "ard", "k1")["key"]["kid"]
     stack.start_nbdserver()
-    wait_until(lambda: stack.disk("d1")["encryption"]["kid"] == new, EVENT_DEADLINE,
+    wait_until(lambda: _rotated_to(stack, "des-d", new), EVENT_DEADLINE,
                interval=0.2, what="the restarted platform to follow the new version")
-    assert stack.nbdserver("des", "show", "des-d")["activeKey"]["keyUrl"] == new
+    assert stack.disk("d1")["encryption"]["kid"] == new
     h = stack.connect("d1")
     assert h.pread(len(data), 0) == data
     h.shutdown()
@@ -196,13 +208,15 @@ def test_switching_auto_rotate_on_catches_up_and_bad_input_is_refused(make_stack
     assert stack.disk("sw1")["encryption"]["kid"] == c["kid"]
     shown = stack.nbdserver("des", "update", "des-sw", "--auto-rotate")
     assert shown["rotationToLatestKeyVersionEnabled"] is True
-    wait_until(lambda: stack.disk("sw1")["encryption"]["kid"] == new, EVENT_DEADLINE,
+    wait_until(lambda: _rotated_to(stack, "des-sw", new), EVENT_DEADLINE,
                interval=0.2, what="the switched-on set to catch up")
+    assert stack.disk("sw1")["encryption"]["kid"] == new
     assert {s["name"]: s["rotationToLatestKeyVersionEnabled"]
             for s in stack.nbdserver("des", "list")} == {"des-sw": True}
     off = stack.nbdserver("des", "update", "des-sw", "--no-auto-rotate")
     assert off["rotationToLatestKeyVersionEnabled"] is False
     assert off["activeKey"]["keyUrl"] == new and off["lastKeyRotationTimestamp"]
+    assert off["keyRotationState"] == "Succeeded", off  # not its own update, in progress
 
     r = stack.nbdserver("des", "update", "des-sw", check=False)
     assert r.returncode == 2 and "--auto-rotate" in r.stderr, r
