@@ -9,7 +9,7 @@ CKA_ID) and the public key.
 
 unwrapKey: CKM_RSA_PKCS_OAEP with the algorithm's hash when the token offers it. A token
 without OAEP over SHA-256 (SoftHSM 2.6 has only SHA-1) does the private-key operation as
-CKM_RSA_X_509 in the token and the OAEP decoding (RFC 8017 section 7.1.2) here: what
+CKM_RSA_X_509 in the token and OpenSSL's constant-time OAEP check (keyservice/oaep.py) here: what
 leaves the token is then the padded message, which holds nothing but the value being
 unwrapped; the private key stays in the token either way. wrapKey needs no secret: it is
 done with the stored public key (rsakeys.wrap), as Key Vault's clients may do themselves.
@@ -17,8 +17,6 @@ done with the stored public key (rsakeys.wrap), as Key Vault's clients may do th
 One logged-in session, used under a lock: PKCS#11 does not let two threads use one
 session at once, and the work is short (one RSA private operation).
 """
-import hashlib
-import hmac
 import os
 import secrets
 import stat
@@ -32,14 +30,15 @@ from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
 from pkcs11.mechanisms import MGF, GCMParams
 
+from . import oaep
 from .domain import rsakeys
 from .domain.errors import BadRequest
 from .domain.hsm_keys import HsmKeyMaterial
 from .sealing import MasterKeyError
 
 PIN_CREDENTIAL = "pkcs11-pin"  # the name under systemd's $CREDENTIALS_DIRECTORY
-_HASHES = {"RSA-OAEP-256": (Mechanism.SHA256, MGF.SHA256, hashlib.sha256),
-           "RSA-OAEP": (Mechanism.SHA_1, MGF.SHA1, hashlib.sha1)}
+_HASHES = {"RSA-OAEP-256": (Mechanism.SHA256, MGF.SHA256, "sha256"),
+           "RSA-OAEP": (Mechanism.SHA_1, MGF.SHA1, "sha1")}
 
 
 class HsmConfigError(MasterKeyError):
@@ -160,7 +159,7 @@ class Pkcs11Token:
         if len(value) != size // 8:
             raise BadRequest(f"value must be exactly {size // 8} bytes for a {size}-bit key, "
                              f"got {len(value)}")
-        mech, mgf, hash_fn = _HASHES[alg]
+        mech, mgf, hash_name = _HASHES[alg]
         with self._lock:
             key = self._private(object_id)
             if self._native_oaep.get(alg, True):
@@ -175,7 +174,10 @@ class Pkcs11Token:
                 em = bytes(key.decrypt(value, mechanism=Mechanism.RSA_X_509))
             except p11.PKCS11Error:
                 raise _unwrap_failed() from None
-        return oaep_decode(em, size // 8, hash_fn)
+        try:
+            return oaep.decode(em, size // 8, hash_name)
+        except oaep.OaepError:
+            raise _unwrap_failed() from None
 
     def destroy(self, object_id: bytes) -> None:
         """Both halves of the pair; a half already gone is not an error (a purge retried)."""
@@ -252,42 +254,3 @@ def _import_failed() -> BadRequest:
 def _unwrap_failed() -> BadRequest:
     # One message for every failure, as rsakeys.unwrap: no oracle for a caller.
     return BadRequest("The value could not be unwrapped with this key and algorithm")
-
-
-def oaep_decode(em: bytes, k: int, hash_fn) -> bytes:
-    """EME-OAEP decoding, RFC 8017 section 7.1.2 step 3, empty label. Every check is
-    folded into one flag and one error, so neither the message nor (as far as Python
-    allows) the path taken tells which check failed (Manger's attack)."""
-    h_len = hash_fn().digest_size
-    if len(em) < k:  # a token may drop leading zero bytes of the integer
-        em = bytes(k - len(em)) + em
-    if len(em) != k or k < 2 * h_len + 2:
-        raise _unwrap_failed()
-    y, masked_seed, masked_db = em[0], em[1:1 + h_len], em[1 + h_len:]
-    seed = _xor(masked_seed, _mgf1(masked_db, h_len, hash_fn))
-    db = _xor(masked_db, _mgf1(seed, k - h_len - 1, hash_fn))
-    good = hmac.compare_digest(db[:h_len], hash_fn(b"").digest()) & (y == 0)
-    # The first 0x01 after the zero padding, found without an early exit.
-    index, looking, bad_pad = 0, 1, 0
-    for i in range(h_len, len(db)):
-        b = db[i]
-        is_one, is_zero = int(b == 1), int(b == 0)
-        index = index | (i * (looking & is_one))
-        bad_pad |= looking & (1 - is_one) & (1 - is_zero)
-        looking &= 1 - is_one
-    if not good or looking or bad_pad:
-        raise _unwrap_failed()
-    return db[index + 1:]
-
-
-def _mgf1(seed: bytes, length: int, hash_fn) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < length:
-        out += hash_fn(seed + counter.to_bytes(4, "big")).digest()
-        counter += 1
-    return bytes(out[:length])
-
-
-def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b, strict=True))
