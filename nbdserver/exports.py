@@ -125,10 +125,24 @@ class Export:
         self.attachments: dict[object, Attachment] = {}  # connection -> who, since when
         self._frozen = 0
         self._parked: list = []
-        self.stats = ExportStats()  # the server counts each request here (nbdserver/iostats.py)
         self._source: tuple[BlockBackend, ExportSource] | None = None
         self.generation = 0  # counts the sources shared: a copy holding an older one is stale
         self.copies: ExportCopies | None = None
+        self._stats: ExportStats | None = None  # made at first use: see `stats`
+
+    @property
+    def stats(self) -> ExportStats:
+        """Where the server counts this export's requests (nbdserver/iostats.py). Made at
+        first use: its histograms are a few KiB, and a disk nobody uses must cost almost
+        nothing (docs/operations.md, capacity planning)."""
+        if self._stats is None:
+            self._stats = ExportStats()
+        return self._stats
+
+    @property
+    def stats_if_used(self) -> ExportStats | None:
+        """The counts, or None if nothing was ever counted (a scrape makes none)."""
+        return self._stats
 
     # -- state transitions (called on the event loop)
     def lock(self, reason: str) -> None:

@@ -90,7 +90,7 @@ class PlatformCollector:
                                     labels=["disk"])
         latency_series = []
         for label, exports in self._grouped():
-            stats = [e.stats for e in exports]
+            stats = [s for e in exports if (s := e.stats_if_used) is not None]
             for i, cmd in enumerate(COMMANDS):
                 n = sum(s.requests[i] for s in stats)
                 if not n:
