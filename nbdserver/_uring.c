@@ -17,6 +17,11 @@
  * (<linux/io_uring.h>) are all this needs, and the bootstrap builds it without
  * another Debian package.
  *
+ * Batched: with `defer` (the event loop's call_soon), submit() only queues the read
+ * and schedules flush() once, so the reads one turn of the loop submits enter the
+ * kernel in one call, under one block plug: one virtio kick per batch, where perf
+ * put a tenth of the server's time in a kick per read.
+ *
  * Bounded: at most `depth` reads are in the ring at once (the completion queue has
  * room for twice the submission queue, so it cannot overflow); more wait in a FIFO
  * backlog, in order, and enter the ring as completions free slots, exactly as reads
@@ -85,6 +90,8 @@ typedef struct {
     int ring_fd;
     int efd;
     int closed;
+    PyObject *defer;                 /* the loop's call_soon, or NULL: enter at once */
+    int flush_scheduled;
     unsigned depth;                  /* reads in the ring at most */
     unsigned in_ring;
     unsigned unsubmitted;            /* SQEs written, not yet taken by the kernel */
@@ -357,18 +364,25 @@ backlog_append(RingQueue *q, Job *j)
 static PyObject *
 ringq_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"depth", NULL};
+    static char *kwlist[] = {"depth", "defer", NULL};
     int depth;
+    PyObject *defer = Py_None;
     RingQueue *q;
     struct io_uring_params p;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i:RingQueue", kwlist, &depth))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|O:RingQueue", kwlist, &depth, &defer))
         return NULL;
     if (depth < 1 || depth > 4096)
         return PyErr_Format(PyExc_ValueError, "depth must be in [1, 4096], not %d", depth);
+    if (defer != Py_None && !PyCallable_Check(defer))
+        return PyErr_Format(PyExc_TypeError, "defer must be callable or None");
     q = (RingQueue *)type->tp_alloc(type, 0);
     if (q == NULL)
         return NULL;
+    if (defer != Py_None) {
+        Py_INCREF(defer);
+        q->defer = defer;
+    }
     q->ring_fd = q->efd = -1;
     q->closed = 1;                     /* until everything below exists */
     q->depth = (unsigned)depth;
@@ -475,6 +489,21 @@ ringq_submit(RingQueue *q, PyObject *args, PyObject *kwds)
         Py_RETURN_NONE;
     }
     ring_push(q, j);
+    if (q->defer != NULL) {
+        /* Batched: one enter for every read submitted in this turn of the loop, so the
+         * kernel plugs them together (one device kick per batch, not per read). */
+        if (q->flush_scheduled)
+            Py_RETURN_NONE;
+        PyObject *flush = PyObject_GetAttrString((PyObject *)q, "flush");
+        PyObject *handle = flush == NULL ? NULL : PyObject_CallOneArg(q->defer, flush);
+        Py_XDECREF(flush);
+        if (handle != NULL) {
+            Py_DECREF(handle);
+            q->flush_scheduled = 1;
+            Py_RETURN_NONE;
+        }
+        PyErr_Clear();               /* a loop closing: enter at once instead */
+    }
     int rc = ring_enter(q);
     if (rc < 0) {
         /* The kernel took none of what is queued (it takes all or reports the rest as
@@ -500,6 +529,28 @@ fail:
     return NULL;
 }
 
+/* GIL held. Enter what submit() queued; on failure as in collect(). */
+static void
+ringq_enter_or_retry(RingQueue *q)
+{
+    /* On failure (the kernel short of memory) the entries stay queued and the next
+     * collect() retries them; when nothing else is in the kernel to bring one, the
+     * eventfd is made readable so that the loop calls again. */
+    if (ring_enter(q) < 0 && q->in_ring == q->unsubmitted) {
+        uint64_t one = 1;
+        (void)!write(q->efd, &one, sizeof one);
+    }
+}
+
+static PyObject *
+ringq_flush(RingQueue *q, PyObject *Py_UNUSED(ignored))
+{
+    q->flush_scheduled = 0;
+    if (!q->closed)
+        ringq_enter_or_retry(q);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 ringq_collect(RingQueue *q, PyObject *Py_UNUSED(ignored))
 {
@@ -512,13 +563,7 @@ ringq_collect(RingQueue *q, PyObject *Py_UNUSED(ignored))
     (void)!read(q->efd, &v, sizeof v);
     ring_reap(q, &done_tail);
     fill_from_backlog(q);
-    /* On failure (the kernel short of memory) the entries stay queued and the next
-     * collect() retries them; when nothing else is in the kernel to bring one, the
-     * eventfd is made readable so that the loop calls again. */
-    if (ring_enter(q) < 0 && q->in_ring == q->unsubmitted) {
-        uint64_t one = 1;
-        (void)!write(q->efd, &one, sizeof one);
-    }
+    ringq_enter_or_retry(q);
     finish_batch(done);
     for (Job *j = done; j != NULL; j = j->next)
         q->in_flight--;
@@ -608,6 +653,7 @@ ringq_dealloc(RingQueue *q)
         if (q->efd >= 0)
             close(q->efd);
     }
+    Py_XDECREF(q->defer);
     Py_TYPE(q)->tp_free((PyObject *)q);
 }
 
@@ -636,6 +682,9 @@ static PyMethodDef ringq_methods[] = {
      "then run the transform capsule's function over it (data unit `first` first) when "
      "collected; collect() reports (token, result). buf stays pinned until then. With "
      "align (an O_DIRECT fd), an unaligned read goes through an aligned bounce buffer."},
+    {"flush", (PyCFunction)ringq_flush, METH_NOARGS,
+     "flush(): hand the kernel the reads submitted since the last flush (what `defer` "
+     "schedules; harmless at any time)."},
     {"collect", (PyCFunction)ringq_collect, METH_NOARGS,
      "collect() -> [(token, result)]: the reads finished since the last call; result is "
      "the number of bytes, or -errno for that read."},
@@ -660,9 +709,10 @@ static PyTypeObject RingQueueType = {
     .tp_name = "nbdserver._uring.RingQueue",
     .tp_basicsize = sizeof(RingQueue),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "RingQueue(depth): ReadQueue's API on io_uring: reads submitted from the "
-              "calling thread, at most depth in the kernel at once, completions through "
-              "an eventfd.",
+    .tp_doc = "RingQueue(depth, defer=None): ReadQueue's API on io_uring: reads submitted "
+              "from the calling thread, at most depth in the kernel at once, completions "
+              "through an eventfd. With defer (an event loop's call_soon), the reads of one "
+              "turn of the loop enter the kernel together, in flush(), which defer runs.",
     .tp_new = ringq_new,
     .tp_dealloc = (destructor)ringq_dealloc,
     .tp_methods = ringq_methods,

@@ -12,6 +12,7 @@ once per process and logged once at INFO.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -64,11 +65,16 @@ def chosen_kind() -> str:
 def make_read_queue(depth: int):
     """A read queue for at most `depth` reads at once (ring slots, or threads); reads
     past that wait in order. A ring that cannot be made now (its memory is locked and
-    counted against RLIMIT_MEMLOCK on old kernels) falls back to threads."""
+    counted against RLIMIT_MEMLOCK on old kernels) falls back to threads. Made on an
+    event loop, the ring submits the reads of each turn of the loop together."""
     if chosen_kind() == "uring":
         from ._uring import RingQueue
         try:
-            return RingQueue(depth)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        try:
+            return RingQueue(depth, loop.call_soon if loop is not None else None)
         except OSError as e:
             log.warning("io_uring read queue refused (%s); this one runs on threads", e)
     return ReadQueue(depth)

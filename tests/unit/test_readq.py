@@ -405,3 +405,29 @@ def test_without_a_ring_the_thread_queue_serves():
     assert out[-1] == "made ReadQueue", out
     assert any("thread read queue: io_uring is not available" in line and "Too many open files"
                in line for line in out), out
+
+
+def test_a_deferred_ring_submits_at_flush(data_file):
+    """With `defer` (the loop's call_soon), submit() only queues: nothing reaches the
+    kernel, and nothing completes, until the flush it scheduled (once) runs."""
+    if ring_error() is not None:
+        pytest.skip(f"io_uring is not available here: {ring_error()}")
+    from nbdserver._uring import RingQueue
+    path, data = data_file
+    scheduled = []
+    q = RingQueue(8, scheduled.append)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        bufs = [bytearray(S) for _ in range(4)]
+        for i, buf in enumerate(bufs):
+            q.submit(i, buf, fd, i * S)
+        assert len(scheduled) == 1  # one flush for the batch
+        assert select.select([q.fileno()], [], [], 0.2)[0] == []  # not entered yet
+        scheduled.pop()()
+        assert collect_all(q, 4) == {i: S for i in range(4)}
+        assert bufs == [data[i * S:(i + 1) * S] for i in range(4)]
+        q.submit("next", bytearray(S), fd, 0)
+        assert len(scheduled) == 1  # the next batch schedules its own
+    finally:
+        q.close()
+        os.close(fd)
