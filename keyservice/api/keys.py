@@ -50,7 +50,10 @@ async def import_(request: web.Request) -> web.Response:
         kek_id, kek_size = await domain.run(svc.authorize_byok, caller, vault, kek_kid)
         return await _new_version(request, "import", lambda _: hsm_keys.require_token(svc.hsm)
                                   .import_transfer_blob(kek_id, kek_size, ciphertext), attrs)
-    if body.get("hsm") or (isinstance(body.get("key"), dict) and body["key"].get("kty") == "RSA-HSM"):
+    # Key Vault's KeyImportParameters spell it "Hsm" (the SDKs' hardware_protected); "hsm" is
+    # what this service's own client sent first.
+    if body.get("Hsm") or body.get("hsm") or (isinstance(body.get("key"), dict)
+                                              and body["key"].get("kty") == "RSA-HSM"):
         # A key that was ever in the clear is not an HSM key: RSA-HSM keys are made in the token.
         raise BadRequest("A plaintext key cannot be imported as RSA-HSM; import it as RSA, or "
                          "create an RSA-HSM key (kty RSA-HSM) in the HSM")
