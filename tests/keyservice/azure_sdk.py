@@ -7,8 +7,10 @@ the name. No DNS, no /etc/hosts. The server's certificate comes from `keyservice
 init --host '*.vault.test'`, and the SDK trusts its CA through `connection_verify`.
 """
 import importlib.util
+import itertools
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,7 +19,10 @@ import requests
 from azure.core.pipeline.transport import RequestsTransport
 from azure.identity import ClientSecretCredential
 from azure.keyvault.keys import KeyClient
+from azure.keyvault.keys.crypto import CryptographyClient
 from requests.adapters import HTTPAdapter
+
+from keyservice.client import Credential
 
 # This directory's conftest by path: a bare `import conftest` gets whichever conftest
 # pytest imported first when several test directories run together.
@@ -29,6 +34,7 @@ _spec.loader.exec_module(_conftest)
 Daemon: Any = _conftest.Daemon
 
 DOMAIN = "vault.test"
+_names = itertools.count(1)
 
 
 class LoopbackAdapter(HTTPAdapter):
@@ -64,9 +70,10 @@ def tls_dir(base: Path) -> Path:
 class AzureDaemon(Daemon):
     """The key service over HTTPS with `--vault-domain vault.test`."""
 
-    def __init__(self, data_dir: Path, extra_args=()):
+    def __init__(self, data_dir: Path, extra_args=(), env=None):
         self.tls = tls_dir(Path(data_dir).parent)
-        super().__init__(data_dir, ["--tls-dir", str(self.tls), "--vault-domain", DOMAIN, *extra_args])
+        super().__init__(data_dir, ["--tls-dir", str(self.tls), "--vault-domain", DOMAIN, *extra_args],
+                         env)
         self.url = f"https://127.0.0.1:{self.port}"
         self.ca = str(self.tls / "ca-cert.pem")
         self.session = loopback_session()
@@ -93,3 +100,31 @@ class AzureDaemon(Daemon):
     def key_client(self, vault: str, cred=None, **kwargs) -> KeyClient:
         return KeyClient(self.vault_url(vault), self.credential(cred or self.admin),
                          transport=self.transport(), connection_verify=self.ca, **kwargs)
+
+    def crypto_client(self, kid: str, cred=None) -> CryptographyClient:
+        return CryptographyClient(kid, self.credential(cred or self.admin), transport=self.transport(),
+                                  connection_verify=self.ca)
+
+    def new_vault(self, purge_protection=False, prefix="sdk") -> str:
+        """A fresh vault (7 days' retention) of the admin's tenant; its name."""
+        name = f"{prefix}-{next(_names)}-{uuid.uuid4().hex[:6]}"
+        status, body = self.http("POST", "/vaults", {"name": name, "location": "l", "subscription": "s",
+                                                     "softDeleteRetentionInDays": 7,
+                                                     "enablePurgeProtection": purge_protection})
+        assert status == 201, body
+        return name
+
+    def app(self, vault: str, permissions) -> Credential:
+        """A new service principal with `permissions` (key permissions) on `vault`."""
+        status, body = self.http("POST", "/identities", {"displayName": "app", "type": "servicePrincipal"})
+        assert status == 201, body
+        cred = Credential(body["clientId"], body["clientSecret"], body["tenantId"], body["objectId"])
+        status, body = self.http("PUT", f"/vaults/{vault}/accessPolicies/{cred.object_id}",
+                                 {"permissions": {"keys": list(permissions)}})
+        assert status == 200, body
+        return cred
+
+
+def vault_of(client) -> str:
+    """The vault name of a KeyClient's host-form vault URL."""
+    return client.vault_url.split("//")[1].split(".")[0]

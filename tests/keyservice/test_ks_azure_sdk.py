@@ -3,7 +3,6 @@ ClientSecretCredential) against a real key service process, unchanged: only the
 client's configuration differs from Key Vault's (authority, vault URL, CA, and the
 loopback mapping of vault host names in azure_sdk.py)."""
 import base64
-import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -21,9 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from keyservice.client import Credential
 
-from azure_sdk import AzureDaemon
-
-_names = itertools.count(1)
+from azure_sdk import AzureDaemon, vault_of
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +31,7 @@ def ks(tmp_path_factory):
 
 
 def _vault(ks, purge_protection=False) -> str:
-    name = f"sdk-{next(_names)}-{uuid.uuid4().hex[:6]}"
-    status, body = ks.http("POST", "/vaults", {"name": name, "location": "l", "subscription": "s",
-                                               "softDeleteRetentionInDays": 7,
-                                               "enablePurgeProtection": purge_protection})
-    assert status == 201, body
-    return name
+    return ks.new_vault(purge_protection)
 
 
 @pytest.fixture
@@ -49,18 +41,11 @@ def client(ks):
 
 
 def _crypto(ks, kid, cred=None) -> CryptographyClient:
-    return CryptographyClient(kid, ks.credential(cred or ks.admin), transport=ks.transport(),
-                              connection_verify=ks.ca)
+    return ks.crypto_client(kid, cred)
 
 
 def _identity(ks, vault, permissions) -> Credential:
-    status, body = ks.http("POST", "/identities", {"displayName": "app", "type": "servicePrincipal"})
-    assert status == 201, body
-    cred = Credential(body["clientId"], body["clientSecret"], body["tenantId"], body["objectId"])
-    status, body = ks.http("PUT", f"/vaults/{vault}/accessPolicies/{cred.object_id}",
-                           {"permissions": {"keys": permissions}})
-    assert status == 200, body
-    return cred
+    return ks.app(vault, permissions)
 
 
 @pytest.mark.parametrize("size", [2048, 3072, 4096])
@@ -146,7 +131,7 @@ def test_wrap_unwrap_on_the_service(ks, client, alg):
     """An identity with wrapKey/unwrapKey only: the SDK cannot read the public key, so
     it asks the service for both operations (with `get`, it would wrap locally)."""
     key = client.create_rsa_key("k", size=2048)
-    app = _identity(ks, client.vault_url.split("//")[1].split(".")[0], ["wrapKey", "unwrapKey"])
+    app = _identity(ks, vault_of(client), ["wrapKey", "unwrapKey"])
     crypto = _crypto(ks, key.id, app)
     dek = bytes(range(32))
     wrapped = crypto.wrap_key(alg, dek)
@@ -179,7 +164,7 @@ def test_refusals_are_the_sdks_own_exceptions(ks, client):
         client.get_key("missing")
     assert e.value.error.code == "KeyNotFound"
     key = client.create_rsa_key("k", size=2048)
-    vault = client.vault_url.split("//")[1].split(".")[0]
+    vault = vault_of(client)
     reader = _identity(ks, vault, ["get"])
     with ks.key_client(vault, reader) as as_reader:
         assert as_reader.get_key("k").id == key.id
@@ -205,10 +190,6 @@ def test_tags_are_refused_not_dropped(client):
     client.create_rsa_key("k", size=2048)
     with pytest.raises(HttpResponseError):
         client.update_key_properties("k", tags={"env": "test"})
-
-
-def _vault_of(client) -> str:
-    return client.vault_url.split("//")[1].split(".")[0]
 
 
 def test_backup_and_restore_keep_every_version_and_its_attributes(ks, client):
@@ -243,7 +224,7 @@ def test_restore_into_another_vault_of_the_tenant_and_the_audit(ks, client):
         restored = there.restore_key_backup(blob)
     assert restored.id == f"{ks.vault_url(other)}/keys/k/{key.properties.version}"
     assert restored.key.n == key.key.n
-    _, body = ks.http("GET", f"/vaults/{_vault_of(client)}/audit")
+    _, body = ks.http("GET", f"/vaults/{vault_of(client)}/audit")
     assert any(e["operation"] == "KeyBackup" and e["key"] == "k" and e["status"] == 200
                for e in body["value"])
     _, body = ks.http("GET", f"/vaults/{other}/audit")
@@ -264,7 +245,7 @@ def test_restore_is_refused_while_the_name_is_taken(client):
 
 def test_backup_and_restore_need_their_own_permissions(ks, client):
     client.create_rsa_key("k", size=2048)
-    vault = _vault_of(client)
+    vault = vault_of(client)
     everything_else = ["get", "list", "create", "import", "update", "delete", "recover", "purge",
                        "wrapKey", "unwrapKey", "rotate"]
     with ks.key_client(vault, _identity(ks, vault, everything_else)) as app:
@@ -313,7 +294,7 @@ def test_a_damaged_blob_is_a_clean_400(ks, client):
             client.restore_key_backup(bad)
         assert e.value.status_code == 400 and e.value.error.code == "BadParameter", bad[:8]
         assert "backup blob" in e.value.error.message
-    vault = _vault_of(client)
+    vault = vault_of(client)
     for body in ({"value": "not base64!"}, {"value": 7}, {}):
         status, answer = ks.http("POST", "/keys/restore", body, url=f"{ks.vault_url(vault)}/keys/restore")
         assert status == 400 and answer["error"]["code"] == "BadParameter", (body, answer)
