@@ -92,10 +92,10 @@ class AzureDaemon(Daemon):
     def transport(self) -> RequestsTransport:
         return RequestsTransport(session=self.session, session_owner=False, connection_verify=self.ca)
 
-    def credential(self, cred) -> ClientSecretCredential:
+    def credential(self, cred, **kwargs) -> ClientSecretCredential:
         return ClientSecretCredential(cred.tenant_id, cred.client_id, cred.client_secret,
                                       authority=self.url, disable_instance_discovery=True,
-                                      transport=self.transport(), connection_verify=self.ca)
+                                      transport=self.transport(), connection_verify=self.ca, **kwargs)
 
     def key_client(self, vault: str, cred=None, **kwargs) -> KeyClient:
         return KeyClient(self.vault_url(vault), self.credential(cred or self.admin),

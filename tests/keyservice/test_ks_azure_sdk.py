@@ -3,6 +3,7 @@ ClientSecretCredential) against a real key service process, unchanged: only the
 client's configuration differs from Key Vault's (authority, vault URL, CA, and the
 loopback mapping of vault host names in azure_sdk.py)."""
 import base64
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -13,14 +14,15 @@ from azure.core.exceptions import (
     ResourceExistsError,
     ResourceNotFoundError,
 )
-from azure.keyvault.keys import JsonWebKey, KeyType
+from azure.core.credentials import AccessToken
+from azure.keyvault.keys import JsonWebKey, KeyClient, KeyType
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from keyservice.client import Credential
 
-from azure_sdk import AzureDaemon, vault_of
+from azure_sdk import DOMAIN, AzureDaemon, vault_of
 
 
 @pytest.fixture(scope="module")
@@ -172,15 +174,108 @@ def test_refusals_are_the_sdks_own_exceptions(ks, client):
             as_reader.create_rsa_key("other", size=2048)
     assert e.value.status_code == 403 and e.value.error.code == "Forbidden"
     assert "create permission" in e.value.error.message
-    # Another tenant's identity: the challenge names this vault's tenant, which its
-    # credential may not get tokens for.
+    assert e.value.error.innererror == {"code": "AccessDenied"}
+    with ks.key_client(vault, _identity(ks, vault, [])) as as_nobody:
+        with pytest.raises(HttpResponseError) as e:
+            as_nobody.get_key("k")
+    assert e.value.status_code == 403 and e.value.error.innererror == {"code": "AccessDenied"}
+    with pytest.raises(HttpResponseError) as e:
+        _crypto(ks, key.id, _identity(ks, vault, ["wrapKey"])).unwrap_key(
+            KeyWrapAlgorithm.rsa_oaep_256, b"\0" * 256)
+    assert e.value.status_code == 403 and "unwrapKey permission" in e.value.error.message
+    # A disabled key: its public part is still readable (Key Vault refuses `get` only on
+    # disabled secrets), its private key does nothing.
+    client.update_key_properties("k", enabled=False)
+    assert client.get_key("k").properties.enabled is False
+    with pytest.raises(HttpResponseError) as e:
+        _crypto(ks, key.id).unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, b"\0" * 256)
+    assert e.value.status_code == 403 and e.value.error.code == "Forbidden"
+    assert e.value.error.innererror == {"code": "KeyDisabled"}
+
+
+def _stranger(ks) -> Credential:
+    """An admin of a tenant of its own."""
     status, body = ks.http("POST", "/identities", {"displayName": "stranger", "type": "user",
                                                    "roles": ["admin"], "tenantId": str(uuid.uuid4())})
     assert status == 201, body
-    stranger = Credential(body["clientId"], body["clientSecret"], body["tenantId"], body["objectId"])
+    return Credential(body["clientId"], body["clientSecret"], body["tenantId"], body["objectId"])
+
+
+class _OwnTenantToken:
+    """A credential that answers every challenge with a token of its own tenant, whatever
+    tenant the challenge names: what a multi-tenant application's token would be."""
+
+    def __init__(self, ks, cred: Credential):
+        r = ks.session.post(f"{ks.url}/{cred.tenant_id}/oauth2/v2.0/token", verify=ks.ca, timeout=30,
+                            data={"grant_type": "client_credentials", "client_id": cred.client_id,
+                                  "client_secret": cred.client_secret,
+                                  "scope": f"https://{DOMAIN}:{ks.port}/.default"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        self.token = AccessToken(body["access_token"], int(time.time()) + body["expires_in"])
+        self.tenants: list[str | None] = []
+
+    def get_token(self, *scopes, tenant_id=None, **kwargs) -> AccessToken:
+        self.tenants.append(tenant_id)
+        return self.token
+
+
+def test_another_tenants_vault_refuses_its_credentials_and_tokens(ks, client):
+    client.create_rsa_key("k", size=2048)
+    vault = vault_of(client)
+    stranger = _stranger(ks)
+    # The challenge names this vault's tenant; azure-identity will not ask for another
+    # tenant's token unless told it may...
     with ks.key_client(vault, stranger) as as_stranger:
         with pytest.raises(ClientAuthenticationError):
             as_stranger.get_key("k")
+    # ...and told it may, the token endpoint of this vault's tenant refuses the stranger.
+    anywhere = ks.credential(stranger, additionally_allowed_tenants=["*"])
+    with KeyClient(ks.vault_url(vault), anywhere, transport=ks.transport(),
+                   connection_verify=ks.ca) as as_stranger:
+        with pytest.raises(ClientAuthenticationError) as e:
+            as_stranger.get_key("k")
+    assert "Invalid client id or client secret" in str(e.value)
+    # A good token of the stranger's own tenant, presented at this vault: Key Vault's 401.
+    own = _OwnTenantToken(ks, stranger)
+    with KeyClient(ks.vault_url(vault), own, transport=ks.transport(),
+                   connection_verify=ks.ca) as as_stranger:
+        for call in (lambda: as_stranger.get_key("k"), lambda: as_stranger.get_key("missing"),
+                     lambda: list(as_stranger.list_properties_of_keys()),
+                     lambda: as_stranger.create_rsa_key("theirs", size=2048)):
+            with pytest.raises(ClientAuthenticationError) as e:
+                call()
+            assert e.value.status_code == 401 and e.value.error.code == "Unauthorized"
+    assert vault_tenant(ks, vault) in own.tenants  # the SDK did follow the challenge
+    assert [p.name for p in client.list_properties_of_keys()] == ["k"]
+
+
+def vault_tenant(ks, vault) -> str:
+    status, body = ks.http("GET", f"/vaults/{vault}")
+    assert status == 200, body
+    return body["tenantId"]
+
+
+@pytest.mark.parametrize("version", ["7.4", "7.5", "7.6", "2025-07-01"])
+def test_the_sdks_api_versions_from_7_4_work(ks, version):
+    with ks.key_client(_vault(ks), api_version=version) as c:
+        key = c.create_rsa_key("k", size=2048)
+        assert c.get_key("k").id == key.id and [p.name for p in c.list_properties_of_keys()] == ["k"]
+        wrapped = _crypto(ks, key.id).wrap_key(KeyWrapAlgorithm.rsa_oaep_256, b"k" * 32)
+        assert wrapped.key_id == key.id
+
+
+@pytest.mark.parametrize("version", ["7.3", "7.0", "2016-10-01"])
+def test_older_api_versions_are_refused_with_key_vaults_error(ks, version):
+    vault = _vault(ks)
+    with ks.key_client(vault, api_version=version) as c:
+        with pytest.raises(HttpResponseError) as e:
+            c.create_rsa_key("k", size=2048)
+    assert e.value.status_code == 400 and e.value.error.code == "BadParameter"
+    assert f"({version})" in e.value.error.message
+    with ks.key_client(vault) as c:
+        with pytest.raises(ResourceNotFoundError):  # nothing was made
+            c.get_key("k")
 
 
 def test_tags_are_refused_not_dropped(client):
