@@ -1,6 +1,9 @@
 """RSA-HSM keys through the official Azure SDK for Python: `create_rsa_key(...,
 hardware_protected=True)` against a key service whose keys live in a real SoftHSM2 token
-(keyservice/hsm.py), and the same call against one with no token configured."""
+(keyservice/hsm.py), BYOK with the SDK's `import_key`, and the same calls against a
+service with no token configured."""
+import json
+
 import pytest
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.keyvault.keys import JsonWebKey, KeyType
@@ -8,6 +11,7 @@ from azure.keyvault.keys.crypto import KeyWrapAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from keyservice import byok
 from tests.helpers.softhsm import make_token
 
 from azure_sdk import AzureDaemon, vault_of
@@ -122,6 +126,28 @@ def test_rsa_hsm_keys_are_not_backed_up_nor_imported_in_clear(client):
     with pytest.raises(ResourceNotFoundError):
         client.get_key("imported")
     assert client.import_key("imported", jwk).key_type == KeyType.rsa
+
+
+def test_byok_through_the_sdk(ks, client, token):
+    """Key Vault's BYOK as the SDK sends it: a key-exchange key (RSA-HSM, key_ops import)
+    made in the token, a key made outside and wrapped for it (keyservice.byok), imported
+    with `JsonWebKey(kty=RSA-HSM, t=transfer blob)` and `hardware_protected=True`."""
+    kek = client.create_rsa_key("kek", size=2048, hardware_protected=True, key_operations=["import"])
+    assert kek.key_type == KeyType.rsa_hsm and kek.key_operations == ["import"]
+    outside = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    blob = byok.transfer_blob(byok.ciphertext(_public(kek), outside), kek.id)
+    imported = client.import_key("byok", JsonWebKey(kty=KeyType.rsa_hsm, t=json.dumps(blob).encode()),
+                                 hardware_protected=True)
+    assert imported.key_type == KeyType.rsa_hsm
+    assert int.from_bytes(imported.key.n, "big") == outside.public_key().public_numbers().n
+    assert _in_token(token, imported)
+    dek = bytes(range(32))
+    wrapped = outside.public_key().encrypt(dek, OAEP[KeyWrapAlgorithm.rsa_oaep_256])
+    assert ks.crypto_client(imported.id).unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped).key == dek
+    # The KEK does nothing but import.
+    with pytest.raises(HttpResponseError) as e:
+        ks.crypto_client(kek.id).unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped)
+    assert e.value.status_code == 403 and e.value.error.code == "Forbidden"
 
 
 def test_without_a_token_rsa_hsm_is_key_vaults_error(tmp_path):
