@@ -176,6 +176,12 @@ class BlockBackend(ABC):
         the event loop."""
         return None
 
+    def grow(self, size: int) -> None:
+        """Serve `size` bytes from now on, the storage below already holding them (the
+        platform's online resize extends the file first). Only ever larger; requests in
+        flight are not disturbed. A backend that cannot says ENOTSUP."""
+        raise enotsup("growing this disk")
+
     def close(self) -> None:  # noqa: B027 (optional: a no-op by default)
         """Release resources. Idempotent."""
 
@@ -512,6 +518,14 @@ class FileBackend(BlockBackend):
                 view = self._mapping
         return view
 
+    def grow(self, size):
+        if size < self._size or size % (DIRECT_ALIGN if self._direct else 1):
+            raise OSError(errno.EINVAL, f"cannot grow {self.path} from {self._size} to {size} bytes")
+        if os.fstat(self._fd).st_size < size:
+            raise OSError(errno.EINVAL, f"{self.path} holds fewer than {size} bytes: extend it first")
+        # A mapping made before keeps its length: reads past it take pread (XtsLayer checks).
+        self._size = size
+
     def close(self):
         if not self._closed.is_set():
             self._closed.set()
@@ -605,7 +619,7 @@ class FileBackend(BlockBackend):
         if view is None:
             return
         with _MAPPED_LOCK:
-            _mapped_bytes -= self._size
+            _mapped_bytes -= len(view)  # what was mapped: the size may have grown since
         mm = view.obj
         try:
             view.release()

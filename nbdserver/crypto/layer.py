@@ -101,7 +101,7 @@ class XtsLayer(BlockBackend):
 
     @property
     def size(self) -> int:
-        return self._size  # the lower layer's, fixed: read for every request
+        return self._size  # the lower layer's (changed by grow only): read for every request
 
     @property
     def io_align(self) -> int:
@@ -247,6 +247,15 @@ class XtsLayer(BlockBackend):
         if not self._lower.capabilities.writable:  # refused anyway: encrypt nothing
             return None
         return EncryptingStage(self, offset, length)
+
+    def grow(self, size):
+        # The new sectors are holes below, which read as zeros (all-zero ciphertext is a
+        # hole here): nothing to encrypt. Whole sectors only, as at open.
+        self._check_open()
+        if size % S:
+            raise OSError(errno.EINVAL, f"the disk size {size} is not a multiple of {S} bytes")
+        self._lower.grow(size)
+        self._size = size
 
     def close(self):
         """Wipe the key, free the OpenSSL contexts and close the lower layer. Idempotent."""

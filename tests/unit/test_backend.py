@@ -120,6 +120,26 @@ def test_open_existing_and_resize(tmp_path):
     b.close()
 
 
+def test_grow_after_the_file_keeps_the_mapping_and_its_count(tmp_path):
+    """An online resize extends the file, then grows the open backend: block status covers
+    the new end; a mapping made before keeps its length, and its address space is given
+    back as mapped, not as the new size."""
+    import nbdserver.backend as backend
+    b = FileBackend(tmp_path / "g.img", size=MiB)
+    before = backend._mapped_bytes
+    assert b.mapping() is not None and backend._mapped_bytes == before + MiB
+    with pytest.raises(OSError):
+        b.grow(2 * MiB)  # the file first
+    os.truncate(b.path, 2 * MiB)
+    b.grow(2 * MiB)
+    assert b.size == 2 * MiB and len(b.mapping()) == MiB
+    assert b.block_status(MiB, MiB) == [Extent(MiB, hole=True, zero=True)]
+    with pytest.raises(OSError):
+        b.grow(MiB)
+    b.close()
+    assert backend._mapped_bytes == before
+
+
 def test_cache_is_advisory(disk):
     disk.cache(0, SIZE)
 

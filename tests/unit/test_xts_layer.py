@@ -151,6 +151,31 @@ def test_trim_and_zero_punch_holes_and_rmw_partial_ends(disk):
     assert read(layer, 0, 16 * S) == model
 
 
+def test_grows_in_place_over_a_file_extended_first(disk):
+    """An online resize (nbdserver/platform/sizing.py): the new end reads as zeros, takes
+    writes that read back as dm-crypt's sectors, and block status covers it; the data and
+    the key before it stay. The layer never extends the file itself."""
+    layer, path, key = disk
+    layer.pwrite(b"a" * S, (SIZE // S - 1) * S)
+    assert read(layer, 0, SIZE)[-S:] == b"a" * S  # a large read: the file's mapping, if any, is made
+    with pytest.raises(OSError) as e:
+        layer.grow(2 * SIZE)  # the file is still SIZE bytes long
+    assert e.value.errno == errno.EINVAL and layer.size == SIZE
+    os.truncate(path, 2 * SIZE)
+    with pytest.raises(OSError):
+        layer.grow(2 * SIZE - 512)  # not whole sectors
+    layer.grow(2 * SIZE)
+    assert layer.size == 2 * SIZE
+    assert read(layer, SIZE - S, 2 * S) == b"a" * S + bytes(S)
+    assert layer.block_status(SIZE, SIZE) == [Extent(SIZE, hole=True, zero=True)]
+    plain = os.urandom(CHUNK // 4)  # read back past the mapping's end: pread takes it
+    layer.pwrite(plain, 2 * SIZE - len(plain))
+    assert read(layer, 2 * SIZE - len(plain), len(plain)) == plain
+    assert file_bytes(path)[-S:] == dmcrypt_sector(key, 2 * SIZE // S - 1, plain[-S:])
+    with pytest.raises(OSError):
+        layer.grow(SIZE)  # never smaller
+
+
 def test_refuses_bad_keys(tmp_path):
     lower = FileBackend(tmp_path / "d", size=SIZE)
     with pytest.raises(InvalidKey, match="halves"):
