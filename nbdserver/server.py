@@ -181,13 +181,13 @@ class NbdServer:
         self.pool.shutdown(wait=True)
 
     async def adopt(self, sock: socket.socket, export: Export, *, structured: bool, min_block: int,
-                    meta_id: int | None, leftover: bytes) -> Connection:
+                    meta_id: int | None, size: int, leftover: bytes) -> Connection:
         """Serve a connection another process negotiated (nbdserver/ioworker.py): it is
         in transmission from its first byte here, `leftover` being what that process
         had read past the handshake."""
         conn = Connection(self)
         conn.export = export
-        conn._adopted = (structured, min_block, meta_id, leftover)
+        conn._adopted = (structured, min_block, meta_id, leftover, size)
         await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
         return conn
 
@@ -241,6 +241,7 @@ class Connection(asyncio.Protocol):
         self.meta_id: int | None = None
         # The alignment this client agreed to (handshake.Negotiated.min_block); 1 = any.
         self.min_block = 1
+        self.size = 0  # the export's size as this client was told it (_transmit)
         self.nowait_misses = 0  # small READs in a row the page cache missed (NOWAIT_MISSES_MAX)
         self.inflight = 0
         self.disconnecting = False
@@ -513,7 +514,8 @@ class Connection(asyncio.Protocol):
         if self.server.handoff is not None and self._hand_off(negotiated, meta_id, leftover):
             return
         self.handshake = None
-        self._transmit(negotiated.structured_replies, negotiated.min_block, meta_id, leftover)
+        self._transmit(negotiated.structured_replies, negotiated.min_block, meta_id, leftover,
+                       negotiated.export.size)
 
     def _hand_off(self, negotiated: hs.Negotiated, meta_id, leftover) -> bool:
         """Move this connection to an I/O worker process (nbdserver/iopool.py); False:
@@ -534,7 +536,10 @@ class Connection(asyncio.Protocol):
         t.abort()  # closes this process's descriptor only (no shutdown): the worker's lives on
         return True
 
-    def _transmit(self, structured: bool, min_block: int, meta_id, leftover) -> None:
+    def _transmit(self, structured: bool, min_block: int, meta_id, leftover, size: int) -> None:
+        # The size this client was told: requests are checked against it even after the
+        # disk grew online (NBD has no way to announce a new size; a reconnect learns it).
+        self.size = size
         self.structured = structured
         self.min_block = min_block
         self.meta_id = meta_id
@@ -644,7 +649,7 @@ class Connection(asyncio.Protocol):
             self.inflight += 1
             export.park(lambda: self._resume(req))
             return
-        err, msg = check(req, export.backend.size, export.flags, has_meta=self.meta_id is not None,
+        err, msg = check(req, self.size, export.flags, has_meta=self.meta_id is not None,
                          min_block=self.min_block)
         if err:
             return self._fail(req, err, msg)
