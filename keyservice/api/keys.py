@@ -16,10 +16,22 @@ from .body import field, json_body
 from .paging import page
 
 
-def _no_tags(body: dict) -> dict:
-    """Tags are not stored: refusing them says so, where dropping them would not."""
+def _refuse_unstored(body: dict) -> dict:
+    """What Key Vault's bodies carry and this service does not keep (tags, a release
+    policy, an exportable key) is refused: dropping it would let the caller believe it
+    holds. `exportable: false` is what every bundle here says, so a client that sends the
+    attributes it read back gets it accepted."""
     if body.get("tags"):
         raise BadRequest("Key tags are not supported by this service")
+    if body.get("release_policy") is not None:
+        raise BadRequest("Key release policies are not supported: no private key ever leaves "
+                         "this service")
+    attrs = body.get("attributes")
+    if isinstance(attrs, dict) and "exportable" in attrs:
+        if attrs["exportable"] is not False:
+            raise BadRequest("attributes.exportable must be false: no private key ever leaves "
+                             "this service")
+        body = {**body, "attributes": {k: v for k, v in attrs.items() if k != "exportable"}}
     return body
 
 
@@ -30,7 +42,7 @@ def _args(request):
 
 async def create(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
-    body = _no_tags(await json_body(request))
+    body = _refuse_unstored(await json_body(request))
     kty = hsm_keys.check_kty(field(body, "kty", str, default="RSA"))
     size = rsakeys.check_size(field(body, "key_size", int, default=rsakeys.DEFAULT_SIZE))
     attrs = parse_attributes(field(body, "attributes", dict), field(body, "key_ops", list))
@@ -42,7 +54,7 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def import_(request: web.Request) -> web.Response:
-    body = _no_tags(await json_body(request))
+    body = _refuse_unstored(await json_body(request))
     attrs = parse_attributes(field(body, "attributes", dict), None)
     if isinstance(body.get("key"), dict) and "key_hsm" in body["key"]:  # BYOK (hsm_keys.py)
         kek_kid, ciphertext = hsm_keys.parse_transfer_blob(body["key"])
@@ -84,7 +96,7 @@ async def get(request: web.Request) -> web.Response:
 
 async def update(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
-    body = _no_tags(await json_body(request))
+    body = _refuse_unstored(await json_body(request))
     attrs = parse_attributes(field(body, "attributes", dict), field(body, "key_ops", list))
     v, key, kv = await domain.run(svc.update_key, caller, vault, name,
                                   request.match_info.get("version"), attrs)

@@ -15,7 +15,7 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 from azure.core.credentials import AccessToken
-from azure.keyvault.keys import JsonWebKey, KeyClient, KeyType
+from azure.keyvault.keys import JsonWebKey, KeyClient, KeyReleasePolicy, KeyType
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -125,6 +125,7 @@ def test_purge_without_and_with_purge_protection(ks, client):
         with pytest.raises(HttpResponseError) as e:
             protected.purge_deleted_key("k")
         assert e.value.status_code == 403 and e.value.error.code == "Forbidden"
+        assert e.value.error.innererror == {"code": "PurgeProtected"}
         assert protected.get_deleted_key("k").name == "k"
 
 
@@ -285,6 +286,27 @@ def test_tags_are_refused_not_dropped(client):
     client.create_rsa_key("k", size=2048)
     with pytest.raises(HttpResponseError):
         client.update_key_properties("k", tags={"env": "test"})
+
+
+def test_release_policy_and_exportable_keys_are_refused_not_dropped(client):
+    """No private key leaves the service: a release policy or an exportable key is refused
+    (400), never stored as if it held; `exportable=False`, what every bundle here says, is
+    accepted."""
+    policy = KeyReleasePolicy(b'{"version": "1.0.0", "anyOf": []}')
+    for kwargs in ({"release_policy": policy}, {"exportable": True},
+                   {"exportable": True, "release_policy": policy}):
+        with pytest.raises(HttpResponseError) as e:
+            client.create_rsa_key("k", size=2048, **kwargs)
+        assert e.value.status_code == 400 and e.value.error.code == "BadParameter", kwargs
+        assert "leaves this service" in e.value.error.message
+    with pytest.raises(ResourceNotFoundError):
+        client.get_key("k")
+    key = client.create_rsa_key("k", size=2048, exportable=False)
+    assert key.properties.exportable is False and key.properties.release_policy is None
+    with pytest.raises(HttpResponseError) as e:
+        client.update_key_properties("k", release_policy=policy)
+    assert e.value.status_code == 400 and "release policies" in e.value.error.message
+    assert client.get_key("k").properties.release_policy is None
 
 
 def test_backup_and_restore_keep_every_version_and_its_attributes(ks, client):
