@@ -99,6 +99,8 @@ class ExportCopies(Protocol):
 
     def thaw(self, export: Export, token: object) -> None: ...
 
+    def grown(self, export: Export) -> None: ...  # the backend serves more bytes: follow it
+
 
 @dataclass
 class Attachment:
@@ -162,6 +164,17 @@ class Export:
         self.lock_reason = ""
         if backend is not None and self.copies is not None and self.source is not None:
             self.copies.opened(self)
+
+    def grow(self, size: int) -> None:
+        """Serve `size` bytes to the clients that attach from now on (the storage below
+        holds them already); the other processes grow their copies too. A connection
+        keeps the size it negotiated (server.Connection.size): NBD tells a size once, at
+        the handshake, and has no message to announce another."""
+        if size % MIN_BLOCK_SIZE:
+            raise ValueError(f"export size must be a multiple of {MIN_BLOCK_SIZE}")
+        self.backend.grow(size)
+        if self.copies is not None:
+            self.copies.grown(self)
 
     # -- other processes (docs/architecture.md, "The data path")
     def share(self, source: ExportSource) -> None:

@@ -17,6 +17,8 @@ handed export's `copies` and fans each state change out to the workers holding i
   (EIO from then on), lets its in-flight requests finish, wipes its DEK, answers;
   `stopped` waits for those answers, so the platform's drain covers every process.
 - An unlock with a new key sends "open" to the workers that still hold connections.
+- A grow (an online resize) sends "resize": the worker grows its copy in place, and
+  its connections keep the size they negotiated.
 - A freeze (snapshot) sends "freeze" and waits until every worker holding the export
   has drained and holds new requests; "thaw" lets them go. A connection that reaches
   transmission during a freeze is served here, where the freeze holds it too.
@@ -247,7 +249,7 @@ class IoPool:
         ident = next(self._ids)
         worker.send({"t": "conn", "id": ident, "export": export.name, "gen": export.generation,
                      "structured": negotiated.structured_replies, "min_block": negotiated.min_block,
-                     "meta_id": meta_id}, leftover, fds=(dup,))
+                     "meta_id": meta_id, "size": negotiated.export.size}, leftover, fds=(dup,))
         remote = RemoteConnection(ident, worker, export, peer_key)
         worker.conns[ident] = remote
         self.catalog.transfer(export, conn, remote)
@@ -325,6 +327,15 @@ class IoPool:
         for w in holders:
             if w in self.workers:
                 w.send({"t": "thaw", "export": export.name})
+
+    def grown(self, export: Export) -> None:
+        """The disk grew: each worker holding it grows its copy, before any connection
+        sent after this (one socket, read in order), so a connection told the new size
+        never reaches a copy of the old. A worker that opens it later opens the file as
+        it is (`_open`), grown already."""
+        for w in self.workers:
+            if export.name in w.holdings:
+                w.send({"t": "resize", "export": export.name, "size": export.backend.size})
 
     # -- workers' ends
     def lost(self, worker: Worker) -> None:

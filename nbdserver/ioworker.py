@@ -150,6 +150,8 @@ class IoWorker:
             coro = self._stop(held, header)
         elif kind == "freeze":
             coro = self._freeze(held, header)
+        elif kind == "resize":
+            coro = self._resize(held, header)
         elif kind == "thaw":
             if held.thaws:
                 held.thaws.pop(0).set()
@@ -203,7 +205,7 @@ class IoWorker:
             try:
                 conn = await self.server.adopt(sock, export, structured=h["structured"],
                                                min_block=h["min_block"], meta_id=h["meta_id"],
-                                               leftover=leftover)
+                                               size=h["size"], leftover=leftover)
             except OSError as e:
                 log.info("connection %d could not be taken over: %s", ident, e)
                 sock.close()
@@ -228,6 +230,18 @@ class IoWorker:
             if export is not None and not held.conns and self.held.get(h["export"]) is held:
                 del self.held[h["export"]]
         self._send({"t": "done", "seq": h["seq"]})
+
+    async def _resize(self, held: HeldExport, h: dict) -> None:
+        """The disk grew (its file first): grow this copy in place, so connections sent
+        after this message may use the new end; those served already keep their size."""
+        async with held.lock:
+            export = held.export
+            if export is None or export.locked:
+                return  # stopped: an open reads the file's size, grown by then
+            try:
+                export.backend.grow(h["size"])
+            except OSError as e:  # never expected: the main process grew the file first
+                log.error("export %s cannot grow here: %s", h["export"], e)
 
     async def _freeze(self, held: HeldExport, h: dict) -> None:
         async with held.lock:
