@@ -6,14 +6,25 @@ reads a hole as zeros: no byte is written and nothing is re-encrypted. Shrinking
 refused: the data past the new end would be lost, and a file system on the disk does
 not expect its device to get smaller under it.
 
-A disk grows while no NBD client is attached. A client negotiated its export's size at
-its handshake (NBD doc/proto.md, NBD_INFO_EXPORT), and the open encryption layer and
-the I/O workers' copies of it hold the file at that size; so a disk with clients, or
-one a client is attaching to, is refused (409), and one idle with its key still loaded
-(its idle timer running) is closed first, its key wiped as at the end of that window.
-Everything from the check to the new size in the state and the catalog happens without
-an await, so no client can attach in between; the next client opens the disk at its new
-size and is told that size.
+A disk grows online, attached or not. NBD tells a client its export's size once, at the
+handshake (doc/proto.md, NBD_INFO_EXPORT), and has no message to announce another, so:
+the clients attached keep working at the size they negotiated (a request past it is
+still refused, EINVAL for a read, ENOSPC for a write, as the spec's error rules ask;
+`server.Connection.size`), and every connection made afterwards, a reconnect of the
+same host included, is told the new size. The order leaves no window for a client to be
+told a size the file does not have: the file is extended first, then the state records
+the size, then the export and the I/O workers' copies of it grow in place (the open
+encryption layer keeps its key and its in-flight requests), all without an await.
+
+A crash between the truncate and the state's commit leaves a file longer than its
+recorded size, which is no failure (`backing.problem`): nothing was written past the
+old end (no client ran in between). The resize was never answered; a retry records it.
+
+What else may hold the disk: a snapshot, image or disk being copied from it claims it
+(shared), and a resize claims it exclusively, so a resize during a copy is refused with
+409 naming the copy (a copy has its size fixed when it starts). A client's attach in
+progress (its open is unwrapping the key) is waited for: its handshake already
+computed the old size, which it keeps, and the grow then follows an open disk.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from .sealed import SealedBackend
 from .serving import is_open
 
 if TYPE_CHECKING:
-    from ..exports import Export, ExportCatalog
+    from ..exports import ExportCatalog
     from .model import Volume
     from .operations import Operations
     from .state import State
@@ -41,7 +52,6 @@ class DiskSizing:
         catalog: ExportCatalog
         operations: Operations
         _opening: dict
-        _idle_timers: dict
 
         def volume(self, kind: VolumeKind, name: str) -> Volume:
             raise NotImplementedError  # volumes.VolumeOperations'
@@ -49,49 +59,36 @@ class DiskSizing:
         def show_disk(self, name: str) -> dict:
             raise NotImplementedError  # volumes.VolumeOperations'
 
-        def _cancel_idle(self, export: Export) -> None:
-            raise NotImplementedError  # serving.DiskServing's
-
-        def _close_idle(self, export: Export) -> None:
-            raise NotImplementedError  # serving.DiskServing's
-
     def resize_disk(self, name: str, size) -> asyncio.Task:
         v = self.volume(VolumeKind.DISK, name)
         new = parse_size(size)
         if new < v.size:
             raise BadRequest(f"disk {name!r} is {v.size} bytes; shrinking it to {new} would lose "
                              "the data past the new end: a disk only grows")
-        self._check_unattached(name)
 
         async def run() -> dict:
+            await self._opens_done(name)
             self._grow(name, new)  # no await: see the module's docstring
             return self.show_disk(name)
 
         return self.operations.start(f"resize of disk {name!r}", run, exclusive=[ops.disk(name)])
 
-    def _check_unattached(self, name: str) -> None:
-        export = self.catalog.get(name)
-        if export is None:
-            return
-        if export.clients or export in self._opening:
-            raise Conflict(f"disk {name!r} is attached ({export.clients} connection(s)): a disk "
-                           "grows while no client is attached; detach it, resize, attach again")
+    async def _opens_done(self, name: str) -> None:
+        """Until no open of the disk is in progress. Bounded: an open is one unwrap, which
+        times out with the key service's call; the operation's deadline covers the rest.
+        Its outcome is its client's business, never this operation's."""
+        while True:
+            export = self.catalog.get(name)
+            opening = self._opening.get(export) if export is not None else None
+            if opening is None:
+                return
+            await asyncio.wait([opening])
 
     def _grow(self, name: str, new: int) -> None:
         v = self.volume(VolumeKind.DISK, name)  # again: the claim was taken after validation
-        if new == v.size:
+        if new <= v.size:
             return
-        self._check_unattached(name)
-        export = self.catalog.get(name)
-        if export is not None and is_open(export):
-            if export not in self._idle_timers:
-                # Open with no client counted and no idle timer: a client's open has just
-                # finished and its attach is about to count it. Closing now would hand
-                # that client a sealed disk.
-                raise Conflict(f"disk {name!r} is being attached: a disk grows while no "
-                               "client is attached; detach it, resize, attach again")
-            self._cancel_idle(export)
-            self._close_idle(export)  # sealed now; the old layer drains and flushes behind
+        old = v.size
         try:
             os.truncate(v.path, new)  # a sparse file: metadata only, holes read as zeros
         except OSError as e:
@@ -101,8 +98,18 @@ class DiskSizing:
                 raise Conflict(f"disk {name!r}: its file cannot be grown ({e.strerror})") from None
             raise mapped from None
         v.size = new
-        self.state.put_volume(v)
-        if export is not None and not is_open(export):
+        try:
+            self.state.put_volume(v)
+        except BaseException:
+            v.size = old
+            os.truncate(v.path, old)  # nothing wrote past the old end: no await since
+            raise
+        export = self.catalog.get(name)
+        if export is None:
+            return
+        if is_open(export):
+            export.grow(new)  # in place, the I/O workers' copies too
+        else:
             export.backend = SealedBackend(new)  # what the next handshake announces
 
     def disk_usage(self, name: str) -> dict:
