@@ -281,8 +281,8 @@ def disk_create(name, size, des, source, count, subscription, location, quiet, n
 @click.argument("name")
 @click.option("--size", required=True, help="the new, larger size: 20G, 20GiB, 20GB, 1.5T")
 def disk_resize(name, size):
-    """Grow a disk while no client is attached; the next client sees the new size (a
-    disk never shrinks). Grow the file system on it afterwards (resize2fs, xfs_growfs)."""
+    """Grow a disk, online: attached clients keep their size, every new connection sees
+    the new one (a disk never shrinks). Reconnect the host, then grow its file system."""
     out(api("PATCH", f"/disks/{name}", {"size": size}))
 
 
