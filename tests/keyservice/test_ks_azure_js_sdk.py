@@ -45,7 +45,7 @@ def _run(ks, vault: str, cred, wrapper) -> dict:
     return json.loads(proc.stdout)
 
 
-def test_the_javascript_sdk_creates_gets_lists_wraps_and_deletes(ks):
+def test_the_javascript_sdk_key_lifecycle_and_refusals(ks):
     vault = f"js-{uuid.uuid4().hex[:8]}"
     status, body = ks.http("POST", "/vaults", {"name": vault, "location": "l", "subscription": "s",
                                                "softDeleteRetentionInDays": 7})
@@ -69,7 +69,18 @@ def test_the_javascript_sdk_creates_gets_lists_wraps_and_deletes(ks):
     assert out["deleted"] == {"recoveryId": f"{ks.vault_url(vault)}/deletedkeys/js-key",
                               "id": out["rotated"], "purgeDays": 7}
     assert out["deletedNames"] == ["js-key"]
-    assert out["afterDelete"]["statusCode"] == 404
+    assert out["afterDelete"] == {"statusCode": 404, "code": "KeyNotFound", "inner": None}
+    assert out["recovered"] == out["rotated"]
+    # Refusals reach the SDK as RestError with Key Vault's codes.
+    assert out["missing"] == {"statusCode": 404, "code": "KeyNotFound", "inner": None}
+    assert out["disabledUnwrap"] == {"statusCode": 403, "code": "Forbidden", "inner": "KeyDisabled"}
+    assert out["enabledAgain"] is True
+    assert out["noPermission"] == {"statusCode": 403, "code": "Forbidden", "inner": "AccessDenied"}
+    assert out["hsmWithoutToken"] == {"statusCode": 400, "code": "BadParameter",
+                                      "inner": "HsmNotConfigured"}
+    assert out["oldApiVersion"]["statusCode"] == 400 and out["oldApiVersion"]["code"] == "BadParameter"
+    assert out["restored"]["after"] == out["restored"]["before"]
+    assert out["restoreAgain"]["statusCode"] == 409 and out["restoreAgain"]["code"] == "Conflict"
     # Wrap and unwrap ran on the service (the wrapper may not read the public key).
     _, audit = ks.http("GET", f"/vaults/{vault}/audit")
     done = {e["operation"] for e in audit["value"]

@@ -1,6 +1,6 @@
 // The official Azure Key Vault SDK for JavaScript (@azure/keyvault-keys with
 // @azure/identity's ClientSecretCredential), unchanged, against the key service:
-// create, get, list, wrap/unwrap, delete. Driven by test_ks_azure_js_sdk.py, which
+// create, get, list, wrap/unwrap, delete, recover, backup/restore, and the refusals. Driven by test_ks_azure_js_sdk.py, which
 // passes the settings as JSON in argv[2] and reads one JSON line of results from stdout.
 // The CA is trusted through NODE_EXTRA_CA_CERTS, as a user would do it.
 "use strict";
@@ -75,13 +75,43 @@ async function main() {
                   purgeDays: (deleted.properties.scheduledPurgeDate - deleted.properties.deletedOn) / 86400000 };
   out.deletedNames = [];
   for await (const d of client.listDeletedKeys()) out.deletedNames.push(d.name);
-  try {
-    await client.getKey("js-key");
-    out.afterDelete = "found";
-  } catch (e) {
-    out.afterDelete = { statusCode: e.statusCode, code: e.code };
-  }
+  out.afterDelete = await refusal(() => client.getKey("js-key"));
+  out.recovered = (await (await client.beginRecoverDeletedKey("js-key")).pollUntilDone()).id;
+
+  // Refusals as the SDK's RestError, with Key Vault's codes.
+  out.missing = await refusal(() => client.getKey("no-such-key"));
+  const current = new CryptographyClient(out.recovered, wrapper);
+  const wrappedByCurrent = (await current.wrapKey("RSA-OAEP-256", dek)).result;
+  await client.updateKeyProperties("js-key", { enabled: false });
+  out.disabledUnwrap = await refusal(() => current.unwrapKey("RSA-OAEP-256", wrappedByCurrent));
+  await client.updateKeyProperties("js-key", { enabled: true });
+  out.enabledAgain = Buffer.from((await current.unwrapKey("RSA-OAEP-256", wrappedByCurrent)).result)
+    .equals(dek);
+  out.noPermission = await refusal(() => new KeyClient(cfg.vaultUrl, wrapper).getKey("js-key"));
+  out.hsmWithoutToken = await refusal(() => client.createRsaKey("js-hsm", { keySize: 2048, hsm: true }));
+  out.oldApiVersion = await refusal(
+    () => new KeyClient(cfg.vaultUrl, credential, { serviceVersion: "7.3" }).getKey("js-key"));
+
+  // Backup, purge, restore: the same key, its version ids kept.
+  const otherId = (await client.getKey("js-other")).id;
+  const blob = await client.backupKey("js-other");
+  await (await client.beginDeleteKey("js-other")).pollUntilDone();
+  await client.purgeDeletedKey("js-other");
+  out.restored = { before: otherId, after: (await client.restoreKeyBackup(blob)).id };
+  out.restoreAgain = await refusal(() => client.restoreKeyBackup(blob));
   process.stdout.write(JSON.stringify(out) + "\n");
+}
+
+// What a refused call threw: the HTTP status, Key Vault's error code and inner code.
+async function refusal(call) {
+  try {
+    await call();
+    return "succeeded";
+  } catch (e) {
+    const error = (e.details && e.details.error) || {};
+    const inner = error.innerError || error.innererror;
+    return { statusCode: e.statusCode, code: e.code, inner: inner ? inner.code : null };
+  }
 }
 
 main().catch((e) => {
