@@ -436,3 +436,19 @@ def test_the_blob_holds_no_private_key_in_clear(client):
     for secret in (b(nums.d), b(nums.p), b(nums.q), der):
         for form in (secret, base64.urlsafe_b64encode(secret).rstrip(b"="), base64.b64encode(secret)):
             assert form[:32] not in blob
+
+
+def test_a_vault_that_does_not_exist_is_resource_not_found(ks):
+    with ks.key_client(f"nosuch-{uuid.uuid4().hex[:8]}") as c:
+        with pytest.raises(ResourceNotFoundError) as e:
+            c.get_key("k")
+        assert e.value.error.code == "VaultNotFound"
+        with pytest.raises(ResourceNotFoundError):
+            c.create_rsa_key("k", size=2048)
+    vault = _vault(ks)
+    with ks.key_client(vault) as c:
+        c.create_rsa_key("k", size=2048)
+        assert ks.http("DELETE", f"/vaults/{vault}")[0] == 200  # soft-deleted with its keys
+        with pytest.raises(ResourceNotFoundError) as e:
+            c.get_key("k")
+        assert e.value.error.code == "VaultNotFound"
