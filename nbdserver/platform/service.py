@@ -13,6 +13,7 @@ export of a disk whose key cannot be used is LOCKED (EIO to I/O, new clients ref
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -105,9 +106,14 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
             await self._check_platform_vault(created_now=False)
         # Nothing is unwrapped here: a disk opens when a client attaches (serving.py),
         # so starting costs the same whatever the number of disks.
-        for disk in self.state.list_volumes(VolumeKind.DISK):
+        disks = self.state.list_volumes(VolumeKind.DISK)
+        for disk in disks:
             self._export_disk(disk)
-        self.report_failed_disks()  # volumes.py: a missing file fails its disk alone
+        # volumes.py: a missing file fails its disk alone. Saying which costs a stat per
+        # disk, so it runs beside serving, off the way to READY; a client selecting such
+        # a disk is refused by its own check at attach either way.
+        self._failed_scan = asyncio.get_running_loop().run_in_executor(
+            None, self.report_failed_disks, disks)
 
     async def stop(self) -> None:
         await self.auto_rotation.stop()

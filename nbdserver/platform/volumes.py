@@ -286,11 +286,12 @@ class VolumeOperations:
                     log.warning("removing %s, which no volume names (left by a crash)", entry.path)
                     _unlink(entry.path)
 
-    def report_failed_disks(self) -> int:
-        """At start: say in the log which disks cannot serve because of their file (the
-        others serve); how many. Each is refused to clients when it is selected."""
+    def report_failed_disks(self, disks: list[Volume]) -> int:
+        """At start: say in the log which of `disks` cannot serve because of their file
+        (the others serve); how many. Each is refused to clients when it is selected.
+        Runs on a worker thread: it touches only the files, not the state."""
         failed = 0
-        for v in self.state.list_volumes(VolumeKind.DISK):
+        for v in disks:
             why = backing.problem(v.path, v.size)
             if why is not None:
                 failed += 1

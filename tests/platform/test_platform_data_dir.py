@@ -22,7 +22,7 @@ from pathlib import Path
 import nbd
 
 from tests.helpers.platform import NbdServerProcess, connect_refused, pattern
-from tests.helpers.servers import ROOT
+from tests.helpers.servers import ROOT, wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -87,8 +87,12 @@ def test_missing_file_fails_its_disk_only(make_stack):
     assert refused is not None
     assert _unwraps(stack) == unwraps  # refused before the key service was asked
     assert "missing" not in refused and str(stack.nb_dir) not in refused  # generic refusal
-    log = stack.nb.stderr_text()
-    assert "disk gone failed" in log and "missing" in log, log[-2000:]
+    # The start-up report runs beside serving (service.py): wait for it.
+    def logged():
+        text = stack.nb.stderr_text()
+        return text if "disk gone failed" in text else None
+    log = wait_until(logged, 20, what="the failed disk in the log")
+    assert "missing" in log, log[-2000:]
 
     os.rename(aside, path)  # the operator puts the file back: no restart needed
     assert stack.disk("gone")["serving"]["state"] == "available"
