@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import _xts
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+    from typing_extensions import CapsuleType
 
 SECTOR_SIZE = 4096
 KEY_SIZE = 64  # AES-256-XTS: data key || tweak key
@@ -72,7 +76,7 @@ class XtsSectorCipher:
     keeps one OpenSSL context per concurrent caller).
     """
 
-    def __init__(self, key: bytearray, sector_size: int = SECTOR_SIZE):
+    def __init__(self, key: bytearray, sector_size: int = SECTOR_SIZE) -> None:
         check_key(key)
         self._key = key
         self.sector_size = sector_size
@@ -80,11 +84,12 @@ class XtsSectorCipher:
         # The hot path calls the engine's own methods: one Python call less than a wrapper.
         # encrypt(src, dst, first_sector): whole sectors of `src` into `dst` (same
         # length; may be the same buffer).
-        self.encrypt: Callable[[Any, Any, int], None] = self._engine.encrypt
+        self.encrypt: Callable[[ReadableBuffer, WriteableBuffer, int], None] = self._engine.encrypt
         # encrypt_write(buf, fd, offset, first_sector, flags): encrypt `buf` in place, then
         # write all of it with pwritev2(fd, offset, flags), in one call that releases the
         # GIL once. OSError as the write fails.
-        self.encrypt_write: Callable[[Any, int, int, int, int], None] = self._engine.encrypt_write
+        self.encrypt_write: Callable[[WriteableBuffer, int, int, int, int], None] = (
+            self._engine.encrypt_write)
         # Keep the DEK out of swap where permitted; failure (RLIMIT_MEMLOCK) is not fatal:
         # the key schedule inside OpenSSL is not locked either.
         self.key_locked = _xts.mlock(key, True)
@@ -93,18 +98,19 @@ class XtsSectorCipher:
     def closed(self) -> bool:
         return self._engine.closed
 
-    def decrypt(self, src, dst, first_sector: int, *, holes: bool = False) -> int:
+    def decrypt(self, src: ReadableBuffer, dst: WriteableBuffer, first_sector: int, *,
+                holes: bool = False) -> int:
         """Decrypt whole sectors. With `holes`, an all-zero ciphertext sector is a
         never-written one and reads as zeros. Returns how many such sectors there were."""
         return self._engine.decrypt(src, dst, first_sector, holes)
 
-    def decrypt_mapped(self, src, dst, first_sector: int) -> int:
+    def decrypt_mapped(self, src: ReadableBuffer, dst: WriteableBuffer, first_sector: int) -> int:
         """`decrypt(src, dst, first_sector, holes=True)` for a `src` that is a file
         mapping (`BlockBackend.mapping()`): an I/O error while reading it raises
         OSError(EIO) instead of SIGBUS killing the process. `dst` must not overlap it."""
         return self._engine.decrypt_mapped(src, dst, first_sector)
 
-    def read_transform(self):
+    def read_transform(self) -> CapsuleType:
         """For the server's native read queue (`nbdserver._readq`): a capsule that runs
         `decrypt(buf, buf, first, holes=True)` on the queue's thread, without the GIL,
         after each read. It keeps the engine object alive, not the key (see close)."""

@@ -49,10 +49,16 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from ..backend import BlockBackend, Capabilities, Extent, FileSpec, WriteStage, aligned, aligned_buffer
 from .cipher import SECTOR_SIZE, XtsSectorCipher
-from .sector_locks import SECTORS_PER_STRIPE, STRIPES, SectorLocks
+from .sector_locks import SECTORS_PER_STRIPE, STRIPES, Held, SectorLocks
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+    from typing_extensions import CapsuleType
 
 S = SECTOR_SIZE
 # Largest write sent down in one call, and the per-thread scratch cap: above it a request
@@ -66,6 +72,15 @@ SMALL_WRITE = SECTORS_PER_STRIPE * S
 BUSY = "another write holds these sectors: use a worker"
 
 
+class ReadQueue(Protocol):
+    """What `submit_read` asks of the server's native read queue (`nbdserver._readq.
+    ReadQueue` or `nbdserver._uring.RingQueue`, one API): this layer may not import the
+    server's modules, only be handed one."""
+
+    def submit(self, token: object, buf: WriteableBuffer, fd: int, offset: int,
+               transform: CapsuleType | None = None, first: int = 0, *, align: int = 0) -> None: ...
+
+
 class XtsLayer(BlockBackend):
     """`XtsLayer(lower, key)`: AES-256-XTS over `lower`, keyed by the 64-byte DEK `key`.
 
@@ -74,7 +89,7 @@ class XtsLayer(BlockBackend):
     OSError EINVAL), the caller still owns them.
     """
 
-    def __init__(self, lower: BlockBackend, key: bytearray):
+    def __init__(self, lower: BlockBackend, key: bytearray) -> None:
         if lower.size % S:
             # A partial last sector has no XTS data unit (and dm-crypt would refuse it).
             # OSError like every backend failure (backend.py), so callers' handlers apply.
@@ -89,7 +104,8 @@ class XtsLayer(BlockBackend):
         self._size = lower.size
         self._native_write = lower.native_write
         self._align = lower.io_align  # O_DIRECT below: hand it aligned buffers only
-        self._read_transform = None  # made on the first submit_read: nothing here may fail
+        # Made on the first submit_read: nothing here may fail.
+        self._read_transform: CapsuleType | None = None
         # The file below, if any: its byte-range locks order RMW across processes.
         fileno = getattr(lower, "fileno", None)
         self._locks = SectorLocks(STRIPES, SECTORS_PER_STRIPE, file_fd=fileno() if fileno else None)
@@ -113,7 +129,7 @@ class XtsLayer(BlockBackend):
         # sectors below plus RMW at the ends; flush, FUA and cache pass straight through.
         return self._lower.capabilities
 
-    def pread(self, buf, offset, *, nowait=False):
+    def pread(self, buf: memoryview, offset: int, *, nowait: bool = False) -> None:
         self._check_open()
         if nowait and self._align:  # O_DIRECT below: every read waits for the device
             raise BlockingIOError(errno.EAGAIN, "O_DIRECT: no page cache to hit")
@@ -140,7 +156,8 @@ class XtsLayer(BlockBackend):
             self._read_sectors(sector, offset + pos, nowait)
             buf[pos:] = sector[:n - pos]
 
-    def pwrite(self, data, offset, *, fua=False, nowait=False, owned=False):
+    def pwrite(self, data: memoryview, offset: int, *, fua: bool = False, nowait: bool = False,
+               owned: bool = False) -> None:
         if self._closed:
             self._check_open()
         if nowait and self._align:  # refused below anyway: spare the locks and the unwinding
@@ -156,13 +173,13 @@ class XtsLayer(BlockBackend):
             first = offset // S
             stripe = first // SECTORS_PER_STRIPE
             if stripe == (first + n // S - 1) // SECTORS_PER_STRIPE:
-                lock = self._stripes[stripe % STRIPES] or self._locks.stripe(stripe % STRIPES)
-                if not lock.acquire(not nowait):
+                stripe_lock = self._stripes[stripe % STRIPES] or self._locks.stripe(stripe % STRIPES)
+                if not stripe_lock.acquire(not nowait):
                     raise BlockingIOError(errno.EAGAIN, BUSY)
                 try:
                     self._encrypt_write(data, fd, offset, first, 0)
                 finally:
-                    lock.release()
+                    stripe_lock.release()
                 return
         if n == 0:
             return
@@ -197,7 +214,8 @@ class XtsLayer(BlockBackend):
         finally:
             self._locks.release(held)
 
-    def submit_read(self, queue, buf, offset, token):
+    def submit_read(self, queue: ReadQueue, buf: bytearray | memoryview, offset: int,
+                    token: object) -> bool:
         # Whole sectors only: an unaligned end needs the scratch sector of pread.
         self._check_open()
         n = len(buf)
@@ -214,33 +232,34 @@ class XtsLayer(BlockBackend):
         queue.submit(token, buf, fd, offset, transform, offset // S, align=self._align)
         return True
 
-    def flush(self):
+    def flush(self) -> None:
         self._check_open()
         self._lower.flush()
 
-    def trim(self, offset, length, *, fua=False):
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_open()
         self._clear(offset, length, lambda o, n: self._lower.trim(o, n, fua=fua), fua)
 
-    def zero(self, offset, length, *, may_trim=True, fua=False, fast=False):
+    def zero(self, offset: int, length: int, *, may_trim: bool = True, fua: bool = False,
+             fast: bool = False) -> None:
         self._check_open()
         self._clear(offset, length,
                     lambda o, n: self._lower.zero(o, n, may_trim=may_trim, fua=fua, fast=fast),
                     fua)
 
-    def block_status(self, offset, length):
+    def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check_open()
         start = offset - offset % S
         stop = -(-(offset + length) // S) * S
         extents = sector_extents(self._lower.block_status(start, stop - start), start)
         return clip_extents(extents, offset - start, length)
 
-    def cache(self, offset, length):
+    def cache(self, offset: int, length: int) -> None:
         self._check_open()
         start = offset - offset % S
         self._lower.cache(start, -(-(offset + length) // S) * S - start)
 
-    def stage_write(self, offset, length):
+    def stage_write(self, offset: int, length: int) -> EncryptingStage | None:
         # Whole sectors only: a write with unaligned ends needs its RMW, after the locks.
         if self._closed or offset % S or length % S or length <= 0 or offset + length > self.size:
             return None
@@ -248,7 +267,7 @@ class XtsLayer(BlockBackend):
             return None
         return EncryptingStage(self, offset, length)
 
-    def grow(self, size):
+    def grow(self, size: int) -> None:
         # The new sectors are holes below, which read as zeros (all-zero ciphertext is a
         # hole here): nothing to encrypt. Whole sectors only, as at open.
         self._check_open()
@@ -257,7 +276,7 @@ class XtsLayer(BlockBackend):
         self._lower.grow(size)
         self._size = size
 
-    def close(self):
+    def close(self) -> None:
         """Wipe the key, free the OpenSSL contexts and close the lower layer. Idempotent."""
         if self._closed:
             return
@@ -275,7 +294,7 @@ class XtsLayer(BlockBackend):
         and nowait (its contract), so the two ends of the range stand for all of it.
         None when the lower layer refuses any of them or answers otherwise: then every
         write takes the general path, which asks per write and passes its flags on."""
-        answers = []
+        answers: list[tuple[int, int] | None] = []
         for length in (S, SMALL_WRITE):
             for nowait in (False, True):
                 try:
@@ -288,14 +307,14 @@ class XtsLayer(BlockBackend):
         fd, flags = target
         return fd if flags == 0 else None
 
-    def _check_open(self):
+    def _check_open(self) -> None:
         if self._closed:
             raise OSError(errno.ESHUTDOWN, "the encrypted disk is closed")
 
     def _scratch(self, n: int) -> memoryview:
         """This thread's reusable buffer, at least n (<= CHUNK) bytes long; aligned for
         O_DIRECT, so what is encrypted into it can go down as it is."""
-        view = getattr(self._local, "view", None)
+        view: memoryview | None = getattr(self._local, "view", None)
         if view is None or len(view) < n:
             view = aligned_buffer(max(n, 64 * 1024))
             self._local.view = view
@@ -304,13 +323,13 @@ class XtsLayer(BlockBackend):
     def _read_scratch(self, n: int) -> memoryview:
         """Another one for O_DIRECT reads into an unaligned buffer: a read may fill the
         sector that _scratch holds (RMW), so it cannot use that one."""
-        view = getattr(self._local, "read_view", None)
+        view: memoryview | None = getattr(self._local, "read_view", None)
         if view is None or len(view) < n:
             view = aligned_buffer(max(n, 64 * 1024))
             self._local.read_view = view
         return view[:n]
 
-    def _read_sectors(self, buf: memoryview, offset: int, nowait: bool):
+    def _read_sectors(self, buf: memoryview, offset: int, nowait: bool) -> None:
         """Read and decrypt whole sectors at the aligned `offset` into `buf`: straight
         out of the lower layer's mapping when it has one (one pass over the data instead
         of a pread copy and then an in-place decryption), else with pread. Not with
@@ -331,7 +350,7 @@ class XtsLayer(BlockBackend):
         self._lower.pread(buf, offset, nowait=nowait)
         self._cipher.decrypt(buf, buf, offset // S, holes=True)
 
-    def _acquire(self, first: int, end: int, nowait: bool) -> list:
+    def _acquire(self, first: int, end: int, nowait: bool) -> Held:
         """The locks of sectors [first, end); with nowait, BlockingIOError instead of
         waiting for another write of theirs (a worker's RMW, a whole-disk trim): the
         server's event loop must not wait on a lock, and nothing is touched yet."""
@@ -340,7 +359,7 @@ class XtsLayer(BlockBackend):
             raise BlockingIOError(errno.EAGAIN, BUSY)
         return held
 
-    def _commit(self, stage, fua, nowait):
+    def _commit(self, stage: EncryptingStage, fua: bool, nowait: bool) -> None:
         """EncryptingStage.commit: the ciphertext goes down as one lower write, under
         the locks of its sectors (ordered against RMW of the same sectors)."""
         if self._closed or stage.failed:
@@ -350,11 +369,12 @@ class XtsLayer(BlockBackend):
         first = stage.offset // S
         held = self._acquire(first, first + stage.length // S, nowait)
         try:
-            self._lower.pwrite(stage.buffer, stage.offset, fua=fua, nowait=nowait)
+            self._lower.pwrite(stage.view, stage.offset, fua=fua, nowait=nowait)
         finally:
             self._locks.release(held)
 
-    def _write_whole(self, data, offset, first, fua, nowait, owned):
+    def _write_whole(self, data: memoryview, offset: int, first: int, fua: bool, nowait: bool,
+                     owned: bool) -> None:
         """Whole sectors, locks held: encrypt (in place if `owned`) and write down; for
         a lower layer that is a plain file (`native_write`), both in one engine call."""
         if owned:
@@ -375,7 +395,8 @@ class XtsLayer(BlockBackend):
                 self._decrypt(data, data, first)
             raise
 
-    def _write_chunk(self, data, offset, start, stop, fua, nowait):
+    def _write_chunk(self, data: memoryview, offset: int, start: int, stop: int, fua: bool,
+                     nowait: bool) -> None:
         """Encrypt the part of the write that falls in the aligned range [start, stop)
         into scratch, merging partial sectors with their old contents, and write it."""
         out = self._scratch(stop - start)
@@ -394,14 +415,15 @@ class XtsLayer(BlockBackend):
                                data[start + a - offset:start + b - offset], nowait)
         self._lower.pwrite(out, start, fua=fua, nowait=nowait)
 
-    def _merge_sector(self, sector: memoryview, pos: int, at: int, piece, nowait: bool):
+    def _merge_sector(self, sector: memoryview, pos: int, at: int, piece: memoryview | bytes,
+                      nowait: bool) -> None:
         """RMW in scratch: the sector at `pos` with `piece` laid over it at byte `at`,
         encrypted. Caller holds the sector's lock."""
         self._read_sectors(sector, pos, nowait)
         sector[at:at + len(piece)] = piece
         self._cipher.encrypt(sector, sector, pos // S)
 
-    def _clear(self, offset, length, whole, fua):
+    def _clear(self, offset: int, length: int, whole: Callable[[int, int], None], fua: bool) -> None:
         """Trim/zero: whole sectors by `whole(off, len)` below (punching holes), the
         partial sectors at the ends by read-modify-write of zeros."""
         if length <= 0:
@@ -413,8 +435,9 @@ class XtsLayer(BlockBackend):
         try:
             if body_lo < body_hi:  # first, so a refused fast zero leaves nothing done
                 whole(body_lo, body_hi - body_lo)
-            for p in sorted({offset - offset % S if offset % S else None,
-                             body_hi if end % S else None} - {None}):
+            ends = {p for p in (offset - offset % S if offset % S else None,
+                                body_hi if end % S else None) if p is not None}
+            for p in sorted(ends):
                 a, b = max(offset, p), min(end, p + S)
                 if a >= b:
                     continue
@@ -433,16 +456,17 @@ def sector_extents(extents: list[Extent], start: int) -> list[Extent]:
     the lower layer did not describe is left out (the reply may be short), unless nothing
     else remains, in which case that sector is reported as data.
     """
-    out: list[list] = []  # [length, hole, zero], merged as they come
+    out: list[tuple[int, bool, bool]] = []  # (length, hole, zero), merged as they come
 
-    def emit(length, hole, zero):
+    def emit(length: int, hole: bool, zero: bool) -> None:
         if out and out[-1][1] == hole and out[-1][2] == zero:
-            out[-1][0] += length
+            out[-1] = (out[-1][0] + length, hole, zero)
         else:
-            out.append([length, hole, zero])
+            out.append((length, hole, zero))
 
     pos = start
-    pending = None  # (sector start, hole, zero) of a sector described only in part so far
+    # (sector start, hole, zero) of a sector described only in part so far
+    pending: tuple[int, bool, bool] | None = None
     for e in extents:
         a, b = pos, pos + e.length
         pos = b
@@ -468,7 +492,7 @@ def sector_extents(extents: list[Extent], start: int) -> list[Extent]:
 
 def clip_extents(extents: list[Extent], skip: int, length: int) -> list[Extent]:
     """Drop the first `skip` bytes and everything past `length` bytes after them."""
-    out = []
+    out: list[Extent] = []
     for e in extents:
         n = e.length
         if skip:
@@ -495,16 +519,17 @@ class EncryptingStage(WriteStage):
     write; a stage whose layer was closed meanwhile (the key revoked) fails with EIO.
     """
 
-    def __init__(self, layer: XtsLayer, offset: int, length: int):
+    def __init__(self, layer: XtsLayer, offset: int, length: int) -> None:
         super().__init__(layer, offset, length)
+        self._layer = layer  # `backend`, as the layer it is
         # Aligned over O_DIRECT, which then writes it as it is.
         self.buffer = aligned_buffer(length) if layer._align else bytearray(length)
         self.failed = False  # the layer was closed before all of it was encrypted
-        self._view = memoryview(self.buffer)
+        self.view = memoryview(self.buffer)  # what commit writes: all of buffer
         self._encrypt = layer._encrypt
         self._first = offset // S
 
-    def take(self, data):
+    def take(self, data: memoryview) -> None:
         at = self.received
         n = len(data)
         if at + n > self.length:
@@ -512,7 +537,7 @@ class EncryptingStage(WriteStage):
         self.received = at + n
         if self.failed:
             return
-        view = self._view
+        view = self.view
         try:
             if at % S:  # complete the sector an earlier piece began
                 k = min(n, S - at % S)
@@ -528,14 +553,14 @@ class EncryptingStage(WriteStage):
             if whole < len(data):  # the start of a sector the next piece completes
                 view[at + whole:at + len(data)] = data[whole:]
         except ValueError:
-            if not self.backend._closed:
+            if not self._layer._closed:
                 raise  # a bug, not a revocation: the connection ends
             # The key was revoked (the layer and its engine closed) while the write
             # arrived: take the rest without encrypting it; commit fails with EIO.
             self.failed = True
 
-    def commit(self, *, fua=False, nowait=False):
-        self.backend._commit(self, fua, nowait)
+    def commit(self, *, fua: bool = False, nowait: bool = False) -> None:
+        self._layer._commit(self, fua, nowait)
 
 
 
@@ -546,7 +571,7 @@ def open_disk(spec: FileSpec, key: bytearray | None = None) -> BlockBackend:
     they all open it alike. If this raises, the caller still owns `key`."""
     if spec.encrypted != (key is not None):
         raise ValueError("an encrypted disk needs its key, and only an encrypted one")
-    lower = spec.open()
+    lower: BlockBackend = spec.open()
     if key is None:
         return lower
     try:

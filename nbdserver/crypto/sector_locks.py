@@ -37,6 +37,7 @@ from __future__ import annotations
 import fcntl
 import struct
 import threading
+from typing import Literal, TypeAlias, overload
 
 STRIPES = 1024
 SECTORS_PER_STRIPE = 16
@@ -51,7 +52,7 @@ class FileRange:
 
     __slots__ = ("fd", "first", "end")
 
-    def __init__(self, fd: int, first: int, end: int):
+    def __init__(self, fd: int, first: int, end: int) -> None:
         self.fd, self.first, self.end = fd, first, end
 
     def acquire(self, blocking: bool = True) -> bool:
@@ -69,13 +70,17 @@ class FileRange:
                     _FLOCK.pack(fcntl.F_UNLCK, 0, self.first, self.end - self.first, 0))
 
 
+# What acquire() took, for release(): stripe locks, then the file's range if any.
+Held: TypeAlias = "list[threading.Lock | FileRange]"
+
+
 class SectorLocks:
     """Stripe locks are made on first use: a disk pays for the locks of the stripes it
     has written, not for all 1,024 of them at open (about 100 KiB a disk, which
     dominated what an attached, idle disk costs the server)."""
 
     def __init__(self, stripes: int = STRIPES, sectors_per_stripe: int = SECTORS_PER_STRIPE, *,
-                 file_fd: int | None = None):
+                 file_fd: int | None = None) -> None:
         self._locks: list[threading.Lock | None] = [None] * stripes
         self._fd = file_fd  # the file whose byte ranges order RMW across processes
         # read-only: stripe (s // sectors_per_stripe) % stripes, None until first used
@@ -94,7 +99,12 @@ class SectorLocks:
                     lock = self._locks[i] = threading.Lock()
         return lock
 
-    def acquire(self, first: int, end: int, *, blocking: bool = True) -> list | None:
+    @overload
+    def acquire(self, first: int, end: int, *, blocking: Literal[True] = True) -> Held: ...
+    @overload
+    def acquire(self, first: int, end: int, *, blocking: bool) -> Held | None: ...
+
+    def acquire(self, first: int, end: int, *, blocking: bool = True) -> Held | None:
         """Take the locks of sectors [first, end) (end > first), and the file's range of
         them if there is a file; returns them for release(). With blocking=False, None
         (and nothing held) if any of them is taken."""
@@ -109,7 +119,7 @@ class SectorLocks:
             # Ascending stripe index in both cases: the global order that rules out deadlock.
             order = range(a, b + 1) if a <= b else [*range(b + 1), *range(a, n)]
         stripe = self.stripe
-        held: list = [stripe(i) for i in order]
+        held: Held = [stripe(i) for i in order]
         if self._fd is not None:  # last: taken once this process's own writers are excluded
             held.append(FileRange(self._fd, first, end))
         if blocking:
@@ -138,6 +148,6 @@ class SectorLocks:
         return self.stripe(g % len(self._locks))
 
     @staticmethod
-    def release(held: list) -> None:
+    def release(held: Held) -> None:
         for lock in reversed(held):
             lock.release()
