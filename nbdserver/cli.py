@@ -65,6 +65,9 @@ def arm_deadline() -> None:
 @click.option("--nbd-listen", default="127.0.0.1:10809", show_default=True)
 @click.option("--api-listen", default="127.0.0.1:8080", show_default=True)
 @click.option("--keyservice-url", required=True, envvar="KEYSERVICE_URL", show_envvar=True)
+@click.option("--keyservice-vault-domain", envvar="KEYSERVICE_VAULT_DOMAIN", show_envvar=True,
+              help="the key service's --vault-domain: key URLs in Key Vault's host form "
+                   "(https://VAULT.DOMAIN/keys/NAME) are then accepted for encryption sets")
 @click.option("--keyservice-credential", type=click.Path(dir_okay=False),
               help="credential file of the platform identity "
                    "(default: $CREDENTIALS_DIRECTORY/keyservice-credential)")
@@ -121,7 +124,8 @@ def arm_deadline() -> None:
               help="who may list the NBD exports: anyone, clients with a verified TLS "
                    "certificate, or nobody (clients connect by disk name)")
 @listener_tls_options("api", "api_listen")
-def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_credential, master_key_file,
+def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_vault_domain,
+          keyservice_credential, master_key_file,
           lease_seconds, grace_seconds, idle_close_seconds, workers,
           io_processes, cache, log_level, tls_mode, tls_dir,
           tls_verify_clients, tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
@@ -153,6 +157,7 @@ def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_
             stop, data_dir=data_dir, nbd_listen=nbd_addr,
             api_listen=parse_hostport(api_listen, 8080), api_ssl=api_ssl,
             keyservice_url=keyservice_url,
+            vault_domain=keyservice_vault_domain,
             credential_file=keyservice_credential, master_key_file=master_key_file,
             lease=lease_seconds, grace=grace_seconds, idle_close=idle_close_seconds,
             io_processes=default_processes() if io_processes is None else io_processes,

@@ -45,7 +45,7 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
                         credential_file, master_key_file=None, lease=60.0, grace=3600.0,
                         idle_close=60.0, workers=8, ssl=None, tls_mode=None, tls_context=None,
                         nbd_limits=None, nbd_export_list=None, metrics_listen=None,
-                        io_processes=1, cache="writeback") -> None:
+                        io_processes=1, cache="writeback", vault_domain=None) -> None:
     catalog = ExportCatalog()
     tally = KeyServiceClient.tally = CallTally()  # this process's calls, for the metrics
     # Resolved before anything uses it: a relative path would mean another directory
@@ -61,6 +61,7 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
     except (MasterKeyError, OSError, sqlite3.Error, SchemaTooNew) as e:
         raise StartupError(f"cannot open the platform's state in {data_dir}: {e}") from None
     platform.default_cache = cache  # disks without a cache mode of their own
+    platform.keyservice_vault_domain = vault_domain
     try:
         await platform.start()
     except PlatformError as e:  # e.g. first start, the key service down: no platform key yet

@@ -32,6 +32,7 @@ from .model import (
     KeyUrl,
     Volume,
     VolumeKind,
+    canonical_key_url,
     check_name,
 )
 
@@ -53,6 +54,7 @@ class EncryptionSetOperations:
         sealer: Sealer
         client: KeyServiceClient
         keyservice_url: str
+        keyservice_vault_domain: str | None
         operations: Operations
         access: KeyAccess | None
         auto_rotation: AutoRotation
@@ -65,6 +67,7 @@ class EncryptionSetOperations:
                    location: str | None = None, allow_cross_subscription: bool = False,
                    auto_rotate: bool = False) -> asyncio.Task:
         check_name("encryption set", name)
+        key_url = canonical_key_url(key_url, self.keyservice_url, self.keyservice_vault_domain)
         if name == PLATFORM_KEY:
             # Volumes record their scope by name, and this one means the platform's own key:
             # a set of that name would silently turn its disks platform-managed.
@@ -186,6 +189,7 @@ class EncryptionSetOperations:
         deadline or a crash, leaves every volume under the old key or the new one, both
         usable by the set; running it again finishes it."""
         self._des(name)
+        key_url = canonical_key_url(key_url, self.keyservice_url, self.keyservice_vault_domain)
         if key_url is None and auto_rotate is None:
             raise BadRequest("nothing to update: give keyUrl, rotationToLatestKeyVersionEnabled "
                              "or both")

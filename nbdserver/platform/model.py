@@ -15,6 +15,7 @@ import base64
 import re
 from dataclasses import dataclass, field
 from enum import Enum
+from urllib.parse import urlsplit
 
 from .errors import BadRequest
 
@@ -114,6 +115,41 @@ class KeyUrl:
     @property
     def versionless(self) -> str:
         return f"{self.base}/vaults/{self.vault}/keys/{self.key}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_key_url(url, keyservice_url: str, vault_domain: str | None):
+    """A key URL as the platform keeps it: the path form on its own key service.
+
+    Key Vault's host form, `https://{vault}.{domain}[:port]/keys/{name}[/{version}]` (what
+    the Azure SDKs and tools print, docs/azure-clients.md), names the same key when its
+    domain is the key service's vault domain (`serve --keyservice-vault-domain`) and its
+    scheme and port are the key service's: it is rewritten to
+    `{keyservice_url}/vaults/{vault}/keys/...`, so everything after (claims, rotation,
+    events, the kids the service returns) sees one form. A host-form URL on another
+    port or scheme names another service and is refused; anything else is left to
+    KeyUrl.parse."""
+    if not isinstance(url, str) or not vault_domain or "://" not in url:
+        return url
+    parts = urlsplit(url)
+    label, dot, domain = (parts.hostname or "").partition(".")
+    if not dot or domain.lower() != vault_domain.lower().strip("."):
+        return url
+    path = [p for p in parts.path.split("/") if p]
+    if path[:1] != ["keys"] or len(path) not in (2, 3) or parts.query or parts.fragment:
+        raise BadRequest(f"not a key URL: {url!r} (expected https://{{vault}}.{vault_domain}"
+                         "/keys/{name}[/{version}] or {base}/vaults/{vault}/keys/{name}[/{version}])")
+    ks = urlsplit(keyservice_url)
+    try:
+        same = (parts.scheme == ks.scheme and (parts.port or _DEFAULT_PORTS.get(parts.scheme))
+                == (ks.port or _DEFAULT_PORTS.get(ks.scheme)))
+    except ValueError:  # a port that is not a number
+        same = False
+    if not same:
+        raise BadRequest(f"key URL {url!r} is not on this platform's key service ({keyservice_url})")
+    return f"{keyservice_url.rstrip('/')}/vaults/{label}/keys/" + "/".join(path[1:])
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,79}")  # fullmatch: `data1\n` is not `data1`

@@ -75,6 +75,8 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
         self.data_dir = data_dir = os.path.abspath(data_dir)
         self.catalog = catalog
         self.keyservice_url = keyservice_url.rstrip("/")
+        # Key Vault's host-form key URLs on that service (model.canonical_key_url); None: path form only.
+        self.keyservice_vault_domain: str | None = None
         self.ssl = ssl
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         for sub in ("disks", "snapshots", "images"):
