@@ -59,14 +59,18 @@ class NetStack(Stack):
         addr = self.net.addr("srv")
         nb.argv[nb.argv.index("--nbd-listen") + 1] = f"{addr}:{NBD_PORT}"
         nb.argv[nb.argv.index("--api-listen") + 1] = f"{addr}:{API_PORT}"
+        # Off loopback the management API is HTTPS (plain HTTP would carry its token in clear).
         nb.argv = self.net.argv("srv", nb.argv + [
-            "--tls-dir", self.nbd_tls, "--keyservice-ca", self.ks_tls / "ca-cert.pem"])
+            "--tls-dir", self.nbd_tls, "--keyservice-ca", self.ks_tls / "ca-cert.pem",
+            "--api-tls-dir", self.nbd_tls])
         self.nb = nb.start()
+        self.nb.api_url = f"https://{self.nb.api_address}"
         return self.nb
 
     @property
     def env(self) -> dict:
-        return dict(super().env, KEYSERVICE_CA=str(self.ks_tls / "ca-cert.pem"))
+        return dict(super().env, KEYSERVICE_CA=str(self.ks_tls / "ca-cert.pem"),
+                    NBDSERVER_CA=str(self.nbd_tls / "ca-cert.pem"))
 
     def keyservice(self, *args, check: bool = True, credential=None):
         return self._cli(self.net.argv("cli", [sys.executable, "-m", "keyservice", *args]),
