@@ -11,6 +11,12 @@ and a client waiting on it learns the outcome instead of a 404 for an id it was 
 Statuses: running -> succeeded | failed; running -> interrupted (only across a restart).
 Times: `started`/`ended` in epoch seconds, `startTime`/`endTime` in RFC 3339.
 Progress is a fraction in memory only: a client polls it, and it dies with the run.
+
+Retention: a finished operation is kept for `RETENTION` after it ended, and at most the
+`KEEP` that ended last, so the table stays small however long the server runs; pruned at
+start (after the sweep) and whenever an operation ends. A running one is never pruned:
+its client is still following it. Long enough for a client that polls after a weekend,
+or a script that lists what happened overnight; what must last longer is in the logs.
 """
 
 from __future__ import annotations
@@ -31,21 +37,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nbdserver.platform")
 
-KEEP = 1000  # finished operations kept in the state; older ones are forgotten
+KEEP = 1000  # finished operations kept in the state at most (also what list() shows)
+RETENTION = 7 * 24 * 3600.0  # seconds a finished operation is kept after it ended
+RECENT = 64  # finished ones also kept in memory, should the state fail to record them
 INTERRUPTED = {"code": "OperationInterrupted", "status": 503,
                "message": "the server stopped while this operation ran; what it had done was "
                           "undone at the next start: run it again"}
 
 
 class OperationLog:
-    def __init__(self, state: State):
+    def __init__(self, state: State, *, retention: float = RETENTION, keep: int = KEEP):
         self.state = state
+        self.retention, self.keep = retention, keep
         self.live: dict[str, dict] = {}  # running in this process: id -> its view
-        self._recent: dict[str, dict] = {}  # the last few finished, should the state fail
+        self._recent: dict[str, dict] = {}  # the last RECENT finished, should the state fail
         swept = state.interrupt_running_operations(time.time(), INTERRUPTED)
         if swept:
             log.warning("%d operation(s) were running when the server stopped; reported as "
                         "interrupted", swept)
+        self.prune()
+
+    def prune(self) -> int:
+        """Forget finished operations past the retention window or the row cap (see the
+        module docstring). Housekeeping: a state that refuses it is logged, not fatal."""
+        try:
+            gone = self.state.forget_operations(self.keep, time.time() - self.retention)
+        except Exception:
+            log.exception("cannot prune finished operations")
+            return 0
+        if gone:
+            log.debug("forgot %d finished operation(s) past retention", gone)
+        return gone
 
     def start(self, kind: str, target: str, start_fn: Callable[[Callable[[float], None]], asyncio.Task],
               total_bytes: int | None = None) -> dict:
@@ -99,12 +121,12 @@ class OperationLog:
     def _record_end(self, op: dict) -> None:
         try:
             self.state.put_operation(op)
-            self.state.forget_operations(KEEP)
         except Exception:  # the outcome stays visible in memory for this run
             log.exception("cannot record the end of operation %s", op["id"])
+        self.prune()
         self.live.pop(op["id"], None)
         self._recent[op["id"]] = op
-        while len(self._recent) > 64:
+        while len(self._recent) > RECENT:
             self._recent.pop(next(iter(self._recent)))
 
     def view(self, op_id: str) -> dict:
@@ -115,7 +137,7 @@ class OperationLog:
 
     def list(self) -> list[dict]:
         """Running ones first, then the rest newest first."""
-        stored = self.state.list_operations(KEEP)
+        stored = self.state.list_operations(self.keep)
         live = [dict(op) for op in self.live.values()]
         ids = {op["id"] for op in live}
         return live + [op for op in stored if op["id"] not in ids]

@@ -255,9 +255,13 @@ class State:
         return [json.loads(r[0]) for r in self.db.execute(
             "SELECT view FROM operations ORDER BY started DESC LIMIT ?", (limit,))]
 
-    def forget_operations(self, keep: int) -> None:
-        self.db.execute("DELETE FROM operations WHERE status != 'running' AND id NOT IN "
-                        "(SELECT id FROM operations ORDER BY started DESC LIMIT ?)", (keep,))
+    def forget_operations(self, keep: int, ended_before: float) -> int:
+        """Delete finished operations that ended before `ended_before`, and all but the
+        `keep` that ended last; a running one is never deleted. Returns how many went."""
+        return self.db.execute(
+            "DELETE FROM operations WHERE status != 'running' AND (ended < ? OR id NOT IN "
+            "(SELECT id FROM operations WHERE status != 'running' ORDER BY ended DESC LIMIT ?))",
+            (ended_before, keep)).rowcount
 
     def interrupt_running_operations(self, now: float, error: dict) -> int:
         """Every operation still marked running: its process is gone (see oplog)."""
