@@ -53,6 +53,19 @@ class Settings:
             return value
         return self.from_file().get(name) or default
 
+    def seconds(self, name: str, default: float) -> float:
+        """A timeout setting: seconds in (0, 3600]; ConfigError naming it otherwise."""
+        raw = self.get(name) or ""
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = 0.0
+        if not 0 < value <= 3600:
+            raise ConfigError(f"{name} must be seconds in (0, 3600], not {raw!r}")
+        return value
+
     def from_file(self) -> dict[str, str]:
         if self._file is None:
             self._file = self._read(config_path())

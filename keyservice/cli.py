@@ -22,7 +22,7 @@ import click
 from daemonkit import deadline
 from daemonkit.clicommand import ClientGroup, emit, output_format, version
 from daemonkit.cliout import EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, CliError
-from daemonkit.config import Settings
+from daemonkit.config import ConfigError, Settings
 from daemonkit.logsetup import FORMATS as LOG_FORMATS
 from daemonkit.logsetup import LEVELS as LOG_LEVELS
 from daemonkit.logsetup import configure as configure_logging
@@ -137,16 +137,10 @@ def load_credential(path: str) -> Credential:
 
 
 def _request_timeout() -> float:
-    raw = SETTINGS.get("KEYSERVICE_TIMEOUT") or ""
-    if not raw:
-        return DEFAULT_TIMEOUT
     try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 3600:
-        raise _usage(f"KEYSERVICE_TIMEOUT must be seconds in (0, 3600], not {raw!r}")
-    return value
+        return SETTINGS.seconds("KEYSERVICE_TIMEOUT", DEFAULT_TIMEOUT)
+    except ConfigError as e:
+        raise _usage(str(e)) from None
 
 
 def _client_ssl(url):

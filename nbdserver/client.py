@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from daemonkit.cliout import EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, CliError
-from daemonkit.config import Settings
+from daemonkit.config import ConfigError, Settings
 
 DEFAULT_API = "http://127.0.0.1:8080"
 DEFAULT_TOKEN_FILE = "/var/lib/nbdserver/api.token"
@@ -50,17 +50,10 @@ class ApiError(CliError):
 
 
 def request_timeout() -> float:
-    raw = SETTINGS.get("NBDSERVER_TIMEOUT") or ""
-    if not raw:
-        return DEFAULT_TIMEOUT
     try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 3600:
-        raise ApiError(f"NBDSERVER_TIMEOUT must be seconds in (0, 3600], not {raw!r}",
-                       code="BadSettings", exit_code=EXIT_USAGE)
-    return value
+        return SETTINGS.seconds("NBDSERVER_TIMEOUT", DEFAULT_TIMEOUT)
+    except ConfigError as e:
+        raise ApiError(str(e), code="BadSettings", exit_code=EXIT_USAGE) from None
 
 
 def token() -> str | None:

@@ -60,9 +60,9 @@ def test_version_and_the_environment_in_every_commands_help(tmp_path):
     env = bare_env(tmp_path)
     r = run("--version", env=env)
     assert r.returncode == 0 and re.match(r"nbdserver, version \d+\.\d+", r.stdout), r.stdout
-    # Every variable the client reads (client.SETTINGS.get("...")) is in the help.
+    # Every variable the client reads (client.SETTINGS.get/seconds("...")) is in the help.
     source = (ROOT / "nbdserver" / "client.py").read_text()
-    read = set(re.findall(r'SETTINGS\.get\("([A-Z_]+)"', source))
+    read = set(re.findall(r'SETTINGS\.(?:get|seconds)\("([A-Z_]+)"', source))
     assert read >= set(NBD_VARS), read
     for cmd in (("disk", "list"), ("disk", "create"), ("des", "show"), ("snapshot", "create"),
                 ("operation", "wait"), ("disk", "resize")):
