@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
+KEYS = 4096  # keys remembered at once (peers, mostly); past it every key starts afresh
+
 
 class LogLimiter:
     def __init__(self, logger: logging.Logger, interval: float = 10.0, *, clock=time.monotonic):
@@ -28,8 +30,8 @@ class LogLimiter:
         if last is not None and now - last < self._interval:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return False
-        if len(self._last) > 4096:  # keys come from the network: keep the table bounded
-            self._last.clear()
+        if len(self._last) > KEYS:  # keys come from the network: keep the tables bounded
+            self._forget(level)
         self._last[key] = now
         n = self._suppressed.pop(key, 0)
         if n:
@@ -37,3 +39,14 @@ class LogLimiter:
             args = (*args, n, self._interval)
         self._log.log(level, msg, *args)
         return True
+
+    def _forget(self, level: int) -> None:
+        """Start every key afresh. The counts of lines held back go too (else a flood
+        from ever new peers, each refused twice, would grow them without end), so they
+        are said once here instead of in each key's next line."""
+        held, keys = sum(self._suppressed.values()), len(self._suppressed)
+        self._last.clear()
+        self._suppressed.clear()
+        if held:
+            self._log.log(level, "over %d sources of refusals: %d line(s) held back for %d of "
+                          "them are not counted further", KEYS, held, keys)
