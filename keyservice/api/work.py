@@ -13,6 +13,11 @@ counted in units of one RSA-2048 generation (`cost`: generation time grows with 
 the cube of the size, so RSA-4096 costs 8), `burst` units refilled at `rate` per second;
 over the whole service at most `queued` jobs admitted. A refusal is 429 with Retry-After,
 so one caller cannot queue up hours of key generation ahead of everyone else's.
+
+Buckets are kept only while they matter: past `BUCKETS` identities, adding one first
+forgets every bucket that has refilled. A full bucket admits exactly what a new one
+would, so no answer changes; the table holds the identities that spent tokens lately,
+not every identity that ever made a key (deleted ones included).
 """
 import asyncio
 import functools
@@ -31,6 +36,9 @@ class WorkLimits:
     burst: float = 240.0  # units (RSA-2048 generations)
     rate: float = 8.0  # units per second per identity, sustained: one RSA-4096 a second
     queued: int = 32
+
+
+BUCKETS = 1024  # identities with a bucket before the refilled ones are forgotten
 
 
 def cost(size: int | None) -> float:
@@ -52,6 +60,10 @@ class TokenBucket:
             return 0.0
         return (amount - self.tokens) / self.rate
 
+    def full(self, now: float) -> bool:
+        """Refilled to `burst` by `now`: the same as a bucket made now."""
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
 
 class ExpensiveWork:
     """Used from the event loop only (admission state needs no lock)."""
@@ -62,6 +74,7 @@ class ExpensiveWork:
         self._pool = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="keyservice-work")
         self._running: dict[str, int] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        self._sweep_at = BUCKETS  # doubles past what a sweep keeps: amortised O(1) a call
         self._admitted = 0
 
     async def run(self, who: str, what: str, units: float, fn, *args):
@@ -88,12 +101,19 @@ class ExpensiveWork:
         now = self._clock()
         bucket = self._buckets.get(who)
         if bucket is None:
+            if len(self._buckets) >= self._sweep_at:
+                self._sweep(now)
             bucket = self._buckets[who] = TokenBucket(lim.burst, lim.rate, now)
         wait = bucket.take(now, units)
         if wait:
             raise TooManyRequests(f"Rate limit for key generation and import exceeded for '{who}' "
                                   f"(about {lim.rate / 8:g} RSA-4096 keys per second); retry in "
                                   f"{math.ceil(wait)} s", retry_after=max(1, math.ceil(wait)))
+
+    def _sweep(self, now: float) -> None:
+        """Forget the buckets that have refilled (see the module docstring)."""
+        self._buckets = {who: b for who, b in self._buckets.items() if not b.full(now)}
+        self._sweep_at = max(BUCKETS, 2 * len(self._buckets))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
