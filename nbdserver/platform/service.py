@@ -42,6 +42,7 @@ from .state import State
 from .volumes import DEFAULT_LOCATION, VolumeOperations, _unlink
 
 log = logging.getLogger("nbdserver.platform")
+FAILED_SCAN_DELAY = 3.0  # seconds after start: see start()
 
 PLATFORM_VAULT = "nbd-platform"
 PLATFORM_KEY_NAME = "platform-dek-wrapping"
@@ -112,12 +113,17 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
         for disk in disks:
             self._export_disk(disk)
         # volumes.py: a missing file fails its disk alone. Saying which costs a stat per
-        # disk, so it runs beside serving, off the way to READY; a client selecting such
-        # a disk is refused by its own check at attach either way.
-        self._failed_scan = asyncio.get_running_loop().run_in_executor(
-            None, self.report_failed_disks, disks)
+        # disk, so it runs beside serving, off the way to READY, and a moment later, when
+        # the first clients (a reconnect storm after a restart) have been served; a client
+        # selecting such a disk is refused by its own check at attach either way.
+        loop = asyncio.get_running_loop()
+        self._failed_scan = loop.call_later(
+            FAILED_SCAN_DELAY, lambda: loop.run_in_executor(None, self.report_failed_disks, disks))
 
     async def stop(self) -> None:
+        scan = getattr(self, "_failed_scan", None)  # set by start(), which may have failed
+        if scan is not None:
+            scan.cancel()
         await self.auto_rotation.stop()
         await self.operations.cancel_all()
         await self._stop_serving()
