@@ -51,6 +51,10 @@ class HeldExport:
         self.conns: set[int] = set()
         self.lock = asyncio.Lock()  # its messages, one after the other, in arrival order
         self.thaws: list[asyncio.Event] = []
+        # Messages dispatched to this record and not yet handled: a stop may forget the
+        # record only when it is the last, or a message queued behind it (an open, a
+        # connection) would act on a record no later stop can reach (docs: revocation).
+        self.pending = 0
 
 
 class IoWorker:
@@ -140,7 +144,18 @@ class IoWorker:
         if kind == "shutdown":
             self._finish(float(header.get("grace", 30.0)))
             return
-        held = self.held.setdefault(header["export"], HeldExport())
+        name = header["export"]
+        if kind in ("conn", "open"):
+            held = self.held.setdefault(name, HeldExport())
+        else:
+            found = self.held.get(name)
+            if found is None:  # nothing of it here: nothing to stop, freeze or grow
+                for fd in fds:
+                    os.close(fd)
+                if kind in ("stop", "freeze"):
+                    self._send({"t": "done", "seq": header["seq"]})
+                return
+            held = found
         if kind == "conn":
             coro = self._conn(held, header, bytes(tail), fds[0])
             fds = fds[1:]
@@ -162,9 +177,17 @@ class IoWorker:
         for fd in fds:
             os.close(fd)
         if coro is not None:
-            task = asyncio.ensure_future(coro)
+            held.pending += 1
+            task = asyncio.ensure_future(self._counted(held, coro))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
+
+    @staticmethod
+    async def _counted(held: HeldExport, coro) -> None:
+        try:
+            await coro
+        finally:
+            held.pending -= 1
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -227,7 +250,9 @@ class IoWorker:
                 export.lock("stopped by the main process")
                 await export.drained()
                 export.backend.close()  # XtsLayer: wipes the DEK
-            if export is not None and not held.conns and self.held.get(h["export"]) is held:
+            # Forgotten only if nothing else is queued for it (pending counts this stop).
+            if (export is not None and not held.conns and held.pending == 1
+                    and self.held.get(h["export"]) is held):
                 del self.held[h["export"]]
         self._send({"t": "done", "seq": h["seq"]})
 

@@ -44,3 +44,50 @@ def test_answers_wait_for_room_instead_of_being_dropped():
         main.close()
         worker_end.close()
     assert got == list(range(answers)), f"{answers - len(got)} answers lost or out of order"
+
+
+def test_a_stop_never_forgets_a_disk_reopened_behind_it(tmp_path):
+    """A stop queued before an open of the same disk (a client's last connection left,
+    another came at once) must not forget the record the open then uses: a later stop,
+    a revocation, has to find and lock it and wipe its key. It did not: the record was
+    deleted under the open, and the revocation answered "done" with the copy serving."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    main, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker_end.setblocking(False)
+    main.setblocking(False)
+
+    def open_msg(gen: int) -> dict:
+        return {"t": "open", "export": "d", "encrypted": True, "readonly": False, "flags": 0,
+                "gen": gen, "spec": {"path": str(disk), "size": 1 << 20, "encrypted": True}}
+
+    async def settle(worker: IoWorker) -> None:
+        while worker._tasks:
+            await asyncio.gather(*list(worker._tasks), return_exceptions=True)
+
+    async def scenario():
+        worker = IoWorker(worker_end, threads=1, budget=64 << 20)
+        key = memoryview(bytes(range(64)))
+        worker._dispatch(open_msg(1), key, [])
+        await settle(worker)
+        first = worker.held["d"].export
+        assert first is not None and not first.locked
+        # The stop and the reopen arrive together; the stop has not run yet.
+        worker._dispatch({"t": "stop", "export": "d", "seq": 1}, memoryview(b""), [])
+        worker._dispatch(open_msg(2), memoryview(bytes(range(1, 65))), [])
+        await settle(worker)
+        held = worker.held.get("d")
+        assert held is not None, "the reopened disk's record was forgotten"
+        reopened = held.export
+        assert reopened is not None and not reopened.locked
+        # The revocation: it must reach the reopened copy.
+        worker._dispatch({"t": "stop", "export": "d", "seq": 2}, memoryview(b""), [])
+        await settle(worker)
+        assert reopened.locked, "a revocation answered while the copy kept serving"
+        await worker.server.shutdown(0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        main.close()
+        worker_end.close()
