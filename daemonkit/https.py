@@ -64,6 +64,19 @@ def listener_context(prefix: str, host: str, tls_dir=None, cert=None, key=None,
     return None
 
 
+def _listen_host(text) -> str:
+    """The host a HOST:PORT, [V6]:PORT or HOST listener binds, read as the daemons'
+    parse_hostport reads it: a bare HOST is a host, not a port, and "" (":8080") is every
+    address. No listener (None) binds nothing."""
+    if text is None:
+        return "127.0.0.1"
+    text = str(text)
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    host, sep, _ = text.rpartition(":")
+    return host if sep else text
+
+
 def listener_tls_options(prefix: str, listen_param: str):
     """Decorate a click command with one listener's TLS options; the command receives
     `{prefix}_ssl` (an SSLContext or None) instead of them. A bad combination, an
@@ -75,7 +88,7 @@ def listener_tls_options(prefix: str, listen_param: str):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             values = [kwargs.pop(n) for n in names]
-            host = str(kwargs[listen_param]).rpartition(":")[0].strip("[]") or "127.0.0.1"
+            host = _listen_host(kwargs[listen_param])
             try:
                 kwargs[f"{prefix}_ssl"] = listener_context(prefix, host, *values)
             except TlsConfigError as e:

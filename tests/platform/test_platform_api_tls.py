@@ -64,6 +64,11 @@ def test_plain_http_off_loopback_and_bad_tls_files_are_refused(tmp_path, api_tls
     assert "refusing plain HTTP" in r.stderr and "--api-tls-dir" in r.stderr, r.stderr
     r = _serve(tmp_path, "--api-listen", "[::]:0")
     assert r.returncode == 2 and "refusing plain HTTP" in r.stderr, r.stderr
+    # A bare host, or a bare port (every address), is checked as what it binds: these
+    # were checked as 127.0.0.1 and allowed in plain HTTP.
+    for listen in ("0.0.0.0", ":0"):
+        r = _serve(tmp_path, "--api-listen", listen)
+        assert r.returncode == 2 and "refusing plain HTTP" in r.stderr, (listen, r.stderr)
 
     r = _serve(tmp_path, "--api-tls-cert", str(api_tls / "server-cert.pem"))
     assert r.returncode == 2 and "go together" in r.stderr, r.stderr
