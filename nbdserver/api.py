@@ -32,7 +32,6 @@ import uuid
 from aiohttp import web
 
 from daemonkit.httplog import escape
-from daemonkit.tls import is_loopback
 
 from .platform.errors import BadRequest, PlatformError
 from .platform.model import VolumeKind
@@ -167,11 +166,16 @@ def _field(data: dict, name: str, kind=str, required=False):
     return v
 
 
-def observability_routes(token: str, readiness=None, metrics=None) -> dict:
+def observability_routes(token: str, readiness=None, metrics=None, *,
+                         token_accepted: bool = True, names_for_all: bool = False) -> dict:
     """`/healthz`, `/readyz` and `/metrics`: on the API and on `--metrics-listen`.
 
     `readiness()` -> (ready, report); `metrics(per_disk)` -> the exposition's response.
-    Per-disk series only for a client on loopback or with the API token."""
+    Per-disk series (disk names belong to tenants) only for a caller with the API token,
+    where the token is accepted: on the API listener (HTTPS off loopback), never on the
+    plain-HTTP metrics listener, where it would cross the network in clear. A peer's
+    loopback address proves nothing (a TLS proxy on the host is one), so only a metrics
+    listener bound to loopback itself (`names_for_all`) gives names without a token."""
     async def healthz(request):
         return web.json_response({"status": "ok"})
 
@@ -180,7 +184,7 @@ def observability_routes(token: str, readiness=None, metrics=None) -> dict:
         return web.json_response(report, status=200 if ready else 503)
 
     async def metrics_route(request):
-        return metrics(is_loopback(request.remote or "") or has_token(request, token))
+        return metrics(names_for_all or (token_accepted and has_token(request, token)))
 
     routes = {"/healthz": healthz}
     if readiness is not None:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from daemonkit.metrics import MetricsListener, metrics_response
 from daemonkit.sdnotify import sd_notify
+from daemonkit.tls import is_loopback
 from keyservice.client import CallTally, Credential, KeyServiceClient
 
 from .api import build_app, load_api_token, observability_routes
@@ -98,7 +99,9 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
     api_addr = runner.addresses[0][:2]  # the listener's real address (port 0: the one chosen)
     listener, extra = None, ""
     if metrics_listen is not None:
-        listener = MetricsListener(observability_routes(token, readiness.report, metrics))
+        listener = MetricsListener(observability_routes(
+            token, readiness.report, metrics, token_accepted=False,
+            names_for_all=is_loopback(metrics_listen[0])))
         extra = " metrics={}:{}".format(*await listener.start(*metrics_listen))
     log.info("serving NBD on %s:%s, API on %s:%s", *nbd_addrs[0], *api_addr)
     print(f"READY nbd={nbd_addrs[0][0]}:{nbd_addrs[0][1]} api={api_addr[0]}:{api_addr[1]}{extra}",

@@ -40,7 +40,7 @@ def sample(metrics: dict, name: str, **labels) -> float:
 
 def test_io_moves_the_metrics_by_command(stack):
     stack.create_disk("m1", "--size", "16M")
-    before = scrape(stack.api_url)
+    before = scrape(stack.api_url, _token(stack))
     h = stack.connect("m1")
     for i in range(3):
         h.pwrite(b"x" * 4096, i * 4096)
@@ -51,9 +51,9 @@ def test_io_moves_the_metrics_by_command(stack):
         h.pread(4096, 0)
 
     def all_counted():  # an I/O worker process reports its counts every second
-        return sample(scrape(stack.api_url), "nbdserver_io_requests_total", disk="m1", command="read") == 28
+        return sample(scrape(stack.api_url, _token(stack)), "nbdserver_io_requests_total", disk="m1", command="read") == 28
     wait_until(all_counted, 10, interval=0.1, what="the requests counted")
-    after = scrape(stack.api_url)  # from loopback, no token: per-disk series
+    after = scrape(stack.api_url, _token(stack))  # with the API token: per-disk series
     h.shutdown()
 
     def delta(name, **labels):
@@ -82,7 +82,7 @@ def test_a_refused_request_counts_by_errno(stack):
     h.connect_uri(stack.nbd_uri("m2"))
     with pytest.raises(nbd.Error):
         h.pread(4096, 16 << 20)
-    wait_until(lambda: sample(scrape(stack.api_url), "nbdserver_io_errors_total", disk="m2",
+    wait_until(lambda: sample(scrape(stack.api_url, _token(stack)), "nbdserver_io_errors_total", disk="m2",
                               errno="EINVAL") == 1, 10, interval=0.1, what="the EINVAL counted")
     h.shutdown()
 
@@ -92,13 +92,13 @@ def test_a_revocation_moves_the_revocation_metrics(stack):
     stack.create_disk("m3", "--size", "16M", "--des", "mdes")
     h = stack.connect("m3")
     h.pread(4096, 0)
-    before = scrape(stack.api_url)
+    before = scrape(stack.api_url, _token(stack))
     stack.keyservice("key", "disable", "metricsvault", "mk")
     wait_for_eio(h)
     h.shutdown()  # the EIO counted (in an I/O worker: reported as its connection ends)
-    wait_until(lambda: sample(scrape(stack.api_url), "nbdserver_io_errors_total", disk="m3",
+    wait_until(lambda: sample(scrape(stack.api_url, _token(stack)), "nbdserver_io_errors_total", disk="m3",
                               errno="EIO") >= 1, 10, interval=0.1, what="the EIO counted")
-    after = scrape(stack.api_url)
+    after = scrape(stack.api_url, _token(stack))
     assert sample(after, "nbdserver_revocations_total") - sample(before, "nbdserver_revocations_total") >= 1
     assert sample(after, "nbdserver_revocation_latency_seconds_count") > \
         sample(before, "nbdserver_revocation_latency_seconds_count")
@@ -132,12 +132,17 @@ def test_metrics_listener_hides_disk_names_from_strangers(make_stack):
     assert "secretname" not in text
     outside = scrape(f"http://{address}:{port}")
     assert sample(outside, "nbdserver_io_requests_total", disk="(all)", command="read") >= 1
+    # The token is not taken on this plain-HTTP listener (it would cross the network in
+    # clear), and a loopback peer proves nothing (a proxy on the host is one).
     token = stack.nb.token_file.read_text().strip()
-    assert "secretname" in urllib.request.urlopen(urllib.request.Request(
+    assert "secretname" not in urllib.request.urlopen(urllib.request.Request(
         f"http://{address}:{port}/metrics", headers={"Authorization": f"Bearer {token}"}),
         timeout=30).read().decode()
-    loopback = scrape(f"http://127.0.0.1:{port}")
-    assert sample(loopback, "nbdserver_io_requests_total", disk="secretname", command="read") >= 1
+    assert "secretname" not in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                      timeout=30).read().decode()
+    # Names: with the token on the API listener; without it there, none either.
+    assert "secretname" not in _raw_metrics(stack, None)
+    assert "secretname" in _raw_metrics(stack, token)
     status = urllib.request.urlopen(f"http://{address}:{port}/readyz", timeout=30).status
     assert status == 200
 
@@ -233,3 +238,13 @@ def test_the_dashboard_shows_only_exported_metrics(stack):
     queried = set(re.findall(r"\b((?:nbdserver|keyservice)_[a-z_]+)", dashboard))
     base = {re.sub(r"_(bucket|count|sum|total)$", "", name) for name in queried}
     assert queried and base <= exported, sorted(base - exported)
+
+
+def _raw_metrics(stack, token) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(stack.api_url + "/metrics", headers=headers)
+    return urllib.request.urlopen(req, timeout=30).read().decode()
+
+
+def _token(stack) -> str:
+    return stack.nb.token_file.read_text().strip()
