@@ -26,6 +26,7 @@ from daemonkit.backup import (
     write_manifest,
 )
 
+from .hsm_seal import FILE as HSM_SEALED_FILE
 from .sealing import master_key_path
 from .store import DB_NAME
 
@@ -40,6 +41,17 @@ def backup_keyservice(data_dir, dest, *, include_master_key: bool = False,
         raise BackupError(f"{data_dir} holds no key service database ({DB_NAME})")
     out = private_directory(dest)
     version = copy_database(data_dir / DB_NAME, out / DB_NAME)
+    hsm_sealed = data_dir / HSM_SEALED_FILE
+    if hsm_sealed.exists():
+        # `--seal pkcs11`: the master key sealed by the HSM; useless without its token,
+        # and the only way back to the master key, so it is always part of the backup.
+        try:
+            copy_private_file(hsm_sealed, out / HSM_SEALED_FILE)
+        except OSError as e:
+            raise BackupError(f"cannot copy {hsm_sealed}: {e.strerror}") from None
+        master = (f"sealed by the HSM, included as {HSM_SEALED_FILE}: a restore needs the same "
+                  "PKCS#11 token (--seal pkcs11 with its module, label and PIN)")
+        return write_manifest(out, "keyservice", version, dataDir=str(data_dir), masterKey=master)
     if include_master_key:
         source, _ = master_key_path(data_dir, master_key_file)
         try:

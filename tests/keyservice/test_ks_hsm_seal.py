@@ -66,3 +66,29 @@ def test_seal_pkcs11_needs_a_module(make_daemon, tmp_path):
     d = make_daemon(extra_args=["--seal", "pkcs11"], start=False)
     d.start(expect_ready=False)
     assert d.proc.wait(timeout=30) == 2 and "--seal pkcs11 needs --pkcs11-module" in d.stderr()
+
+
+def test_a_backup_of_an_hsm_sealed_directory_restores_with_the_token(make_daemon, tmp_path):
+    """`keyservice backup` of a `--seal pkcs11` directory carries master-key.pkcs11 (useless
+    without the token, and the only way back to the master key): restored with the same
+    token, the keys unwrap. It was left out, and such a backup could never be restored."""
+    import shutil
+    token = make_token(tmp_path / "hsm")
+    data = tmp_path / "data"
+    d = make_daemon(data_dir=data, extra_args=_args(token), env=token.env)
+    assert d.http("POST", "/vaults", {"name": "sealedbk", "location": "l", "subscription": "s"})[0] == 201
+    assert d.http("POST", "/vaults/sealedbk/keys/k/create", {"key_size": 2048})[0] == 200
+    status, w = d.http("POST", "/vaults/sealedbk/keys/k/wrapkey", {"value": b64u(b"dek" * 8)})
+    assert status == 200
+    r = d.cli("backup", str(tmp_path / "bk"), "--data-dir", str(data))
+    manifest = json.loads(r.stdout)
+    assert "master-key.pkcs11" in manifest["files"] and "HSM" in manifest["masterKey"], manifest
+    assert d.stop() == 0
+
+    restored = tmp_path / "restored"
+    shutil.copytree(tmp_path / "bk", restored)
+    shutil.copy2(data / "admin.credential", restored / "admin.credential")
+    d2 = make_daemon(data_dir=restored, extra_args=_args(token), env=token.env)
+    status, u = d2.http("POST", "/vaults/sealedbk/keys/k/unwrapkey", {"value": w["value"]})
+    assert status == 200 and unb64u(u["value"]) == b"dek" * 8
+    assert d2.stop() == 0
