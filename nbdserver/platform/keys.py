@@ -12,8 +12,8 @@ import os
 
 from keyservice.client import KeyServiceClient, KeyServiceError, KeyServiceUnavailable, unreachable
 
-from .errors import AccessMissing, KeyUnavailable
-from .model import KeyEnvelope
+from .errors import AccessMissing, BadRequest, KeyUnavailable
+from .model import KeyEnvelope, KeyUrl
 
 DEK_BYTES = 64  # AES-256-XTS: two AES-256 keys
 WRAP_ALG = "RSA-OAEP-256"
@@ -88,4 +88,12 @@ async def latest_version(client: KeyServiceClient, key_url: str) -> str:
     kid = (bundle.get("key") or {}).get("kid") if isinstance(bundle, dict) else None
     if not isinstance(kid, str) or not kid:
         raise KeyUnavailable(f"get {key_url}: the key service answered without a kid")
+    # What is re-wrapped under comes from this answer: it must name a version of the very
+    # key asked for, not any key the answer names.
+    try:
+        same = KeyUrl.parse(kid).versionless == KeyUrl.parse(key_url).versionless
+    except BadRequest:
+        same = False
+    if not same or KeyUrl.parse(kid).version is None:
+        raise KeyUnavailable(f"get {key_url}: the key service answered with another key ({kid!r})")
     return kid

@@ -137,6 +137,12 @@ def canonical_key_url(url, keyservice_url: str, vault_domain: str | None):
     label, dot, domain = (parts.hostname or "").partition(".")
     if not dot or domain.lower() != vault_domain.lower().strip("."):
         return url
+    # urlsplit lowers the host; vault names are not case-folded, so "Prod" would name the
+    # vault "prod", perhaps another tenant's: a label with capitals is refused.
+    raw_label = parts.netloc.rpartition("@")[2].partition(".")[0]
+    if raw_label != label:
+        raise BadRequest(f"key URL {url!r}: a vault's host name is lower case; for a vault "
+                         "named with capitals use the path form {base}/vaults/{vault}/keys/...")
     path = [p for p in parts.path.split("/") if p]
     if path[:1] != ["keys"] or len(path) not in (2, 3) or parts.query or parts.fragment:
         raise BadRequest(f"not a key URL: {url!r} (expected https://{{vault}}.{vault_domain}"

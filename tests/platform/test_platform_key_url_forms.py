@@ -16,7 +16,7 @@ KS = "https://keys.example:8443"
 @pytest.mark.parametrize("given,kept", [
     ("https://v1.vault.example:8443/keys/k1", f"{KS}/vaults/v1/keys/k1"),
     ("https://v1.vault.example:8443/keys/k1/abc", f"{KS}/vaults/v1/keys/k1/abc"),
-    ("https://V1.Vault.Example:8443/keys/k1/", f"{KS}/vaults/v1/keys/k1"),  # DNS has no case
+    ("https://v1.Vault.Example:8443/keys/k1/", f"{KS}/vaults/v1/keys/k1"),  # the domain's case
     (f"{KS}/vaults/v1/keys/k1", f"{KS}/vaults/v1/keys/k1"),  # path form: as given
     ("https://other.example:8443/keys/k1", "https://other.example:8443/keys/k1"),  # left to parse
 ])
@@ -31,6 +31,7 @@ def test_host_form_becomes_the_path_form(given, kept):
     "https://v1.vault.example:8443/keys/k1/v/extra",
     "https://v1.vault.example:8443/keys/k1?api-version=7.4",
     "https://v1.vault.example:x/keys/k1",
+    "https://Prod.vault.example:8443/keys/k1",  # would name the vault "prod": another one
 ])
 def test_host_form_elsewhere_or_malformed_is_refused(given):
     with pytest.raises(BadRequest):
@@ -65,3 +66,26 @@ def test_an_encryption_set_on_a_host_form_url_serves_its_disk(make_stack):
         stack.nbdserver("des", "create", "des-else", "--key-url",
                         f"{scheme}://hostform.vault.test:1/keys/k1")
     assert "not on this platform's key service" in str(refused.value)
+
+
+def test_a_latest_version_naming_another_key_is_refused():
+    """Automatic rotation re-wraps under what `get` of the set's key answers: an answer
+    naming another key (or no version) is refused, not followed. The key service cannot
+    be made to answer so, hence a stand-in client."""
+    import asyncio
+
+    from nbdserver.platform import keys
+    from nbdserver.platform.errors import KeyUnavailable
+
+    class Answers:
+        def __init__(self, kid):
+            self.kid = kid
+
+        async def get_key(self, url):
+            return {"key": {"kid": self.kid}}
+
+    url = f"{KS}/vaults/v1/keys/k1"
+    assert asyncio.run(keys.latest_version(Answers(url + "/abc"), url)) == url + "/abc"
+    for other in (f"{KS}/vaults/v2/keys/k1/abc", f"{KS}/vaults/v1/keys/k2/abc", url, "junk"):
+        with pytest.raises(KeyUnavailable):
+            asyncio.run(keys.latest_version(Answers(other), url))
