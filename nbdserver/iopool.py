@@ -93,7 +93,9 @@ class Worker:
         parent.setblocking(False)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "nbdserver.ioworker", "--control-fd", str(child.fileno()),
+                # -P: the working directory is not put on the import path, so a module
+                # planted there cannot stand in for ours and receive the disks' keys.
+                [sys.executable, "-P", "-m", "nbdserver.ioworker", "--control-fd", str(child.fileno()),
                  "--parent-pid", str(os.getpid()),
                  "--threads", str(pool.threads), "--buffer-budget", str(pool.budget_share),
                  "--log-level", logging.getLevelName(logging.getLogger().level),
