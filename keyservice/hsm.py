@@ -17,6 +17,7 @@ done with the stored public key (rsakeys.wrap), as Key Vault's clients may do th
 One logged-in session, used under a lock: PKCS#11 does not let two threads use one
 session at once, and the work is short (one RSA private operation).
 """
+import hmac
 import os
 import secrets
 import stat
@@ -24,7 +25,8 @@ import threading
 from pathlib import Path
 
 import pkcs11
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.constants import DEFAULT
@@ -167,6 +169,11 @@ class Pkcs11Token:
                     return bytes(key.decrypt(value, mechanism=Mechanism.RSA_PKCS_OAEP,
                                              mechanism_param=(mech, mgf, None)))
                 except (p11.ArgumentsBad, p11.MechanismInvalid, p11.MechanismParamInvalid):
+                    # A token without this OAEP, or a caller's bad value (some tokens say
+                    # CKR_ARGUMENTS_BAD for both): a value of our own tells which, so no
+                    # caller can switch every tenant's unwraps off the token's OAEP.
+                    if self._oaep_works(object_id, alg):
+                        raise _unwrap_failed() from None
                     self._native_oaep[alg] = False  # this token lacks it: decode here from now on
                 except p11.PKCS11Error:
                     raise _unwrap_failed() from None
@@ -178,6 +185,24 @@ class Pkcs11Token:
             return oaep.decode(em, size // 8, hash_name)
         except oaep.OaepError:
             raise _unwrap_failed() from None
+
+    def _oaep_works(self, object_id: bytes, alg: str) -> bool:
+        """Whether the token's own OAEP for `alg` opens a value encrypted here to the key's
+        public half (called with the lock held)."""
+        mech, mgf, hash_name = _HASHES[alg]
+        pub = self._session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=object_id)
+        numbers = rsa.RSAPublicNumbers(int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big"),
+                                       int.from_bytes(pub[Attribute.MODULUS], "big"))
+        algorithm = hashes.SHA256() if hash_name == "sha256" else hashes.SHA1()
+        probe = secrets.token_bytes(32)
+        value = numbers.public_key().encrypt(
+            probe, padding.OAEP(padding.MGF1(algorithm), algorithm, None))
+        try:
+            out = self._private(object_id).decrypt(value, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                                   mechanism_param=(mech, mgf, None))
+        except p11.PKCS11Error:
+            return False
+        return hmac.compare_digest(bytes(out), probe)
 
     def destroy(self, object_id: bytes) -> None:
         """Both halves of the pair; a half already gone is not an error (a purge retried)."""

@@ -75,3 +75,30 @@ def test_any_key_hsm_is_parsed_or_refused(value):
             hsm_keys.parse_kek_kid(kid)
         except BadRequest:
             pass
+
+
+def test_a_bad_value_does_not_switch_the_token_off_its_own_oaep(tmp_path):
+    """Some tokens answer CKR_ARGUMENTS_BAD both for an OAEP they lack and for a bad value.
+    One caller's garbage must not make the service decide the token lacks OAEP (which
+    would send every tenant's unwraps to the raw RSA path, refused by HSMs that forbid
+    it): a value of the service's own tells which. SoftHSM 2.6 has OAEP over SHA-1 only."""
+    import os
+
+    from keyservice.hsm import Pkcs11Token
+    from tests.helpers.softhsm import make_token
+    token = make_token(tmp_path / "hsm")
+    os.environ["SOFTHSM2_CONF"] = str(token.conf)
+    hsm = Pkcs11Token(token.module, token.label, token.pin)
+    try:
+        made = hsm.generate_rsa(2048)
+        for alg in ("RSA-OAEP", "RSA-OAEP-256"):
+            with pytest.raises(BadRequest):
+                hsm.unwrap(made.object_id, 2048, alg, bytes(256))
+        assert hsm._native_oaep.get("RSA-OAEP", True) is True  # SoftHSM has it: kept
+        assert hsm._native_oaep.get("RSA-OAEP-256") is False  # it lacks this one: learnt
+        dek = os.urandom(32)
+        for alg, h in (("RSA-OAEP", hashes.SHA1), ("RSA-OAEP-256", hashes.SHA256)):
+            c = made.public_key().encrypt(dek, padding.OAEP(padding.MGF1(h()), h(), None))
+            assert hsm.unwrap(made.object_id, 2048, alg, c) == dek
+    finally:
+        hsm.close()
