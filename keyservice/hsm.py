@@ -190,17 +190,19 @@ class Pkcs11Token:
         """Whether the token's own OAEP for `alg` opens a value encrypted here to the key's
         public half (called with the lock held)."""
         mech, mgf, hash_name = _HASHES[alg]
-        pub = self._session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=object_id)
-        numbers = rsa.RSAPublicNumbers(int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big"),
-                                       int.from_bytes(pub[Attribute.MODULUS], "big"))
         algorithm = hashes.SHA256() if hash_name == "sha256" else hashes.SHA1()
         probe = secrets.token_bytes(32)
-        value = numbers.public_key().encrypt(
-            probe, padding.OAEP(padding.MGF1(algorithm), algorithm, None))
         try:
-            out = self._private(object_id).decrypt(value, mechanism=Mechanism.RSA_PKCS_OAEP,
-                                                   mechanism_param=(mech, mgf, None))
-        except p11.PKCS11Error:
+            # The private object's public attributes: an imported (BYOK) key has no
+            # public object of its own in the token.
+            key = self._private(object_id)
+            numbers = rsa.RSAPublicNumbers(int.from_bytes(key[Attribute.PUBLIC_EXPONENT], "big"),
+                                           int.from_bytes(key[Attribute.MODULUS], "big"))
+            value = numbers.public_key().encrypt(
+                probe, padding.OAEP(padding.MGF1(algorithm), algorithm, None))
+            out = key.decrypt(value, mechanism=Mechanism.RSA_PKCS_OAEP,
+                              mechanism_param=(mech, mgf, None))
+        except (p11.PKCS11Error, ValueError):  # cannot tell: as before, decode here
             return False
         return hmac.compare_digest(bytes(out), probe)
 

@@ -87,7 +87,7 @@ def test_a_bad_value_does_not_switch_the_token_off_its_own_oaep(tmp_path):
     from keyservice.hsm import Pkcs11Token
     from tests.helpers.softhsm import make_token
     token = make_token(tmp_path / "hsm")
-    os.environ["SOFTHSM2_CONF"] = str(token.conf)
+    token.session().close()  # this process's SoftHSM may predate the token: it looks again
     hsm = Pkcs11Token(token.module, token.label, token.pin)
     try:
         made = hsm.generate_rsa(2048)
