@@ -1,7 +1,11 @@
 """Suite-wide options. Long soak, fuzz and benchmark runs sit behind --slow."""
 
+import itertools
+import os
+
 import pytest
 
+from tests.helpers import postgres
 from tests.helpers.servers import BaselineServer, stop_healthy
 
 
@@ -32,3 +36,23 @@ def server_factory(tmp_path):
 
     yield start
     stop_healthy(started)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the whole session (tests/helpers/postgres.py);
+    skips where PostgreSQL or psycopg is not installed."""
+    why = postgres.missing()
+    if why:
+        pytest.skip(why)
+    with postgres.PostgresServer() as srv:
+        yield srv
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server):
+    """A new empty database on the session's server: its DSN."""
+    return postgres_server.create_database(f"t{os.getpid()}_{next(_databases)}")

@@ -17,6 +17,8 @@ DEB_PACKAGES=(
     ceph-mon ceph-osd ceph-common python3-rbd python3-rados
     # RSA-HSM keys: a real PKCS#11 token for the tests and the demo (tests/helpers/softhsm.py).
     softhsm2 p11-kit p11-kit-modules
+    # State on PostgreSQL: a throwaway server for the tests and the demo (tests/helpers/postgres.py).
+    postgresql
     qemu-block-extra  # qemu's rbd driver: the bench's qemu-nbd peers on RBD (bench/targets.py)
 )
 
