@@ -76,6 +76,9 @@ class XtsSectorCipher:
     keeps one OpenSSL context per concurrent caller).
     """
 
+    # The server's native read queue may run `read_transform()` (double.py's may not).
+    native_reads = True
+
     def __init__(self, key: bytearray, sector_size: int = SECTOR_SIZE) -> None:
         check_key(key)
         self._key = key
