@@ -24,6 +24,14 @@ PLATFORM_KEY = "platform"  # the `des` of a volume under the platform-managed ke
 # Kept in `Volume.extra["cache"]`; a disk without one follows `nbdserver serve --cache`.
 CACHE_MODES = ("none", "writeback")
 
+# An encryption set's type (Azure's `encryptionType`). A set of the double type gives each
+# of its disks two DEKs: one wrapped by its key (the customer's, as a CMK disk), one by the
+# platform key, and every sector encrypted under both (crypto/double.py).
+CUSTOMER_KEY = "EncryptionAtRestWithCustomerKey"
+PLATFORM_AND_CUSTOMER_KEYS = "EncryptionAtRestWithPlatformAndCustomerKeys"
+PLATFORM_KEY_TYPE = "EncryptionAtRestWithPlatformKey"  # a volume under PLATFORM_KEY: no set
+SET_TYPES = (CUSTOMER_KEY, PLATFORM_AND_CUSTOMER_KEYS)
+
 
 class VolumeKind(Enum):
     DISK = "disk"
@@ -65,6 +73,11 @@ class EncryptionSet:
     active_key_url: str | None = None  # kid with version: what the last rotation wrapped with
     last_key_rotation: float | None = None  # when the last rotation (manual or automatic) ended
     rotation_error: dict | None = None  # why the last automatic attempt failed: code, message, time
+    encryption_type: str = CUSTOMER_KEY  # one of SET_TYPES
+
+    @property
+    def double(self) -> bool:
+        return self.encryption_type == PLATFORM_AND_CUSTOMER_KEYS
 
 
 @dataclass
@@ -82,10 +95,23 @@ class Volume:
     gallery: str | None = None
     created: float = 0.0
     extra: dict = field(default_factory=dict)
+    # Double encryption: the platform DEK's envelope (`envelope` is the customer DEK's,
+    # wrapped by the set's key, so rotation and revocation see it as a CMK disk's).
+    platform_envelope: KeyEnvelope | None = None
 
     @property
     def customer_managed(self) -> bool:
         return self.des != PLATFORM_KEY
+
+    @property
+    def double(self) -> bool:
+        return self.platform_envelope is not None
+
+    @property
+    def encryption_type(self) -> str:
+        if self.double:
+            return PLATFORM_AND_CUSTOMER_KEYS
+        return CUSTOMER_KEY if self.customer_managed else PLATFORM_KEY_TYPE
 
     @property
     def cache(self) -> str | None:

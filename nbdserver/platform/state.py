@@ -31,13 +31,14 @@ CREATE TABLE IF NOT EXISTS encryption_sets (
     key_url TEXT NOT NULL, identity_object_id TEXT NOT NULL, identity_sealed BLOB NOT NULL,
     allow_cross_subscription INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL,
     auto_rotate INTEGER NOT NULL DEFAULT 0, active_key_url TEXT, last_key_rotation REAL,
-    rotation_error TEXT);
+    rotation_error TEXT, encryption_type TEXT NOT NULL DEFAULT 'EncryptionAtRestWithCustomerKey');
 CREATE TABLE IF NOT EXISTS volumes (
     kind TEXT NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
     subscription TEXT NOT NULL, location TEXT NOT NULL, des TEXT NOT NULL,
     kid TEXT NOT NULL, alg TEXT NOT NULL, wrapped BLOB NOT NULL,
     path TEXT NOT NULL, state TEXT NOT NULL, source TEXT, gallery TEXT,
     created REAL NOT NULL, extra TEXT NOT NULL DEFAULT '{}',
+    platform_kid TEXT, platform_alg TEXT, platform_wrapped BLOB,
     PRIMARY KEY (kind, name));
 CREATE TABLE IF NOT EXISTS operations (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL,
@@ -72,9 +73,20 @@ def _key_rotation(db: sqlite3.Connection, data_dir: str) -> None:
         db.execute(f"ALTER TABLE encryption_sets ADD COLUMN {column}")
 
 
+def _double_encryption(db: sqlite3.Connection, data_dir: str) -> None:
+    """Version 3: a set's type (double encryption: `EncryptionAtRestWithPlatformAndCustomerKeys`)
+    and a volume's second envelope, its platform DEK's. Sets made before are customer-key
+    sets and volumes made before have one DEK (NULL): appended, as SCHEMA has them."""
+    db.execute("ALTER TABLE encryption_sets ADD COLUMN encryption_type TEXT NOT NULL "
+               "DEFAULT 'EncryptionAtRestWithCustomerKey'")
+    for column in ("platform_kid TEXT", "platform_alg TEXT", "platform_wrapped BLOB"):
+        db.execute(f"ALTER TABLE volumes ADD COLUMN {column}")
+
+
 # MIGRATIONS[n] brings a database of version n to n + 1. Version 0 is every database of
 # the releases before versioning (the SCHEMA above, without user_version).
-MIGRATIONS: list[Callable[[sqlite3.Connection, str], None]] = [_relative_paths, _key_rotation]
+MIGRATIONS: list[Callable[[sqlite3.Connection, str], None]] = [_relative_paths, _key_rotation,
+                                                               _double_encryption]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -171,11 +183,12 @@ class State:
     def put_des(self, d: EncryptionSet) -> None:
         self.db.execute(
             f"INSERT OR REPLACE INTO encryption_sets ({_DES_COLUMNS}) VALUES "
-            "(?,?,?,?,?,?,?,?,?,?,?,?)",
+            "(?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (d.name, d.subscription, d.location, d.key_url, d.identity_object_id, d.identity_sealed,
              int(d.allow_cross_subscription), d.created or time.time(), int(d.auto_rotate),
              d.active_key_url, d.last_key_rotation,
-             None if d.rotation_error is None else json.dumps(d.rotation_error)))
+             None if d.rotation_error is None else json.dumps(d.rotation_error),
+             d.encryption_type))
 
     def get_des(self, name: str) -> EncryptionSet | None:
         row = self.db.execute(f"SELECT {_DES_COLUMNS} FROM encryption_sets WHERE name=?",
@@ -201,11 +214,11 @@ class State:
     # -- volumes
     def put_volume(self, v: Volume) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (v.kind.value, v.name, v.size, v.subscription, v.location, v.des, v.envelope.kid,
              v.envelope.alg, v.envelope.wrapped, backing.stored_path(self.data_dir, v.path),
              v.state.value, v.source, v.gallery,
-             v.created or time.time(), json.dumps(v.extra)))
+             v.created or time.time(), json.dumps(v.extra), *_platform_envelope(v)))
 
     def get_volume(self, kind: VolumeKind, name: str) -> Volume | None:
         row = self.db.execute("SELECT * FROM volumes WHERE kind=? AND name=?", (kind.value, name)).fetchone()
@@ -226,7 +239,8 @@ class State:
                       location=r[4], des=r[5], envelope=KeyEnvelope(r[6], r[7], bytes(r[8])),
                       path=backing.resolved_path(self.data_dir, r[9]),
                       state=VolumeState(r[10]), source=r[11], gallery=r[12], created=r[13],
-                      extra=json.loads(r[14] or "{}"))
+                      extra=json.loads(r[14] or "{}"),
+                      platform_envelope=KeyEnvelope(r[15], r[16], bytes(r[17])) if r[15] else None)
 
     def replace_envelope(self, v: Volume, old: KeyEnvelope, new: KeyEnvelope, des: str) -> bool:
         """Re-wrap `v` only if its row still holds `old` (compare and set): a volume deleted
@@ -293,11 +307,17 @@ class _Tx:
 
 _DES_COLUMNS = ("name, subscription, location, key_url, identity_object_id, identity_sealed, "
                 "allow_cross_subscription, created, auto_rotate, active_key_url, "
-                "last_key_rotation, rotation_error")
+                "last_key_rotation, rotation_error, encryption_type")
 
 
 def _des(r) -> EncryptionSet:
     return EncryptionSet(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), bool(r[6]), r[7],
                          auto_rotate=bool(r[8]), active_key_url=r[9], last_key_rotation=r[10],
-                         rotation_error=json.loads(r[11]) if r[11] else None)
+                         rotation_error=json.loads(r[11]) if r[11] else None,
+                         encryption_type=r[12])
+
+
+def _platform_envelope(v: Volume) -> tuple:
+    e = v.platform_envelope
+    return (None, None, None) if e is None else (e.kid, e.alg, e.wrapped)
 
