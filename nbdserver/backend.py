@@ -212,6 +212,158 @@ class WriteStage(ABC):
         leaves the stage as it was, to be committed again on a worker."""
 
 
+class FilterBackend(BlockBackend):
+    """`FilterBackend(lower)`: a layer over another backend that, as it is, changes
+    nothing: every method goes to `lower` as it came. A layer (nbdkit calls them
+    filters) subclasses it and overrides only what it changes.
+
+    A side channel describes the data path below, so it stays true only while the
+    layer leaves that path alone: `native_write` and `stage_write` promise to do what
+    `pwrite` does, `native_read`, `submit_read` and `mapping` what `pread` does. Passed
+    through from under a layer that encrypts, they would write plaintext to the disk or
+    hand out ciphertext. So a class that overrides `pwrite` (or `pread`), and not one
+    of the channels that speak for it, gets that channel's safe answer instead of the
+    pass-through, at class creation (`_DECLINED`): decline the side channel (the caller
+    then uses the data method), one data extent for block status, zeros written
+    through the layer's own `pwrite`, an ignored TRIM (the spec allows it) or CACHE.
+    Forgetting a channel then costs speed, never data. A layer whose override leaves
+    the data as it is (one that counts, say) keeps a channel by naming it in its class:
+    `native_write = FilterBackend.native_write`. `size`, `capabilities`, `io_align`,
+    `flush`, `grow` and `close` always pass through."""
+
+    def __init__(self, lower: BlockBackend) -> None:
+        self.lower = lower
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        for data, channels in _SPEAKS_FOR.items():
+            for name in channels:
+                # The channel as the class has it was defined above (in a base of) the
+                # class that last changed the data method: it no longer speaks for it.
+                if _owner(cls, name) in _owner(cls, data).__mro__[1:]:
+                    setattr(cls, name, _DECLINED[name])
+
+    @property
+    def size(self) -> int:
+        return self.lower.size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.lower.capabilities
+
+    @property
+    def io_align(self) -> int:
+        return self.lower.io_align
+
+    def pread(self, buf: memoryview, offset: int, *, nowait: bool = False) -> None:
+        self.lower.pread(buf, offset, nowait=nowait)
+
+    def pwrite(self, data: memoryview, offset: int, *, fua: bool = False, nowait: bool = False,
+               owned: bool = False) -> None:
+        self.lower.pwrite(data, offset, fua=fua, nowait=nowait, owned=owned)
+
+    def flush(self) -> None:
+        self.lower.flush()
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self.lower.trim(offset, length, fua=fua)
+
+    def zero(self, offset: int, length: int, *, may_trim: bool = True, fua: bool = False,
+             fast: bool = False) -> None:
+        self.lower.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        return self.lower.block_status(offset, length)
+
+    def cache(self, offset: int, length: int) -> None:
+        self.lower.cache(offset, length)
+
+    def native_write(self, length: int, *, fua: bool = False,
+                     nowait: bool = False) -> tuple[int, int] | None:
+        return self.lower.native_write(length, fua=fua, nowait=nowait)
+
+    def native_read(self, length: int) -> int | None:
+        return self.lower.native_read(length)
+
+    def submit_read(self, queue, buf, offset: int, token) -> bool:
+        return self.lower.submit_read(queue, buf, offset, token)
+
+    def stage_write(self, offset: int, length: int) -> WriteStage | None:
+        return self.lower.stage_write(offset, length)
+
+    def mapping(self) -> memoryview | None:
+        return self.lower.mapping()
+
+    def grow(self, size: int) -> None:
+        self.lower.grow(size)
+
+    def close(self) -> None:
+        self.lower.close()
+
+
+# Which side channels speak for which data method (FilterBackend's docstring).
+_SPEAKS_FOR = {
+    "pread": ("native_read", "submit_read", "mapping", "block_status", "cache"),
+    "pwrite": ("native_write", "stage_write", "zero", "trim"),
+}
+
+
+def _owner(cls: type, name: str) -> type:
+    """The class of `cls`'s MRO that defines `name`."""
+    return next(k for k in cls.__mro__ if name in k.__dict__)
+
+
+def _no_native_write(self, length: int, *, fua: bool = False,
+                     nowait: bool = False) -> tuple[int, int] | None:
+    return None
+
+
+def _no_native_read(self, length: int) -> int | None:
+    return None
+
+
+def _no_submit_read(self, queue, buf, offset: int, token) -> bool:
+    return False
+
+
+def _no_stage_write(self, offset: int, length: int) -> WriteStage | None:
+    return None
+
+
+def _no_mapping(self) -> memoryview | None:
+    return None
+
+
+def _all_data(self, offset: int, length: int) -> list[Extent]:
+    # "Data" is true of any range, whatever a layer does to it.
+    return [Extent(length)]
+
+
+def _no_cache(self, offset: int, length: int) -> None:
+    pass  # advisory: the lower layer's offsets may not be this layer's
+
+
+def _no_trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+    # A trimmed range may read back as anything (doc/proto.md, NBD_CMD_TRIM), so doing
+    # nothing is a valid trim, where trimming below could cut what the layer keeps there.
+    pass
+
+
+def _zeros_written(self, offset: int, length: int, *, may_trim: bool = True, fua: bool = False,
+                   fast: bool = False) -> None:
+    # Zeros below need not read as zeros through this layer: write them through it.
+    if fast:
+        raise enotsup("fast zeroing through this layer")
+    write_zeros(lambda data, at: self.pwrite(data, at, fua=fua), offset, length)
+
+
+_DECLINED = {
+    "native_write": _no_native_write, "native_read": _no_native_read,
+    "submit_read": _no_submit_read, "stage_write": _no_stage_write, "mapping": _no_mapping,
+    "block_status": _all_data, "cache": _no_cache, "trim": _no_trim, "zero": _zeros_written,
+}
+
+
 def enotsup(what: str) -> OSError:
     return OSError(errno.ENOTSUP, f"{what} is not supported")
 

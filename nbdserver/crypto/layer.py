@@ -52,7 +52,15 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from ..backend import BlockBackend, Capabilities, Extent, FileSpec, WriteStage, aligned, aligned_buffer
+from ..backend import (
+    BlockBackend,
+    Extent,
+    FileSpec,
+    FilterBackend,
+    WriteStage,
+    aligned,
+    aligned_buffer,
+)
 from .cipher import SECTOR_SIZE, XtsSectorCipher
 from .sector_locks import SECTORS_PER_STRIPE, STRIPES, Held, SectorLocks
 
@@ -81,12 +89,17 @@ class ReadQueue(Protocol):
                transform: CapsuleType | None = None, first: int = 0, *, align: int = 0) -> None: ...
 
 
-class XtsLayer(BlockBackend):
+class XtsLayer(FilterBackend):
     """`XtsLayer(lower, key)`: AES-256-XTS over `lower`, keyed by the 64-byte DEK `key`.
 
     Takes ownership of both once constructed: `close()` wipes `key` and closes `lower`.
     If construction raises (bad key: TypeError/InvalidKey; size not whole sectors:
     OSError EINVAL), the caller still owns them.
+
+    A `FilterBackend`: its capabilities are the lower layer's (trim and zero map to
+    whole sectors below plus RMW at the ends; flush, FUA and cache pass straight
+    through), and as it changes both reads and writes, the side channels it does not
+    define (`native_write`, `native_read`, `mapping`) decline.
     """
 
     def __init__(self, lower: BlockBackend, key: bytearray) -> None:
@@ -100,7 +113,7 @@ class XtsLayer(BlockBackend):
         self._encrypt = self._cipher.encrypt
         self._decrypt = self._cipher.decrypt
         self._encrypt_write = self._cipher.encrypt_write
-        self._lower = lower
+        super().__init__(lower)
         self._size = lower.size
         self._native_write = lower.native_write
         self._align = lower.io_align  # O_DIRECT below: hand it aligned buffers only
@@ -122,12 +135,6 @@ class XtsLayer(BlockBackend):
     @property
     def io_align(self) -> int:
         return self._align
-
-    @property
-    def capabilities(self) -> Capabilities:
-        # Everything the lower layer can do, this one can: trim and zero map to whole
-        # sectors below plus RMW at the ends; flush, FUA and cache pass straight through.
-        return self._lower.capabilities
 
     def pread(self, buf: memoryview, offset: int, *, nowait: bool = False) -> None:
         self._check_open()
@@ -221,7 +228,7 @@ class XtsLayer(BlockBackend):
         n = len(buf)
         if not n or (offset | n) % S:
             return False
-        fd = self._lower.native_read(n)
+        fd = self.lower.native_read(n)
         if fd is None:
             return False
         transform = self._read_transform
@@ -234,36 +241,36 @@ class XtsLayer(BlockBackend):
 
     def flush(self) -> None:
         self._check_open()
-        self._lower.flush()
+        self.lower.flush()
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._check_open()
-        self._clear(offset, length, lambda o, n: self._lower.trim(o, n, fua=fua), fua)
+        self._clear(offset, length, lambda o, n: self.lower.trim(o, n, fua=fua), fua)
 
     def zero(self, offset: int, length: int, *, may_trim: bool = True, fua: bool = False,
              fast: bool = False) -> None:
         self._check_open()
         self._clear(offset, length,
-                    lambda o, n: self._lower.zero(o, n, may_trim=may_trim, fua=fua, fast=fast),
+                    lambda o, n: self.lower.zero(o, n, may_trim=may_trim, fua=fua, fast=fast),
                     fua)
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         self._check_open()
         start = offset - offset % S
         stop = -(-(offset + length) // S) * S
-        extents = sector_extents(self._lower.block_status(start, stop - start), start)
+        extents = sector_extents(self.lower.block_status(start, stop - start), start)
         return clip_extents(extents, offset - start, length)
 
     def cache(self, offset: int, length: int) -> None:
         self._check_open()
         start = offset - offset % S
-        self._lower.cache(start, -(-(offset + length) // S) * S - start)
+        self.lower.cache(start, -(-(offset + length) // S) * S - start)
 
     def stage_write(self, offset: int, length: int) -> EncryptingStage | None:
         # Whole sectors only: a write with unaligned ends needs its RMW, after the locks.
         if self._closed or offset % S or length % S or length <= 0 or offset + length > self.size:
             return None
-        if not self._lower.capabilities.writable:  # refused anyway: encrypt nothing
+        if not self.lower.capabilities.writable:  # refused anyway: encrypt nothing
             return None
         return EncryptingStage(self, offset, length)
 
@@ -273,7 +280,7 @@ class XtsLayer(BlockBackend):
         self._check_open()
         if size % S:
             raise OSError(errno.EINVAL, f"the disk size {size} is not a multiple of {S} bytes")
-        self._lower.grow(size)
+        self.lower.grow(size)
         self._size = size
 
     def close(self) -> None:
@@ -282,7 +289,7 @@ class XtsLayer(BlockBackend):
             return
         self._closed = True
         self._cipher.close()
-        self._lower.close()
+        self.lower.close()
 
     # --- internals --------------------------------------------------------------------
 
@@ -336,7 +343,7 @@ class XtsLayer(BlockBackend):
         nowait: touching the mapping may wait for the disk."""
         n = len(buf)
         if not nowait and n >= MAP_MIN:
-            view = self._lower.mapping()
+            view = self.lower.mapping()
             if view is not None and offset + n <= len(view):
                 self._cipher.decrypt_mapped(view[offset:offset + n], buf, offset // S)
                 return
@@ -344,10 +351,10 @@ class XtsLayer(BlockBackend):
             # O_DIRECT into an unaligned buffer (a request's): read into aligned scratch
             # and decrypt out of it, instead of a bounce copy below and decryption here.
             src = self._read_scratch(n)
-            self._lower.pread(src, offset)
+            self.lower.pread(src, offset)
             self._cipher.decrypt(src, buf, offset // S, holes=True)
             return
-        self._lower.pread(buf, offset, nowait=nowait)
+        self.lower.pread(buf, offset, nowait=nowait)
         self._cipher.decrypt(buf, buf, offset // S, holes=True)
 
     def _acquire(self, first: int, end: int, nowait: bool) -> Held:
@@ -369,7 +376,7 @@ class XtsLayer(BlockBackend):
         first = stage.offset // S
         held = self._acquire(first, first + stage.length // S, nowait)
         try:
-            self._lower.pwrite(stage.view, stage.offset, fua=fua, nowait=nowait)
+            self.lower.pwrite(stage.view, stage.offset, fua=fua, nowait=nowait)
         finally:
             self._locks.release(held)
 
@@ -389,7 +396,7 @@ class XtsLayer(BlockBackend):
             out = self._scratch(len(data))
         self._encrypt(data, out, first)
         try:
-            self._lower.pwrite(out, offset, fua=fua, nowait=nowait)
+            self.lower.pwrite(out, offset, fua=fua, nowait=nowait)
         except BlockingIOError:
             if out is data:  # refused before writing: hand the plaintext back for the retry
                 self._decrypt(data, data, first)
@@ -413,7 +420,7 @@ class XtsLayer(BlockBackend):
             a, b = max(lo, p), min(hi, p + S)
             self._merge_sector(out[p:p + S], start + p, a - p,
                                data[start + a - offset:start + b - offset], nowait)
-        self._lower.pwrite(out, start, fua=fua, nowait=nowait)
+        self.lower.pwrite(out, start, fua=fua, nowait=nowait)
 
     def _merge_sector(self, sector: memoryview, pos: int, at: int, piece: memoryview | bytes,
                       nowait: bool) -> None:
@@ -443,7 +450,7 @@ class XtsLayer(BlockBackend):
                     continue
                 sector = self._scratch(S)
                 self._merge_sector(sector, p, a - p, bytes(b - a), False)
-                self._lower.pwrite(sector, p, fua=fua)
+                self.lower.pwrite(sector, p, fua=fua)
         finally:
             self._locks.release(held)
 

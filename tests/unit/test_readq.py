@@ -304,7 +304,7 @@ def test_a_read_keeps_the_engine_usable_after_the_layer_closes(queue, tmp_path):
     path = tmp_path / "e.img"
     layer = XtsLayer(FileBackend(path, size=MiB), generate_dek())
     layer.pwrite(os.urandom(S), 0)
-    fd = os.dup(layer._lower.fileno())  # the file stays readable after the layer closes
+    fd = os.dup(layer.lower.fileno())  # the file stays readable after the layer closes
     try:
         buf = bytearray(S)
         queue.submit("r", buf, fd, 0, layer._cipher.read_transform(), 0)

@@ -59,7 +59,7 @@ def test_mapped_reads_equal_pread_reads(tmp_path):
         assert out == data[:MiB]
         mapped.pread(out, 7 * MiB)                # never written: a hole reads as zeros
         assert out == bytes(MiB)
-        assert mapped._lower.mapping() is not None  # the mapped path really ran
+        assert mapped.lower.mapping() is not None  # the mapped path really ran
     finally:
         mapped.close()
         ref.close()
