@@ -3,7 +3,8 @@
 doc/proto.md, "Transmission" and "Request types". `RequestParser.feed(data)` returns
 the requests complete in what arrived so far; `check()` decides whether a request is
 valid for an export (the spec's EINVAL/ENOSPC/EPERM rules) before any backend sees it;
-the `*_reply` functions build the bytes to send.
+the reply shaping functions (`error_reply`, `read_reply_head`, `read_reply`,
+`block_status_descriptors` and the chunk encoders under them) build the bytes to send.
 
 Limits, and why:
 - A WRITE payload over `max_payload` (32 MiB, announced as NBD_INFO_BLOCK_SIZE maximum)
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
 from .constants import (
@@ -64,6 +65,8 @@ from .constants import (
     NBD_REPLY_TYPE_OFFSET_HOLE,
     NBD_REQUEST_MAGIC,
     NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STATE_HOLE,
+    NBD_STATE_ZERO,
     NBD_STRUCTURED_REPLY_MAGIC,
 )
 
@@ -357,3 +360,77 @@ def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
 def block_status_chunk(cookie: int, context_id: int, extents: list[tuple[int, int]]) -> bytes:
     body = struct.pack(">I", context_id) + b"".join(struct.pack(">II", n, f) for n, f in extents)
     return chunk(cookie, NBD_REPLY_TYPE_BLOCK_STATUS, body)
+
+
+# --- reply shaping: the bytes for each outcome of a request, in the reply style the
+# client negotiated (doc/proto.md, "Simple reply message", "Structured reply message").
+# The server only picks the outcome; what it looks like on the wire is decided here.
+
+# Reply bytes as they go to the transport: headers made here, data as the backend left it.
+Piece = bytes | bytearray | memoryview
+
+
+def error_reply(cookie: int, error: int, message: str, *, structured: bool) -> bytes:
+    """A failed request: an error chunk carrying `message` when structured, else a
+    simple reply with the error and no data, even for a READ (doc/proto.md, "Simple
+    reply message": the client cannot know how long a failed read's data would be)."""
+    if structured:
+        return error_chunk(cookie, error, message)
+    return simple_reply(cookie, error)
+
+
+def read_reply_head(cookie: int, offset: int, length: int, *, structured: bool) -> bytes:
+    """What goes before the `length` bytes of a READ answered as one piece of data:
+    the header of one OFFSET_DATA chunk, the last, or a simple reply."""
+    if structured:
+        return data_chunk_header(cookie, offset, length)
+    return simple_reply(cookie)
+
+
+def read_reply(cookie: int, parts: list[tuple[int, int, Piece | None]], *,
+               structured: bool) -> list[Piece]:
+    """A READ answered in parts `(offset, length, data)`, in order, `data` None for a
+    range that reads as zeros (a hole). Structured: one chunk per part, OFFSET_HOLE for
+    a hole (no data sent) and OFFSET_DATA otherwise, the last flagged done. Simple: the
+    reply, then every part's bytes, a hole as zeros (a simple reply cannot leave it out)."""
+    if not structured:
+        out: list[Piece] = [simple_reply(cookie)]
+        out.extend(bytes(n) if data is None else data for _, n, data in parts)
+        return out
+    out = []
+    last = len(parts) - 1
+    for i, (offset, n, data) in enumerate(parts):
+        if data is None:
+            out.append(hole_chunk(cookie, offset, n, done=i == last))
+        else:
+            out.append(data_chunk_header(cookie, offset, n, done=i == last))
+            out.append(data)
+    return out
+
+
+class Allocation(Protocol):
+    """One run of a backend's block status (`nbdserver.backend.Extent` is one)."""
+
+    @property
+    def length(self) -> int: ...
+    @property
+    def hole(self) -> bool: ...
+    @property
+    def zero(self) -> bool: ...
+
+
+def block_status_descriptors(extents: Iterable[Allocation], *, one: bool = False) -> list[tuple[int, int]]:
+    """The `base:allocation` descriptors `(length, flags)` of a backend's runs: HOLE
+    and ZERO flags (doc/proto.md, "base:allocation metadata context"), neighbours with
+    the same flags merged (the client needs no more detail than that). With `one`
+    (NBD_CMD_FLAG_REQ_ONE) only the first run. Empty when `extents` is."""
+    out: list[tuple[int, int]] = []
+    for e in extents:
+        flags = (NBD_STATE_HOLE if e.hole else 0) | (NBD_STATE_ZERO if e.zero else 0)
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + e.length, flags)
+        else:
+            out.append((e.length, flags))
+        if one:
+            break
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import random
 import struct
+from typing import NamedTuple
 
 import pytest
 from hypothesis import given, settings
@@ -44,6 +45,8 @@ from nbdserver.protocol.constants import (
     NBD_REPLY_TYPE_OFFSET_HOLE,
     NBD_REQUEST_MAGIC,
     NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STATE_HOLE,
+    NBD_STATE_ZERO,
     NBD_STRUCTURED_REPLY_MAGIC,
 )
 from nbdserver.protocol.transmission import (
@@ -53,11 +56,15 @@ from nbdserver.protocol.transmission import (
     Request,
     RequestParser,
     block_status_chunk,
+    block_status_descriptors,
     check,
     data_chunk_header,
     error_chunk,
+    error_reply,
     hole_chunk,
     nbd_error,
+    read_reply,
+    read_reply_head,
     simple_reply,
 )
 
@@ -271,6 +278,76 @@ def test_structured_chunks():
     b = block_status_chunk(3, 1, [(4096, 3), (512, 0)])
     assert head(b)[2:] == (NBD_REPLY_TYPE_BLOCK_STATUS, 3, 4 + 16)
     assert b[20:] == struct.pack(">IIIII", 1, 4096, 3, 512, 0)
+
+
+# -- reply shaping: the exact bytes, built here from the spec's layouts
+def simple(cookie, error=0):
+    return struct.pack(">IIQ", NBD_SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def chunk_head(cookie, ctype, length, done):
+    return struct.pack(">IHHQI", NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE if done else 0,
+                       ctype, cookie, length)
+
+
+def data_head(cookie, offset, n, done):
+    return chunk_head(cookie, NBD_REPLY_TYPE_OFFSET_DATA, 8 + n, done) + struct.pack(">Q", offset)
+
+
+def hole(cookie, offset, n, done):
+    return chunk_head(cookie, NBD_REPLY_TYPE_OFFSET_HOLE, 12, done) + struct.pack(">QI", offset, n)
+
+
+def test_an_error_is_a_chunk_with_its_message_only_when_structured():
+    assert error_reply(9, NBD_ENOSPC, "full", structured=False) == simple(9, NBD_ENOSPC)
+    assert error_reply(9, NBD_ENOSPC, "full", structured=True) == (
+        chunk_head(9, NBD_REPLY_TYPE_ERROR, 6 + 4, True) + struct.pack(">IH", NBD_ENOSPC, 4) + b"full")
+
+
+def test_a_read_in_one_piece_is_headed_by_one_last_data_chunk_or_a_simple_reply():
+    assert read_reply_head(5, 12288, 65536, structured=False) == simple(5)
+    assert read_reply_head(5, 12288, 65536, structured=True) == data_head(5, 12288, 65536, True)
+
+
+PARTS = [(4096, 4096, b"a" * 4096), (8192, 8192, None), (16384, 512, memoryview(b"b" * 512))]
+
+
+def test_a_structured_read_sends_holes_as_hole_chunks_and_marks_the_last_done():
+    out = read_reply(7, PARTS, structured=True)
+    assert b"".join(out) == (data_head(7, 4096, 4096, False) + b"a" * 4096
+                             + hole(7, 8192, 8192, False)
+                             + data_head(7, 16384, 512, True) + b"b" * 512)
+    assert out[-1] is PARTS[-1][2]  # the data goes out as the backend left it, not copied
+
+
+def test_a_structured_read_ending_in_a_hole_marks_the_hole_done():
+    out = read_reply(7, [(0, 4096, b"c" * 4096), (4096, 4096, None)], structured=True)
+    assert b"".join(out) == data_head(7, 0, 4096, False) + b"c" * 4096 + hole(7, 4096, 4096, True)
+
+
+def test_a_simple_read_sends_its_holes_as_zeros():
+    out = read_reply(7, PARTS, structured=False)
+    assert b"".join(out) == simple(7) + b"a" * 4096 + bytes(8192) + b"b" * 512
+
+
+class Run(NamedTuple):
+    length: int
+    hole: bool = False
+    zero: bool = False
+
+
+def test_block_status_flags_runs_and_merges_neighbours_with_the_same_flags():
+    runs = [Run(4096), Run(4096), Run(8192, hole=True, zero=True), Run(512, zero=True),
+            Run(4096, hole=True, zero=True)]
+    assert block_status_descriptors(runs) == [
+        (8192, 0), (8192, NBD_STATE_HOLE | NBD_STATE_ZERO), (512, NBD_STATE_ZERO),
+        (4096, NBD_STATE_HOLE | NBD_STATE_ZERO)]
+    assert block_status_descriptors(runs, one=True) == [(4096, 0)]  # REQ_ONE: the first run
+    assert block_status_descriptors([]) == []
+    descriptors = block_status_descriptors(runs[2:4])
+    assert block_status_chunk(3, 1, descriptors) == (
+        chunk_head(3, NBD_REPLY_TYPE_BLOCK_STATUS, 4 + 16, True)
+        + struct.pack(">IIIII", 1, 8192, NBD_STATE_HOLE | NBD_STATE_ZERO, 512, NBD_STATE_ZERO))
 
 
 # -- fuzz: only the documented events come out, nothing escapes
