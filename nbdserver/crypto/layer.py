@@ -62,6 +62,7 @@ from ..backend import (
     aligned_buffer,
 )
 from .cipher import SECTOR_SIZE, XtsSectorCipher
+from .double import DOUBLE_KEY_SIZE, DoubleXtsCipher
 from .sector_locks import SECTORS_PER_STRIPE, STRIPES, Held, SectorLocks
 
 if TYPE_CHECKING:
@@ -109,7 +110,8 @@ class XtsLayer(FilterBackend):
             raise OSError(errno.EINVAL, f"the disk size {lower.size} is not a multiple of {S} bytes")
         # Asked before the cipher exists: nothing after it may fail (the key is mlocked).
         self._small_write_fd = self._fixed_native_fd(lower)
-        self._cipher = XtsSectorCipher(key, S)
+        # Two DEKs in one buffer (double.py) key two layers of XTS per sector.
+        self._cipher = (DoubleXtsCipher if len(key) == DOUBLE_KEY_SIZE else XtsSectorCipher)(key, S)
         self._encrypt = self._cipher.encrypt
         self._decrypt = self._cipher.decrypt
         self._encrypt_write = self._cipher.encrypt_write
@@ -226,7 +228,7 @@ class XtsLayer(FilterBackend):
         # Whole sectors only: an unaligned end needs the scratch sector of pread.
         self._check_open()
         n = len(buf)
-        if not n or (offset | n) % S:
+        if not n or (offset | n) % S or not self._cipher.native_reads:
             return False
         fd = self.lower.native_read(n)
         if fd is None:
