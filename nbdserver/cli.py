@@ -54,6 +54,27 @@ def main():
     """Encrypted managed disks over NBD."""
 
 
+def ceph_client(conf: str | None, client_id: str, keyring: str | None) -> dict | None:
+    """The cluster of RBD disks, checked here: a keyring others can read is refused, as
+    it would let them act as this server on the cluster."""
+    if not conf:
+        if keyring:
+            raise click.UsageError("--ceph-keyring needs --ceph-conf")
+        return None
+    if not os.path.isfile(conf):
+        raise click.UsageError(f"--ceph-conf {conf}: no such file")
+    if keyring:
+        try:
+            mode = os.stat(keyring).st_mode
+        except OSError as e:
+            raise click.UsageError(f"--ceph-keyring {keyring}: {e.strerror}") from None
+        if mode & 0o077:
+            raise click.UsageError(f"--ceph-keyring {keyring} is readable by others "
+                                   f"(mode {mode & 0o777:o}): make it 0600")
+    return {"conf": os.path.abspath(conf), "client_id": client_id,
+            "keyring": os.path.abspath(keyring) if keyring else None}
+
+
 def arm_deadline() -> None:
     """Two requests' worth: the call and, for commands that follow an operation, one poll."""
     seconds = 2 * request_timeout() + DEADLINE_MARGIN
@@ -87,6 +108,15 @@ def arm_deadline() -> None:
 @click.option("--cache", type=click.Choice(["none", "writeback"]), default="writeback",
               show_default=True, help="cache mode of disks without their own (none: O_DIRECT; "
                                       "docs/operations.md)")
+@click.option("--storage", default="file", show_default=True, envvar="NBDSERVER_STORAGE",
+              show_envvar=True, help="where new disks go: file (DATA_DIR) or rbd:POOL "
+                                     "(Ceph RBD; docs/operations.md, \"Disks on Ceph RBD\")")
+@click.option("--ceph-conf", type=click.Path(dir_okay=False), envvar="CEPH_CONF", show_envvar=True,
+              help="ceph.conf of the cluster of RBD disks")
+@click.option("--ceph-id", default="admin", show_default=True, envvar="CEPH_ID", show_envvar=True,
+              help="cephx client name, without client.")
+@click.option("--ceph-keyring", type=click.Path(dir_okay=False), envvar="CEPH_KEYRING",
+              show_envvar=True, help="that client's keyring, 0600 (default: what ceph.conf says)")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
               show_default=True)
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
@@ -130,7 +160,7 @@ def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_
           io_processes, cache, log_level, tls_mode, tls_dir,
           tls_verify_clients, tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
           max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list,
-          log_format, metrics_listen):
+          log_format, metrics_listen, storage, ceph_conf, ceph_id, ceph_keyring):
     """Run the NBD server and the disk platform."""
     from keyservice.client import client_ssl_for
 
@@ -168,7 +198,8 @@ def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_
                                         (buffer_budget_mib << 20) if buffer_budget_mib
                                         else _LIMITS.buffer_budget),
             nbd_export_list=ExportList(export_list),
-            metrics_listen=parse_hostport(metrics_listen, 9108) if metrics_listen else None))
+            metrics_listen=parse_hostport(metrics_listen, 9108) if metrics_listen else None,
+            storage=storage, ceph=ceph_client(ceph_conf, ceph_id, ceph_keyring)))
     except StartupError as e:
         click.echo(f"nbdserver: cannot start: {e}", err=True)
         sys.exit(1)
@@ -217,12 +248,18 @@ def des():
               help="accept a vault in another subscription (the vault owner's explicit consent)")
 @click.option("--auto-rotate", is_flag=True,
               help="follow the key's latest version: re-wrap every DEK after `key rotate`")
-def des_create(name, key_url, subscription, location, allow_cross_subscription, auto_rotate):
+@click.option("--double-encryption", is_flag=True,
+              help="EncryptionAtRestWithPlatformAndCustomerKeys: each disk encrypted twice, "
+                   "under a platform key and under this key")
+def des_create(name, key_url, subscription, location, allow_cross_subscription, auto_rotate,
+               double_encryption):
     """Create an encryption set; grant its identity get, wrapKey, unwrapKey on the vault."""
     out(api("POST", "/encryption-sets", {"name": name, "keyUrl": key_url, "subscription": subscription,
                                         "location": location,
                                         "allowCrossSubscription": allow_cross_subscription or None,
-                                        "rotationToLatestKeyVersionEnabled": auto_rotate or None}))
+                                        "rotationToLatestKeyVersionEnabled": auto_rotate or None,
+                                        "encryptionType": "EncryptionAtRestWithPlatformAndCustomerKeys"
+                                        if double_encryption else None}))
 
 
 @des.command("show")
@@ -273,11 +310,13 @@ def disk():
 @click.option("--no-wait", is_flag=True, help="print the operation and return (see `operation wait`)")
 @click.option("--cache", type=click.Choice(["none", "writeback"]),
               help="cache mode (none: O_DIRECT); default: the server's --cache")
-def disk_create(name, size, des, source, count, subscription, location, quiet, no_wait, cache):
+@click.option("--storage", metavar="file|rbd:POOL",
+              help="a file, or an image in a Ceph RBD pool; default: the server's --storage")
+def disk_create(name, size, des, source, count, subscription, location, quiet, no_wait, cache, storage):
     """Create a disk (SIZE: 10G or 10GiB binary, 10GB decimal, 1.5G; docs/platform.md)."""
     op = api("POST", "/disks", {"name": name, "size": size, "diskEncryptionSet": des, "source": source,
                                 "count": count, "subscription": subscription, "location": location,
-                                "cache": cache})
+                                "cache": cache, "storage": storage})
     result = follow(op, quiet=quiet, no_wait=no_wait)
     out(result[0] if count is None and not no_wait else result)
 
@@ -474,6 +513,32 @@ def backup(directory, data_dir, include_data, include_master_key, master_key_fil
     except BackupError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- master key
+@main.command("rotate-master-key")
+@click.option("--data-dir", default="/var/lib/nbdserver", show_default=True,
+              type=click.Path(file_okay=False), help="the platform's data directory (running or not)")
+@click.option("--master-key-file", type=click.Path(dir_okay=False),
+              help="the keyring's place when not the default")
+@click.option("--status", "action", flag_value="status",
+              help="only report which master key seals how many records")
+@click.option("--retire", "action", flag_value="retire",
+              help="drop the older keys no sealed record names any more")
+def rotate_master_key(data_dir, master_key_file, action):
+    """Put a new platform master key first in the keyring; the older ones stay readable.
+
+    Safe while the server runs: it re-seals every credential under the new key at its
+    next start. Then --retire drops the old key (docs/operations.md, "Rotating the
+    master key"). Prints the keys, the records under each, and what can be retired."""
+    import json
+
+    from .platform.sealing import MasterKeyError, rotate_master_key
+    try:
+        result = rotate_master_key(data_dir, master_key_file, action or "rotate")
+    except MasterKeyError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
 # Host integration: attach a disk as a block device on this machine (nbdserver/host/).

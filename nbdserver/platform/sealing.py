@@ -1,65 +1,97 @@
-"""Sealing platform secrets at rest (the encryption sets' identity credentials).
+"""The platform's secrets at rest (the encryption sets' identity credentials), sealed by
+the sealer both daemons share (`daemonkit.sealer`, AES-256-GCM, a key id in every blob).
 
-AES-256-GCM from `cryptography` under a 32-byte platform master key, read from
-`--master-key-file`, or `$CREDENTIALS_DIRECTORY/platform-master-key` (systemd
-LoadCredential=), or generated on first start as DATA_DIR/master.key (mode 0600).
-Sealed blobs are self-describing: a format byte, the nonce, then ciphertext+tag; the
-associated data binds a blob to the record it belongs to, so blobs cannot be swapped.
+The keyring is read from `--master-key-file`, or `$CREDENTIALS_DIRECTORY/platform-master-key`
+(systemd LoadCredential=), or DATA_DIR/master.key; it is made (0600) only with a new state
+(`daemonkit.keyring.open_keyring`). The AAD of a set's credential is "des:NAME".
+
+Rotation (`nbdserver rotate-master-key`, docs/operations.md "Rotating the master key")
+puts a new key first in the keyring file and changes nothing else, so it is safe while
+the server runs. At its next start the platform re-seals, before serving, every credential
+not under the current key (`reseal`), and records which key it seals under (`SEALING_KEY`);
+an older key is retired only once no blob names it and the server sealing has the current
+key (`status`), or a still-running server could seal a new credential under the old key.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from daemonkit import rotation
+from daemonkit.keyring import (
+    Keyring,
+    KeySource,
+    MasterKeyError,
+    key_source,
+    open_keyring,
+    read_keyring,
+)
+from daemonkit.sealer import Sealer, SealError
 
-FORMAT = b"\x01"
+from .state import State
+
+__all__ = ["MasterKeyError", "Sealer", "SealError", "platform_key_source", "load_keyring",
+           "reseal", "status", "rotate_master_key"]
+
+log = logging.getLogger("nbdserver.platform")
+SEALING_KEY = "sealing_key_id"  # state config: the key id the last started server seals under
 
 
-class MasterKeyError(Exception):
-    pass
+def platform_key_source(data_dir: str, master_key_file: str | None) -> KeySource:
+    return key_source(data_dir, master_key_file, credential="platform-master-key",
+                      default_name="master.key")
 
 
-def load_master_key(data_dir: str, path: str | None = None, *, may_create: bool = True) -> bytes:
-    """The master key; DATA_DIR/master.key is made only with `may_create` (a new state):
-    a state sealed under a key that went missing is refused, never silently re-keyed
-    (its encryption sets' credentials would no longer open)."""
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if path is None and creds and os.path.exists(os.path.join(creds, "platform-master-key")):
-        path = os.path.join(creds, "platform-master-key")
-    if path is None:
-        path = os.path.join(data_dir, "master.key")
-        if not os.path.exists(path):
-            if not may_create:
-                raise MasterKeyError(
-                    f"the platform master key {path} is missing, and the state in {data_dir} is "
-                    "sealed under it: supply the original (--master-key-file, the systemd "
-                    "credential platform-master-key, or DATA_DIR/master.key; docs/operations.md, "
-                    "\"Backup and restore\")")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(os.urandom(32))
-                f.flush()
-                os.fsync(f.fileno())
+def load_keyring(data_dir: str, master_key_file: str | None, *, holds_state: bool) -> Keyring:
+    return open_keyring(platform_key_source(data_dir, master_key_file),
+                        holds_sealed_state=holds_state, state=f"the platform state in {data_dir}")
+
+
+def reseal(state: State, sealer: Sealer) -> int:
+    """Every credential under the current key, then the key recorded as the one this
+    server seals under. Runs at start, before the platform serves or changes anything,
+    so rewriting whole rows races with nothing. A blob that does not open stops the
+    start: the keyring is not the one the state was sealed under."""
+    moved = 0
+    for des in state.list_des():
+        if not sealer.needs_reseal(des.identity_sealed):
+            continue
+        try:
+            new = sealer.reseal(des.identity_sealed, f"des:{des.name}")
+        except SealError as e:
+            raise MasterKeyError(f"{e}: start with the keyring that sealed it") from None
+        with state.transaction():
+            state.put_des(dataclasses.replace(des, identity_sealed=new))
+        moved += 1
+    with state.transaction():
+        state.set_config(SEALING_KEY, sealer.keyring.current_id.hex())
+    if moved:
+        log.info("re-sealed %d encryption set credential(s) under master key %s",
+                 moved, sealer.keyring.current_id.hex())
+    return moved
+
+
+def status(state: State, keyring: Keyring) -> dict:
+    """Which key seals what, and which older keys can be retired now."""
+    return rotation.seal_status(keyring, (d.identity_sealed for d in state.list_des()),
+                       state.get_config(SEALING_KEY))
+
+
+def rotate_master_key(data_dir: str, master_key_file: str | None, action: str) -> dict:
+    """`nbdserver rotate-master-key`: `action` "rotate", "retire" or "status"; the status
+    after it. Reads the state (the server may be running: SQLite's WAL lets it)."""
+    source = platform_key_source(data_dir, master_key_file)
+    db = os.path.join(data_dir, "platform.db")
+    if not os.path.exists(db):
+        raise MasterKeyError(f"{data_dir} holds no platform state (platform.db)")
+    state = State(db, data_dir)
     try:
-        with open(path, "rb") as f:
-            key = f.read()
-    except OSError as e:
-        raise MasterKeyError(f"cannot read the platform master key {path}: {e.strerror}") from None
-    if len(key) != 32:
-        raise MasterKeyError(f"platform master key {path} must be exactly 32 bytes, found {len(key)}")
-    return key
-
-
-class Sealer:
-    def __init__(self, key: bytes):
-        self._aead = AESGCM(key)
-
-    def seal(self, plaintext: bytes, context: str) -> bytes:
-        nonce = os.urandom(12)
-        return FORMAT + nonce + self._aead.encrypt(nonce, plaintext, context.encode())
-
-    def unseal(self, blob: bytes, context: str) -> bytes:
-        if blob[:1] != FORMAT:
-            raise MasterKeyError("unknown sealed-blob format")
-        return self._aead.decrypt(blob[1:13], blob[13:], context.encode())
+        if action == "rotate":
+            rotation.rotate(source)
+        elif action == "retire":
+            rotation.retire(source, status(state, read_keyring(source.path)))
+        return status(state, read_keyring(source.path))
+    finally:
+        state.close()

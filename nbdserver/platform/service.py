@@ -35,11 +35,12 @@ from .model import (
 )
 from .operations import Operations
 from .oplog import OperationLog
-from .sealing import Sealer, load_master_key
+from .sealing import Sealer, load_keyring, reseal
 from .serving import IDLE_CLOSE, DiskServing
 from .sizing import DiskSizing
 from .state import State
-from .volumes import DEFAULT_LOCATION, VolumeOperations, _unlink
+from .storage import VolumeStorage
+from .volumes import DEFAULT_LOCATION, VolumeOperations
 
 log = logging.getLogger("nbdserver.platform")
 FAILED_SCAN_DELAY = 3.0  # seconds after start: see start()
@@ -71,7 +72,7 @@ def platform_vault_problems(vault: dict, object_id: str, tenant_id: str) -> list
 class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServing):
     def __init__(self, data_dir: str, catalog: ExportCatalog, keyservice_url: str,
                  credential: Credential, *, ssl=None, master_key_file: str | None = None,
-                 idle_close: float = IDLE_CLOSE):
+                 idle_close: float = IDLE_CLOSE, storage: VolumeStorage | None = None):
         # Absolute once, here: files are found relative to it whatever the working directory.
         self.data_dir = data_dir = os.path.abspath(data_dir)
         self.catalog = catalog
@@ -79,12 +80,14 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
         # Key Vault's host-form key URLs on that service (model.canonical_key_url); None: path form only.
         self.keyservice_vault_domain: str | None = None
         self.ssl = ssl
+        self.storage = storage or VolumeStorage(data_dir)  # files, or RBD images (storage.py)
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         for sub in ("disks", "snapshots", "images"):
             os.makedirs(os.path.join(data_dir, sub), mode=0o700, exist_ok=True)
         fresh = not os.path.exists(os.path.join(data_dir, "platform.db"))
         self.state = State(os.path.join(data_dir, "platform.db"))
-        self.sealer = Sealer(load_master_key(data_dir, master_key_file, may_create=fresh))
+        self.sealer = Sealer(load_keyring(data_dir, master_key_file, holds_state=not fresh))
+        reseal(self.state, self.sealer)  # after a master key rotation (sealing.py)
         self.client = KeyServiceClient(self.keyservice_url, credential, ssl=ssl)
         self._des_clients: dict[str, KeyServiceClient] = {}
         self.platform_key_url: str | None = self.state.get_config("platform_key_url")
@@ -136,7 +139,11 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
         for v in self.state.list_volumes():
             if v.state is VolumeState.CREATING:
                 log.warning("removing %s %s left unfinished by a crash", v.kind.value, v.name)
-                _unlink(v.path)
+                try:
+                    self.storage.remove(v.path)
+                except OSError as e:  # an image, the cluster unreachable: next start
+                    log.error("cannot remove %s: %s", v.path, e)
+                    continue
                 self.state.delete_volume(v.kind, v.name)
         self._remove_orphan_files()
 
@@ -195,7 +202,7 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
         c = self._des_clients.get(scope)
         if c is None:
             des = self._des(scope)
-            cred = Credential(**json.loads(self.sealer.unseal(des.identity_sealed, f"des:{des.name}")))
+            cred = Credential(**json.loads(self.sealer.open(des.identity_sealed, f"des:{des.name}")))
             c = self._des_clients[scope] = KeyServiceClient(self.keyservice_url, cred, ssl=self.ssl)
         return c
 

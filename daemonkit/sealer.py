@@ -1,0 +1,103 @@
+"""The seal over both daemons' secrets at rest: AES-256-GCM under a keyring of master keys.
+
+Like Vault's barrier (vault/barrier_aes_gcm.go), a sealed blob says how to open it:
+
+    0x02 || key id (4 bytes, daemonkit/keyring.py) || nonce (12 bytes) || ciphertext+tag
+
+The associated data is the record the blob belongs to (`aad`, e.g. "des:NAME"), so a
+blob copied onto another record does not open. New blobs are sealed under the keyring's
+current key; a blob under an older key of the keyring still opens, and `needs_reseal`
+says which blobs a rotation has yet to move. A blob whose key id is in no key of the
+keyring is refused by name: the keyring is not the one the state was sealed under.
+
+Format 0x01 (nonce || ciphertext+tag, no key id) is what both daemons wrote before
+rotation existed; it opens under whichever key of the keyring sealed it (GCM's tag says
+which), and is re-sealed as 0x02 like any blob under a non-current key.
+
+`subkey` is each daemon's own step from a master key to the AES key, kept from before:
+the platform used the master key as it is, the key service an HKDF-derived key. Random
+96-bit nonces: NIST SP 800-38D's bound of 2^32 messages per key is far above the number
+of records either daemon seals under one master key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .keyring import KEY_ID_BYTES, Keyring, key_id
+
+V1 = 0x01
+V2 = 0x02
+NONCE = 12
+TAG = 16
+
+
+class SealError(Exception):
+    """A sealed blob did not open: wrong keyring, another record's blob, or tampering."""
+
+
+def _same(key: bytes) -> bytes:
+    return key
+
+
+class Sealer:
+    def __init__(self, keyring: Keyring, subkey: Callable[[bytes], bytes] = _same):
+        self.keyring = keyring
+        # One AEAD per master key, by id; the current one seals.
+        self._aeads = {key_id(k): AESGCM(subkey(k)) for k in keyring.keys}
+        self._current = keyring.current_id
+
+    def seal(self, plaintext: bytes, aad: str) -> bytes:
+        nonce = os.urandom(NONCE)
+        return (bytes([V2]) + self._current + nonce
+                + self._aeads[self._current].encrypt(nonce, bytes(plaintext), aad.encode()))
+
+    def open(self, blob: bytes, aad: str) -> bytes:
+        return self._open(bytes(blob), aad)[0]
+
+    def opening_key(self, blob: bytes, aad: str) -> bytes:
+        """The master key that sealed `blob` (a blob of format 0x01 does not say)."""
+        return self.keyring.get(self._open(bytes(blob), aad)[1]) or b""
+
+    def needs_reseal(self, blob: bytes) -> bool:
+        return blob_key_id(blob) != self._current
+
+    def reseal(self, blob: bytes, aad: str) -> bytes:
+        """`blob` under the current key; a blob already there is returned as it is."""
+        if not self.needs_reseal(blob):
+            return bytes(blob)
+        return self.seal(self.open(blob, aad), aad)
+
+    def _open(self, blob: bytes, aad: str) -> tuple[bytes, bytes]:
+        if blob[:1] == bytes([V2]) and len(blob) >= 1 + KEY_ID_BYTES + NONCE + TAG:
+            kid = blob[1:1 + KEY_ID_BYTES]
+            aead = self._aeads.get(kid)
+            if aead is None:
+                raise SealError(f"{aad} is sealed under master key {kid.hex()}, which is not in "
+                                f"the keyring (it holds {', '.join(i.hex() for i in self._aeads)})")
+            body = blob[1 + KEY_ID_BYTES:]
+            try:
+                return aead.decrypt(body[:NONCE], body[NONCE:], aad.encode()), kid
+            except InvalidTag:
+                raise SealError(f"sealed data for {aad} did not open (tampered, or another "
+                                "record's)") from None
+        if blob[:1] == bytes([V1]) and len(blob) >= 1 + NONCE + TAG:
+            for kid, aead in self._aeads.items():
+                try:
+                    return aead.decrypt(blob[1:1 + NONCE], blob[1 + NONCE:], aad.encode()), kid
+                except InvalidTag:
+                    continue
+            raise SealError(f"sealed data for {aad} did not open under any key of the keyring")
+        raise SealError(f"sealed data for {aad} is in no known format")
+
+
+def blob_key_id(blob: bytes) -> bytes | None:
+    """The id of the master key a blob names; None for format 0x01 (it names none)."""
+    blob = bytes(blob)
+    if blob[:1] == bytes([V2]):
+        return blob[1:1 + KEY_ID_BYTES]
+    return None
