@@ -58,6 +58,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "_readq.h"
@@ -83,6 +84,11 @@ typedef struct job {
     char *bounce;                    /* O_DIRECT's aligned copy, or NULL */
     size_t got;                      /* of target_len, read so far */
     long result;                     /* bytes, or -errno; valid once done */
+    /* Writes (submit_write): the opcode, RWF_DSYNC for FUA, and what to call once the
+     * write is done or dropped (the caller's sector lock's release), owned or NULL. */
+    int write;
+    int rw_flags;
+    PyObject *done;
 } Job;
 
 typedef struct {
@@ -196,7 +202,8 @@ ring_push(RingQueue *q, Job *j)
     unsigned idx = tail & q->sq_mask;
     struct io_uring_sqe *sqe = &q->sqes[idx];
     memset(sqe, 0, sizeof *sqe);
-    sqe->opcode = IORING_OP_READ;
+    sqe->opcode = j->write ? IORING_OP_WRITE : IORING_OP_READ;
+    sqe->rw_flags = j->rw_flags;
     sqe->fd = j->fd;
     sqe->addr = (uint64_t)(uintptr_t)(j->target + j->got);
     sqe->len = (uint32_t)(j->target_len - j->got);
@@ -255,6 +262,10 @@ ring_reap(RingQueue *q, Job ***done_tail)
         }
         if (res < 0) {
             j->result = res;
+        } else if (res == 0 && j->write) {
+            /* A write that takes nothing would be retried without end: the device or
+             * the file system is refusing it without saying why. */
+            j->result = -EIO;
         } else {
             if (res == 0)
                 job_eof(j);
@@ -281,7 +292,7 @@ finish_batch(Job *done)
     for (Job *j = done; j != NULL; j = j->next) {
         if (j->result < 0)
             continue;
-        if (j->bounce != NULL)
+        if (j->bounce != NULL && !j->write)
             memcpy(j->buf.buf, j->bounce + (j->offset - j->target_offset), (size_t)j->buf.len);
         j->result = (long)j->buf.len;
         if (j->ops != NULL)
@@ -304,10 +315,21 @@ finish_batch(Job *done)
         PyEval_RestoreThread(ts);
 }
 
-/* GIL held. Releases what submit() took. */
+/* GIL held. Releases what submit() took; a write's `done` runs here, once, whatever
+ * became of the write (a pending exception is kept across it). */
 static void
 job_free(Job *j)
 {
+    if (j->done != NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyObject *r = PyObject_CallNoArgs(j->done);
+        if (r == NULL)
+            PyErr_WriteUnraisable(j->done);
+        Py_XDECREF(r);
+        Py_DECREF(j->done);
+        PyErr_Restore(type, value, tb);
+    }
     PyBuffer_Release(&j->buf);
     if (j->ops != NULL)
         j->ops->end(j->owner, j->state);
@@ -415,6 +437,53 @@ oserror:
     return NULL;
 }
 
+/* GIL held. Take a job that submit() or submit_write() made (token set): into the
+ * ring, or the backlog when the ring is full. None, or an exception with the job freed. */
+static PyObject *
+enqueue(RingQueue *q, Job *j)
+{
+    q->in_flight++;
+    if (q->in_ring >= q->depth || q->backlog_head != NULL) {
+        backlog_append(q, j);        /* in order, behind those already waiting */
+        Py_RETURN_NONE;
+    }
+    ring_push(q, j);
+    if (q->defer != NULL) {
+        /* Batched: one enter for every read submitted in this turn of the loop, so the
+         * kernel plugs them together (one device kick per batch, not per read). */
+        if (q->flush_scheduled)
+            Py_RETURN_NONE;
+        PyObject *flush = PyObject_GetAttrString((PyObject *)q, "flush");
+        PyObject *handle = flush == NULL ? NULL : PyObject_CallOneArg(q->defer, flush);
+        Py_XDECREF(flush);
+        if (handle != NULL) {
+            Py_DECREF(handle);
+            q->flush_scheduled = 1;
+            Py_RETURN_NONE;
+        }
+        PyErr_Clear();               /* a loop closing: enter at once instead */
+    }
+    int rc = ring_enter(q);
+    if (rc < 0) {
+        /* The kernel took none of what is queued (it takes all or reports the rest as
+         * completions): take this read back off the submission queue. */
+        unsigned tail = atomic_load_explicit(q->sq_tail, memory_order_relaxed);
+        atomic_store_explicit(q->sq_tail, tail - 1, memory_order_release);
+        q->in_ring--;
+        q->unsubmitted--;
+        if (q->in_ring > 0) {
+            backlog_append(q, j);    /* a completion will bring it in */
+            Py_RETURN_NONE;
+        }
+        q->in_flight--;
+        Py_CLEAR(j->done);           /* refused: the caller still owns what done() ends */
+        job_free(j);
+        errno = -rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 /* submit(token, buf, fd, offset, transform=None, first=0, align=0): as ReadQueue's. */
 static PyObject *
 ringq_submit(RingQueue *q, PyObject *args, PyObject *kwds)
@@ -483,50 +552,78 @@ ringq_submit(RingQueue *q, PyObject *args, PyObject *kwds)
     }
     Py_INCREF(token);
     j->token = token;
-    q->in_flight++;
-    if (q->in_ring >= q->depth || q->backlog_head != NULL) {
-        backlog_append(q, j);        /* in order, behind those already waiting */
-        Py_RETURN_NONE;
-    }
-    ring_push(q, j);
-    if (q->defer != NULL) {
-        /* Batched: one enter for every read submitted in this turn of the loop, so the
-         * kernel plugs them together (one device kick per batch, not per read). */
-        if (q->flush_scheduled)
-            Py_RETURN_NONE;
-        PyObject *flush = PyObject_GetAttrString((PyObject *)q, "flush");
-        PyObject *handle = flush == NULL ? NULL : PyObject_CallOneArg(q->defer, flush);
-        Py_XDECREF(flush);
-        if (handle != NULL) {
-            Py_DECREF(handle);
-            q->flush_scheduled = 1;
-            Py_RETURN_NONE;
-        }
-        PyErr_Clear();               /* a loop closing: enter at once instead */
-    }
-    int rc = ring_enter(q);
-    if (rc < 0) {
-        /* The kernel took none of what is queued (it takes all or reports the rest as
-         * completions): take this read back off the submission queue. */
-        unsigned tail = atomic_load_explicit(q->sq_tail, memory_order_relaxed);
-        atomic_store_explicit(q->sq_tail, tail - 1, memory_order_release);
-        q->in_ring--;
-        q->unsubmitted--;
-        if (q->in_ring > 0) {
-            backlog_append(q, j);    /* a completion will bring it in */
-            Py_RETURN_NONE;
-        }
-        q->in_flight--;
-        job_free(j);
-        errno = -rc;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return enqueue(q, j);
 fail:
     PyBuffer_Release(&j->buf);
     free(j->bounce);
     PyMem_RawFree(j);
     return NULL;
+}
+
+/* submit_write(token, buf, fd, offset, fua=False, align=0, done=None): see the method's
+ * doc. The buffer is pinned read-only; with align, an unaligned one is copied into an
+ * aligned buffer of the job's own now (the caller may reuse it at once then). */
+static PyObject *
+ringq_submit_write(RingQueue *q, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"token", "buf", "fd", "offset", "fua", "align", "done", NULL};
+    PyObject *token, *buf, *done = Py_None;
+    int fd, fua = 0, align = 0;
+    long long offset;
+    Job *j;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOiL|piO:submit_write", kwlist, &token, &buf,
+                                     &fd, &offset, &fua, &align, &done))
+        return NULL;
+    if (q->closed)
+        return PyErr_Format(PyExc_ValueError, "submit_write on a closed RingQueue");
+    if (fd < 0 || offset < 0)
+        return PyErr_Format(PyExc_ValueError, "submit_write: bad fd or offset");
+    if (align != 0 && (align < 512 || align > (1 << 20) || (align & (align - 1))))
+        return PyErr_Format(PyExc_ValueError, "submit_write: align must be 0 or a power of two "
+                            "from 512 to 1 MiB, not %d", align);
+    if (done != Py_None && !PyCallable_Check(done))
+        return PyErr_Format(PyExc_TypeError, "submit_write: done must be callable or None");
+    j = PyMem_RawCalloc(1, sizeof *j);
+    if (j == NULL)
+        return PyErr_NoMemory();
+    if (PyObject_GetBuffer(buf, &j->buf, PyBUF_C_CONTIGUOUS) < 0) {
+        PyMem_RawFree(j);
+        return NULL;
+    }
+    long long a = align;
+    if ((unsigned long long)j->buf.len > UINT32_MAX / 2 || j->buf.len == 0 ||
+        (a > 0 && ((offset | (long long)j->buf.len) & (a - 1)))) {
+        /* O_DIRECT cannot write part of a block: read-modify-write is the layer's. */
+        PyErr_Format(PyExc_ValueError, "submit_write: 1 byte to 2 GiB%s, not %zd bytes at %lld",
+                     a > 0 ? " in whole aligned blocks" : "", j->buf.len, offset);
+        PyBuffer_Release(&j->buf);
+        PyMem_RawFree(j);
+        return NULL;
+    }
+    j->write = 1;
+    j->rw_flags = fua ? RWF_DSYNC : 0;
+    j->fd = fd;
+    j->offset = j->target_offset = offset;
+    j->target = j->buf.buf;
+    j->target_len = (size_t)j->buf.len;
+    if (a > 0 && ((uintptr_t)j->buf.buf & (uintptr_t)(a - 1))) {
+        void *mem = NULL;
+        if (posix_memalign(&mem, (size_t)a, j->target_len) != 0) {
+            PyBuffer_Release(&j->buf);
+            PyMem_RawFree(j);
+            return PyErr_NoMemory();
+        }
+        memcpy(mem, j->buf.buf, j->target_len);
+        j->bounce = j->target = mem;
+    }
+    if (done != Py_None) {
+        Py_INCREF(done);
+        j->done = done;
+    }
+    Py_INCREF(token);
+    j->token = token;
+    return enqueue(q, j);
 }
 
 /* GIL held. Enter what submit() queued; on failure as in collect(). */
@@ -682,6 +779,14 @@ static PyMethodDef ringq_methods[] = {
      "then run the transform capsule's function over it (data unit `first` first) when "
      "collected; collect() reports (token, result). buf stays pinned until then. With "
      "align (an O_DIRECT fd), an unaligned read goes through an aligned bounce buffer."},
+    {"submit_write", (PyCFunction)(void (*)(void))ringq_submit_write,
+     METH_VARARGS | METH_KEYWORDS,
+     "submit_write(token, buf, fd, offset, fua=False, align=0, done=None): write all of "
+     "buf to fd at offset through the ring (RWF_DSYNC with fua); collect() reports "
+     "(token, bytes or -errno) as for reads. With align (an O_DIRECT fd) the offset and "
+     "length must be multiples of it, and an unaligned buf is copied into an aligned one. "
+     "done() runs once the write is reported or dropped by close(), never when this "
+     "raises: the caller's lock on the range is released there."},
     {"flush", (PyCFunction)ringq_flush, METH_NOARGS,
      "flush(): hand the kernel the reads submitted since the last flush (what `defer` "
      "schedules; harmless at any time)."},

@@ -2,7 +2,7 @@
 
 One `Connection` (an asyncio Protocol) per client. It feeds bytes to the handshake
 machine, then to the request parser, checks each request with `transmission.check`,
-and runs it against the export's backend:
+and runs it against the export's backend as its entry in `COMMANDS` says:
 
 - inline on the event loop when the backend says it can finish without blocking
   (`nowait=True`: page-cache reads, small buffered writes) — a 4 KiB request then
@@ -16,7 +16,9 @@ and runs it against the export's backend:
   queue) is passed by a bounded number of later ones (`OVERTAKE_MAX`): then the
   connection waits for it.
 
-Errors of the lower layer (OSError) become NBD errors once, in `_fail`. Memory stays
+Errors of the lower layer (OSError) become NBD errors once, in `_fail`; what a reply
+looks like on the wire (simple or structured, data and hole chunks) is the pure
+protocol's to say (`transmission.read_reply` and its siblings). Memory stays
 bounded: reading pauses while too many requests are in flight, while the client is not
 reading its replies (transport write buffer over its high mark), and while the server's
 buffer budget over all connections is spent (nbdserver/budget.py). Who may connect, and
@@ -62,19 +64,18 @@ from .protocol.constants import (
     NBD_EINVAL,
     NBD_EIO,
     NBD_ESHUTDOWN,
-    NBD_STATE_HOLE,
-    NBD_STATE_ZERO,
 )
 from .protocol.transmission import (
     BadMagic,
     Oversized,
     RequestParser,
     block_status_chunk,
+    block_status_descriptors,
     check,
-    data_chunk_header,
-    error_chunk,
-    hole_chunk,
+    error_reply,
     nbd_error,
+    read_reply,
+    read_reply_head,
     simple_reply,
 )
 from .readqueue import make_read_queue
@@ -653,74 +654,69 @@ class Connection(asyncio.Protocol):
                          min_block=self.min_block)
         if err:
             return self._fail(req, err, msg)
-        backend = export.backend
-        fua = bool(req.flags & NBD_CMD_FLAG_FUA)
-        if cmd == NBD_CMD_READ:
-            if not self._charge(req.length):
-                return WAIT_FOR_BUDGET
-            buf = bytearray(req.length)
-            if req.length <= INLINE_READ_MAX:
-                misses = self.nowait_misses
-                if misses < NOWAIT_MISSES_MAX or not misses % PROBE_EVERY:
-                    try:
-                        backend.pread(memoryview(buf), req.offset, nowait=True)
-                    except BlockingIOError:
-                        self.nowait_misses = misses + 1
-                    except OSError as e:
-                        self._uncharge(req.length)
-                        return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
-                    else:
-                        self.nowait_misses = 0
-                        return self._send_read(req, buf)
-                else:
+        run, inline = COMMANDS[cmd]
+        if inline:  # it tries the loop first and moves off it itself
+            return run(self, req, export.backend)
+        return self._offload(req, run, export.backend, req)
+
+    def _read(self, req, backend):
+        """READ: inline when the page cache has it (RWF_NOWAIT), else the native read
+        queue (a cold read), else a worker (large, or holes to scan)."""
+        if not self._charge(req.length):
+            return WAIT_FOR_BUDGET
+        buf = bytearray(req.length)
+        if req.length <= INLINE_READ_MAX:
+            misses = self.nowait_misses
+            if misses < NOWAIT_MISSES_MAX or not misses % PROBE_EVERY:
+                try:
+                    backend.pread(memoryview(buf), req.offset, nowait=True)
+                except BlockingIOError:
                     self.nowait_misses = misses + 1
-                scanned = self.structured and req.length >= HOLE_SCAN_MIN and backend.capabilities.extents
-                if not scanned:
-                    # A cache miss (or a file that cannot say): on the native read
-                    # queue, unless this backend cannot be read that way. Reads whose
-                    # holes are scanned, and larger ones (decrypted straight from the
-                    # file's mapping under XtsLayer), stay on workers.
-                    try:
-                        if self._queue_read(req, backend, buf):
-                            return
-                    except OSError as e:
-                        self._uncharge(req.length)
-                        return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
-            return self._offload(req, self._read_worker, backend, req, buf)
-        if cmd == NBD_CMD_WRITE:
-            stage = req.stage
-            if stage is None:
-                write, args = _pwrite, (backend, memoryview(req.payload), req.offset, fua)
-            elif stage.backend is backend:  # the payload was staged by this disk's backend
-                write, args = _commit, (stage, fua)
-            else:  # staged by the backend the export had when the write began
-                return self._fail(req, NBD_EIO, "the disk was replaced while the write arrived")
-            if fua or req.length > INLINE_WRITE_MAX:
-                # Would block (or is too big for the loop) at the bottom of any data
-                # path: go to a worker now rather than let an encrypting layer do its
-                # work inline first and then be refused.
-                return self._offload(req, write, *args)
-            try:
-                write(*args, nowait=True)
-            except BlockingIOError:
-                return self._offload(req, write, *args)
-            except OSError as e:
-                return self._fail(req, nbd_error(e.errno), e.strerror or "write failed")
-            return self._ok(req)
-        if cmd == NBD_CMD_FLUSH:
-            return self._offload(req, backend.flush)
-        if cmd == NBD_CMD_TRIM:
-            return self._offload(req, _trim, backend, req.offset, req.length, fua)
-        if cmd == NBD_CMD_WRITE_ZEROES:
-            return self._offload(req, _zero, backend, req.offset, req.length,
-                                 not req.flags & NBD_CMD_FLAG_NO_HOLE, fua,
-                                 bool(req.flags & NBD_CMD_FLAG_FAST_ZERO))
-        if cmd == NBD_CMD_CACHE:
-            return self._offload(req, backend.cache, req.offset, req.length)
-        if cmd == NBD_CMD_BLOCK_STATUS:
-            return self._offload(req, _block_status, backend, req.offset, req.length,
-                                 bool(req.flags & NBD_CMD_FLAG_REQ_ONE))
-        return self._fail(req, NBD_EINVAL, f"unknown command {cmd}")
+                except OSError as e:
+                    self._uncharge(req.length)
+                    return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
+                else:
+                    self.nowait_misses = 0
+                    return self._send_read(req, buf)
+            else:
+                self.nowait_misses = misses + 1
+            scanned = self.structured and req.length >= HOLE_SCAN_MIN and backend.capabilities.extents
+            if not scanned:
+                # A cache miss (or a file that cannot say): on the native read
+                # queue, unless this backend cannot be read that way. Reads whose
+                # holes are scanned, and larger ones (decrypted straight from the
+                # file's mapping under XtsLayer), stay on workers.
+                try:
+                    if self._queue_read(req, backend, buf):
+                        return
+                except OSError as e:
+                    self._uncharge(req.length)
+                    return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
+        return self._offload(req, self._read_worker, backend, req, buf)
+
+    def _write_request(self, req, backend):
+        """WRITE: inline when the backend can take it without blocking (a small
+        buffered write), else a worker."""
+        fua = bool(req.flags & NBD_CMD_FLAG_FUA)
+        stage = req.stage
+        if stage is None:
+            write, args = _pwrite, (backend, memoryview(req.payload), req.offset, fua)
+        elif stage.backend is backend:  # the payload was staged by this disk's backend
+            write, args = _commit, (stage, fua)
+        else:  # staged by the backend the export had when the write began
+            return self._fail(req, NBD_EIO, "the disk was replaced while the write arrived")
+        if fua or req.length > INLINE_WRITE_MAX:
+            # Would block (or is too big for the loop) at the bottom of any data
+            # path: go to a worker now rather than let an encrypting layer do its
+            # work inline first and then be refused.
+            return self._offload_write(req, write, args, fua)
+        try:
+            write(*args, nowait=True)
+        except BlockingIOError:
+            return self._offload_write(req, write, args, fua)
+        except OSError as e:
+            return self._fail(req, nbd_error(e.errno), e.strerror or "write failed")
+        return self._ok(req)
 
     def _resume(self, req):
         """A request held while its export was frozen (a snapshot) runs now."""
@@ -770,12 +766,47 @@ class Connection(asyncio.Protocol):
         self._update_reading()
         return True
 
+    def _offload_write(self, req, write, args, fua):
+        """A WRITE that cannot finish inline: on the read queue's ring when the backend
+        can write that way (cache=none: O_DIRECT, no worker round trip), else on a worker."""
+        if req.stage is None:
+            try:
+                if self._queue_write(req, fua):
+                    return
+            except OSError as e:
+                return self._fail(req, nbd_error(e.errno), e.strerror or "write failed")
+        return self._offload(req, write, *args)
+
+    def _queue_write(self, req, fua) -> bool:
+        queue = self.server.reads()
+        if queue is None:
+            return False
+        export = self.export
+        assert export is not None  # requests arrive only in transmission
+        mark = [self._started]
+        if not export.backend.submit_write(queue, req.payload, req.offset,
+                                           (self, req, None, export, mark), fua=fua):
+            return False
+        self.inflight += 1
+        export.begin()
+        self._began_off_loop(mark)
+        self._update_reading()
+        return True
+
     def _read_done(self, req, buf, export, mark, result):
-        """The read queue finished a READ: `result` is its byte count or -errno. Runs
-        inside a batch (NbdServer._complete_reads); the batch's end sends the replies."""
+        """The read queue finished a READ (or a WRITE, `_queue_write`): `result` is its
+        byte count or -errno. Runs inside a batch (NbdServer._complete_reads); the
+        batch's end sends the replies."""
         self.inflight -= 1
         export.end()
         self._ended_off_loop(mark)
+        if buf is None:  # a write
+            if self.transport is not None and not self.transport.is_closing():
+                if result < 0:
+                    self._fail(req, nbd_error(-result), os.strerror(-result))
+                else:
+                    self._ok(req)
+            return
         if result < 0 or self.transport is None or self.transport.is_closing():
             self._uncharge(req.length)  # no reply will hold the buffer
             if result < 0:  # this request fails; the connection goes on
@@ -865,28 +896,15 @@ class Connection(asyncio.Protocol):
         if req is self._sampled:
             self._timed(req)
         self._reply_charged(req.length)
-        if self.structured:
-            self._write(data_chunk_header(req.cookie, req.offset, len(buf)))
-        else:
-            self._write(simple_reply(req.cookie))
+        self._write(read_reply_head(req.cookie, req.offset, len(buf), structured=self.structured))
         self._write(buf)
 
     def _send_read_parts(self, req, parts):
         if req is self._sampled:
             self._timed(req)
         self._reply_charged(req.length)
-        if not self.structured:  # holes are only split out for structured replies
-            self._write(simple_reply(req.cookie))
-            for _, _, data in parts:
-                self._write(data)
-            return
-        last = len(parts) - 1
-        for i, (off, n, data) in enumerate(parts):
-            if data is None:
-                self._write(hole_chunk(req.cookie, off, n, done=i == last))
-            else:
-                self._write(data_chunk_header(req.cookie, off, n, done=i == last))
-                self._write(data)
+        for piece in read_reply(req.cookie, parts, structured=self.structured):
+            self._write(piece)
 
     def _timed(self, req) -> None:
         """The sampled request (LATENCY_SAMPLE) is answered: its latency."""
@@ -906,11 +924,7 @@ class Connection(asyncio.Protocol):
                 self._timed(req)
         if self.transport is None or self.transport.is_closing():
             return
-        if self.structured:
-            self._write(error_chunk(req.cookie, error, message))
-        else:
-            # A failed simple READ reply carries no data (doc/proto.md, "Simple reply").
-            self._write(simple_reply(req.cookie, error))
+        self._write(error_reply(req.cookie, error, message, structured=self.structured))
 
     # -- flow control and teardown
     def _update_reading(self):
@@ -960,24 +974,45 @@ def _commit(stage, fua, nowait=False):
     stage.commit(fua=fua, nowait=nowait)
 
 
-def _trim(backend, offset, length, fua):
-    backend.trim(offset, length, fua=fua)
+def _flush(backend, req):
+    backend.flush()
 
 
-def _zero(backend, offset, length, may_trim, fua, fast):
-    backend.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
+def _trim(backend, req):
+    backend.trim(req.offset, req.length, fua=bool(req.flags & NBD_CMD_FLAG_FUA))
 
 
-def _block_status(backend, offset, length, one):
-    extents = []
-    for e in backend.block_status(offset, length):
-        flags = (NBD_STATE_HOLE if e.hole else 0) | (NBD_STATE_ZERO if e.zero else 0)
-        if extents and extents[-1][1] == flags:
-            extents[-1] = (extents[-1][0] + e.length, flags)
-        else:
-            extents.append((e.length, flags))
-        if one:
-            break
+def _zero(backend, req):
+    flags = req.flags
+    backend.zero(req.offset, req.length, may_trim=not flags & NBD_CMD_FLAG_NO_HOLE,
+                 fua=bool(flags & NBD_CMD_FLAG_FUA), fast=bool(flags & NBD_CMD_FLAG_FAST_ZERO))
+
+
+def _cache(backend, req):
+    backend.cache(req.offset, req.length)
+
+
+def _block_status(backend, req):
+    """The `base:allocation` descriptors (the loop builds the chunk: it knows the
+    context id)."""
+    extents = block_status_descriptors(backend.block_status(req.offset, req.length),
+                                       one=bool(req.flags & NBD_CMD_FLAG_REQ_ONE))
     if not extents:
         raise OSError(errno.EIO, "backend returned no extents")
     return extents
+
+
+# What each command runs once `check` passed it, and whether that may be on the event
+# loop. READ and WRITE run as `fn(connection, req, backend)`: they try the loop first
+# (nowait) and move off it themselves. The others block at the bottom of any data path
+# (fdatasync, fallocate, SEEK_DATA) and always run on a worker, as `fn(backend, req)`;
+# `Connection._finished` answers them. NBD_CMD_DISC has no entry: it is no I/O.
+COMMANDS = {
+    NBD_CMD_READ: (Connection._read, True),
+    NBD_CMD_WRITE: (Connection._write_request, True),
+    NBD_CMD_FLUSH: (_flush, False),
+    NBD_CMD_TRIM: (_trim, False),
+    NBD_CMD_WRITE_ZEROES: (_zero, False),
+    NBD_CMD_CACHE: (_cache, False),
+    NBD_CMD_BLOCK_STATUS: (_block_status, False),
+}

@@ -50,6 +50,7 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from ..backend import (
@@ -240,6 +241,39 @@ class XtsLayer(FilterBackend):
         # (zeros), exactly as _read_sectors does.
         queue.submit(token, buf, fd, offset, transform, offset // S, align=self._align)
         return True
+
+    def submit_write(self, queue: object, data: bytearray, offset: int, token: object, *,
+                     fua: bool = False, done: Callable[[], None] | None = None) -> bool:
+        # Over O_DIRECT only (cache=none: a write a worker would otherwise carry), whole
+        # sectors of one lock stripe, as pwrite's short path. `data` is the caller's
+        # own (owned=True): encrypted in place and handed down, decrypted back if the
+        # lower layer declines (the caller then writes the plaintext through pwrite).
+        # The stripe's lock is taken without waiting (the caller is the event loop)
+        # and held until the queue reports the write, so no read-modify-write of these
+        # sectors runs meanwhile.
+        self._check_open()
+        n = len(data)
+        if not self._align or not n or (offset | n) % S or n > SMALL_WRITE:
+            return False
+        first = offset // S
+        lock = self._locks.single(first, first + n // S)
+        if lock is None or not lock.acquire(False):
+            return False
+        release = lock.release if done is None else partial(_release_then, lock, done)
+        try:
+            self._encrypt(data, data, first)
+            try:
+                taken = self.lower.submit_write(queue, data, offset, token, fua=fua, done=release)
+            except BaseException:
+                self._decrypt(data, data, first)
+                raise
+        except BaseException:
+            lock.release()
+            raise
+        if not taken:
+            self._decrypt(data, data, first)
+            lock.release()
+        return taken
 
     def flush(self) -> None:
         self._check_open()
@@ -455,6 +489,11 @@ class XtsLayer(FilterBackend):
                 self.lower.pwrite(sector, p, fua=fua)
         finally:
             self._locks.release(held)
+
+
+def _release_then(lock: threading.Lock, done: Callable[[], None]) -> None:
+    lock.release()
+    done()
 
 
 def sector_extents(extents: list[Extent], start: int) -> list[Extent]:
