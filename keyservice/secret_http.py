@@ -26,14 +26,12 @@ import json
 import ssl as ssl_module
 from urllib.parse import urlsplit
 
+from daemonkit.wipe import wipe as wipe  # the client's secret_http.wipe
+
 MAX_RESPONSE = 64 * 1024  # a wrap/unwrap answer is well under 2 KiB; anything larger is refused
 
 _B64U = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _B64_VALUES = {c: i for i, c in enumerate(_B64U)} | {ord("+"): 62, ord("/"): 63}
-
-
-def wipe(buf: bytearray | memoryview) -> None:
-    buf[:] = bytes(len(buf))
 
 
 def b64u_encode_into(out: bytearray, data: bytes | bytearray) -> None:

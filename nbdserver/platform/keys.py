@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from daemonkit.wipe import wipe as wipe  # the callers' keys.wipe
 from keyservice.client import KeyServiceClient, KeyServiceError, KeyServiceUnavailable, unreachable
 
 from .errors import AccessMissing, BadRequest, KeyUnavailable
@@ -24,12 +25,6 @@ def new_dek() -> bytearray:
         dek = bytearray(os.urandom(DEK_BYTES))
         if dek[:32] != dek[32:]:  # XTS refuses equal halves (IEEE 1619 / FIPS 140-3 IG C.I)
             return dek
-
-
-def wipe(buf: bytearray | None) -> None:
-    if buf is not None:
-        for i in range(len(buf)):
-            buf[i] = 0
 
 
 def translate(e: Exception, what: str) -> Exception:
