@@ -24,6 +24,8 @@ import sqlite3
 import stat
 from pathlib import Path
 
+from .keyring import KeySource
+
 MANIFEST = "manifest.json"
 FORMAT = 1  # manifest.json's layout
 
@@ -94,6 +96,20 @@ def copy_private_file(source, target) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def backup_master_key(source: KeySource, out, name: str, include: bool) -> str:
+    """The master keyring copied into the backup `out` as `name` (0600, the name a data
+    directory gives it), if `include`; what the manifest says about it either way. The keyring file is copied
+    whole: every key in it, the older ones a rotation keeps (daemonkit/keyring.py)."""
+    if not include:
+        return ("not included: a restore needs the original master key "
+                f"({source.how_to_supply})")
+    try:
+        copy_private_file(source.path, Path(out) / name)
+    except OSError as e:
+        raise BackupError(f"cannot copy the master key {source.path}: {e.strerror}") from None
+    return f"included as {name}: keep this backup as secret as the master key"
 
 
 def sha256_file(path) -> str:

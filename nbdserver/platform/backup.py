@@ -30,27 +30,18 @@ from pathlib import Path
 
 from daemonkit.backup import (
     BackupError,
+    backup_master_key,
     copy_database,
-    copy_private_file,
     private_directory,
     write_manifest,
 )
 
 from . import backing
 from .copy import copy_ciphertext
+from .sealing import platform_key_source
 
 DB_NAME = "platform.db"
 MASTER_KEY_NAME = "master.key"
-
-
-def master_key_source(data_dir: str, master_key_file: str | None) -> str:
-    """Where the running platform reads its master key from (as `sealing.load_master_key`)."""
-    if master_key_file:
-        return master_key_file
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and os.path.exists(os.path.join(creds, "platform-master-key")):
-        return os.path.join(creds, "platform-master-key")
-    return os.path.join(data_dir, MASTER_KEY_NAME)
 
 
 def backup_platform(data_dir: str, dest: str, *, include_data: bool = False,
@@ -78,16 +69,8 @@ def backup_platform(data_dir: str, dest: str, *, include_data: bool = False,
             copy_ciphertext(source, str(target), size)
             entry["data"] = "copied"
         volumes.append(entry)
-    if include_master_key:
-        source = master_key_source(data_dir, master_key_file)
-        try:
-            copy_private_file(source, out / MASTER_KEY_NAME)
-        except OSError as e:
-            raise BackupError(f"cannot copy the master key {source}: {e.strerror}") from None
-        master = f"included as {MASTER_KEY_NAME}: keep this backup as secret as the data directory"
-    else:
-        master = ("not included: a restore needs the original master key (--master-key-file, the "
-                  "systemd credential platform-master-key, or DATA_DIR/master.key)")
+    master = backup_master_key(platform_key_source(data_dir, master_key_file), out,
+                               MASTER_KEY_NAME, include_master_key)
     return write_manifest(out, "nbdserver", version, dataDir=data_dir, masterKey=master,
                           volumeData="included" if include_data else "not included",
                           volumes=volumes)
