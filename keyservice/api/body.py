@@ -1,15 +1,22 @@
 """Request parsing shared by the handlers: JSON bodies and query parameters.
 
 Bodies are capped at 1 MiB by aiohttp's `client_max_size` (set in app.py):
-the largest legitimate body, an imported 4096-bit JWK, is a few KiB.
+the largest legitimate body, an imported 4096-bit JWK, is a few KiB. Their shape is
+checked against the models of `models.py` (`daemonkit.bodies`); a body that does not
+fit is a 400 naming each field in question.
 """
 import json
+from typing import TypeVar
 
 from aiohttp import web
+from pydantic import BaseModel
+
+from daemonkit.bodies import BodyError, parse
 
 from ..domain.errors import BadRequest
 
 MAX_BODY = 1024 * 1024
+M = TypeVar("M", bound=BaseModel)
 
 
 async def json_body(request: web.Request) -> dict:
@@ -25,21 +32,16 @@ async def json_body(request: web.Request) -> dict:
     return body
 
 
-def field(body: dict, name: str, kind, *, required: bool = False, default=None):
-    """One typed field; a wrong type is a 400 naming the field and the type."""
-    if name not in body or body[name] is None:
-        if required:
-            raise BadRequest(f"'{name}' is required")
-        return default
-    value = body[name]
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise BadRequest(f"'{name}' must be an integer")
-    if kind is not int and not isinstance(value, kind):
-        raise BadRequest(f"'{name}' must be of type {_TYPE_NAMES.get(kind, kind.__name__)}")
-    return value
+async def model_body(request: web.Request, model: type[M]) -> M:
+    return validated(model, await json_body(request))
 
 
-_TYPE_NAMES = {str: "string", bool: "boolean", dict: "object", list: "array"}
+def validated(model: type[M], body: dict) -> M:
+    """`body` as `model`, or a 400 (Key Vault's BadParameter) naming what is wrong."""
+    try:
+        return parse(model, body)
+    except BodyError as e:
+        raise BadRequest(e.message) from None
 
 
 def query_int(request: web.Request, name: str, default: int | None, lo: int = 0, hi: int = 2**62):

@@ -4,8 +4,8 @@ from pathlib import Path
 from aiohttp import web
 
 from ..domain.errors import BadRequest
-from . import render
-from .body import field, json_body
+from . import models, render
+from .body import model_body, validated
 
 OPENAPI = Path(__file__).resolve().parent.parent / "openapi.json"
 
@@ -17,16 +17,14 @@ async def token(request: web.Request) -> web.Response:
     domain = request.app["domain"]
     if request.content_type == "application/x-www-form-urlencoded":
         form = await request.post()
-        body = {k: form.get(k) for k in ("grant_type", "client_id", "client_secret", "resource")}
+        body = validated(models.TokenRequest, {k: form[k] for k in models.TokenRequest.model_fields
+                                               if k in form})
     else:
-        body = await json_body(request)
-    grant = field(body, "grant_type", str, default="client_credentials")
-    if grant != "client_credentials":
+        body = await model_body(request, models.TokenRequest)
+    if body.grant_type not in (None, "client_credentials"):
         raise BadRequest("grant_type must be client_credentials")
-    tok, exp, ident = await domain.run(domain.service.issue_token,
-                                       field(body, "client_id", str, required=True),
-                                       field(body, "client_secret", str, required=True),
-                                       _resource(field(body, "resource", str)))
+    tok, exp, ident = await domain.run(domain.service.issue_token, body.client_id,
+                                       body.client_secret, _resource(body.resource))
     request["caller_hint"] = ident.object_id
     return web.json_response({"access_token": tok, "token_type": "Bearer",
                               "expires_in": domain.service.signer.lifetime, "expires_on": exp})
@@ -38,12 +36,11 @@ def _resource(value: str | None) -> str | None:
 
 async def create_identity(request: web.Request) -> web.Response:
     domain = request.app["domain"]
-    body = await json_body(request)
+    body = await model_body(request, models.IdentityCreate)
     ident, secret = await domain.run(
-        domain.service.create_identity, request["caller"],
-        field(body, "displayName", str, required=True),
-        field(body, "type", str, default="managedIdentity"),
-        field(body, "roles", list, default=[]), field(body, "tenantId", str))
+        domain.service.create_identity, request["caller"], body.displayName,
+        "managedIdentity" if body.type is None else body.type,
+        [] if body.roles is None else body.roles, body.tenantId)
     return web.json_response(render.identity(ident, secret), status=201)
 
 
@@ -63,9 +60,9 @@ async def show_identity(request: web.Request) -> web.Response:
 async def update_identity(request: web.Request) -> web.Response:
     """PATCH {"enabled": false|true}: a disabled identity gets no token and its tokens stop working."""
     domain = request.app["domain"]
-    body = await json_body(request)
+    body = await model_body(request, models.IdentityUpdate)
     ident = await domain.run(domain.service.set_identity_enabled, request["caller"],
-                             request.match_info["object_id"], field(body, "enabled", bool, required=True))
+                             request.match_info["object_id"], body.enabled)
     return web.json_response(render.identity(ident))
 
 

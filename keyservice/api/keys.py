@@ -10,29 +10,29 @@ from aiohttp import web
 from ..domain import hsm_keys, rsakeys
 from ..domain.errors import BadRequest
 from ..domain.keys import IMPORT_OP, parse_attributes
-from . import render, work
+from . import models, render, work
 from .addressing import vault_name, vault_url
-from .body import field, json_body
+from .body import model_body
 from .paging import page
 
 
-def _refuse_unstored(body: dict) -> dict:
-    """What Key Vault's bodies carry and this service does not keep (tags, a release
-    policy, an exportable key) is refused: dropping it would let the caller believe it
-    holds. `exportable: false` is what every bundle here says, so a client that sends the
-    attributes it read back gets it accepted."""
-    if body.get("tags"):
+def _attributes(body: models.KeyCreate | models.KeyUpdate | models.KeyImport) -> dict | None:
+    """The attributes given, for the domain's rules. What Key Vault's bodies carry and this
+    service does not keep (tags, a release policy, an exportable key) is refused: dropping
+    it would let the caller believe it holds. `exportable: false` is what every bundle here
+    says, so a client that sends the attributes it read back gets it accepted."""
+    if body.tags:
         raise BadRequest("Key tags are not supported by this service")
-    if body.get("release_policy") is not None:
+    if body.release_policy is not None:
         raise BadRequest("Key release policies are not supported: no private key ever leaves "
                          "this service")
-    attrs = body.get("attributes")
-    if isinstance(attrs, dict) and "exportable" in attrs:
-        if attrs["exportable"] is not False:
-            raise BadRequest("attributes.exportable must be false: no private key ever leaves "
-                             "this service")
-        body = {**body, "attributes": {k: v for k, v in attrs.items() if k != "exportable"}}
-    return body
+    attrs = body.attributes
+    if attrs is None:
+        return None
+    if "exportable" in attrs.model_fields_set and attrs.exportable is not False:
+        raise BadRequest("attributes.exportable must be false: no private key ever leaves "
+                         "this service")
+    return attrs.model_dump(exclude_unset=True, exclude={"exportable"})
 
 
 def _args(request):
@@ -42,10 +42,11 @@ def _args(request):
 
 async def create(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
-    body = _refuse_unstored(await json_body(request))
-    kty = hsm_keys.check_kty(field(body, "kty", str, default="RSA"))
-    size = rsakeys.check_size(field(body, "key_size", int, default=rsakeys.DEFAULT_SIZE))
-    attrs = parse_attributes(field(body, "attributes", dict), field(body, "key_ops", list))
+    body = await model_body(request, models.KeyCreate)
+    given = _attributes(body)
+    kty = hsm_keys.check_kty(hsm_keys.KTY_SOFTWARE if body.kty is None else body.kty)
+    size = rsakeys.check_size(rsakeys.DEFAULT_SIZE if body.key_size is None else body.key_size)
+    attrs = parse_attributes(given, body.key_ops)
     if kty == hsm_keys.KTY_HSM:
         hsm_keys.require_token(svc.hsm)  # refused before any work
     kek = attrs.key_ops is not None and IMPORT_OP in attrs.key_ops  # BYOK's key-exchange key
@@ -54,26 +55,28 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def import_(request: web.Request) -> web.Response:
-    body = _refuse_unstored(await json_body(request))
-    attrs = parse_attributes(field(body, "attributes", dict), None)
-    if isinstance(body.get("key"), dict) and "key_hsm" in body["key"]:  # BYOK (hsm_keys.py)
-        kek_kid, ciphertext = hsm_keys.parse_transfer_blob(body["key"])
+    body = await model_body(request, models.KeyImport)
+    attrs = parse_attributes(_attributes(body), None)
+    jwk = None if body.key is None else body.key.model_dump(exclude_unset=True)
+    if jwk is not None and "key_hsm" in jwk:  # BYOK (hsm_keys.py)
+        kek_kid, ciphertext = hsm_keys.parse_transfer_blob(jwk)
         domain, svc, caller, vault, _ = _args(request)
         kek_id, kek_size = await domain.run(svc.authorize_byok, caller, vault, kek_kid)
         return await _new_version(request, "import", lambda _: hsm_keys.require_token(svc.hsm)
                                   .import_transfer_blob(kek_id, kek_size, ciphertext), attrs)
     # Key Vault's KeyImportParameters spell it "Hsm" (the SDKs' hardware_protected); "hsm" is
     # what this service's own client sent first.
-    if body.get("Hsm") or body.get("hsm") or (isinstance(body.get("key"), dict)
-                                              and body["key"].get("kty") == "RSA-HSM"):
+    if body.Hsm or body.hsm or (jwk is not None and jwk.get("kty") == hsm_keys.KTY_HSM):
         # A key that was ever in the clear is not an HSM key: RSA-HSM keys are made in the token.
         raise BadRequest("A plaintext key cannot be imported as RSA-HSM; import it as RSA, or "
                          "create an RSA-HSM key (kty RSA-HSM) in the HSM")
-    if "pem" in body:  # an extension to Key Vault's JWK-only import, for `key import --pem`
-        pem = field(body, "pem", str, required=True).encode()
+    if body.pem is not None:  # an extension to Key Vault's JWK-only import, for `key import --pem`
+        pem = body.pem.encode()
         return await _new_version(request, "import", lambda _: rsakeys.load_pem(pem), attrs)
-    jwk = field(body, "key", dict, required=True)
-    return await _new_version(request, "import", lambda _: rsakeys.load_jwk(jwk), attrs)
+    if jwk is None:
+        raise BadRequest("'key' is required")
+    private = jwk
+    return await _new_version(request, "import", lambda _: rsakeys.load_jwk(private), attrs)
 
 
 async def _new_version(request, permission: str, make, attrs=None, size=None) -> web.Response:
@@ -96,8 +99,8 @@ async def get(request: web.Request) -> web.Response:
 
 async def update(request: web.Request) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
-    body = _refuse_unstored(await json_body(request))
-    attrs = parse_attributes(field(body, "attributes", dict), field(body, "key_ops", list))
+    body = await model_body(request, models.KeyUpdate)
+    attrs = parse_attributes(_attributes(body), body.key_ops)
     v, key, kv = await domain.run(svc.update_key, caller, vault, name,
                                   request.match_info.get("version"), attrs)
     return _bundle(request, svc, v, key, kv)
@@ -131,9 +134,9 @@ async def versions(request: web.Request) -> web.Response:
 
 async def _crypto(request: web.Request, op) -> web.Response:
     domain, svc, caller, vault, name = _args(request)
-    body = await json_body(request)
-    alg = field(body, "alg", str, default=rsakeys.DEFAULT_ALG)
-    value = rsakeys.b64u_decode(field(body, "value", str, required=True))
+    body = await model_body(request, models.KeyOperation)
+    alg = rsakeys.DEFAULT_ALG if body.alg is None else body.alg
+    value = rsakeys.b64u_decode(body.value)
     kid, rsa_op = await domain.run(op(svc), caller, vault, name, request.match_info.get("version"),
                                    alg)
     out = await domain.compute(rsa_op, value)  # off the domain thread (key_ops.py)
@@ -178,8 +181,8 @@ async def backup(request: web.Request) -> web.Response:
 async def restore(request: web.Request) -> web.Response:
     """The key's name comes from the blob, not the path (Key Vault's restore)."""
     domain, svc, caller = request.app["domain"], request.app["domain"].service, request["caller"]
-    body = await json_body(request)
-    blob = rsakeys.b64u_decode(field(body, "value", str, required=True))
+    body = await model_body(request, models.KeyRestore)
+    blob = rsakeys.b64u_decode(body.value)
     v, key, kv = await domain.run(svc.restore_key, caller, vault_name(request), blob)
     return _bundle(request, svc, v, key, kv)
 

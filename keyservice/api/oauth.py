@@ -20,7 +20,10 @@ import uuid
 
 from aiohttp import web
 
+from daemonkit.bodies import BodyError, parse
+
 from ..domain import errors
+from .models import TokenRequestV2
 
 _IGNORED_SCOPES = {"openid", "profile", "offline_access"}  # OIDC scopes MSAL may add
 
@@ -96,18 +99,21 @@ async def token(request: web.Request) -> web.Response:
         return oauth_error(400, "invalid_request",
                            "The body must be application/x-www-form-urlencoded (RFC 6749 section 4.4.2)")
     form = await request.post()
-    grant = form.get("grant_type")
-    if grant != "client_credentials":
+    try:
+        body = parse(TokenRequestV2, {k: form[k] for k in TokenRequestV2.model_fields if k in form})
+    except BodyError as e:
+        return oauth_error(400, "invalid_request", e.message)
+    if body.grant_type != "client_credentials":
         return oauth_error(400, "unsupported_grant_type",
                            "Only grant_type=client_credentials is supported")
     client_id, secret = _client_from_basic(request)
-    client_id = _text(form.get("client_id")) or client_id
-    secret = _text(form.get("client_secret")) or secret
+    client_id = body.client_id or client_id
+    secret = body.client_secret or secret
     if not isinstance(client_id, str) or not isinstance(secret, str) or not client_id or not secret:
         return oauth_error(400, "invalid_request", "client_id and client_secret are required "
                            "(certificate and assertion credentials are not supported)")
     try:
-        audience = audience_of(_text(form.get("scope")))
+        audience = audience_of(body.scope)
         tok, _, ident = await domain.run(domain.service.issue_token, client_id, secret,
                                          audience, tenant)
     except errors.BadRequest as e:
@@ -129,8 +135,3 @@ def add_routes(router: web.UrlDispatcher) -> None:
                    name="OpenIdConfiguration")
     router.add_get("/{tenant}/discovery/v2.0/keys", openid_keys, name="OpenIdKeys")
     router.add_post("/{tenant}/oauth2/v2.0/token", token, name="TokenV2")
-
-
-def _text(value) -> str | None:
-    """A form field as text; a file upload (or nothing) is None."""
-    return value if isinstance(value, str) else None

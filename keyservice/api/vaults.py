@@ -2,8 +2,8 @@
 from aiohttp import web
 
 from ..domain.vaults import DEFAULT_RETENTION
-from . import render
-from .body import field, json_body
+from . import models, render
+from .body import json_body, model_body, validated
 
 
 def _svc(request):
@@ -12,13 +12,14 @@ def _svc(request):
 
 async def create(request: web.Request) -> web.Response:
     domain, svc, caller = _svc(request)
-    body = await json_body(request)
-    request["vault"] = field(body, "name", str, required=True)  # for the audit chain
-    v = await domain.run(svc.create_vault, caller, request["vault"],
-                         field(body, "location", str, required=True),
-                         field(body, "subscription", str, required=True),
-                         field(body, "softDeleteRetentionInDays", int, default=DEFAULT_RETENTION),
-                         field(body, "enablePurgeProtection", bool, default=False))
+    raw = await json_body(request)
+    if isinstance(raw.get("name"), str):
+        request["vault"] = raw["name"]  # for the audit chain, also when the body is refused
+    body = validated(models.VaultCreate, raw)
+    retention = DEFAULT_RETENTION if body.softDeleteRetentionInDays is None \
+        else body.softDeleteRetentionInDays
+    v = await domain.run(svc.create_vault, caller, body.name, body.location, body.subscription,
+                         retention, bool(body.enablePurgeProtection))
     v, pols = await domain.run(svc.get_vault, caller, v.name)
     return web.json_response(render.vault(svc, v, pols), status=201)
 
@@ -38,10 +39,9 @@ async def list_(request: web.Request) -> web.Response:
 
 async def update(request: web.Request) -> web.Response:
     domain, svc, caller = _svc(request)
-    body = await json_body(request)
+    body = await model_body(request, models.VaultUpdate)
     v = await domain.run(svc.update_vault, caller, request.match_info["vault"],
-                         field(body, "enablePurgeProtection", bool),
-                         field(body, "softDeleteRetentionInDays", int))
+                         body.enablePurgeProtection, body.softDeleteRetentionInDays)
     return web.json_response(render.vault(svc, v))
 
 
@@ -72,8 +72,7 @@ async def purge(request: web.Request) -> web.Response:
 
 async def set_policy(request: web.Request) -> web.Response:
     domain, svc, caller = _svc(request)
-    body = await json_body(request)
-    perms = field(field(body, "permissions", dict, required=True), "keys", list, required=True)
+    perms = (await model_body(request, models.PolicySet)).permissions.keys
     oid, perms = await domain.run(svc.set_policy, caller, request.match_info["vault"],
                                   request.match_info["object_id"], perms)
     v, _ = await domain.run(svc.get_vault, caller, request.match_info["vault"])
