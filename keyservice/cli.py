@@ -38,7 +38,9 @@ SETTINGS = Settings("keyservice", {
     "KEYSERVICE_CREDENTIAL": "credential file of the identity to act as (JSON, 0600)",
     "KEYSERVICE_TIMEOUT": f"seconds one request may take, (0, 3600] (default {DEFAULT_TIMEOUT:g})",
     "KEYSERVICE_CA": "CA certificate that signed the service's (https://; default: system CAs)",
-})
+    "KEYSERVICE_STATE": "serve's state: sqlite (default, in the data directory) or a "
+                        "postgresql:// URL (docs/operations.md, \"State on PostgreSQL\")",
+}, secrets=frozenset({"KEYSERVICE_STATE"}))  # a URL may carry the database password
 
 
 def _translate(e: Exception) -> CliError | None:
@@ -211,14 +213,19 @@ def main():
               help="the token's user PIN, a 0600 file; default $CREDENTIALS_DIRECTORY/pkcs11-pin")
 @click.option("--seal", type=click.Choice(["file", "pkcs11"]), default="file", show_default=True,
               help="pkcs11: the master key sealed by an AES key in the token (new data directories)")
+@click.option("--state", metavar="sqlite|postgresql://...",
+              help="where vaults, keys and the audit log live: sqlite in the data directory "
+                   "(default), or a PostgreSQL database several instances share (also "
+                   "KEYSERVICE_STATE; docs/operations.md, \"State on PostgreSQL\")")
 def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat, tls_dir, tls_cert,
           tls_key, insecure_plain_http, http_header_timeout, http_body_timeout, max_connections, reserved,
           vault_domain, log_level, log_format, metrics_listen, pkcs11_module, pkcs11_token,
-          pkcs11_pin_file, seal):
+          pkcs11_pin_file, seal, state):
     """Run the key service daemon."""
     from daemonkit.httpguard import HttpLimits
     from daemonkit.tls import TlsConfigError
 
+    from .database import StateError, is_postgres
     from .sealing import MasterKeyError
     from .server import ServeConfig, open_service
     from .server import serve as run_server
@@ -252,11 +259,18 @@ def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat
         raise click.UsageError("--seal pkcs11 needs --pkcs11-module and --pkcs11-token, and takes "
                                "no --master-key-file")
     config.seal = seal
+    try:
+        state = state or SETTINGS.get("KEYSERVICE_STATE")
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    if state not in (None, "", "sqlite") and not is_postgres(state):
+        raise click.UsageError("--state takes sqlite or a postgresql:// URL")
+    config.state = state if is_postgres(state) else None
     config.http_limits = HttpLimits(header_timeout=http_header_timeout, body_timeout=http_body_timeout,
                                     max_connections=max_connections)
     try:
         service = open_service(config)
-    except MasterKeyError as e:
+    except (MasterKeyError, StateError) as e:
         click.echo(f"keyservice: cannot start: {e}", err=True)
         sys.exit(1)
     except (OSError, sqlite3.Error) as e:

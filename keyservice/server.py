@@ -51,6 +51,7 @@ class ServeConfig:
     metrics_listen: tuple[str, int] | None = None  # a listener of its own for the probes and /metrics
     pkcs11: tuple[str, str, str | None] | None = None  # module, token label, PIN file (hsm.py)
     seal: str = "file"  # "pkcs11": the master key sealed in the token (hsm_seal.py)
+    state: str | None = None  # a postgresql:// URL; None: SQLite in data_dir (store.py)
 
 
 def open_service(config: ServeConfig) -> KeyService:
@@ -63,9 +64,11 @@ def open_service(config: ServeConfig) -> KeyService:
     if config.seal == "pkcs11":
         from .hsm_seal import master_from_token
         assert token is not None, "the CLI requires --pkcs11-module for --seal pkcs11"
-        store = Store(config.data_dir, master_key=master_from_token(token, config.data_dir))
+        store = Store(config.data_dir, master_key=master_from_token(token, config.data_dir),
+                      state=config.state)
     else:
-        store = Store(config.data_dir, config.master_key_file)
+        store = Store(config.data_dir, config.master_key_file, state=config.state)
+    log.info("state in %s", store.describe())
     scheme = "https" if config.ssl_context else "http"
     host = f"[{config.host}]" if ":" in config.host else config.host
     base = config.base_url or f"{scheme}://{host}:{config.port}"
@@ -115,6 +118,9 @@ async def serve(config: ServeConfig, service: KeyService) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = make_app(service, heartbeat=config.heartbeat, vault_domain=config.vault_domain)
+    # Changes committed by other instances on a shared database wake this one's change
+    # streams too (a no-op on SQLite, which one process owns).
+    service.store.follow_changes(lambda: loop.call_soon_threadsafe(app["bus"].publish))
     runner = GuardedRunner(app, limits=config.http_limits, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=config.ssl_context,

@@ -1,24 +1,33 @@
-"""SQLite persistence for the domain model (WAL mode, synchronous=FULL: a change
-is durable when its transaction commits, and every change commits before the
-reply). Private keys go in and out only through the seal (`sealing.py`).
+"""Persistence for the domain model, in SQLite (the default) or PostgreSQL
+(`database.py`: one interface, the engines' differences). Every change commits before
+the reply, and is durable when it commits. Private keys go in and out only through the
+seal (`sealing.py`).
 
-One connection, used by one worker thread (see `api/app.py`): transactions are
-serialised, which is what the domain's read-check-write rules need.
+One connection, used by one worker thread (see `api/app.py`); write transactions are
+serialised (on PostgreSQL across every instance too), which is what the domain's
+read-check-write rules need. The SQL here is what both engines speak.
 """
 import json
-import os
-import sqlite3
 import uuid
 from collections import OrderedDict
-from contextlib import contextmanager
 from pathlib import Path
 
+from .database import Database, open_database
 from .domain import audit, rsakeys
 from .domain.events import Event
 from .domain.identities import Identity
 from .domain.keys import Key, KeyVersion
 from .domain.vaults import Vault
-from .sealing import MasterKeyError, Seal, SealError, derive, load_master_key, master_key_path
+from .sealing import (
+    SECRETS_META,
+    Keyring,
+    MasterKeyError,
+    Seal,
+    SealError,
+    load_master_key,
+    master_key_path,
+    service_secrets,
+)
 
 DB_NAME = "keyservice.db"
 KEY_CACHE = 256  # loaded private keys kept in memory (a 4096-bit key object is a few KiB)
@@ -77,8 +86,19 @@ _IDENTITY_COLUMNS = ("object_id, client_id, tenant_id, display_name, type, roles
                      "created, disabled, generation")
 
 
-# The schema's version, in SQLite's PRAGMA user_version. 0: the releases before it was
-# kept (brought up to date by ADDED_COLUMNS and `_migrate`'s steps, which are idempotent).
+def _upsert(table: str, columns: str, key: str) -> str:
+    """INSERT, or UPDATE the row with the same `key` (SQLite's and PostgreSQL's common
+    spelling of what SQLite alone calls INSERT OR REPLACE)."""
+    names = [c.strip() for c in columns.split(",")]
+    keys = {k.strip() for k in key.split(",")}
+    sets = ", ".join(f"{c}=excluded.{c}" for c in names if c not in keys)
+    return (f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT ({key}) DO UPDATE SET {sets}")
+
+
+# The schema's version (SQLite: PRAGMA user_version; PostgreSQL: the schema_version table).
+# 0: the releases before it was kept (brought up to date by ADDED_COLUMNS and `_migrate`'s
+# steps, which are idempotent). A new version adds its steps to `_migrate`, for both.
 SCHEMA_VERSION = 1
 
 
@@ -93,81 +113,91 @@ def _aad(vault: str, name: str, version: str) -> str:
 
 
 class Store:
+    """`state`: None for SQLite in the data directory, or a postgresql:// URL (the data
+    directory then holds the master key and admin.credential only)."""
+
     def __init__(self, data_dir: Path, master_key_file: str | None = None,
-                 master_key: bytes | None = None):
+                 master_key: bytes | None = None, state: str | None = None):
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         db_path = data_dir / DB_NAME
-        fresh = not db_path.exists()
-        if fresh and (data_dir / "admin.credential").exists():
+        if state is None and not db_path.exists() and (data_dir / "admin.credential").exists():
             # The admin credential is written after the database: this directory had one.
             # Starting empty would forget every vault and key and issue a new admin.
             raise StoreRefused(
                 f"{db_path} is missing but {data_dir} held a key service (admin.credential is "
                 "there): restore the database from a backup (docs/operations.md), or remove "
                 "admin.credential to start a new, empty key service")
+        self._db: Database = open_database(data_dir, state, DB_NAME)
+        try:
+            self._open(data_dir, master_key_file, master_key)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self, data_dir: Path, master_key_file: str | None, master_key: bytes | None) -> None:
         if master_key is None:
             path, may_create = master_key_path(data_dir, master_key_file)
-            master = load_master_key(path, may_create, fresh)
+            master: Keyring | bytes = load_master_key(path, may_create, self._db.fresh)
         else:  # unsealed by the HSM (keyservice/hsm_seal.py)
             master = master_key
         self._seal = Seal(master)
-        self.token_key = derive(master, "tokens/v1")
-        self._audit_key = derive(master, "audit/v1")
-        # Key backups (domain/backup_ops.py) leave the service: their own key, so a
-        # backup blob and a sealed row can never be taken for each other.
-        self.backup_seal = Seal(derive(master, "backup/v1"))
         self._keys: OrderedDict = OrderedDict()
-        self.path = db_path
-        if fresh:
-            # Created 0600 before SQLite opens it (SQLite gives -wal and -shm the same
-            # mode), so the database is never readable by others, not even empty.
-            os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        version = self.schema_version()
-        if version > SCHEMA_VERSION:
-            raise StoreRefused(
-                f"{db_path} has schema version {version}, written by a newer release; this "
-                f"one knows up to {SCHEMA_VERSION}. Run the newer release, or restore the "
-                "backup taken before the upgrade (docs/operations.md)")
-        self._db.executescript(SCHEMA)
-        self._migrate()
-        self._check_master_key()
+        self.kind = self._db.kind
+        self.path = getattr(self._db, "path", None)  # SQLite's file; None on PostgreSQL
+        with self.transaction():
+            # One transaction: instances starting together on one PostgreSQL database
+            # make and migrate the schema once, and agree on one master key check.
+            version = self.schema_version()
+            if version > SCHEMA_VERSION:
+                raise StoreRefused(
+                    f"{self._db.describe()} has schema version {version}, written by a newer "
+                    f"release; this one knows up to {SCHEMA_VERSION}. Run the newer release, or "
+                    "restore the backup taken before the upgrade (docs/operations.md)")
+            self._db.create_schema(SCHEMA)
+            self._migrate()
+            self._check_master_key()
+            self._service_secrets()
 
     def schema_version(self) -> int:
-        return self._db.execute("PRAGMA user_version").fetchone()[0]
+        return self._db.schema_version()
+
+    def describe(self) -> str:
+        """Where the state is, for logs (never a password)."""
+        return self._db.describe()
+
+    def follow_changes(self, wake) -> None:
+        """Call `wake()` (from another thread) when another instance commits events."""
+        self._db.follow_changes(wake)
 
     def _migrate(self) -> None:
-        with self.transaction():
-            for table, columns in ADDED_COLUMNS.items():
-                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-                for name, decl in columns:
-                    if name not in have:
-                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
-            # Events from before tenants: their vault's tenant where the vault still exists;
-            # the others (purged vaults) stay NULL and reach no subscriber.
-            self._db.execute("UPDATE events SET tenant_id = (SELECT tenant_id FROM vaults "
-                             "WHERE vaults.name = events.vault) WHERE tenant_id IS NULL")
-            self._db.execute("CREATE INDEX IF NOT EXISTS events_by_tenant ON events (tenant_id, seq)")
-            # Vaults from before ids: an id now, and the chain they already had (their name).
-            for (name,) in self._db.execute("SELECT name FROM vaults WHERE id IS NULL").fetchall():
-                self._db.execute("UPDATE vaults SET id=?, audit_chain=? WHERE name=?",
-                                 (str(uuid.uuid4()), name, name))
-            # Version 1 is every database these steps brought up to date; later versions
-            # add their steps after them. PRAGMA takes no parameters: our own int.
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        """Inside the opening transaction; every step is idempotent."""
+        for table, columns in ADDED_COLUMNS.items():
+            have = self._db.columns(table)
+            for name, decl in columns:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {_ddl(self.kind, decl)}")
+        # Events from before tenants: their vault's tenant where the vault still exists;
+        # the others (purged vaults) stay NULL and reach no subscriber.
+        self._db.execute("UPDATE events SET tenant_id = (SELECT tenant_id FROM vaults "
+                         "WHERE vaults.name = events.vault) WHERE tenant_id IS NULL")
+        self._db.execute("CREATE INDEX IF NOT EXISTS events_by_tenant ON events (tenant_id, seq)")
+        # Vaults from before ids: an id now, and the chain they already had (their name).
+        for row in self._db.execute("SELECT name FROM vaults WHERE id IS NULL").fetchall():
+            self._db.execute("UPDATE vaults SET id=?, audit_chain=? WHERE name=?",
+                             (str(uuid.uuid4()), row["name"], row["name"]))
+        # Version 1 is every database these steps brought up to date; later versions
+        # add their steps after them.
+        self._db.set_schema_version(SCHEMA_VERSION)
 
     def _check_master_key(self) -> None:
         row = self._db.execute("SELECT v FROM meta WHERE k='master_check'").fetchone()
         if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('master_check', ?)",
+            self._db.execute("INSERT INTO meta (k, v) VALUES ('master_check', ?)",
                              (self._seal.seal(_CHECK, "meta:master_check"),))
             return
         try:
-            self._seal.open(row[0], "meta:master_check")
+            self._seal.open(row["v"], "meta:master_check")
         except SealError:
             raise MasterKeyError("the master key does not match this database "
                                  "(wrong --master-key-file or credential)") from None
@@ -175,32 +205,61 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
     def transaction(self):
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        """A write transaction: the only one running, on this database, until it ends."""
+        return self._db.transaction()
+
+    def _service_secrets(self) -> None:
+        """The token, audit and key-backup keys, kept sealed: they outlive a master key
+        rotation (sealing.py). Key backups (domain/backup_ops.py) leave the service: their
+        own key, so a backup blob and a sealed row can never be taken for each other."""
+        secrets, new = service_secrets(self._seal, self.meta(SECRETS_META))
+        if new is not None:
+            self.set_meta(SECRETS_META, new)
+        self.token_key, self._audit_key = secrets.tokens, secrets.audit
+        self.backup_seal = secrets.backup_seal
+
+    # -- master key rotation (sealing.reseal): every sealed blob, where it lives
+    @property
+    def seal(self) -> Seal:
+        return self._seal
+
+    def sealed_blobs(self) -> list[tuple[tuple, str, bytes]]:
+        """(row, AAD, blob) of the master check and of every key version."""
+        check = self._db.execute("SELECT v FROM meta WHERE k='master_check'").fetchone()
+        rows = self._db.execute("SELECT vault, name, version, sealed_private FROM key_versions")
+        return [(("meta", "master_check"), "meta:master_check", bytes(check[0]))] + [
+            (("key_versions", r[0], r[1], r[2]), _aad(r[0], r[1], r[2]), bytes(r[3])) for r in rows]
+
+    def put_sealed(self, row: tuple, blob: bytes) -> None:
+        """The same secret re-sealed: nothing else of the row changes."""
+        if row[0] == "meta":
+            self._db.execute("UPDATE meta SET v=? WHERE k=?", (blob, row[1]))
+        else:
+            self._db.execute("UPDATE key_versions SET sealed_private=? WHERE vault=? AND name=? "
+                             "AND version=?", (blob, *row[1:]))
 
     # -- meta --
     def meta(self, k: str) -> str | None:
         row = self._db.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()
-        return None if row is None else row[0]
+        if row is None:
+            return None
+        v = row["v"]
+        return bytes(v).decode() if isinstance(v, bytes | memoryview) else v
 
     def set_meta(self, k: str, v: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v))
+        # Stored as bytes: the column is a BLOB (BYTEA), which PostgreSQL would not take
+        # text into verbatim. Rows written as text by earlier releases still read (above).
+        self._db.execute(_upsert("meta", "k, v", "k"), (k, v.encode()))
 
     # -- identities --
     def add_identity(self, i: Identity) -> None:
         self.put_identity(i, new=True)
 
     def put_identity(self, i: Identity, new: bool = False) -> None:
-        verb = "INSERT" if new else "INSERT OR REPLACE"
-        self._db.execute(f"{verb} INTO identities ({_IDENTITY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                         (i.object_id, i.client_id, i.tenant_id, i.display_name, i.type,
+        sql = (f"INSERT INTO identities ({_IDENTITY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)" if new
+               else _upsert("identities", _IDENTITY_COLUMNS, "object_id"))
+        self._db.execute(sql, (i.object_id, i.client_id, i.tenant_id, i.display_name, i.type,
                           json.dumps(list(i.roles)), i.secret_hash, i.created, int(i.disabled),
                           i.generation))
 
@@ -225,13 +284,13 @@ class Store:
 
     def tenant_exists(self, tenant_id: str) -> bool:
         """A tenant exists while it has an identity or a vault (vaults outlive identities)."""
-        return self._db.execute("SELECT EXISTS (SELECT 1 FROM identities WHERE tenant_id=?) OR "
-                                "EXISTS (SELECT 1 FROM vaults WHERE tenant_id=?)",
-                                (tenant_id, tenant_id)).fetchone()[0] == 1
+        return bool(self._db.execute("SELECT EXISTS (SELECT 1 FROM identities WHERE tenant_id=?) OR "
+                                     "EXISTS (SELECT 1 FROM vaults WHERE tenant_id=?)",
+                                     (tenant_id, tenant_id)).fetchone()[0])
 
     def policies_of(self, object_id: str) -> list[str]:
         """The vaults where `object_id` has an access policy."""
-        return [r[0] for r in self._db.execute(
+        return [r["vault"] for r in self._db.execute(
             "SELECT vault FROM policies WHERE object_id=? ORDER BY vault", (object_id,))]
 
     # -- vaults --
@@ -243,7 +302,7 @@ class Store:
         return [_vault(r) for r in self._db.execute(f"SELECT {_VAULT_COLUMNS} FROM vaults ORDER BY name")]
 
     def put_vault(self, v: Vault) -> None:
-        self._db.execute(f"INSERT OR REPLACE INTO vaults ({_VAULT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        self._db.execute(_upsert("vaults", _VAULT_COLUMNS, "name"),
                          (v.name, v.tenant_id, v.subscription, v.location, v.retention_days,
                           int(v.purge_protection), v.owner, v.created, v.deleted_at,
                           v.scheduled_purge, v.id, v.audit_chain or v.id))
@@ -258,10 +317,10 @@ class Store:
     def policies(self, vault: str) -> dict[str, tuple[str, ...]]:
         rows = self._db.execute("SELECT object_id, permissions FROM policies WHERE vault=? "
                                 "ORDER BY object_id", (vault,))
-        return {oid: tuple(json.loads(p)) for oid, p in rows}
+        return {r["object_id"]: tuple(json.loads(r["permissions"])) for r in rows}
 
     def set_policy(self, vault: str, object_id: str, permissions) -> None:
-        self._db.execute("INSERT OR REPLACE INTO policies VALUES (?,?,?)",
+        self._db.execute(_upsert("policies", "vault, object_id, permissions", "vault, object_id"),
                          (vault, object_id, json.dumps(list(permissions))))
 
     def delete_policy(self, vault: str, object_id: str) -> bool:
@@ -274,20 +333,21 @@ class Store:
                                "WHERE vault=? AND name=?", (vault, name)).fetchone()
         if row is None:
             return None
-        versions = [KeyVersion(r[0], r[1], bytes(r[2]), bool(r[3]), r[4], r[5], tuple(json.loads(r[6])),
-                               r[7], r[8], r[9])
+        versions = [KeyVersion(r["version"], r["size"], bytes(r["public_der"]), bool(r["enabled"]),
+                               r["nbf"], r["exp"], tuple(json.loads(r["key_ops"])), r["created"],
+                               r["updated"], r["kty"])
                     for r in self._db.execute(
                         "SELECT version, size, public_der, enabled, nbf, exp, key_ops, created, updated, "
                         "kty FROM key_versions WHERE vault=? AND name=? ORDER BY ord", (vault, name))]
-        return Key(vault, name, row[0], versions, row[1], row[2])
+        return Key(vault, name, row["created"], versions, row["deleted_at"], row["scheduled_purge"])
 
     def key_names(self, vault: str, deleted: bool) -> list[str]:
         cond = "IS NOT NULL" if deleted else "IS NULL"
-        return [r[0] for r in self._db.execute(
+        return [r["name"] for r in self._db.execute(
             f"SELECT name FROM keys WHERE vault=? AND deleted_at {cond} ORDER BY name", (vault,))]
 
     def put_key(self, k: Key) -> None:
-        self._db.execute("INSERT OR REPLACE INTO keys VALUES (?,?,?,?,?)",
+        self._db.execute(_upsert("keys", "vault, name, created, deleted_at, scheduled_purge", "vault, name"),
                          (k.vault, k.name, k.created, k.deleted_at, k.scheduled_purge))
 
     def add_version(self, k: Key, v: KeyVersion, private_der: bytes) -> None:
@@ -308,7 +368,7 @@ class Store:
     def private_der(self, vault: str, name: str, version: str) -> bytes:
         row = self._db.execute("SELECT sealed_private FROM key_versions WHERE vault=? AND name=? "
                                "AND version=?", (vault, name, version)).fetchone()
-        return self._seal.open(row[0], _aad(vault, name, version))
+        return self._seal.open(row["sealed_private"], _aad(vault, name, version))
 
     def private_key(self, vault: str, name: str, version: str):
         """The loaded private key, from a small cache: a version's key never changes,
@@ -334,22 +394,22 @@ class Store:
         self._db.execute("DELETE FROM keys WHERE vault=? AND name=?", (vault, name))
 
     def expired_deletions(self, now: float) -> tuple[list[str], list[tuple[str, str]]]:
-        vaults = [r[0] for r in self._db.execute(
+        vaults = [r["name"] for r in self._db.execute(
             "SELECT name FROM vaults WHERE scheduled_purge IS NOT NULL AND scheduled_purge <= ?", (now,))]
-        keys = [(r[0], r[1]) for r in self._db.execute(
+        keys = [(r["vault"], r["name"]) for r in self._db.execute(
             "SELECT vault, name FROM keys WHERE scheduled_purge IS NOT NULL AND scheduled_purge <= ?",
             (now,))]
         return vaults, keys
 
     def due_expiries(self, now: float) -> list[tuple[str, str, str, float]]:
         """Versions of live keys whose `exp` has passed and not yet been announced."""
-        return self._db.execute(
+        return [tuple(r) for r in self._db.execute(
             "SELECT kv.vault, kv.name, kv.version, kv.exp FROM key_versions kv "
             "JOIN keys k ON k.vault = kv.vault AND k.name = kv.name "
             "JOIN vaults v ON v.name = kv.vault "
             "WHERE kv.exp IS NOT NULL AND kv.exp <= ? AND k.deleted_at IS NULL "
             "AND v.deleted_at IS NULL AND (kv.expiry_announced IS NULL OR kv.expiry_announced != kv.exp)",
-            (now,)).fetchall()
+            (now,))]
 
     def mark_expiry_announced(self, vault: str, name: str, version: str, exp: float) -> None:
         self._db.execute("UPDATE key_versions SET expiry_announced=? WHERE vault=? AND name=? AND version=?",
@@ -357,21 +417,23 @@ class Store:
 
     # -- events --
     def add_event(self, e: Event) -> int:
-        cur = self._db.execute("INSERT INTO events (type, vault, key, version, kid, object_id, time, "
-                               "tenant_id) VALUES (?,?,?,?,?,?,?,?)",
-                               (e.type, e.vault, e.key, e.version, e.kid, e.objectId, e.time, e.tenantId))
-        assert cur.lastrowid is not None  # an INSERT into a rowid table
-        return cur.lastrowid
+        """Inside the change's transaction; other instances' subscribers hear of it at commit."""
+        row = self._db.execute("INSERT INTO events (type, vault, key, version, kid, object_id, time, "
+                               "tenant_id) VALUES (?,?,?,?,?,?,?,?) RETURNING seq",
+                               (e.type, e.vault, e.key, e.version, e.kid, e.objectId, e.time,
+                                e.tenantId)).fetchone()
+        self._db.announce_change()
+        return int(row["seq"])
 
     def events_after(self, seq: int, limit: int, tenant_id: str) -> list[Event]:
-        return [Event(type=r[1], vault=r[2], key=r[3], version=r[4], kid=r[5], objectId=r[6],
-                      time=r[7], seq=r[0], tenantId=r[8])
+        return [Event(type=r["type"], vault=r["vault"], key=r["key"], version=r["version"], kid=r["kid"],
+                      objectId=r["object_id"], time=r["time"], seq=r["seq"], tenantId=r["tenant_id"])
                 for r in self._db.execute("SELECT seq, type, vault, key, version, kid, object_id, time, "
                                           "tenant_id FROM events WHERE tenant_id=? AND seq > ? "
                                           "ORDER BY seq LIMIT ?", (tenant_id, seq, limit))]
 
     def last_event_seq(self) -> int:
-        return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
 
     # -- audit --
     def audit_totals(self) -> tuple[int, int]:
@@ -394,7 +456,7 @@ class Store:
     def close_audit_chain(self, v: Vault, entry: dict) -> None:
         """Inside the purge's transaction: the last entry, and the chain kept by vault id."""
         self._append_audit(v.audit_chain, entry)
-        self._db.execute("INSERT OR REPLACE INTO closed_chains VALUES (?,?,?,?,?)",
+        self._db.execute(_upsert("closed_chains", "vault_id, chain, name, tenant_id, closed", "vault_id"),
                          (v.id, v.audit_chain, v.name, v.tenant_id, entry["time"]))
 
     def audit_chain_of(self, vault_id: str) -> str | None:
@@ -402,15 +464,15 @@ class Store:
         row = self._db.execute("SELECT audit_chain FROM vaults WHERE id=? UNION ALL "
                                "SELECT chain FROM closed_chains WHERE vault_id=?",
                                (vault_id, vault_id)).fetchone()
-        return None if row is None else row[0]
+        return None if row is None else row["audit_chain"]
 
     def _append_audit(self, chain: str, entry: dict) -> None:
         head = self._db.execute("SELECT seq, last FROM audit_heads WHERE chain=?", (chain,)).fetchone()
-        seq, prev = (1, audit.GENESIS) if head is None else (head[0] + 1, bytes(head[1]))
+        seq, prev = (1, audit.GENESIS) if head is None else (head["seq"] + 1, bytes(head["last"]))
         mac = audit.entry_mac(self._audit_key, chain, seq, prev, entry)
-        self._db.execute("INSERT INTO audit VALUES (?,?,?,?,?)",
+        self._db.execute("INSERT INTO audit (chain, seq, entry, prev, mac) VALUES (?,?,?,?,?)",
                          (chain, seq, audit.canonical(entry).decode(), prev, mac))
-        self._db.execute("INSERT OR REPLACE INTO audit_heads VALUES (?,?,?,?)",
+        self._db.execute(_upsert("audit_heads", "chain, seq, last, mac", "chain"),
                          (chain, seq, mac, audit.head_mac(self._audit_key, chain, seq, mac)))
 
     def audit_entries(self, chain: str, limit: int, after: int = 0, *, newest: bool = False,
@@ -420,11 +482,11 @@ class Store:
         query = "SELECT seq, entry FROM audit WHERE chain=? AND seq > ?"
         args: list = [chain, after]
         if since is not None:
-            query += " AND json_extract(entry, '$.time') >= ?"
+            query += f" AND {self._db.json_number('entry', 'time')} >= ?"
             args.append(since)
         query += f" ORDER BY seq {'DESC' if newest else 'ASC'} LIMIT ?"
         rows = self._db.execute(query, (*args, limit)).fetchall()
-        return [dict(json.loads(e), seq=s) for s, e in (reversed(rows) if newest else rows)]
+        return [dict(json.loads(r["entry"]), seq=r["seq"]) for r in (reversed(rows) if newest else rows)]
 
     def verify_audit(self, chain: str) -> audit.Verification:
         rows = self._db.execute("SELECT seq, entry, prev, mac FROM audit WHERE chain=? ORDER BY seq",
@@ -433,10 +495,20 @@ class Store:
         return audit.verify(self._audit_key, chain, rows, head)
 
 
+def _ddl(kind: str, decl: str) -> str:
+    if kind == "sqlite":
+        return decl
+    from .database_postgres import postgres_ddl
+    return postgres_ddl(decl)
+
+
 def _identity(r) -> Identity:
-    return Identity(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), bytes(r[6]), r[7],
-                    bool(r[8]), r[9])
+    return Identity(r["object_id"], r["client_id"], r["tenant_id"], r["display_name"], r["type"],
+                    tuple(json.loads(r["roles"])), bytes(r["secret_hash"]), r["created"],
+                    bool(r["disabled"]), r["generation"])
 
 
 def _vault(r) -> Vault:
-    return Vault(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9], r[10], r[11])
+    return Vault(r["name"], r["tenant_id"], r["subscription"], r["location"], r["retention_days"],
+                 bool(r["purge_protection"]), r["owner"], r["created"], r["deleted_at"],
+                 r["scheduled_purge"], r["id"], r["audit_chain"])

@@ -121,6 +121,9 @@ class KeyService(DirectoryOperations, VaultOperations, BackupOperations, KeyOper
         if not due:
             return 0
         with self._change() as events:
+            # Read again in the transaction: another instance on a shared database
+            # (store.py) may have announced them since, and each is announced once.
+            due = self.store.due_expiries(self.clock())
             for vault, name, version, exp in due:
                 self.store.mark_expiry_announced(vault, name, version, exp)
                 events.append(self._event("key.expired", vault, name, version))
@@ -131,7 +134,11 @@ class KeyService(DirectoryOperations, VaultOperations, BackupOperations, KeyOper
         """Purge what has outlived its retention (Key Vault does the same)."""
         now = self.clock()
         vaults, keys = self.store.expired_deletions(now)
+        if not vaults and not keys:
+            return 0
         with self._change() as events:
+            # Again in the transaction: another instance may have purged them since.
+            vaults, keys = self.store.expired_deletions(now)
             for vault, name in keys:
                 if vault not in vaults:
                     self._doom_token_objects(vault, name)

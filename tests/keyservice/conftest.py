@@ -2,7 +2,12 @@
 
 Readiness is the daemon's own sd_notify(READY=1) on a socket we hand it in
 NOTIFY_SOCKET: a condition with a deadline, not a sleep.
+
+`daemon` keeps its state where the `state` fixture says: SQLite unless a module
+overrides `state` (`params=STATES` runs the module on SQLite and on a database of the
+session's PostgreSQL server, tests/helpers/postgres.py).
 """
+import itertools
 import json
 import os
 import signal
@@ -139,9 +144,27 @@ def make_daemon(tmp_path):
         d.close()
 
 
+STATES = ("sqlite", "postgresql")
+_databases = itertools.count(1)
+
+
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("ks") / "data").start()
+def state():
+    """Where the module's `daemon` keeps its state: "sqlite" or "postgresql"."""
+    return "sqlite"
+
+
+def state_args(request, state: str) -> list[str]:
+    """`serve`'s arguments for `state`: a new database on the session's PostgreSQL."""
+    if state == "sqlite":
+        return []
+    pg = request.getfixturevalue("postgres_server")
+    return ["--state", pg.create_database(f"ks{os.getpid()}_{next(_databases)}")]
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, request, state):
+    d = Daemon(tmp_path_factory.mktemp("ks") / "data", state_args(request, state)).start()
     yield d
     d.close()
 

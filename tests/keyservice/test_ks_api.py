@@ -1,9 +1,18 @@
-"""The model end to end: the real daemon, spoken to over HTTP."""
+"""The model end to end: the real daemon, spoken to over HTTP, with its state in
+SQLite and in PostgreSQL (issue 15: the same tests against both)."""
 import base64
 import os
 
+import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from conftest import STATES
+
+
+@pytest.fixture(scope="module", params=STATES)
+def state(request):
+    return request.param
 
 
 def b64u(b: bytes) -> str:
@@ -218,7 +227,7 @@ def test_openapi_lists_every_route(daemon):
     for route in app.router.routes():
         if route.method == "HEAD":
             continue  # implied by GET
-        path = route.resource.canonical
+        path = route.resource.canonical.replace("{object_id}", "{objectId}")
         assert route.method.lower() in doc["paths"].get(path, {}), (route.method, path)
 
 
