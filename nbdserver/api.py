@@ -246,7 +246,8 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None,
             _field(b, "name", required=True), _field(b, "keyUrl", required=True),
             subscription=_field(b, "subscription"), location=_field(b, "location"),
             allow_cross_subscription=bool(_field(b, "allowCrossSubscription", bool)),
-            auto_rotate=bool(_field(b, "rotationToLatestKeyVersionEnabled", bool)))), status=201)
+            auto_rotate=bool(_field(b, "rotationToLatestKeyVersionEnabled", bool)),
+            encryption_type=_field(b, "encryptionType"))), status=201)
 
     @r.get("/encryption-sets")
     async def des_list(request):

@@ -27,7 +27,9 @@ from .errors import (
     KeyUnavailable,
 )
 from .model import (
+    CUSTOMER_KEY,
     PLATFORM_KEY,
+    SET_TYPES,
     EncryptionSet,
     KeyUrl,
     Volume,
@@ -65,8 +67,13 @@ class EncryptionSetOperations:
     # -- encryption sets
     def create_des(self, name: str, key_url: str, *, subscription: str | None = None,
                    location: str | None = None, allow_cross_subscription: bool = False,
-                   auto_rotate: bool = False) -> asyncio.Task:
+                   auto_rotate: bool = False, encryption_type: str | None = None) -> asyncio.Task:
         check_name("encryption set", name)
+        encryption_type = encryption_type or CUSTOMER_KEY
+        if encryption_type not in SET_TYPES:
+            # EncryptionAtRestWithPlatformKey is no set's: it is a disk without one.
+            raise BadRequest(f"encryptionType must be one of {', '.join(SET_TYPES)}, "
+                             f"not {encryption_type!r}")
         key_url = canonical_key_url(key_url, self.keyservice_url, self.keyservice_vault_domain)
         if name == PLATFORM_KEY:
             # Volumes record their scope by name, and this one means the platform's own key:
@@ -78,11 +85,11 @@ class EncryptionSetOperations:
         return self.operations.start(
             f"creation of encryption set {name!r}",
             lambda: self._create_des(name, key_url, ku, subscription, location,
-                                     allow_cross_subscription, auto_rotate),
+                                     allow_cross_subscription, auto_rotate, encryption_type),
             exclusive=[ops.scope(name)])
 
     async def _create_des(self, name, key_url, ku, subscription, location,
-                          allow_cross_subscription, auto_rotate) -> dict:
+                          allow_cross_subscription, auto_rotate, encryption_type=CUSTOMER_KEY) -> dict:
         vault = await self._vault(ku)
         subscription = subscription or vault.get("subscription")
         location = location or vault.get("location")
@@ -95,7 +102,8 @@ class EncryptionSetOperations:
                             self.sealer.seal(json.dumps(cred.__dict__).encode(), f"des:{name}"),
                             allow_cross_subscription, time.time(), auto_rotate=auto_rotate,
                             # Known only when named: the identity may not `get` the key yet.
-                            active_key_url=key_url if ku.version else None)
+                            active_key_url=key_url if ku.version else None,
+                            encryption_type=encryption_type)
         if self.state.get_des(name):  # taken by a concurrent request meanwhile (no await until put)
             raise Conflict(f"encryption set {name!r} exists")
         self.state.put_des(des)
@@ -144,8 +152,8 @@ class EncryptionSetOperations:
     async def show_des(self, name: str) -> dict:
         des = self._des(name)
         out = {"name": des.name, "subscription": des.subscription, "location": des.location,
-               "keyUrl": des.key_url, "identity": {"type": "SystemAssigned",
-                                                   "objectId": des.identity_object_id},
+               "encryptionType": des.encryption_type, "keyUrl": des.key_url,
+               "identity": {"type": "SystemAssigned", "objectId": des.identity_object_id},
                "allowCrossSubscription": des.allow_cross_subscription,
                **rotation_view(des, self.state.list_volumes(des=name),
                                # Not the update this view ends, if it is one.
@@ -175,8 +183,9 @@ class EncryptionSetOperations:
         return out
 
     def list_des(self) -> list[dict]:
-        return [{"name": d.name, "keyUrl": d.key_url, "subscription": d.subscription,
-                 "location": d.location, "identity": {"objectId": d.identity_object_id},
+        return [{"name": d.name, "encryptionType": d.encryption_type, "keyUrl": d.key_url,
+                 "subscription": d.subscription, "location": d.location,
+                 "identity": {"objectId": d.identity_object_id},
                  "rotationToLatestKeyVersionEnabled": d.auto_rotate}
                 for d in self.state.list_des()]
 

@@ -9,12 +9,14 @@ unreachable -> `KeyUnavailable` (keep serving within the grace period), any refu
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from daemonkit.wipe import wipe as wipe  # the callers' keys.wipe
 from keyservice.client import KeyServiceClient, KeyServiceError, KeyServiceUnavailable, unreachable
 
+from ..crypto.double import join_keys
 from .errors import AccessMissing, BadRequest, KeyUnavailable
-from .model import KeyEnvelope, KeyUrl
+from .model import PLATFORM_KEY, KeyEnvelope, KeyUrl, Volume
 
 DEK_BYTES = 64  # AES-256-XTS: two AES-256 keys
 WRAP_ALG = "RSA-OAEP-256"
@@ -62,6 +64,28 @@ async def unwrap(client: KeyServiceClient, envelope: KeyEnvelope) -> bytearray:
         wipe(dek)
         raise AccessMissing(f"unwrapKey with {envelope.kid} returned {len(dek)} bytes, not a DEK")
     return dek
+
+
+async def unwrap_volume(client_for: Callable[[str], KeyServiceClient], v: Volume) -> bytearray:
+    """The key a volume's data is opened with: its DEK, or for a double-encrypted volume
+    its two DEKs as one buffer (platform's, then customer's: crypto/double.py).
+
+    The customer's envelope first: its refusal is the revocation, reported as for a CMK
+    disk. The platform key refusing is not the customer's doing and must not look like
+    it (a lock and a recheck of the customer's set, which answers, and reopens, and
+    fails again): the volume is unavailable, KeyUnavailable."""
+    dek = await unwrap(client_for(v.des), v.envelope)
+    if v.platform_envelope is None:
+        return dek
+    try:
+        platform_dek = await unwrap(client_for(PLATFORM_KEY), v.platform_envelope)
+    except AccessMissing as e:
+        wipe(dek)
+        raise KeyUnavailable(f"the platform key refused this volume's platform DEK: {e.message}") from None
+    except BaseException:
+        wipe(dek)
+        raise
+    return join_keys(platform_dek, dek)
 
 
 async def key_attributes(client: KeyServiceClient, kid: str) -> dict:

@@ -7,7 +7,7 @@ so an operator can look it up in docs/platform.md ("Rules").
 from __future__ import annotations
 
 from .errors import RuleViolation
-from .model import EncryptionSet, Volume
+from .model import PLATFORM_KEY, EncryptionSet, Volume
 
 
 def vault_fit_for_des(vault: dict, vault_name: str, location: str, subscription: str,
@@ -66,3 +66,17 @@ def image_shareable(v: Volume) -> None:
         raise RuleViolation("cmk-image-no-gallery",
                             f"image {v.name!r} is encrypted with a customer-managed key "
                             f"(encryption set {v.des!r}) and cannot be shared to a gallery")
+
+
+def same_layers_move(v: Volume, target: str, target_double: bool) -> None:
+    """A move re-wraps a DEK; it cannot add or take away a layer of encryption, which
+    means rewriting every sector. A double-encrypted disk moves only to another
+    double-encryption set (its customer DEK re-wrapped, its platform DEK kept), and a
+    single one only to the platform key or a customer-key set."""
+    if v.double != target_double:
+        to = "the platform-managed key" if target == PLATFORM_KEY else f"encryption set {target!r}"
+        raise RuleViolation("double-same-layers",
+                            f"{v.kind.value} {v.name!r} is encrypted {'twice' if v.double else 'once'} "
+                            f"and {to} encrypts {'twice' if target_double else 'once'}; a move only "
+                            "re-wraps keys. To change, snapshot the disk and make a disk from the "
+                            "snapshot under the target (where the source's rules allow)")

@@ -148,7 +148,8 @@ class DiskServing:
         sealed, was_locked = export.backend, export.locked
         try:
             async with self._unwraps:
-                dek = await keys.unwrap(self.client_for(disk.des), disk.envelope)
+                # Both DEKs of a double-encrypted disk, as one buffer (keys.unwrap_volume).
+                dek = await keys.unwrap_volume(self.client_for, disk)
         except AccessMissing as e:
             if self.catalog.get(export.name) is export and export.backend is sealed:
                 export.lock(e.message)  # later clients are refused at once; a recheck reopens

@@ -26,6 +26,7 @@ from daemonkit.rfc3339 import format_time
 
 from ..backend import WRITEBACK, FileBackend, FileSpec
 from ..crypto import XtsLayer, open_disk
+from ..crypto.double import join_keys
 from . import backing, keys, rules
 from . import operations as ops
 from .copy import copy_ciphertext, reencrypt, run_copy
@@ -38,6 +39,7 @@ from .errors import (
 )
 from .model import (
     PLATFORM_KEY,
+    KeyEnvelope,
     KeyUrl,
     Volume,
     VolumeKind,
@@ -215,6 +217,13 @@ class VolumeOperations:
         except BaseException:
             keys.wipe(dek)
             raise
+        platform_env = None
+        if scope != PLATFORM_KEY and self._des(scope).double:
+            try:
+                dek, platform_env = await self._add_platform_dek(dek)
+            except BaseException:
+                keys.wipe(dek)
+                raise
         if self.state.get_volume(VolumeKind.DISK, name):
             # A concurrent request took the name while this one waited for the key service.
             # Nothing awaits between this check and put_volume below, so the check holds.
@@ -223,7 +232,7 @@ class VolumeOperations:
         v = Volume(name, VolumeKind.DISK, size, subscription, location, scope, env,
                    self._new_path(VolumeKind.DISK), VolumeState.CREATING,
                    source=f"{src.kind.value}:{src.name}" if src else None, created=time.time(),
-                   extra={"cache": cache} if cache else {})
+                   extra={"cache": cache} if cache else {}, platform_envelope=platform_env)
         self.state.put_volume(v)
         spec = self.disk_spec(v)
         try:
@@ -239,7 +248,7 @@ class VolumeOperations:
             raise _storage_error(e, f"creating disk {name!r} of {size} bytes") from None
         try:
             if src is not None:
-                src_dek = await keys.unwrap(self.client_for(src.des), src.envelope)
+                src_dek = await keys.unwrap_volume(self.client_for, src)
                 src_layer = XtsLayer(FileBackend(src.path, readonly=True), src_dek)
                 try:
                     # run_copy returns only once its thread has left both layers.
@@ -262,6 +271,18 @@ class VolumeOperations:
         if self.access is not None and self.access.checks_started(scope) != checks:
             self.access.poke(scope)
         return name
+
+    async def _add_platform_dek(self, dek: bytearray) -> tuple[bytearray, KeyEnvelope]:
+        """A disk of a double-encryption set: a second, independent DEK wrapped by the
+        platform key, joined to the customer's `dek` (which the result replaces)."""
+        platform_dek = keys.new_dek()
+        try:
+            env = await keys.wrap(self.client_for(PLATFORM_KEY), self.key_url_for(PLATFORM_KEY),
+                                  platform_dek)
+        except BaseException:
+            keys.wipe(platform_dek)
+            raise
+        return join_keys(platform_dek, dek), env
 
     async def _discard_disk(self, name: str, reason: str) -> None:
         """Remove a disk everywhere, in the order a crash can only leave a stray file in
@@ -330,6 +351,12 @@ class VolumeOperations:
 
     def key_envelope(self, name: str) -> dict:
         v = self.volume(VolumeKind.DISK, name)
+        if v.platform_envelope is not None:
+            # The outer layer's key (the customer's) is the envelope; the inner one's beside it.
+            return {"disk": v.name, **v.envelope.to_json(), "platform": v.platform_envelope.to_json(),
+                    "format": "two stacked aes-xts-plain64 layers, 4096-byte sectors, "
+                              "iv_large_sectors: customer DEK outside, platform DEK inside; "
+                              "see docs/format.md"}
         return {"disk": v.name, **v.envelope.to_json(),
                 "format": "aes-xts-plain64, 4096-byte sectors, iv_large_sectors; see docs/format.md"}
 
@@ -339,6 +366,7 @@ class VolumeOperations:
             raise BadRequest("give exactly one of --des NAME or --platform-key")
         v = self.volume(VolumeKind.DISK, name)
         target = des if des else PLATFORM_KEY  # exactly one of them was given
+        rules.same_layers_move(v, target, target != PLATFORM_KEY and self._des(target).double)
         if target != PLATFORM_KEY:
             rules.no_subscription_move(v, self._des(target))
         elif v.customer_managed:
@@ -406,7 +434,8 @@ class VolumeOperations:
         src = self.volume(src.kind, src.name)  # its envelope now (a rotation may have run)
         v = Volume(name, kind, src.size, src.subscription, src.location, src.des, src.envelope,
                    self._new_path(kind), VolumeState.CREATING,
-                   source=f"{src.kind.value}:{src.name}", created=time.time())
+                   source=f"{src.kind.value}:{src.name}", created=time.time(),
+                   platform_envelope=src.platform_envelope)  # both layers' keys go with it
         self.state.put_volume(v)
         cb = (lambda done, total: progress(done / total)) if progress else None
         loop = asyncio.get_running_loop()
@@ -476,12 +505,19 @@ def _volume_view(v: Volume) -> dict:
     ku = KeyUrl.parse(v.envelope.kid)
     return {"name": v.name, "kind": v.kind.value, "size": v.size, "subscription": v.subscription,
             "location": v.location,
-            "encryption": {"type": "EncryptionAtRestWithPlatformKey" if v.des == PLATFORM_KEY
-                           else "EncryptionAtRestWithCustomerKey",
+            "encryption": {"type": v.encryption_type,
                            "diskEncryptionSet": None if v.des == PLATFORM_KEY else v.des,
-                           "kid": v.envelope.kid, "keyVersion": ku.version, "alg": v.envelope.alg},
+                           "kid": v.envelope.kid, "keyVersion": ku.version, "alg": v.envelope.alg,
+                           **_platform_layer(v)},
             "state": v.state.value, "source": v.source, "gallery": v.gallery, "created": v.created,
             "timeCreated": format_time(v.created)}
+
+
+def _platform_layer(v: Volume) -> dict:
+    """A double-encrypted volume's second key: the platform key's version that wraps it."""
+    if v.platform_envelope is None:
+        return {}
+    return {"platformKid": v.platform_envelope.kid}
 
 
 def _storage_error(e: OSError, what: str) -> Exception:
