@@ -20,6 +20,7 @@ from pathlib import Path
 
 from daemonkit.backup import (
     BackupError,
+    backup_master_key,
     copy_database,
     copy_private_file,
     private_directory,
@@ -27,7 +28,7 @@ from daemonkit.backup import (
 )
 
 from .hsm_seal import FILE as HSM_SEALED_FILE
-from .sealing import master_key_path
+from .sealing import key_source_of
 from .store import DB_NAME
 
 MASTER_KEY_NAME = "master-key"
@@ -52,14 +53,6 @@ def backup_keyservice(data_dir, dest, *, include_master_key: bool = False,
         master = (f"sealed by the HSM, included as {HSM_SEALED_FILE}: a restore needs the same "
                   "PKCS#11 token (--seal pkcs11 with its module, label and PIN)")
         return write_manifest(out, "keyservice", version, dataDir=str(data_dir), masterKey=master)
-    if include_master_key:
-        source, _ = master_key_path(data_dir, master_key_file)
-        try:
-            copy_private_file(source, out / MASTER_KEY_NAME)
-        except OSError as e:
-            raise BackupError(f"cannot copy the master key {source}: {e.strerror}") from None
-        master = f"included as {MASTER_KEY_NAME}: keep this backup as secret as the master key"
-    else:
-        master = ("not included: a restore needs the original master key (--master-key-file, the "
-                  "systemd credential master-key, or DATA_DIR/master-key)")
+    master = backup_master_key(key_source_of(data_dir, master_key_file), out, MASTER_KEY_NAME,
+                               include_master_key)
     return write_manifest(out, "keyservice", version, dataDir=str(data_dir), masterKey=master)

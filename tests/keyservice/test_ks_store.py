@@ -56,8 +56,8 @@ def test_master_key_formats(tmp_path):
     (tmp_path / "raw").write_bytes(key)
     (tmp_path / "hex").write_text(key.hex() + "\n")
     (tmp_path / "bad").write_text("short")
-    assert load_master_key(tmp_path / "raw", False, False) == key
-    assert load_master_key(tmp_path / "hex", False, False) == key
+    assert load_master_key(tmp_path / "raw", False, False).keys == (key,)
+    assert load_master_key(tmp_path / "hex", False, False).keys == (key,)
     with pytest.raises(MasterKeyError, match="32 raw bytes"):
         load_master_key(tmp_path / "bad", False, False)
     with pytest.raises(MasterKeyError, match="systemd credential"):
@@ -69,7 +69,7 @@ def test_seal_roundtrip_and_tamper():
     blob = s.seal(b"secret", "row:1")
     assert s.open(blob, "row:1") == b"secret"
     for bad_blob, aad in ((blob, "row:2"), (blob[:-1] + bytes([blob[-1] ^ 1]), "row:1"),
-                          (b"\x02" + blob[1:], "row:1"), (b"\x01", "row:1")):
+                          (b"\x03" + blob[1:], "row:1"), (b"\x01", "row:1")):
         with pytest.raises(SealError):
             s.open(bad_blob, aad)
     with pytest.raises(SealError):
