@@ -125,7 +125,6 @@ class XtsLayer(FilterBackend):
         # The file below, if any: its byte-range locks order RMW across processes.
         fileno = getattr(lower, "fileno", None)
         self._locks = SectorLocks(STRIPES, SECTORS_PER_STRIPE, file_fd=fileno() if fileno else None)
-        self._stripes = self._locks.stripes  # pwrite's short path indexes them itself
         self._local = threading.local()
         self._closed = False
 
@@ -181,9 +180,8 @@ class XtsLayer(FilterBackend):
             # encryption and the write in one engine call. Only over a lower layer whose
             # small writes all go to one fd with flags 0 (see _fixed_native_fd).
             first = offset // S
-            stripe = first // SECTORS_PER_STRIPE
-            if stripe == (first + n // S - 1) // SECTORS_PER_STRIPE:
-                stripe_lock = self._stripes[stripe % STRIPES] or self._locks.stripe(stripe % STRIPES)
+            stripe_lock = self._locks.single(first, first + n // S)
+            if stripe_lock is not None:  # within one stripe
                 if not stripe_lock.acquire(not nowait):
                     raise BlockingIOError(errno.EAGAIN, BUSY)
                 try:

@@ -81,10 +81,9 @@ class SectorLocks:
 
     def __init__(self, stripes: int = STRIPES, sectors_per_stripe: int = SECTORS_PER_STRIPE, *,
                  file_fd: int | None = None) -> None:
+        # Stripe (s // sectors_per_stripe) % stripes, None until first used.
         self._locks: list[threading.Lock | None] = [None] * stripes
         self._fd = file_fd  # the file whose byte ranges order RMW across processes
-        # read-only: stripe (s // sectors_per_stripe) % stripes, None until first used
-        self.stripes = self._locks
         self._per = sectors_per_stripe
         self._making = threading.Lock()
 
@@ -140,12 +139,16 @@ class SectorLocks:
 
     def single(self, first: int, end: int) -> threading.Lock | None:
         """The one lock of sectors [first, end) when they share a stripe, else None
-        (then use acquire/release). The fast path of a small write."""
+        (then use acquire/release). No file range: the short path of a small aligned
+        write (see the module's docstring), which asks for every write it takes, so
+        the lock is looked up here without a second call once it exists."""
         per = self._per
         g = first // per
         if g != (end - 1) // per:
             return None
-        return self.stripe(g % len(self._locks))
+        locks = self._locks
+        i = g % len(locks)
+        return locks[i] or self.stripe(i)
 
     @staticmethod
     def release(held: Held) -> None:

@@ -386,7 +386,7 @@ def test_whole_sector_writes_land_while_their_stripe_lock_is_held(tmp_path, firs
         def __exit__(self, *exc):
             self.release()
 
-    stripes = layer._locks.stripes  # the layer's own list: replace its lock in place
+    stripes = layer._locks._locks  # the layer's own list: replace its lock in place
     stripes[first // SECTORS_PER_STRIPE % len(stripes)] = ProbeLock()
     try:
         layer.pwrite(bytearray(plain) if owned else plain, first * S, owned=owned)

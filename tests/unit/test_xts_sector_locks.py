@@ -122,3 +122,15 @@ def test_a_file_range_is_not_taken_against_its_own_open_file(tmp_path):
         locks.release(second)
     finally:
         os.close(fd)
+
+
+def test_single_is_the_one_stripe_lock_that_acquire_takes_and_none_across_stripes():
+    locks = SectorLocks(stripes=8, sectors_per_stripe=4)
+    lock = locks.single(9, 12)  # sectors 9..11: stripe 2, made on this first use
+    assert lock is not None and locks._locks[2] is lock
+    assert locks.single(8, 12) is lock  # the same lock for any sectors of the stripe
+    assert locks.single(11, 13) is None  # sectors 11..12 span stripes 2 and 3
+    assert locks.single(8 + 8 * 4, 9 + 8 * 4) is lock  # wraps to the same index
+    held = locks.acquire(10, 11)
+    assert held == [lock] and not lock.acquire(blocking=False)  # they exclude each other
+    locks.release(held)
