@@ -371,6 +371,7 @@ class ProductOneProcessTarget(ProductTarget):
 class ProductCustomerKeyTarget(ProductTarget):
     name = "product-cmk"
     description = "nbdserver serve, platform disk under a customer-managed key (vault, key, set)"
+    des_args: ClassVar[tuple[str, ...]] = ()  # `nbdserver des create`'s options
 
     def _make_disk(self) -> None:
         vault, key, des = "bench-vault", "bench-key", "bench-des"
@@ -378,11 +379,19 @@ class ProductCustomerKeyTarget(ProductTarget):
                   "--subscription", "bench", "--enable-purge-protection")
         self._cli("keyservice", "key", "create", vault, key, "--size", "2048")
         shown = self._cli("nbdserver.cli", "des", "create", des,
-                          "--key-url", f"{self._ks_url}/vaults/{vault}/keys/{key}")
+                          "--key-url", f"{self._ks_url}/vaults/{vault}/keys/{key}", *self.des_args)
         self._cli("keyservice", "policy", "set", vault, "--object-id", shown["identity"]["objectId"],
                   "--key-permissions", "get,wrapKey,unwrapKey")
         self._cli("nbdserver.cli", "disk", "create", self.DISK, "--size", str(self.size),
                   "--des", des, "--quiet")
+
+
+@register
+class ProductDoubleTarget(ProductCustomerKeyTarget):
+    name = "product-double"
+    description = ("as product-cmk, the set EncryptionAtRestWithPlatformAndCustomerKeys: every "
+                   "sector encrypted twice, platform DEK inside, customer DEK outside")
+    des_args = ("--double-encryption",)
 
 
 @register

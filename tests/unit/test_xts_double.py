@@ -118,3 +118,46 @@ def test_a_layer_keyed_with_two_deks_writes_both_layers_at_any_offset(tmp_path, 
             continue
         inner = xts(c, s, sector, encrypt=False)
         assert xts(p, s, inner, encrypt=False) == model[s * S:(s + 1) * S], s
+
+
+def _cryptsetup_unavailable():
+    from tests.unit.test_xts_cryptsetup import why_not
+    return why_not()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(_cryptsetup_unavailable() is not None, reason=_cryptsetup_unavailable() or "")
+def test_cryptsetup_two_stacked_plain_devices_read_the_plaintext(tmp_path):
+    """docs/format.md, "Double encryption": the customer DEK's device first, then the
+    platform DEK's device over it."""
+    import subprocess
+    p, c, key = two_keys()
+    path = tmp_path / "disk.img"
+    layer = XtsLayer(FileBackend(path, size=64 * S), key)
+    plain = os.urandom(5 * S + 512)
+    layer.pwrite(memoryview(plain), 3 * S + 512)
+    layer.flush()
+    layer.close()
+
+    name = f"dbltest{os.getpid()}"
+    opts = ["--type", "plain", "--readonly", "--cipher", "aes-xts-plain64", "--key-size", "512",
+            "--sector-size", "4096", "--iv-large-sectors", "--key-file", "-",
+            "--keyfile-size", "64"]
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", str(path)],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["cryptsetup", "open", *opts, loop, name + "o"], input=c, check=True,
+                       capture_output=True)
+        try:
+            subprocess.run(["cryptsetup", "open", *opts, f"/dev/mapper/{name}o", name],
+                           input=p, check=True, capture_output=True)
+            try:
+                with open(f"/dev/mapper/{name}", "rb") as dev:
+                    dev.seek(3 * S + 512)
+                    assert dev.read(len(plain)) == plain
+            finally:
+                subprocess.run(["cryptsetup", "close", name], check=True, capture_output=True)
+        finally:
+            subprocess.run(["cryptsetup", "close", name + "o"], check=True, capture_output=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True, capture_output=True)
