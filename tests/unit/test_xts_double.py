@@ -6,8 +6,8 @@ import os
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from nbdserver.crypto import SECTOR_SIZE as S
 from nbdserver.backend import FileBackend
+from nbdserver.crypto import SECTOR_SIZE as S
 from nbdserver.crypto import InvalidKey, XtsLayer, generate_dek
 from nbdserver.crypto.double import DOUBLE_KEY_SIZE, DoubleXtsCipher, join_keys
 
