@@ -277,7 +277,7 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None,
         kw = dict(size=_field(b, "size", (int, str)), des=_field(b, "diskEncryptionSet"),
                   source=_field(b, "source"), count=_field(b, "count", int),
                   subscription=_field(b, "subscription"), location=_field(b, "location"),
-                  cache=_field(b, "cache"))
+                  cache=_field(b, "cache"), storage=_field(b, "storage"))
         src_kind, _, src_name = (kw["source"] or "").partition(":")
         copied = size_of(VolumeKind(src_kind), src_name) if src_kind in ("snapshot", "image") else None
         # Validated and its names claimed before answering 202.

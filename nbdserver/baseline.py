@@ -98,7 +98,7 @@ def open_rbd(opts: dict, ceph: dict | None) -> BlockBackend:
     if opts["cache"]:
         raise ValueError("cache= is for files; librbd's cache is always off (rbdbackend.py)")
     spec = RbdSpec.parse(opts["path"], size=opts["size"], readonly=opts["readonly"],
-                         encrypted=bool(opts["key"]), **ceph)
+                         encrypted=bool(opts["key"]), standby=True, **ceph)
     key = None
     if opts["key"]:
         with open(opts["key"], "rb") as f:

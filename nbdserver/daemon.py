@@ -30,6 +30,7 @@ from .platform.errors import PlatformError
 from .platform.sealing import MasterKeyError
 from .platform.service import Platform
 from .platform.state import SchemaTooNew
+from .platform.storage import CephClient, VolumeStorage
 from .protocol.handshake import TlsMode
 from .server import NbdServer
 from .visibility import ExportList
@@ -46,7 +47,8 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
                         credential_file, master_key_file=None, lease=60.0, grace=3600.0,
                         idle_close=60.0, workers=8, ssl=None, tls_mode=None, tls_context=None,
                         nbd_limits=None, nbd_export_list=None, metrics_listen=None,
-                        io_processes=1, cache="writeback", vault_domain=None) -> None:
+                        io_processes=1, cache="writeback", vault_domain=None,
+                        storage="file", ceph=None) -> None:
     catalog = ExportCatalog()
     tally = KeyServiceClient.tally = CallTally()  # this process's calls, for the metrics
     # Resolved before anything uses it: a relative path would mean another directory
@@ -57,8 +59,13 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise StartupError(f"cannot read the key service credential {credential_file}: {e}") from None
     try:
+        volume_storage = VolumeStorage(data_dir, storage, CephClient(**ceph) if ceph else None)
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+    try:
         platform = Platform(data_dir, catalog, keyservice_url, credential,
-                            ssl=ssl, master_key_file=master_key_file, idle_close=idle_close)
+                            ssl=ssl, master_key_file=master_key_file, idle_close=idle_close,
+                            storage=volume_storage)
     except (MasterKeyError, OSError, sqlite3.Error, SchemaTooNew) as e:
         raise StartupError(f"cannot open the platform's state in {data_dir}: {e}") from None
     platform.default_cache = cache  # disks without a cache mode of their own

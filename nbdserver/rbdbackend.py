@@ -28,6 +28,20 @@ I/O worker) can open the same image the same way. Images of one cluster share on
 connection per process (`_Connections`): a connection has its own messenger threads and
 sockets to every OSD, which a server with many disks should pay once.
 
+Fencing: one server serves an image at a time. A writable open takes the image's
+exclusive lock explicitly (`lock_acquire(RBD_LOCK_MODE_EXCLUSIVE)`, the exclusive-lock
+feature, on by default); librbd then never hands it to another client on request, as it
+does with locks it took by itself. Another server's open finds it held and waits in
+*standby*: its requests fail with EIO, and each tries the lock again. librbd grants it
+only once the holder is gone: a live holder refuses at once (EROFS); a holder whose
+watch on the image lapsed (killed, cut off: `osd client watch timeout`, 30 s by
+default) is blocklisted (`rbd_blocklist_on_break_lock`, set here) and its lock broken, so
+whatever that server still sends is refused by the OSDs. A server that loses the lock
+(the OSDs refuse it: blocklisted, or the image read-only to it) never writes again
+through that open: every later request fails with EIO, and only a new open, which takes
+the lock afresh, serves. Checking ownership before each request would cost a round trip
+into librbd (about 250 us): the OSDs' refusal is the check.
+
 Every librbd/librados error becomes an OSError with its errno at this boundary; a
 request whose OSD does not answer within OP_TIMEOUT fails with ETIMEDOUT instead of
 holding its worker forever.
@@ -37,7 +51,7 @@ from __future__ import annotations
 
 import errno
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .backend import BlockBackend, Capabilities, Extent
@@ -48,6 +62,16 @@ from .backend import BlockBackend, Capabilities, Extent
 OP_TIMEOUT = 30
 CONNECT_TIMEOUT = 30
 SCHEME = "rbd:"
+# What librbd answers a client that lost (or never had) an image's exclusive lock:
+# EROFS from librbd, ESHUTDOWN (Ceph's EBLOCKLISTED) from an OSD once it is blocklisted.
+_FENCED = (errno.EROFS, errno.ESHUTDOWN)
+
+
+class LockState:
+    """A writable open's hold on the image's exclusive lock (the module's docstring)."""
+    HELD = "held"
+    STANDBY = "standby"  # another server holds it: no I/O until it is gone
+    LOST = "lost"        # ours was broken: no I/O through this open, ever
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +89,10 @@ class RbdSpec:
     size: int | None = None
     readonly: bool = False
     encrypted: bool = False
+    # Another server holds the image's lock: False, the open fails with EBUSY (the
+    # platform refuses the client, who retries); True, it opens in standby (the baseline
+    # runner, which opens its exports at start). See the module's docstring, "Fencing".
+    standby: bool = False
 
     @classmethod
     def parse(cls, text: str, **kw) -> RbdSpec:
@@ -104,6 +132,7 @@ class _Connections:
             entry = self._open.get(key)
             if entry is None:
                 conf = {"rbd_cache": "false", "rbd_skip_partial_discard": "false",
+                        "rbd_blocklist_on_break_lock": "true",
                         "rados_osd_op_timeout": str(OP_TIMEOUT), "rados_mon_op_timeout": str(OP_TIMEOUT)}
                 if spec.keyring:
                     conf["keyring"] = spec.keyring
@@ -158,6 +187,17 @@ class RbdBackend(BlockBackend):
         self._caps = Capabilities(writable=not ro, flush=not ro, fua=not ro, trim=not ro, zero=not ro,
                                   fast_zero=False, cache=False, multi_conn=True, extents=True)
         self._closed = False
+        # A read-only open takes no lock: it changes nothing, and a copy reads a source
+        # (a snapshot) that no server writes.
+        self.lock_state = LockState.HELD if ro else LockState.STANDBY
+        self._lock_guard = threading.Lock()
+        if not ro:
+            try:
+                self._take_lock()
+            except OSError as e:
+                if e.errno != errno.EIO or not spec.standby:
+                    self.close()
+                    raise OSError(errno.EBUSY, e.strerror) if e.errno == errno.EIO else e from None
 
     def _open_image(self):
         rbd, spec = self._rbd, self.spec
@@ -193,10 +233,11 @@ class RbdBackend(BlockBackend):
         buf = memoryview(buf).cast("B")
         if not len(buf):
             return
+        self._serving()
         try:
             data = self._image.read(offset, len(buf))
         except self._rbd.Error as e:
-            raise _oserror(e, "RBD read") from None
+            raise self._failed(e, "RBD read") from None
         buf[:len(data)] = data
         if len(data) < len(buf):  # past the end of the image: zeros, like a file's hole
             buf[len(data):] = bytes(len(buf) - len(data))
@@ -207,38 +248,44 @@ class RbdBackend(BlockBackend):
             raise BlockingIOError(errno.EAGAIN, "RBD I/O is network I/O: use a worker")
         # librbd's Python binding takes bytes only: one copy of the payload.
         payload = bytes(data)
+        self._serving()
         try:
             done = self._image.write(payload, offset)
         except self._rbd.Error as e:
-            raise _oserror(e, "RBD write") from None
+            raise self._failed(e, "RBD write") from None
         if done != len(payload):
             raise OSError(errno.EIO, f"RBD write of {len(payload)} bytes wrote {done}")
         # fua: nothing more to do, the write completed on the OSDs (no librbd cache).
 
     def flush(self):
+        if self.lock_state is LockState.STANDBY:
+            return  # nothing was written through this open
+        self._serving()
         try:
             self._image.flush()
         except self._rbd.Error as e:
-            raise _oserror(e, "RBD flush") from None
+            raise self._failed(e, "RBD flush") from None
 
     def trim(self, offset, length, *, fua=False):
         self._check_writable()
+        self._serving()
         try:
             self._image.discard(offset, length)
         except self._rbd.Error as e:
-            raise _oserror(e, "RBD discard") from None
+            raise self._failed(e, "RBD discard") from None
 
     def zero(self, offset, length, *, may_trim=True, fua=False, fast=False):
         self._check_writable()
         if fast:
             raise OSError(errno.ENOTSUP, "fast zeroing is not supported on RBD")
+        self._serving()
         try:
             if may_trim:
                 self._image.discard(offset, length)
             else:
                 self._image.write_zeroes(offset, length, self._rbd.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION)
         except self._rbd.Error as e:
-            raise _oserror(e, "RBD write-zeroes") from None
+            raise self._failed(e, "RBD write-zeroes") from None
 
     def block_status(self, offset, length):
         end = min(offset + length, self._size)
@@ -249,11 +296,12 @@ class RbdBackend(BlockBackend):
                 written.append((max(off, offset), min(off + n, end)))
             return 0
 
+        self._serving()
         try:
             self._image.diff_iterate(offset, end - offset, None, changed, include_parent=True,
                                      whole_object=True)
         except self._rbd.Error as e:
-            raise _oserror(e, "RBD diff") from None
+            raise self._failed(e, "RBD diff") from None
         out: list[Extent] = []
         pos = offset
         for lo, hi in sorted(written):
@@ -278,6 +326,40 @@ class RbdBackend(BlockBackend):
 
     # --- helpers ----------------------------------------------------------------------
 
+    def _serving(self) -> None:
+        """Refuse the request unless this open holds the image's lock (or needs none)."""
+        if self.lock_state is not LockState.HELD:
+            self._take_lock()
+
+    def _take_lock(self) -> None:
+        """Standby: try the lock (librbd breaks a dead holder's, blocklisting it, which
+        takes a few seconds: on the calling worker, never the loop). Lost: refuse."""
+        with self._lock_guard:
+            if self.lock_state is LockState.HELD:
+                return
+            if self.lock_state is LockState.LOST:
+                raise OSError(errno.EIO, f"RBD image {self.spec} lost its exclusive lock to another "
+                                         "server: this open serves no more I/O")
+            assert self._image is not None
+            try:
+                self._image.lock_acquire(self._rbd.RBD_LOCK_MODE_EXCLUSIVE)
+            except self._rbd.Error as e:
+                err = _oserror(e, "RBD lock")
+                if err.errno in _FENCED or err.errno == errno.EBUSY:
+                    raise OSError(errno.EIO, f"RBD image {self.spec} is served by another server "
+                                             "(it holds the image's exclusive lock)") from None
+                raise err from None
+            self.lock_state = LockState.HELD
+
+    def _failed(self, e: Exception, what: str) -> OSError:
+        """A librbd error as an OSError; one that says this open is fenced makes it LOST."""
+        err = _oserror(e, what)
+        if err.errno in _FENCED and not self.spec.readonly:
+            self.lock_state = LockState.LOST
+            return OSError(errno.EIO, f"{what}: RBD image {self.spec} is fenced, its lock taken "
+                                      f"by another server ({err.strerror})")
+        return err
+
     def _check_writable(self) -> None:
         if self.spec.readonly:
             raise OSError(errno.EPERM, "read-only")
@@ -297,3 +379,116 @@ def _merged(extents: list[Extent]) -> list[Extent]:
         else:
             out.append(e)
     return out
+
+
+# --- images as a whole (the platform's volumes: platform/storage.py) ----------------------
+
+class _Pool:
+    """The pool of `spec` on this process's shared connection, for the calls below."""
+
+    def __init__(self, spec: RbdSpec):
+        self.spec = spec
+
+    def __enter__(self):
+        import rados
+        cluster = CONNECTIONS.acquire(self.spec)
+        try:
+            self.ioctx = cluster.open_ioctx(self.spec.pool)
+        except rados.Error as e:
+            CONNECTIONS.release(self.spec)
+            raise _oserror(e, f"pool {self.spec.pool!r}") from None
+        return self.ioctx
+
+    def __exit__(self, *exc) -> None:
+        self.ioctx.close()
+        CONNECTIONS.release(self.spec)
+
+
+def clone_image(src: RbdSpec, dst: RbdSpec) -> None:
+    """`dst` made a copy-on-write clone of `src` as it is now, in the same pool: a
+    snapshot of `src` named after `dst` (each clone has its own, removed with it),
+    protected, then cloned. No data is copied: instant whatever the size. The caller
+    makes `src` consistent first (its writes flushed). A snapshot of an image another
+    handle holds the lock of is done by that handle's librbd on request."""
+    import rbd
+    if src.pool != dst.pool:
+        raise OSError(errno.EXDEV, f"a clone of {src} must be in pool {src.pool!r}")
+    with _Pool(src) as ioctx:
+        try:
+            with rbd.Image(ioctx, src.image) as image:
+                image.create_snap(dst.image)
+                image.protect_snap(dst.image)
+            rbd.RBD().clone(ioctx, src.image, dst.image, ioctx, dst.image)
+        except rbd.Error as e:
+            raise _oserror(e, f"cloning RBD image {src} as {dst.image}") from None
+
+
+def remove_image(spec: RbdSpec) -> None:
+    """Remove the image; one that is not there is removed already.
+
+    Clones of it (snapshots and images of a disk, images of a snapshot) outlive it: each
+    is flattened first, which copies the data it shares (on this worker, bounded by the
+    image's size), and its snapshot removed. Then the image, then the snapshot of its
+    parent it was cloned from, if it is a clone."""
+    import rbd
+    parent = None
+    with _Pool(spec) as ioctx:
+        try:
+            with rbd.Image(ioctx, spec.image) as image:
+                try:
+                    parent = image.parent_info()  # (pool, image, snapshot)
+                except rbd.ImageNotFound:
+                    parent = None  # not a clone
+                for snap in list(image.list_snaps()):
+                    name = snap["name"]
+                    image.set_snap(name)
+                    children = list(image.list_children())
+                    image.set_snap(None)
+                    for pool, child in children:
+                        with _Pool(RbdSpec(pool, child, spec.conf, spec.client_id, spec.keyring)) as cio, \
+                                rbd.Image(cio, child) as c:
+                            c.flatten()
+                    if image.is_protected_snap(name):
+                        image.unprotect_snap(name)
+                    image.remove_snap(name)
+        except rbd.ImageNotFound:
+            return
+        except rbd.Error as e:
+            raise _oserror(e, f"RBD image {spec}: its snapshots and clones") from None
+        try:
+            rbd.RBD().remove(ioctx, spec.image)
+        except rbd.ImageNotFound:
+            pass
+        except rbd.Error as e:
+            raise _oserror(e, f"removing RBD image {spec}") from None
+    if parent is not None:
+        _remove_snapshot(replace(spec, pool=parent[0], image=parent[1]), parent[2])
+
+
+def _remove_snapshot(spec: RbdSpec, snap: str) -> None:
+    """The snapshot a removed clone was made from (no other clone uses it: each has its own)."""
+    import rbd
+    with _Pool(spec) as ioctx:
+        try:
+            with rbd.Image(ioctx, spec.image) as image:
+                image.set_snap(snap)
+                if list(image.list_children()):
+                    return
+                image.set_snap(None)
+                if image.is_protected_snap(snap):
+                    image.unprotect_snap(snap)
+                image.remove_snap(snap)
+        except (rbd.ImageNotFound, rbd.ObjectNotFound):
+            return
+        except rbd.Error as e:
+            raise _oserror(e, f"removing snapshot {snap} of RBD image {spec}") from None
+
+
+def list_images(spec: RbdSpec) -> list[str]:
+    """The names of the images in the pool of `spec` (its image is not used)."""
+    import rbd
+    with _Pool(spec) as ioctx:
+        try:
+            return list(rbd.RBD().list(ioctx))
+        except rbd.Error as e:
+            raise _oserror(e, f"listing pool {spec.pool!r}") from None

@@ -7,6 +7,10 @@ first releases stored the path as given, absolute or relative to the daemon's wo
 directory; `layout_path` turns such a path back into the data directory's layout (the
 platform only ever made files there), which the state's migration uses.
 
+A volume on Ceph RBD (`nbdserver serve --storage rbd:POOL`, platform/storage.py) is named
+`rbd:POOL/IMAGE` instead, kept as it is: it names no file, and the data directory's
+place does not matter to it.
+
 A disk whose file is missing, not a regular file, not readable and writable, or shorter
 than the disk is *failed*: it is listed as such with the reason, refused to NBD clients
 like any unavailable export, and the other disks serve.
@@ -18,10 +22,18 @@ import os
 import stat
 
 _LAYOUT_FOLDERS = ("disks", "snapshots", "images")
+RBD_SCHEME = "rbd:"  # rbdbackend.SCHEME, spelt here so that file volumes never import librbd
+
+
+def is_rbd(stored: str) -> bool:
+    """The volume is an RBD image (`rbd:POOL/IMAGE`), not a file."""
+    return stored.startswith(RBD_SCHEME)
 
 
 def stored_path(data_dir: str, path: str) -> str:
     """What the state database keeps for `path`: relative when under `data_dir`."""
+    if is_rbd(path):
+        return path
     rel = os.path.relpath(path, data_dir)
     if rel == os.pardir or rel.startswith(os.pardir + os.sep):
         return path  # outside the data directory: the platform makes no such file
@@ -30,6 +42,8 @@ def stored_path(data_dir: str, path: str) -> str:
 
 def resolved_path(data_dir: str, stored: str) -> str:
     """The file a stored path names (an absolute stored path is kept as it is)."""
+    if is_rbd(stored):
+        return stored
     return os.path.join(data_dir, stored)
 
 
@@ -44,7 +58,11 @@ def layout_path(stored: str) -> str | None:
 
 
 def problem(path: str, size: int) -> str | None:
-    """Why the file at `path` cannot back a volume of `size` bytes, or None."""
+    """Why the file at `path` cannot back a volume of `size` bytes, or None. An RBD
+    image is not examined here (that is a round trip to the cluster, and listings call
+    this for every disk): an image that cannot be opened fails its attach, logged."""
+    if is_rbd(path):
+        return None
     try:
         st = os.stat(path)
     except FileNotFoundError:

@@ -59,6 +59,8 @@ def backup_platform(data_dir: str, dest: str, *, include_data: bool = False,
         source = backing.resolved_path(data_dir, stored)
         if not include_data:
             entry["data"] = "not included"
+        elif backing.is_rbd(stored):
+            entry["data"] = "not copied: an RBD image (rbd export or snapshots back it up)"
         elif rel is None:
             entry["data"] = "not copied: outside the data directory's layout"
         elif not os.path.exists(source):

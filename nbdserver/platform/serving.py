@@ -37,11 +37,13 @@ from . import backing, keys
 from .errors import AccessMissing, KeyUnavailable
 from .model import Volume, VolumeKind
 from .sealed import SealedBackend
+from .storage import open_volume
 
 if TYPE_CHECKING:
     from keyservice.client import KeyServiceClient
 
     from ..exports import ExportCatalog
+    from ..rbdbackend import RbdSpec
     from .access import KeyAccess
     from .state import State
 
@@ -70,7 +72,7 @@ class DiskServing:
         catalog: ExportCatalog
         access: KeyAccess | None
         client_for: Callable[[str], KeyServiceClient]
-        disk_spec: Callable[[Volume], FileSpec]  # volumes.py: the file and its cache mode
+        disk_spec: Callable[[Volume], FileSpec | RbdSpec]  # volumes.py: file or image
 
     def _init_serving(self, idle_close: float) -> None:
         self.idle_close = idle_close
@@ -165,12 +167,22 @@ class DiskServing:
                 or export.locked != was_locked):
             keys.wipe(dek)  # closed, locked or deleted meanwhile: fail closed
             return False
+        spec = self.disk_spec(disk)
         try:
-            spec = self.disk_spec(disk)
-            layer = open_disk(spec, dek)
+            if isinstance(spec, FileSpec):
+                layer = open_disk(spec, dek)
+            else:
+                # An RBD image: a round trip to the cluster, and its exclusive lock, which
+                # takes seconds when the last holder died (rbdbackend.py): not on the loop.
+                layer = await asyncio.get_running_loop().run_in_executor(None, open_volume, spec, dek)
         except OSError as e:  # the file went with a delete that committed meanwhile
             keys.wipe(dek)
             log.warning("disk %s cannot be opened: %s", export.name, e)
+            return False
+        if not isinstance(spec, FileSpec) and (self.catalog.get(export.name) is not export
+                                               or export.backend is not sealed
+                                               or export.locked != was_locked):
+            layer.close()  # wipes the DEK it owns; closed, locked or deleted meanwhile
             return False
         # The I/O workers open the same file with the same key (the layer owns `dek`
         # and wipes it in place when it closes).

@@ -33,6 +33,7 @@ import asyncio
 import os
 from typing import TYPE_CHECKING
 
+from . import backing
 from . import operations as ops
 from .errors import BadRequest, Conflict
 from .model import VolumeKind, parse_size
@@ -62,6 +63,10 @@ class DiskSizing:
     def resize_disk(self, name: str, size) -> asyncio.Task:
         v = self.volume(VolumeKind.DISK, name)
         new = parse_size(size)
+        if backing.is_rbd(v.path):
+            # An open RbdBackend reads its size once (rbdbackend.py): growing the image
+            # under it needs the served layers to follow, not done yet.
+            raise BadRequest(f"disk {name!r} is on Ceph RBD, which cannot be resized here yet")
         if new < v.size:
             raise BadRequest(f"disk {name!r} is {v.size} bytes; shrinking it to {new} would lose "
                              "the data past the new end: a disk only grows")
@@ -116,6 +121,8 @@ class DiskSizing:
         """What the disk's file holds on the platform's storage: allocated bytes (every
         written sector; a trimmed or never-written one is a hole) against its size."""
         v = self.volume(VolumeKind.DISK, name)
+        if backing.is_rbd(v.path):
+            raise BadRequest(f"disk {name!r} is on Ceph RBD: `rbd du` tells its usage")
         try:
             st = os.stat(v.path)
         except OSError as e:

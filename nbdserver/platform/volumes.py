@@ -17,14 +17,13 @@ import errno
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from daemonkit.rfc3339 import format_time
 
-from ..backend import WRITEBACK, FileBackend, FileSpec
+from ..backend import WRITEBACK, FileSpec
 from ..crypto import XtsLayer, open_disk
 from ..crypto.double import join_keys
 from . import backing, keys, rules
@@ -49,11 +48,13 @@ from .model import (
     parse_size,
 )
 from .serving import is_open
+from .storage import VolumeStorage, open_volume
 
 if TYPE_CHECKING:
     from keyservice.client import KeyServiceClient
 
     from ..exports import Export, ExportCatalog
+    from ..rbdbackend import RbdSpec
     from .access import KeyAccess
     from .model import EncryptionSet
     from .operations import Operations
@@ -73,6 +74,7 @@ class VolumeOperations:
     # issue 17 replaces these mixins by composed objects with explicit dependencies.
     if TYPE_CHECKING:
         data_dir: str
+        storage: VolumeStorage
         state: State
         catalog: ExportCatalog
         operations: Operations
@@ -94,8 +96,17 @@ class VolumeOperations:
             raise NotFound(f"{kind.value} {name!r} not found")
         return v
 
-    def _new_path(self, kind: VolumeKind) -> str:
-        return os.path.join(self.data_dir, kind.value + "s", f"{uuid.uuid4().hex}.img")
+    def _new_path(self, kind: VolumeKind, pool: str | None = None) -> str:
+        """A new volume's location: a file, or an image in `pool` (storage.py)."""
+        return self.storage.new_location(kind, pool)
+
+    async def _remove_data(self, location: str) -> None:
+        """A volume's file or image removed, on a worker thread (an image is a round trip
+        to the cluster, which the loop must not wait for)."""
+        if backing.is_rbd(location):
+            await asyncio.get_running_loop().run_in_executor(None, self.storage.remove, location)
+        else:
+            _unlink(location)
 
     def _source(self, source: str | None) -> Volume | None:
         if not source:
@@ -109,10 +120,13 @@ class VolumeOperations:
     def validate_disk_request(self, name: str, *, size=None, des: str | None = None,
                               source: str | None = None, count: int | None = None,
                               subscription: str | None = None, location: str | None = None,
-                              cache: str | None = None):
+                              cache: str | None = None, storage: str | None = None):
         """Everything about a disk request that can be refused before any work starts."""
         check_name("disk", name)
         check_cache(cache)
+        if cache and self.storage.pool_for(storage) is not None:
+            raise BadRequest("a cache mode is for disks in files: librbd's cache is always off "
+                             "on RBD (an answered write is on the OSDs)")
         src = self._source(source)
         if src is not None and src.kind is VolumeKind.DISK:
             raise BadRequest("a disk is made from a snapshot or an image; snapshot the disk first")
@@ -134,6 +148,7 @@ class VolumeOperations:
     def create_disks(self, name: str, *, progress=None, **request) -> asyncio.Task:
         names, size, src, scope, subscription, location = self.validate_disk_request(name, **request)
         cache = request.get("cache")
+        pool = self.storage.pool_for(request.get("storage"))
 
         async def run():
             created = []
@@ -143,7 +158,7 @@ class VolumeOperations:
                         if progress:
                             progress((i + done / total) / len(names))
                     created.append(await self._create_disk(n, size, scope, subscription, location,
-                                                           src, part, cache))
+                                                           src, part, cache, pool))
             except BaseException:
                 for n in created:  # all or nothing, a set of disks too
                     await self._discard_disk(n, "creation failed")
@@ -181,12 +196,13 @@ class VolumeOperations:
         return PLATFORM_KEY, subscription or (src.subscription if src else DEFAULT_SUBSCRIPTION), \
             location or (src.location if src else DEFAULT_LOCATION)
 
-    def disk_spec(self, disk: Volume) -> FileSpec:
-        """How the disk's file is opened: its own cache mode, or the server's default."""
-        return FileSpec(disk.path, cache=disk.cache or self.default_cache, encrypted=True)
+    def disk_spec(self, disk: Volume) -> FileSpec | RbdSpec:
+        """How the disk's file or image is opened: a file with its own cache mode, or
+        the server's default."""
+        return self.storage.spec(disk.path, cache=disk.cache or self.default_cache)
 
     async def _create_disk(self, name, size, scope, subscription, location, src, progress,
-                           cache=None) -> str:
+                           cache=None, pool=None) -> str:
         dek = keys.new_dek()
         # A recheck of the scope that starts after this point may not see the disk (it is
         # not served yet): if one did, the scope is checked again once the disk serves.
@@ -230,35 +246,44 @@ class VolumeOperations:
             keys.wipe(dek)
             raise Conflict(f"disk {name!r} exists")
         v = Volume(name, VolumeKind.DISK, size, subscription, location, scope, env,
-                   self._new_path(VolumeKind.DISK), VolumeState.CREATING,
+                   self._new_path(VolumeKind.DISK, pool), VolumeState.CREATING,
                    source=f"{src.kind.value}:{src.name}" if src else None, created=time.time(),
                    extra={"cache": cache} if cache else {}, platform_envelope=platform_env)
         self.state.put_volume(v)
         spec = self.disk_spec(v)
+        loop = asyncio.get_running_loop()
         try:
             # Opened as it will be served: a cache mode its file system cannot do is
-            # refused now, not at every attach.
-            backend = open_disk(replace(spec, size=size), dek)
+            # refused now, not at every attach. An image is made on a worker thread.
+            made = replace(spec, size=size)
+            backend = open_disk(made, dek) if isinstance(made, FileSpec) else \
+                await loop.run_in_executor(None, open_volume, made, dek)
         except OSError as e:
             keys.wipe(dek)
-            _unlink(v.path)
+            await self._remove_data(v.path)
             self.state.delete_volume(VolumeKind.DISK, name)
-            if e.errno == errno.EINVAL and spec.cache != WRITEBACK:
+            if e.errno == errno.EINVAL and getattr(spec, "cache", WRITEBACK) != WRITEBACK:
                 raise BadRequest(f"disk {name!r}: {e.strerror}") from None
             raise _storage_error(e, f"creating disk {name!r} of {size} bytes") from None
         try:
             if src is not None:
                 src_dek = await keys.unwrap_volume(self.client_for, src)
-                src_layer = XtsLayer(FileBackend(src.path, readonly=True), src_dek)
+                src_spec = self.storage.spec(src.path, cache=WRITEBACK, encrypted=False, readonly=True)
+                try:
+                    src_lower = await loop.run_in_executor(None, src_spec.open)
+                except BaseException:
+                    keys.wipe(src_dek)
+                    raise
+                src_layer = XtsLayer(src_lower, src_dek)
                 try:
                     # run_copy returns only once its thread has left both layers.
                     await run_copy(reencrypt, src_layer, backend, progress=progress)
                 finally:
                     src_layer.close()
-            backend.flush()
+            await loop.run_in_executor(None, backend.flush)
         except BaseException as e:
             backend.close()
-            _unlink(v.path)
+            await self._remove_data(v.path)
             self.state.delete_volume(VolumeKind.DISK, name)
             if isinstance(e, OSError):
                 raise _storage_error(e, f"writing disk {name!r}") from None
@@ -292,14 +317,29 @@ class VolumeOperations:
         export = self.catalog.remove(name)
         if v is not None:
             self.state.delete_volume(VolumeKind.DISK, name)
-            _unlink(v.path)
+            if not backing.is_rbd(v.path):
+                _unlink(v.path)  # an open file serves on: its requests drain below
         if export is not None:
             await self.close_disk(name, reason, export)
+        if v is not None and backing.is_rbd(v.path):
+            # An image is removed only once closed: librbd refuses while this server
+            # holds it open (its watch and lock). A crash in between leaves a stray image.
+            await self._remove_data(v.path)
 
     def _remove_orphan_files(self) -> None:
         """Files no volume row names: left by a crash between a delete's commit and its
         unlink. Every volume's row is written before its file, so nothing else is here."""
-        known = {v.path for v in self.state.list_volumes()}
+        volumes = self.state.list_volumes()
+        known = {v.path for v in volumes}
+        pools = {p for p in (self.storage.pool_of(v.path) for v in volumes) if p}
+        if self.storage.default_pool:
+            pools.add(self.storage.default_pool)
+        try:
+            for location in self.storage.stray_images(known, pools):
+                log.warning("removing RBD image %s, which no volume names (left by a crash)", location)
+                self.storage.remove(location)
+        except OSError as e:  # the cluster unreachable: its disks fail at attach, others serve
+            log.error("cannot look for stray RBD images: %s", e)
         for kind in VolumeKind:
             folder = os.path.join(self.data_dir, kind.value + "s")
             for entry in os.scandir(folder):
@@ -326,6 +366,10 @@ class VolumeOperations:
         # What the disk is opened with: its own mode, or the server's default.
         out["cache"] = {"mode": v.cache or self.default_cache,
                         "source": "disk" if v.cache else "server default"}
+        pool = self.storage.pool_of(v.path)
+        out["storage"] = f"rbd:{pool}" if pool else "file"
+        if pool:  # librbd's cache is always off (rbdbackend.py)
+            out["cache"] = {"mode": "none", "source": "rbd"}
         export = self.catalog.get(name)
         if export is not None:
             # Azure's disk states: Attached while a client is in transmission.
@@ -433,7 +477,7 @@ class VolumeOperations:
     async def _copy_volume(self, kind: VolumeKind, name: str, src: Volume, progress) -> dict:
         src = self.volume(src.kind, src.name)  # its envelope now (a rotation may have run)
         v = Volume(name, kind, src.size, src.subscription, src.location, src.des, src.envelope,
-                   self._new_path(kind), VolumeState.CREATING,
+                   self._new_path(kind, self.storage.pool_of(src.path)), VolumeState.CREATING,
                    source=f"{src.kind.value}:{src.name}", created=time.time(),
                    platform_envelope=src.platform_envelope)  # both layers' keys go with it
         self.state.put_volume(v)
@@ -454,17 +498,34 @@ class VolumeOperations:
                             await asyncio.shield(loop.run_in_executor(None, export.backend.flush))
                         finally:
                             export.end()
-                    await run_copy(copy_ciphertext, src.path, v.path, src.size, progress=cb)
+                    await self._copy_data(src.path, v.path, src.size, cb)
             else:
-                await run_copy(copy_ciphertext, src.path, v.path, src.size, progress=cb)
+                await self._copy_data(src.path, v.path, src.size, cb)
         except BaseException as e:
-            _unlink(v.path)
+            await self._remove_data(v.path)
             self.state.delete_volume(kind, name)
             if isinstance(e, OSError):  # a full disk is a 507, not an internal error
                 raise _storage_error(e, f"writing {kind.value} {name!r}") from None
             raise
         self._mark_ready(v)
         return _volume_view(v)
+
+    async def _copy_data(self, src: str, dst: str, size: int, progress) -> None:
+        """A byte-exact copy of a volume's ciphertext. On RBD a copy-on-write clone: the
+        DEK is the same, so the data may be shared, and the copy is instant whatever the
+        size (copies under a fresh DEK, a disk made from a snapshot or an image, rewrite
+        every byte and cannot be clones: `reencrypt`)."""
+        if not backing.is_rbd(src):
+            await run_copy(copy_ciphertext, src, dst, size, progress=progress)
+            return
+        from ..rbdbackend import clone_image
+
+        def clone(source, target, report) -> None:
+            clone_image(source, target)
+            report(1, 1)
+        # run_copy: a cancelled operation waits for the clone's thread before its
+        # rollback removes the clone.
+        await run_copy(clone, self.storage.rbd_spec(src), self.storage.rbd_spec(dst), progress=progress)
 
     def _mark_ready(self, v: Volume) -> None:
         """A rotation (des update) may have re-wrapped the volume's DEK while its data was
@@ -491,7 +552,7 @@ class VolumeOperations:
 
         async def run():
             self.state.delete_volume(kind, name)  # committed first: a crash leaves a stray file
-            _unlink(v.path)
+            await self._remove_data(v.path)
         return self.operations.start(f"deletion of {kind.value} {name!r}", run,
                                      exclusive=[ops.volume(kind, name)])
 

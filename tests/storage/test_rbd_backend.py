@@ -169,27 +169,36 @@ def test_xts_over_rbd_stores_dmcrypt_ciphertext_only(ceph_cluster, rbd_image):
 
 
 def test_another_process_opens_the_same_image_from_the_spec_as_plain_data(ceph_cluster, rbd_image):
-    """What an I/O worker process would do: rebuild the spec from JSON, open the image,
-    see this process's writes and write its own (RBD's exclusive lock moves between the
-    two clients on demand)."""
+    """What another process does with the spec as JSON: read-only, it sees this
+    process's writes; writable, it is refused while this open holds the image's
+    exclusive lock (fencing: one writer), and serves once this one closed."""
     spec = spec_of(ceph_cluster, rbd_image(8 * MiB))
+    child = (
+        "import dataclasses, errno, json, sys\n"
+        "from nbdserver.rbdbackend import RbdSpec\n"
+        "spec = RbdSpec(**json.loads(sys.argv[1]))\n"
+        "r = dataclasses.replace(spec, readonly=True).open()\n"
+        "buf = bytearray(4096); r.pread(memoryview(buf), 0); r.close()\n"
+        "assert buf == b'p' * 4096, bytes(buf[:8])\n"
+        "try:\n"
+        "    b = spec.open()\n"
+        "except OSError as e:\n"
+        "    sys.exit(0 if e.errno == errno.EBUSY else 3)\n"
+        "b.pwrite(memoryview(b'c' * 4096), 4096); b.flush(); b.close()\n"
+        "sys.exit(1)\n")
+
+    def run_child():
+        return subprocess.run([sys.executable, "-c", child, json.dumps(dataclasses.asdict(spec))],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+
     here = spec.open()
     try:
         here.pwrite(memoryview(b"p" * 4096), 0)
         here.flush()
-        child = (
-            "import json, sys\n"
-            "from nbdserver.rbdbackend import RbdSpec\n"
-            "b = RbdSpec(**json.loads(sys.argv[1])).open()\n"
-            "buf = bytearray(4096); b.pread(memoryview(buf), 0)\n"
-            "assert buf == b'p' * 4096, bytes(buf[:8])\n"
-            "b.pwrite(memoryview(b'c' * 4096), 4096); b.flush(); b.close()\n")
-        done = subprocess.run([sys.executable, "-c", child, json.dumps(dataclasses.asdict(spec))],
-                              capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert done.returncode == 0, done.stderr
-        buf = bytearray(4096)
-        here.pread(memoryview(buf), 4096)
-        assert buf == b"c" * 4096
-        here.pwrite(memoryview(b"q" * 4096), 8192)  # the lock comes back on demand
+        done = run_child()
+        assert done.returncode == 0, f"the writable open was not refused: {done.stderr}"
     finally:
         here.close()
+    done = run_child()  # the lock is free: the other process writes
+    assert done.returncode == 1, done.stderr
+    assert ceph_cluster.read_image(spec.image, 4096, 4096) == b"c" * 4096
