@@ -168,11 +168,11 @@ def open_keyring(source: KeySource, *, holds_sealed_state: bool, state: str) -> 
         return read_keyring(source.path)
     if holds_sealed_state:
         raise MasterKeyError(
-            f"the master key {source.path} is missing, and {state} is sealed under it: supply "
-            f"the original ({source.how_to_supply}; docs/operations.md, \"Backup and restore\"); "
-            "a new key is made only for a new data directory")
+            f"master key not found at {source.path}: it is missing, and {state} is sealed "
+            f"under it: supply the original ({source.how_to_supply}; docs/operations.md, "
+            "\"Backup and restore\"); a new key is made only for a new data directory")
     if not source.writable:
-        raise MasterKeyError(f"the master key {source.path} is missing (a systemd credential "
+        raise MasterKeyError(f"master key not found at {source.path} (a systemd credential "
                              "is read-only: create it, docs/operations.md)")
     keyring = Keyring((secrets.token_bytes(KEY_BYTES),))
     fd = os.open(source.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,

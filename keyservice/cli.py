@@ -679,6 +679,31 @@ def backup(directory, data_dir, include_master_key, master_key_file):
     click.echo(json.dumps(manifest, indent=2, sort_keys=True))
 
 
+# -- master key --
+@main.command("rotate-master-key")
+@click.option("--data-dir", default="/var/lib/keyservice", show_default=True,
+              type=click.Path(file_okay=False), help="the key service's data directory (running or not)")
+@click.option("--master-key-file", type=click.Path(dir_okay=False),
+              help="the keyring's place when not the default")
+@click.option("--status", "action", flag_value="status",
+              help="only report which master key seals how many records")
+@click.option("--retire", "action", flag_value="retire",
+              help="drop the older keys no sealed record names any more")
+def rotate_master_key(data_dir, master_key_file, action):
+    """Put a new master key first in the keyring; the older ones stay readable.
+
+    Safe while the service runs: it re-seals every private key under the new key at its
+    next start. Then --retire drops the old key (docs/operations.md, "Rotating the master
+    key"). Prints the keys, the records under each, and what can be retired."""
+    from .master_rotation import rotate_master_key
+    from .sealing import MasterKeyError
+    try:
+        result = rotate_master_key(data_dir, master_key_file, action or "rotate")
+    except MasterKeyError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
 # -- status --
 @main.command("status")
 def status():

@@ -27,6 +27,7 @@ from .api.addressing import Addressing
 from .api.app import make_app
 from .domain.names import DEFAULT_RESERVED_PREFIXES
 from .domain.service import KeyService
+from .master_rotation import reseal
 from .store import Store
 from .tokens import DEFAULT_LIFETIME, TokenSigner
 
@@ -68,6 +69,8 @@ def open_service(config: ServeConfig) -> KeyService:
                       state=config.state)
     else:
         store = Store(config.data_dir, config.master_key_file, state=config.state)
+    # After a master key rotation: every blob under the new key before serving (master_rotation.py).
+    reseal(store)
     log.info("state in %s", store.describe())
     scheme = "https" if config.ssl_context else "http"
     host = f"[{config.host}]" if ":" in config.host else config.host

@@ -113,7 +113,7 @@ def test_keyring_files(tmp_path):
 def test_a_key_is_made_only_for_a_data_directory_without_sealed_state(tmp_path, monkeypatch):
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     source = key_source(tmp_path, None, credential="c", default_name="master.key")
-    with pytest.raises(MasterKeyError, match="missing.*sealed under it"):
+    with pytest.raises(MasterKeyError, match="not found.*sealed under it"):
         open_keyring(source, holds_sealed_state=True, state="the state")
     assert not source.path.exists()
     made = open_keyring(source, holds_sealed_state=False, state="the state")
