@@ -28,11 +28,15 @@ import logging
 import os
 import secrets
 import uuid
+from typing import TypeVar
 
 from aiohttp import web
+from pydantic import BaseModel
 
+from daemonkit.bodies import BodyError, parse
 from daemonkit.httplog import escape
 
+from . import apimodels as m
 from .platform.errors import BadRequest, PlatformError
 from .platform.model import VolumeKind
 from .platform.operations import finish
@@ -41,6 +45,7 @@ from .platform.service import Platform
 
 log = logging.getLogger("nbdserver.api")
 MAX_BODY = 1 << 20
+M = TypeVar("M", bound=BaseModel)
 
 
 def load_api_token(data_dir: str) -> str:
@@ -154,16 +159,12 @@ async def _body(request) -> dict:
     return data
 
 
-def _field(data: dict, name: str, kind=str, required=False):
-    v = data.get(name)
-    if v is None:
-        if required:
-            raise BadRequest(f"missing field {name!r}")
-        return None
-    if kind is int and isinstance(v, bool) or not isinstance(v, kind):
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        raise BadRequest(f"field {name!r} must be {' or '.join(k.__name__ for k in kinds)}")
-    return v
+async def _model(request, model: type[M]) -> M:
+    """The body as `model` (apimodels.py), or a 400 naming every field in question."""
+    try:
+        return parse(model, await _body(request))
+    except BodyError as e:
+        raise BadRequest(e.message) from None
 
 
 def observability_routes(token: str, readiness=None, metrics=None, *,
@@ -241,13 +242,12 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None,
     # encryption sets
     @r.post("/encryption-sets")
     async def des_create(request):
-        b = await _body(request)
+        b = await _model(request, m.EncryptionSetCreate)
         return J(await finish(platform.create_des(
-            _field(b, "name", required=True), _field(b, "keyUrl", required=True),
-            subscription=_field(b, "subscription"), location=_field(b, "location"),
-            allow_cross_subscription=bool(_field(b, "allowCrossSubscription", bool)),
-            auto_rotate=bool(_field(b, "rotationToLatestKeyVersionEnabled", bool)),
-            encryption_type=_field(b, "encryptionType"))), status=201)
+            b.name, b.keyUrl, subscription=b.subscription, location=b.location,
+            allow_cross_subscription=bool(b.allowCrossSubscription),
+            auto_rotate=bool(b.rotationToLatestKeyVersionEnabled),
+            encryption_type=b.encryptionType)), status=201)
 
     @r.get("/encryption-sets")
     async def des_list(request):
@@ -259,10 +259,9 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None,
 
     @r.patch("/encryption-sets/{name}")
     async def des_update(request):
-        b = await _body(request)
+        b = await _model(request, m.EncryptionSetUpdate)
         return J(await finish(platform.update_des(
-            request.match_info["name"], _field(b, "keyUrl"),
-            auto_rotate=_field(b, "rotationToLatestKeyVersionEnabled", bool))))
+            request.match_info["name"], b.keyUrl, auto_rotate=b.rotationToLatestKeyVersionEnabled)))
 
     @r.delete("/encryption-sets/{name}")
     async def des_delete(request):
@@ -272,12 +271,10 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None,
     # disks
     @r.post("/disks")
     async def disk_create(request):
-        b = await _body(request)
-        name = _field(b, "name", required=True)
-        kw = dict(size=_field(b, "size", (int, str)), des=_field(b, "diskEncryptionSet"),
-                  source=_field(b, "source"), count=_field(b, "count", int),
-                  subscription=_field(b, "subscription"), location=_field(b, "location"),
-                  cache=_field(b, "cache"), storage=_field(b, "storage"))
+        b = await _model(request, m.DiskCreate)
+        name = b.name
+        kw = dict(size=b.size, des=b.diskEncryptionSet, source=b.source, count=b.count,
+                  subscription=b.subscription, location=b.location, cache=b.cache, storage=b.storage)
         src_kind, _, src_name = (kw["source"] or "").partition(":")
         copied = size_of(VolumeKind(src_kind), src_name) if src_kind in ("snapshot", "image") else None
         # Validated and its names claimed before answering 202.
@@ -302,15 +299,13 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None,
 
     @r.patch("/disks/{name}")
     async def disk_update(request):
-        b = await _body(request)
-        if b.get("size") is not None:  # a resize: the key is changed by a request of its own
-            if b.get("diskEncryptionSet") is not None or b.get("platformKey"):
+        b = await _model(request, m.DiskUpdate)
+        if b.size is not None:  # a resize: the key is changed by a request of its own
+            if b.diskEncryptionSet is not None or b.platformKey:
                 raise BadRequest("change a disk's size and its key in two requests")
-            return J(await finish(platform.resize_disk(request.match_info["name"],
-                                                       _field(b, "size", (int, str)))))
+            return J(await finish(platform.resize_disk(request.match_info["name"], b.size)))
         return J(await finish(platform.update_disk(
-            request.match_info["name"], des=_field(b, "diskEncryptionSet"),
-            platform_key=bool(_field(b, "platformKey", bool)))))
+            request.match_info["name"], des=b.diskEncryptionSet, platform_key=bool(b.platformKey))))
 
     @r.delete("/disks/{name}")
     async def disk_delete(request):
@@ -321,26 +316,25 @@ def build_app(platform: Platform, token: str, *, nbd_address: str | None = None,
     # snapshots and images
     @r.post("/snapshots")
     async def snap_create(request):
-        b = await _body(request)
-        name, disk = _field(b, "name", required=True), _field(b, "disk", required=True)
+        b = await _model(request, m.SnapshotCreate)
+        name, disk = b.name, b.disk
         return accepted(ops.start("snapshot.create", f"snapshot:{name}", lambda progress:
                                   platform.create_snapshot(name, disk, progress),
                                   size_of(VolumeKind.DISK, disk)))
 
     @r.post("/images")
     async def image_create(request):
-        b = await _body(request)
-        name, source = _field(b, "name", required=True), _field(b, "source", required=True)
-        src_kind, _, src_name = str(source).partition(":")
+        b = await _model(request, m.ImageCreate)
+        name, source = b.name, b.source
+        src_kind, _, src_name = source.partition(":")
         copied = size_of(VolumeKind(src_kind), src_name) if src_kind in ("disk", "snapshot") else None
         return accepted(ops.start("image.create", f"image:{name}", lambda progress:
                                   platform.create_image(name, source, progress), copied))
 
     @r.post("/images/{name}/share")
     async def image_share(request):
-        b = await _body(request)
-        return J(await finish(platform.share_image(request.match_info["name"],
-                                                   _field(b, "gallery", required=True))))
+        b = await _model(request, m.ImageShare)
+        return J(await finish(platform.share_image(request.match_info["name"], b.gallery)))
 
     for kind in (VolumeKind.SNAPSHOT, VolumeKind.IMAGE):
         base = f"/{kind.value}s"
