@@ -232,10 +232,11 @@ class FilterBackend(BlockBackend):
     filters) subclasses it and overrides only what it changes.
 
     A side channel describes the data path below, so it stays true only while the
-    layer leaves that path alone: `native_write` and `stage_write` promise to do what
-    `pwrite` does, `native_read`, `submit_read` and `mapping` what `pread` does. Passed
-    through from under a layer that encrypts, they would write plaintext to the disk or
-    hand out ciphertext. So a class that overrides `pwrite` (or `pread`), and not one
+    layer leaves that path alone: `native_write`, `submit_write` and `stage_write`
+    promise to do what `pwrite` does (and `zero` and `trim` act on what it wrote),
+    `native_read`, `submit_read` and `mapping` what `pread` does (and `block_status` and
+    `cache` describe what it reads). Passed through from under a layer that encrypts,
+    they would write plaintext to the disk or hand out ciphertext. So a class that overrides `pwrite` (or `pread`), and not one
     of the channels that speak for it, gets that channel's safe answer instead of the
     pass-through, at class creation (`_DECLINED`): decline the side channel (the caller
     then uses the data method), one data extent for block status, zeros written
