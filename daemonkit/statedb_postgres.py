@@ -1,15 +1,15 @@
-"""The store's rows in PostgreSQL (`--state postgresql://...`; database.py has the
+"""A daemon's state in PostgreSQL (`--state postgresql://...`; statedb.py has the
 interface and why write transactions take one advisory lock).
 
-- The tables are SQLite's (store.py's DDL, its types translated by `postgres_ddl`), so
-  both engines hold the same rows: sealed private keys, digests of secrets, never
-  plaintext. The schema's version is the one row of `schema_version`.
+- The tables are SQLite's: DDL (CREATE, ALTER) is written for SQLite and its types are
+  translated here (`postgres_ddl`), so both engines hold the same rows and one list of
+  migrations serves both. The schema's version is the one row of `schema_version`.
 - Autocommit outside `transaction()`: a read sees every committed change at once,
   whichever instance made it. `synchronous_commit` is the server's (on by default):
   an answered change has been committed, so killing an instance loses nothing answered;
   its open transaction, if any, is rolled back by the server and its lock released.
 - Change notification: a commit that added events also sends `NOTIFY
-  keyservice_events` (delivered at commit, by PostgreSQL); `follow_changes` keeps a
+  <name>_events` (delivered at commit, by PostgreSQL); `follow_changes` keeps a
   second connection LISTENing on a thread and wakes the API's subscribers, who then
   read the events table as they do on SQLite. A lost notification connection is
   reopened, and subscribers are woken once after it is, so nothing committed meanwhile
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -28,13 +29,10 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .database import StateError
+from .statedb import StateError
 
-log = logging.getLogger("keyservice")
+log = logging.getLogger(__name__)
 
-CHANNEL = "keyservice_events"
-# Any fixed number: the one lock every write transaction of every instance takes.
-WRITE_LOCK = 0x6B657973_65727669  # "keyservi"
 RECONNECT_PAUSE = 1.0  # seconds between attempts to reopen the notification connection
 CONNECT_TIMEOUT = 10
 
@@ -75,8 +73,14 @@ def _row_factory(cursor: psycopg.Cursor) -> Callable[[Sequence[Any]], Row]:
     return lambda values: cls(values)
 
 
-def _qmark(sql: str) -> str:
-    """store.py's `?` placeholders as psycopg's `%s` (no `?` or `%` is ever literal there)."""
+_DDL = re.compile(r"\s*(CREATE|ALTER)\b", re.IGNORECASE)
+
+
+def _translate(sql: str) -> str:
+    """SQLite's `?` placeholders as psycopg's `%s` (the callers' SQL never holds a literal
+    `?` or `%`), and SQLite's types in DDL as PostgreSQL's."""
+    if _DDL.match(sql):
+        sql = postgres_ddl(sql)
     return sql.replace("%", "%%").replace("?", "%s")
 
 
@@ -91,37 +95,39 @@ def describe_url(url: str) -> str:
 
 
 class PostgresDatabase:
+    """`name`: the daemon's ("keyservice", "nbdserver"): its lock, its channel, and what
+    `pg_stat_activity` calls its connections. `marker`: a table every store of it has;
+    without it the database is fresh."""
+
     kind = "postgresql"
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, name: str, marker: str):
         self._url = url
+        self._name = name
         self._where = describe_url(url)
+        self._channel = f"{name}_events"
+        # Any fixed number per daemon: the one lock every write transaction takes.
+        self._lock = zlib.crc32(f"{name} state writes".encode())
         try:
             self._db = psycopg.connect(url, autocommit=True, row_factory=_row_factory,
-                                       connect_timeout=CONNECT_TIMEOUT,
-                                       application_name="keyservice")
+                                       connect_timeout=CONNECT_TIMEOUT, application_name=name)
         except psycopg.Error as e:
             raise StateError(f"cannot connect to {self._where}: {_first_line(e)}") from None
         self._closing = threading.Event()
         self._listener: threading.Thread | None = None
-        self.fresh = not self._has_store()
+        self.fresh = not self._exists(marker)
 
     def _exists(self, table: str) -> bool:
         row = self._db.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
         return bool(row and row[0])
 
-    def _has_store(self) -> bool:
-        if not self._exists("meta"):
-            return False
-        return self._db.execute("SELECT 1 FROM meta WHERE k='master_check'").fetchone() is not None
-
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
-        return self._db.execute(_qmark(sql), params)  # type: ignore[arg-type]
+        return self._db.execute(_translate(sql), params)  # type: ignore[arg-type]
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
         with self._db.transaction():
-            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock,))
             yield
 
     def schema_version(self) -> int:
@@ -149,19 +155,19 @@ class PostgresDatabase:
         return f"(({column})::jsonb ->> '{field}')::double precision"
 
     def announce_change(self) -> None:
-        self._db.execute(f"NOTIFY {CHANNEL}")
+        self._db.execute(f"NOTIFY {self._channel}")
 
     def follow_changes(self, wake: Callable[[], None]) -> None:
         self._listener = threading.Thread(target=self._listen, args=(wake,),
-                                          name="keyservice-listen", daemon=True)
+                                          name=f"{self._name}-listen", daemon=True)
         self._listener.start()
 
     def _listen(self, wake: Callable[[], None]) -> None:
         while not self._closing.is_set():
             try:
                 with psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
-                                     application_name="keyservice-listen") as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                                     application_name=f"{self._name}-listen") as conn:
+                    conn.execute(f"LISTEN {self._channel}")
                     wake()  # whatever was committed while no connection listened
                     while not self._closing.is_set():
                         for _ in conn.notifies(timeout=1.0):

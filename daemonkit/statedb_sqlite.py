@@ -1,9 +1,10 @@
-"""The store's rows in SQLite (the embedded default; database.py has the interface).
+"""A daemon's state in SQLite (the embedded default; statedb.py has the interface).
 
 WAL mode, synchronous=FULL: a change is durable when its transaction commits, and every
-change commits before the reply. One connection, used by one thread (`api/app.py`'s
-domain thread): transactions are serialised, which the domain's read-check-write rules
-need. The schema's version is SQLite's `PRAGMA user_version`.
+change commits before the reply. One connection, used by one thread at a time:
+`BEGIN IMMEDIATE` serialises write transactions, which read-check-write rules need. The
+schema's version is SQLite's `PRAGMA user_version`. The file is made 0600 before SQLite
+opens it (SQLite gives -wal and -shm the same mode), so it is never readable by others.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from typing import Any
 class SqliteDatabase:
     kind = "sqlite"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection):
         self.path = path
         self.fresh = not path.exists()
         if self.fresh:
-            # Created 0600 before SQLite opens it (SQLite gives -wal and -shm the same
-            # mode), so the database is never readable by others, not even empty.
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                   factory=factory)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -65,10 +65,18 @@ class SqliteDatabase:
         return f"json_extract({column}, '$.{field}')"
 
     def announce_change(self) -> None:
-        """One process per database: the API's own bus wakes its subscribers."""
+        """One process per database: it wakes its own listeners."""
 
     def follow_changes(self, wake: Callable[[], None]) -> None:
         """Nothing to follow: no other process writes this database."""
+
+    def backup_to(self, path: str) -> None:
+        """A consistent copy at `path` (SQLite's online backup)."""
+        target = sqlite3.connect(path)
+        try:
+            self._db.backup(target)
+        finally:
+            target.close()
 
     def describe(self) -> str:
         return f"SQLite {self.path}"

@@ -1,5 +1,5 @@
 """Persistence for the domain model, in SQLite (the default) or PostgreSQL
-(`database.py`: one interface, the engines' differences). Every change commits before
+(`daemonkit.statedb`: one interface, the engines' differences). Every change commits before
 the reply, and is durable when it commits. Private keys go in and out only through the
 seal (`sealing.py`).
 
@@ -12,7 +12,8 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-from .database import Database, open_database
+from . import database
+from .database import DB_NAME, Database
 from .domain import audit, rsakeys
 from .domain.events import Event
 from .domain.identities import Identity
@@ -29,7 +30,6 @@ from .sealing import (
     service_secrets,
 )
 
-DB_NAME = "keyservice.db"
 KEY_CACHE = 256  # loaded private keys kept in memory (a 4096-bit key object is a few KiB)
 _CHECK = b"keyservice master key check v1"
 
@@ -128,7 +128,7 @@ class Store:
                 f"{db_path} is missing but {data_dir} held a key service (admin.credential is "
                 "there): restore the database from a backup (docs/operations.md), or remove "
                 "admin.credential to start a new, empty key service")
-        self._db: Database = open_database(data_dir, state, DB_NAME)
+        self._db: Database = database.open_state(data_dir, state)
         try:
             self._open(data_dir, master_key_file, master_key)
         except BaseException:
@@ -176,7 +176,7 @@ class Store:
             have = self._db.columns(table)
             for name, decl in columns:
                 if name not in have:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {_ddl(self.kind, decl)}")
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
         # Events from before tenants: their vault's tenant where the vault still exists;
         # the others (purged vaults) stay NULL and reach no subscriber.
         self._db.execute("UPDATE events SET tenant_id = (SELECT tenant_id FROM vaults "
@@ -493,13 +493,6 @@ class Store:
                                 (chain,))
         head = self._db.execute("SELECT seq, last, mac FROM audit_heads WHERE chain=?", (chain,)).fetchone()
         return audit.verify(self._audit_key, chain, rows, head)
-
-
-def _ddl(kind: str, decl: str) -> str:
-    if kind == "sqlite":
-        return decl
-    from .database_postgres import postgres_ddl
-    return postgres_ddl(decl)
 
 
 def _identity(r) -> Identity:
