@@ -6,6 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="$ROOT/.venv"
 source "$ROOT/scripts/lib/openssl.sh"
+source "$ROOT/scripts/lib/fips.sh"
 
 # Debian packages the project and its real-client tests use.
 DEB_PACKAGES=(
@@ -78,6 +79,7 @@ bootstrap_js_sdk() {
 bootstrap() {
     bootstrap_debs
     bootstrap_openssl
+    bootstrap_fips
     bootstrap_venv
     bootstrap_js_sdk
 }
