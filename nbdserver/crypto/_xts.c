@@ -44,10 +44,13 @@
 #include <sys/mman.h>
 #include <sys/uio.h>
 
+#include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/provider.h>
 #include <openssl/rand.h>
+#include <openssl/self_test.h>
 
 #include "../_readq.h"
 
@@ -64,7 +67,12 @@
 /* Below this many bytes the work (~0.6 us per 4 KiB) is cheaper than a GIL round trip. */
 #define GIL_RELEASE_BYTES (16 * 1024)
 
-static EVP_CIPHER *aes_256_xts;       /* fetched once at import */
+static EVP_CIPHER *aes_256_xts;       /* fetched once at import, again by enable_fips() */
+/* FIPS mode (enable_fips): a library context holding only the FIPS provider (and the
+ * base provider, which has no algorithms), where the cipher and the DRBG come from.
+ * NULL: the default context of this libcrypto, as before. Set once, never unset. */
+static OSSL_LIB_CTX *fips_ctx;
+static long engines_made;             /* enable_fips() comes before the first Engine */
 
 typedef struct {
     EVP_CIPHER_CTX *proto;            /* keyed; only ever copied; NULL once closed */
@@ -628,6 +636,7 @@ engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     self->unit = unit;
+    engines_made++;
     for (int dir = DECRYPT; dir <= ENCRYPT; dir++) {
         EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
         self->pool[dir].proto = ctx;
@@ -707,7 +716,8 @@ random_into(PyObject *Py_UNUSED(mod), PyObject *arg)
     int ok;
     if (PyObject_GetBuffer(arg, &b, PyBUF_WRITABLE) < 0)
         return NULL;
-    ok = b.len <= INT_MAX && RAND_bytes(b.buf, (int)b.len) == 1;
+    /* In FIPS mode the FIPS provider's DRBG (its CTR-DRBG, seeded through the core). */
+    ok = b.len <= INT_MAX && RAND_bytes_ex(fips_ctx, b.buf, (size_t)b.len, 0) == 1;
     PyBuffer_Release(&b);
     if (!ok)
         return openssl_error("RAND_bytes");
@@ -737,9 +747,114 @@ memory_lock(PyObject *Py_UNUSED(mod), PyObject *args)
     return PyBool_FromLong(rc == 0);
 }
 
+
+/* ---- FIPS mode ------------------------------------------------------------------
+ * enable_fips(config, modules) loads OpenSSL's FIPS provider into a library context of
+ * its own (the configuration `config` names it and its module configuration, the
+ * fipsinstall output; `modules` is where fips.so is), runs its self-tests once more on
+ * demand, and from then on fetches AES-256-XTS there with "fips=yes" and draws random
+ * bytes from its DRBG. On load the provider checks its own integrity (the HMAC of fips.so
+ * against the module configuration) and runs its known-answer tests; a failure of either
+ * is reported through the self-test callback, which records the first failing test so
+ * that the refusal can say which. */
+static char self_test_failed[128];
+
+static int
+self_test_event(const OSSL_PARAM params[], void *Py_UNUSED(arg))
+{
+    const char *phase = NULL, *type = NULL, *desc = NULL;
+    const OSSL_PARAM *p;
+    if ((p = OSSL_PARAM_locate_const(params, OSSL_PROV_PARAM_SELF_TEST_PHASE)) != NULL)
+        OSSL_PARAM_get_utf8_string_ptr(p, &phase);
+    if ((p = OSSL_PARAM_locate_const(params, OSSL_PROV_PARAM_SELF_TEST_TYPE)) != NULL)
+        OSSL_PARAM_get_utf8_string_ptr(p, &type);
+    if ((p = OSSL_PARAM_locate_const(params, OSSL_PROV_PARAM_SELF_TEST_DESC)) != NULL)
+        OSSL_PARAM_get_utf8_string_ptr(p, &desc);
+    if (phase != NULL && strcmp(phase, OSSL_SELF_TEST_PHASE_FAIL) == 0 && self_test_failed[0] == 0)
+        snprintf(self_test_failed, sizeof self_test_failed, "%s %s",
+                 type != NULL ? type : "?", desc != NULL ? desc : "");
+    return 1;
+}
+
+static PyObject *
+fips_failure(const char *what)
+{
+    char msg[256] = "";
+    unsigned long e = ERR_peek_last_error();
+    if (e != 0)
+        ERR_error_string_n(e, msg, sizeof msg);
+    ERR_clear_error();
+    /* Module_Integrity (the HMAC of fips.so) and Install_Integrity (3.0's install
+     * state) are the integrity check; every other test type is a known-answer test. */
+    if (strstr(self_test_failed, "Integrity") != NULL)
+        return PyErr_Format(PyExc_RuntimeError, "integrity check failed: %s", self_test_failed);
+    if (self_test_failed[0] != 0)
+        return PyErr_Format(PyExc_RuntimeError, "self-test failed: %s", self_test_failed);
+    return PyErr_Format(PyExc_RuntimeError, "%s: %s", what, msg[0] ? msg : "no OpenSSL error");
+}
+
+static PyObject *
+enable_fips(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+    const char *config, *modules;
+    char name[64] = "", version[64] = "", build[64] = "";
+    char *pname = name, *pversion = version, *pbuild = build;
+    OSSL_LIB_CTX *ctx;
+    OSSL_PROVIDER *prov = NULL;
+    EVP_CIPHER *cipher = NULL;
+    OSSL_PARAM params[4];
+
+    if (!PyArg_ParseTuple(args, "ss:enable_fips", &config, &modules))
+        return NULL;
+    if (fips_ctx != NULL)
+        return PyErr_Format(PyExc_RuntimeError, "FIPS mode is already on");
+    if (engines_made != 0)
+        return PyErr_Format(PyExc_RuntimeError, "FIPS mode must be on before the first Engine");
+    self_test_failed[0] = 0;
+    ctx = OSSL_LIB_CTX_new();
+    if (ctx == NULL)
+        return PyErr_NoMemory();
+    OSSL_SELF_TEST_set_callback(ctx, self_test_event, NULL);
+    if (!OSSL_PROVIDER_set_default_search_path(ctx, modules) ||
+        !OSSL_LIB_CTX_load_config(ctx, config) || !OSSL_PROVIDER_available(ctx, "fips")) {
+        fips_failure("the FIPS provider did not load");
+        goto fail;
+    }
+    prov = OSSL_PROVIDER_load(ctx, "fips");  /* a reference to the one the config loaded */
+    if (prov == NULL || !OSSL_PROVIDER_self_test(prov)) {
+        fips_failure("the FIPS provider's self-test did not pass");
+        goto fail;
+    }
+    params[0] = OSSL_PARAM_construct_utf8_ptr(OSSL_PROV_PARAM_NAME, &pname, 0);
+    params[1] = OSSL_PARAM_construct_utf8_ptr(OSSL_PROV_PARAM_VERSION, &pversion, 0);
+    params[2] = OSSL_PARAM_construct_utf8_ptr(OSSL_PROV_PARAM_BUILDINFO, &pbuild, 0);
+    params[3] = OSSL_PARAM_construct_end();
+    if (!OSSL_PROVIDER_get_params(prov, params)) {
+        fips_failure("the FIPS provider's parameters");
+        goto fail;
+    }
+    cipher = EVP_CIPHER_fetch(ctx, "AES-256-XTS", "fips=yes");
+    if (cipher == NULL) {
+        fips_failure("EVP_CIPHER_fetch(AES-256-XTS, fips=yes)");
+        goto fail;
+    }
+    EVP_CIPHER_free(aes_256_xts);
+    aes_256_xts = cipher;
+    fips_ctx = ctx;       /* the provider reference stays with it, for the process's life */
+    return Py_BuildValue("(sss)", pname, pversion, pbuild);
+fail:
+    if (prov != NULL)
+        OSSL_PROVIDER_unload(prov);
+    OSSL_LIB_CTX_free(ctx);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
     {"random_into", random_into, METH_O,
      "random_into(buf): fill a writable buffer from OpenSSL's CSPRNG, in place."},
+    {"enable_fips", enable_fips, METH_VARARGS,
+     "enable_fips(config, modules) -> (name, version, buildinfo): from now on AES-256-XTS and "
+     "random bytes come from the FIPS provider, in a library context of its own."},
     {"wipe", wipe, METH_O, "wipe(buf): overwrite a writable buffer with zeros (OPENSSL_cleanse)."},
     {"mlock", memory_lock, METH_VARARGS,
      "mlock(buf, lock) -> bool: mlock(2) (lock=True) or munlock(2) the buffer's pages; "
