@@ -183,6 +183,17 @@ def test_moves_keep_the_number_of_layers(stack):
         assert "double-same-layers" in err, err
     assert stack.disk("pmkmv")["encryption"]["type"] == "EncryptionAtRestWithPlatformKey"
 
+    # The documented way there: a re-encrypting copy of a platform-managed snapshot.
+    h = stack.connect("pmkmv")
+    h.pwrite(pattern(9, 2 * S), 3 * S)
+    h.shutdown()
+    stack.nbdserver("snapshot", "create", "pmkmv-snap", "--disk", "pmkmv", "--quiet")
+    made = stack.create_disk("pmkmv-dbl", "--source", "snapshot:pmkmv-snap", "--des", "des-dbl-mv")
+    assert made["encryption"]["type"] == DOUBLE
+    platform_dek, customer_dek = deks(stack, "pmkmv-dbl")
+    plain = decrypt_file(raw_file(stack, "pmkmv-dbl"), customer_dek, platform_dek)
+    assert plain[3 * S:5 * S] == pattern(9, 2 * S)
+
     h = stack.connect("dblmv")
     h.pwrite(pattern(7, S), 0)
     h.flush()
