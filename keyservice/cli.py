@@ -14,15 +14,17 @@ import asyncio
 import json
 import sqlite3
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import click
 
-from daemonkit import deadline
+from daemonkit import deadline, fips
 from daemonkit.clicommand import ClientGroup, emit, output_format, version
 from daemonkit.cliout import EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, CliError
 from daemonkit.config import ConfigError, Settings
+from daemonkit.fips import version_message as fips_version_message
 from daemonkit.logsetup import FORMATS as LOG_FORMATS
 from daemonkit.logsetup import LEVELS as LOG_LEVELS
 from daemonkit.logsetup import configure as configure_logging
@@ -167,7 +169,8 @@ def _show(method, path, body=None, params=None):
 
 
 @click.group(cls=KeyServiceCommands)
-@click.version_option(version(), prog_name="keyservice")
+@click.version_option(version(), prog_name="keyservice",
+                      message=fips_version_message("KEYSERVICE_FIPS", ("pinned", "system")))
 def main():
     """Key service: a key vault for the encrypted disk platform."""
 
@@ -217,11 +220,18 @@ def main():
               help="where vaults, keys and the audit log live: sqlite in the data directory "
                    "(default), or a PostgreSQL database several instances share (also "
                    "KEYSERVICE_STATE; docs/operations.md, \"State on PostgreSQL\")")
+@click.option("--fips", "fips_mode", is_flag=True, envvar="KEYSERVICE_FIPS", show_envvar=True,
+              help="FIPS mode: all cryptography in OpenSSL's FIPS provider, or no start "
+                   "(docs/operations.md, \"FIPS mode\")")
+@click.option("--fips-dir", type=click.Path(file_okay=False), envvar="FIPS_DIR",
+              help="the FIPS provider trees (default: the checkout's .cache/fips)")
 def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat, tls_dir, tls_cert,
           tls_key, insecure_plain_http, http_header_timeout, http_body_timeout, max_connections, reserved,
           vault_domain, log_level, log_format, metrics_listen, pkcs11_module, pkcs11_token,
-          pkcs11_pin_file, seal, state):
+          pkcs11_pin_file, seal, state, fips_mode, fips_dir):
     """Run the key service daemon."""
+    if fips_mode:  # first: this re-executes the process once (daemonkit/fips.py)
+        start_fips(fips_dir, data_dir)
     from daemonkit.httpguard import HttpLimits
     from daemonkit.tls import TlsConfigError
 
@@ -276,6 +286,9 @@ def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat
     except (OSError, sqlite3.Error) as e:
         click.echo(f"keyservice: cannot start: data directory {data_dir}: {e}", err=True)
         sys.exit(1)
+    if fips_mode:
+        service.record({"time": time.time(), "operation": "StartInFipsMode", "caller": "keyservice",
+                        "status": 200, "fips": fips.STATUS.summary()})
     try:
         import uvloop
         uvloop.install()
@@ -286,6 +299,17 @@ def serve(data_dir, listen, base_url, master_key_file, token_lifetime, heartbeat
     except OSError as e:  # e.g. the port is taken
         click.echo(f"keyservice: cannot listen on {listen}: {e.strerror or e}", err=True)
         sys.exit(1)
+
+
+def start_fips(fips_dir, data_dir: Path) -> None:
+    from .domain import rsakeys
+    try:
+        status = fips.activate(fips_dir, Path(data_dir).resolve() / "fips")
+    except fips.FipsError as e:
+        click.echo(f"keyservice: cannot start in FIPS mode: {e}", err=True)
+        sys.exit(1)
+    rsakeys.FIPS_MODE = True
+    click.echo(f"keyservice: {status.summary()}", err=True)
 
 
 # -- identities --

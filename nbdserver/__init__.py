@@ -1,0 +1,5 @@
+# FIPS mode (`serve --fips`): in the process daemonkit.fips re-executed, each libcrypto must
+# read its own configuration before anything imports `ssl` or `cryptography`.
+from daemonkit.fips import boot as _fips_boot  # noqa: E402
+
+_fips_boot()

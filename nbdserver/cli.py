@@ -20,6 +20,7 @@ from daemonkit import deadline
 from daemonkit.clicommand import ClientGroup, emit, output_format, version
 from daemonkit.cliout import EXIT_INTERRUPTED, EXIT_USAGE, CliError
 from daemonkit.cliprogress import ProgressLine
+from daemonkit.fips import version_message as fips_version_message
 from daemonkit.https import listener_tls_options
 from daemonkit.logsetup import FORMATS as LOG_FORMATS
 from daemonkit.logsetup import LEVELS as LOG_LEVELS
@@ -47,7 +48,8 @@ class PlatformCommands(ClientGroup):
 
 # --------------------------------------------------------------------------- the daemon
 @click.group(cls=PlatformCommands)
-@click.version_option(version(), prog_name="nbdserver")
+@click.version_option(version(), prog_name="nbdserver",
+                      message=fips_version_message("NBDSERVER_FIPS", ("pinned", "system")))
 @click.option("--api-ca", metavar="FILE", expose_value=False, is_eager=True, callback=use_api_ca,
               help="CA certificate of an https:// API (also NBDSERVER_CA)")
 def main():
@@ -117,6 +119,9 @@ def arm_deadline() -> None:
               help="cephx client name, without client.")
 @click.option("--ceph-keyring", type=click.Path(dir_okay=False), envvar="CEPH_KEYRING",
               show_envvar=True, help="that client's keyring, 0600 (default: what ceph.conf says)")
+@click.option("--state", metavar="sqlite|postgresql://...", envvar="NBDSERVER_STATE", show_envvar=True,
+              help="where the platform's state lives: sqlite in DATA_DIR (default), or a PostgreSQL "
+                   "database several servers share (docs/operations.md, \"State on PostgreSQL\")")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
               show_default=True)
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
@@ -153,15 +158,23 @@ def arm_deadline() -> None:
               default="authenticated", show_default=True,
               help="who may list the NBD exports: anyone, clients with a verified TLS "
                    "certificate, or nobody (clients connect by disk name)")
+@click.option("--fips", "fips_mode", is_flag=True, envvar="NBDSERVER_FIPS", show_envvar=True,
+              help="FIPS mode: all cryptography in OpenSSL's FIPS provider, or no start "
+                   "(docs/operations.md, \"FIPS mode\")")
+@click.option("--fips-dir", type=click.Path(file_okay=False), envvar="FIPS_DIR",
+              help="the FIPS provider trees, pinned/ and system/ (default: the checkout's .cache/fips)")
 @listener_tls_options("api", "api_listen")
-def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_vault_domain,
+def serve(api_ssl, data_dir, fips_mode, fips_dir, nbd_listen, api_listen, keyservice_url,
+          keyservice_vault_domain,
           keyservice_credential, master_key_file,
           lease_seconds, grace_seconds, idle_close_seconds, workers,
           io_processes, cache, log_level, tls_mode, tls_dir,
           tls_verify_clients, tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
           max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list,
-          log_format, metrics_listen, storage, ceph_conf, ceph_id, ceph_keyring):
+          log_format, metrics_listen, storage, ceph_conf, ceph_id, ceph_keyring, state):
     """Run the NBD server and the disk platform."""
+    if fips_mode:  # first: this re-executes the process once (daemonkit/fips.py)
+        start_fips(fips_dir, data_dir)
     from keyservice.client import client_ssl_for
 
     from .daemon import StartupError, serve_forever
@@ -199,10 +212,23 @@ def serve(api_ssl, data_dir, nbd_listen, api_listen, keyservice_url, keyservice_
                                         else _LIMITS.buffer_budget),
             nbd_export_list=ExportList(export_list),
             metrics_listen=parse_hostport(metrics_listen, 9108) if metrics_listen else None,
-            storage=storage, ceph=ceph_client(ceph_conf, ceph_id, ceph_keyring)))
+            storage=storage, ceph=ceph_client(ceph_conf, ceph_id, ceph_keyring),
+            state=None if state in (None, "", "sqlite") else state))
     except StartupError as e:
         click.echo(f"nbdserver: cannot start: {e}", err=True)
         sys.exit(1)
+
+
+def start_fips(fips_dir, data_dir) -> None:
+    from daemonkit.fips import FipsError
+
+    from .fipsmode import activate
+    try:
+        status = activate(fips_dir, data_dir)
+    except FipsError as e:
+        click.echo(f"nbdserver: cannot start in FIPS mode: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"nbdserver: {status.summary()}", err=True)
 
 
 # --------------------------------------------------------------------------- the client

@@ -33,6 +33,7 @@ from .admission import ConnectionLimits
 from .backend import FileSpec
 from .crypto import open_disk
 from .exports import Export, ExportCatalog
+from .fipsmode import resume_in_worker
 from .runtime import configure_logging, harden_process, raise_fd_limit, tune_allocator
 from .server import NbdServer
 
@@ -331,6 +332,7 @@ def main(argv=None) -> None:
     raise_fd_limit()
     tune_allocator()
     configure_logging(args.log_level, args.log_format)
+    resume_in_worker()  # a FIPS-mode server's engine provider, before any disk opens
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the main process
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the main process says when (shutdown)
     ctrl = socket.socket(fileno=args.control_fd)

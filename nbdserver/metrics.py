@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from daemonkit.fips import FipsCollector
 from daemonkit.latency import Latency
 from daemonkit.metrics import histogram
 from keyservice.client import CallTally
@@ -185,6 +186,7 @@ class PlatformCollector:
 def registry_for(collector: PlatformCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)  # type: ignore[arg-type]  # a collector by duck typing
+    registry.register(FipsCollector("nbdserver"))  # type: ignore[arg-type]
     return registry
 
 

@@ -11,11 +11,13 @@ import asyncio
 
 from aiohttp import web
 
+from daemonkit import fips
+
 READY_TIMEOUT = 2.0  # seconds; a store read takes microseconds when nothing is wrong
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "fips": fips.STATUS.as_dict()})
 
 
 async def readyz(request: web.Request) -> web.Response:

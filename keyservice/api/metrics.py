@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from daemonkit.fips import FipsCollector
 from daemonkit.latency import Latency
 from daemonkit.metrics import histogram, metrics_response
 
@@ -61,6 +62,7 @@ async def metrics(request: web.Request) -> web.Response:
     audit = await domain.run(domain.service.store.audit_totals)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(KeyServiceCollector(request.app["tally"], audit))  # type: ignore[arg-type]
+    registry.register(FipsCollector("keyservice"))  # type: ignore[arg-type]
     return metrics_response(registry)
 
 

@@ -20,6 +20,18 @@ SIZES = (2048, 3072, 4096)
 DEFAULT_SIZE = 3072
 ALGORITHMS = {"RSA-OAEP-256": hashes.SHA256, "RSA-OAEP": hashes.SHA1}
 DEFAULT_ALG = "RSA-OAEP-256"
+# FIPS mode (`serve --fips`, daemonkit/fips.py), set once at start: the same sizes, and an
+# imported key's public exponent at least 65537 (FIPS 186-5 A.1.1), refused in words that
+# name FIPS mode, so an operator does not look for the limit elsewhere.
+FIPS_MODE = False
+FIPS_MIN_EXPONENT = 65537
+
+
+def _unsupported(what: str) -> BadRequest:
+    sizes = ", ".join(map(str, SIZES))
+    if FIPS_MODE:
+        return BadRequest(f"{what} is not approved in FIPS mode; use one of {sizes}")
+    return BadRequest(f"{what} is not supported; use one of {sizes}")
 
 
 def b64u_encode(data: bytes) -> str:
@@ -40,6 +52,8 @@ def b64u_decode(value, field: str = "value") -> bytes:
 
 def check_size(size) -> int:
     if isinstance(size, bool) or size not in SIZES:
+        if FIPS_MODE:
+            raise _unsupported(f"key_size {size!r}")
         raise BadRequest(f"key_size must be one of {', '.join(map(str, SIZES))}")
     return size
 
@@ -69,8 +83,7 @@ def load_jwk(jwk) -> rsa.RSAPrivateKey:
             raise BadRequest(f"The JWK lacks the private part '{name}'")
         fields[name] = int.from_bytes(b64u_decode(jwk[name], f"key.{name}"), "big")
     if fields["n"].bit_length() not in SIZES:  # before the costly consistency check
-        raise BadRequest(f"RSA key size {fields['n'].bit_length()} is not supported; use one of "
-                         f"{', '.join(map(str, SIZES))}")
+        raise _unsupported(f"RSA key size {fields['n'].bit_length()}")
     try:
         public = rsa.RSAPublicNumbers(fields["e"], fields["n"])
         key = rsa.RSAPrivateNumbers(fields["p"], fields["q"], fields["d"], fields["dp"],
@@ -84,8 +97,9 @@ def _check_imported(key) -> rsa.RSAPrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey):
         raise BadRequest("Only RSA private keys can be imported")
     if key.key_size not in SIZES:
-        raise BadRequest(f"RSA key size {key.key_size} is not supported; use one of "
-                         f"{', '.join(map(str, SIZES))}")
+        raise _unsupported(f"RSA key size {key.key_size}")
+    if FIPS_MODE and key.public_key().public_numbers().e < FIPS_MIN_EXPONENT:
+        raise BadRequest(f"an RSA public exponent below {FIPS_MIN_EXPONENT} is not approved in FIPS mode")
     return key
 
 

@@ -8,12 +8,12 @@ unreachable -> `KeyUnavailable` (keep serving within the grace period), any refu
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from daemonkit.wipe import wipe as wipe  # the callers' keys.wipe
 from keyservice.client import KeyServiceClient, KeyServiceError, KeyServiceUnavailable, unreachable
 
+from ..crypto import generate_dek
 from ..crypto.double import join_keys
 from .errors import AccessMissing, BadRequest, KeyUnavailable
 from .model import PLATFORM_KEY, KeyEnvelope, KeyUrl, Volume
@@ -23,10 +23,9 @@ WRAP_ALG = "RSA-OAEP-256"
 
 
 def new_dek() -> bytearray:
-    while True:
-        dek = bytearray(os.urandom(DEK_BYTES))
-        if dek[:32] != dek[32:]:  # XTS refuses equal halves (IEEE 1619 / FIPS 140-3 IG C.I)
-            return dek
+    """From the engine's DRBG, which in FIPS mode is the FIPS provider's (fipsmode.py);
+    never with equal halves (IEEE 1619 / FIPS 140-3 IG C.I)."""
+    return generate_dek()
 
 
 def translate(e: Exception, what: str) -> Exception:
