@@ -11,7 +11,6 @@ import base64
 import errno
 import json
 import os
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from daemonkit.httperrors import describe, error_of
 from daemonkit.latency import Latency
 from daemonkit.tls import TlsConfigError, is_loopback
 
@@ -60,38 +60,6 @@ def unreachable(base_url: str, e: BaseException) -> KeyServiceError:
         cause = getattr(cause, "os_error", None) or cause.__cause__
     return KeyServiceUnavailable(0, "ServiceUnavailable",
                                  f"key service at {base_url} unreachable: {describe(e)}")
-
-
-def describe(e: BaseException) -> str:
-    """Why a call got no answer, in an operator's words ("connection refused").
-
-    Never a repr: aiohttp's `ClientConnectorError(ConnectionKey(host=..., ssl=...))`
-    used to reach the log, the CLIs, `disk show` and NBD clients. The cause chain is
-    searched for what the system said (an errno's text, a resolver's message, TLS's
-    reason); failing that, the exception's class name in words."""
-    seen: BaseException | None = e
-    while seen is not None:
-        inner = getattr(seen, "os_error", None) or seen
-        if isinstance(inner, TimeoutError):
-            return "no answer in time"
-        if isinstance(inner, ssl.SSLCertVerificationError):
-            return f"its TLS certificate is not trusted: {inner.verify_message}"
-        if isinstance(inner, ssl.SSLError):
-            return f"TLS failed: {inner.reason or 'handshake error'}"
-        if isinstance(inner, OSError) and (inner.strerror or inner.errno):
-            # The errno's own text: asyncio's strerror is "Connect call failed (addr)".
-            # A resolver's errors (gaierror) are not errnos: their text is theirs.
-            if inner.errno and inner.errno > 0 and not isinstance(inner, socket.gaierror):
-                text = os.strerror(inner.errno)
-            else:
-                text = inner.strerror or "failed"
-            return text[:1].lower() + text[1:]
-        seen = seen.__cause__ or seen.__context__
-    if isinstance(e, aiohttp.ServerDisconnectedError):
-        return "the connection closed before an answer"
-    name = type(e).__name__.removesuffix("Error")
-    words = "".join(f" {c.lower()}" if c.isupper() else c for c in name).strip()
-    return words or "failed"
 
 
 class CallTally:
@@ -394,14 +362,10 @@ class KeyServiceClient:
 
 
 def _decode(status: int, data: bytes):
+    if status >= 400:
+        code, message = error_of(status, data)
+        raise (KeyServiceUnavailable if status >= 500 else KeyServiceError)(status, code, message)
     try:
-        body = json.loads(data) if data else None
+        return json.loads(data) if data else None
     except ValueError:
-        body = None
-    if status < 400:
-        return body
-    err = (body or {}).get("error") if isinstance(body, dict) else None
-    code = err.get("code", "Unknown") if isinstance(err, dict) else "Unknown"
-    message = err.get("message", "") if isinstance(err, dict) else data[:200].decode(errors="replace")
-    cls = KeyServiceUnavailable if status >= 500 else KeyServiceError
-    raise cls(status, code, message)
+        return None

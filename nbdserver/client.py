@@ -22,6 +22,7 @@ from typing import Any
 
 from daemonkit.cliout import EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, CliError
 from daemonkit.config import ConfigError, Settings
+from daemonkit.httperrors import describe, error_of
 
 DEFAULT_API = "http://127.0.0.1:8080"
 DEFAULT_TOKEN_FILE = "/var/lib/nbdserver/api.token"
@@ -87,24 +88,14 @@ def api(method: str, path: str, body: dict | None = None) -> Any:
             raw = resp.read()
             return json.loads(raw) if raw else None
     except urllib.error.HTTPError as e:
-        try:
-            err = json.loads(e.read())["error"]
-            raise ApiError(str(err.get("message")), code=str(err.get("code")), status=e.code) from None
-        except (ValueError, KeyError, TypeError):
-            raise ApiError(f"HTTP {e.code} {e.reason}", code="HttpError", status=e.code) from None
+        code, message = error_of(e.code, e.read(), str(e.reason or ""))
+        raise ApiError(message, code=code, status=e.code) from None
     except urllib.error.URLError as e:
-        raise ApiError(f"cannot reach the nbdserver API at {base}: {_reason(e.reason)}",
+        raise ApiError(f"cannot reach the nbdserver API at {base}: {describe(e)}",
                        code="ServiceUnavailable") from None
     except (TimeoutError, OSError) as e:
         raise ApiError(f"the nbdserver API at {base} did not answer within {timeout:g} s "
-                       f"(NBDSERVER_TIMEOUT): {_reason(e)}", code="ServiceUnavailable") from None
-
-
-def _reason(e: object) -> str:
-    """What went wrong in words: "connection refused", not ConnectionRefusedError(111, ...)."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror.lower()
-    return str(e) or type(e).__name__
+                       f"(NBDSERVER_TIMEOUT): {describe(e)}", code="ServiceUnavailable") from None
 
 
 def _tls_context(base: str) -> ssl.SSLContext | None:
@@ -118,7 +109,7 @@ def _tls_context(base: str) -> ssl.SSLContext | None:
     try:
         return ssl.create_default_context(cafile=ca)
     except (OSError, ssl.SSLError) as e:
-        raise ApiError(f"cannot load the CA certificate {ca} (NBDSERVER_CA): {_reason(e)}",
+        raise ApiError(f"cannot load the CA certificate {ca} (NBDSERVER_CA): {describe(e)}",
                        code="BadSettings", exit_code=EXIT_USAGE) from None
 
 
