@@ -49,10 +49,13 @@ holding its worker forever.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .backend import BlockBackend, Capabilities, Extent
 
@@ -172,7 +175,7 @@ class RbdBackend(BlockBackend):
         self._rbd = rbd
         cluster = CONNECTIONS.acquire(spec)
         self._ioctx = None
-        self._image = None
+        self._image: Any = None  # rbd.Image once opened
         try:
             try:
                 self._ioctx = cluster.open_ioctx(spec.pool)
@@ -323,6 +326,89 @@ class RbdBackend(BlockBackend):
             self._image.close()
         finally:
             self._release()
+
+    # --- asynchronous requests: librbd aio, completed on an event loop ---------------
+    #
+    # The same requests as above, started from the loop's thread without a worker: librbd
+    # runs them on its own threads, and its completion callback hands the result to the
+    # loop (`call_soon_threadsafe`), which resolves the returned future. Requests in
+    # flight are then bounded by the clients' queue depth, not by a thread pool. Until
+    # this open holds the image's lock they raise BlockingIOError: taking it may wait
+    # seconds (a dead holder), which a worker does through the methods above.
+
+    def aio_pread(self, buf, offset: int, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """Fill `buf` from `offset`; the future resolves to None or fails with OSError."""
+        view = memoryview(buf).cast("B")
+        n = len(view)
+
+        def done(completion, data) -> None:
+            ret = completion.get_return_value()
+            if ret >= 0:
+                # On librbd's thread, with the GIL: the copy into the caller's buffer.
+                view[:len(data)] = data
+                if len(data) < n:
+                    view[len(data):] = bytes(n - len(data))
+            self._settle(loop, fut, ret, "RBD read")
+
+        fut = self._aio_start(loop)
+        self._aio_call(fut, "RBD read", self._image.aio_read, offset, n, done)
+        return fut
+
+    def aio_pwrite(self, data, offset: int, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """Write `data` at `offset` (on the OSDs when the future resolves: no cache)."""
+        self._check_writable()
+        payload = bytes(data)  # the binding takes bytes only, as in pwrite
+        fut = self._aio_start(loop)
+        self._aio_call(fut, "RBD write", self._image.aio_write, payload, offset,
+                       lambda c: self._settle(loop, fut, c.get_return_value(), "RBD write"))
+        return fut
+
+    def aio_flush(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        fut = self._aio_start(loop)
+        self._aio_call(fut, "RBD flush", self._image.aio_flush,
+                       lambda c: self._settle(loop, fut, c.get_return_value(), "RBD flush"))
+        return fut
+
+    def aio_discard(self, offset: int, length: int, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """TRIM, or WRITE_ZEROES that may punch (a discard zeroes partial objects here)."""
+        self._check_writable()
+        fut = self._aio_start(loop)
+        self._aio_call(fut, "RBD discard", self._image.aio_discard, offset, length,
+                       lambda c: self._settle(loop, fut, c.get_return_value(), "RBD discard"))
+        return fut
+
+    def _aio_start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        if self._closed:
+            raise OSError(errno.EBADF, f"RBD image {self.spec} is closed")
+        if self.lock_state is not LockState.HELD:
+            if self.lock_state is LockState.LOST:
+                self._take_lock()  # raises EIO: a lost open serves nothing
+            raise BlockingIOError(errno.EAGAIN, "the image's lock is not held yet: use a worker")
+        return loop.create_future()
+
+    def _aio_call(self, fut: asyncio.Future, what: str, start, *args) -> None:
+        try:
+            start(*args)
+        except self._rbd.Error as e:
+            raise self._failed(e, what) from None
+
+    def _settle(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future, ret: int, what: str) -> None:
+        """On librbd's callback thread: hand the outcome to the loop."""
+        err = None
+        if ret < 0:
+            err = self._failed(OSError(-ret, os.strerror(-ret)), what)
+
+        def resolve() -> None:
+            if fut.done():  # cancelled by its waiter meanwhile
+                return
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(err)
+        try:
+            loop.call_soon_threadsafe(resolve)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
 
     # --- helpers ----------------------------------------------------------------------
 
