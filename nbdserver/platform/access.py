@@ -50,7 +50,9 @@ class KeyAccess:
         self.cause: dict[str, str] = {}  # disk -> "revoked" | "unreachable"
         self._dirty: dict[str, asyncio.Event] = {}
         self._workers: dict[str, asyncio.Task] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # (scope, kid) -> the poke at the key's expiry: per scope, as two sets on one key
+        # each need theirs, and a deleted set's go with it (`forget`).
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task] = []
         self.stream_connected = False
         self.stream_down_since = clock()  # since when the change stream is not followed
@@ -82,6 +84,17 @@ class KeyAccess:
                 pass
         for h in self._timers.values():
             h.cancel()
+
+    def forget(self, scope: str) -> None:
+        """A deleted encryption set: its check (if one runs), expiry timers and counters go,
+        so deleted sets leave nothing behind however many come and go."""
+        for table in (self.last_ok, self._dirty, self._started, self._learned):
+            table.pop(scope, None)
+        worker = self._workers.pop(scope, None)
+        if worker is not None and not worker.done():
+            worker.cancel()
+        for key in [k for k in self._timers if k[0] == scope]:
+            self._timers.pop(key).cancel()
 
     def scopes(self) -> set[str]:
         return {v.des for v in self.platform.state.list_volumes(VolumeKind.DISK)}
@@ -261,7 +274,7 @@ class KeyAccess:
 
     def _schedule_expiry(self, scope: str, kid: str, attrs: dict) -> None:
         exp = attrs.get("exp")
-        old = self._timers.pop(kid, None)
+        old = self._timers.pop((scope, kid), None)
         if old:
             old.cancel()
         if not exp:
@@ -271,7 +284,7 @@ class KeyAccess:
             return
         loop = asyncio.get_running_loop()
         # Just after the expiry instant, so the key service already refuses.
-        self._timers[kid] = loop.call_later(delay + 0.05, self.poke, scope)
+        self._timers[(scope, kid)] = loop.call_later(delay + 0.05, self.poke, scope)
 
 
 def _names(names: list[str], shown: int = 5) -> str:

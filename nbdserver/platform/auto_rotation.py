@@ -85,6 +85,13 @@ class AutoRotation:
             self._workers[name] = asyncio.create_task(self._worker(name, ev),
                                                       name=f"auto-rotation-{name}")
 
+    def forget(self, name: str) -> None:
+        """A deleted encryption set: its pending check and its worker go with it."""
+        self._dirty.pop(name, None)
+        worker = self._workers.pop(name, None)
+        if worker is not None and not worker.done():
+            worker.cancel()
+
     async def _worker(self, name: str, ev: asyncio.Event) -> None:
         while ev.is_set():
             ev.clear()

@@ -279,6 +279,9 @@ class EncryptionSetOperations:
                 raise Conflict(f"encryption set {name!r} is used by "
                                + ", ".join(f"{v.kind.value} {v.name}" for v in users))
             self.state.delete_des(name)
+            self.auto_rotation.forget(name)
+            if self.access is not None:
+                self.access.forget(name)
             c = self._des_clients.pop(name, None)
             if c:
                 await c.close()
