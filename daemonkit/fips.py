@@ -156,6 +156,16 @@ class FipsStatus:
 STATUS = FipsStatus()  # this process's; set by activate()
 
 
+def random_bytes(n: int) -> bytes:
+    """Secrets the daemons make outside a libcrypto call (identity secrets, token ids): in
+    FIPS mode from the FIPS provider's DRBG through the system's libcrypto, else from the
+    kernel as before (what `secrets` uses)."""
+    if STATUS.enabled:
+        import ssl
+        return ssl.RAND_bytes(n)
+    return os.urandom(n)
+
+
 class FipsCollector:
     """`PREFIX_fips_mode`: 1 in FIPS mode, with one series per provider in use, so a
     dashboard or an alert sees the mode and the provider release without logs."""

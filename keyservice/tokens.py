@@ -17,9 +17,9 @@ tests and the domain inject; PyJWT would read the wall clock). The audience is c
 the service (`domain/directory.py`) because it is optional: PyJWT's check refuses a
 token without `aud` once an audience is asked for.
 """
-import secrets
-
 import jwt
+
+from daemonkit.fips import random_bytes
 
 from .domain.errors import Unauthorized
 from .domain.identities import Caller
@@ -44,7 +44,7 @@ class TokenSigner:
         exp = int(now) + self.lifetime
         claims = {"iss": self.issuer, "oid": object_id, "sub": object_id, "tid": tenant_id,
                   "roles": list(roles), "gen": generation, "iat": int(now), "nbf": int(now),
-                  "exp": exp, "jti": secrets.token_hex(8)}
+                  "exp": exp, "jti": random_bytes(8).hex()}
         if audience is not None:
             claims["aud"] = audience
         # PyJWT 2.6's hints say str; an HMAC key is bytes (its later versions say so too).
