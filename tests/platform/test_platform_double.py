@@ -210,6 +210,21 @@ def test_moves_keep_the_number_of_layers(stack):
     h.shutdown()
 
 
+def test_both_envelopes_survive_a_restart(stack):
+    double_set(stack, "dbl-rst", "des-dbl-rst")
+    stack.create_disk("dblrst", "--size", "1M", "--des", "des-dbl-rst")
+    h = stack.connect("dblrst")
+    h.pwrite(pattern(10, 2 * S), S)
+    h.shutdown()
+    before = stack.nbdserver("disk", "key-envelope", "dblrst")
+    stack.restart_nbdserver()
+    assert stack.nbdserver("disk", "key-envelope", "dblrst") == before
+    assert stack.nbdserver("des", "show", "des-dbl-rst")["encryptionType"] == DOUBLE
+    h = stack.connect("dblrst")
+    assert h.pread(2 * S, S) == pattern(10, 2 * S)
+    h.shutdown()
+
+
 def test_unknown_set_type_is_a_400(stack):
     c = stack.customer_key("dbl-bad", "k1")
     status, body = stack.api("POST", "/encryption-sets", {
