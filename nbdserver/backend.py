@@ -236,11 +236,12 @@ class FilterBackend(BlockBackend):
     promise to do what `pwrite` does (and `zero` and `trim` act on what it wrote),
     `native_read`, `submit_read` and `mapping` what `pread` does (and `block_status` and
     `cache` describe what it reads). Passed through from under a layer that encrypts,
-    they would write plaintext to the disk or hand out ciphertext. So a class that overrides `pwrite` (or `pread`), and not one
-    of the channels that speak for it, gets that channel's safe answer instead of the
-    pass-through, at class creation (`_DECLINED`): decline the side channel (the caller
-    then uses the data method), one data extent for block status, zeros written
-    through the layer's own `pwrite`, an ignored TRIM (the spec allows it) or CACHE.
+    they would write plaintext to the disk or hand out ciphertext. So a class that
+    overrides `pwrite` (or `pread`), and not one of the channels that speak for it,
+    gets that channel's safe answer instead of the pass-through, at class creation
+    (`_DECLINED`): decline the side channel (the caller then uses the data method),
+    one data extent for block status, zeros written through the layer's own `pwrite`,
+    an ignored TRIM (the spec allows it) or CACHE.
     Forgetting a channel then costs speed, never data. A layer whose override leaves
     the data as it is (one that counts, say) keeps a channel by naming it in its class:
     `native_write = FilterBackend.native_write`. `size`, `capabilities`, `io_align`,
