@@ -395,6 +395,14 @@ class ProductDoubleTarget(ProductCustomerKeyTarget):
 
 
 @register
+class ProductFipsTarget(ProductTarget):
+    name = "product-fips"
+    description = ("as product, `nbdserver serve --fips`: AES-256-XTS and the DEK in OpenSSL's "
+                   "FIPS provider (docs/operations.md, \"FIPS mode\")")
+    serve_args = ("--fips",)
+
+
+@register
 class ProductDirectTarget(ProductTarget):
     name = "product-direct"
     description = "nbdserver serve, platform disk made with --cache none (O_DIRECT), platform-managed key"
