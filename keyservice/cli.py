@@ -713,7 +713,13 @@ def backup(directory, data_dir, include_master_key, master_key_file):
               help="only report which master key seals how many records")
 @click.option("--retire", "action", flag_value="retire",
               help="drop the older keys no sealed record names any more")
-def rotate_master_key(data_dir, master_key_file, action):
+@click.option("--pkcs11-module", type=click.Path(dir_okay=False),
+              help="--seal pkcs11 data directories: the module, as for serve")
+@click.option("--pkcs11-token", help="label of the token that seals the keyring")
+@click.option("--pkcs11-pin-file", type=click.Path(dir_okay=False),
+              help="the token's user PIN, a 0600 file; default $CREDENTIALS_DIRECTORY/pkcs11-pin")
+def rotate_master_key(data_dir, master_key_file, action, pkcs11_module, pkcs11_token,
+                      pkcs11_pin_file):
     """Put a new master key first in the keyring; the older ones stay readable.
 
     Safe while the service runs: it re-seals every private key under the new key at its
@@ -721,9 +727,19 @@ def rotate_master_key(data_dir, master_key_file, action):
     key"). Prints the keys, the records under each, and what can be retired."""
     from .master_rotation import rotate_master_key
     from .sealing import MasterKeyError
+    if (pkcs11_module is None) != (pkcs11_token is None):
+        raise click.UsageError("--pkcs11-module and --pkcs11-token go together")
     try:
-        result = rotate_master_key(data_dir, master_key_file, action or "rotate")
-    except MasterKeyError as e:
+        token = None
+        if pkcs11_module:
+            from .hsm import Pkcs11Token, read_pin
+            token = Pkcs11Token(pkcs11_module, pkcs11_token, read_pin(pkcs11_pin_file))
+        try:
+            result = rotate_master_key(data_dir, master_key_file, action or "rotate", token)
+        finally:
+            if token is not None:
+                token.close()
+    except MasterKeyError as e:  # HsmConfigError included
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2, sort_keys=True))
 

@@ -58,24 +58,34 @@ def status(store: Store) -> dict:
     return rotation.seal_status(store.seal.keyring, blobs, store.meta(SEALING_KEY))
 
 
-def rotate_master_key(data_dir, master_key_file: str | None, action: str) -> dict:
+def rotate_master_key(data_dir, master_key_file: str | None, action: str, token=None) -> dict:
     """`keyservice rotate-master-key`: `action` "rotate", "retire" or "status"; the status
-    after it."""
-    source = key_source_of(data_dir, master_key_file)
-    if (Path(data_dir) / "master-key.pkcs11").exists():
-        raise MasterKeyError("this data directory's master key is sealed in a PKCS#11 token "
-                             "(--seal pkcs11): rotating it is not supported yet")
-    if not (Path(data_dir) / DB_NAME).exists():
+    after it. `token`: the PKCS#11 token of a `--seal pkcs11` data directory."""
+    data_dir = Path(data_dir)
+    from . import hsm_seal
+    sealed_in_token = (data_dir / hsm_seal.FILE).exists()
+    if sealed_in_token and token is None:
+        raise MasterKeyError("this data directory's master key is sealed in a PKCS#11 token: "
+                             "name it as serve does (--pkcs11-module, --pkcs11-token)")
+    if not (data_dir / DB_NAME).exists():
         raise MasterKeyError(f"{data_dir} holds no key service database ({DB_NAME})")
-    store = Store(Path(data_dir), master_key_file)
+
+    def open_store() -> Store:
+        if sealed_in_token:
+            return Store(data_dir, master_key=hsm_seal.master_from_token(token, data_dir))
+        return Store(data_dir, master_key_file)
+
+    source = key_source_of(data_dir, master_key_file)
+    store = open_store()
     try:
         if action == "rotate":
-            rotation.rotate(source)
+            hsm_seal.rotate(token, data_dir) if sealed_in_token else rotation.rotate(source)
         elif action == "retire":
-            rotation.retire(source, status(store))
+            st = status(store)
+            hsm_seal.retire(token, data_dir, st) if sealed_in_token else rotation.retire(source, st)
     finally:
         store.close()
-    store = Store(Path(data_dir), master_key_file)  # the keyring as it is now
+    store = open_store()  # the keyring as it is now
     try:
         return status(store)
     finally:

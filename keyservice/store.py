@@ -117,7 +117,7 @@ class Store:
     directory then holds the master key and admin.credential only)."""
 
     def __init__(self, data_dir: Path, master_key_file: str | None = None,
-                 master_key: bytes | None = None, state: str | None = None):
+                 master_key: Keyring | bytes | None = None, state: str | None = None):
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         db_path = data_dir / DB_NAME
@@ -135,7 +135,7 @@ class Store:
             self._db.close()
             raise
 
-    def _open(self, data_dir: Path, master_key_file: str | None, master_key: bytes | None) -> None:
+    def _open(self, data_dir: Path, master_key_file: str | None, master_key: Keyring | bytes | None) -> None:
         if master_key is None:
             path, may_create = master_key_path(data_dir, master_key_file)
             master: Keyring | bytes = load_master_key(path, may_create, self._db.fresh)

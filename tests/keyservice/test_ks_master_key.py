@@ -134,3 +134,37 @@ def test_a_key_sealed_under_a_master_key_outside_the_keyring_stops_the_start(mak
     err = d2.stderr()
     assert f"master key {key_id(third).hex()}, which is not in the keyring" in err, err
     assert "Traceback" not in err
+
+
+def test_a_keyring_sealed_in_the_hsm_rotates_too(make_daemon, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers.softhsm import make_token
+    token = make_token(tmp_path / "hsm")
+    args = [*token.serve_args(), "--seal", "pkcs11"]
+    data = tmp_path / "data"
+    d = make_daemon(data_dir=data, extra_args=args, env=token.env)
+    w = wrapped_key(d, "hsmrot", "k")
+
+    def hsm_keys(*extra):
+        r = subprocess.run([sys.executable, "-m", "keyservice", "rotate-master-key", "--data-dir",
+                            str(data), *token.serve_args(), *extra], capture_output=True, text=True,
+                           env=dict(os.environ, **token.env), timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    r = keys(d, "--status", check=False)  # without the token: refused, saying what it needs
+    assert r.returncode != 0 and "--pkcs11-module" in r.stderr, r.stderr
+    old = hsm_keys("--status")["current"]
+    new = hsm_keys()["current"]
+    sealed = json.loads((data / "master-key.pkcs11").read_text())
+    assert len(sealed["keys"]) == 2 and not (data / "master-key").exists()
+    assert oct((data / "master-key.pkcs11").stat().st_mode & 0o777) == "0o600"
+    assert d.stop() == 0
+    d2 = make_daemon(data_dir=data, extra_args=args, env=token.env)
+    assert hsm_keys("--retire")["keys"] == [{"id": new, "blobs": hsm_keys("--status")["keys"][0]["blobs"]}]
+    assert new != old and len(json.loads((data / "master-key.pkcs11").read_text())["keys"]) == 1
+    assert d2.stop() == 0
+    d3 = make_daemon(data_dir=data, extra_args=args, env=token.env)
+    unwraps(d3, "hsmrot", "k", w)
