@@ -20,7 +20,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from tests.helpers.platform import CliFailed, Stack, pattern, wait_for_eio, wait_for_io
+from tests.helpers.platform import (
+    CliFailed,
+    Stack,
+    connect_refused,
+    pattern,
+    wait_for_eio,
+    wait_for_io,
+)
 from tests.helpers.servers import wait_until
 from tests.platform.conftest import _finish
 
@@ -223,6 +230,34 @@ def test_both_envelopes_survive_a_restart(stack):
     h = stack.connect("dblrst")
     assert h.pread(2 * S, S) == pattern(10, 2 * S)
     h.shutdown()
+
+
+def test_platform_key_refusing_is_no_revocation(stack):
+    """The platform key refusing a disk's platform DEK: the disk does not open (nothing
+    reads with the customer DEK alone), but it is not locked as revoked, which would
+    send the platform rechecking the customer's set."""
+    double_set(stack, "dbl-pk", "des-dbl-pk")
+    stack.create_disk("dblpk", "--size", "1M", "--des", "des-dbl-pk")
+    platform_key = stack.disk("dblpk")["encryption"]["platformKid"].split("/keys/")[1].split("/")[0]
+    stack.keyservice("key", "disable", "nbd-platform", platform_key)
+    try:
+        assert connect_refused(stack, "dblpk") is not None
+        assert stack.serving_state("dblpk") == "available"
+        assert "platform key refused" in stack.nb.stderr_text()
+    finally:
+        stack.keyservice("key", "enable", "nbd-platform", platform_key)
+    h = wait_until(lambda: _connected(stack, "dblpk"), 10, what="the disk to open again")
+    h.pwrite(pattern(11, S), 0)
+    assert h.pread(S, 0) == pattern(11, S)
+    h.shutdown()
+
+
+def _connected(stack: Stack, disk: str):
+    import nbd
+    try:
+        return stack.connect(disk)
+    except nbd.Error:
+        return None
 
 
 def test_unknown_set_type_is_a_400(stack):
