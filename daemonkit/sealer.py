@@ -57,11 +57,7 @@ class Sealer:
                 + self._aeads[self._current].encrypt(nonce, bytes(plaintext), aad.encode()))
 
     def open(self, blob: bytes, aad: str) -> bytes:
-        return self._open(bytes(blob), aad)[0]
-
-    def opening_key(self, blob: bytes, aad: str) -> bytes:
-        """The master key that sealed `blob` (a blob of format 0x01 does not say)."""
-        return self.keyring.get(self._open(bytes(blob), aad)[1]) or b""
+        return self._open(bytes(blob), aad)
 
     def needs_reseal(self, blob: bytes) -> bool:
         return blob_key_id(blob) != self._current
@@ -72,7 +68,7 @@ class Sealer:
             return bytes(blob)
         return self.seal(self.open(blob, aad), aad)
 
-    def _open(self, blob: bytes, aad: str) -> tuple[bytes, bytes]:
+    def _open(self, blob: bytes, aad: str) -> bytes:
         if blob[:1] == bytes([V2]) and len(blob) >= 1 + KEY_ID_BYTES + NONCE + TAG:
             kid = blob[1:1 + KEY_ID_BYTES]
             aead = self._aeads.get(kid)
@@ -81,14 +77,14 @@ class Sealer:
                                 f"the keyring (it holds {', '.join(i.hex() for i in self._aeads)})")
             body = blob[1 + KEY_ID_BYTES:]
             try:
-                return aead.decrypt(body[:NONCE], body[NONCE:], aad.encode()), kid
+                return aead.decrypt(body[:NONCE], body[NONCE:], aad.encode())
             except InvalidTag:
                 raise SealError(f"sealed data for {aad} did not open (tampered, or another "
                                 "record's)") from None
         if blob[:1] == bytes([V1]) and len(blob) >= 1 + NONCE + TAG:
-            for kid, aead in self._aeads.items():
+            for aead in self._aeads.values():
                 try:
-                    return aead.decrypt(blob[1:1 + NONCE], blob[1 + NONCE:], aad.encode()), kid
+                    return aead.decrypt(blob[1:1 + NONCE], blob[1 + NONCE:], aad.encode())
                 except InvalidTag:
                     continue
             raise SealError(f"sealed data for {aad} did not open under any key of the keyring")

@@ -21,7 +21,6 @@ with, re-sealed, never re-derived, by a rotation.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from daemonkit.sealer import Sealer, SealError
 __all__ = ["MASTER_KEY_BYTES", "Keyring", "MasterKeyError", "SealError", "Seal", "derive", "key_source_of",
            "master_key_path", "load_master_key", "service_secrets", "ServiceSecrets"]
 
-log = logging.getLogger("keyservice")
 SECRETS_META = "service_secrets"  # meta row: the sealed token, audit and backup keys
 SECRETS_AAD = "meta:service_secrets"
 SEALING_KEY = "sealing_key_id"  # meta row: the key id the last started service seals under

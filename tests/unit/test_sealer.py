@@ -48,7 +48,6 @@ def test_blobs_of_the_previous_release_open_and_move_to_the_current_key():
     assert platform.open(moved, "des:des1") == platform.open(OLD_PLATFORM_BLOB, "des:des1")
     ks = Sealer(ring, _ks_subkey)
     assert ks.open(OLD_KEYSERVICE_BLOB, "key-version:v/k/1") == b"private key der"
-    assert ks.opening_key(OLD_KEYSERVICE_BLOB, "key-version:v/k/1") == OLD_KEY
 
 
 def test_a_blob_names_its_key_and_opens_only_for_its_record():
