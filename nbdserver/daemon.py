@@ -17,6 +17,7 @@ from aiohttp import web
 
 from daemonkit.metrics import MetricsListener, metrics_response
 from daemonkit.sdnotify import sd_notify
+from daemonkit.statedb import StateError
 from daemonkit.tls import is_loopback
 from keyservice.client import CallTally, Credential, KeyServiceClient
 
@@ -48,7 +49,7 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
                         idle_close=60.0, workers=8, ssl=None, tls_mode=None, tls_context=None,
                         nbd_limits=None, nbd_export_list=None, metrics_listen=None,
                         io_processes=1, cache="writeback", vault_domain=None,
-                        storage="file", ceph=None) -> None:
+                        storage="file", ceph=None, state=None) -> None:
     catalog = ExportCatalog()
     tally = KeyServiceClient.tally = CallTally()  # this process's calls, for the metrics
     # Resolved before anything uses it: a relative path would mean another directory
@@ -65,8 +66,8 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
     try:
         platform = Platform(data_dir, catalog, keyservice_url, credential,
                             ssl=ssl, master_key_file=master_key_file, idle_close=idle_close,
-                            storage=volume_storage)
-    except (MasterKeyError, OSError, sqlite3.Error, SchemaTooNew) as e:
+                            storage=volume_storage, state_url=state)
+    except (MasterKeyError, OSError, sqlite3.Error, SchemaTooNew, StateError) as e:
         raise StartupError(f"cannot open the platform's state in {data_dir}: {e}") from None
     platform.default_cache = cache  # disks without a cache mode of their own
     platform.keyservice_vault_domain = vault_domain

@@ -72,7 +72,8 @@ def platform_vault_problems(vault: dict, object_id: str, tenant_id: str) -> list
 class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServing):
     def __init__(self, data_dir: str, catalog: ExportCatalog, keyservice_url: str,
                  credential: Credential, *, ssl=None, master_key_file: str | None = None,
-                 idle_close: float = IDLE_CLOSE, storage: VolumeStorage | None = None):
+                 idle_close: float = IDLE_CLOSE, storage: VolumeStorage | None = None,
+                 state_url: str | None = None):
         # Absolute once, here: files are found relative to it whatever the working directory.
         self.data_dir = data_dir = os.path.abspath(data_dir)
         self.catalog = catalog
@@ -84,9 +85,9 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         for sub in ("disks", "snapshots", "images"):
             os.makedirs(os.path.join(data_dir, sub), mode=0o700, exist_ok=True)
-        fresh = not os.path.exists(os.path.join(data_dir, "platform.db"))
-        self.state = State(os.path.join(data_dir, "platform.db"))
-        self.sealer = Sealer(load_keyring(data_dir, master_key_file, holds_state=not fresh))
+        # state_url: PostgreSQL that several servers share (state.py); else SQLite here.
+        self.state = State(os.path.join(data_dir, "platform.db"), state_url=state_url)
+        self.sealer = Sealer(load_keyring(data_dir, master_key_file, holds_state=not self.state.fresh))
         reseal(self.state, self.sealer)  # after a master key rotation (sealing.py)
         self.client = KeyServiceClient(self.keyservice_url, credential, ssl=ssl)
         self._des_clients: dict[str, KeyServiceClient] = {}

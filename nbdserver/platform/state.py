@@ -1,13 +1,17 @@
-"""The disk platform's state in SQLite (WAL), every change committed before it is answered.
+"""The disk platform's state, every change committed before it is answered: in SQLite
+(WAL) in the data directory by default, or in PostgreSQL (`--state postgresql://...`)
+that several servers share (`daemonkit.statedb`: one interface, both engines; the SQL
+here is what both speak, DDL in SQLite's types).
 
 Only wrapped keys are stored here (`KeyEnvelope`), and the encryption sets' identity
 credentials only sealed under the platform master key (`platform.sealing`).
 
 Volume files are named relative to the data directory (`backing`), so the directory may
-move. The schema's version is SQLite's `PRAGMA user_version`; `MIGRATIONS` bring an
-older database up to `SCHEMA_VERSION` at open, in one transaction (a crash leaves the old
-version, and the next start migrates again). A database of a newer release is refused:
-its rows may mean what this release does not know.
+move. The schema's version is SQLite's `PRAGMA user_version` (PostgreSQL: the
+`schema_version` table); `MIGRATIONS` bring an older database up to `SCHEMA_VERSION` at
+open, in one transaction, on either engine (a crash leaves the old version, and the next
+start migrates again). A database of a newer release is refused: its rows may mean what
+this release does not know.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from daemonkit.rfc3339 import format_time
+from daemonkit.statedb import Database, StateError, is_postgres
+from daemonkit.statedb_sqlite import SqliteDatabase
 
 from . import backing
 from .errors import InsufficientStorage
@@ -50,7 +57,7 @@ CREATE TABLE IF NOT EXISTS operations (
 
 
 
-def _relative_paths(db: sqlite3.Connection, data_dir: str) -> None:
+def _relative_paths(db: Database, data_dir: str) -> None:
     """Version 1: volume paths relative to the data directory. Releases before stored
     them as given (absolute, or relative to the daemon's working directory); every file
     the platform made is in the data directory's layout, so that is where its row now
@@ -63,7 +70,7 @@ def _relative_paths(db: sqlite3.Connection, data_dir: str) -> None:
             db.execute("UPDATE volumes SET path=? WHERE kind=? AND name=?", (new, kind, name))
 
 
-def _key_rotation(db: sqlite3.Connection, data_dir: str) -> None:
+def _key_rotation(db: Database, data_dir: str) -> None:
     """Version 2: an encryption set may follow its key's latest version (`auto_rotate`),
     and records the version its volumes were last re-wrapped to, when, and why the last
     automatic attempt failed. Sets made before are manual (0), their active version not
@@ -73,7 +80,7 @@ def _key_rotation(db: sqlite3.Connection, data_dir: str) -> None:
         db.execute(f"ALTER TABLE encryption_sets ADD COLUMN {column}")
 
 
-def _double_encryption(db: sqlite3.Connection, data_dir: str) -> None:
+def _double_encryption(db: Database, data_dir: str) -> None:
     """Version 3: a set's type (double encryption: `EncryptionAtRestWithPlatformAndCustomerKeys`)
     and a volume's second envelope, its platform DEK's. Sets made before are customer-key
     sets and volumes made before have one DEK (NULL): appended, as SCHEMA has them."""
@@ -85,7 +92,8 @@ def _double_encryption(db: sqlite3.Connection, data_dir: str) -> None:
 
 # MIGRATIONS[n] brings a database of version n to n + 1. Version 0 is every database of
 # the releases before versioning (the SCHEMA above, without user_version).
-MIGRATIONS: list[Callable[[sqlite3.Connection, str], None]] = [_relative_paths, _key_rotation,
+# A step gets the database of either engine: SQL both speak, DDL in SQLite's types.
+MIGRATIONS: list[Callable[[Database, str], None]] = [_relative_paths, _key_rotation,
                                                                _double_encryption]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -123,15 +131,36 @@ def _private_files(path: str) -> None:
 
 
 class State:
-    def __init__(self, path: str, data_dir: str | None = None):
+    """`path`: the SQLite file; `state_url`: a postgresql:// URL instead (several servers
+    on one platform; the data directory then holds volume files and keys, not state)."""
+
+    def __init__(self, path: str, data_dir: str | None = None, state_url: str | None = None):
         self.data_dir = os.path.abspath(data_dir or os.path.dirname(path))
-        _private_files(path)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                  factory=_Connection)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a committed change survives power loss
-        self.db.execute("PRAGMA busy_timeout=5000")  # a backup's read may hold the lock briefly
-        self._migrate()
+        self.db: Database
+        if state_url and not is_postgres(state_url):
+            raise StateError("--state takes sqlite (the default) or a postgresql:// URL")
+        if is_postgres(state_url):
+            from daemonkit.statedb_postgres import PostgresDatabase  # psycopg where used
+            assert state_url is not None
+            self.db = PostgresDatabase(state_url, "nbdserver", marker="volumes")
+        else:
+            _private_files(path)
+            # WAL, synchronous=FULL (a committed change survives power loss), and a busy
+            # timeout (a backup's read may hold the lock briefly): statedb_sqlite.py.
+            self.db = SqliteDatabase(Path(path), factory=_Connection)
+        try:
+            self._migrate()
+        except BaseException:
+            self.db.close()
+            raise
+
+    @property
+    def kind(self) -> str:
+        return self.db.kind
+
+    def describe(self) -> str:
+        """Where the state is, for logs (never a password)."""
+        return self.db.describe()
 
     def _migrate(self) -> None:
         with self.transaction():
@@ -141,49 +170,46 @@ class State:
                     f"the platform state {self.data_dir} has schema version {version}, written "
                     f"by a newer release; this one knows up to {SCHEMA_VERSION}. Run the newer "
                     "release, or restore the backup taken before the upgrade (docs/operations.md)")
-            fresh = self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
-            for stmt in SCHEMA.split(";"):
-                if stmt.strip():
-                    self.db.execute(stmt)
+            # Fresh: no platform was kept here (a master key may be made, nothing migrates).
+            self.fresh = fresh = not self.db.columns("volumes")
+            self.db.create_schema(SCHEMA)
             if not fresh:
                 for migrate in MIGRATIONS[version:]:
                     migrate(self.db, self.data_dir)
-            # An f-string: PRAGMA takes no parameters; SCHEMA_VERSION is this module's int.
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.db.set_schema_version(SCHEMA_VERSION)
 
     def schema_version(self) -> int:
-        return self.db.execute("PRAGMA user_version").fetchone()[0]
+        return self.db.schema_version()
 
     def backup_to(self, path: str) -> None:
         """A consistent copy of the whole database at `path` (created 0600), taken with
         SQLite's online backup while the platform keeps changing it: every committed
         change up to one moment, none after."""
+        if not isinstance(self.db, SqliteDatabase):
+            raise StateError(f"the platform's state is in {self.db.describe()}: back it up "
+                             "with pg_dump (docs/operations.md, \"State on PostgreSQL\")")
         _private_files(path)
-        target = sqlite3.connect(path)
-        try:
-            self.db.backup(target)
-        finally:
-            target.close()
+        self.db.backup_to(path)
 
     def close(self) -> None:
         self.db.close()
 
     def transaction(self):
-        return _Tx(self.db)
+        """A write transaction: the only one running on this state until it ends."""
+        return self.db.transaction()
 
     # -- config
     def get_config(self, key: str) -> str | None:
         row = self.db.execute("SELECT v FROM config WHERE k=?", (key,)).fetchone()
-        return row[0] if row else None
+        return row["v"] if row else None
 
     def set_config(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO config VALUES (?, ?)", (key, value))
+        self.db.execute(_upsert("config", "k, v", "k"), (key, value))
 
     # -- encryption sets
     def put_des(self, d: EncryptionSet) -> None:
         self.db.execute(
-            f"INSERT OR REPLACE INTO encryption_sets ({_DES_COLUMNS}) VALUES "
-            "(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            _upsert("encryption_sets", _DES_COLUMNS, "name"),
             (d.name, d.subscription, d.location, d.key_url, d.identity_object_id, d.identity_sealed,
              int(d.allow_cross_subscription), d.created or time.time(), int(d.auto_rotate),
              d.active_key_url, d.last_key_rotation,
@@ -214,18 +240,19 @@ class State:
     # -- volumes
     def put_volume(self, v: Volume) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            _upsert("volumes", _VOLUME_COLUMNS, "kind, name"),
             (v.kind.value, v.name, v.size, v.subscription, v.location, v.des, v.envelope.kid,
              v.envelope.alg, v.envelope.wrapped, backing.stored_path(self.data_dir, v.path),
              v.state.value, v.source, v.gallery,
              v.created or time.time(), json.dumps(v.extra), *_platform_envelope(v)))
 
     def get_volume(self, kind: VolumeKind, name: str) -> Volume | None:
-        row = self.db.execute("SELECT * FROM volumes WHERE kind=? AND name=?", (kind.value, name)).fetchone()
+        row = self.db.execute(f"SELECT {_VOLUME_COLUMNS} FROM volumes WHERE kind=? AND name=?",
+                              (kind.value, name)).fetchone()
         return self._volume(row) if row else None
 
     def list_volumes(self, kind: VolumeKind | None = None, *, des: str | None = None) -> list[Volume]:
-        q, args = "SELECT * FROM volumes WHERE 1=1", []
+        q, args = f"SELECT {_VOLUME_COLUMNS} FROM volumes WHERE 1=1", []
         if kind is not None:
             q += " AND kind=?"
             args.append(kind.value)
@@ -235,12 +262,15 @@ class State:
         return [self._volume(r) for r in self.db.execute(q + " ORDER BY kind, name", args)]
 
     def _volume(self, r) -> Volume:
-        return Volume(name=r[1], kind=VolumeKind(r[0]), size=r[2], subscription=r[3],
-                      location=r[4], des=r[5], envelope=KeyEnvelope(r[6], r[7], bytes(r[8])),
-                      path=backing.resolved_path(self.data_dir, r[9]),
-                      state=VolumeState(r[10]), source=r[11], gallery=r[12], created=r[13],
-                      extra=json.loads(r[14] or "{}"),
-                      platform_envelope=KeyEnvelope(r[15], r[16], bytes(r[17])) if r[15] else None)
+        return Volume(name=r["name"], kind=VolumeKind(r["kind"]), size=r["size"],
+                      subscription=r["subscription"], location=r["location"], des=r["des"],
+                      envelope=KeyEnvelope(r["kid"], r["alg"], bytes(r["wrapped"])),
+                      path=backing.resolved_path(self.data_dir, r["path"]),
+                      state=VolumeState(r["state"]), source=r["source"], gallery=r["gallery"],
+                      created=r["created"], extra=json.loads(r["extra"] or "{}"),
+                      platform_envelope=KeyEnvelope(r["platform_kid"], r["platform_alg"],
+                                                    bytes(r["platform_wrapped"]))
+                      if r["platform_kid"] else None)
 
     def replace_envelope(self, v: Volume, old: KeyEnvelope, new: KeyEnvelope, des: str) -> bool:
         """Re-wrap `v` only if its row still holds `old` (compare and set): a volume deleted
@@ -257,16 +287,16 @@ class State:
 
     # -- long operations (platform.oplog): the view a client sees, as JSON
     def put_operation(self, op: dict) -> None:
-        self.db.execute("INSERT OR REPLACE INTO operations VALUES (?,?,?,?,?,?)",
+        self.db.execute(_upsert("operations", "id, kind, status, started, ended, view", "id"),
                         (op["id"], op["kind"], op["status"], op["started"], op.get("ended"),
                          json.dumps(op)))
 
     def get_operation(self, op_id: str) -> dict | None:
         row = self.db.execute("SELECT view FROM operations WHERE id=?", (op_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return json.loads(row["view"]) if row else None
 
     def list_operations(self, limit: int) -> list[dict]:
-        return [json.loads(r[0]) for r in self.db.execute(
+        return [json.loads(r["view"]) for r in self.db.execute(
             "SELECT view FROM operations ORDER BY started DESC LIMIT ?", (limit,))]
 
     def forget_operations(self, keep: int, ended_before: float) -> int:
@@ -292,29 +322,31 @@ class State:
         self.db.execute("DELETE FROM volumes WHERE kind=? AND name=?", (kind.value, name))
 
 
-class _Tx:
-    def __init__(self, db):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False
+def _upsert(table: str, columns: str, key: str) -> str:
+    """INSERT, or UPDATE the row with the same `key`: what SQLite alone calls INSERT OR
+    REPLACE, as both engines spell it."""
+    names = [c.strip() for c in columns.split(",")]
+    keys = {k.strip() for k in key.split(",")}
+    sets = ", ".join(f"{c}=excluded.{c}" for c in names if c not in keys)
+    return (f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT ({key}) DO UPDATE SET {sets}")
 
 
+_VOLUME_COLUMNS = ("kind, name, size, subscription, location, des, kid, alg, wrapped, path, state, "
+                   "source, gallery, created, extra, platform_kid, platform_alg, platform_wrapped")
 _DES_COLUMNS = ("name, subscription, location, key_url, identity_object_id, identity_sealed, "
                 "allow_cross_subscription, created, auto_rotate, active_key_url, "
                 "last_key_rotation, rotation_error, encryption_type")
 
 
 def _des(r) -> EncryptionSet:
-    return EncryptionSet(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), bool(r[6]), r[7],
-                         auto_rotate=bool(r[8]), active_key_url=r[9], last_key_rotation=r[10],
-                         rotation_error=json.loads(r[11]) if r[11] else None,
-                         encryption_type=r[12])
+    return EncryptionSet(r["name"], r["subscription"], r["location"], r["key_url"],
+                         r["identity_object_id"], bytes(r["identity_sealed"]),
+                         bool(r["allow_cross_subscription"]), r["created"],
+                         auto_rotate=bool(r["auto_rotate"]), active_key_url=r["active_key_url"],
+                         last_key_rotation=r["last_key_rotation"],
+                         rotation_error=json.loads(r["rotation_error"]) if r["rotation_error"] else None,
+                         encryption_type=r["encryption_type"])
 
 
 def _platform_envelope(v: Volume) -> tuple:

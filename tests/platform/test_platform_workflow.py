@@ -6,6 +6,8 @@ RSA key, creates an encryption set with the key URL, grants its identity get/wra
 unwrapKey, creates a CMK disk; a client writes; the owner disables the key (I/O fails),
 enables it (the same data reads back), deletes it (fails), recovers it (works); purge is
 refused under purge protection. The audit log shows the set identity's wrap and unwrap.
+
+Both daemons' state in SQLite, then in PostgreSQL (issue 15: the same tests on both).
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from tests.helpers.platform import (
     wait_for_io,
 )
 from tests.helpers.servers import wait_until
+
+
+@pytest.fixture(scope="module", params=("sqlite", "postgresql"))
+def state(request):
+    return request.param
 
 
 def _refused(call) -> CliFailed:
