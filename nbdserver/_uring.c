@@ -41,6 +41,23 @@
  * TRANSFORM_UNLOCKED bytes: a 4 KiB decryption takes about a microsecond, and a GIL
  * given up to a waiting worker thread comes back only when that thread lets go of it.
  *
+ * Writes (submit_write, cache=none): the same ring and bound, IORING_OP_WRITE with
+ * RWF_DSYNC for FUA, reported by collect() like reads. An unaligned buffer for an O_DIRECT
+ * fd is copied into an aligned one at submission; a short write is resubmitted for the
+ * rest, and one of 0 bytes fails with EIO rather than loop. Each write may carry a
+ * `done` callable that runs exactly once, when the write is reported or dropped by
+ * close(), never when submit_write raises: the layers above release the locks of the
+ * written sectors there, so no read-modify-write of them runs while the write is in
+ * the kernel.
+ *
+ * Task work (`taskrun`): `signal` is the kernel's default (a completion's task work
+ * interrupts the loop's thread), `coop` is COOP_TASKRUN (it waits for the thread's next
+ * system call), `defer` is SINGLE_ISSUER | DEFER_TASKRUN (it waits until collect()
+ * enters the ring with GETEVENTS; the eventfd still fires when such work is queued).
+ * Older kernels refuse the flags: the ring is then made as `signal`. Measured on a
+ * shared host none was ahead (docs/operations.md), so readqueue.py makes `signal`
+ * unless NBDSERVER_URING_TASKRUN says otherwise.
+ *
  * Ownership as in ReadQueue: submit() (GIL held) takes a reference to the token and to
  * the capsule and pins the buffer (a writable Py_buffer); collect() and close() give
  * them back. The kernel writes into the buffer until its completion is reaped, so
@@ -98,6 +115,8 @@ typedef struct {
     int closed;
     PyObject *defer;                 /* the loop's call_soon, or NULL: enter at once */
     int flush_scheduled;
+    int defer_taskrun;               /* completions wait for an enter with GETEVENTS */
+    const char *taskrun;             /* the mode the kernel took (static string) */
     unsigned depth;                  /* reads in the ring at most */
     unsigned in_ring;
     unsigned unsubmitted;            /* SQEs written, not yet taken by the kernel */
@@ -386,14 +405,26 @@ backlog_append(RingQueue *q, Job *j)
 static PyObject *
 ringq_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"depth", "defer", NULL};
+    static char *kwlist[] = {"depth", "defer", "taskrun", NULL};
     int depth;
     PyObject *defer = Py_None;
+    const char *taskrun = "signal";
     RingQueue *q;
     struct io_uring_params p;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|O:RingQueue", kwlist, &depth, &defer))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|Os:RingQueue", kwlist, &depth, &defer,
+                                     &taskrun))
         return NULL;
+    unsigned extra;
+    if (strcmp(taskrun, "signal") == 0)
+        extra = 0;
+    else if (strcmp(taskrun, "coop") == 0)
+        extra = IORING_SETUP_COOP_TASKRUN;
+    else if (strcmp(taskrun, "defer") == 0)
+        extra = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+    else
+        return PyErr_Format(PyExc_ValueError, "taskrun must be signal, coop or defer, not %s",
+                            taskrun);
     if (depth < 1 || depth > 4096)
         return PyErr_Format(PyExc_ValueError, "depth must be in [1, 4096], not %d", depth);
     if (defer != Py_None && !PyCallable_Check(defer))
@@ -411,8 +442,13 @@ ringq_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     /* SUBMIT_ALL: a read refused at submission (a bad fd) fails alone, as a completion,
      * instead of stopping the submission of those behind it (Linux 5.18). */
     memset(&p, 0, sizeof p);
-    p.flags = IORING_SETUP_SUBMIT_ALL;
+    p.flags = IORING_SETUP_SUBMIT_ALL | extra;
     q->ring_fd = sys_setup((unsigned)depth, &p);
+    if (q->ring_fd < 0 && errno == EINVAL && extra) {
+        memset(&p, 0, sizeof p);
+        p.flags = IORING_SETUP_SUBMIT_ALL;
+        q->ring_fd = sys_setup((unsigned)depth, &p);
+    }
     if (q->ring_fd < 0 && errno == EINVAL) {
         memset(&p, 0, sizeof p);
         q->ring_fd = sys_setup((unsigned)depth, &p);
@@ -429,6 +465,9 @@ ringq_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         goto oserror;
     if (sys_register(q->ring_fd, IORING_REGISTER_EVENTFD, &q->efd, 1) < 0)
         goto oserror;
+    q->defer_taskrun = (p.flags & IORING_SETUP_DEFER_TASKRUN) != 0;
+    q->taskrun = (p.flags & IORING_SETUP_DEFER_TASKRUN) ? "defer"
+                 : (p.flags & IORING_SETUP_COOP_TASKRUN) ? "coop" : "signal";
     q->closed = 0;
     return (PyObject *)q;
 oserror:
@@ -658,6 +697,8 @@ ringq_collect(RingQueue *q, PyObject *Py_UNUSED(ignored))
     /* Read the eventfd before reaping: a completion posted after the reap then makes it
      * readable again, so none is left unseen. */
     (void)!read(q->efd, &v, sizeof v);
+    if (q->defer_taskrun)            /* run the completions the kernel holds for us */
+        (void)sys_enter(q->ring_fd, 0, 0, IORING_ENTER_GETEVENTS);
     ring_reap(q, &done_tail);
     fill_from_backlog(q);
     ringq_enter_or_retry(q);
@@ -802,7 +843,14 @@ static PyMethodDef ringq_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+ringq_taskrun(RingQueue *q, void *Py_UNUSED(c))
+{
+    return PyUnicode_FromString(q->taskrun != NULL ? q->taskrun : "signal");
+}
+
 static PyGetSetDef ringq_getset[] = {
+    {"taskrun", (getter)ringq_taskrun, NULL, "the task-work mode the kernel took", NULL},
     {"peak", (getter)ringq_peak, NULL, "the most reads in the ring at once", NULL},
     {"threads", (getter)ringq_threads, NULL, "0: the ring starts no thread of ours", NULL},
     {"in_flight", (getter)ringq_in_flight, NULL, "reads submitted and not collected", NULL},
@@ -814,10 +862,13 @@ static PyTypeObject RingQueueType = {
     .tp_name = "nbdserver._uring.RingQueue",
     .tp_basicsize = sizeof(RingQueue),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "RingQueue(depth, defer=None): ReadQueue's API on io_uring: reads submitted "
-              "from the calling thread, at most depth in the kernel at once, completions "
-              "through an eventfd. With defer (an event loop's call_soon), the reads of one "
-              "turn of the loop enter the kernel together, in flush(), which defer runs.",
+    .tp_doc = "RingQueue(depth, defer=None, taskrun='signal'): ReadQueue's API on io_uring, "
+              "plus submit_write: reads and writes submitted from the calling thread, at most "
+              "depth in the kernel at once, completions through an eventfd. With defer (an "
+              "event loop's call_soon), the I/O of one turn of the loop enters the kernel "
+              "together, in flush(), which defer runs. taskrun: signal, coop or defer "
+              "(how the kernel runs completions' task work; defer: only the thread that "
+              "made the ring may use it).",
     .tp_new = ringq_new,
     .tp_dealloc = (destructor)ringq_dealloc,
     .tp_methods = ringq_methods,

@@ -22,6 +22,11 @@ log = logging.getLogger("nbdserver.readqueue")
 
 ENV = "NBDSERVER_READQ"
 KINDS = ("auto", "uring", "threads")
+# How the ring runs its completions' task work (RingQueue's `taskrun`): `signal`, the
+# kernel's default, unless this says `coop` or `defer`. Measured on a shared host, none
+# of them was ahead (docs/operations.md, "Cache modes"): kept for a quiet host's bench.
+TASKRUN_ENV = "NBDSERVER_URING_TASKRUN"
+TASKRUNS = ("signal", "coop", "defer")
 
 _chosen: str | None = None  # "uring" or "threads", once decided in this process
 
@@ -74,7 +79,16 @@ def make_read_queue(depth: int):
         except RuntimeError:
             loop = None
         try:
-            return RingQueue(depth, loop.call_soon if loop is not None else None)
+            return RingQueue(depth, loop.call_soon if loop is not None else None,
+                             taskrun=_taskrun())
         except OSError as e:
             log.warning("io_uring read queue refused (%s); this one runs on threads", e)
     return ReadQueue(depth)
+
+
+def _taskrun() -> str:
+    mode = os.environ.get(TASKRUN_ENV, "signal").strip().lower() or "signal"
+    if mode not in TASKRUNS:
+        log.warning("%s=%r is none of %s; using signal", TASKRUN_ENV, mode, ", ".join(TASKRUNS))
+        return "signal"
+    return mode
