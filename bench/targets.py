@@ -230,6 +230,22 @@ def _read_queue_targets() -> None:
 _read_queue_targets()
 
 
+@register
+class XtsUringDeferTarget(XtsTarget):
+    """The xts baseline on io_uring with DEFER_TASKRUN (NBDSERVER_URING_TASKRUN=defer),
+    against `xts-uring` (the kernel's default task work) side by side: a shared host
+    could not tell them apart (docs/operations.md, "Cache modes"), a quiet one may."""
+    name = "xts-uring-defer"
+    description = "nbdserver.baseline, AES-256-XTS layer, io_uring with deferred task work"
+    ENV: ClassVar[dict[str, str]] = {"NBDSERVER_READQ": "uring", "NBDSERVER_URING_TASKRUN": "defer"}
+
+    def _spawn(self, argv: list[str], **kw) -> ServerProcess:
+        self.command = [*(f"{k}={v}" for k, v in self.ENV.items()), *argv]
+        self._server = ServerProcess(argv, self.workdir / "server.log", env=dict(os.environ, **self.ENV))
+        self._server.start(**kw)
+        return self._server
+
+
 class _NbdOverTls(PlainTarget):
     """Mixin: the same server with NBD TLS required (STARTTLS, TLS 1.3, a fresh test CA from
     `daemonkit.tlsca`, as `nbdserver tls init` makes). The URI says tls-verify-peer=false:
