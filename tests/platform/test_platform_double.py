@@ -177,6 +177,23 @@ def test_snapshot_image_disk_from_snapshot_and_rotation(stack):
     hh.shutdown()
 
 
+def test_automatic_rotation_rewraps_the_customer_dek_only(stack):
+    stack.customer_key("dbl-auto", "k1")
+    shown = stack.nbdserver("des", "create", "des-dbl-auto", "--double-encryption", "--auto-rotate",
+                            "--key-url", stack.key_url("dbl-auto", "k1"))
+    stack.grant("dbl-auto", shown["identity"]["objectId"])
+    stack.create_disk("dblauto", "--size", "1M", "--des", "des-dbl-auto")
+    h = stack.connect("dblauto")
+    h.pwrite(pattern(12, S), 0)
+    before = stack.nbdserver("disk", "key-envelope", "dblauto")
+    new_kid = stack.keyservice("key", "rotate", "dbl-auto", "k1")["key"]["kid"]
+    wait_until(lambda: stack.nbdserver("disk", "key-envelope", "dblauto")["kid"] == new_kid, 20,
+               what="the set to follow its key's new version")
+    assert stack.nbdserver("disk", "key-envelope", "dblauto")["platform"] == before["platform"]
+    assert h.pread(S, 0) == pattern(12, S)
+    h.shutdown()
+
+
 def test_moves_keep_the_number_of_layers(stack):
     double_set(stack, "dbl-mv", "des-dbl-mv")
     double_set(stack, "dbl-mv2", "des-dbl-mv2")
