@@ -156,6 +156,12 @@ class FipsStatus:
 STATUS = FipsStatus()  # this process's; set by activate()
 
 
+def health(body: dict) -> dict:
+    """A /healthz body with `fips` (mode and providers) added in FIPS mode; without
+    `--fips` the body stays what it was."""
+    return {**body, "fips": STATUS.as_dict()} if STATUS.enabled else body
+
+
 def random_bytes(n: int) -> bytes:
     """Secrets the daemons make outside a libcrypto call (identity secrets, token ids): in
     FIPS mode from the FIPS provider's DRBG through the system's libcrypto, else from the

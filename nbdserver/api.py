@@ -179,7 +179,7 @@ def observability_routes(token: str, readiness=None, metrics=None, *,
     loopback address proves nothing (a TLS proxy on the host is one), so only a metrics
     listener bound to loopback itself (`names_for_all`) gives names without a token."""
     async def healthz(request):
-        return web.json_response({"status": "ok", "fips": fips.STATUS.as_dict()})
+        return web.json_response(fips.health({"status": "ok"}))
 
     async def readyz(request):
         ready, report = readiness()
