@@ -80,6 +80,11 @@
 
 #include "_readq.h"
 
+/* A ring that refuses submissions with nothing in it is retried after RETRY_FIRST_MS,
+ * doubling to RETRY_MAX_MS: often enough to recover quickly, seldom enough not to spin. */
+#define RETRY_FIRST_MS 1
+#define RETRY_MAX_MS 128
+
 /* Decrypting less than this holds the GIL (see above). */
 #define TRANSFORM_UNLOCKED (64 * 1024)
 
@@ -115,6 +120,9 @@ typedef struct {
     int closed;
     PyObject *defer;                 /* the loop's call_soon, or NULL: enter at once */
     int flush_scheduled;
+    PyObject *later;                 /* the loop's call_later, or NULL (see retry) */
+    unsigned retry_ms;               /* the next retry's delay; 0 after a success */
+    int retry_scheduled;
     int defer_taskrun;               /* completions wait for an enter with GETEVENTS */
     const char *taskrun;             /* the mode the kernel took (static string) */
     unsigned depth;                  /* reads in the ring at most */
@@ -405,16 +413,18 @@ backlog_append(RingQueue *q, Job *j)
 static PyObject *
 ringq_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"depth", "defer", "taskrun", NULL};
+    static char *kwlist[] = {"depth", "defer", "taskrun", "later", NULL};
     int depth;
-    PyObject *defer = Py_None;
+    PyObject *defer = Py_None, *later = Py_None;
     const char *taskrun = "signal";
     RingQueue *q;
     struct io_uring_params p;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|Os:RingQueue", kwlist, &depth, &defer,
-                                     &taskrun))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|OsO:RingQueue", kwlist, &depth, &defer,
+                                     &taskrun, &later))
         return NULL;
+    if (later != Py_None && !PyCallable_Check(later))
+        return PyErr_Format(PyExc_TypeError, "later must be callable or None");
     unsigned extra;
     if (strcmp(taskrun, "signal") == 0)
         extra = 0;
@@ -435,6 +445,10 @@ ringq_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (defer != Py_None) {
         Py_INCREF(defer);
         q->defer = defer;
+    }
+    if (later != Py_None) {
+        Py_INCREF(later);
+        q->later = later;
     }
     q->ring_fd = q->efd = -1;
     q->closed = 1;                     /* until everything below exists */
@@ -670,12 +684,42 @@ static void
 ringq_enter_or_retry(RingQueue *q)
 {
     /* On failure (the kernel short of memory) the entries stay queued and the next
-     * collect() retries them; when nothing else is in the kernel to bring one, the
-     * eventfd is made readable so that the loop calls again. */
-    if (ring_enter(q) < 0 && q->in_ring == q->unsubmitted) {
-        uint64_t one = 1;
-        (void)!write(q->efd, &one, sizeof one);
+     * collect() retries them. When nothing else is in the kernel to bring one, `later`
+     * schedules a retry, backing off while the kernel keeps refusing; without it the
+     * eventfd is made readable so that the loop calls again (at once: a spin). */
+    if (ring_enter(q) == 0) {
+        q->retry_ms = 0;
+        return;
     }
+    if (q->in_ring != q->unsubmitted)
+        return;
+    if (q->later != NULL) {
+        if (q->retry_scheduled)
+            return;
+        q->retry_ms = q->retry_ms == 0 ? RETRY_FIRST_MS
+                      : q->retry_ms * 2 > RETRY_MAX_MS ? RETRY_MAX_MS : q->retry_ms * 2;
+        PyObject *retry = PyObject_GetAttrString((PyObject *)q, "_retry");
+        PyObject *handle = retry == NULL ? NULL
+            : PyObject_CallFunction(q->later, "dO", q->retry_ms / 1000.0, retry);
+        Py_XDECREF(retry);
+        if (handle != NULL) {
+            Py_DECREF(handle);
+            q->retry_scheduled = 1;
+            return;
+        }
+        PyErr_Clear();               /* a loop closing: the eventfd instead */
+    }
+    uint64_t one = 1;
+    (void)!write(q->efd, &one, sizeof one);
+}
+
+static PyObject *
+ringq_retry(RingQueue *q, PyObject *Py_UNUSED(ignored))
+{
+    q->retry_scheduled = 0;
+    if (!q->closed)
+        ringq_enter_or_retry(q);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -792,6 +836,7 @@ ringq_dealloc(RingQueue *q)
             close(q->efd);
     }
     Py_XDECREF(q->defer);
+    Py_XDECREF(q->later);
     Py_TYPE(q)->tp_free((PyObject *)q);
 }
 
@@ -831,6 +876,9 @@ static PyMethodDef ringq_methods[] = {
     {"flush", (PyCFunction)ringq_flush, METH_NOARGS,
      "flush(): hand the kernel the reads submitted since the last flush (what `defer` "
      "schedules; harmless at any time)."},
+    {"_retry", (PyCFunction)ringq_retry, METH_NOARGS,
+     "_retry(): what `later` runs after a refused submission (flush, then back off "
+     "further if the kernel still refuses)."},
     {"collect", (PyCFunction)ringq_collect, METH_NOARGS,
      "collect() -> [(token, result)]: the reads finished since the last call; result is "
      "the number of bytes, or -errno for that read."},
@@ -844,6 +892,12 @@ static PyMethodDef ringq_methods[] = {
 };
 
 static PyObject *
+ringq_retry_delay(RingQueue *q, void *Py_UNUSED(c))
+{
+    return PyFloat_FromDouble(q->retry_ms / 1000.0);
+}
+
+static PyObject *
 ringq_taskrun(RingQueue *q, void *Py_UNUSED(c))
 {
     return PyUnicode_FromString(q->taskrun != NULL ? q->taskrun : "signal");
@@ -851,6 +905,8 @@ ringq_taskrun(RingQueue *q, void *Py_UNUSED(c))
 
 static PyGetSetDef ringq_getset[] = {
     {"taskrun", (getter)ringq_taskrun, NULL, "the task-work mode the kernel took", NULL},
+    {"retry_delay", (getter)ringq_retry_delay, NULL,
+     "seconds until the retry of a refused submission (0: none refused)", NULL},
     {"peak", (getter)ringq_peak, NULL, "the most reads in the ring at once", NULL},
     {"threads", (getter)ringq_threads, NULL, "0: the ring starts no thread of ours", NULL},
     {"in_flight", (getter)ringq_in_flight, NULL, "reads submitted and not collected", NULL},
@@ -862,11 +918,12 @@ static PyTypeObject RingQueueType = {
     .tp_name = "nbdserver._uring.RingQueue",
     .tp_basicsize = sizeof(RingQueue),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "RingQueue(depth, defer=None, taskrun='signal'): ReadQueue's API on io_uring, "
+    .tp_doc = "RingQueue(depth, defer=None, taskrun='signal', later=None): ReadQueue's API on io_uring, "
               "plus submit_write: reads and writes submitted from the calling thread, at most "
               "depth in the kernel at once, completions through an eventfd. With defer (an "
               "event loop's call_soon), the I/O of one turn of the loop enters the kernel "
-              "together, in flush(), which defer runs. taskrun: signal, coop or defer "
+              "together, in flush(), which defer runs; later (the loop's call_later) retries, "
+              "backing off, a submission the kernel refused. taskrun: signal, coop or defer "
               "(how the kernel runs completions' task work; defer: only the thread that "
               "made the ring may use it).",
     .tp_new = ringq_new,

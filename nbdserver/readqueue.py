@@ -79,8 +79,10 @@ def make_read_queue(depth: int):
         except RuntimeError:
             loop = None
         try:
-            return RingQueue(depth, loop.call_soon if loop is not None else None,
-                             taskrun=_taskrun())
+            if loop is None:
+                return RingQueue(depth, taskrun=_taskrun())
+            # call_later: a ring the kernel keeps refusing is retried with a back-off.
+            return RingQueue(depth, loop.call_soon, taskrun=_taskrun(), later=loop.call_later)
         except OSError as e:
             log.warning("io_uring read queue refused (%s); this one runs on threads", e)
     return ReadQueue(depth)
