@@ -788,8 +788,8 @@ class FileBackend(BlockBackend):
         # these blocks runs now: the loop takes the block locks without waiting, and
         # the queue gives them back when the write is reported (or dropped at close).
         submit = getattr(queue, "submit_write", None)  # the thread queue cannot write
-        if not self._direct or submit is None:
-            return False
+        if not self._direct or submit is None or self._closed.is_set():
+            return False  # closed: its fd number may be another file's by now
         if self._readonly:
             raise OSError(errno.EPERM, "read-only")
         n = len(data)

@@ -97,3 +97,14 @@ def test_close_ends_every_write_and_runs_its_done(direct_fd):
     assert results[1] == results[2] == -errno.ECANCELED  # the backlog
     assert results[0] in (S, -errno.ECANCELED)  # in the ring: waited for
     assert sorted(calls) == [0, 1, 2]
+
+
+def test_a_closed_file_backend_takes_no_ring_write(ring, tmp_path):
+    """Its descriptor number may belong to another file by then."""
+    from nbdserver.backend import FileBackend
+    backend = FileBackend(tmp_path / "c.img", size=1 << 20, cache="none")
+    assert backend.submit_write(ring, aligned_buffer(S), 0, "w")
+    assert collect_all(ring, 1) == {"w": S}
+    backend.close()
+    assert not backend.submit_write(ring, aligned_buffer(S), 0, "x")
+    assert ring.in_flight == 0
