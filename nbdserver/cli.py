@@ -122,6 +122,9 @@ def arm_deadline() -> None:
 @click.option("--state", metavar="sqlite|postgresql://...", envvar="NBDSERVER_STATE", show_envvar=True,
               help="where the platform's state lives: sqlite in DATA_DIR (default), or a PostgreSQL "
                    "database several servers share (docs/operations.md, \"State on PostgreSQL\")")
+@click.option("--disk-lease-seconds", type=click.FloatRange(1, 3600), default=15.0, show_default=True,
+              help="with --state postgresql://: a disk's lease; a dead server's disks are taken "
+                   "over within this long (docs/operations.md, \"State on PostgreSQL\")")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO",
               show_default=True)
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
@@ -171,7 +174,8 @@ def serve(api_ssl, data_dir, fips_mode, fips_dir, nbd_listen, api_listen, keyser
           io_processes, cache, log_level, tls_mode, tls_dir,
           tls_verify_clients, tls_psk_file, keyservice_ca, insecure_keyservice_http, max_connections,
           max_connections_per_peer, handshake_timeout, fd_reserve, buffer_budget_mib, export_list,
-          log_format, metrics_listen, storage, ceph_conf, ceph_id, ceph_keyring, state):
+          log_format, metrics_listen, storage, ceph_conf, ceph_id, ceph_keyring, state,
+          disk_lease_seconds):
     """Run the NBD server and the disk platform."""
     if fips_mode:  # first: this re-executes the process once (daemonkit/fips.py)
         start_fips(fips_dir, data_dir)
@@ -213,7 +217,7 @@ def serve(api_ssl, data_dir, fips_mode, fips_dir, nbd_listen, api_listen, keyser
             nbd_export_list=ExportList(export_list),
             metrics_listen=parse_hostport(metrics_listen, 9108) if metrics_listen else None,
             storage=storage, ceph=ceph_client(ceph_conf, ceph_id, ceph_keyring),
-            state=None if state in (None, "", "sqlite") else state))
+            state=None if state in (None, "", "sqlite") else state, disk_lease=disk_lease_seconds))
     except StartupError as e:
         click.echo(f"nbdserver: cannot start: {e}", err=True)
         sys.exit(1)

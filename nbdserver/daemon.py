@@ -28,6 +28,7 @@ from .iopool import IoPool
 from .metrics import PlatformCollector, registry_for
 from .platform.access import KeyAccess
 from .platform.errors import PlatformError
+from .platform.leases import DiskLeases
 from .platform.sealing import MasterKeyError
 from .platform.service import Platform
 from .platform.state import SchemaTooNew
@@ -49,7 +50,7 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
                         idle_close=60.0, workers=8, ssl=None, tls_mode=None, tls_context=None,
                         nbd_limits=None, nbd_export_list=None, metrics_listen=None,
                         io_processes=1, cache="writeback", vault_domain=None,
-                        storage="file", ceph=None, state=None) -> None:
+                        storage="file", ceph=None, state=None, disk_lease=15.0) -> None:
     catalog = ExportCatalog()
     tally = KeyServiceClient.tally = CallTally()  # this process's calls, for the metrics
     # Resolved before anything uses it: a relative path would mean another directory
@@ -76,6 +77,9 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
     except PlatformError as e:  # e.g. first start, the key service down: no platform key yet
         await platform.stop()
         raise StartupError(e.message) from None
+    if state is not None:  # several servers may share this state: one serves each disk
+        platform.leases = DiskLeases(platform, disk_lease)
+        platform.leases.start()
     access = KeyAccess(platform, lease=lease, grace=grace)
     platform.use_key_access(access)
     access.start()
@@ -124,4 +128,4 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
     if listener is not None:
         await listener.stop()
     await access.stop()
-    await platform.stop()
+    await platform.stop()  # releases the disk leases once its disks are closed (serving.py)

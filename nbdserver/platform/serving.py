@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ..exports import ExportCatalog
     from ..rbdbackend import RbdSpec
     from .access import KeyAccess
+    from .leases import DiskLeases
     from .state import State
 
 log = logging.getLogger("nbdserver.platform")
@@ -80,6 +81,9 @@ class DiskServing:
         self._opening: dict[Export, asyncio.Future] = {}
         self._retiring: dict[Export, asyncio.Future] = {}
         self._idle_timers: dict[Export, asyncio.TimerHandle] = {}
+        # Several servers on one state (leases.py): a disk is opened only by the holder
+        # of its lease. None: this server alone serves the platform.
+        self.leases: DiskLeases | None = None
         self.catalog.opener = self
 
     def _export_disk(self, disk: Volume) -> Export:
@@ -97,6 +101,8 @@ class DiskServing:
             return False
         if is_open(export):
             return True
+        if self.leases is not None and not self.leases.acquire(export.name):
+            return False  # another server serves it: refused like an unknown export
         return await self._open_shared(export)
 
     def detached(self, export: Export) -> None:
@@ -123,6 +129,21 @@ class DiskServing:
         export.backend = SealedBackend(backend.size)  # unattached: sealed, not locked
         export.stop_copies()
         self._start_retire(export, backend, "no client attached", idle=True)
+        if self.leases is not None:
+            self.leases.release(export.name)  # another server may serve it at once
+
+    def unserve(self, name: str, reason: str) -> None:
+        """Its lease is gone (another server may serve it now, leases.py): close it here
+        at once, unlocked, so this server opens it again if it gets the lease back.
+        Requests of clients still connected fail from now on."""
+        export = self.catalog.get(name)
+        if export is None or not is_open(export):
+            return
+        self._cancel_idle(export)
+        backend = export.backend
+        export.backend = SealedBackend(backend.size)
+        export.stop_copies()
+        self._start_retire(export, backend, reason)
 
     # -- opening
     async def _open_shared(self, export: Export) -> bool:
@@ -290,3 +311,5 @@ class DiskServing:
             await self.close_disk(export.name, SERVER_STOPPING, export)
         if self._retiring:
             await asyncio.gather(*self._retiring.values(), return_exceptions=True)
+        if self.leases is not None:  # every disk flushed and closed: others may serve them now
+            await self.leases.stop()

@@ -50,8 +50,11 @@ CREATE TABLE IF NOT EXISTS volumes (
 CREATE TABLE IF NOT EXISTS operations (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL,
     started REAL NOT NULL, ended REAL, view TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS disk_leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL);
 """
-# `operations` (platform.oplog) came without a schema version of its own: a table only
+# `operations` (platform.oplog) and `disk_leases` (platform.leases) came without a schema
+# version of their own: a table only
 # added, which a release that does not know it never reads, and every open creates.
 
 
@@ -317,6 +320,32 @@ class State:
                           endTime=format_time(now))
                 self.put_operation(op)
         return len(rows)
+
+    # -- disk leases (platform.leases): which of the servers sharing this state serves a disk
+    def take_lease(self, name: str, holder: str, now: float, ttl: float) -> bool:
+        """Hold (or keep holding) `name`'s lease until now + ttl, unless another holder's
+        has not expired. One statement: two servers racing for it cannot both win."""
+        cur = self.db.execute(
+            "INSERT INTO disk_leases (name, holder, expires) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET holder=excluded.holder, expires=excluded.expires "
+            "WHERE disk_leases.holder = excluded.holder OR disk_leases.expires < ?",
+            (name, holder, now + ttl, now))
+        return cur.rowcount == 1
+
+    def renew_leases(self, holder: str, now: float, ttl: float) -> set[str]:
+        """Extend every lease `holder` still holds; their disks' names. A lease another
+        server took over is not among them."""
+        self.db.execute("UPDATE disk_leases SET expires=? WHERE holder=?", (now + ttl, holder))
+        return {r["name"] for r in self.db.execute("SELECT name FROM disk_leases WHERE holder=?",
+                                                   (holder,))}
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self.db.execute("DELETE FROM disk_leases WHERE name=? AND holder=?", (name, holder))
+
+    def lease_holder(self, name: str, now: float) -> str | None:
+        row = self.db.execute("SELECT holder FROM disk_leases WHERE name=? AND expires >= ?",
+                              (name, now)).fetchone()
+        return row["holder"] if row else None
 
     def delete_volume(self, kind: VolumeKind, name: str) -> None:
         self.db.execute("DELETE FROM volumes WHERE kind=? AND name=?", (kind.value, name))

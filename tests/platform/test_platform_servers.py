@@ -1,0 +1,99 @@
+"""Two `nbdserver serve` sharing one platform: state in one PostgreSQL database, volume
+files in one data directory (the shared storage of a real deployment), issue 15.
+
+A disk created through one server is listed and exported by the other; exactly one
+serves it (its lease, platform/leases.py): the other refuses its clients while the
+holder lives; killed -9, the holder's disk is served by the other within the lease's
+bound, every acknowledged write intact.
+"""
+
+from __future__ import annotations
+
+import time
+
+import nbd
+import pytest
+
+from tests.helpers.platform import NbdServerProcess, _http, pattern
+from tests.helpers.servers import wait_until
+
+psycopg = pytest.importorskip("psycopg")
+
+LEASE = 3.0  # --disk-lease-seconds: short, so the takeover fits a test
+TAKEOVER_BOUND = LEASE + 5.0  # the lease, plus one catalog sync and the client's retries
+
+
+def _server_b(stack) -> NbdServerProcess:
+    return NbdServerProcess(stack.workdir, stack.nb_dir, stack.ks, lease=stack.lease,
+                            grace=stack.grace, extra_args=stack.nbd_args).start()
+
+
+def _b_view(stack, b: NbdServerProcess, name: str):
+    status, body = _http(b.api_url, "GET", f"/disks/{name}", token=stack.nb.token_file.read_text().strip())
+    return body if status == 200 else None
+
+
+def _connect(address: str, disk: str):
+    h = nbd.NBD()
+    h.connect_uri(f"nbd://{address}/{disk}")
+    return h
+
+
+def test_one_server_serves_a_disk_and_the_other_takes_over_after_a_kill(make_stack, postgres_dsn):
+    stack = make_stack(nbd_args=["--state", postgres_dsn, "--disk-lease-seconds", str(LEASE)])
+    b = _server_b(stack)
+    try:
+        stack.create_disk("shared1", "--size", "16M")
+        # Made on A, known to B: listed at once (one state), exported at B's next sync.
+        status, listed = _http(b.api_url, "GET", "/disks", token=stack.nb.token_file.read_text().strip())
+        assert status == 200 and "shared1" in [d["name"] for d in listed["value"]], listed
+        wait_until(lambda: (_b_view(stack, b, "shared1") or {}).get("serving"), timeout=10,
+                   what="B exports the disk A made")
+
+        data = pattern(0x5E1, 1 << 20)
+        h = stack.connect("shared1")  # A takes the lease
+        h.pwrite(data, 0, nbd.CMD_FLAG_FUA)
+        # B knows the disk but A holds it: B refuses, as for a disk it does not have.
+        assert connect_refused_at(b.nbd_address, "shared1") is not None
+        # Still refused once A has renewed its lease: A keeps it while it lives.
+        first = _lease(postgres_dsn, "shared1")
+        assert first is not None
+        wait_until(lambda: _lease(postgres_dsn, "shared1")[1] > first[1], timeout=2 * LEASE,
+                   what="A renews its lease")
+        assert _lease(postgres_dsn, "shared1")[0] == first[0]
+        assert connect_refused_at(b.nbd_address, "shared1") is not None
+
+        stack.nb.kill()  # -9, with a client attached
+        killed = time.monotonic()
+        h2 = wait_until(lambda: _try_connect(b.nbd_address, "shared1"), timeout=TAKEOVER_BOUND,
+                        interval=0.1, what="B serves the disk of the killed server")
+        took = time.monotonic() - killed
+        assert h2.pread(len(data), 0) == data  # every acknowledged write is there
+        h2.shutdown()
+        print(f"takeover: {took:.2f} s from the kill to the first read on B")
+        assert took <= TAKEOVER_BOUND, took
+    finally:
+        b.kill()
+    assert "Traceback" not in b.stderr_text(), b.stderr_text()[-4000:]
+
+
+def connect_refused_at(address: str, disk: str) -> str | None:
+    try:
+        _connect(address, disk).shutdown()
+    except nbd.Error as e:
+        return e.string
+    return None
+
+
+def _try_connect(address: str, disk: str):
+    try:
+        return _connect(address, disk)
+    except nbd.Error:
+        return None
+
+
+
+def _lease(dsn: str, disk: str):
+    """(holder, expires) of the disk's lease row, read straight from the database."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT holder, expires FROM disk_leases WHERE name=%s", (disk,)).fetchone()
