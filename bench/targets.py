@@ -667,6 +667,19 @@ class RbdXtsTarget(RbdTarget, XtsTarget):
         return f"nbd://{host}:{port}/disk"
 
 
+@register
+class RbdXtsWorkersTarget(RbdXtsTarget):
+    name = "rbd-xts-workers"
+    description = "rbd-xts with librbd aio off (NBDSERVER_RBD_AIO=0): each request on a worker"
+
+    def _spawn(self, argv: list[str], **kw) -> ServerProcess:
+        self.command = ["NBDSERVER_RBD_AIO=0", *argv]
+        self._server = ServerProcess(argv, self.workdir / "server.log",
+                                     env=dict(os.environ, NBDSERVER_RBD_AIO="0"))
+        self._server.start(**kw)
+        return self._server
+
+
 class _QemuNbdRbd(RbdTarget):
     """qemu-nbd over qemu's rbd driver (Debian's qemu-block-extra), with --cache=none,
     which turns librbd's cache off as ours is."""

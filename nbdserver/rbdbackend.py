@@ -336,6 +336,11 @@ class RbdBackend(BlockBackend):
     # this open holds the image's lock they raise BlockingIOError: taking it may wait
     # seconds (a dead holder), which a worker does through the methods above.
 
+    # The server starts READ and WRITE with these (server._start_aio) unless
+    # NBDSERVER_RBD_AIO=0, which leaves every request to a worker (as before aio; for
+    # comparing the two, and a way back should librbd's aio misbehave somewhere).
+    starts_requests = os.environ.get("NBDSERVER_RBD_AIO", "1") != "0"
+
     def aio_pread(self, buf, offset: int, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
         """Fill `buf` from `offset`; the future resolves to None or fails with OSError."""
         view = memoryview(buf).cast("B")

@@ -692,6 +692,12 @@ class Connection(asyncio.Protocol):
                 except OSError as e:
                     self._uncharge(req.length)
                     return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
+        try:
+            if self._start_aio(req, backend, "aio_pread", buf, req.offset):
+                return
+        except OSError as e:
+            self._uncharge(req.length)
+            return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
         return self._offload(req, self._read_worker, backend, req, buf)
 
     def _write_request(self, req, backend):
@@ -705,10 +711,10 @@ class Connection(asyncio.Protocol):
             write, args = _commit, (stage, fua)
         else:  # staged by the backend the export had when the write began
             return self._fail(req, NBD_EIO, "the disk was replaced while the write arrived")
-        if fua or req.length > INLINE_WRITE_MAX:
+        if fua or req.length > INLINE_WRITE_MAX or getattr(backend, "starts_requests", False):
             # Would block (or is too big for the loop) at the bottom of any data
-            # path: go to a worker now rather than let an encrypting layer do its
-            # work inline first and then be refused.
+            # path: go to a worker (or start it, _start_aio) now rather than let an
+            # encrypting layer do its work inline first and then be refused.
             return self._offload_write(req, write, args, fua)
         try:
             write(*args, nowait=True)
@@ -771,11 +777,40 @@ class Connection(asyncio.Protocol):
         can write that way (cache=none: O_DIRECT, no worker round trip), else on a worker."""
         if req.stage is None:
             try:
-                if self._queue_write(req, fua):
+                if (self._start_aio(req, self.export.backend, "aio_pwrite", req.payload, req.offset)
+                        or self._queue_write(req, fua)):
                     return
             except OSError as e:
                 return self._fail(req, nbd_error(e.errno), e.strerror or "write failed")
         return self._offload(req, write, *args)
+
+    def _start_aio(self, req, backend, method, buf, offset) -> bool:
+        """Start a READ or WRITE that the backend runs itself and completes on this loop
+        (librbd aio under an RBD disk: nbdserver/rbdbackend.py) instead of a worker
+        waiting for it: requests in flight are then bounded by the clients, not by the
+        pool. Such a backend has no cache below, so a completed write is durable (FUA).
+        False when it cannot (not such a backend, unaligned, its lock not yet held)."""
+        if not getattr(backend, "starts_requests", False):
+            return False
+        try:
+            inner = getattr(backend, method)(buf, offset, self.loop)
+        except BlockingIOError:
+            return False
+        export = self.export
+        assert export is not None  # requests arrive only in transmission
+        self.inflight += 1
+        export.begin()
+        mark = self._began_off_loop()
+        if req.cmd == NBD_CMD_READ:  # what _finished sends: the parts of the reply
+            fut = self.loop.create_future()
+            parts = [(req.offset, req.length, memoryview(buf))]
+            inner.add_done_callback(lambda f: fut.set_exception(f.exception()) if f.exception()
+                                    else fut.set_result(parts))
+        else:
+            fut = inner
+        fut.add_done_callback(lambda f: self._finished(req, f, export, mark))
+        self._update_reading()
+        return True
 
     def _queue_write(self, req, fua) -> bool:
         queue = self.server.reads()

@@ -47,6 +47,7 @@ than CHUNK would need several lower calls, so with nowait it is refused up front
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import threading
 from collections.abc import Callable
@@ -316,6 +317,73 @@ class XtsLayer(FilterBackend):
             raise OSError(errno.EINVAL, f"the disk size {size} is not a multiple of {S} bytes")
         self.lower.grow(size)
         self._size = size
+
+    # --- requests a lower layer runs itself (librbd aio: nbdserver/rbdbackend.py) ------
+
+    @property
+    def starts_requests(self) -> bool:
+        """The lower layer starts requests and completes them on the loop (`aio_*`)."""
+        return hasattr(self.lower, "aio_pread")
+
+    def aio_pread(self, buf: bytearray, offset: int,
+                  loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """Whole sectors: the lower layer's read, then the decryption on the loop as it
+        completes (a few microseconds a sector). BlockingIOError when it cannot be done
+        so (unaligned, or not yet: the caller then uses a worker). The server counts the
+        request in flight until the future is done, so the key outlives it."""
+        view = memoryview(buf).cast("B")
+        if not self.starts_requests or (offset | len(view)) % S or not len(view):
+            raise BlockingIOError(errno.EAGAIN, "not a whole-sector read for aio")
+        self._check_open()
+        inner: asyncio.Future[None] = self.lower.aio_pread(view, offset, loop)  # type: ignore[attr-defined]
+        out: asyncio.Future[None] = loop.create_future()
+
+        def decrypted(f: asyncio.Future[None]) -> None:
+            if out.done():
+                return
+            exc = f.exception()
+            if exc is None:
+                try:
+                    self._decrypt(view, view, offset // S, holes=True)
+                except Exception as e:  # noqa: BLE001 (the request's error, not the loop's)
+                    exc = e
+            if exc is None:
+                out.set_result(None)
+            else:
+                out.set_exception(exc)
+        inner.add_done_callback(decrypted)
+        return out
+
+    def aio_pwrite(self, data: bytearray, offset: int,
+                   loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """Whole sectors of a buffer handed over: encrypted in place on the loop, written
+        by the lower layer, the sectors' stripe lock held until it completes (a worker's
+        read-modify-write of them waits). BlockingIOError as for aio_pread, and when the
+        stripe is busy or the write spans two."""
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if not self.starts_requests or (offset | n) % S or not n:
+            raise BlockingIOError(errno.EAGAIN, "not a whole-sector write for aio")
+        self._check_open()
+        if not self.capabilities.writable:
+            raise OSError(errno.EPERM, "read-only")
+        first = offset // S
+        lock = self._locks.single(first, first + n // S)
+        if lock is None or not lock.acquire(False):
+            raise BlockingIOError(errno.EAGAIN, BUSY)
+        try:
+            self._encrypt(view, view, first)
+            try:
+                inner: asyncio.Future[None] = self.lower.aio_pwrite(  # type: ignore[attr-defined]
+                    view, offset, loop)
+            except BaseException:
+                self._decrypt(view, view, first)  # refused before writing: plaintext back
+                raise
+        except BaseException:
+            lock.release()
+            raise
+        inner.add_done_callback(lambda f: lock.release())
+        return inner
 
     def close(self) -> None:
         """Wipe the key, free the OpenSSL contexts and close the lower layer. Idempotent."""
