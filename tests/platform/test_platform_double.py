@@ -29,10 +29,16 @@ from tests.helpers.platform import (
     wait_for_io,
 )
 from tests.helpers.servers import wait_until
-from tests.platform.conftest import _finish
+from tests.platform.conftest import STATES, _finish
 
 S = 4096
 DOUBLE = "EncryptionAtRestWithPlatformAndCustomerKeys"
+
+
+@pytest.fixture(scope="module", params=STATES)
+def state(request):
+    """Both state engines: the platform envelope and the set's type are new columns."""
+    return request.param
 
 
 def xts_decrypt(key: bytes, sector: int, data: bytes) -> bytes:
