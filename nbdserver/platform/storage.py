@@ -7,10 +7,11 @@ A volume's location is what the state database keeps in its path column: a file'
 only: the XTS layer is put on above whichever backend opens it (`crypto.open_disk`), so
 Ceph never sees a DEK or a plaintext byte.
 
-RBD images are named `nbdserver.<kind>.<uuid>`: a stray image (a crash between a
-delete's commit and the image's removal) is recognised by that prefix and removed at the
-next start, like a stray file; a pool is therefore the platform's own, not shared with
-another platform's state.
+RBD images are named `nbdserver.<owner>.<kind>.<uuid>`, `owner` being the platform's
+own mark, kept in its state (every server of one platform has the same): a stray image
+(a crash between a delete's commit and the image's removal) is recognised by that prefix
+and removed at the next start, like a stray file, and another platform's images in the
+same pool are never taken for this one's strays.
 
 Calls that reach the cluster (open, remove, list) block: the platform runs them on worker
 threads.
@@ -93,11 +94,11 @@ class VolumeStorage:
             raise BadRequest(f"storage {storage!r}: this server has no Ceph cluster (--ceph-conf)")
         return pool
 
-    def new_location(self, kind: VolumeKind, pool: str | None) -> str:
+    def new_location(self, kind: VolumeKind, pool: str | None, owner: str = "") -> str:
         name = uuid.uuid4().hex
         if pool is None:
             return os.path.join(self.data_dir, kind.value + "s", f"{name}.img")
-        return f"{backing.RBD_SCHEME}{pool}/{IMAGE_PREFIX}{kind.value}.{name}"
+        return f"{backing.RBD_SCHEME}{pool}/{IMAGE_PREFIX}{owner}.{kind.value}.{name}"
 
     @staticmethod
     def pool_of(location: str) -> str | None:
@@ -133,8 +134,8 @@ class VolumeStorage:
         except FileNotFoundError:
             pass
 
-    def stray_images(self, known: set[str], pools: set[str]) -> list[str]:
-        """Images of ours in `pools` that no volume names (see the module's docstring)."""
+    def stray_images(self, known: set[str], pools: set[str], owner: str) -> list[str]:
+        """Images of `owner` in `pools` that no volume names (the module's docstring)."""
         if self.ceph is None:
             return []
         from ..rbdbackend import list_images
@@ -143,6 +144,6 @@ class VolumeStorage:
             probe = self.rbd_spec(f"{backing.RBD_SCHEME}{pool}/-")
             for name in list_images(probe):
                 location = f"{backing.RBD_SCHEME}{pool}/{name}"
-                if name.startswith(IMAGE_PREFIX) and location not in known:
+                if name.startswith(f"{IMAGE_PREFIX}{owner}.") and location not in known:
                     out.append(location)
         return out

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -98,7 +99,16 @@ class VolumeOperations:
 
     def _new_path(self, kind: VolumeKind, pool: str | None = None) -> str:
         """A new volume's location: a file, or an image in `pool` (storage.py)."""
-        return self.storage.new_location(kind, pool)
+        return self.storage.new_location(kind, pool, self._rbd_owner() if pool else "")
+
+    def _rbd_owner(self) -> str:
+        """This platform's mark in the names of its RBD images (storage.py), made once and
+        kept in its state: another platform's images in a pool are never its strays."""
+        owner = self.state.get_config("rbd_owner")
+        if owner is None:
+            owner = uuid.uuid4().hex[:12]
+            self.state.set_config("rbd_owner", owner)
+        return owner
 
     async def _remove_data(self, location: str) -> None:
         """A volume's file or image removed, on a worker thread (an image is a round trip
@@ -335,7 +345,8 @@ class VolumeOperations:
         if self.storage.default_pool:
             pools.add(self.storage.default_pool)
         try:
-            for location in self.storage.stray_images(known, pools):
+            strays = self.storage.stray_images(known, pools, self._rbd_owner()) if pools else []
+            for location in strays:
                 log.warning("removing RBD image %s, which no volume names (left by a crash)", location)
                 self.storage.remove(location)
         except OSError as e:  # the cluster unreachable: its disks fail at attach, others serve

@@ -103,10 +103,10 @@ def test_snapshots_and_images_are_clones_disks_from_them_are_not(rbd_stack, ceph
     before = os.urandom(64 << 10)
     write(rbd_stack, "r2", 0, before)
     nb("snapshot", "create", "r2s", "--disk", "r2", "--quiet")
-    snap_image, = (n for n in our_images(ceph_cluster) if n.startswith("nbdserver.snapshot."))
+    snap_image, = (n for n in our_images(ceph_cluster) if ".snapshot." in n)
     assert rbd_info(ceph_cluster, snap_image)["parent"]["image"] == image  # copy-on-write
     nb("image", "create", "r2i", "--source", "snapshot:r2s", "--quiet")
-    img_image, = (n for n in our_images(ceph_cluster) if n.startswith("nbdserver.image."))
+    img_image, = (n for n in our_images(ceph_cluster) if ".image." in n)
     assert rbd_info(ceph_cluster, img_image)["parent"]["image"] == snap_image
     write(rbd_stack, "r2", 0, os.urandom(64 << 10))  # after the snapshot: not in it
 
@@ -126,4 +126,25 @@ def test_snapshots_and_images_are_clones_disks_from_them_are_not(rbd_stack, ceph
 
     nb("snapshot", "delete", "r2s")
     nb("image", "delete", "r2i")
+    wait_until(lambda: our_images(ceph_cluster) == [], 30, what="no image of ours left")
+
+
+def test_a_restart_removes_its_own_stray_images_only(rbd_stack, ceph_cluster):
+    """A crash between a delete's commit and the image's removal leaves an image no
+    volume names: the next start removes it. Another platform's images in the same pool
+    (another owner in the name) are left alone, and so are the disks that serve."""
+    nb, pool = rbd_stack.nbdserver, ceph_cluster.pool
+    image = image_of(nb("disk", "create", "r3", "--size", "16M", "--quiet"))
+    owner = image.split(".")[1]
+    data = os.urandom(64 << 10)
+    write(rbd_stack, "r3", 0, data)
+    stray, foreign = f"nbdserver.{owner}.disk.{'0' * 32}", "nbdserver.0ther0wner00.disk.x"
+    for name in (stray, foreign):
+        ceph_cluster.rbd("create", "--size", "4M", f"{pool}/{name}")
+    rbd_stack.restart_nbdserver(same_ports=True)
+    left = our_images(ceph_cluster)
+    assert stray not in left and foreign in left and image in left
+    assert read(rbd_stack, "r3", 0, len(data)) == data
+    ceph_cluster.rbd("rm", "--no-progress", f"{pool}/{foreign}")
+    nb("disk", "delete", "r3")
     wait_until(lambda: our_images(ceph_cluster) == [], 30, what="no image of ours left")

@@ -32,8 +32,8 @@ def test_rbd_storage_needs_a_cluster(tmp_path):
 
 def test_locations_of_files_and_images(tmp_path):
     storage = VolumeStorage(str(tmp_path), "rbd:disks", CephClient(str(tmp_path / "ceph.conf"), "nbd"))
-    image = storage.new_location(VolumeKind.DISK, "disks")
-    assert image.startswith("rbd:disks/nbdserver.disk.") and storage.pool_of(image) == "disks"
+    image = storage.new_location(VolumeKind.DISK, "disks", "p1")
+    assert image.startswith("rbd:disks/nbdserver.p1.disk.") and storage.pool_of(image) == "disks"
     # Stored as it is, wherever the data directory moves.
     assert backing.stored_path(str(tmp_path), image) == image
     assert backing.resolved_path("/elsewhere", image) == image
