@@ -46,7 +46,7 @@ def two_servers(ceph_cluster, rbd_image, server_factory, tmp_path):
     return first, second, image
 
 
-def connect(srv) -> nbd.NBD:
+def connect(srv):
     h = nbd.NBD()
     h.connect_uri(srv.uri("enc"))
     return h
