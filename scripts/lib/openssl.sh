@@ -60,7 +60,7 @@ bootstrap_openssl() {
         return 0
     fi
     if [ ! -f "$OPENSSL_PREFIX/lib/libcrypto.a" ]; then
-        echo "bootstrap: building OpenSSL $OPENSSL_VERSION's libcrypto for the XTS engine (about a minute)" >&2
+        echo "bootstrap: building OpenSSL $OPENSSL_VERSION's libcrypto and FIPS provider for the XTS engine (a few minutes)" >&2
         if ! _build_openssl >&2; then
             echo "bootstrap: WARNING: could not build OpenSSL $OPENSSL_VERSION;" \
                  "the XTS engine links the system's libcrypto (slower)" >&2
