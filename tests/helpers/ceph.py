@@ -1,8 +1,9 @@
 """A throwaway single-node Ceph cluster, for the tests and the demo of disks on RBD.
 
 One monitor, no manager and one OSD whose object store is memory (`memstore`), all
-bound to 127.0.0.1, all files in one directory: `ceph.conf`, the keyrings, the daemons'
-data, sockets, logs and pid files. Nothing global is read or written (no /etc/ceph, no
+bound to 127.0.0.1 (or `addr`, a network namespace's own, for clients on other test
+hosts), all files in one directory: `ceph.conf`, the keyrings, the daemons' data,
+sockets, logs and pid files. Nothing global is read or written (no /etc/ceph, no
 /var/lib/ceph, no systemd): every command gets `--conf` and `--keyring` explicitly.
 
 Why this shape:
@@ -67,9 +68,9 @@ def _free_port() -> int:
 CONF = """\
 [global]
 fsid = {fsid}
-mon host = v2:127.0.0.1:{port}
-public addr = 127.0.0.1
-cluster addr = 127.0.0.1
+mon host = v2:{addr}:{port}
+public addr = {addr}
+cluster addr = {addr}
 ms bind ipv4 = true
 ms bind ipv6 = false
 auth cluster required = cephx
@@ -122,8 +123,10 @@ class CephCluster:
     """One monitor and one memstore OSD in `workdir`; `start()` returns once the pool
     takes writes; `stop()` ends the daemons and removes the data."""
 
-    def __init__(self, workdir: Path | str, *, pool: str = POOL, client: str = CLIENT):
+    def __init__(self, workdir: Path | str, *, pool: str = POOL, client: str = CLIENT,
+                 addr: str = "127.0.0.1"):
         self.dir = Path(workdir).resolve()
+        self.addr = addr  # another host's address when started in a network namespace
         self.pool = pool
         self.client_id = client
         self.conf = self.dir / "ceph.conf"
@@ -186,7 +189,8 @@ class CephCluster:
         os.chmod(self.dir, 0o700)
         self.port = _free_port()
         fsid = str(uuid.uuid4())
-        self.conf.write_text(CONF.format(fsid=fsid, port=self.port, dir=self.dir, memstore=MEMSTORE_BYTES))
+        self.conf.write_text(CONF.format(fsid=fsid, port=self.port, dir=self.dir, memstore=MEMSTORE_BYTES,
+                                         addr=self.addr))
         try:
             self._make_mon(fsid)
             self._daemon("mon", "a")
@@ -211,7 +215,7 @@ class CephCluster:
         self._run("ceph-authtool", str(mon_keyring), "--import-keyring", str(self.admin_keyring))
         monmap = self.dir / "monmap"
         self._run("monmaptool", "--create", "--fsid", fsid, "--addv", "a",
-                  f"[v2:127.0.0.1:{self.port}]", str(monmap))
+                  f"[v2:{self.addr}:{self.port}]", str(monmap))
         self._run("ceph-mon", "--conf", str(self.conf), "--mkfs", "-i", "a", "--monmap", str(monmap),
                   "--keyring", str(mon_keyring))
 
@@ -331,8 +335,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tests.helpers.ceph", description=__doc__.split("\n")[0])
     ap.add_argument("action", choices=["start", "stop"])
     ap.add_argument("dir", help="the cluster's directory (empty or absent for start)")
+    ap.add_argument("--addr", default="127.0.0.1", help="the address the daemons bind (start)")
     args = ap.parse_args(argv)
-    cluster = CephCluster(args.dir)
+    cluster = CephCluster(args.dir, addr=args.addr)
     if args.action == "stop":
         cluster.stop()
         return
