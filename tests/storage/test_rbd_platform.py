@@ -101,14 +101,17 @@ def test_snapshots_and_images_are_clones_disks_from_them_are_not(rbd_stack, ceph
     nb = rbd_stack.nbdserver
     image = image_of(nb("disk", "create", "r2", "--size", "16M", "--quiet"))
     before = os.urandom(64 << 10)
-    write(rbd_stack, "r2", 0, before)
+    attached = rbd_stack.connect("r2")  # served (its image's lock held) while snapshotted
+    attached.pwrite(before, 0)
     nb("snapshot", "create", "r2s", "--disk", "r2", "--quiet")
     snap_image, = (n for n in our_images(ceph_cluster) if ".snapshot." in n)
     assert rbd_info(ceph_cluster, snap_image)["parent"]["image"] == image  # copy-on-write
     nb("image", "create", "r2i", "--source", "snapshot:r2s", "--quiet")
     img_image, = (n for n in our_images(ceph_cluster) if ".image." in n)
     assert rbd_info(ceph_cluster, img_image)["parent"]["image"] == snap_image
-    write(rbd_stack, "r2", 0, os.urandom(64 << 10))  # after the snapshot: not in it
+    attached.pwrite(os.urandom(64 << 10), 0)  # after the snapshot: not in it
+    attached.flush()
+    attached.shutdown()
 
     # The disk itself goes; its snapshot keeps the data (flattened) and serves disks.
     nb("disk", "delete", "r2")
