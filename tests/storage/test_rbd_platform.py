@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -19,7 +20,7 @@ from tests.helpers.ceph import CephCluster
 from tests.helpers.platform import CliFailed, Stack
 from tests.helpers.servers import wait_until
 
-pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
 pytestmark = pytest.mark.timeout(300)
 
 MiB = 1 << 20
@@ -151,3 +152,53 @@ def test_a_restart_removes_its_own_stray_images_only(rbd_stack, ceph_cluster):
     ceph_cluster.rbd("rm", "--no-progress", f"{pool}/{foreign}")
     nb("disk", "delete", "r3")
     wait_until(lambda: our_images(ceph_cluster) == [], 30, what="no image of ours left")
+
+
+def test_the_platform_and_another_server_take_turns_and_take_over(rbd_stack, ceph_cluster,
+                                                                   server_factory):
+    """One image, the platform and a baseline runner (raw, no key) pointed at it: whoever
+    holds the image's lock serves, the other refuses; when the baseline runner is killed
+    -9 while holding it, the platform's next attach breaks the lock and serves."""
+    nb, pool = rbd_stack.nbdserver, ceph_cluster.pool
+    image = image_of(nb("disk", "create", "r4", "--size", "16M", "--quiet"))
+    data = os.urandom(64 << 10)
+    held = rbd_stack.connect("r4")
+    held.pwrite(data, 0)
+    held.flush()
+    other = server_factory([f"raw=rbd:{pool}/{image}"], extra_args=ceph_args(ceph_cluster))
+    raw = nbd_connect(other.uri("raw"))
+    with pytest.raises(nbd.Error):  # the platform holds the image
+        raw.pread(4096, 0)
+    held.shutdown()  # idle close at once (--idle-close-seconds 0): the lock is let go
+    wait_until(lambda: serves(raw), 30, interval=0.2, what="the other server taking the free lock")
+    with pytest.raises(nbd.Error):  # the other server holds it: the attach is refused
+        rbd_stack.connect("r4")
+    other.kill()
+    killed = time.monotonic()
+    h = wait_until(lambda: attach(rbd_stack, "r4"), 90, interval=0.5, what="the platform taking over")
+    print(f"platform takeover: {time.monotonic() - killed:.1f} s from kill -9 to an attach")
+    assert h.pread(len(data), 0) == data
+    h.shutdown()
+    nb("disk", "delete", "r4")
+    wait_until(lambda: image not in our_images(ceph_cluster), 30, what="r4 removed")
+
+
+def nbd_connect(uri: str):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def serves(h) -> bool:
+    try:
+        h.pread(4096, 0)
+        return True
+    except nbd.Error:
+        return False
+
+
+def attach(stack: Stack, disk: str):
+    try:
+        return stack.connect(disk)
+    except nbd.Error:
+        return None
