@@ -274,6 +274,28 @@ _RANGED = (NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_CACHE, NBD_CMD_WRI
 def check(req: Request | Oversized, size: int, tflags: int, *, has_meta: bool,
           min_block: int = MIN_BLOCK_SIZE, max_payload: int = MAX_BLOCK_SIZE) -> tuple[int, str]:
     """(0, "") if the request may go to the backend, else (nbd error, message)."""
+    cmd = req.cmd
+    if not req.flags and (cmd == NBD_CMD_READ or cmd == NBD_CMD_WRITE and not tflags & NBD_FLAG_READ_ONLY):
+        # Most requests: a READ, or a WRITE to a writable export, without flags. Of the
+        # rules only the range's apply to them, so those are all they pay for: this runs
+        # for every request, and walking every rule was a measurable part of a 4 KiB
+        # request's cost. The answers are check_rules' (the tests compare the two).
+        off, length = req.offset, req.length
+        if length > max_payload:
+            return NBD_EINVAL, f"request over {max_payload} bytes"
+        if min_block > 1 and (off % min_block or length % min_block):
+            return NBD_EINVAL, f"request not aligned to {min_block} bytes"
+        if off + length > size:
+            if cmd == NBD_CMD_WRITE:
+                return NBD_ENOSPC, "write past the end of the export"
+            return NBD_EINVAL, "request past the end of the export"
+        return 0, ""
+    return check_rules(req, size, tflags, has_meta=has_meta, min_block=min_block, max_payload=max_payload)
+
+
+def check_rules(req: Request | Oversized, size: int, tflags: int, *, has_meta: bool,
+                min_block: int = MIN_BLOCK_SIZE, max_payload: int = MAX_BLOCK_SIZE) -> tuple[int, str]:
+    """`check`, by every rule in turn: any request, any flags."""
     cmd, flags = req.cmd, req.flags
     allowed = _ALLOWED_FLAGS.get(cmd)
     if allowed is None:

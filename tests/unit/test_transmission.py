@@ -58,6 +58,7 @@ from nbdserver.protocol.transmission import (
     block_status_chunk,
     block_status_descriptors,
     check,
+    check_rules,
     data_chunk_header,
     error_chunk,
     error_reply,
@@ -278,6 +279,20 @@ def test_structured_chunks():
     b = block_status_chunk(3, 1, [(4096, 3), (512, 0)])
     assert head(b)[2:] == (NBD_REPLY_TYPE_BLOCK_STATUS, 3, 4 + 16)
     assert b[20:] == struct.pack(">IIIII", 1, 4096, 3, 512, 0)
+
+
+@given(st.sampled_from([NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES, NBD_CMD_CACHE,
+                        NBD_CMD_FLUSH, NBD_CMD_BLOCK_STATUS, 99]),
+       st.sampled_from([0, 0, 0, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_NO_HOLE, 0x8000]),
+       st.sampled_from([0, 512, 1000, 4096, SIZE - 4096, SIZE, 2 ** 63]),
+       st.sampled_from([0, 1, 512, 4096, 4097, 8192, 1 << 20]),
+       st.sampled_from([RW, RO, NBD_FLAG_HAS_FLAGS]), st.booleans(), st.sampled_from([1, 512, 4096]))
+@settings(max_examples=500, deadline=None)
+def test_checks_quick_path_answers_as_every_rule_does(cmd, flags, offset, length, tflags, has_meta,
+                                                      min_block):
+    req = Request(cmd, flags, 1, offset, length)
+    kw = dict(has_meta=has_meta, min_block=min_block, max_payload=8192)
+    assert check(req, SIZE, tflags, **kw) == check_rules(req, SIZE, tflags, **kw)
 
 
 # -- reply shaping: the exact bytes, built here from the spec's layouts
