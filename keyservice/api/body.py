@@ -9,6 +9,7 @@ import json
 from typing import TypeVar
 
 from aiohttp import web
+from multidict import MultiDictProxy
 from pydantic import BaseModel
 
 from daemonkit.bodies import BodyError, parse
@@ -30,6 +31,18 @@ async def json_body(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object")
     return body
+
+
+async def form_body(request: web.Request) -> MultiDictProxy:
+    """An application/x-www-form-urlencoded body (the token endpoints). aiohttp decodes it
+    in the charset the Content-Type names: bytes that are not text in it, or a charset
+    with no codec, are the client's mistake (a 400), not an internal error."""
+    try:
+        return await request.post()
+    except (UnicodeDecodeError, LookupError):
+        # The charset is not quoted back: it is the client's header, whatever it holds.
+        raise BadRequest("The form body is not text in the charset its Content-Type "
+                         "names (UTF-8 if none)") from None
 
 
 async def model_body(request: web.Request, model: type[M]) -> M:

@@ -5,7 +5,7 @@ from aiohttp import web
 
 from ..domain.errors import BadRequest
 from . import models, render
-from .body import model_body, validated
+from .body import form_body, model_body, validated
 
 OPENAPI = Path(__file__).resolve().parent.parent / "openapi.json"
 
@@ -16,7 +16,7 @@ async def token(request: web.Request) -> web.Response:
     without it the token has none, as before audiences existed (see tokens.py)."""
     domain = request.app["domain"]
     if request.content_type == "application/x-www-form-urlencoded":
-        form = await request.post()
+        form = await form_body(request)
         body = validated(models.TokenRequest, {k: form[k] for k in models.TokenRequest.model_fields
                                                if k in form})
     else:

@@ -23,6 +23,7 @@ from aiohttp import web
 from daemonkit.bodies import BodyError, parse
 
 from ..domain import errors
+from .body import form_body
 from .models import TokenRequestV2
 
 _IGNORED_SCOPES = {"openid", "profile", "offline_access"}  # OIDC scopes MSAL may add
@@ -98,7 +99,10 @@ async def token(request: web.Request) -> web.Response:
     if request.content_type != "application/x-www-form-urlencoded":
         return oauth_error(400, "invalid_request",
                            "The body must be application/x-www-form-urlencoded (RFC 6749 section 4.4.2)")
-    form = await request.post()
+    try:
+        form = await form_body(request)
+    except errors.BadRequest as e:
+        return oauth_error(400, "invalid_request", e.message)
     try:
         body = parse(TokenRequestV2, {k: form[k] for k in TokenRequestV2.model_fields if k in form})
     except BodyError as e:

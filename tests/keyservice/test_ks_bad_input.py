@@ -196,6 +196,26 @@ def test_random_bodies_never_500(daemon, keyed_once, endpoint, body):
         assert resp["error"]["code"] and resp["error"]["message"]
 
 
+FORM = "application/x-www-form-urlencoded"
+TENANT_TOKEN = "/4afe229b-4b6d-4c67-82d6-5e68a60a79fb/oauth2/v2.0/token"
+
+
+@pytest.mark.parametrize("path", ["/oauth2/token", TENANT_TOKEN])
+@pytest.mark.parametrize("raw, content_type", [
+    (b"client_id=\xff&client_secret=\xfe&grant_type=client_credentials", FORM),
+    (b"client_id=a&client_secret=b&grant_type=client_credentials", FORM + "; charset=no-such-codec"),
+    (b"client_id=a&client_secret=b&grant_type=client_credentials", FORM + "; charset=utf-16"),
+])
+def test_token_form_that_does_not_decode_is_a_400(daemon, path, raw, content_type):
+    """The token endpoints read forms too: a form that is not text in its charset (or
+    names a charset there is no codec for) is the client's mistake, answered before any
+    client is looked up, never a 500 (an unauthenticated caller reaches these)."""
+    status, body = daemon.http("POST", path, raw=raw, token=None, headers={"Content-Type": content_type})
+    assert status == 400, body
+    message = body["error"]["message"] if path == "/oauth2/token" else body["error_description"]
+    assert "form" in message and "\ufffd" not in message, body
+
+
 @pytest.fixture(scope="module")
 def keyed_once(daemon):
     status, _ = daemon.http("POST", "/vaults", {"name": "fuzzvault", "location": "l", "subscription": "s"})
