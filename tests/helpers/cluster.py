@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.helpers import postgres
@@ -68,28 +69,42 @@ class ClusterHost:
         self.ks_dir, self.nb_dir = self.dir / "ks", self.dir / "nb"
         self.ks: KeyServiceProcess | None = None
         self.nb: NbdServerProcess | None = None
+        self._stopped_logs: list[str] = []
 
     @property
     def addr(self) -> str:
         return self.lab.net.addr(self.name)
 
-    def start(self, *, lease: float, grace: float, disk_lease: float) -> ClusterHost:
-        net = self.lab.net
+    def start(self) -> ClusterHost:
         self.dir.mkdir(parents=True, exist_ok=True)
         ks = KeyServiceProcess(self.dir, self.ks_dir, KS_PORT,
                                ["--state", self.lab.ks_dsn, "--base-url", f"http://127.0.0.1:{KS_PORT}"])
-        ks.argv = net.argv(self.name, ks.argv)
+        ks.argv = self.lab.net.argv(self.name, ks.argv)
         self.ks = ks.start()
-        ceph = self.lab.ceph
-        nb = NbdServerProcess(self.dir, self.nb_dir, ks, lease=lease, grace=grace, api_port=API_PORT,
-                              extra_args=["--state", self.lab.nb_dsn, "--disk-lease-seconds", disk_lease,
+        return self.start_nbdserver()
+
+    def start_nbdserver(self) -> ClusterHost:
+        """The host's NBD server (again, after a kill: same data directory and ports)."""
+        assert self.ks is not None, "the key service first"
+        lab, ceph = self.lab, self.lab.ceph
+        if self.nb is not None:
+            self._stopped_logs.append(self.nb.stderr_text())
+        nb = NbdServerProcess(self.dir, self.nb_dir, self.ks, lease=lab.lease, grace=lab.grace,
+                              api_port=API_PORT,
+                              extra_args=["--state", lab.nb_dsn, "--disk-lease-seconds", lab.disk_lease,
                                           "--storage", f"rbd:{ceph.pool}", "--ceph-conf", ceph.conf,
                                           "--ceph-id", ceph.client_id, "--ceph-keyring", ceph.keyring,
-                                          "--tls-dir", self.lab.tls_dir, "--io-processes", "0"])
+                                          "--tls-dir", lab.tls_dir, "--io-processes", "0"])
         nb.argv[nb.argv.index("--nbd-listen") + 1] = f"{self.addr}:{NBD_PORT}"
-        nb.argv = net.argv(self.name, [str(a) for a in nb.argv])
+        nb.argv = lab.net.argv(self.name, [str(a) for a in nb.argv])
         self.nb = nb.start()
         return self
+
+    def kill_nbdserver(self) -> float:
+        """kill -9 of the host's NBD server; time.monotonic() of the kill."""
+        assert self.nb is not None
+        self.nb.kill()
+        return time.monotonic()
 
     def uri(self, disk: str) -> str:
         """The disk's NBD URI for the client host (TLS: certificates in the lab's tls_dir)."""
@@ -111,6 +126,7 @@ class ClusterHost:
         return self._cli("nbdserver.cli", args)
 
     def _cli(self, module: str, args):
+        self.lab.show(self.name, [module.split(".")[0], *args])
         argv = self.lab.net.argv(self.name, [sys.executable, "-m", module, *args])
         r = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=ROOT,
                            timeout=CLI_TIMEOUT, stdin=subprocess.DEVNULL)
@@ -130,7 +146,9 @@ class ClusterHost:
                     d.kill()
 
     def logs(self) -> str:
-        return "\n".join(d.stderr_text() for d in (self.ks, self.nb) if d is not None and d.proc is not None)
+        """Both daemons' stderr, NBD servers killed before included."""
+        return "\n".join(self._stopped_logs + [d.stderr_text() for d in (self.ks, self.nb)
+                                                if d is not None and d.proc is not None])
 
 
 class ClusterLab:
@@ -148,6 +166,11 @@ class ClusterLab:
         self.hosts: dict[str, ClusterHost] = {}
         self.ks_dsn = self.nb_dsn = ""
         self.costs: dict[str, float] = {}  # seconds each engine took to start
+        self.echo: Callable[[str], None] | None = None  # the demo prints each command here
+
+    def show(self, host: str, argv: list) -> None:
+        if self.echo is not None:
+            self.echo(f"[{host}]$ {' '.join(map(str, argv))}")
 
     def start(self) -> ClusterLab:
         try:
@@ -206,12 +229,13 @@ class ClusterLab:
                 shutil.copy2(first.ks_dir / f, host.ks_dir / f)
             shutil.copy2(first.nb_dir / "master.key", host.nb_dir / "master.key")
         self.hosts[name] = host
-        return host.start(lease=self.lease, grace=self.grace, disk_lease=self.disk_lease)
+        return host.start()
 
     # -- the client host
     def fio(self, server: str, disk: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """fio's nbd engine on the client host against `disk` as host `server` serves it."""
         assert self.fio_home is not None, "start() first"
+        self.show("cli", ["fio", "--ioengine=nbd", f"--uri={self.hosts[server].uri(disk)}", *args])
         argv = self.net.argv("cli", ["setpriv", f"--reuid={FIO_USER}", f"--regid={FIO_USER}", "--clear-groups",
                                      "fio", "--name=cluster", "--ioengine=nbd",
                                      f"--uri={self.hosts[server].uri(disk)}", *args])

@@ -70,8 +70,7 @@ def test_failover_to_the_other_host_then_revocation_there(lab):
         assert written.returncode == 0, written.stdout + written.stderr
         held.ok_count()  # a still serves the held client after fio's run
 
-        a.nb.kill()  # -9, clients attached and writing
-        killed = time.monotonic()
+        killed = a.kill_nbdserver()  # -9, clients attached and writing
         assert held.expect("ERR")
         served = lab.first_read("b", "d1", FAILOVER_DEADLINE)
     finally:
