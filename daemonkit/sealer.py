@@ -14,6 +14,13 @@ Format 0x01 (nonce || ciphertext+tag, no key id) is what both daemons wrote befo
 rotation existed; it opens under whichever key of the keyring sealed it (GCM's tag says
 which), and is re-sealed as 0x02 like any blob under a non-current key.
 
+`reload` (the keyring file read again) is for several instances of a daemon on one
+state: one restarted after a rotation re-seals under the new key while the others still
+run on the keyring they started with; a blob naming a key they lack makes them read
+their keyring once more, and the key is then theirs for opening (they keep sealing under
+their current key until they restart, so they never seal under a key another instance
+may not have yet).
+
 `subkey` is each daemon's own step from a master key to the AES key, kept from before:
 the platform used the master key as it is, the key service an HKDF-derived key. Random
 96-bit nonces: NIST SP 800-38D's bound of 2^32 messages per key is far above the number
@@ -23,12 +30,13 @@ of records either daemon seals under one master key.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .keyring import KEY_ID_BYTES, Keyring, key_id
+from .keyring import KEY_ID_BYTES, Keyring, MasterKeyError, key_id
 
 V1 = 0x01
 V2 = 0x02
@@ -45,8 +53,12 @@ def _same(key: bytes) -> bytes:
 
 
 class Sealer:
-    def __init__(self, keyring: Keyring, subkey: Callable[[bytes], bytes] = _same):
+    def __init__(self, keyring: Keyring, subkey: Callable[[bytes], bytes] = _same,
+                 reload: Callable[[], Keyring] | None = None):
         self.keyring = keyring
+        self._subkey = subkey
+        self._reload = reload
+        self._lock = threading.Lock()  # a reload's update of the AEADs, once at a time
         # One AEAD per master key, by id; the current one seals.
         self._aeads = {key_id(k): AESGCM(subkey(k)) for k in keyring.keys}
         self._current = keyring.current_id
@@ -71,7 +83,7 @@ class Sealer:
     def _open(self, blob: bytes, aad: str) -> bytes:
         if blob[:1] == bytes([V2]) and len(blob) >= 1 + KEY_ID_BYTES + NONCE + TAG:
             kid = blob[1:1 + KEY_ID_BYTES]
-            aead = self._aeads.get(kid)
+            aead = self._aeads.get(kid) or self._reloaded(kid)
             if aead is None:
                 raise SealError(f"{aad} is sealed under master key {kid.hex()}, which is not in "
                                 f"the keyring (it holds {', '.join(i.hex() for i in self._aeads)})")
@@ -89,6 +101,20 @@ class Sealer:
                     continue
             raise SealError(f"sealed data for {aad} did not open under any key of the keyring")
         raise SealError(f"sealed data for {aad} is in no known format")
+
+
+    def _reloaded(self, kid: bytes) -> AESGCM | None:
+        """The AEAD of `kid` if the keyring, read again, now holds it."""
+        if self._reload is None:
+            return None
+        try:
+            fresh = self._reload()
+        except (MasterKeyError, OSError):
+            return None
+        with self._lock:
+            for k in fresh.keys:
+                self._aeads.setdefault(key_id(k), AESGCM(self._subkey(k)))
+            return self._aeads.get(kid)
 
 
 def blob_key_id(blob: bytes) -> bytes | None:

@@ -718,28 +718,38 @@ def backup(directory, data_dir, include_master_key, master_key_file):
 @click.option("--pkcs11-token", help="label of the token that seals the keyring")
 @click.option("--pkcs11-pin-file", type=click.Path(dir_okay=False),
               help="the token's user PIN, a 0600 file; default $CREDENTIALS_DIRECTORY/pkcs11-pin")
+@click.option("--state", metavar="sqlite|postgresql://...",
+              help="the state serve uses (also KEYSERVICE_STATE), for its sealed records")
 def rotate_master_key(data_dir, master_key_file, action, pkcs11_module, pkcs11_token,
-                      pkcs11_pin_file):
+                      pkcs11_pin_file, state):
     """Put a new master key first in the keyring; the older ones stay readable.
 
     Safe while the service runs: it re-seals every private key under the new key at its
     next start. Then --retire drops the old key (docs/operations.md, "Rotating the master
     key"). Prints the keys, the records under each, and what can be retired."""
+    from .database import StateError, is_postgres
     from .master_rotation import rotate_master_key
     from .sealing import MasterKeyError
     if (pkcs11_module is None) != (pkcs11_token is None):
         raise click.UsageError("--pkcs11-module and --pkcs11-token go together")
+    try:
+        state = state or SETTINGS.get("KEYSERVICE_STATE")
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    if state not in (None, "", "sqlite") and not is_postgres(state):
+        raise click.UsageError("--state takes sqlite or a postgresql:// URL")
     try:
         token = None
         if pkcs11_module:
             from .hsm import Pkcs11Token, read_pin
             token = Pkcs11Token(pkcs11_module, pkcs11_token, read_pin(pkcs11_pin_file))
         try:
-            result = rotate_master_key(data_dir, master_key_file, action or "rotate", token)
+            result = rotate_master_key(data_dir, master_key_file, action or "rotate", token,
+                                       state=state if is_postgres(state) else None)
         finally:
             if token is not None:
                 token.close()
-    except MasterKeyError as e:  # HsmConfigError included
+    except (MasterKeyError, StateError) as e:  # HsmConfigError included
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2, sort_keys=True))
 

@@ -58,7 +58,8 @@ def status(store: Store) -> dict:
     return rotation.seal_status(store.seal.keyring, blobs, store.meta(SEALING_KEY))
 
 
-def rotate_master_key(data_dir, master_key_file: str | None, action: str, token=None) -> dict:
+def rotate_master_key(data_dir, master_key_file: str | None, action: str, token=None, *,
+                      state: str | None = None) -> dict:
     """`keyservice rotate-master-key`: `action` "rotate", "retire" or "status"; the status
     after it. `token`: the PKCS#11 token of a `--seal pkcs11` data directory."""
     data_dir = Path(data_dir)
@@ -67,13 +68,14 @@ def rotate_master_key(data_dir, master_key_file: str | None, action: str, token=
     if sealed_in_token and token is None:
         raise MasterKeyError("this data directory's master key is sealed in a PKCS#11 token: "
                              "name it as serve does (--pkcs11-module, --pkcs11-token)")
-    if not (data_dir / DB_NAME).exists():
+    if state is None and not (data_dir / DB_NAME).exists():
         raise MasterKeyError(f"{data_dir} holds no key service database ({DB_NAME})")
 
     def open_store() -> Store:
         if sealed_in_token:
-            return Store(data_dir, master_key=hsm_seal.master_from_token(token, data_dir))
-        return Store(data_dir, master_key_file)
+            return Store(data_dir, master_key=hsm_seal.master_from_token(token, data_dir),
+                         state=state)
+        return Store(data_dir, master_key_file, state=state)
 
     source = key_source_of(data_dir, master_key_file)
     store = open_store()

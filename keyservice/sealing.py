@@ -21,6 +21,7 @@ with, re-sealed, never re-derived, by a rotation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +29,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from daemonkit.keyring import KEY_BYTES as MASTER_KEY_BYTES
-from daemonkit.keyring import Keyring, KeySource, MasterKeyError, key_source, open_keyring
+from daemonkit.keyring import Keyring, KeySource, MasterKeyError, key_source, open_keyring, read_keyring
 from daemonkit.sealer import Sealer, SealError
 
 __all__ = ["MASTER_KEY_BYTES", "Keyring", "MasterKeyError", "SealError", "Seal", "derive", "key_source_of",
-           "master_key_path", "load_master_key", "service_secrets", "ServiceSecrets"]
+           "master_key_path", "load_master_key", "reader", "service_secrets", "ServiceSecrets"]
 
 SECRETS_META = "service_secrets"  # meta row: the sealed token, audit and backup keys
 SECRETS_AAD = "meta:service_secrets"
@@ -55,9 +56,9 @@ class Seal(Sealer):
     """The rows' sealer: daemonkit's, each master key taken through `derive(.., "seal/v1")`
     as before key ids. A single key (a key backup's) is a keyring of one."""
 
-    def __init__(self, master: bytes | Keyring):
+    def __init__(self, master: bytes | Keyring, reload: Callable[[], Keyring] | None = None):
         keyring = master if isinstance(master, Keyring) else Keyring((bytes(master),))
-        super().__init__(keyring, _row_key)
+        super().__init__(keyring, _row_key, reload)
 
 
 def key_source_of(data_dir, option: str | None) -> KeySource:
@@ -68,6 +69,11 @@ def master_key_path(data_dir: Path, option: str | None) -> tuple[Path, bool]:
     """Where the keyring lives and whether we may create it there."""
     source = key_source_of(data_dir, option)
     return source.path, source.writable
+
+
+def reader(path: Path) -> Callable[[], Keyring]:
+    """The keyring file read again (daemonkit.sealer: another instance re-sealed)."""
+    return lambda: read_keyring(Path(path))
 
 
 def load_master_key(path: Path, may_create: bool, fresh: bool) -> Keyring:

@@ -27,6 +27,7 @@ from .sealing import (
     SealError,
     load_master_key,
     master_key_path,
+    reader,
     service_secrets,
 )
 
@@ -139,9 +140,10 @@ class Store:
         if master_key is None:
             path, may_create = master_key_path(data_dir, master_key_file)
             master: Keyring | bytes = load_master_key(path, may_create, self._db.fresh)
+            reload = reader(path)  # another instance's rotation (sealing.py)
         else:  # unsealed by the HSM (keyservice/hsm_seal.py)
-            master = master_key
-        self._seal = Seal(master)
+            master, reload = master_key, None
+        self._seal = Seal(master, reload)
         self._keys: OrderedDict = OrderedDict()
         self.kind = self._db.kind
         self.path = getattr(self._db, "path", None)  # SQLite's file; None on PostgreSQL

@@ -555,7 +555,9 @@ def backup(directory, data_dir, include_data, include_master_key, master_key_fil
               help="only report which master key seals how many records")
 @click.option("--retire", "action", flag_value="retire",
               help="drop the older keys no sealed record names any more")
-def rotate_master_key(data_dir, master_key_file, action):
+@click.option("--state", metavar="sqlite|postgresql://...", envvar="NBDSERVER_STATE", show_envvar=True,
+              help="the state serve uses, for its sealed records")
+def rotate_master_key(data_dir, master_key_file, action, state):
     """Put a new platform master key first in the keyring; the older ones stay readable.
 
     Safe while the server runs: it re-seals every credential under the new key at its
@@ -563,10 +565,12 @@ def rotate_master_key(data_dir, master_key_file, action):
     master key"). Prints the keys, the records under each, and what can be retired."""
     import json
 
+    from daemonkit.statedb import StateError
+
     from .platform.sealing import MasterKeyError, rotate_master_key
     try:
-        result = rotate_master_key(data_dir, master_key_file, action or "rotate")
-    except MasterKeyError as e:
+        result = rotate_master_key(data_dir, master_key_file, action or "rotate", state)
+    except (MasterKeyError, StateError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=2, sort_keys=True))
 

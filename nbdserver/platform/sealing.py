@@ -15,7 +15,6 @@ key (`status`), or a still-running server could seal a new credential under the 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
@@ -33,7 +32,7 @@ from daemonkit.sealer import Sealer, SealError
 from .state import State
 
 __all__ = ["MasterKeyError", "Sealer", "SealError", "platform_key_source", "load_keyring",
-           "reseal", "status", "rotate_master_key"]
+           "reseal", "status", "rotate_master_key", "platform_sealer"]
 
 log = logging.getLogger("nbdserver.platform")
 SEALING_KEY = "sealing_key_id"  # state config: the key id the last started server seals under
@@ -49,11 +48,18 @@ def load_keyring(data_dir: str, master_key_file: str | None, *, holds_state: boo
                         holds_sealed_state=holds_state, state=f"the platform state in {data_dir}")
 
 
+def platform_sealer(data_dir: str, master_key_file: str | None, *, holds_state: bool) -> Sealer:
+    """The sealer, reading the keyring again for a key another server re-sealed under."""
+    source = platform_key_source(data_dir, master_key_file)
+    return Sealer(load_keyring(data_dir, master_key_file, holds_state=holds_state),
+                  reload=lambda: read_keyring(source.path))
+
+
 def reseal(state: State, sealer: Sealer) -> int:
-    """Every credential under the current key, then the key recorded as the one this
-    server seals under. Runs at start, before the platform serves or changes anything,
-    so rewriting whole rows races with nothing. A blob that does not open stops the
-    start: the keyring is not the one the state was sealed under."""
+    """Every credential under the current key, each a compare-and-set of the credential
+    alone (another server on the same state may change the rest of the row, or re-seal
+    it first), then the key recorded as the one this server seals under. A blob that
+    does not open stops the start: the keyring is not the one the state was sealed under."""
     moved = 0
     for des in state.list_des():
         if not sealer.needs_reseal(des.identity_sealed):
@@ -63,8 +69,7 @@ def reseal(state: State, sealer: Sealer) -> int:
         except SealError as e:
             raise MasterKeyError(f"{e}: start with the keyring that sealed it") from None
         with state.transaction():
-            state.put_des(dataclasses.replace(des, identity_sealed=new))
-        moved += 1
+            moved += state.replace_des_sealed(des.name, des.identity_sealed, new)
     with state.transaction():
         state.set_config(SEALING_KEY, sealer.keyring.current_id.hex())
     if moved:
@@ -79,14 +84,17 @@ def status(state: State, keyring: Keyring) -> dict:
                        state.get_config(SEALING_KEY))
 
 
-def rotate_master_key(data_dir: str, master_key_file: str | None, action: str) -> dict:
+def rotate_master_key(data_dir: str, master_key_file: str | None, action: str,
+                      state_url: str | None = None) -> dict:
     """`nbdserver rotate-master-key`: `action` "rotate", "retire" or "status"; the status
     after it. Reads the state (the server may be running: SQLite's WAL lets it)."""
     source = platform_key_source(data_dir, master_key_file)
     db = os.path.join(data_dir, "platform.db")
-    if not os.path.exists(db):
-        raise MasterKeyError(f"{data_dir} holds no platform state (platform.db)")
-    state = State(db, data_dir)
+    if state_url in (None, "", "sqlite"):
+        state_url = None
+        if not os.path.exists(db):
+            raise MasterKeyError(f"{data_dir} holds no platform state (platform.db)")
+    state = State(db, data_dir, state_url=state_url)
     try:
         if action == "rotate":
             rotation.rotate(source)

@@ -35,7 +35,7 @@ from .model import (
 )
 from .operations import Operations
 from .oplog import OperationLog
-from .sealing import Sealer, load_keyring, reseal
+from .sealing import platform_sealer, reseal
 from .serving import IDLE_CLOSE, DiskServing
 from .sizing import DiskSizing
 from .state import State
@@ -87,7 +87,7 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
             os.makedirs(os.path.join(data_dir, sub), mode=0o700, exist_ok=True)
         # state_url: PostgreSQL that several servers share (state.py); else SQLite here.
         self.state = State(os.path.join(data_dir, "platform.db"), state_url=state_url)
-        self.sealer = Sealer(load_keyring(data_dir, master_key_file, holds_state=not self.state.fresh))
+        self.sealer = platform_sealer(data_dir, master_key_file, holds_state=not self.state.fresh)
         reseal(self.state, self.sealer)  # after a master key rotation (sealing.py)
         self.client = KeyServiceClient(self.keyservice_url, credential, ssl=ssl)
         self._des_clients: dict[str, KeyServiceClient] = {}

@@ -237,6 +237,12 @@ class State:
             "last_key_rotation=coalesce(?, last_key_rotation), rotation_error=? WHERE name=?",
             (active_key_url, rotated, None if error is None else json.dumps(error), name))
 
+    def replace_des_sealed(self, name: str, old: bytes, new: bytes) -> bool:
+        """A set's credential re-sealed under a new master key (sealing.reseal), only if
+        it is still `old`: the rest of the row is another server's to change meanwhile."""
+        return self.db.execute("UPDATE encryption_sets SET identity_sealed=? WHERE name=? AND "
+                               "identity_sealed=?", (new, name, old)).rowcount == 1
+
     def delete_des(self, name: str) -> None:
         self.db.execute("DELETE FROM encryption_sets WHERE name=?", (name,))
 

@@ -17,6 +17,7 @@ import sqlite3
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keyservice.sealing import derive
+from tests.keyservice.test_ks_instances import pair  # noqa: F401  (the fixture, by name)
 
 
 def b64u(b: bytes) -> str:
@@ -168,3 +169,25 @@ def test_a_keyring_sealed_in_the_hsm_rotates_too(make_daemon, tmp_path):
     assert d2.stop() == 0
     d3 = make_daemon(data_dir=data, extra_args=args, env=token.env)
     unwraps(d3, "hsmrot", "k", w)
+
+
+def test_an_instance_not_yet_restarted_opens_what_another_resealed(request, make_daemon):
+    """Two instances on one PostgreSQL database, a rolling rotation: the new keyring is
+    installed on both, A restarts and re-seals every key under the new master key; B,
+    still running on the keyring it started with, reads its keyring file again when a
+    blob names the new key, and keeps answering."""
+    import shutil
+    a, b = request.getfixturevalue("pair")  # test_ks_instances.py's: A and B on one database
+    assert a.http("POST", "/vaults", {"name": "rolling", "location": "l", "subscription": "s"})[0] == 201
+    assert a.http("POST", "/vaults/rolling/keys/k/create", {"key_size": 2048})[0] == 200
+    status, w = a.http("POST", "/vaults/rolling/keys/k/wrapkey", {"value": b64u(b"dek-k")})
+    assert status == 200, w  # a public-key operation: no instance has unsealed the key yet
+    state = a.extra_args[a.extra_args.index("--state") + 1]
+    new = keys(a, "--state", state)["current"]
+    shutil.copy2(a.data_dir / "master-key", b.data_dir / "master-key")
+    assert a.stop() == 0
+    a2 = make_daemon(data_dir=a.data_dir, extra_args=a.extra_args)
+    assert "re-sealed" in a2.stderr()
+    unwraps(b, "rolling", "k", w)  # B's first unseal of this key: under the new master key
+    st = keys(a2, "--state", state, "--status")
+    assert st["current"] == new and st["keys"][1]["blobs"] == 0, st

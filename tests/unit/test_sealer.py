@@ -119,3 +119,17 @@ def test_a_key_is_made_only_for_a_data_directory_without_sealed_state(tmp_path, 
     assert len(source.path.read_bytes()) == KEY_BYTES  # the one-key form an older release reads
     assert stat.S_IMODE(source.path.stat().st_mode) == 0o600
     assert open_keyring(source, holds_sealed_state=True, state="the state") == made
+
+
+def test_a_key_another_instance_added_is_read_again_for_opening():
+    ring = Keyring((os.urandom(32),))
+    rotated = ring.rotated()
+    blob = Sealer(rotated).seal(b"secret", "r")  # sealed by an instance on the new keyring
+    files = [ring]  # what the keyring file holds: the old keyring, then the new one
+    stale = Sealer(ring, reload=lambda: files[-1])
+    with pytest.raises(SealError, match="not in the keyring"):
+        stale.open(blob, "r")
+    files.append(rotated)
+    assert stale.open(blob, "r") == b"secret"
+    assert blob_key_id(stale.seal(b"x", "r")) == ring.current_id  # still seals as it started
+    assert Sealer(ring).needs_reseal(blob)
