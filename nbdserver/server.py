@@ -693,7 +693,8 @@ class Connection(asyncio.Protocol):
                     self._uncharge(req.length)
                     return self._fail(req, nbd_error(e.errno), e.strerror or "read failed")
         try:
-            if self._start_aio(req, backend, "aio_pread", buf, req.offset):
+            if (getattr(backend, "starts_requests", False) and self._start_aio(
+                    req, lambda loop: backend.aio_pread(buf, req.offset, loop), buf)):
                 return
         except OSError as e:
             self._uncharge(req.length)
@@ -775,25 +776,30 @@ class Connection(asyncio.Protocol):
     def _offload_write(self, req, write, args, fua):
         """A WRITE that cannot finish inline: on the read queue's ring when the backend
         can write that way (cache=none: O_DIRECT, no worker round trip), else on a worker."""
-        if req.stage is None:
-            try:
-                if (self._start_aio(req, self.export.backend, "aio_pwrite", req.payload, req.offset)
-                        or self._queue_write(req, fua)):
+        backend = self.export.backend
+        aio = getattr(backend, "starts_requests", False)
+        try:
+            if req.stage is None:
+                if aio and self._start_aio(
+                        req, lambda loop: backend.aio_pwrite(req.payload, req.offset, loop)):
                     return
-            except OSError as e:
-                return self._fail(req, nbd_error(e.errno), e.strerror or "write failed")
+                if self._queue_write(req, fua):
+                    return
+            elif aio and self._start_aio(req, req.stage.aio_commit):
+                return
+        except OSError as e:
+            return self._fail(req, nbd_error(e.errno), e.strerror or "write failed")
         return self._offload(req, write, *args)
 
-    def _start_aio(self, req, backend, method, buf, offset) -> bool:
+    def _start_aio(self, req, start, buf=None) -> bool:
         """Start a READ or WRITE that the backend runs itself and completes on this loop
         (librbd aio under an RBD disk: nbdserver/rbdbackend.py) instead of a worker
         waiting for it: requests in flight are then bounded by the clients, not by the
         pool. Such a backend has no cache below, so a completed write is durable (FUA).
-        False when it cannot (not such a backend, unaligned, its lock not yet held)."""
-        if not getattr(backend, "starts_requests", False):
-            return False
+        `start(loop)` starts it (the caller asked the backend's `starts_requests`); False
+        when it cannot (unaligned, its lock not yet held, its sectors busy)."""
         try:
-            inner = getattr(backend, method)(buf, offset, self.loop)
+            inner = start(self.loop)
         except BlockingIOError:
             return False
         export = self.export

@@ -482,6 +482,27 @@ class XtsLayer(FilterBackend):
         finally:
             self._locks.release(held)
 
+    def _aio_commit(self, stage: EncryptingStage,
+                    loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """EncryptingStage.aio_commit: `_commit` by the lower layer's aio (aio_pwrite),
+        the sectors' locks taken without waiting and held until the write lands."""
+        if not self.starts_requests:
+            raise BlockingIOError(errno.EAGAIN, "the lower layer starts no requests")
+        if self._closed or stage.failed:
+            raise OSError(errno.EIO, "the encrypted disk was closed while the write arrived")
+        if stage.received != stage.length:
+            raise ValueError(f"commit of {stage.received} of {stage.length} bytes")
+        first = stage.offset // S
+        held = self._acquire(first, first + stage.length // S, True)
+        try:
+            inner: asyncio.Future[None] = self.lower.aio_pwrite(  # type: ignore[attr-defined]
+                stage.view, stage.offset, loop)
+        except BaseException:
+            self._locks.release(held)
+            raise
+        inner.add_done_callback(lambda f: self._locks.release(held))
+        return inner
+
     def _write_whole(self, data: memoryview, offset: int, first: int, fua: bool, nowait: bool,
                      owned: bool) -> None:
         """Whole sectors, locks held: encrypt (in place if `owned`) and write down; for
@@ -675,6 +696,11 @@ class EncryptingStage(WriteStage):
 
     def commit(self, *, fua: bool = False, nowait: bool = False) -> None:
         self._layer._commit(self, fua, nowait)
+
+    def aio_commit(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """`commit` started on the loop over a lower layer that runs requests itself
+        (librbd aio); BlockingIOError when it cannot (the caller then commits on a worker)."""
+        return self._layer._aio_commit(self, loop)
 
 
 

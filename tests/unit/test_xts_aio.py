@@ -93,3 +93,27 @@ def test_a_file_layer_starts_nothing(tmp_path):
     finally:
         loop.close()
         xts.close()
+
+
+def test_a_staged_write_commits_by_aio(layer):
+    """A large write encrypted as it arrived (EncryptingStage) goes down by aio, its
+    sectors locked until it lands."""
+    xts, key, path = layer
+    plain = os.urandom(16 * S)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        stage = xts.stage_write(32 * S, len(plain))
+        for at in range(0, len(plain), 5000):  # pieces that cut sectors
+            stage.take(memoryview(plain)[at:at + 5000])
+        fut = stage.aio_commit(loop)
+        with pytest.raises(BlockingIOError):  # its sectors are locked meanwhile
+            xts.aio_pwrite(bytearray(S), 40 * S, loop)
+        await fut
+        back = bytearray(len(plain))
+        await xts.aio_pread(back, 32 * S, loop)
+        return bytes(back)
+
+    assert asyncio.run(run()) == plain
+    stored = path.read_bytes()[32 * S:48 * S]
+    assert stored[5 * S:6 * S] == dmcrypt_sector(key, 37, plain[5 * S:6 * S])
