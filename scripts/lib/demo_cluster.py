@@ -75,7 +75,7 @@ def failover(lab: ClusterLab, serving: str, other: str) -> float:
     say(f"-> verified {job['read']['io_bytes'] >> 20} MiB, no mismatch")
     step(f"restart the NBD server of host {serving} (it becomes the standby)")
     lab.hosts[serving].start_nbdserver()
-    say(lab.hosts[serving].nb.ready_line)
+    say(lab.hosts[serving].ready_line)
     return seconds
 
 
@@ -92,14 +92,14 @@ def walk(lab: ClusterLab, trials: int) -> None:
         if name == "b":
             say("(b gets a's master keys and the key service's admin credential first)")
         host = lab.start_host(name)
-        say(f"key service at {host.ks.url} on {name}'s loopback; {host.nb.ready_line}")
+        say(f"key service at {host.ks_url} on {name}'s loopback; {host.ready_line}")
 
     a = lab.hosts["a"]
     step("On host a: a vault, an RSA key, an encryption set, its grant, a 16 MiB disk on RBD")
     a.keyservice("vault", "create", "cust", "--location", "local", "--subscription", "demo",
                  "--enable-purge-protection")
     a.keyservice("key", "create", "cust", "k1", "--size", "2048")
-    des = a.nbdserver("des", "create", "des1", "--key-url", f"{a.ks.url}/vaults/cust/keys/k1")
+    des = a.nbdserver("des", "create", "des1", "--key-url", f"{a.ks_url}/vaults/cust/keys/k1")
     a.keyservice("policy", "set", "cust", "--object-id", des["identity"]["objectId"],
                  "--key-permissions", "get,wrapKey,unwrapKey")
     disk = a.nbdserver("disk", "create", "d1", "--size", "16M", "--des", "des1", "--quiet")

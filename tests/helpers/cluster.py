@@ -87,6 +87,7 @@ class ClusterHost:
         """The host's NBD server (again, after a kill: same data directory and ports)."""
         assert self.ks is not None, "the key service first"
         lab, ceph = self.lab, self.lab.ceph
+        lab.ceph_ready()
         if self.nb is not None:
             self._stopped_logs.append(self.nb.stderr_text())
         nb = NbdServerProcess(self.dir, self.nb_dir, self.ks, lease=lab.lease, grace=lab.grace,
@@ -105,6 +106,16 @@ class ClusterHost:
         assert self.nb is not None
         self.nb.kill()
         return time.monotonic()
+
+    @property
+    def ks_url(self) -> str:
+        """The key service as this host's NBD server and CLIs reach it (and every kid's base)."""
+        return f"http://127.0.0.1:{KS_PORT}"
+
+    @property
+    def ready_line(self) -> str:
+        assert self.nb is not None, "start() first"
+        return self.nb.ready_line
 
     def uri(self, disk: str) -> str:
         """The disk's NBD URI for the client host (TLS: certificates in the lab's tls_dir)."""
@@ -163,6 +174,8 @@ class ClusterLab:
         self.ceph = CephCluster(self.workdir / "ceph", addr=self.net.addr("store"))
         self.tls_dir = self.workdir / "nbd-tls"
         self.fio_home: Path | None = None
+        self._ceph_proc: subprocess.Popen | None = None
+        self._ceph_began = 0.0
         self.hosts: dict[str, ClusterHost] = {}
         self.ks_dsn = self.nb_dsn = ""
         self.costs: dict[str, float] = {}  # seconds each engine took to start
@@ -173,16 +186,20 @@ class ClusterLab:
             self.echo(f"[{host}]$ {' '.join(map(str, argv))}")
 
     def start(self) -> ClusterLab:
+        """Ceph starts in the background while the rest is made: it is the slowest part,
+        and only the first NBD server needs it (`ceph_ready`)."""
         try:
             self.net.start()
+            self._ceph_began = time.monotonic()
+            self._ceph_proc = subprocess.Popen(
+                self.net.argv("store", [sys.executable, "-m", "tests.helpers.ceph", "start",
+                                        self.ceph.dir, "--addr", self.ceph.addr]),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
             began = time.monotonic()
             self.pg = postgres.PostgresServer().start()
             self.ks_dsn = self.pg.create_database("keyservice")
             self.nb_dsn = self.pg.create_database("platform")
             self.costs["postgresql"] = time.monotonic() - began
-            began = time.monotonic()
-            self._start_ceph()
-            self.costs["ceph"] = time.monotonic() - began
             subprocess.run([sys.executable, "-m", "nbdserver.cli", "tls", "init", str(self.tls_dir),
                             "--host", self.net.addr("a"), "--host", self.net.addr("b")],
                            check=True, capture_output=True, cwd=ROOT)
@@ -192,14 +209,19 @@ class ClusterLab:
             raise
         return self
 
-    def _start_ceph(self) -> None:
-        """Ceph's daemons in the store host's namespace, bound to its address; they start
-        in sessions of their own, so they outlive the helper that made them."""
-        r = subprocess.run(self.net.argv("store", [sys.executable, "-m", "tests.helpers.ceph", "start",
-                                                   self.ceph.dir, "--addr", self.ceph.addr]),
-                           capture_output=True, text=True, cwd=ROOT, timeout=CEPH_START_TIMEOUT)
-        if r.returncode != 0:
-            raise RuntimeError(f"Ceph did not start in the store namespace: {r.stderr[-3000:]}")
+    def ceph_ready(self) -> None:
+        """Wait for the Ceph cluster (its daemons run in the store host's namespace, bound to
+        its address, in sessions of their own: they outlive the helper that made them)."""
+        if self._ceph_proc is None or "ceph" in self.costs:
+            return
+        try:
+            _, err = self._ceph_proc.communicate(timeout=CEPH_START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._ceph_proc.kill()
+            _, err = self._ceph_proc.communicate()
+        if self._ceph_proc.returncode != 0:
+            raise RuntimeError(f"Ceph did not start in the store namespace: {err[-3000:]}")
+        self.costs["ceph"] = time.monotonic() - self._ceph_began
 
     def _make_fio_home(self) -> None:
         """fio's nbd engine gives libnbd no certificate directory, so libnbd looks in its
@@ -266,6 +288,9 @@ class ClusterLab:
     def close(self) -> None:
         for host in reversed(list(self.hosts.values())):
             host.close()
+        if self._ceph_proc is not None and self._ceph_proc.poll() is None:
+            self._ceph_proc.kill()  # still starting: its daemons' pid files are written
+            self._ceph_proc.communicate()
         self.ceph.stop()  # by its pid files: nothing to do if it never started
         if self.pg is not None:
             self.pg.stop()

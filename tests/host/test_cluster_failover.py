@@ -55,7 +55,7 @@ def test_failover_to_the_other_host_then_revocation_there(lab):
     a.keyservice("vault", "create", "cust", "--location", "local", "--subscription", "sub1",
                  "--enable-purge-protection")
     a.keyservice("key", "create", "cust", "k1", "--size", "2048")
-    des = a.nbdserver("des", "create", "des1", "--key-url", f"{a.ks.url}/vaults/cust/keys/k1")
+    des = a.nbdserver("des", "create", "des1", "--key-url", f"{a.ks_url}/vaults/cust/keys/k1")
     a.keyservice("policy", "set", "cust", "--object-id", des["identity"]["objectId"],
                  "--key-permissions", "get,wrapKey,unwrapKey")
     disk = a.nbdserver("disk", "create", "d1", "--size", "16M", "--des", "des1", "--quiet")
