@@ -1,0 +1,67 @@
+"""The platform's state (nbdserver/platform/state.py) on both engines: the same rows
+come back from SQLite and PostgreSQL, migrations leave the same schema version, and
+the disk leases (platform/leases.py) grant a disk to one holder at a time."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemonkit.statedb import StateError
+from nbdserver.platform.model import EncryptionSet, KeyEnvelope, Volume, VolumeKind, VolumeState
+from nbdserver.platform.state import SCHEMA_VERSION, State
+
+
+@pytest.fixture(params=("sqlite", "postgresql"))
+def state(request, tmp_path):
+    url = request.getfixturevalue("postgres_dsn") if request.param == "postgresql" else None
+    s = State(str(tmp_path / "platform.db"), str(tmp_path), state_url=url)
+    yield s
+    s.close()
+
+
+def _disk(name: str, wrapped: bytes = b"w" * 40) -> Volume:
+    return Volume(name=name, kind=VolumeKind.DISK, size=1 << 20, subscription="s", location="l",
+                  des="", envelope=KeyEnvelope("http://ks/vaults/v/keys/k/1", "RSA-OAEP-256", wrapped),
+                  path="disks/" + name, state=VolumeState.READY, extra={"cache": "none"})
+
+
+def test_rows_round_trip_and_upserts_replace(state, tmp_path):
+    assert state.schema_version() == SCHEMA_VERSION
+    des = EncryptionSet("des1", "sub", "loc", "http://ks/vaults/v/keys/k", "oid", b"\x00sealed\xff",
+                        True, 1.5, auto_rotate=True)
+    state.put_des(des)
+    state.put_des(des)  # the same name again: replaced, not duplicated
+    [got] = state.list_des()
+    assert got.identity_sealed == b"\x00sealed\xff" and got.allow_cross_subscription and got.auto_rotate
+    state.put_volume(_disk("d1"))
+    v = state.get_volume(VolumeKind.DISK, "d1")
+    assert v is not None and v.envelope.wrapped == b"w" * 40 and v.extra == {"cache": "none"}
+    assert v.path == str(tmp_path / "disks" / "d1")
+    # Compare and set: only from the envelope the row still holds.
+    new = KeyEnvelope("http://ks/vaults/v/keys/k/2", "RSA-OAEP-256", b"n" * 40)
+    assert state.replace_envelope(v, v.envelope, new, "des1")
+    assert not state.replace_envelope(v, v.envelope, new, "des1")
+    state.set_config("platform_key_url", "http://ks/x")
+    state.set_config("platform_key_url", "http://ks/y")
+    assert state.get_config("platform_key_url") == "http://ks/y"
+
+
+def test_a_disk_lease_has_one_holder_until_it_expires(state):
+    assert state.take_lease("d1", "A", now=100.0, ttl=10.0)
+    assert state.take_lease("d1", "A", now=105.0, ttl=10.0)  # the holder again: renewed
+    assert not state.take_lease("d1", "B", now=114.0, ttl=10.0)  # A's runs to 115
+    assert state.lease_holder("d1", now=114.0) == "A"
+    assert state.renew_leases("A", now=114.0, ttl=10.0) == {"d1"}  # now to 124
+    assert not state.take_lease("d1", "B", now=123.0, ttl=10.0)
+    assert state.take_lease("d1", "B", now=125.0, ttl=10.0)  # expired: taken over
+    assert state.renew_leases("A", now=126.0, ttl=10.0) == set()  # A learns it lost it
+    state.release_lease("d1", "A")  # not A's any more: nothing happens
+    assert state.lease_holder("d1", now=126.0) == "B"
+    state.release_lease("d1", "B")
+    assert state.lease_holder("d1", now=126.0) is None
+
+
+def test_a_state_url_of_another_kind_is_refused(tmp_path):
+    with pytest.raises(StateError, match="postgresql://"):
+        State(str(tmp_path / "platform.db"), state_url="mysql://db/platform")
+    assert not (tmp_path / "platform.db").exists()
