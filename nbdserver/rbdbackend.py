@@ -318,6 +318,17 @@ class RbdBackend(BlockBackend):
             out.append(Extent(end - pos, hole=True, zero=True))
         return _merged(out)
 
+    def grow(self, size):
+        """Serve `size` bytes: the image was resized first (`resize_image`; librbd
+        refreshes this handle's view of it when the header changes)."""
+        if size < self._size:
+            raise OSError(errno.EINVAL, f"cannot grow RBD image {self.spec} from {self._size} to {size}")
+        have = self._image.size()
+        if have < size:
+            raise OSError(errno.EINVAL, f"RBD image {self.spec} holds {have} bytes, fewer than {size}: "
+                                        "resize it first")
+        self._size = size
+
     def close(self):
         if getattr(self, "_closed", True):
             return
@@ -512,6 +523,19 @@ def clone_image(src: RbdSpec, dst: RbdSpec) -> None:
             rbd.RBD().clone(ioctx, src.image, dst.image, ioctx, dst.image)
         except rbd.Error as e:
             raise _oserror(e, f"cloning RBD image {src} as {dst.image}") from None
+
+
+def resize_image(spec: RbdSpec, size: int) -> None:
+    """Grow the image to `size` bytes (never shrink: the platform refuses that first).
+    A handle that holds the image's lock does it on librbd's request, as for a snapshot."""
+    import rbd
+    with _Pool(spec) as ioctx:
+        try:
+            with rbd.Image(ioctx, spec.image) as image:
+                if image.size() < size:
+                    image.resize(size, allow_shrink=False)
+        except rbd.Error as e:
+            raise _oserror(e, f"resizing RBD image {spec}") from None
 
 
 def remove_image(spec: RbdSpec) -> None:

@@ -45,11 +45,13 @@ if TYPE_CHECKING:
     from .model import Volume
     from .operations import Operations
     from .state import State
+    from .storage import VolumeStorage
 
 
 class DiskSizing:
     if TYPE_CHECKING:
         state: State
+        storage: VolumeStorage
         catalog: ExportCatalog
         operations: Operations
         _opening: dict
@@ -63,10 +65,6 @@ class DiskSizing:
     def resize_disk(self, name: str, size) -> asyncio.Task:
         v = self.volume(VolumeKind.DISK, name)
         new = parse_size(size)
-        if backing.is_rbd(v.path):
-            # An open RbdBackend reads its size once (rbdbackend.py): growing the image
-            # under it needs the served layers to follow, not done yet.
-            raise BadRequest(f"disk {name!r} is on Ceph RBD, which cannot be resized here yet")
         if new < v.size:
             raise BadRequest(f"disk {name!r} is {v.size} bytes; shrinking it to {new} would lose "
                              "the data past the new end: a disk only grows")
@@ -95,7 +93,13 @@ class DiskSizing:
             return
         old = v.size
         try:
-            os.truncate(v.path, new)  # a sparse file: metadata only, holes read as zeros
+            if backing.is_rbd(v.path):
+                # An image grows by its header: one round trip, done here without an await
+                # (the module's docstring), like the file's truncate; never shrunk back.
+                from ..rbdbackend import resize_image
+                resize_image(self.storage.rbd_spec(v.path), new)
+            else:
+                os.truncate(v.path, new)  # a sparse file: metadata only, holes read as zeros
         except OSError as e:
             from .volumes import _storage_error
             mapped = _storage_error(e, f"resize of disk {name!r}")
@@ -107,7 +111,8 @@ class DiskSizing:
             self.state.put_volume(v)
         except BaseException:
             v.size = old
-            os.truncate(v.path, old)  # nothing wrote past the old end: no await since
+            if not backing.is_rbd(v.path):  # an image keeps the larger size (no client used it)
+                os.truncate(v.path, old)  # nothing wrote past the old end: no await since
             raise
         export = self.catalog.get(name)
         if export is None:

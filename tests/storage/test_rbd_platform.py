@@ -93,6 +93,17 @@ def test_a_disk_is_an_rbd_image_of_ciphertext(rbd_stack, ceph_cluster):
     assert local["storage"] == "file" and not local["file"].startswith("rbd:")
     with pytest.raises(CliFailed, match="storage is written"):
         nb("disk", "create", "r1x", "--size", "16M", "--storage", "rbd:", "--quiet")
+    # Grown online, attached: the image first, then every new connection sees the size.
+    attached = rbd_stack.connect("r1")
+    nb("disk", "resize", "r1", "--size", "32M")
+    assert rbd_info(ceph_cluster, image)["size"] == 32 * MiB
+    assert attached.get_size() == 16 * MiB  # NBD tells a size once
+    h = rbd_stack.connect("r1")
+    assert h.get_size() == 32 * MiB and h.pread(MiB, 3 * MiB) == data
+    h.pwrite(data, 31 * MiB)
+    assert h.pread(MiB, 31 * MiB) == data
+    h.shutdown()
+    attached.shutdown()
     nb("disk", "delete", "r1")
     nb("disk", "delete", "r1f")
     wait_until(lambda: image not in our_images(ceph_cluster), 30, what="the disk's image removed")
