@@ -241,8 +241,11 @@ def test_schema_1_database_is_migrated_with_manual_sets(tmp_path):
                                 b"sealed", True, 1.0, auto_rotate=True))
     state.close()
     raw = sqlite3.connect(db)  # as release 1 left it: without the rotation columns
-    for column in ("auto_rotate", "active_key_url", "last_key_rotation", "rotation_error"):
+    for column in ("auto_rotate", "active_key_url", "last_key_rotation", "rotation_error",
+                   "encryption_type"):  # the last one is version 3's
         raw.execute(f"ALTER TABLE encryption_sets DROP COLUMN {column}")
+    for column in ("platform_kid", "platform_alg", "platform_wrapped"):
+        raw.execute(f"ALTER TABLE volumes DROP COLUMN {column}")
     raw.execute("PRAGMA user_version = 1")
     raw.commit()
     raw.close()
