@@ -58,14 +58,18 @@ def check_double_key(key: bytearray) -> None:
 
 
 def join_keys(platform_dek: bytearray, customer_dek: bytearray) -> bytearray:
-    """The pair as one buffer; both inputs are wiped (the caller owns only the result)."""
-    check_key(platform_dek)
-    check_key(customer_dek)
-    key = bytearray(DOUBLE_KEY_SIZE)
-    key[:KEY_SIZE] = platform_dek
-    key[KEY_SIZE:] = customer_dek
-    _xts.wipe(platform_dek)
-    _xts.wipe(customer_dek)
+    """The pair as one buffer; both inputs are wiped (the caller owns only the result),
+    also when one is refused: the other is as secret, and no caller is left holding it."""
+    try:
+        check_key(platform_dek)
+        check_key(customer_dek)
+        key = bytearray(DOUBLE_KEY_SIZE)
+        key[:KEY_SIZE] = platform_dek
+        key[KEY_SIZE:] = customer_dek
+    finally:
+        for dek in (platform_dek, customer_dek):
+            if isinstance(dek, bytearray):  # bytes cannot be wiped (check_key refuses them)
+                _xts.wipe(dek)
     return key
 
 

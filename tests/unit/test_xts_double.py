@@ -31,6 +31,19 @@ def test_join_keys_wipes_both_inputs_and_puts_the_platform_dek_first():
     assert platform == bytearray(64) and customer == bytearray(64)
 
 
+def test_join_keys_wipes_both_inputs_when_it_refuses_one():
+    """A DEK with equal halves (only a faulty or hostile key service returns one) is
+    refused, and the other DEK, unwrapped beside it, is wiped all the same."""
+    good, bad = generate_dek(), bytearray(os.urandom(32) * 2)
+    with pytest.raises(InvalidKey, match="halves"):
+        join_keys(good, bad)
+    assert good == bytearray(64) and bad == bytearray(64)
+    good, short = generate_dek(), bytearray(os.urandom(48))
+    with pytest.raises(InvalidKey):
+        join_keys(short, good)
+    assert good == bytearray(64) and short == bytearray(48)
+
+
 def test_each_sector_is_the_customer_layer_over_the_platform_layer():
     p, c, key = two_keys()
     cipher = DoubleXtsCipher(key)
