@@ -6,7 +6,9 @@ a loop, and report on stdout, one line per event, for the test to follow.
     OK <n>                  n writes acknowledged so far (every 20th)
     ERR <errno> <n>         the first failed request after a run of successes
     RECOVERED <n>           the first success after failures (same connection)
-    VERIFIED <k> | MISMATCH <offset>   answer to a line "VERIFY" on stdin
+    VERIFIED <k> | MISMATCH <offset> <acked> <found>   answer to a line "VERIFY" on stdin, or to
+                            "VERIFY_AT <uri>": read back through a new connection to that
+                            URI (another server of the disk, after a failover)
 
 The loop paces retries after a failure (RETRY_PAUSE) so a locked disk is not hammered;
 it stops at EOF on stdin.
@@ -33,6 +35,7 @@ def main(uri: str, tls_dir: str) -> None:
     h.connect_uri(uri)
     lock = threading.Lock()
     acked: dict[int, int] = {}
+    unanswered: dict[int, int] = {}  # a write that failed may still have landed (NBD: no answer, no promise)
     stop = threading.Event()
     print("READY", flush=True)
 
@@ -42,8 +45,10 @@ def main(uri: str, tls_dir: str) -> None:
             off = (i % SLOTS) * BLOCK
             try:
                 with lock:
+                    unanswered[off] = i
                     h.pwrite(pattern(i), off, nbd.CMD_FLAG_FUA)
                     acked[off] = i
+                    del unanswered[off]
                     h.pread(BLOCK, off)
             except nbd.Error as e:
                 if not failing:
@@ -61,9 +66,21 @@ def main(uri: str, tls_dir: str) -> None:
     t = threading.Thread(target=loop, daemon=True)
     t.start()
     for line in sys.stdin:
-        if line.strip() == "VERIFY":
+        words = line.split()
+        if words and words[0] in ("VERIFY", "VERIFY_AT"):
             with lock:
-                bad = [off for off, i in acked.items() if h.pread(BLOCK, off) != pattern(i)]
+                r = h
+                if len(words) == 2:
+                    r = nbd.NBD()
+                    r.set_tls_certificates(tls_dir)
+                    r.connect_uri(words[1])
+                bad = []
+                for off, i in acked.items():
+                    got = r.pread(BLOCK, off)
+                    if got not in (pattern(i), pattern(unanswered.get(off, i))):
+                        bad.append(f"{off} {i} {int.from_bytes(got[:8], 'little')}")
+                if r is not h:
+                    r.shutdown()
             print(f"MISMATCH {bad[0]}" if bad else f"VERIFIED {len(acked)}", flush=True)
     stop.set()
     t.join(timeout=30)

@@ -5,7 +5,8 @@ cluster (`--storage rbd:POOL`) on a third host; a fourth host is the client.
 
 fio writes a disk through a, with crc32c verification, while another client keeps
 writing to it; a is killed -9; the disk is served by b (the failover time, from the kill
-to the first successful read through b, is printed); fio's verification of what it wrote
+to the first successful read through b, is printed); every write a answered to the
+client it was killed under reads back through b, and fio's verification of what it wrote
 through a passes through b; then the key disabled on a's key service stops I/O on b.
 """
 
@@ -73,6 +74,13 @@ def test_failover_to_the_other_host_then_revocation_there(lab):
         killed = a.kill_nbdserver()  # -9, clients attached and writing
         assert held.expect("ERR")
         served = lab.first_read("b", "d1", FAILOVER_DEADLINE)
+        # Every write a answered to the client it was killed under, read through b.
+        held.stdin.write(f"VERIFY_AT {b.uri('d1')}\n")
+        held.stdin.flush()
+        answer = held.expect("")
+        while not answer.startswith(("VERIFIED", "MISMATCH")):
+            answer = held.expect("")
+        assert answer.startswith("VERIFIED") and int(answer.split()[1]) > 0, answer
     finally:
         held.close()
     print(f"failover: {served - killed:.2f} s from kill -9 of a to the first read through b")
