@@ -188,8 +188,9 @@ class DiskServing:
                 or export.locked != was_locked):
             keys.wipe(dek)  # closed, locked or deleted meanwhile: fail closed
             return False
-        spec = self.disk_spec(disk)
         try:
+            # Inside: an RBD disk on a server without a cluster is an OSError too (storage.py).
+            spec = self.disk_spec(disk)
             if isinstance(spec, FileSpec):
                 layer = open_disk(spec, dek)
             else:

@@ -284,7 +284,17 @@ class VolumeOperations:
                 except BaseException:
                     keys.wipe(src_dek)
                     raise
-                src_layer = XtsLayer(src_lower, src_dek)
+                try:
+                    src_layer = XtsLayer(src_lower, src_dek)
+                except BaseException as e:
+                    # The layer did not take them (XtsLayer's contract): ours to wipe and close.
+                    keys.wipe(src_dek)
+                    src_lower.close()
+                    if isinstance(e, OSError) and e.errno == errno.EINVAL:
+                        # Not whole sectors: the source's storage is damaged, not the request.
+                        raise Conflict(f"{src.kind.value} {src.name!r} cannot be read: "
+                                       f"{e.strerror}") from None
+                    raise
                 try:
                     # run_copy returns only once its thread has left both layers.
                     await run_copy(reencrypt, src_layer, backend, progress=progress)

@@ -183,6 +183,56 @@ def test_snapshot_image_disk_from_snapshot_and_rotation(stack):
     hh.shutdown()
 
 
+def test_a_damaged_source_is_refused_and_its_deks_wiped(stack):
+    """A disk made from a snapshot whose file is no longer whole sectors (damaged or cut
+    storage): the copy is refused by name, and the source's two DEKs, unwrapped for it,
+    do not stay in the server's memory (nor does the source file stay open)."""
+    from tests.platform.test_platform_revocation import _memory_hits
+
+    double_set(stack, "dbl-cut", "des-dbl-cut")
+    stack.create_disk("dblcut", "--size", "1M", "--des", "des-dbl-cut")
+    before = set((Path(stack.nb_dir) / "snapshots").iterdir())
+    stack.nbdserver("snapshot", "create", "dblcutsnap", "--disk", "dblcut", "--quiet")
+    (snap_file,) = set((Path(stack.nb_dir) / "snapshots").iterdir()) - before
+    os.truncate(snap_file, 1024 * 1024 - 100)
+
+    err = _refused(lambda: stack.create_disk("dblcutcopy", "--source", "snapshot:dblcutsnap"))
+    assert "HTTP 409" in err and "dblcutsnap" in err and "4096" in err, err
+    status, _ = stack.api("GET", "/disks/dblcutcopy")
+    assert status == 404
+    fds = Path(f"/proc/{stack.nb.pid}/fd")
+    assert not any(os.path.realpath(fd) == str(snap_file) for fd in fds.iterdir())
+    if os.geteuid() == 0:
+        platform_dek, customer_dek = deks(stack, "dblcut")
+        assert _memory_hits(stack.nb.pid, {"platform": platform_dek, "customer": customer_dek}) == {}
+    stack.nbdserver("snapshot", "delete", "dblcutsnap")
+
+
+def test_a_disk_that_cannot_be_opened_is_refused_with_its_deks_wiped(make_stack):
+    """A disk whose storage this server cannot reach at attach (here: a disk on Ceph RBD,
+    and the server restarted without a cluster; the row is pointed at an image while it is
+    stopped, as no cluster runs here). Both DEKs were unwrapped for the attach: they are
+    wiped, and the client is refused as for a file that cannot be opened, the server's log
+    without a traceback (make_stack's end checks it)."""
+    import sqlite3
+
+    from tests.platform.test_platform_revocation import _memory_hits
+
+    stack = make_stack()
+    double_set(stack, "dbl-gone", "des-dbl-gone")
+    stack.create_disk("dblgone", "--size", "1M", "--des", "des-dbl-gone")
+    platform_dek, customer_dek = deks(stack, "dblgone")
+    stack.stop_nbdserver()
+    db = sqlite3.connect(Path(stack.nb_dir) / "platform.db")
+    with db:
+        db.execute("UPDATE volumes SET path='rbd:pool1/dblgone' WHERE name='dblgone'")
+    db.close()
+    stack.start_nbdserver()
+    assert connect_refused(stack, "dblgone") is not None
+    if os.geteuid() == 0:
+        assert _memory_hits(stack.nb.pid, {"platform": platform_dek, "customer": customer_dek}) == {}
+
+
 def test_automatic_rotation_rewraps_the_customer_dek_only(stack):
     stack.customer_key("dbl-auto", "k1")
     shown = stack.nbdserver("des", "create", "des-dbl-auto", "--double-encryption", "--auto-rotate",
