@@ -6,9 +6,11 @@ a loop, and report on stdout, one line per event, for the test to follow.
     OK <n>                  n writes acknowledged so far (every 20th)
     ERR <errno> <n>         the first failed request after a run of successes
     RECOVERED <n>           the first success after failures (same connection)
-    VERIFIED <k> | MISMATCH <offset> <acked> <found>   answer to a line "VERIFY" on stdin, or to
-                            "VERIFY_AT <uri>": read back through a new connection to that
-                            URI (another server of the disk, after a failover)
+    VERIFIED <k> <landed> | MISMATCH <offset> <acked> <found>
+                            answer to a line "VERIFY" on stdin, or to "VERIFY_AT <uri>": read
+                            back through a new connection to that URI (another server of the
+                            disk, after a failover); <landed>: blocks holding the write that
+                            failed instead (it got no answer, so it may have landed or not)
 
 The loop paces retries after a failure (RETRY_PAUSE) so a locked disk is not hammered;
 it stops at EOF on stdin.
@@ -74,14 +76,17 @@ def main(uri: str, tls_dir: str) -> None:
                     r = nbd.NBD()
                     r.set_tls_certificates(tls_dir)
                     r.connect_uri(words[1])
-                bad = []
+                bad, landed = [], 0
                 for off, i in acked.items():
                     got = r.pread(BLOCK, off)
-                    if got not in (pattern(i), pattern(unanswered.get(off, i))):
+                    if got != pattern(i):
+                        if got == pattern(unanswered.get(off, i)):
+                            landed += 1
+                            continue
                         bad.append(f"{off} {i} {int.from_bytes(got[:8], 'little')}")
                 if r is not h:
                     r.shutdown()
-            print(f"MISMATCH {bad[0]}" if bad else f"VERIFIED {len(acked)}", flush=True)
+            print(f"MISMATCH {bad[0]}" if bad else f"VERIFIED {len(acked)} {landed}", flush=True)
     stop.set()
     t.join(timeout=30)
     h.shutdown()

@@ -81,6 +81,7 @@ def test_failover_to_the_other_host_then_revocation_there(lab):
         while not answer.startswith(("VERIFIED", "MISMATCH")):
             answer = held.expect("")
         assert answer.startswith("VERIFIED") and int(answer.split()[1]) > 0, answer
+        print(f"answered writes read back through b: {answer}")
     finally:
         held.close()
     print(f"failover: {served - killed:.2f} s from kill -9 of a to the first read through b")
