@@ -69,7 +69,7 @@ def platform_vault_problems(vault: dict, object_id: str, tenant_id: str) -> list
     return problems
 
 
-class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServing):
+class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
     def __init__(self, data_dir: str, catalog: ExportCatalog, keyservice_url: str,
                  credential: Credential, *, ssl=None, master_key_file: str | None = None,
                  idle_close: float = IDLE_CLOSE, storage: VolumeStorage | None = None,
@@ -97,6 +97,16 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskSizing, DiskServin
         self.auto_rotation = AutoRotation(self)  # sets that follow their key's latest version
         self.access: KeyAccess | None = None  # see use_key_access
         self._init_serving(idle_close)  # serving.py: open on attach, close when idle
+        self.sizing = DiskSizing(self.state, self.storage, catalog, self.operations,
+                                 find_volume=self.volume, show_disk=self.show_disk,
+                                 opening=self.opening)
+
+    # -- what the parts do, as callers (the API, the CLI, tests) name it
+    def resize_disk(self, name: str, size) -> asyncio.Task:
+        return self.sizing.resize_disk(name, size)
+
+    def disk_usage(self, name: str) -> dict:
+        return self.sizing.disk_usage(name)
 
     def use_key_access(self, access: KeyAccess) -> None:
         """The revocation watcher to poke after a change that may alter key access (a new

@@ -93,6 +93,10 @@ class DiskServing:
         self.catalog.add(export)
         return export
 
+    def opening(self, export: Export) -> asyncio.Future | None:
+        """The open of `export` in progress (a client's attach unwrapping its key), if any."""
+        return self._opening.get(export)
+
     # -- the catalog's opener
     async def attach(self, export: Export) -> bool:
         """A client selected the disk: open it if it is not (False: refuse the client)."""

@@ -1,5 +1,5 @@
 """A disk's size over its life: grow it (`resize_disk`), and how much of it is stored
-(`disk_usage`). A mixin of `Platform` (see `service`).
+(`disk_usage`). One of the parts `Platform` is built from (see `service`).
 
 Growing is a truncate of the sparse file, which adds holes, and the encryption layer
 reads a hole as zeros: no byte is written and nothing is re-encrypted. Shrinking is
@@ -41,7 +41,9 @@ from .sealed import SealedBackend
 from .serving import is_open
 
 if TYPE_CHECKING:
-    from ..exports import ExportCatalog
+    from collections.abc import Callable
+
+    from ..exports import Export, ExportCatalog
     from .model import Volume
     from .operations import Operations
     from .state import State
@@ -49,21 +51,24 @@ if TYPE_CHECKING:
 
 
 class DiskSizing:
-    if TYPE_CHECKING:
-        state: State
-        storage: VolumeStorage
-        catalog: ExportCatalog
-        operations: Operations
-        _opening: dict
+    """Grows disks and tells their usage. It reads volumes through `find_volume` and
+    answers with `show_disk` (both the volumes part's), and asks `opening` whether a
+    client's open of an export is in progress (the serving part's)."""
 
-        def volume(self, kind: VolumeKind, name: str) -> Volume:
-            raise NotImplementedError  # volumes.VolumeOperations'
-
-        def show_disk(self, name: str) -> dict:
-            raise NotImplementedError  # volumes.VolumeOperations'
+    def __init__(self, state: State, storage: VolumeStorage, catalog: ExportCatalog,
+                 operations: Operations, *, find_volume: Callable[[VolumeKind, str], Volume],
+                 show_disk: Callable[[str], dict],
+                 opening: Callable[[Export], asyncio.Future | None]):
+        self.state = state
+        self.storage = storage
+        self.catalog = catalog
+        self.operations = operations
+        self.find_volume = find_volume
+        self.show_disk = show_disk
+        self.opening = opening
 
     def resize_disk(self, name: str, size) -> asyncio.Task:
-        v = self.volume(VolumeKind.DISK, name)
+        v = self.find_volume(VolumeKind.DISK, name)
         new = parse_size(size)
         if new < v.size:
             raise BadRequest(f"disk {name!r} is {v.size} bytes; shrinking it to {new} would lose "
@@ -82,13 +87,13 @@ class DiskSizing:
         Its outcome is its client's business, never this operation's."""
         while True:
             export = self.catalog.get(name)
-            opening = self._opening.get(export) if export is not None else None
+            opening = self.opening(export) if export is not None else None
             if opening is None:
                 return
             await asyncio.wait([opening])
 
     def _grow(self, name: str, new: int) -> None:
-        v = self.volume(VolumeKind.DISK, name)  # again: the claim was taken after validation
+        v = self.find_volume(VolumeKind.DISK, name)  # again: the claim was taken after validation
         if new <= v.size:
             return
         old = v.size
@@ -125,7 +130,7 @@ class DiskSizing:
     def disk_usage(self, name: str) -> dict:
         """What the disk's file holds on the platform's storage: allocated bytes (every
         written sector; a trimmed or never-written one is a hole) against its size."""
-        v = self.volume(VolumeKind.DISK, name)
+        v = self.find_volume(VolumeKind.DISK, name)
         if backing.is_rbd(v.path):
             raise BadRequest(f"disk {name!r} is on Ceph RBD: `rbd du` tells its usage")
         try:
