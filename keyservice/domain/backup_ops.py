@@ -71,7 +71,7 @@ def _unpack(data: bytes) -> tuple[str, str, float, list[tuple[KeyVersion, bytes]
 
 class BackupOperations(KeyOperations):
     def backup_key(self, caller: Caller, vault: str, name: str) -> bytes:
-        v = self._authorize(caller, vault, "backup")
+        v = self.authorize(caller, vault, "backup")
         key = self._key(v, name)  # an active key: Key Vault backs up no deleted one
         if any(kv.kty == hsm_keys.KTY_HSM for kv in key.versions):
             # The blob would hold only the token reference; a restore would make a second
@@ -89,8 +89,8 @@ class BackupOperations(KeyOperations):
     def restore_key(self, caller: Caller, vault: str, blob: bytes):
         """Authorization first: a caller without `restore` on the vault learns nothing
         about a blob, not even whether it opens."""
-        with self._change() as events:
-            v = self._authorize(caller, vault, "restore")
+        with self.change() as events:
+            v = self.authorize(caller, vault, "restore")
             if len(blob) > MAX_BLOB:
                 raise BadRequest("The backup blob is larger than any this service makes")
             try:
@@ -113,5 +113,5 @@ class BackupOperations(KeyOperations):
                 self.store.add_version(key, kv, private)
                 key.versions.append(kv)
             # For a subscriber a restored key is a new key, like a created one.
-            events.append(self._event("key.created", vault, name, key.current.version))
+            events.append(self.event("key.created", vault, name, key.current.version))
         return v, key, key.current

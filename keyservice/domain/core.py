@@ -36,7 +36,7 @@ class ServiceCore:
         return f"{kid}/{version}" if version else kid
 
     @contextmanager
-    def _change(self):
+    def change(self):
         """One transaction for a change and the events describing it; subscribers
         are woken only after the commit, so they never see an uncommitted change."""
         pending: list[Event] = []
@@ -52,7 +52,7 @@ class ServiceCore:
     # A purge (of a key, by retention, of a vault) destroys the token objects of its RSA-HSM
     # versions after the commit: a purge that fails to commit must leave usable keys. A
     # destroy that fails leaves an object no row names, unusable through the service.
-    def _doom_token_objects(self, vault: str, name: str | None = None) -> None:
+    def doom_token_objects(self, vault: str, name: str | None = None) -> None:
         names = [name] if name else (self.store.key_names(vault, False) + self.store.key_names(vault, True))
         for n in names:
             key = self.store.key(vault, n)
@@ -71,8 +71,8 @@ class ServiceCore:
                     log.warning("purged key's token object %s was not destroyed; remove it with "
                                 "the token's tools", object_id.hex(), exc_info=True)
 
-    def _event(self, type_: str, vault: str, key=None, version=None, object_id=None,
-               tenant: str | None = None) -> Event:
+    def event(self, type_: str, vault: str, key=None, version=None, object_id=None,
+              tenant: str | None = None) -> Event:
         """`tenant`: the vault's, looked up unless given (a purged vault's row is gone).
         The change stream delivers an event only to subscribers of that tenant."""
         kid = self.kid(vault, key, version) if key else None
@@ -81,7 +81,7 @@ class ServiceCore:
         return Event(type=type_, vault=vault, key=key, version=version, kid=kid,
                      objectId=object_id, time=self.clock(), tenantId=tenant)
 
-    def _vault(self, caller: Caller, name: str, *, deleted: bool = False) -> Vault:
+    def vault(self, caller: Caller, name: str, *, deleted: bool = False) -> Vault:
         """The vault in the expected state, visible to the caller's tenant."""
         check_vault_name(name)
         vault = self.store.vault(name)
@@ -95,19 +95,26 @@ class ServiceCore:
                                f"key vault '{name}'")
         return vault
 
-    def _require(self, caller: Caller, vault: Vault, permission: str) -> None:
+    def require(self, caller: Caller, vault: Vault, permission: str) -> None:
         policies.require(self.store.policies(vault.name), caller.object_id, vault.name, permission)
 
-    def _purge(self, vault: Vault) -> None:
+    def authorize(self, caller: Caller, vault: str, permission: str) -> Vault:
+        """The active vault, once the caller's access policy grants `permission` on it.
+        Checked before slow work (RSA generation), and again inside the transaction."""
+        v = self.vault(caller, vault)
+        self.require(caller, v, permission)
+        return v
+
+    def purge(self, vault: Vault) -> None:
         """The vault and its keys go; its audit chain is closed, not deleted: a last entry
         says so, and from then on only the service's auditors (admins of the home tenant)
         read it, by the vault's id. A new vault of the same name starts a new chain."""
-        self._doom_token_objects(vault.name)
+        self.doom_token_objects(vault.name)
         self.store.close_audit_chain(vault, {"time": self.clock(), "operation": "ChainClosed",
                                              "vault": vault.name, "vaultId": vault.id})
         self.store.purge_vault(vault.name)
 
-    def _manage(self, caller: Caller, vault: Vault, action: str) -> None:
+    def manage(self, caller: Caller, vault: Vault, action: str) -> None:
         """Management-plane rights (delete, recover, purge, policies): the vault's
         creator, or an admin of its tenant. Access policies govern keys only."""
         if caller.object_id != vault.owner and not caller.is_admin:

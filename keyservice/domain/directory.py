@@ -68,7 +68,7 @@ class DirectoryOperations(ServiceCore):
         """Its access policies go with it (a policy.deleted event each, so subscribers
         re-check access) and its tokens stop working at once."""
         self._require_directory_admin(caller)
-        with self._change() as events:
+        with self.change() as events:
             ident = self._managed(caller, object_id)
             if ident.object_id == caller.object_id:
                 raise Conflict("An identity cannot delete itself")
@@ -76,7 +76,7 @@ class DirectoryOperations(ServiceCore):
                 vault = self.store.vault(vault_name)
                 self.store.delete_policy(vault_name, object_id)
                 if vault is not None:
-                    events.append(self._event("policy.deleted", vault_name, object_id=object_id))
+                    events.append(self.event("policy.deleted", vault_name, object_id=object_id))
             self.store.delete_identity(object_id)
 
     def _require_directory_admin(self, caller: Caller) -> None:

@@ -37,7 +37,7 @@ class KeyOperations(ServiceCore):
     # authorized caller: authorize_version (cheap), the work, add_version (re-checks all).
     def authorize_version(self, caller: Caller, vault: str, name: str, permission: str) -> int | None:
         """Refuse early what add_version would refuse; the current size (for rotate), if any."""
-        v = self._authorize(caller, vault, permission)
+        v = self.authorize(caller, vault, permission)
         check_key_name(name)
         if permission == "rotate":
             return self._key(v, name).current.size
@@ -48,7 +48,7 @@ class KeyOperations(ServiceCore):
                     attributes: Attributes | None = None):
         with self._discarding_on_failure(private):
             if permission == "rotate":
-                self._key(self._authorize(caller, vault, "rotate"), name)  # still there, not deleted
+                self._key(self.authorize(caller, vault, "rotate"), name)  # still there, not deleted
             return self._add_version(caller, vault, name, permission, private, attributes,
                                      "key.rotated")
 
@@ -74,7 +74,7 @@ class KeyOperations(ServiceCore):
 
     def current_kty(self, caller: Caller, vault: str, name: str) -> tuple[str, bool]:
         """What a rotation makes: a key of the current version's kind (and a KEK of a KEK)."""
-        current = self._key(self._authorize(caller, vault, "rotate"), name).current
+        current = self._key(self.authorize(caller, vault, "rotate"), name).current
         if current.kty == hsm_keys.KTY_HSM:
             hsm_keys.require_token(self.hsm)  # before any work
         return current.kty, IMPORT_OP in current.key_ops
@@ -83,9 +83,9 @@ class KeyOperations(ServiceCore):
                      private, attributes: Attributes | None, event_new: str):
         """Create, import and rotate all end here: a new version becomes current."""
         now = self.clock()
-        with self._change() as events:
-            vault = self._vault(caller, vault_name)
-            self._require(caller, vault, permission)
+        with self.change() as events:
+            vault = self.vault(caller, vault_name)
+            self.require(caller, vault, permission)
             check_key_name(name)
             key = self.store.key(vault_name, name)
             check_not_deleted_name(key, name)
@@ -106,14 +106,14 @@ class KeyOperations(ServiceCore):
             self.store.add_version(key, v, private.reference() if in_token
                                    else rsakeys.private_der(private))
             key.versions.append(v)
-            events.append(self._event("key.created" if is_new else event_new, vault_name, name, v.version))
+            events.append(self.event("key.created" if is_new else event_new, vault_name, name, v.version))
         return vault, key, v
 
     # The one-call forms below do all three steps on the calling thread (tests, tools);
     # the API uses the steps (api/keys.py).
     def create_key(self, caller: Caller, vault: str, name: str, size=rsakeys.DEFAULT_SIZE,
                    attributes: Attributes | None = None, kty: str = hsm_keys.KTY_SOFTWARE):
-        self._authorize(caller, vault, "create")
+        self.authorize(caller, vault, "create")
         private = self.generate_key(kty, size)
         with self._discarding_on_failure(private):
             return self._add_version(caller, vault, name, "create", private, attributes,
@@ -124,7 +124,7 @@ class KeyOperations(ServiceCore):
         return self._add_version(caller, vault, name, "import", private, attributes, "key.rotated")
 
     def rotate_key(self, caller: Caller, vault: str, name: str):
-        v = self._authorize(caller, vault, "rotate")
+        v = self.authorize(caller, vault, "rotate")
         current = self._key(v, name).current
         private = self.generate_key(current.kty, current.size, IMPORT_OP in current.key_ops)
         with self._discarding_on_failure(private):
@@ -144,33 +144,27 @@ class KeyOperations(ServiceCore):
         hsm_keys.require_token(self.hsm, label)
         return object_id, kv.size
 
-    def _authorize(self, caller: Caller, vault: str, permission: str) -> Vault:
-        """Check before slow work (RSA generation), and again inside the transaction."""
-        v = self._vault(caller, vault)
-        self._require(caller, v, permission)
-        return v
-
     def get_key(self, caller: Caller, vault: str, name: str, version: str | None = None):
-        v = self._authorize(caller, vault, "get")
+        v = self.authorize(caller, vault, "get")
         if version:
             check_version(version)
         key = self._key(v, name)
         return v, key, key.version(version)
 
     def list_keys(self, caller: Caller, vault: str, deleted: bool = False):
-        v = self._authorize(caller, vault, "list")
+        v = self.authorize(caller, vault, "list")
         return v, [self.store.key(vault, n) for n in self.store.key_names(vault, deleted)]
 
     def list_versions(self, caller: Caller, vault: str, name: str):
-        v = self._authorize(caller, vault, "list")
+        v = self.authorize(caller, vault, "list")
         return v, self._key(v, name)
 
     def update_key(self, caller: Caller, vault: str, name: str, version: str | None,
                    attributes: Attributes):
         if version:
             check_version(version)
-        with self._change() as events:
-            v = self._authorize(caller, vault, "update")
+        with self.change() as events:
+            v = self.authorize(caller, vault, "update")
             key = self._key(v, name)
             kv = key.version(version)
             before = (kv.enabled, kv.nbf, kv.exp, kv.key_ops)
@@ -178,16 +172,16 @@ class KeyOperations(ServiceCore):
             hsm_keys.check_kek_ops(IMPORT_OP in before[3], kv.key_ops)
             self.store.put_version_attributes(key, kv)
             if kv.enabled != before[0]:
-                events.append(self._event("key.enabled" if kv.enabled else "key.disabled",
+                events.append(self.event("key.enabled" if kv.enabled else "key.disabled",
                                           vault, name, kv.version))
             if (kv.nbf, kv.exp, kv.key_ops) != before[1:]:
-                events.append(self._event("key.updated", vault, name, kv.version))
+                events.append(self.event("key.updated", vault, name, kv.version))
         return v, key, kv
 
     def _usable(self, caller: Caller, vault: str, name: str, version: str | None, op: str):
         if version:
             check_version(version)
-        v = self._authorize(caller, vault, op)
+        v = self.authorize(caller, vault, op)
         key = self._key(v, name)
         kv = key.version(version)
         kv.check_usable(op, self.clock())
@@ -228,32 +222,32 @@ class KeyOperations(ServiceCore):
         return kid, op(value)
 
     def delete_key(self, caller: Caller, vault: str, name: str):
-        with self._change() as events:
-            v = self._authorize(caller, vault, "delete")
+        with self.change() as events:
+            v = self.authorize(caller, vault, "delete")
             key = self._key(v, name)
             key.soft_delete(self.clock(), v.retention_days)
             self.store.put_key(key)
-            events.append(self._event("key.deleted", vault, name))
+            events.append(self.event("key.deleted", vault, name))
         return v, key
 
     def get_deleted_key(self, caller: Caller, vault: str, name: str):
-        v = self._authorize(caller, vault, "get")
+        v = self.authorize(caller, vault, "get")
         return v, self._key(v, name, deleted=True)
 
     def recover_key(self, caller: Caller, vault: str, name: str):
-        with self._change() as events:
-            v = self._authorize(caller, vault, "recover")
+        with self.change() as events:
+            v = self.authorize(caller, vault, "recover")
             key = self._key(v, name, deleted=True)
             key.recover()
             self.store.put_key(key)
-            events.append(self._event("key.recovered", vault, name))
+            events.append(self.event("key.recovered", vault, name))
         return v, key, key.current
 
     def purge_key(self, caller: Caller, vault: str, name: str) -> None:
-        with self._change() as events:
-            v = self._authorize(caller, vault, "purge")
+        with self.change() as events:
+            v = self.authorize(caller, vault, "purge")
             key = self._key(v, name, deleted=True)
             key.check_purge(self.clock(), v.purge_protection)
-            self._doom_token_objects(vault, name)
+            self.doom_token_objects(vault, name)
             self.store.purge_key(vault, name)
-            events.append(self._event("key.purged", vault, name))
+            events.append(self.event("key.purged", vault, name))

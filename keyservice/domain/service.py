@@ -120,13 +120,13 @@ class KeyService(DirectoryOperations, VaultOperations, BackupOperations, KeyOper
         due = self.store.due_expiries(self.clock())
         if not due:
             return 0
-        with self._change() as events:
+        with self.change() as events:
             # Read again in the transaction: another instance on a shared database
             # (store.py) may have announced them since, and each is announced once.
             due = self.store.due_expiries(self.clock())
             for vault, name, version, exp in due:
                 self.store.mark_expiry_announced(vault, name, version, exp)
-                events.append(self._event("key.expired", vault, name, version))
+                events.append(self.event("key.expired", vault, name, version))
         return len(due)
 
     # -- retention --
@@ -136,16 +136,16 @@ class KeyService(DirectoryOperations, VaultOperations, BackupOperations, KeyOper
         vaults, keys = self.store.expired_deletions(now)
         if not vaults and not keys:
             return 0
-        with self._change() as events:
+        with self.change() as events:
             # Again in the transaction: another instance may have purged them since.
             vaults, keys = self.store.expired_deletions(now)
             for vault, name in keys:
                 if vault not in vaults:
-                    self._doom_token_objects(vault, name)
+                    self.doom_token_objects(vault, name)
                     self.store.purge_key(vault, name)
-                    events.append(self._event("key.purged", vault, name))
+                    events.append(self.event("key.purged", vault, name))
             for name in vaults:
                 vault = self.store.vault(name)
-                self._purge(vault)
-                events.append(self._event("vault.purged", name, tenant=vault.tenant_id))
+                self.purge(vault)
+                events.append(self.event("vault.purged", name, tenant=vault.tenant_id))
         return len(vaults) + len(keys)

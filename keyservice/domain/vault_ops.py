@@ -26,7 +26,7 @@ class VaultOperations(ServiceCore):
                       owner=caller.object_id, created=self.clock(), id=str(uuid.uuid4()))
         vault.audit_chain = vault.id
         vault.enable_purge_protection(purge_protection)
-        with self._change():
+        with self.change():
             existing = self.store.vault(name)
             if existing is not None and existing.state is VaultState.SOFT_DELETED:
                 raise Conflict(f"Vault '{name}' is in a deleted but recoverable state; recover "
@@ -45,7 +45,7 @@ class VaultOperations(ServiceCore):
         return caller.tenant_id == self.home_tenant and (caller.is_platform or caller.is_admin)
 
     def get_vault(self, caller: Caller, name: str) -> tuple[Vault, dict]:
-        vault = self._vault(caller, name)
+        vault = self.vault(caller, name)
         pols = self.store.policies(name)
         # The platform reads a vault's properties (soft delete, purge protection,
         # location) to check it is fit to hold a disk encryption set's key.
@@ -66,9 +66,9 @@ class VaultOperations(ServiceCore):
         return out
 
     def update_vault(self, caller: Caller, name: str, purge_protection=None, retention_days=None) -> Vault:
-        with self._change():
-            vault = self._vault(caller, name)
-            self._manage(caller, vault, "update")
+        with self.change():
+            vault = self.vault(caller, name)
+            self.manage(caller, vault, "update")
             if retention_days is not None and retention_days != vault.retention_days:
                 raise Conflict("softDeleteRetentionInDays is fixed once the vault is created")
             if purge_protection is not None:
@@ -77,35 +77,35 @@ class VaultOperations(ServiceCore):
         return vault
 
     def delete_vault(self, caller: Caller, name: str) -> Vault:
-        with self._change() as events:
-            vault = self._vault(caller, name)
-            self._manage(caller, vault, "delete")
+        with self.change() as events:
+            vault = self.vault(caller, name)
+            self.manage(caller, vault, "delete")
             vault.soft_delete(self.clock())
             self.store.put_vault(vault)
-            events.append(self._event("vault.deleted", name))
+            events.append(self.event("vault.deleted", name))
         return vault
 
     def get_deleted_vault(self, caller: Caller, name: str) -> Vault:
-        vault = self._vault(caller, name, deleted=True)
-        self._manage(caller, vault, "read")
+        vault = self.vault(caller, name, deleted=True)
+        self.manage(caller, vault, "read")
         return vault
 
     def recover_vault(self, caller: Caller, name: str) -> Vault:
-        with self._change() as events:
-            vault = self._vault(caller, name, deleted=True)
-            self._manage(caller, vault, "recover")
+        with self.change() as events:
+            vault = self.vault(caller, name, deleted=True)
+            self.manage(caller, vault, "recover")
             vault.recover()
             self.store.put_vault(vault)
-            events.append(self._event("vault.recovered", name))
+            events.append(self.event("vault.recovered", name))
         return vault
 
     def purge_vault(self, caller: Caller, name: str) -> Vault:
-        with self._change() as events:
-            vault = self._vault(caller, name, deleted=True)
-            self._manage(caller, vault, "purge")
+        with self.change() as events:
+            vault = self.vault(caller, name, deleted=True)
+            self.manage(caller, vault, "purge")
             vault.check_purge(self.clock())
-            self._purge(vault)
-            events.append(self._event("vault.purged", name, tenant=vault.tenant_id))
+            self.purge(vault)
+            events.append(self.event("vault.purged", name, tenant=vault.tenant_id))
         return vault
 
     # -- access policies --
@@ -113,18 +113,18 @@ class VaultOperations(ServiceCore):
         if not isinstance(object_id, str) or not 1 <= len(object_id) <= 64:
             raise BadRequest("objectId must be a string of 1-64 characters")
         perms = policies.parse_permissions(permissions)
-        with self._change() as events:
-            vault = self._vault(caller, name)
-            self._manage(caller, vault, "setPolicy")
+        with self.change() as events:
+            vault = self.vault(caller, name)
+            self.manage(caller, vault, "setPolicy")
             self.store.set_policy(name, object_id, perms)
-            events.append(self._event("policy.changed", name, object_id=object_id))
+            events.append(self.event("policy.changed", name, object_id=object_id))
         return object_id, perms
 
     def delete_policy(self, caller: Caller, name: str, object_id: str) -> None:
-        with self._change() as events:
-            vault = self._vault(caller, name)
-            self._manage(caller, vault, "setPolicy")
+        with self.change() as events:
+            vault = self.vault(caller, name)
+            self.manage(caller, vault, "setPolicy")
             if not self.store.delete_policy(name, object_id):
                 raise NotFound(f"Key vault '{name}' has no access policy for '{object_id}'",
                                code="PolicyNotFound")
-            events.append(self._event("policy.deleted", name, object_id=object_id))
+            events.append(self.event("policy.deleted", name, object_id=object_id))
