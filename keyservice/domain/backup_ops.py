@@ -18,6 +18,7 @@ import json
 
 from ..sealing import SealError
 from . import hsm_keys, rsakeys
+from .core import ServiceCore
 from .errors import BadRequest, Conflict, Forbidden
 from .identities import Caller
 from .key_ops import KeyOperations
@@ -69,18 +70,22 @@ def _unpack(data: bytes) -> tuple[str, str, float, list[tuple[KeyVersion, bytes]
         raise BadRequest("The backup blob is malformed") from None
 
 
-class BackupOperations(KeyOperations):
+class BackupOperations:
+    def __init__(self, core: ServiceCore, keys: KeyOperations):
+        self.core = core
+        self.keys = keys  # finds the key to back up; key_ops.py knows nothing of backups
+
     def backup_key(self, caller: Caller, vault: str, name: str) -> bytes:
-        v = self.authorize(caller, vault, "backup")
-        key = self._key(v, name)  # an active key: Key Vault backs up no deleted one
+        v = self.core.authorize(caller, vault, "backup")
+        key = self.keys.key(v, name)  # an active key: Key Vault backs up no deleted one
         if any(kv.kty == hsm_keys.KTY_HSM for kv in key.versions):
             # The blob would hold only the token reference; a restore would make a second
             # key on the same token object, and purging either would destroy the other's.
             raise Forbidden(f"Operation backup is not allowed on key {name}: it has RSA-HSM "
                             "versions, whose private keys never leave the HSM",
                             inner="KeyNotBackupable")
-        private = {kv.version: self.store.private_der(vault, name, kv.version) for kv in key.versions}
-        blob = self.store.backup_seal.seal(_pack(v.tenant_id, key, private), AAD)
+        private = {kv.version: self.core.store.private_der(vault, name, kv.version) for kv in key.versions}
+        blob = self.core.store.backup_seal.seal(_pack(v.tenant_id, key, private), AAD)
         if len(blob) > MAX_BLOB:
             raise BadRequest(f"Key {name} has too many versions ({len(key.versions)}) to back up: "
                              f"its backup would exceed {MAX_BLOB} bytes, more than restore accepts")
@@ -89,12 +94,12 @@ class BackupOperations(KeyOperations):
     def restore_key(self, caller: Caller, vault: str, blob: bytes):
         """Authorization first: a caller without `restore` on the vault learns nothing
         about a blob, not even whether it opens."""
-        with self.change() as events:
-            v = self.authorize(caller, vault, "restore")
+        with self.core.change() as events:
+            v = self.core.authorize(caller, vault, "restore")
             if len(blob) > MAX_BLOB:
                 raise BadRequest("The backup blob is larger than any this service makes")
             try:
-                tenant, name, created, versions = _unpack(self.store.backup_seal.open(blob, AAD))
+                tenant, name, created, versions = _unpack(self.core.store.backup_seal.open(blob, AAD))
             except SealError:
                 raise BadRequest("The backup blob is corrupt or was not made by this key "
                                  "service") from None
@@ -102,16 +107,16 @@ class BackupOperations(KeyOperations):
                 raise Forbidden(f"The backup was made in another tenant and can be restored only "
                                 f"into a key vault of that tenant, not into '{vault}'",
                                 permission="restore", inner="BackupFromAnotherTenant")
-            existing = self.store.key(vault, name)
+            existing = self.core.store.key(vault, name)
             check_not_deleted_name(existing, name)
             if existing is not None:
                 raise Conflict(f"A key named {name} already exists in key vault '{vault}': restore "
                                "needs the name free (delete and purge the key first)")
             key = Key(vault, name, created)
-            self.store.put_key(key)
+            self.core.store.put_key(key)
             for kv, private in versions:
-                self.store.add_version(key, kv, private)
+                self.core.store.add_version(key, kv, private)
                 key.versions.append(kv)
             # For a subscriber a restored key is a new key, like a created one.
-            events.append(self.event("key.created", vault, name, key.current.version))
+            events.append(self.core.event("key.created", vault, name, key.current.version))
         return v, key, key.current

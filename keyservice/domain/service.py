@@ -3,6 +3,7 @@ and the change stream. The API and the CLI talk only to this."""
 import uuid
 
 from .backup_ops import BackupOperations
+from .core import ServiceCore
 from .directory import DirectoryOperations
 from .errors import Forbidden, NotFound, Unauthorized
 from .identities import Caller, Identity, new_identity
@@ -10,7 +11,7 @@ from .key_ops import KeyOperations
 from .vault_ops import VaultOperations
 
 
-class KeyService(DirectoryOperations, VaultOperations, BackupOperations, KeyOperations):
+class KeyService(DirectoryOperations, VaultOperations):
     def __init__(self, store, signer, clock=None, base_url: str = "http://127.0.0.1",
                  reserved_prefixes=None, audiences=()):
         kwargs = {"clock": clock} if clock else {}
@@ -25,6 +26,35 @@ class KeyService(DirectoryOperations, VaultOperations, BackupOperations, KeyOper
                 tenant = str(uuid.uuid4())
                 store.set_meta("home_tenant", tenant)
         self.home_tenant = tenant
+        # Built on the service itself while it is still a ServiceCore (directory and vaults).
+        core: ServiceCore = self
+        self.keys = KeyOperations(core)
+        self.backups = BackupOperations(core, self.keys)
+
+        # Bound methods, not wrappers: mypy keeps each one's signature for the callers.
+        self.authorize_version = self.keys.authorize_version
+        self.add_version = self.keys.add_version
+        self.generate_key = self.keys.generate_key
+        self.current_kty = self.keys.current_kty
+        self.create_key = self.keys.create_key
+        self.import_key = self.keys.import_key
+        self.rotate_key = self.keys.rotate_key
+        self.authorize_byok = self.keys.authorize_byok
+        self.get_key = self.keys.get_key
+        self.list_keys = self.keys.list_keys
+        self.list_versions = self.keys.list_versions
+        self.update_key = self.keys.update_key
+        self.authorize_wrap = self.keys.authorize_wrap
+        self.authorize_unwrap = self.keys.authorize_unwrap
+        self.wrap = self.keys.wrap
+        self.unwrap = self.keys.unwrap
+        self.delete_key = self.keys.delete_key
+        self.get_deleted_key = self.keys.get_deleted_key
+        self.recover_key = self.keys.recover_key
+        self.purge_key = self.keys.purge_key
+
+        self.backup_key = self.backups.backup_key
+        self.restore_key = self.backups.restore_key
 
     def bootstrap_admin(self, deliver) -> Identity | None:
         """On first start only: create the admin identity and hand its secret to
