@@ -20,13 +20,14 @@ never silently re-keyed: everything sealed in it would no longer open.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .fips import random_bytes
 
 KEY_BYTES = 32  # AES-256
 KEY_ID_BYTES = 4  # ids of keys of one keyring; a new key whose id collides is drawn again
@@ -75,7 +76,7 @@ class Keyring:
     def rotated(self) -> Keyring:
         """A new random key as current, every key so far kept after it."""
         while True:
-            new = secrets.token_bytes(KEY_BYTES)
+            new = random_bytes(KEY_BYTES)
             if key_id(new) not in self.ids():
                 return Keyring((new, *self.keys))
 
@@ -174,7 +175,7 @@ def open_keyring(source: KeySource, *, holds_sealed_state: bool, state: str) -> 
     if not source.writable:
         raise MasterKeyError(f"master key not found at {source.path} (a systemd credential "
                              "is read-only: create it, docs/operations.md)")
-    keyring = Keyring((secrets.token_bytes(KEY_BYTES),))
+    keyring = Keyring((random_bytes(KEY_BYTES),))
     fd = os.open(source.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     with os.fdopen(fd, "wb") as f:

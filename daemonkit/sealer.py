@@ -29,13 +29,13 @@ of records either daemon seals under one master key.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .fips import random_bytes
 from .keyring import KEY_ID_BYTES, Keyring, MasterKeyError, key_id
 
 V1 = 0x01
@@ -64,7 +64,7 @@ class Sealer:
         self._current = keyring.current_id
 
     def seal(self, plaintext: bytes, aad: str) -> bytes:
-        nonce = os.urandom(NONCE)
+        nonce = random_bytes(NONCE)
         return (bytes([V2]) + self._current + nonce
                 + self._aeads[self._current].encrypt(nonce, bytes(plaintext), aad.encode()))
 

@@ -17,9 +17,9 @@ master key file is not moved into the HSM (refused, so that no database is ever
 silently re-keyed).
 """
 import json
-import secrets
 from pathlib import Path
 
+from daemonkit.fips import random_bytes
 from daemonkit.keyring import Keyring, write_private_atomically
 
 from .hsm import Pkcs11Token
@@ -43,7 +43,7 @@ def master_from_token(token: Pkcs11Token, data_dir: Path) -> Keyring:
             "sealed by a master key file (start without --seal pkcs11) or its sealed master key "
             "was lost (restore it from the backup of the data directory)")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    keyring = Keyring((secrets.token_bytes(MASTER_KEY_BYTES),))
+    keyring = Keyring((random_bytes(MASTER_KEY_BYTES),))
     _seal(token, path, keyring, token.seal_key_id(KEY_LABEL, create=True), FORMAT)
     return keyring
 
@@ -109,7 +109,7 @@ def _unseal(token: Pkcs11Token, path: Path) -> Keyring:
 def _seal(token: Pkcs11Token, path: Path, keyring: Keyring, key_id: bytes, fmt: str) -> None:
     entries = []
     for master in keyring.keys:
-        nonce = secrets.token_bytes(12)
+        nonce = random_bytes(12)
         entries.append({"nonce": nonce.hex(),
                         "ciphertext": token.seal_crypt(key_id, True, nonce, fmt.encode(), master).hex()})
     doc: dict = {"format": fmt, "token": token.label, "keyId": key_id.hex()}

@@ -22,11 +22,11 @@ DELETE) is logged at INFO with its outcome, who asked and that id.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
 import os
-import secrets
 import uuid
 from typing import TypeVar
 
@@ -54,7 +54,7 @@ def load_api_token(data_dir: str) -> str:
     if not os.path.exists(path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
+            f.write(base64.urlsafe_b64encode(fips.random_bytes(32)).rstrip(b"=").decode())
     with open(path) as f:
         return f.read().strip()
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemonkit.fips import random_bytes
 from daemonkit.tls import TlsConfigError, is_loopback
 from daemonkit.tlsca import (
     CA_CERT,
@@ -107,7 +107,7 @@ def write_psk_file(path, identity: str, key: bytes | None = None) -> Path:
     from daemonkit.tlsca import write_private
     if ":" in identity or not identity.isprintable() or not identity:
         raise TlsConfigError(f"bad PSK identity {identity!r}")
-    key = key if key is not None else os.urandom(32)
+    key = key if key is not None else random_bytes(32)
     path = Path(path)
     lines = []
     if path.exists():
