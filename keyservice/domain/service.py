@@ -11,7 +11,7 @@ from .key_ops import KeyOperations
 from .vault_ops import VaultOperations
 
 
-class KeyService(DirectoryOperations, VaultOperations):
+class KeyService(DirectoryOperations):
     def __init__(self, store, signer, clock=None, base_url: str = "http://127.0.0.1",
                  reserved_prefixes=None, audiences=()):
         kwargs = {"clock": clock} if clock else {}
@@ -26,12 +26,24 @@ class KeyService(DirectoryOperations, VaultOperations):
                 tenant = str(uuid.uuid4())
                 store.set_meta("home_tenant", tenant)
         self.home_tenant = tenant
-        # Built on the service itself while it is still a ServiceCore (directory and vaults).
+        # Built on the service itself while it is still a ServiceCore (the directory).
         core: ServiceCore = self
+        self.vaults = VaultOperations(core, self.reserved_prefixes)
         self.keys = KeyOperations(core)
         self.backups = BackupOperations(core, self.keys)
 
         # Bound methods, not wrappers: mypy keeps each one's signature for the callers.
+        self.create_vault = self.vaults.create_vault
+        self.get_vault = self.vaults.get_vault
+        self.list_vaults = self.vaults.list_vaults
+        self.update_vault = self.vaults.update_vault
+        self.delete_vault = self.vaults.delete_vault
+        self.get_deleted_vault = self.vaults.get_deleted_vault
+        self.recover_vault = self.vaults.recover_vault
+        self.purge_vault = self.vaults.purge_vault
+        self.set_policy = self.vaults.set_policy
+        self.delete_policy = self.vaults.delete_policy
+
         self.authorize_version = self.keys.authorize_version
         self.add_version = self.keys.add_version
         self.generate_key = self.keys.generate_key
