@@ -1,5 +1,9 @@
 """What every operation of the service shares: the store, the clock, who may
-touch a vault, and how a change and its events are committed together."""
+touch a vault, and how a change and its events are committed together.
+
+One ServiceCore is built by KeyService and handed to each group of operations
+(directory.py, vault_ops.py, key_ops.py, backup_ops.py), which call it and
+nothing of each other but what their constructors name."""
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -9,27 +13,24 @@ from .clock import Clock, system_clock
 from .errors import Forbidden, NotFound, Unauthorized
 from .events import Event
 from .identities import Caller
-from .names import DEFAULT_RESERVED_PREFIXES, check_vault_name
+from .names import check_vault_name
 from .vaults import Vault, VaultState
 
 log = logging.getLogger("keyservice")
 
 
 class ServiceCore:
-    hsm: hsm_keys.Token | None = None  # the PKCS#11 token of RSA-HSM keys, if configured
-
-    def __init__(self, store, clock: Clock = system_clock, base_url: str = "http://127.0.0.1",
-                 reserved_prefixes=DEFAULT_RESERVED_PREFIXES, audiences=()):
+    def __init__(self, store, home_tenant: str, clock: Clock = system_clock,
+                 base_url: str = "http://127.0.0.1"):
         self.store = store
-        # Token audiences this service accepts (api/addressing.py says which); a token
-        # issued for any other resource is refused.
-        self.audiences = tuple(audiences) or (base_url.rstrip("/"),)
         self.clock = clock
         self.base_url = base_url.rstrip("/")
-        self.reserved_prefixes = tuple(reserved_prefixes)
-        # The bootstrap admin's tenant, set by KeyService ("" until then matches no tenant).
-        self.home_tenant = ""
+        # The bootstrap admin's tenant: its admins may found tenants and read the service chain.
+        self.home_tenant = home_tenant
+        # The PKCS#11 token of RSA-HSM keys, if configured (set once the token is opened).
+        self.hsm: hsm_keys.Token | None = None
         self.notify: Callable[[int], None] = lambda seq: None  # set by the API: wakes subscribers
+        self._doomed_token_objects: list[bytes] = []
 
     def kid(self, vault: str, name: str, version: str | None = None) -> str:
         kid = f"{self.base_url}/vaults/{vault}/keys/{name}"
@@ -40,7 +41,7 @@ class ServiceCore:
         """One transaction for a change and the events describing it; subscribers
         are woken only after the commit, so they never see an uncommitted change."""
         pending: list[Event] = []
-        self._doomed_token_objects: list[bytes] = []
+        self._doomed_token_objects = []
         with self.store.transaction():
             yield pending
             for e in pending:

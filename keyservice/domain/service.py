@@ -1,38 +1,63 @@
 """The key service as one object: the directory, tokens, vaults, keys, audit
-and the change stream. The API and the CLI talk only to this."""
-import uuid
+and the change stream. The API and the CLI talk only to this.
 
+KeyService builds its parts, each with the dependencies its constructor names: a
+ServiceCore (store, clock, transactions with their events, who may touch a vault)
+that every part shares, and on it the directory, the vault operations, the key
+operations and the backups (which find keys through the key operations; nothing
+calls the other way). The operations callers use are listed below, one line each."""
+import uuid
+from collections.abc import Callable
+
+from . import hsm_keys
 from .backup_ops import BackupOperations
+from .clock import system_clock
 from .core import ServiceCore
 from .directory import DirectoryOperations
 from .errors import Forbidden, NotFound, Unauthorized
 from .identities import Caller, Identity, new_identity
 from .key_ops import KeyOperations
+from .names import DEFAULT_RESERVED_PREFIXES
 from .vault_ops import VaultOperations
 
 
-class KeyService(DirectoryOperations):
+def _home_tenant(store) -> str:
+    """The bootstrap admin's tenant, made on the first start and kept in the store."""
+    with store.transaction():
+        tenant = store.meta("home_tenant")
+        if tenant is None:
+            tenant = str(uuid.uuid4())
+            store.set_meta("home_tenant", tenant)
+    return tenant
+
+
+class KeyService:
     def __init__(self, store, signer, clock=None, base_url: str = "http://127.0.0.1",
                  reserved_prefixes=None, audiences=()):
-        kwargs = {"clock": clock} if clock else {}
-        kwargs["audiences"] = audiences
-        if reserved_prefixes is not None:
-            kwargs["reserved_prefixes"] = reserved_prefixes
-        super().__init__(store, base_url=base_url, **kwargs)
+        self.core = ServiceCore(store, _home_tenant(store), clock or system_clock, base_url)
+        self.store = store
         self.signer = signer
-        with store.transaction():
-            tenant = store.meta("home_tenant")
-            if tenant is None:
-                tenant = str(uuid.uuid4())
-                store.set_meta("home_tenant", tenant)
-        self.home_tenant = tenant
-        # Built on the service itself while it is still a ServiceCore (the directory).
-        core: ServiceCore = self
-        self.vaults = VaultOperations(core, self.reserved_prefixes)
-        self.keys = KeyOperations(core)
-        self.backups = BackupOperations(core, self.keys)
+        self.clock = self.core.clock
+        self.base_url = self.core.base_url
+        self.home_tenant = self.core.home_tenant
+        self.directory = DirectoryOperations(self.core, signer,
+                                             tuple(audiences) or (self.core.base_url,))
+        self.vaults = VaultOperations(self.core, DEFAULT_RESERVED_PREFIXES
+                                      if reserved_prefixes is None else reserved_prefixes)
+        self.keys = KeyOperations(self.core)
+        self.backups = BackupOperations(self.core, self.keys)
 
         # Bound methods, not wrappers: mypy keeps each one's signature for the callers.
+        self.create_identity = self.directory.create_identity
+        self.list_identities = self.directory.list_identities
+        self.get_identity = self.directory.get_identity
+        self.set_identity_enabled = self.directory.set_identity_enabled
+        self.reset_identity_secret = self.directory.reset_identity_secret
+        self.delete_identity = self.directory.delete_identity
+        self.issue_token = self.directory.issue_token
+        self.authenticate = self.directory.authenticate
+        self.challenge_tenant = self.directory.challenge_tenant
+
         self.create_vault = self.vaults.create_vault
         self.get_vault = self.vaults.get_vault
         self.list_vaults = self.vaults.list_vaults
@@ -67,6 +92,24 @@ class KeyService(DirectoryOperations):
 
         self.backup_key = self.backups.backup_key
         self.restore_key = self.backups.restore_key
+
+    # Set after construction (server.py opens the token, the API wakes its subscribers);
+    # the core holds them, as every part reads them there.
+    @property
+    def hsm(self) -> hsm_keys.Token | None:
+        return self.core.hsm
+
+    @hsm.setter
+    def hsm(self, token: hsm_keys.Token | None) -> None:
+        self.core.hsm = token
+
+    @property
+    def notify(self) -> Callable[[int], None]:
+        return self.core.notify
+
+    @notify.setter
+    def notify(self, wake: Callable[[int], None]) -> None:
+        self.core.notify = wake
 
     def bootstrap_admin(self, deliver) -> Identity | None:
         """On first start only: create the admin identity and hand its secret to
@@ -162,13 +205,13 @@ class KeyService(DirectoryOperations):
         due = self.store.due_expiries(self.clock())
         if not due:
             return 0
-        with self.change() as events:
+        with self.core.change() as events:
             # Read again in the transaction: another instance on a shared database
             # (store.py) may have announced them since, and each is announced once.
             due = self.store.due_expiries(self.clock())
             for vault, name, version, exp in due:
                 self.store.mark_expiry_announced(vault, name, version, exp)
-                events.append(self.event("key.expired", vault, name, version))
+                events.append(self.core.event("key.expired", vault, name, version))
         return len(due)
 
     # -- retention --
@@ -178,16 +221,16 @@ class KeyService(DirectoryOperations):
         vaults, keys = self.store.expired_deletions(now)
         if not vaults and not keys:
             return 0
-        with self.change() as events:
+        with self.core.change() as events:
             # Again in the transaction: another instance may have purged them since.
             vaults, keys = self.store.expired_deletions(now)
             for vault, name in keys:
                 if vault not in vaults:
-                    self.doom_token_objects(vault, name)
+                    self.core.doom_token_objects(vault, name)
                     self.store.purge_key(vault, name)
-                    events.append(self.event("key.purged", vault, name))
+                    events.append(self.core.event("key.purged", vault, name))
             for name in vaults:
                 vault = self.store.vault(name)
-                self.purge(vault)
-                events.append(self.event("vault.purged", name, tenant=vault.tenant_id))
+                self.core.purge(vault)
+                events.append(self.core.event("vault.purged", name, tenant=vault.tenant_id))
         return len(vaults) + len(keys)
