@@ -25,6 +25,13 @@ platform must keep their clocks in step (NTP), and the bound grows by their skew
 
 Each server also adds to its export catalog, at every renewal, the disks another server
 created since (`sync_catalog`), so a disk made on one is served by any.
+
+A server holds a lease of its own too (`server_leases`), renewed with its disks' and
+released at a clean stop, and each volume it leaves CREATING names it (`volume_creators`,
+state.py). A volume left CREATING is removed (`remove_abandoned`) only once its creator's
+server lease has expired or is gone: at a start, and at each renewal of every server, so
+restarting one server never removes a copy another is still making, and a dead server's
+half-made volume is removed within a ttl and a renewal period.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from .model import VolumeKind, VolumeState
 
 if TYPE_CHECKING:
     from .service import Platform
+    from .state import State
+    from .storage import VolumeStorage
 
 log = logging.getLogger("nbdserver.platform")
 
@@ -58,6 +67,9 @@ class DiskLeases:
         self.held: set[str] = set()
         self._last_renewal = time.monotonic()
         self._task: asyncio.Task | None = None
+        # Before any volume is made here: the volumes this server leaves CREATING are its.
+        self.state.renew_server_lease(self.holder, time.time(), ttl)
+        self.state.creator = self.holder
 
     def acquire(self, name: str) -> bool:
         if self.state.take_lease(name, self.holder, time.time(), self.ttl):
@@ -84,6 +96,10 @@ class DiskLeases:
                 self.release(name)
             except Exception:  # the lease then expires by itself
                 log.warning("lease of disk %s not released", name, exc_info=True)
+        try:
+            self.state.release_server_lease(self.holder)
+        except Exception:
+            log.warning("server lease not released (it expires by itself)", exc_info=True)
 
     async def _run(self) -> None:
         while True:
@@ -93,10 +109,17 @@ class DiskLeases:
                 self.sync_catalog()
             except Exception:
                 log.warning("disks of the other servers not looked up", exc_info=True)
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, remove_abandoned, self.state, self.platform.storage)
+            except Exception:
+                log.warning("volumes left unfinished by other servers not looked up", exc_info=True)
 
     def renew(self) -> None:
         try:
-            still = self.state.renew_leases(self.holder, time.time(), self.ttl)
+            now = time.time()
+            self.state.renew_server_lease(self.holder, now, self.ttl)
+            still = self.state.renew_leases(self.holder, now, self.ttl)
         except Exception as e:
             late = time.monotonic() - self._last_renewal
             log.warning("disk leases not renewed for %.1f s: %s", late, e)
@@ -117,3 +140,22 @@ class DiskLeases:
                 self.platform._export_disk(disk)
                 added += 1
         return added
+
+
+def remove_abandoned(state: State, storage: VolumeStorage) -> int:
+    """Remove each volume left CREATING by a server that is gone (state.py's
+    `unfinished_volumes`: with one server alone, every one) and its file or image; how
+    many. One whose storage cannot be removed now stays, for the next sweep."""
+    now = time.time()
+    removed = 0
+    for v in state.unfinished_volumes(now):
+        log.warning("removing %s %s left unfinished by a crash", v.kind.value, v.name)
+        try:
+            storage.remove(v.path)
+        except OSError as e:  # an image, the cluster unreachable: next sweep
+            log.error("cannot remove %s: %s", v.path, e)
+            continue
+        state.delete_volume(v.kind, v.name)
+        removed += 1
+    state.forget_server_leases(now)
+    return removed

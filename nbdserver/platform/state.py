@@ -52,9 +52,12 @@ CREATE TABLE IF NOT EXISTS operations (
     started REAL NOT NULL, ended REAL, view TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS disk_leases (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS server_leases (holder TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS volume_creators (
+    kind TEXT NOT NULL, name TEXT NOT NULL, holder TEXT NOT NULL, PRIMARY KEY (kind, name));
 """
-# `operations` (platform.oplog) and `disk_leases` (platform.leases) came without a schema
-# version of their own: a table only
+# `operations` (platform.oplog), `disk_leases`, `server_leases` and `volume_creators`
+# (platform.leases) came without a schema version of their own: a table only
 # added, which a release that does not know it never reads, and every open creates.
 
 
@@ -138,6 +141,10 @@ class State:
     on one platform; the data directory then holds volume files and keys, not state)."""
 
     def __init__(self, path: str, data_dir: str | None = None, state_url: str | None = None):
+        # The server lease (platform.leases) of this process, when several servers share
+        # the state: recorded with each volume it leaves CREATING, so that another
+        # server's start-up sweep removes only what a dead server left unfinished.
+        self.creator: str | None = None
         self.data_dir = os.path.abspath(data_dir or os.path.dirname(path))
         self.db: Database
         if state_url and not is_postgres(state_url):
@@ -248,6 +255,17 @@ class State:
 
     # -- volumes
     def put_volume(self, v: Volume) -> None:
+        # The creator's row first and gone last: no sweep sees a CREATING volume without
+        # it while its creator lives (no transaction: the callers may be in one already).
+        if v.state is VolumeState.CREATING and self.creator is not None:
+            self.db.execute(_upsert("volume_creators", "kind, name, holder", "kind, name"),
+                            (v.kind.value, v.name, self.creator))
+        self._put_volume_row(v)
+        if v.state is not VolumeState.CREATING:
+            self.db.execute("DELETE FROM volume_creators WHERE kind=? AND name=?",
+                            (v.kind.value, v.name))
+
+    def _put_volume_row(self, v: Volume) -> None:
         self.db.execute(
             _upsert("volumes", _VOLUME_COLUMNS, "kind, name"),
             (v.kind.value, v.name, v.size, v.subscription, v.location, v.des, v.envelope.kid,
@@ -355,6 +373,30 @@ class State:
 
     def delete_volume(self, kind: VolumeKind, name: str) -> None:
         self.db.execute("DELETE FROM volumes WHERE kind=? AND name=?", (kind.value, name))
+        self.db.execute("DELETE FROM volume_creators WHERE kind=? AND name=?", (kind.value, name))
+
+    # -- server leases (platform.leases): which servers sharing this state are alive
+    def renew_server_lease(self, holder: str, now: float, ttl: float) -> None:
+        self.db.execute(_upsert("server_leases", "holder, expires", "holder"), (holder, now + ttl))
+
+    def release_server_lease(self, holder: str) -> None:
+        self.db.execute("DELETE FROM server_leases WHERE holder=?", (holder,))
+
+    def unfinished_volumes(self, now: float) -> list[Volume]:
+        """Volumes left CREATING by a server that is gone: no creator recorded (one
+        server alone, or an older release), or the creator's server lease has expired
+        or was released. A live server's unfinished volume is its own to finish."""
+        rows = self.db.execute(
+            f"SELECT {_VOLUME_COLUMNS} FROM volumes v WHERE state=? AND NOT EXISTS ("
+            "SELECT 1 FROM volume_creators c JOIN server_leases s ON s.holder = c.holder "
+            "WHERE c.kind = v.kind AND c.name = v.name AND s.expires >= ?) ORDER BY kind, name",
+            (VolumeState.CREATING.value, now))
+        return [self._volume(r) for r in rows]
+
+    def forget_server_leases(self, now: float) -> None:
+        """The expired server leases (their servers' CREATING volumes are then swept
+        all the same). Creator rows are left: one may be written just before its volume."""
+        self.db.execute("DELETE FROM server_leases WHERE expires < ?", (now,))
 
 
 def _upsert(table: str, columns: str, key: str) -> str:

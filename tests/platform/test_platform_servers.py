@@ -97,3 +97,61 @@ def _lease(dsn: str, disk: str):
     """(holder, expires) of the disk's lease row, read straight from the database."""
     with psycopg.connect(dsn) as conn:
         return conn.execute("SELECT holder, expires FROM disk_leases WHERE name=%s", (disk,)).fetchone()
+
+
+def test_a_restart_removes_only_what_a_dead_server_left_unfinished(make_stack, postgres_dsn):
+    """B is making a disk (its row CREATING, named with B's server lease) when A restarts:
+    A's start-up sweep leaves it, and removes one whose creator is gone. Once B is killed,
+    its unfinished disk goes too, within its lease and a renewal."""
+    stack = make_stack(nbd_args=["--state", postgres_dsn, "--disk-lease-seconds", str(LEASE)])
+    b = _server_b(stack)
+    try:
+        stack.create_disk("making", "--size", "4M")
+        stack.create_disk("orphan", "--size", "4M")
+        paths = {n: _disk_path(postgres_dsn, stack, n) for n in ("making", "orphan")}
+        assert all(p.exists() for p in paths.values()), paths
+        b_holder = _server_holder(postgres_dsn, b.proc.pid)
+        # What a copy in progress on B looks like in the state (the copy itself takes
+        # too little time to restart a server inside it).
+        _mark_creating(postgres_dsn, "making", b_holder)
+        _mark_creating(postgres_dsn, "orphan", "gone-host/1/00000000")
+
+        stack.restart_nbdserver()
+
+        assert _volume_state(postgres_dsn, "making") == "creating"
+        assert paths["making"].exists()
+        wait_until(lambda: _volume_state(postgres_dsn, "orphan") is None and not paths["orphan"].exists(),
+                   timeout=2 * LEASE, what="the unfinished disk of a gone server removed")
+
+        b.kill()
+        wait_until(lambda: _volume_state(postgres_dsn, "making") is None and not paths["making"].exists(),
+                   timeout=LEASE + LEASE / 3 + 5, what="A removes the killed B's unfinished disk")
+    finally:
+        b.kill()
+    assert "Traceback" not in stack.nb.stderr_text(), stack.nb.stderr_text()[-4000:]
+
+
+def _sql(dsn: str, query: str, params=()):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else None
+
+
+def _disk_path(dsn: str, stack, name: str):
+    (path,), = _sql(dsn, "SELECT path FROM volumes WHERE kind='disk' AND name=%s", (name,))
+    return stack.nb_dir / path
+
+
+def _server_holder(dsn: str, pid: int) -> str:
+    (holder,), = _sql(dsn, "SELECT holder FROM server_leases WHERE holder LIKE %s", (f"%/{pid}/%",))
+    return holder
+
+
+def _mark_creating(dsn: str, name: str, creator: str) -> None:
+    _sql(dsn, "UPDATE volumes SET state='creating' WHERE kind='disk' AND name=%s", (name,))
+    _sql(dsn, "INSERT INTO volume_creators (kind, name, holder) VALUES ('disk', %s, %s)", (name, creator))
+
+
+def _volume_state(dsn: str, name: str) -> str | None:
+    rows = _sql(dsn, "SELECT state FROM volumes WHERE kind='disk' AND name=%s", (name,))
+    return rows[0][0] if rows else None
