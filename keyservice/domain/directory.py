@@ -25,6 +25,22 @@ class DirectoryOperations:
         self.signer = signer
         self.audiences = audiences
 
+    def bootstrap_admin(self, deliver) -> Identity | None:
+        """On first start only: create the admin identity and hand its secret to
+        `deliver(identity, secret)` (which writes DATA_DIR/admin.credential) before
+        the commit, so a failed write leaves no admin whose secret nobody has.
+        Later starts return None."""
+        store = self.core.store
+        with store.transaction():
+            if store.meta("admin_object_id") is not None:
+                return None
+            ident, secret = new_identity("admin", "user", ("admin",), self.core.home_tenant,
+                                         self.core.clock())
+            store.add_identity(ident)
+            store.set_meta("admin_object_id", ident.object_id)
+            deliver(ident, secret)
+        return ident
+
     def create_identity(self, caller: Caller, display_name, type_="managedIdentity", roles=(),
                         tenant_id=None) -> tuple[Identity, str]:
         check_new_identity(caller, display_name, type_, roles, tenant_id)
