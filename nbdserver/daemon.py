@@ -67,10 +67,9 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
     try:
         platform = Platform(data_dir, catalog, keyservice_url, credential,
                             ssl=ssl, master_key_file=master_key_file, idle_close=idle_close,
-                            storage=volume_storage, state_url=state)
+                            storage=volume_storage, state_url=state, default_cache=cache)
     except (MasterKeyError, OSError, sqlite3.Error, SchemaTooNew, StateError) as e:
         raise StartupError(f"cannot open the platform's state in {data_dir}: {e}") from None
-    platform.default_cache = cache  # disks without a cache mode of their own
     platform.keyservice_vault_domain = vault_domain
     try:
         await platform.start()
@@ -78,8 +77,9 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
         await platform.stop()
         raise StartupError(e.message) from None
     if state is not None:  # several servers may share this state: one serves each disk
-        platform.leases = DiskLeases(platform, disk_lease)
-        platform.leases.start()
+        leases = DiskLeases(platform, disk_lease)
+        platform.use_leases(leases)
+        leases.start()
     access = KeyAccess(platform, lease=lease, grace=grace)
     platform.use_key_access(access)
     access.start()

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .access import KeyAccess
     from .auto_rotation import AutoRotation
     from .operations import Operations
+    from .scopes import KeyScopes
     from .sealing import Sealer
     from .state import State
 
@@ -63,6 +64,7 @@ class EncryptionSetOperations:
         client_for: Callable[[str], KeyServiceClient]
         key_url_for: Callable[[str], str]
         _des: Callable[[str], EncryptionSet]
+        scopes: KeyScopes
 
     # -- encryption sets
     def create_des(self, name: str, key_url: str, *, subscription: str | None = None,
@@ -282,9 +284,7 @@ class EncryptionSetOperations:
             self.auto_rotation.forget(name)
             if self.access is not None:
                 self.access.forget(name)
-            c = self._des_clients.pop(name, None)
-            if c:
-                await c.close()
+            await self.scopes.forget(name)
         return self.operations.start(f"deletion of encryption set {name!r}", run,
                                      exclusive=[ops.scope(name)])
 

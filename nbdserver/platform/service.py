@@ -14,32 +14,39 @@ export of a disk whose key cannot be used is LOCKED (EIO to I/O, new clients ref
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from keyservice.client import Credential, KeyServiceClient, KeyServiceError, KeyServiceUnavailable
 
-from ..exports import ExportCatalog
+from ..backend import WRITEBACK, FileSpec
+from ..exports import Export, ExportCatalog
 from . import keys
 from .access import KeyAccess
 from .auto_rotation import AutoRotation
 from .encryption_sets import EncryptionSetOperations
-from .errors import NotFound, PlatformVaultUntrusted
+from .errors import PlatformVaultUntrusted
 from .model import (
-    PLATFORM_KEY,
     EncryptionSet,
     KeyUrl,
+    Volume,
     VolumeKind,
+    VolumeState,
 )
 from .operations import Operations
 from .oplog import OperationLog
+from .scopes import KeyScopes
 from .sealing import platform_sealer, reseal
 from .serving import IDLE_CLOSE, DiskServing
 from .sizing import DiskSizing
 from .state import State
 from .storage import VolumeStorage
 from .volumes import DEFAULT_LOCATION, VolumeOperations
+
+if TYPE_CHECKING:
+    from ..rbdbackend import RbdSpec
+    from .leases import DiskLeases
 
 log = logging.getLogger("nbdserver.platform")
 FAILED_SCAN_DELAY = 3.0  # seconds after start: see start()
@@ -68,11 +75,11 @@ def platform_vault_problems(vault: dict, object_id: str, tenant_id: str) -> list
     return problems
 
 
-class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
+class Platform(EncryptionSetOperations, VolumeOperations):
     def __init__(self, data_dir: str, catalog: ExportCatalog, keyservice_url: str,
                  credential: Credential, *, ssl=None, master_key_file: str | None = None,
                  idle_close: float = IDLE_CLOSE, storage: VolumeStorage | None = None,
-                 state_url: str | None = None):
+                 state_url: str | None = None, default_cache: str = WRITEBACK):
         # Absolute once, here: files are found relative to it whatever the working directory.
         self.data_dir = data_dir = os.path.abspath(data_dir)
         self.catalog = catalog
@@ -89,16 +96,20 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
         self.sealer = platform_sealer(data_dir, master_key_file, holds_state=not self.state.fresh)
         reseal(self.state, self.sealer)  # after a master key rotation (sealing.py)
         self.client = KeyServiceClient(self.keyservice_url, credential, ssl=ssl)
-        self._des_clients: dict[str, KeyServiceClient] = {}
-        self.platform_key_url: str | None = self.state.get_config("platform_key_url")
+        # The client and key of each scope (a set's name, or the platform key).
+        self.scopes = KeyScopes(self.state, self.sealer, self.client,
+                                keyservice_url=self.keyservice_url, ssl=ssl)
         self.operations = Operations()  # claims, deadlines, tasks: see operations.py
         self.oplog = OperationLog(self.state)  # what clients follow: the API's and our own
         self.auto_rotation = AutoRotation(self)  # sets that follow their key's latest version
         self.access: KeyAccess | None = None  # see use_key_access
-        self._init_serving(idle_close)  # serving.py: open on attach, close when idle
+        self.default_cache = default_cache  # fixed here: serving and show_disk read the same
+        # Opens a disk when a client attaches, closes it when idle or revoked.
+        self.serving = DiskServing(self.state, catalog, self.storage, self.scopes,
+                                   idle_close=idle_close, default_cache=default_cache)
         self.sizing = DiskSizing(self.state, self.storage, catalog, self.operations,
                                  find_volume=self.volume, show_disk=self.show_disk,
-                                 opening=self.opening)
+                                 opening=self.serving.opening)
 
     # -- what the parts do, as callers (the API, the CLI, tests) name it
     def resize_disk(self, name: str, size) -> asyncio.Task:
@@ -107,17 +118,40 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
     def disk_usage(self, name: str) -> dict:
         return self.sizing.disk_usage(name)
 
+    def disk_spec(self, disk: Volume) -> FileSpec | RbdSpec:
+        return self.serving.disk_spec(disk)
+
+    def _export_disk(self, disk: Volume) -> Export:  # leases.py's and the volumes' call
+        return self.serving.export_disk(disk)
+
+    async def close_disk(self, name: str, reason: str, export: Export | None = None) -> None:
+        await self.serving.close_disk(name, reason, export)
+
+    def close_disks(self, names, reason: str) -> list[asyncio.Task]:
+        return self.serving.close_disks(names, reason)
+
+    async def open_disks(self, names) -> int:
+        return await self.serving.open_disks(names)
+
+    def unserve(self, name: str, reason: str) -> None:
+        self.serving.unserve(name, reason)
+
     def use_key_access(self, access: KeyAccess) -> None:
         """The revocation watcher to poke after a change that may alter key access (a new
         key, a move, a refused unwrap). Whoever builds both wires them (daemon.py); a
         platform without one changes nothing and is rechecked by nobody."""
         self.access = access
+        self.serving.use_key_access(access)
+
+    def use_leases(self, leases: DiskLeases) -> None:
+        """Several servers share the state: a disk is opened only by its lease's holder."""
+        self.serving.use_leases(leases)
 
     # -- start and stop
     async def start(self) -> None:
         self._remove_unfinished()
-        if self.platform_key_url is None:
-            self.platform_key_url = await self._create_platform_key()
+        if self.scopes.platform_key_url is None:
+            self.scopes.platform_key_url = await self._create_platform_key()
         else:
             await self._check_platform_vault(created_now=False)
         # Nothing is unwrapped here: a disk opens when a client attaches (serving.py),
@@ -139,16 +173,21 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
             scan.cancel()
         await self.auto_rotation.stop()
         await self.operations.cancel_all()
-        await self._stop_serving()
-        for c in list(self._des_clients.values()) + [self.client]:
-            await c.close()
+        await self.serving.stop()
+        await self.scopes.close()
         self.state.close()
 
     def _remove_unfinished(self) -> None:
-        """A volume left CREATING by a crash has partial data: remove it and its file,
-        unless another server sharing the state is still making it (leases.py)."""
-        from .leases import remove_abandoned
-        remove_abandoned(self.state, self.storage)
+        """A volume left CREATING by a crash has partial data: remove it and its file."""
+        for v in self.state.list_volumes():
+            if v.state is VolumeState.CREATING:
+                log.warning("removing %s %s left unfinished by a crash", v.kind.value, v.name)
+                try:
+                    self.storage.remove(v.path)
+                except OSError as e:  # an image, the cluster unreachable: next start
+                    log.error("cannot remove %s: %s", v.path, e)
+                    continue
+                self.state.delete_volume(v.kind, v.name)
         self._remove_orphan_files()
 
     async def _create_platform_key(self) -> str:
@@ -201,24 +240,10 @@ class Platform(EncryptionSetOperations, VolumeOperations, DiskServing):
 
     # -- key access per scope (an encryption set's name, or PLATFORM_KEY)
     def client_for(self, scope: str) -> KeyServiceClient:
-        if scope == PLATFORM_KEY:
-            return self.client
-        c = self._des_clients.get(scope)
-        if c is None:
-            des = self._des(scope)
-            cred = Credential(**json.loads(self.sealer.open(des.identity_sealed, f"des:{des.name}")))
-            c = self._des_clients[scope] = KeyServiceClient(self.keyservice_url, cred, ssl=self.ssl)
-        return c
+        return self.scopes.client_for(scope)
 
     def key_url_for(self, scope: str) -> str:
-        if scope != PLATFORM_KEY:
-            return self._des(scope).key_url
-        if self.platform_key_url is None:
-            raise RuntimeError("the platform key is known only once start() has run")
-        return self.platform_key_url
+        return self.scopes.key_url_for(scope)
 
-    def _des(self, name: str) -> EncryptionSet:
-        des = self.state.get_des(name)
-        if des is None:
-            raise NotFound(f"encryption set {name!r} not found")
-        return des
+    def _des(self, name: str) -> EncryptionSet:  # auto_rotation.py's call
+        return self.scopes.des(name)

@@ -1,6 +1,6 @@
 """Serving disks: a DEK is in memory only while a client uses its disk.
 
-A mixin of `Platform` (see `service`), and the export catalog's `opener`. A disk's export
+One of the parts `Platform` is built from (see `service`), and the export catalog's `opener`. A disk's export
 is in one of these states (the catalog's `Export` holds them):
 
 - *unattached*: available, its backend sealed (no DEK in memory). A client's
@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..backend import FileSpec
+from ..backend import WRITEBACK, FileSpec
 from ..crypto import open_disk
 from ..exports import Export, ExportSource
 from . import backing, keys
@@ -40,13 +39,13 @@ from .sealed import SealedBackend
 from .storage import open_volume
 
 if TYPE_CHECKING:
-    from keyservice.client import KeyServiceClient
-
     from ..exports import ExportCatalog
     from ..rbdbackend import RbdSpec
     from .access import KeyAccess
     from .leases import DiskLeases
+    from .scopes import KeyScopes
     from .state import State
+    from .storage import VolumeStorage
 
 log = logging.getLogger("nbdserver.platform")
 
@@ -66,27 +65,43 @@ def is_open(export: Export) -> bool:
 
 
 class DiskServing:
-    # What this group takes from Platform (service.py), stated for the reader and for mypy;
-    # issue 17 replaces these mixins by composed objects with explicit dependencies.
-    if TYPE_CHECKING:
-        state: State
-        catalog: ExportCatalog
-        access: KeyAccess | None
-        client_for: Callable[[str], KeyServiceClient]
-        disk_spec: Callable[[Volume], FileSpec | RbdSpec]  # volumes.py: file or image
+    """Opens and closes disks. It reads volumes from `state`, unwraps with the key
+    service client of a volume's scope (`scopes`), opens files or images from `storage` with
+    `default_cache` for a disk without its own mode, and installs itself as `catalog`'s
+    opener. `use_key_access` and `use_leases` wire what is built after it."""
 
-    def _init_serving(self, idle_close: float) -> None:
+    def __init__(self, state: State, catalog: ExportCatalog, storage: VolumeStorage,
+                 scopes: KeyScopes, *, idle_close: float = IDLE_CLOSE,
+                 default_cache: str = WRITEBACK):
+        self.state = state
+        self.catalog = catalog
+        self.storage = storage
+        self.scopes = scopes
         self.idle_close = idle_close
+        self.default_cache = default_cache  # `nbdserver serve --cache`
         self._unwraps = asyncio.Semaphore(UNWRAP_CONCURRENCY)
         self._opening: dict[Export, asyncio.Future] = {}
         self._retiring: dict[Export, asyncio.Future] = {}
         self._idle_timers: dict[Export, asyncio.TimerHandle] = {}
+        # The revocation watcher to tell when a key is refused at an open; None: nobody.
+        self.access: KeyAccess | None = None
         # Several servers on one state (leases.py): a disk is opened only by the holder
         # of its lease. None: this server alone serves the platform.
         self.leases: DiskLeases | None = None
-        self.catalog.opener = self
+        catalog.opener = self
 
-    def _export_disk(self, disk: Volume) -> Export:
+    def use_key_access(self, access: KeyAccess) -> None:
+        self.access = access
+
+    def use_leases(self, leases: DiskLeases) -> None:
+        self.leases = leases
+
+    def disk_spec(self, disk: Volume) -> FileSpec | RbdSpec:
+        """How the disk's file or image is opened: a file with its own cache mode, or
+        the server's default."""
+        return self.storage.spec(disk.path, cache=disk.cache or self.default_cache)
+
+    def export_disk(self, disk: Volume) -> Export:
         """Put a disk in the catalog, unattached: nothing is unwrapped."""
         from .volumes import describe_disk
         export = Export(disk.name, SealedBackend(disk.size), description=describe_disk(disk))
@@ -176,7 +191,7 @@ class DiskServing:
         try:
             async with self._unwraps:
                 # Both DEKs of a double-encrypted disk, as one buffer (keys.unwrap_volume).
-                dek = await keys.unwrap_volume(self.client_for, disk)
+                dek = await keys.unwrap_volume(self.scopes.client_for, disk)
         except AccessMissing as e:
             if self.catalog.get(export.name) is export and export.backend is sealed:
                 export.lock(e.message)  # later clients are refused at once; a recheck reopens
@@ -308,7 +323,7 @@ class DiskServing:
         else:
             log.warning("disk %s locked, DEK wiped: %s", export.name, reason)
 
-    async def _stop_serving(self) -> None:
+    async def stop(self) -> None:
         for h in self._idle_timers.values():
             h.cancel()
         self._idle_timers.clear()

@@ -68,13 +68,11 @@ DEFAULT_LOCATION = "local"
 
 
 class VolumeOperations:
-    # The cache mode of disks that have none of their own (`nbdserver serve --cache`).
-    default_cache = WRITEBACK
-
     # What this group takes from Platform (service.py), stated for the reader and for mypy;
     # issue 17 replaces these mixins by composed objects with explicit dependencies.
     if TYPE_CHECKING:
         data_dir: str
+        default_cache: str  # of disks that have none of their own (`nbdserver serve --cache`)
         storage: VolumeStorage
         state: State
         catalog: ExportCatalog
@@ -85,6 +83,9 @@ class VolumeOperations:
         _des: Callable[[str], EncryptionSet]
 
         def _export_disk(self, disk: Volume) -> Export:
+            raise NotImplementedError  # serving.DiskServing's
+
+        def disk_spec(self, disk: Volume) -> FileSpec | RbdSpec:
             raise NotImplementedError  # serving.DiskServing's
 
         async def close_disk(self, name: str, reason: str, export: Export | None = None) -> None:
@@ -205,11 +206,6 @@ class VolumeOperations:
             return des, d.subscription, location or d.location
         return PLATFORM_KEY, subscription or (src.subscription if src else DEFAULT_SUBSCRIPTION), \
             location or (src.location if src else DEFAULT_LOCATION)
-
-    def disk_spec(self, disk: Volume) -> FileSpec | RbdSpec:
-        """How the disk's file or image is opened: a file with its own cache mode, or
-        the server's default."""
-        return self.storage.spec(disk.path, cache=disk.cache or self.default_cache)
 
     async def _create_disk(self, name, size, scope, subscription, location, src, progress,
                            cache=None, pool=None) -> str:

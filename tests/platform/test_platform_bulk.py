@@ -57,8 +57,8 @@ def run(ks, tmp_path, body):
         access = KeyAccess(p, drain_bound=1.0)
         p.use_key_access(access)
         stats = {"now": 0, "max": 0, "calls": 0}
-        plain = p.client_for
-        p.client_for = lambda scope: CountingClient(plain(scope), stats)
+        plain = p.scopes.client_for
+        p.scopes.client_for = lambda scope: CountingClient(plain(scope), stats)
         try:
             des = await p.create_des("des1", ks.key_url("cust", "k1"))
             await asyncio.to_thread(ks.grant, "cust", des["identity"]["objectId"])
@@ -72,8 +72,8 @@ def run(ks, tmp_path, body):
         again = Platform(str(tmp_path / "nb"), ExportCatalog(), ks.ks_url,
                          Credential.load(ks.ks.admin_credential))
         stats["calls"] = 0
-        plain_again = again.client_for
-        again.client_for = lambda scope: CountingClient(plain_again(scope), stats)
+        plain_again = again.scopes.client_for
+        again.scopes.client_for = lambda scope: CountingClient(plain_again(scope), stats)
         await again.start()
         try:
             assert len(list(again.catalog)) == N + 1

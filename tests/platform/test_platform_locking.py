@@ -83,8 +83,8 @@ def run(keyservice, tmp_path, body):
         access = KeyAccess(p, drain_bound=1.0)
         p.use_key_access(access)
         gates: list[Gate] = []
-        plain = p.client_for
-        p.client_for = lambda scope: GatedClient(plain(scope), scope, gates)
+        plain = p.scopes.client_for
+        p.scopes.client_for = lambda scope: GatedClient(plain(scope), scope, gates)
         try:
             des = await p.create_des("des1", ks.key_url("cust", "k1"))
             await asyncio.to_thread(ks.grant, "cust", des["identity"]["objectId"])
