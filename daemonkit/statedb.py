@@ -33,6 +33,12 @@ class StateError(Exception):
     """The state's location is unusable as given: the message says why (no secret in it)."""
 
 
+class StateUnavailable(Exception):
+    """The state's database cannot be reached now (PostgreSQL down, restarting, the
+    network cut): the APIs answer 503 with this message, the client may retry, and the
+    engine reconnects by itself. No secret in the message."""
+
+
 class Database(Protocol):
     kind: str
     fresh: bool  # no store was ever made here: a master key may be generated

@@ -14,6 +14,14 @@ interface and why write transactions take one advisory lock).
   read the events table as they do on SQLite. A lost notification connection is
   reopened, and subscribers are woken once after it is, so nothing committed meanwhile
   waits for the next change.
+- A lost connection (the server restarted, killed, or the network cut) is reopened by
+  the next statement, at most one attempt at a time and one per `RETRY_PAUSE`, each
+  bounded by `RECONNECT_TIMEOUT`: a caller waits no longer than that. Until it is back,
+  statements raise `StateUnavailable` (the APIs' 503), never the driver's error. A read
+  or a transaction's first statement that finds the old connection dead is retried
+  once on the new one (nothing of it ran); a write outside a transaction, or a
+  transaction cut in its middle or at its commit, is not: it may have committed, so the
+  caller gets `StateUnavailable` and decides (a client retries its request).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,12 +38,14 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .statedb import StateError
+from .statedb import StateError, StateUnavailable
 
 log = logging.getLogger(__name__)
 
 RECONNECT_PAUSE = 1.0  # seconds between attempts to reopen the notification connection
 CONNECT_TIMEOUT = 10
+RECONNECT_TIMEOUT = 3  # seconds a statement may wait for a new connection
+RETRY_PAUSE = 1.0  # seconds after a failed attempt before the next one
 
 # SQLite's types, as PostgreSQL spells them (store.py's DDL is written for SQLite).
 _TYPES = ((re.compile(r"\bINTEGER PRIMARY KEY AUTOINCREMENT\b"),
@@ -109,53 +120,164 @@ class PostgresDatabase:
         # Any fixed number per daemon: the one lock every write transaction takes.
         self._lock = zlib.crc32(f"{name} state writes".encode())
         try:
-            self._db = psycopg.connect(url, autocommit=True, row_factory=_row_factory,
-                                       connect_timeout=CONNECT_TIMEOUT, application_name=name)
+            self._db = self._connect(CONNECT_TIMEOUT)
         except psycopg.Error as e:
             raise StateError(f"cannot connect to {self._where}: {_first_line(e)}") from None
+        self._reconnecting = threading.Lock()
+        self._failed_at = 0.0  # time.monotonic() of the last failed attempt
+        self._failure = ""
+        self._depth = 0  # transactions open on the connection (nested: savepoints)
+        self._tx = self._db  # the connection of the open transaction
         self._closing = threading.Event()
         self._listener: threading.Thread | None = None
         self.fresh = not self._exists(marker)
 
     def _exists(self, table: str) -> bool:
-        row = self._db.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+        row = self.execute("SELECT to_regclass(?) IS NOT NULL", (table,)).fetchone()
         return bool(row and row[0])
 
+    def _connect(self, timeout: float) -> psycopg.Connection:
+        return psycopg.connect(self._url, autocommit=True, row_factory=_row_factory,
+                               connect_timeout=max(1, int(timeout)), application_name=self._name)
+
+    def _connection(self) -> psycopg.Connection:
+        """The connection, reopened first if it was lost (module docstring)."""
+        db = self._db
+        if not (db.closed or db.broken):
+            return db
+        with self._reconnecting:  # one attempt at a time; the others wait for its outcome
+            if self._db is not db and not (self._db.closed or self._db.broken):
+                return self._db
+            if time.monotonic() - self._failed_at < RETRY_PAUSE:
+                raise self._unavailable()
+            try:
+                new = self._connect(RECONNECT_TIMEOUT)
+            except psycopg.Error as e:
+                self._failed_at = time.monotonic()
+                self._failure = _first_line(e)
+                raise self._unavailable() from None
+            log.warning("reconnected to %s", self._where)
+            self._db = new
+            try:
+                db.close()
+            except psycopg.Error:
+                pass
+            return new
+
+    def _unavailable(self) -> StateUnavailable:
+        why = f": {self._failure}" if self._failure else ""
+        return StateUnavailable(f"the state database ({self._where}) is unreachable{why}; "
+                                "retry shortly")
+
+    def _lost(self, db: psycopg.Connection, e: psycopg.Error) -> bool:
+        """Whether `e` means the connection is gone (not a refusal of the statement)."""
+        if db.closed or db.broken:
+            if not self._failure:
+                log.warning("connection to %s lost: %s", self._where, _first_line(e))
+            self._failure = _first_line(e)
+            return True
+        return False
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
-        return self._db.execute(_translate(sql), params)  # type: ignore[arg-type]
+        sql = _translate(sql)
+        retry = self._depth == 0 and sql.lstrip()[:6].upper() == "SELECT"
+        while True:
+            # In a transaction: its connection or nothing (never autocommit on a new one).
+            db = self._tx if self._depth else self._connection()
+            try:
+                return db.execute(sql, params)  # type: ignore[arg-type]
+            except psycopg.Error as e:
+                if not self._lost(db, e):
+                    raise
+                if not retry:
+                    raise self._unavailable() from None
+                retry = False
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with self._db.transaction():
-            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock,))
-            yield
+        if self._depth:  # nested: a savepoint on the open transaction's connection
+            with self._nested():
+                yield
+            return
+        for attempt in (1, 2):
+            db = self._connection()
+            tx = db.transaction()
+            try:
+                tx.__enter__()
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock,))
+            except psycopg.Error as e:
+                if not self._lost(db, e):
+                    tx.__exit__(type(e), e, e.__traceback__)
+                    raise
+                if attempt == 2:
+                    raise self._unavailable() from None
+                continue  # nothing ran: begin again on a new connection
+            break
+        self._tx = db
+        self._depth += 1
+        try:
+            try:
+                yield
+            except BaseException as e:
+                self._depth -= 1
+                self._end(db, tx, e)
+                raise
+            self._depth -= 1
+            self._end(db, tx, None)
+        except psycopg.Error as e:
+            if self._lost(db, e):
+                raise self._unavailable() from None
+            raise
+
+    def _end(self, db: psycopg.Connection, tx: Any, error: BaseException | None) -> None:
+        """Commit (or roll back after `error`); on a lost connection the outcome is the
+        server's: a commit that was not answered may or may not have happened."""
+        try:
+            if error is None:
+                tx.__exit__(None, None, None)
+            else:
+                tx.__exit__(type(error), error, error.__traceback__)
+        except psycopg.Error as e:
+            if error is not None and self._lost(db, e):
+                return  # the server rolled it back with the connection; `error` is raised
+            raise
+
+    @contextmanager
+    def _nested(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            with self._tx.transaction():
+                yield
+        finally:
+            self._depth -= 1
 
     def schema_version(self) -> int:
         if not self._exists("schema_version"):
             return 0
-        row = self._db.execute("SELECT version FROM schema_version").fetchone()
+        row = self.execute("SELECT version FROM schema_version").fetchone()
         return 0 if row is None else int(row[0])
 
     def set_schema_version(self, version: int) -> None:
-        self._db.execute("DELETE FROM schema_version")
-        self._db.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        self.execute("DELETE FROM schema_version")
+        self.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
     def columns(self, table: str) -> set[str]:
-        return {r[0] for r in self._db.execute(
+        return {r[0] for r in self.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_schema = "
-            "current_schema() AND table_name = %s", (table,))}
+            "current_schema() AND table_name = ?", (table,))}
 
     def create_schema(self, ddl: str) -> None:
         """Inside the caller's transaction (DDL is transactional here): instances that
         start together make the tables once."""
-        self._db.execute(postgres_ddl(ddl) +
-                         "\nCREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);")
+        db = self._tx if self._depth else self._connection()
+        db.execute(postgres_ddl(ddl) +
+                   "\nCREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);")
 
     def json_number(self, column: str, field: str) -> str:
         return f"(({column})::jsonb ->> '{field}')::double precision"
 
     def announce_change(self) -> None:
-        self._db.execute(f"NOTIFY {self._channel}")
+        self.execute(f"NOTIFY {self._channel}")
 
     def follow_changes(self, wake: Callable[[], None]) -> None:
         self._listener = threading.Thread(target=self._listen, args=(wake,),

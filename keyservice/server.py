@@ -22,6 +22,7 @@ from daemonkit.httpguard import GuardedRunner, HttpLimits
 from daemonkit.httplog import MalformedRequestLog
 from daemonkit.metrics import MetricsListener
 from daemonkit.sdnotify import sd_notify, watchdog_loop
+from daemonkit.statedb import StateUnavailable
 
 from .api.addressing import Addressing
 from .api.app import make_app
@@ -165,6 +166,8 @@ async def _every(app, interval: float, method: str, message: str) -> None:
             done = await domain.run(getattr(domain.service, method))
             if done:
                 log.info(message, done)
+        except StateUnavailable as e:  # the database is down: the next round retries
+            log.warning("%s not run: %s", method, e)
         except Exception:
             log.exception("%s failed", method)
         await asyncio.sleep(interval)

@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from daemonkit import fips
 from daemonkit.bodies import BodyError, parse
 from daemonkit.httplog import escape
+from daemonkit.statedb import StateUnavailable
 
 from . import apimodels as m
 from .platform.errors import BadRequest, PlatformError
@@ -65,6 +66,10 @@ async def errors_middleware(request, handler):
         return await handler(request)
     except PlatformError as e:
         return _error(e.status, e.code, e.message)
+    except StateUnavailable as e:  # the shared state's database down: retry, not a fault here
+        resp = _error(503, "StateUnavailable", str(e))
+        resp.headers["Retry-After"] = "1"
+        return resp
     except web.HTTPException as e:
         if e.status >= 400:
             return _error(e.status, e.reason.replace(" ", ""), e.text or e.reason)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from daemonkit.httplog import escape
+from daemonkit.statedb import StateUnavailable
 
 from ..domain import errors
 from .addressing import Addressing, is_host_form
@@ -163,6 +164,10 @@ async def edge(request: web.Request, handler):
         resp = _error_response(status, e.code, e.message, e.inner)
         if isinstance(e, errors.TooManyRequests):
             resp.headers["Retry-After"] = str(e.retry_after)
+    except StateUnavailable as e:  # the shared state's database down: retry, not a fault here
+        error_code = "StateUnavailable"
+        resp = _error_response(503, error_code, str(e))
+        resp.headers["Retry-After"] = "1"
     except web.HTTPException as e:
         status = e.status
         error_code = _HTTP_CODES.get(status, "BadRequest")
