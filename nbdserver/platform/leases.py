@@ -31,7 +31,9 @@ released at a clean stop, and each volume it leaves CREATING names it (`volume_c
 state.py). A volume left CREATING is removed (`remove_abandoned`) only once its creator's
 server lease has expired or is gone: at a start, and at each renewal of every server, so
 restarting one server never removes a copy another is still making, and a dead server's
-half-made volume is removed within a ttl and a renewal period.
+half-made volume is removed within a ttl and a renewal period. Operations the same way
+(`operation_runners`): one is reported interrupted only once its server's lease is gone.
+The sweep runs on the event loop, as every other use of the state's one connection.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .model import VolumeKind, VolumeState
+from .oplog import INTERRUPTED
 
 if TYPE_CHECKING:
     from .service import Platform
@@ -110,10 +113,13 @@ class DiskLeases:
             except Exception:
                 log.warning("disks of the other servers not looked up", exc_info=True)
             try:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, remove_abandoned, self.state, self.platform.storage)
+                remove_abandoned(self.state, self.platform.storage)
+                swept = self.state.interrupt_running_operations(time.time(), INTERRUPTED)
+                if swept:
+                    log.warning("%d operation(s) of a server that stopped reported as "
+                                "interrupted", swept)
             except Exception:
-                log.warning("volumes left unfinished by other servers not looked up", exc_info=True)
+                log.warning("what other servers left unfinished not looked up", exc_info=True)
 
     def renew(self) -> None:
         try:

@@ -55,9 +55,10 @@ CREATE TABLE IF NOT EXISTS disk_leases (
 CREATE TABLE IF NOT EXISTS server_leases (holder TEXT PRIMARY KEY, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS volume_creators (
     kind TEXT NOT NULL, name TEXT NOT NULL, holder TEXT NOT NULL, PRIMARY KEY (kind, name));
+CREATE TABLE IF NOT EXISTS operation_runners (id TEXT PRIMARY KEY, holder TEXT NOT NULL);
 """
-# `operations` (platform.oplog), `disk_leases`, `server_leases` and `volume_creators`
-# (platform.leases) came without a schema version of their own: a table only
+# `operations` (platform.oplog), `disk_leases`, `server_leases`, `volume_creators` and
+# `operation_runners` (platform.leases) came without a schema version of their own: a table only
 # added, which a release that does not know it never reads, and every open creates.
 
 
@@ -314,9 +315,15 @@ class State:
 
     # -- long operations (platform.oplog): the view a client sees, as JSON
     def put_operation(self, op: dict) -> None:
+        # As put_volume's creator: the runner's row first and gone last (leases.py).
+        running = op["status"] == "running"
+        if running and self.creator is not None:
+            self.db.execute(_upsert("operation_runners", "id, holder", "id"), (op["id"], self.creator))
         self.db.execute(_upsert("operations", "id, kind, status, started, ended, view", "id"),
                         (op["id"], op["kind"], op["status"], op["started"], op.get("ended"),
                          json.dumps(op)))
+        if not running:
+            self.db.execute("DELETE FROM operation_runners WHERE id=?", (op["id"],))
 
     def get_operation(self, op_id: str) -> dict | None:
         row = self.db.execute("SELECT view FROM operations WHERE id=?", (op_id,)).fetchone()
@@ -335,9 +342,14 @@ class State:
             (ended_before, keep)).rowcount
 
     def interrupt_running_operations(self, now: float, error: dict) -> int:
-        """Every operation still marked running: its process is gone (see oplog)."""
+        """Every operation still marked running whose process is gone (see oplog): none
+        recorded (one server alone), or its server lease expired or released. A live
+        server's running operation is its own to finish."""
         with self.transaction():
-            rows = self.db.execute("SELECT view FROM operations WHERE status='running'").fetchall()
+            rows = self.db.execute(
+                "SELECT view FROM operations o WHERE status='running' AND NOT EXISTS ("
+                "SELECT 1 FROM operation_runners r JOIN server_leases s ON s.holder = r.holder "
+                "WHERE r.id = o.id AND s.expires >= ?)", (now,)).fetchall()
             for (view,) in rows:
                 op = json.loads(view)
                 op.update(status="interrupted", error=dict(error), ended=now,

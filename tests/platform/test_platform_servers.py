@@ -9,6 +9,7 @@ bound, every acknowledged write intact.
 
 from __future__ import annotations
 
+import json
 import time
 
 import nbd
@@ -101,8 +102,9 @@ def _lease(dsn: str, disk: str):
 
 def test_a_restart_removes_only_what_a_dead_server_left_unfinished(make_stack, postgres_dsn):
     """B is making a disk (its row CREATING, named with B's server lease) when A restarts:
-    A's start-up sweep leaves it, and removes one whose creator is gone. Once B is killed,
-    its unfinished disk goes too, within its lease and a renewal."""
+    A's start-up sweep leaves it, and removes one whose creator is gone; B's running
+    operation stays running, a gone server's is interrupted. Once B is killed, its
+    unfinished disk and its operation go the same way, within its lease and a renewal."""
     stack = make_stack(nbd_args=["--state", postgres_dsn, "--disk-lease-seconds", str(LEASE)])
     b = _server_b(stack)
     try:
@@ -115,17 +117,23 @@ def test_a_restart_removes_only_what_a_dead_server_left_unfinished(make_stack, p
         # too little time to restart a server inside it).
         _mark_creating(postgres_dsn, "making", b_holder)
         _mark_creating(postgres_dsn, "orphan", "gone-host/1/00000000")
+        _running_operation(postgres_dsn, "op-b", b_holder)
+        _running_operation(postgres_dsn, "op-gone", "gone-host/1/00000000")
 
         stack.restart_nbdserver()
 
         assert _volume_state(postgres_dsn, "making") == "creating"
         assert paths["making"].exists()
+        assert _operation_status(postgres_dsn, "op-b") == "running"
         wait_until(lambda: _volume_state(postgres_dsn, "orphan") is None and not paths["orphan"].exists(),
                    timeout=2 * LEASE, what="the unfinished disk of a gone server removed")
+        assert _operation_status(postgres_dsn, "op-gone") == "interrupted"
 
         b.kill()
         wait_until(lambda: _volume_state(postgres_dsn, "making") is None and not paths["making"].exists(),
                    timeout=LEASE + LEASE / 3 + 5, what="A removes the killed B's unfinished disk")
+        wait_until(lambda: _operation_status(postgres_dsn, "op-b") == "interrupted", timeout=LEASE,
+                   what="A reports the killed B's operation interrupted")
     finally:
         b.kill()
     assert "Traceback" not in stack.nb.stderr_text(), stack.nb.stderr_text()[-4000:]
@@ -154,4 +162,16 @@ def _mark_creating(dsn: str, name: str, creator: str) -> None:
 
 def _volume_state(dsn: str, name: str) -> str | None:
     rows = _sql(dsn, "SELECT state FROM volumes WHERE kind='disk' AND name=%s", (name,))
+    return rows[0][0] if rows else None
+
+
+def _running_operation(dsn: str, op_id: str, runner: str) -> None:
+    view = json.dumps({"id": op_id, "kind": "snapshot.create", "status": "running", "started": time.time()})
+    _sql(dsn, "INSERT INTO operations (id, kind, status, started, view) VALUES (%s, 'snapshot.create', "
+         "'running', %s, %s)", (op_id, time.time(), view))
+    _sql(dsn, "INSERT INTO operation_runners (id, holder) VALUES (%s, %s)", (op_id, runner))
+
+
+def _operation_status(dsn: str, op_id: str) -> str | None:
+    rows = _sql(dsn, "SELECT status FROM operations WHERE id=%s", (op_id,))
     return rows[0][0] if rows else None
