@@ -23,8 +23,10 @@ an expiry:
 The expiry is compared with each server's own clock (`time.time()`): servers sharing a
 platform must keep their clocks in step (NTP), and the bound grows by their skew.
 
-Each server also adds to its export catalog, at every renewal, the disks another server
-created since (`sync_catalog`), so a disk made on one is served by any.
+Each server also follows in its export catalog, at every renewal, what other servers
+changed (`sync_catalog`): a disk made on one is served by any, a disk deleted through
+one is closed (and its storage removed) by the one serving it, a disk grown through one
+is announced at its new size by the others.
 
 A server holds a lease of its own too (`server_leases`), renewed with its disks' and
 released at a clean stop, and each volume it leaves CREATING names it (`volume_creators`,
@@ -48,6 +50,8 @@ from typing import TYPE_CHECKING
 
 from .model import VolumeKind, VolumeState
 from .oplog import INTERRUPTED
+from .sealed import SealedBackend
+from .serving import is_open
 
 if TYPE_CHECKING:
     from .service import Platform
@@ -70,6 +74,10 @@ class DiskLeases:
         self.held: set[str] = set()
         self._last_renewal = time.monotonic()
         self._task: asyncio.Task | None = None
+        self._removals: set[asyncio.Future] = set()  # referenced until done
+        # The disks' files at the last look (sync_catalog): what another server changed since.
+        self._seen = {d.name: d.path for d in self.state.list_volumes(VolumeKind.DISK)
+                      if d.state is VolumeState.READY}
         # Before any volume is made here: the volumes this server leaves CREATING are its.
         self.state.renew_server_lease(self.holder, time.time(), ttl)
         self.state.creator = self.holder
@@ -121,6 +129,14 @@ class DiskLeases:
             except Exception:
                 log.warning("what other servers left unfinished not looked up", exc_info=True)
 
+    async def _remove_storage(self, location: str, closing: list[asyncio.Task]) -> None:
+        await asyncio.gather(*closing, return_exceptions=True)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.platform.storage.remove, location)
+        except OSError as e:  # a stray then, removed at a server's next start
+            log.error("cannot remove %s of a disk deleted through another server: %s", location, e)
+
     def renew(self) -> None:
         try:
             now = time.time()
@@ -139,12 +155,45 @@ class DiskLeases:
             self.platform.unserve(name, "lease lost")
 
     def sync_catalog(self) -> int:
-        """Export the ready disks another server created since; how many."""
+        """Follow in the export catalog what other servers changed in the state; how many
+        disks were added. A disk created elsewhere is exported; one deleted elsewhere (its
+        row gone, or now naming another file: deleted and made again) is closed at once,
+        its clients' requests failing from then on, and unexported; one grown elsewhere
+        (its storage grown by that server) is served at its new size to the clients that
+        attach from then on, as a local resize does. Moves and re-wraps change no DEK,
+        and revocations reach every server from the key service: nothing to do here."""
+        catalog = self.platform.catalog
+        disks = {d.name: d for d in self.state.list_volumes(VolumeKind.DISK)}
+        for name, path in self._seen.items():
+            export = catalog.get(name)
+            now = disks.get(name)
+            if export is None or (now is not None and now.path == path):
+                continue
+            log.warning("disk %s deleted through another server: closed here", name)
+            closing = self.platform.close_disks([name], "disk deleted")  # locked at once
+            catalog.remove(name)
+            if name in self.held:
+                self.release(name)
+            # The deleting server could not remove an image this one held open (librbd
+            # refuses while a watch is on it): removed here once closed. A file it unlinked.
+            removal = asyncio.ensure_future(self._remove_storage(path, closing))
+            self._removals.add(removal)
+            removal.add_done_callback(self._removals.discard)
         added = 0
-        for disk in self.state.list_volumes(VolumeKind.DISK):
-            if disk.state is VolumeState.READY and self.platform.catalog.get(disk.name) is None:
+        for disk in disks.values():
+            if disk.state is not VolumeState.READY:
+                continue
+            export = catalog.get(disk.name)
+            if export is None:
                 self.platform._export_disk(disk)
                 added += 1
+            elif disk.size > export.backend.size and self._seen.get(disk.name) == disk.path:
+                log.info("disk %s grown through another server to %d bytes", disk.name, disk.size)
+                if is_open(export):
+                    export.grow(disk.size)
+                else:
+                    export.backend = SealedBackend(disk.size)
+        self._seen = {d.name: d.path for d in disks.values() if d.state is VolumeState.READY}
         return added
 
 

@@ -15,7 +15,7 @@ import time
 import nbd
 import pytest
 
-from tests.helpers.platform import NbdServerProcess, _http, pattern
+from tests.helpers.platform import NbdServerProcess, _http, io_fails, pattern
 from tests.helpers.servers import wait_until
 
 psycopg = pytest.importorskip("psycopg")
@@ -76,6 +76,52 @@ def test_one_server_serves_a_disk_and_the_other_takes_over_after_a_kill(make_sta
     finally:
         b.kill()
     assert "Traceback" not in b.stderr_text(), b.stderr_text()[-4000:]
+
+
+def test_a_delete_and_a_resize_through_one_server_reach_the_server_serving_the_disk(
+        make_stack, postgres_dsn):
+    """Disks served by B, deleted and grown through A: B closes the deleted one (its
+    client's reads fail with EIO, new clients are refused; its file is gone) and tells
+    new clients of the grown one its new size, each within a renewal period."""
+    stack = make_stack(nbd_args=["--state", postgres_dsn, "--disk-lease-seconds", str(LEASE)])
+    b = _server_b(stack)
+    try:
+        stack.create_disk("gone", "--size", "4M")
+        stack.create_disk("grows", "--size", "4M")
+        wait_until(lambda: all((_b_view(stack, b, n) or {}).get("serving") for n in ("gone", "grows")),
+                   timeout=10, what="B exports both disks A made")
+        data = pattern(0x6D1, 64 << 10)
+        hg = _connect(b.nbd_address, "gone")  # B takes both leases
+        hg.pwrite(data, 0, nbd.CMD_FLAG_FUA)
+        hr = _connect(b.nbd_address, "grows")
+        hr.pwrite(data, 0, nbd.CMD_FLAG_FUA)
+        assert hr.get_size() == 4 << 20
+        path = _disk_path(postgres_dsn, stack, "gone")
+
+        assert stack.nbdserver("disk", "resize", "grows", "--size", "8M")["size"] == 8 << 20  # through A
+        stack.nbdserver("disk", "delete", "gone")  # through A, which has no client of it
+        assert not path.exists()
+
+        bound = LEASE / 3 + 5  # one renewal period, plus the client's own time
+        wait_until(lambda: io_fails(hg), timeout=bound, what="B closes the disk deleted through A")
+        assert connect_refused_at(b.nbd_address, "gone") is not None
+        wait_until(lambda: _size_at(b.nbd_address, "grows") == 8 << 20, timeout=bound,
+                   what="B announces the size A gave the disk")
+        assert hr.pread(len(data), 0) == data  # the attached client serves on, at its size
+        hr.shutdown()
+    finally:
+        b.kill()
+    assert "Traceback" not in b.stderr_text(), b.stderr_text()[-4000:]
+
+
+def _size_at(address: str, disk: str) -> int | None:
+    h = _try_connect(address, disk)
+    if h is None:
+        return None
+    try:
+        return h.get_size()
+    finally:
+        h.shutdown()
 
 
 def connect_refused_at(address: str, disk: str) -> str | None:
