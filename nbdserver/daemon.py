@@ -67,10 +67,10 @@ async def serve_forever(stop: asyncio.Event, *, data_dir, api_ssl=None,
     try:
         platform = Platform(data_dir, catalog, keyservice_url, credential,
                             ssl=ssl, master_key_file=master_key_file, idle_close=idle_close,
-                            storage=volume_storage, state_url=state, default_cache=cache)
+                            storage=volume_storage, state_url=state, default_cache=cache,
+                            vault_domain=vault_domain)
     except (MasterKeyError, OSError, sqlite3.Error, SchemaTooNew, StateError) as e:
         raise StartupError(f"cannot open the platform's state in {data_dir}: {e}") from None
-    platform.keyservice_vault_domain = vault_domain
     try:
         await platform.start()
     except PlatformError as e:  # e.g. first start, the key service down: no platform key yet

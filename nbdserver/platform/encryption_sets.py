@@ -1,6 +1,7 @@
 """Disk encryption sets: a customer's key, and the managed identity that may use it.
 
-A mixin of `Platform` (see `service`): the operations on encryption sets, and re-wrapping
+One of the parts `Platform` is built from (see `service`): the operations on encryption
+sets, and re-wrapping
 a volume's DEK from one key to another (rotation and moves between keys). A set may also
 follow its key's latest version by itself (`auto_rotation`).
 """
@@ -12,7 +13,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from daemonkit.rfc3339 import format_time
@@ -49,22 +49,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("nbdserver.platform")
 
 
-class EncryptionSetOperations:
-    # What this group takes from Platform (service.py), stated for the reader and for mypy;
-    # issue 17 replaces these mixins by composed objects with explicit dependencies.
-    if TYPE_CHECKING:
-        state: State
-        sealer: Sealer
-        client: KeyServiceClient
-        keyservice_url: str
-        keyservice_vault_domain: str | None
-        operations: Operations
-        access: KeyAccess | None
-        auto_rotation: AutoRotation
-        client_for: Callable[[str], KeyServiceClient]
-        key_url_for: Callable[[str], str]
-        _des: Callable[[str], EncryptionSet]
-        scopes: KeyScopes
+class EncryptionSets:
+    """Encryption sets and re-wrapping. It keeps sets in `state`, seals their identities'
+    credentials with `sealer`, talks to the key service as the platform (`scopes.client`)
+    or as a set (`scopes`), runs its changes as `operations`, and tells `auto_rotation`
+    about sets that follow their key. Key URLs must be on `keyservice_url` (or, in Key
+    Vault's host form, under `vault_domain`). `use_key_access` wires the revocation
+    watcher built after it."""
+
+    def __init__(self, state: State, sealer: Sealer, scopes: KeyScopes, operations: Operations,
+                 auto_rotation: AutoRotation, *, keyservice_url: str,
+                 vault_domain: str | None = None):
+        self.state = state
+        self.sealer = sealer
+        self.scopes = scopes
+        self.operations = operations
+        self.auto_rotation = auto_rotation
+        self.keyservice_url = keyservice_url
+        self.vault_domain = vault_domain
+        self.access: KeyAccess | None = None
+
+    def use_key_access(self, access: KeyAccess) -> None:
+        self.access = access
 
     # -- encryption sets
     def create_des(self, name: str, key_url: str, *, subscription: str | None = None,
@@ -76,7 +82,7 @@ class EncryptionSetOperations:
             # EncryptionAtRestWithPlatformKey is no set's: it is a disk without one.
             raise BadRequest(f"encryptionType must be one of {', '.join(SET_TYPES)}, "
                              f"not {encryption_type!r}")
-        key_url = canonical_key_url(key_url, self.keyservice_url, self.keyservice_vault_domain)
+        key_url = canonical_key_url(key_url, self.keyservice_url, self.vault_domain)
         if name == PLATFORM_KEY:
             # Volumes record their scope by name, and this one means the platform's own key:
             # a set of that name would silently turn its disks platform-managed.
@@ -97,7 +103,7 @@ class EncryptionSetOperations:
         location = location or vault.get("location")
         rules.vault_fit_for_des(vault, ku.vault, location, subscription, allow_cross_subscription)
         try:
-            cred = await self.client.create_identity(f"des-{name}", type="managedIdentity")
+            cred = await self.scopes.client.create_identity(f"des-{name}", type="managedIdentity")
         except KeyServiceError as e:
             raise keys.translate(e, "creating the encryption set's identity") from None
         des = EncryptionSet(name, subscription, location, key_url, cred.object_id,
@@ -116,7 +122,7 @@ class EncryptionSetOperations:
             raise BadRequest(f"key URL {ku.versionless} is not on this platform's key service "
                              f"({self.keyservice_url})")
         try:
-            return await self.client.get_vault(ku.vault)
+            return await self.scopes.client.get_vault(ku.vault)
         except KeyServiceError as e:
             if e.status == 404:
                 raise BadRequest(f"key vault {ku.vault!r} not found") from None
@@ -124,7 +130,7 @@ class EncryptionSetOperations:
 
     async def check_access(self, scope: str, key_url: str | None = None) -> dict:
         """Which of get, wrapKey, unwrapKey the scope's identity may use on its key."""
-        client, url = self.client_for(scope), key_url or self.key_url_for(scope)
+        client, url = self.scopes.client_for(scope), key_url or self.scopes.key_url_for(scope)
         missing, messages = [], []
         try:
             await keys.key_attributes(client, url)
@@ -152,7 +158,7 @@ class EncryptionSetOperations:
                 "messages": messages}
 
     async def show_des(self, name: str) -> dict:
-        des = self._des(name)
+        des = self.scopes.des(name)
         out = {"name": des.name, "subscription": des.subscription, "location": des.location,
                "encryptionType": des.encryption_type, "keyUrl": des.key_url,
                "identity": {"type": "SystemAssigned", "objectId": des.identity_object_id},
@@ -199,8 +205,8 @@ class EncryptionSetOperations:
         Each volume's row changes alone (its envelope), so a rotation cut short, by its
         deadline or a crash, leaves every volume under the old key or the new one, both
         usable by the set; running it again finishes it."""
-        self._des(name)
-        key_url = canonical_key_url(key_url, self.keyservice_url, self.keyservice_vault_domain)
+        self.scopes.des(name)
+        key_url = canonical_key_url(key_url, self.keyservice_url, self.vault_domain)
         if key_url is None and auto_rotate is None:
             raise BadRequest("nothing to update: give keyUrl, rotationToLatestKeyVersionEnabled "
                              "or both")
@@ -231,7 +237,7 @@ class EncryptionSetOperations:
             self.auto_rotation.poke(name)
 
     async def _set_auto_rotate(self, name: str, auto_rotate: bool) -> dict:
-        des = self._des(name)
+        des = self.scopes.des(name)
         des.auto_rotate = auto_rotate
         if not auto_rotate:
             des.rotation_error = None  # a manual set has no automatic attempts to report
@@ -240,7 +246,7 @@ class EncryptionSetOperations:
 
     async def _rotate(self, name: str, key_url: str, ku: KeyUrl,
                       auto_rotate: bool | None = None) -> dict:
-        des = self._des(name)
+        des = self.scopes.des(name)
         vault = await self._vault(ku)
         rules.vault_fit_for_des(vault, ku.vault, des.location, des.subscription,
                                 des.allow_cross_subscription)
@@ -248,10 +254,10 @@ class EncryptionSetOperations:
         if not access["granted"]:
             raise AccessMissing(f"encryption set {name!r} identity {des.identity_object_id} lacks "
                                 f"{', '.join(access['missing'])} on the new key {key_url}")
-        client = self.client_for(name)
+        client = self.scopes.client_for(name)
         kids = set()
         for v in self.state.list_volumes(des=name):
-            if await self._rewrap(v, client, client, key_url):
+            if await self.rewrap(v, client, client, key_url):
                 kids.add(v.envelope.kid)
         des.key_url = key_url
         if auto_rotate is not None:
@@ -262,7 +268,7 @@ class EncryptionSetOperations:
         # the list above is re-wrapped now; one written later uses the new key itself.
         for v in self.state.list_volumes(des=name):
             if v.envelope.kid not in kids:
-                await self._rewrap(v, client, client, key_url)
+                await self.rewrap(v, client, client, key_url)
         wrapped = {v.envelope.kid for v in self.state.list_volumes(des=name)}
         # What the volumes are on; with none, the version the key URL names now.
         active = (next(iter(wrapped)) if len(wrapped) == 1
@@ -273,7 +279,7 @@ class EncryptionSetOperations:
         return await self.show_des(name)
 
     def delete_des(self, name: str) -> asyncio.Task:
-        self._des(name)
+        self.scopes.des(name)
 
         async def run():
             users = self.state.list_volumes(des=name)
@@ -288,7 +294,7 @@ class EncryptionSetOperations:
         return self.operations.start(f"deletion of encryption set {name!r}", run,
                                      exclusive=[ops.scope(name)])
 
-    async def _rewrap(self, v: Volume, old: KeyServiceClient, new: KeyServiceClient, key_url: str,
+    async def rewrap(self, v: Volume, old: KeyServiceClient, new: KeyServiceClient, key_url: str,
                       *, des: str | None = None) -> bool:
         """Re-wrap one volume's DEK; False if the volume went or changed meanwhile."""
         dek = await keys.unwrap(old, v.envelope)

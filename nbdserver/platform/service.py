@@ -25,13 +25,14 @@ from ..exports import Export, ExportCatalog
 from . import keys
 from .access import KeyAccess
 from .auto_rotation import AutoRotation
-from .encryption_sets import EncryptionSetOperations
+from .encryption_sets import EncryptionSets
 from .errors import PlatformVaultUntrusted
 from .model import (
     EncryptionSet,
     KeyUrl,
     Volume,
     VolumeKind,
+    VolumeState,
 )
 from .operations import Operations
 from .oplog import OperationLog
@@ -74,17 +75,16 @@ def platform_vault_problems(vault: dict, object_id: str, tenant_id: str) -> list
     return problems
 
 
-class Platform(EncryptionSetOperations, VolumeOperations):
+class Platform(VolumeOperations):
     def __init__(self, data_dir: str, catalog: ExportCatalog, keyservice_url: str,
                  credential: Credential, *, ssl=None, master_key_file: str | None = None,
                  idle_close: float = IDLE_CLOSE, storage: VolumeStorage | None = None,
-                 state_url: str | None = None, default_cache: str = WRITEBACK):
+                 state_url: str | None = None, default_cache: str = WRITEBACK,
+                 vault_domain: str | None = None):
         # Absolute once, here: files are found relative to it whatever the working directory.
         self.data_dir = data_dir = os.path.abspath(data_dir)
         self.catalog = catalog
         self.keyservice_url = keyservice_url.rstrip("/")
-        # Key Vault's host-form key URLs on that service (model.canonical_key_url); None: path form only.
-        self.keyservice_vault_domain: str | None = None
         self.ssl = ssl
         self.storage = storage or VolumeStorage(data_dir)  # files, or RBD images (storage.py)
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -101,6 +101,11 @@ class Platform(EncryptionSetOperations, VolumeOperations):
         self.operations = Operations()  # claims, deadlines, tasks: see operations.py
         self.oplog = OperationLog(self.state)  # what clients follow: the API's and our own
         self.auto_rotation = AutoRotation(self)  # sets that follow their key's latest version
+        # vault_domain: Key Vault's host-form key URLs on that service
+        # (model.canonical_key_url); None: path form only.
+        self.encryption_sets = EncryptionSets(self.state, self.sealer, self.scopes, self.operations,
+                                              self.auto_rotation, keyservice_url=self.keyservice_url,
+                                              vault_domain=vault_domain)
         self.access: KeyAccess | None = None  # see use_key_access
         self.default_cache = default_cache  # fixed here: serving and show_disk read the same
         # Opens a disk when a client attaches, closes it when idle or revoked.
@@ -111,6 +116,34 @@ class Platform(EncryptionSetOperations, VolumeOperations):
                                  opening=self.serving.opening)
 
     # -- what the parts do, as callers (the API, the CLI, tests) name it
+    def create_des(self, name: str, key_url: str, *, subscription: str | None = None,
+                   location: str | None = None, allow_cross_subscription: bool = False,
+                   auto_rotate: bool = False, encryption_type: str | None = None) -> asyncio.Task:
+        return self.encryption_sets.create_des(
+            name, key_url, subscription=subscription, location=location,
+            allow_cross_subscription=allow_cross_subscription, auto_rotate=auto_rotate,
+            encryption_type=encryption_type)
+
+    async def show_des(self, name: str) -> dict:
+        return await self.encryption_sets.show_des(name)
+
+    def list_des(self) -> list[dict]:
+        return self.encryption_sets.list_des()
+
+    def update_des(self, name: str, key_url: str | None = None, *,
+                   auto_rotate: bool | None = None) -> asyncio.Task:
+        return self.encryption_sets.update_des(name, key_url, auto_rotate=auto_rotate)
+
+    def delete_des(self, name: str) -> asyncio.Task:
+        return self.encryption_sets.delete_des(name)
+
+    async def check_access(self, scope: str, key_url: str | None = None) -> dict:
+        return await self.encryption_sets.check_access(scope, key_url)
+
+    async def _rewrap(self, v: Volume, old: KeyServiceClient, new: KeyServiceClient, key_url: str,
+                      *, des: str | None = None) -> bool:  # auto_rotation.py's and the volumes' call
+        return await self.encryption_sets.rewrap(v, old, new, key_url, des=des)
+
     def resize_disk(self, name: str, size) -> asyncio.Task:
         return self.sizing.resize_disk(name, size)
 
@@ -141,6 +174,7 @@ class Platform(EncryptionSetOperations, VolumeOperations):
         platform without one changes nothing and is rechecked by nobody."""
         self.access = access
         self.serving.use_key_access(access)
+        self.encryption_sets.use_key_access(access)
 
     def use_leases(self, leases: DiskLeases) -> None:
         """Several servers share the state: a disk is opened only by its lease's holder."""
@@ -177,10 +211,16 @@ class Platform(EncryptionSetOperations, VolumeOperations):
         self.state.close()
 
     def _remove_unfinished(self) -> None:
-        """A volume left CREATING by a crash has partial data: remove it and its file,
-        unless another server sharing the state is still making it (leases.py)."""
-        from .leases import remove_abandoned
-        remove_abandoned(self.state, self.storage)
+        """A volume left CREATING by a crash has partial data: remove it and its file."""
+        for v in self.state.list_volumes():
+            if v.state is VolumeState.CREATING:
+                log.warning("removing %s %s left unfinished by a crash", v.kind.value, v.name)
+                try:
+                    self.storage.remove(v.path)
+                except OSError as e:  # an image, the cluster unreachable: next start
+                    log.error("cannot remove %s: %s", v.path, e)
+                    continue
+                self.state.delete_volume(v.kind, v.name)
         self._remove_orphan_files()
 
     async def _create_platform_key(self) -> str:
