@@ -32,7 +32,6 @@ from .model import (
     KeyUrl,
     Volume,
     VolumeKind,
-    VolumeState,
 )
 from .operations import Operations
 from .oplog import OperationLog
@@ -211,16 +210,10 @@ class Platform(VolumeOperations):
         self.state.close()
 
     def _remove_unfinished(self) -> None:
-        """A volume left CREATING by a crash has partial data: remove it and its file."""
-        for v in self.state.list_volumes():
-            if v.state is VolumeState.CREATING:
-                log.warning("removing %s %s left unfinished by a crash", v.kind.value, v.name)
-                try:
-                    self.storage.remove(v.path)
-                except OSError as e:  # an image, the cluster unreachable: next start
-                    log.error("cannot remove %s: %s", v.path, e)
-                    continue
-                self.state.delete_volume(v.kind, v.name)
+        """A volume left CREATING by a crash has partial data: remove it and its file,
+        unless another server sharing the state is still making it (leases.py)."""
+        from .leases import remove_abandoned
+        remove_abandoned(self.state, self.storage)
         self._remove_orphan_files()
 
     async def _create_platform_key(self) -> str:
