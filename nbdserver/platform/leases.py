@@ -48,6 +48,8 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from daemonkit.statedb import StateUnavailable
+
 from .model import VolumeKind, VolumeState
 from .oplog import INTERRUPTED
 from .sealed import SealedBackend
@@ -83,14 +85,25 @@ class DiskLeases:
         self.state.creator = self.holder
 
     def acquire(self, name: str) -> bool:
-        if self.state.take_lease(name, self.holder, time.time(), self.ttl):
+        """Whether this server holds `name`'s lease now. With the database unreachable
+        nobody can be granted one, so the client is refused as for a disk another server
+        serves, and may retry."""
+        try:
+            taken = self.state.take_lease(name, self.holder, time.time(), self.ttl)
+        except StateUnavailable as e:
+            log.warning("disk %s not opened: its lease cannot be taken: %s", name, e)
+            return False
+        if taken:
             self.held.add(name)
             return True
         return False
 
     def release(self, name: str) -> None:
         self.held.discard(name)
-        self.state.release_lease(name, self.holder)
+        try:
+            self.state.release_lease(name, self.holder)
+        except StateUnavailable as e:  # it expires by itself
+            log.warning("lease of disk %s not released: %s", name, e)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -118,16 +131,15 @@ class DiskLeases:
             self.renew()
             try:
                 self.sync_catalog()
-            except Exception:
-                log.warning("disks of the other servers not looked up", exc_info=True)
-            try:
                 remove_abandoned(self.state, self.platform.storage)
                 swept = self.state.interrupt_running_operations(time.time(), INTERRUPTED)
                 if swept:
                     log.warning("%d operation(s) of a server that stopped reported as "
                                 "interrupted", swept)
+            except StateUnavailable as e:  # renew() said it already; the next round retries
+                log.debug("the other servers' changes not looked up: %s", e)
             except Exception:
-                log.warning("what other servers left unfinished not looked up", exc_info=True)
+                log.warning("the other servers' changes not looked up", exc_info=True)
 
     async def _remove_storage(self, location: str, closing: list[asyncio.Task]) -> None:
         await asyncio.gather(*closing, return_exceptions=True)

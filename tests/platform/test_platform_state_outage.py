@@ -9,7 +9,7 @@ import nbd
 import pytest
 
 from tests.helpers import postgres
-from tests.helpers.platform import pattern
+from tests.helpers.platform import connect_refused, pattern
 from tests.helpers.servers import wait_until
 
 pytest.importorskip("psycopg")
@@ -28,16 +28,18 @@ def own_postgres():
 def test_a_database_outage_answers_503_and_both_daemons_recover(make_stack, own_postgres):
     ks_dsn = own_postgres.create_database("ks")
     nb_dsn = own_postgres.create_database("nb")
-    # A lease far longer than the outage: the holder must not fence itself meanwhile.
+    # A renewal falls in the outage (every 10 s), the fence does not (20 s after the last
+    # renewal): the holder keeps serving through a renewal that failed.
     stack = make_stack(ks_args=["--state", ks_dsn],
-                       nbd_args=["--state", nb_dsn, "--disk-lease-seconds", "120"])
+                       nbd_args=["--state", nb_dsn, "--disk-lease-seconds", "30"])
     stack.create_disk("open", "--size", "4M")
+    stack.create_disk("closed", "--size", "4M")
     h = stack.connect("open")
     before = pattern(0x0D1, 64 << 10)
     h.pwrite(before, 0, nbd.CMD_FLAG_FUA)
     assert stack.ks_api("GET", "/vaults/nbd-platform")[0] == 200  # logged in before the outage
 
-    seen: dict[str, list[int]] = {"nbdserver": [], "keyservice": []}
+    seen: dict[str, list] = {"nbdserver": [], "keyservice": []}
     during = pattern(0x0D2, 64 << 10)
 
     def while_down() -> None:
@@ -48,9 +50,14 @@ def test_a_database_outage_answers_503_and_both_daemons_recover(make_stack, own_
             status, body = stack.ks_api("GET", "/vaults/nbd-platform")
             seen["keyservice"].append(status)
             assert status == 503, (status, body)
+        wait_until(lambda: "disk leases not renewed" in stack.nb.stderr_text(), timeout=15,
+                   interval=0.1, what="a renewal of the disk leases fails")
         # The open disk serves on: its data path never touches the state.
         h.pwrite(during, 1 << 20, nbd.CMD_FLAG_FUA)
         assert h.pread(len(before), 0) == before
+        # Another client of the open disk attaches (this server holds its lease); one of a
+        # closed disk needs the lease from the database: refused, as for a busy disk.
+        seen["attach"] = [connect_refused(stack, "open"), connect_refused(stack, "closed")]
 
     own_postgres.restart(while_down)
 
@@ -67,5 +74,6 @@ def test_a_database_outage_answers_503_and_both_daemons_recover(make_stack, own_
     h.shutdown()
     h2.shutdown()
     assert 500 not in seen["nbdserver"] + seen["keyservice"], seen
+    assert seen["attach"][0] is None and seen["attach"][1] is not None, seen
     logs = stack.logs()
     assert "Traceback" not in logs, logs[-4000:]
