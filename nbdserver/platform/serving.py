@@ -30,7 +30,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..backend import WRITEBACK, FileSpec
-from ..crypto import open_disk
+from ..crypto import InvalidKey, open_disk
 from ..exports import Export, ExportSource
 from . import backing, keys
 from .errors import AccessMissing, KeyUnavailable
@@ -216,7 +216,9 @@ class DiskServing:
                 # An RBD image: a round trip to the cluster, and its exclusive lock, which
                 # takes seconds when the last holder died (rbdbackend.py): not on the loop.
                 layer = await asyncio.get_running_loop().run_in_executor(None, open_volume, spec, dek)
-        except OSError as e:  # the file went with a delete that committed meanwhile
+        # OSError: the file went with a delete that committed meanwhile. InvalidKey: the key
+        # service answered a DEK the engine refuses (equal halves): faulty or hostile.
+        except (OSError, InvalidKey) as e:
             keys.wipe(dek)
             log.warning("disk %s cannot be opened: %s", export.name, e)
             return False

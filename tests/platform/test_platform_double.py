@@ -233,6 +233,33 @@ def test_a_disk_that_cannot_be_opened_is_refused_with_its_deks_wiped(make_stack)
         assert _memory_hits(stack.nb.pid, {"platform": platform_dek, "customer": customer_dek}) == {}
 
 
+def test_a_dek_the_engine_refuses_is_wiped_and_the_attach_refused(make_stack):
+    """A key service that unwraps a disk's envelope to a DEK with equal halves (faulty or
+    hostile: the engine refuses such a key, IEEE 1619). The attach is refused as for a
+    disk that cannot be opened, the DEK is wiped, and the server logs no traceback
+    (make_stack's end checks it). The envelope is replaced while the server is stopped."""
+    import sqlite3
+
+    from tests.platform.test_platform_revocation import _memory_hits
+
+    stack = make_stack()
+    c = stack.customer_key("halves", "k1", "des-halves")
+    stack.create_disk("halves", "--size", "1M", "--des", "des-halves")
+    bad = os.urandom(32) * 2
+    value = base64.urlsafe_b64encode(bad).rstrip(b"=").decode()
+    wrapped = stack.keyservice("key", "wrap", "halves", "k1", "--version", c["version"], "--value", value)
+    stack.stop_nbdserver()
+    db = sqlite3.connect(Path(stack.nb_dir) / "platform.db")
+    with db:
+        db.execute("UPDATE volumes SET kid=?, wrapped=? WHERE name='halves'", (
+            wrapped["kid"], base64.urlsafe_b64decode(wrapped["value"] + "=" * (-len(wrapped["value"]) % 4))))
+    db.close()
+    stack.start_nbdserver()
+    assert connect_refused(stack, "halves") is not None
+    if os.geteuid() == 0:
+        assert _memory_hits(stack.nb.pid, {"dek": bad}) == {}
+
+
 def test_automatic_rotation_rewraps_the_customer_dek_only(stack):
     stack.customer_key("dbl-auto", "k1")
     shown = stack.nbdserver("des", "create", "des-dbl-auto", "--double-encryption", "--auto-rotate",
