@@ -1,14 +1,24 @@
-"""`Platform`: the disk platform's one object, built from its operation groups.
+"""`Platform`: the disk platform's one object, built from its parts.
 
 Every operation validates, talks to the key service where it must, commits its state to
 SQLite, and only then answers. Disks are served as NBD exports named after the disk; the
 export of a disk whose key cannot be used is LOCKED (EIO to I/O, new clients refused).
 
-- here: start/stop, the key-service client of each scope;
+Each part takes what it uses in its constructor, and the dependencies run one way:
+sizing uses volumes and serving; volumes use encryption sets, serving and scopes;
+encryption sets and serving use scopes. `Platform` builds them in that order and keeps
+the methods its callers (the API, the daemon, tests) use, each a one-line delegation.
+
+- here: start/stop, the platform's own vault and key;
+- `scopes`: the key-service client and key of each scope (a set, or the platform key);
 - `serving`: opening a disk when a client attaches, closing it when idle or revoked;
-- `encryption_sets`: create, show (live access check), rotate, delete;
-- `volumes`: disks, snapshots, images, re-wrapping between keys;
-- `access`: revocation (the change stream, the lease, the grace period).
+- `encryption_sets`: create, show (live access check), rotate, delete, re-wrap;
+- `volumes`: disks, snapshots, images, moves between keys;
+- `sizing`: growing a disk, its usage;
+- `access`: revocation (the change stream, the lease, the grace period), and
+  `auto_rotation`: both still take the whole platform and call back into several parts
+  through it; the sets poke `auto_rotation`, which re-wraps through the sets, so that
+  one cycle remains, through the platform.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from keyservice.client import Credential, KeyServiceClient, KeyServiceError, KeyServiceUnavailable
 
-from ..backend import WRITEBACK, FileSpec
+from ..backend import WRITEBACK
 from ..exports import Export, ExportCatalog
 from . import keys
 from .access import KeyAccess
@@ -41,10 +51,9 @@ from .serving import IDLE_CLOSE, DiskServing
 from .sizing import DiskSizing
 from .state import State
 from .storage import VolumeStorage
-from .volumes import DEFAULT_LOCATION, VolumeOperations
+from .volumes import DEFAULT_LOCATION, Volumes
 
 if TYPE_CHECKING:
-    from ..rbdbackend import RbdSpec
     from .leases import DiskLeases
 
 log = logging.getLogger("nbdserver.platform")
@@ -74,7 +83,9 @@ def platform_vault_problems(vault: dict, object_id: str, tenant_id: str) -> list
     return problems
 
 
-class Platform(VolumeOperations):
+class Platform:
+    """The parts, built with their dependencies, and the methods callers use."""
+
     def __init__(self, data_dir: str, catalog: ExportCatalog, keyservice_url: str,
                  credential: Credential, *, ssl=None, master_key_file: str | None = None,
                  idle_close: float = IDLE_CLOSE, storage: VolumeStorage | None = None,
@@ -84,7 +95,6 @@ class Platform(VolumeOperations):
         self.data_dir = data_dir = os.path.abspath(data_dir)
         self.catalog = catalog
         self.keyservice_url = keyservice_url.rstrip("/")
-        self.ssl = ssl
         self.storage = storage or VolumeStorage(data_dir)  # files, or RBD images (storage.py)
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         for sub in ("disks", "snapshots", "images"):
@@ -106,13 +116,26 @@ class Platform(VolumeOperations):
                                               self.auto_rotation, keyservice_url=self.keyservice_url,
                                               vault_domain=vault_domain)
         self.access: KeyAccess | None = None  # see use_key_access
-        self.default_cache = default_cache  # fixed here: serving and show_disk read the same
         # Opens a disk when a client attaches, closes it when idle or revoked.
         self.serving = DiskServing(self.state, catalog, self.storage, self.scopes,
                                    idle_close=idle_close, default_cache=default_cache)
+        self.volumes = Volumes(data_dir, self.storage, self.state, catalog, self.operations,
+                               self.scopes, self.encryption_sets, self.serving)
         self.sizing = DiskSizing(self.state, self.storage, catalog, self.operations,
-                                 find_volume=self.volume, show_disk=self.show_disk,
+                                 find_volume=self.volumes.volume, show_disk=self.volumes.show_disk,
                                  opening=self.serving.opening)
+
+    def use_key_access(self, access: KeyAccess) -> None:
+        """The revocation watcher to poke after a change that may alter key access (a new
+        key, a move, a refused unwrap). Whoever builds both wires them (daemon.py); a
+        platform without one changes nothing and is rechecked by nobody."""
+        self.access = access  # access.py and auto_rotation.py read it here
+        for part in (self.serving, self.encryption_sets, self.volumes):
+            part.use_key_access(access)
+
+    def use_leases(self, leases: DiskLeases) -> None:
+        """Several servers share the state: a disk is opened only by its lease's holder."""
+        self.serving.use_leases(leases)
 
     # -- what the parts do, as callers (the API, the CLI, tests) name it
     def create_des(self, name: str, key_url: str, *, subscription: str | None = None,
@@ -140,7 +163,7 @@ class Platform(VolumeOperations):
         return await self.encryption_sets.check_access(scope, key_url)
 
     async def _rewrap(self, v: Volume, old: KeyServiceClient, new: KeyServiceClient, key_url: str,
-                      *, des: str | None = None) -> bool:  # auto_rotation.py's and the volumes' call
+                      *, des: str | None = None) -> bool:  # auto_rotation.py's call
         return await self.encryption_sets.rewrap(v, old, new, key_url, des=des)
 
     def resize_disk(self, name: str, size) -> asyncio.Task:
@@ -149,14 +172,44 @@ class Platform(VolumeOperations):
     def disk_usage(self, name: str) -> dict:
         return self.sizing.disk_usage(name)
 
-    def disk_spec(self, disk: Volume) -> FileSpec | RbdSpec:
-        return self.serving.disk_spec(disk)
+    def volume(self, kind: VolumeKind, name: str) -> Volume:
+        return self.volumes.volume(kind, name)
 
-    def _export_disk(self, disk: Volume) -> Export:  # leases.py's and the volumes' call
+    def create_disks(self, name: str, *, progress=None, **request) -> asyncio.Task:
+        return self.volumes.create_disks(name, progress=progress, **request)
+
+    def show_disk(self, name: str) -> dict:
+        return self.volumes.show_disk(name)
+
+    def list_volumes(self, kind: VolumeKind) -> list[dict]:
+        return self.volumes.list_volumes(kind)
+
+    def show_volume(self, kind: VolumeKind, name: str) -> dict:
+        return self.volumes.show_volume(kind, name)
+
+    def key_envelope(self, name: str) -> dict:
+        return self.volumes.key_envelope(name)
+
+    def update_disk(self, name: str, *, des: str | None = None, platform_key: bool = False) -> asyncio.Task:
+        return self.volumes.update_disk(name, des=des, platform_key=platform_key)
+
+    def delete_disk(self, name: str, *, force: bool = False) -> asyncio.Task:
+        return self.volumes.delete_disk(name, force=force)
+
+    def create_snapshot(self, name: str, disk: str, progress=None) -> asyncio.Task:
+        return self.volumes.create_snapshot(name, disk, progress)
+
+    def create_image(self, name: str, source: str, progress=None) -> asyncio.Task:
+        return self.volumes.create_image(name, source, progress)
+
+    def share_image(self, name: str, gallery: str) -> asyncio.Task:
+        return self.volumes.share_image(name, gallery)
+
+    def delete_volume(self, kind: VolumeKind, name: str) -> asyncio.Task:
+        return self.volumes.delete_volume(kind, name)
+
+    def _export_disk(self, disk: Volume) -> Export:  # leases.py's call
         return self.serving.export_disk(disk)
-
-    async def close_disk(self, name: str, reason: str, export: Export | None = None) -> None:
-        await self.serving.close_disk(name, reason, export)
 
     def close_disks(self, names, reason: str) -> list[asyncio.Task]:
         return self.serving.close_disks(names, reason)
@@ -166,18 +219,6 @@ class Platform(VolumeOperations):
 
     def unserve(self, name: str, reason: str) -> None:
         self.serving.unserve(name, reason)
-
-    def use_key_access(self, access: KeyAccess) -> None:
-        """The revocation watcher to poke after a change that may alter key access (a new
-        key, a move, a refused unwrap). Whoever builds both wires them (daemon.py); a
-        platform without one changes nothing and is rechecked by nobody."""
-        self.access = access
-        self.serving.use_key_access(access)
-        self.encryption_sets.use_key_access(access)
-
-    def use_leases(self, leases: DiskLeases) -> None:
-        """Several servers share the state: a disk is opened only by its lease's holder."""
-        self.serving.use_leases(leases)
 
     # -- start and stop
     async def start(self) -> None:
@@ -197,7 +238,7 @@ class Platform(VolumeOperations):
         # selecting such a disk is refused by its own check at attach either way.
         loop = asyncio.get_running_loop()
         self._failed_scan = loop.call_later(
-            FAILED_SCAN_DELAY, lambda: loop.run_in_executor(None, self.report_failed_disks, disks))
+            FAILED_SCAN_DELAY, lambda: loop.run_in_executor(None, self.volumes.report_failed_disks, disks))
 
     async def stop(self) -> None:
         scan = getattr(self, "_failed_scan", None)  # set by start(), which may have failed
@@ -214,7 +255,7 @@ class Platform(VolumeOperations):
         unless another server sharing the state is still making it (leases.py)."""
         from .leases import remove_abandoned
         remove_abandoned(self.state, self.storage)
-        self._remove_orphan_files()
+        self.volumes.remove_orphan_files()
 
     async def _create_platform_key(self) -> str:
         """First start: the platform's own vault and RSA key wrap every PMK volume's DEK.

@@ -1,6 +1,6 @@
 """Volumes: disks, snapshots and images, and their views.
 
-A mixin of `Platform` (see `service`). Snapshots and images are ciphertext copies that
+One of the parts `Platform` is built from (see `service`). Snapshots and images are ciphertext copies that
 keep their source's envelope; disks made from them are re-encrypted under a fresh DEK.
 
 Every operation that changes something validates first (nothing awaited), then claims
@@ -18,7 +18,6 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -52,13 +51,12 @@ from .serving import is_open
 from .storage import VolumeStorage, open_volume
 
 if TYPE_CHECKING:
-    from keyservice.client import KeyServiceClient
-
-    from ..exports import Export, ExportCatalog
-    from ..rbdbackend import RbdSpec
+    from ..exports import ExportCatalog
     from .access import KeyAccess
-    from .model import EncryptionSet
+    from .encryption_sets import EncryptionSets
     from .operations import Operations
+    from .scopes import KeyScopes
+    from .serving import DiskServing
     from .state import State
 
 log = logging.getLogger("nbdserver.platform")
@@ -67,29 +65,29 @@ DEFAULT_SUBSCRIPTION = "default"
 DEFAULT_LOCATION = "local"
 
 
-class VolumeOperations:
-    # What this group takes from Platform (service.py), stated for the reader and for mypy;
-    # issue 17 replaces these mixins by composed objects with explicit dependencies.
-    if TYPE_CHECKING:
-        data_dir: str
-        default_cache: str  # of disks that have none of their own (`nbdserver serve --cache`)
-        storage: VolumeStorage
-        state: State
-        catalog: ExportCatalog
-        operations: Operations
-        access: KeyAccess | None
-        client_for: Callable[[str], KeyServiceClient]
-        key_url_for: Callable[[str], str]
-        _des: Callable[[str], EncryptionSet]
+class Volumes:
+    """Disks, snapshots and images. Rows live in `state`, data in `storage` (files under
+    `data_dir`, or RBD images); changes run as `operations`. Keys come through `scopes`
+    (each volume's set or the platform key), sets' access checks and re-wraps from
+    `encryption_sets`, and a disk is served and closed by `serving` (which also says how
+    a disk is opened, its cache mode included). `use_key_access` wires the revocation
+    watcher built after it."""
 
-        def _export_disk(self, disk: Volume) -> Export:
-            raise NotImplementedError  # serving.DiskServing's
+    def __init__(self, data_dir: str, storage: VolumeStorage, state: State, catalog: ExportCatalog,
+                 operations: Operations, scopes: KeyScopes, encryption_sets: EncryptionSets,
+                 serving: DiskServing):
+        self.data_dir = data_dir
+        self.storage = storage
+        self.state = state
+        self.catalog = catalog
+        self.operations = operations
+        self.scopes = scopes
+        self.encryption_sets = encryption_sets
+        self.serving = serving
+        self.access: KeyAccess | None = None
 
-        def disk_spec(self, disk: Volume) -> FileSpec | RbdSpec:
-            raise NotImplementedError  # serving.DiskServing's
-
-        async def close_disk(self, name: str, reason: str, export: Export | None = None) -> None:
-            raise NotImplementedError  # serving.DiskServing's
+    def use_key_access(self, access: KeyAccess) -> None:
+        self.access = access
 
     # -- volumes
     def volume(self, kind: VolumeKind, name: str) -> Volume:
@@ -201,7 +199,7 @@ class VolumeOperations:
             rules.cmk_source(src, des, subscription)
             des = des or src.des
         if des and des != PLATFORM_KEY:
-            d = self._des(des)
+            d = self.scopes.des(des)
             rules.same_subscription_as_des(d, subscription)
             return des, d.subscription, location or d.location
         return PLATFORM_KEY, subscription or (src.subscription if src else DEFAULT_SUBSCRIPTION), \
@@ -214,24 +212,24 @@ class VolumeOperations:
         # not served yet): if one did, the scope is checked again once the disk serves.
         checks = self.access.checks_started(scope) if self.access is not None else 0
         try:
-            client = self.client_for(scope)
-            url = self.key_url_for(scope)
+            client = self.scopes.client_for(scope)
+            url = self.scopes.key_url_for(scope)
             env = await keys.wrap(client, url, dek)
             if scope != PLATFORM_KEY:
                 # Serving needs get and unwrapKey too (the watcher checks both): a set
                 # granted only wrapKey would make a disk that locks at its first check.
                 await keys.key_attributes(client, env.kid)
                 keys.wipe(await keys.unwrap(client, env))
-            while url != self.key_url_for(scope):
+            while url != self.scopes.key_url_for(scope):
                 # A rotation committed the set's new key meanwhile and may have listed its
                 # volumes before this one had a row: wrap with the new key. From the check
                 # to the row's write nothing is awaited, so a later rotation sees the row.
-                url = self.key_url_for(scope)
+                url = self.scopes.key_url_for(scope)
                 env = await keys.wrap(client, url, dek)
         except AccessMissing as e:
             keys.wipe(dek)
             if scope != PLATFORM_KEY:
-                des = self._des(scope)
+                des = self.scopes.des(scope)
                 raise AccessMissing(f"encryption set {scope!r} cannot use its key: identity "
                                     f"{des.identity_object_id} needs get, wrapKey, unwrapKey on "
                                     f"the vault ({e.message})") from None
@@ -240,7 +238,7 @@ class VolumeOperations:
             keys.wipe(dek)
             raise
         platform_env = None
-        if scope != PLATFORM_KEY and self._des(scope).double:
+        if scope != PLATFORM_KEY and self.scopes.des(scope).double:
             try:
                 dek, platform_env = await self._add_platform_dek(dek)
             except BaseException:
@@ -256,7 +254,7 @@ class VolumeOperations:
                    source=f"{src.kind.value}:{src.name}" if src else None, created=time.time(),
                    extra={"cache": cache} if cache else {}, platform_envelope=platform_env)
         self.state.put_volume(v)
-        spec = self.disk_spec(v)
+        spec = self.serving.disk_spec(v)
         loop = asyncio.get_running_loop()
         try:
             # Opened as it will be served: a cache mode its file system cannot do is
@@ -273,7 +271,7 @@ class VolumeOperations:
             raise _storage_error(e, f"creating disk {name!r} of {size} bytes") from None
         try:
             if src is not None:
-                src_dek = await keys.unwrap_volume(self.client_for, src)
+                src_dek = await keys.unwrap_volume(self.scopes.client_for, src)
                 src_spec = self.storage.spec(src.path, cache=WRITEBACK, encrypted=False, readonly=True)
                 try:
                     src_lower = await loop.run_in_executor(None, src_spec.open)
@@ -308,7 +306,7 @@ class VolumeOperations:
         # client attaches (serving.py).
         backend.close()
         self._mark_ready(v)
-        self._export_disk(v)
+        self.serving.export_disk(v)
         if self.access is not None and self.access.checks_started(scope) != checks:
             self.access.poke(scope)
         return name
@@ -318,7 +316,7 @@ class VolumeOperations:
         platform key, joined to the customer's `dek` (which the result replaces)."""
         platform_dek = keys.new_dek()
         try:
-            env = await keys.wrap(self.client_for(PLATFORM_KEY), self.key_url_for(PLATFORM_KEY),
+            env = await keys.wrap(self.scopes.client_for(PLATFORM_KEY), self.scopes.key_url_for(PLATFORM_KEY),
                                   platform_dek)
         except BaseException:
             keys.wipe(platform_dek)
@@ -336,13 +334,13 @@ class VolumeOperations:
             if not backing.is_rbd(v.path):
                 _unlink(v.path)  # an open file serves on: its requests drain below
         if export is not None:
-            await self.close_disk(name, reason, export)
+            await self.serving.close_disk(name, reason, export)
         if v is not None and backing.is_rbd(v.path):
             # An image is removed only once closed: librbd refuses while this server
             # holds it open (its watch and lock). A crash in between leaves a stray image.
             await self._remove_data(v.path)
 
-    def _remove_orphan_files(self) -> None:
+    def remove_orphan_files(self) -> None:
         """Files no volume row names: left by a crash between a delete's commit and its
         unlink. Every volume's row is written before its file, so nothing else is here."""
         volumes = self.state.list_volumes()
@@ -381,7 +379,7 @@ class VolumeOperations:
         out = _volume_view(v)
         out["file"] = backing.stored_path(self.data_dir, v.path)  # docs/format.md
         # What the disk is opened with: its own mode, or the server's default.
-        out["cache"] = {"mode": v.cache or self.default_cache,
+        out["cache"] = {"mode": v.cache or self.serving.default_cache,
                         "source": "disk" if v.cache else "server default"}
         pool = self.storage.pool_of(v.path)
         out["storage"] = f"rbd:{pool}" if pool else "file"
@@ -427,9 +425,9 @@ class VolumeOperations:
             raise BadRequest("give exactly one of --des NAME or --platform-key")
         v = self.volume(VolumeKind.DISK, name)
         target = des if des else PLATFORM_KEY  # exactly one of them was given
-        rules.same_layers_move(v, target, target != PLATFORM_KEY and self._des(target).double)
+        rules.same_layers_move(v, target, target != PLATFORM_KEY and self.scopes.des(target).double)
         if target != PLATFORM_KEY:
-            rules.no_subscription_move(v, self._des(target))
+            rules.no_subscription_move(v, self.scopes.des(target))
         elif v.customer_managed:
             pass  # CMK -> PMK keeps the subscription; allowed
 
@@ -439,15 +437,16 @@ class VolumeOperations:
             if target != PLATFORM_KEY:
                 # All three permissions, not just the wrapKey the move itself uses: without
                 # get and unwrapKey the moved disk would lock at its next check.
-                access = await self.check_access(target)
+                access = await self.encryption_sets.check_access(target)
                 if not access["granted"]:
-                    d = self._des(target)
+                    d = self.scopes.des(target)
                     raise AccessMissing(f"encryption set {target!r} identity {d.identity_object_id} "
                                         f"lacks {', '.join(access['missing'])} on its key; the vault "
                                         "owner must grant get, wrapKey, unwrapKey")
             # One row changes (scope and envelope together): a crash leaves the old or the new.
-            if not await self._rewrap(v, self.client_for(v.des), self.client_for(target),
-                                      self.key_url_for(target), des=target):
+            scopes = self.scopes
+            if not await self.encryption_sets.rewrap(v, scopes.client_for(v.des), scopes.client_for(target),
+                                                     scopes.key_url_for(target), des=target):
                 raise Conflict(f"disk {name!r} changed while it was being moved; try again")
             export = self.catalog.get(name)
             if export is not None:
