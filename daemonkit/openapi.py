@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -105,6 +107,20 @@ def document(api: Api, app: web.Application, operation_of: Callable[[web.Abstrac
 def dumps(doc: Mapping[str, Any]) -> str:
     """The committed form: stable, one key a line, a final newline."""
     return json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+
+
+def write_or_check(argv: list[str], path: Path, build: Callable[[], Mapping[str, Any]],
+                   module: str) -> int:
+    """`python -m MODULE [--check]`: write the document to `path`, or with `--check` exit 1
+    (saying what to run) when the committed one differs from a fresh one."""
+    text = dumps(build())
+    if argv[1:] == ["--check"]:
+        if not path.exists() or path.read_text() != text:
+            print(f"{path} is stale: run python -m {module}", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(text)
+    return 0
 
 
 def _schemas(api: Api, ops: Iterable[Operation]) -> dict[str, Any]:

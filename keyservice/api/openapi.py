@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from daemonkit.openapi import Answer, Api, Operation, Query, document, dumps
+from daemonkit.openapi import Answer, Api, Operation, Query, document, write_or_check
 
 from . import models as m
 
@@ -201,14 +201,7 @@ def build() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    text = dumps(build())
-    if argv[1:] == ["--check"]:
-        if PATH.read_text() != text:
-            print(f"{PATH} is stale: run python -m keyservice.api.openapi", file=sys.stderr)
-            return 1
-        return 0
-    PATH.write_text(text)
-    return 0
+    return write_or_check(argv, PATH, build, "keyservice.api.openapi")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@ committed document fresh and complete, and check the models' answers on the real
 
 import json
 
+from daemonkit.openapi import dumps
 from nbdserver import openapi
 from tests.helpers.servers import wait_until
 
 
 def test_the_committed_document_is_the_generated_one():
-    assert openapi.PATH.read_text() == openapi.dumps(openapi.build()), \
+    assert openapi.PATH.read_text() == dumps(openapi.build()), \
         "docs/platform-openapi.json is stale: run python -m nbdserver.openapi"
 
 
