@@ -169,6 +169,6 @@ def test_cannot_start_says_why(tmp_path):
     stack = Stack(tmp_path / "badkey", nbd_args=["--master-key-file", str(tmp_path / "short.key")])
     try:
         stack.start_keyservice()
-        assert "32 bytes" in _start_refused(stack)
+        assert "must be 32 raw bytes" in _start_refused(stack)
     finally:
         stack.close()
