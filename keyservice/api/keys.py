@@ -74,7 +74,7 @@ async def import_(request: web.Request) -> web.Response:
         pem = body.pem.encode()
         return await _new_version(request, "import", lambda _: rsakeys.load_pem(pem), attrs)
     if jwk is None:
-        raise BadRequest("'key' is required")
+        raise BadRequest("'key' (a JSON web key) is required, or 'pem' (this service's extension)")
     private = jwk
     return await _new_version(request, "import", lambda _: rsakeys.load_jwk(private), attrs)
 
