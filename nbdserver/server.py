@@ -757,21 +757,8 @@ class Connection(asyncio.Protocol):
     def _queue_read(self, req, backend, buf) -> bool:
         """Submit a READ to the server's native read queue; `_read_done` replies. False
         when the backend cannot be read that way (or the server is shutting down)."""
-        queue = self.server.reads()
-        if queue is None:
-            return False
-        export = self.export
-        assert export is not None  # requests arrive only in transmission
-        mark = [self._started]
-        if not backend.submit_read(queue, buf, req.offset, (self, req, buf, export, mark)):
-            return False
-        # In flight until collected: a revocation's drain waits for the read, so the
-        # disk's key and file outlive it.
-        self.inflight += 1
-        export.begin()
-        self._began_off_loop(mark)
-        self._update_reading()
-        return True
+        return self._on_queue(lambda queue, token: backend.submit_read(queue, buf, req.offset, token),
+                              req, buf)
 
     def _offload_write(self, req, write, args, fua):
         """A WRITE that cannot finish inline: on the read queue's ring when the backend
@@ -819,15 +806,26 @@ class Connection(asyncio.Protocol):
         return True
 
     def _queue_write(self, req, fua) -> bool:
+        export = self.export
+        assert export is not None  # requests arrive only in transmission
+        backend = export.backend
+        return self._on_queue(lambda queue, token: backend.submit_write(
+            queue, req.payload, req.offset, token, fua=fua), req, None)
+
+    def _on_queue(self, submit, req, buf) -> bool:
+        """`submit(queue, token)` a READ (into `buf`) or a WRITE (`buf` None) to the read
+        queue, which hands `token` back to `_read_done`; False when there is no queue or
+        the backend declines."""
         queue = self.server.reads()
         if queue is None:
             return False
         export = self.export
         assert export is not None  # requests arrive only in transmission
         mark = [self._started]
-        if not export.backend.submit_write(queue, req.payload, req.offset,
-                                           (self, req, None, export, mark), fua=fua):
+        if not submit(queue, (self, req, buf, export, mark)):
             return False
+        # In flight until collected: a revocation's drain waits for it, so the disk's key
+        # and file outlive it.
         self.inflight += 1
         export.begin()
         self._began_off_loop(mark)

@@ -468,15 +468,19 @@ class XtsLayer(FilterBackend):
             raise BlockingIOError(errno.EAGAIN, BUSY)
         return held
 
-    def _commit(self, stage: EncryptingStage, fua: bool, nowait: bool) -> None:
-        """EncryptingStage.commit: the ciphertext goes down as one lower write, under
-        the locks of its sectors (ordered against RMW of the same sectors)."""
+    def _lock_stage(self, stage: EncryptingStage, nowait: bool) -> Held:
+        """A whole stage, ready to go down: the locks of its sectors (see `_acquire`)."""
         if self._closed or stage.failed:
             raise OSError(errno.EIO, "the encrypted disk was closed while the write arrived")
         if stage.received != stage.length:
             raise ValueError(f"commit of {stage.received} of {stage.length} bytes")
         first = stage.offset // S
-        held = self._acquire(first, first + stage.length // S, nowait)
+        return self._acquire(first, first + stage.length // S, nowait)
+
+    def _commit(self, stage: EncryptingStage, fua: bool, nowait: bool) -> None:
+        """EncryptingStage.commit: the ciphertext goes down as one lower write, under
+        the locks of its sectors (ordered against RMW of the same sectors)."""
+        held = self._lock_stage(stage, nowait)
         try:
             self.lower.pwrite(stage.view, stage.offset, fua=fua, nowait=nowait)
         finally:
@@ -488,12 +492,7 @@ class XtsLayer(FilterBackend):
         the sectors' locks taken without waiting and held until the write lands."""
         if not self.starts_requests:
             raise BlockingIOError(errno.EAGAIN, "the lower layer starts no requests")
-        if self._closed or stage.failed:
-            raise OSError(errno.EIO, "the encrypted disk was closed while the write arrived")
-        if stage.received != stage.length:
-            raise ValueError(f"commit of {stage.received} of {stage.length} bytes")
-        first = stage.offset // S
-        held = self._acquire(first, first + stage.length // S, True)
+        held = self._lock_stage(stage, True)
         try:
             inner: asyncio.Future[None] = self.lower.aio_pwrite(  # type: ignore[attr-defined]
                 stage.view, stage.offset, loop)
