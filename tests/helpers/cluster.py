@@ -39,7 +39,7 @@ from pathlib import Path
 from tests.helpers import postgres
 from tests.helpers.ceph import CephCluster
 from tests.helpers.ceph import missing as ceph_missing
-from tests.helpers.platform import CliFailed, KeyServiceProcess, NbdServerProcess
+from tests.helpers.platform import CliFailed, KeyServiceProcess, NbdServerProcess, stop_daemons
 from tests.helpers.servers import ROOT
 from tests.host.netlab import TestNetwork
 
@@ -145,16 +145,19 @@ class ClusterHost:
             raise CliFailed(argv, r)
         return json.loads(r.stdout) if r.stdout.strip() else None
 
+    def customer_disk(self, disk: str, size: str, *, subscription: str) -> dict:
+        """The seed's workflow on this host: vault `cust`, RSA key `k1`, encryption set
+        `des1` on it, the set's grant, then `disk` (on the lab's RBD pool); its view."""
+        self.keyservice("vault", "create", "cust", "--location", "local", "--subscription",
+                        subscription, "--enable-purge-protection")
+        self.keyservice("key", "create", "cust", "k1", "--size", "2048")
+        des = self.nbdserver("des", "create", "des1", "--key-url", f"{self.ks_url}/vaults/cust/keys/k1")
+        self.keyservice("policy", "set", "cust", "--object-id", des["identity"]["objectId"],
+                        "--key-permissions", "get,wrapKey,unwrapKey")
+        return self.nbdserver("disk", "create", disk, "--size", size, "--des", "des1", "--quiet")
+
     def close(self) -> None:
-        for d in (self.nb, self.ks):
-            if d is not None and d.proc is not None:
-                if d.alive():
-                    try:
-                        d.terminate(timeout=15)
-                    except subprocess.TimeoutExpired:
-                        d.kill()
-                else:
-                    d.kill()
+        stop_daemons(self.nb, self.ks)
 
     def logs(self) -> str:
         """Both daemons' stderr, NBD servers killed before included."""

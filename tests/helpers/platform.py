@@ -134,6 +134,20 @@ class NbdServerProcess(DaemonProcess):
         return self.data_dir / "api.token"
 
 
+def stop_daemons(*daemons) -> None:
+    """Stop each daemon that was started: politely, then kill -9 after 15 s (a dead one
+    is reaped all the same)."""
+    for d in daemons:
+        if d is not None and d.proc is not None:
+            if d.alive():
+                try:
+                    d.terminate(timeout=15)
+                except subprocess.TimeoutExpired:
+                    d.kill()
+            else:
+                d.kill()
+
+
 class Stack:
     """Both daemons of the platform, with CLI and API helpers. See the module docstring."""
 
@@ -196,15 +210,7 @@ class Stack:
         return d.proc.returncode
 
     def close(self) -> None:
-        for d in (self.nb, self.ks):
-            if d is not None and d.proc is not None:
-                if d.alive():
-                    try:
-                        d.terminate(timeout=15)
-                    except subprocess.TimeoutExpired:
-                        d.kill()
-                else:
-                    d.kill()
+        stop_daemons(self.nb, self.ks)
 
     def __enter__(self) -> Stack:
         return self.start()

@@ -53,13 +53,7 @@ def lab(tmp_path_factory):
 
 def test_failover_to_the_other_host_then_revocation_there(lab):
     a, b = lab.hosts["a"], lab.hosts["b"]
-    a.keyservice("vault", "create", "cust", "--location", "local", "--subscription", "sub1",
-                 "--enable-purge-protection")
-    a.keyservice("key", "create", "cust", "k1", "--size", "2048")
-    des = a.nbdserver("des", "create", "des1", "--key-url", f"{a.ks_url}/vaults/cust/keys/k1")
-    a.keyservice("policy", "set", "cust", "--object-id", des["identity"]["objectId"],
-                 "--key-permissions", "get,wrapKey,unwrapKey")
-    disk = a.nbdserver("disk", "create", "d1", "--size", "16M", "--des", "des1", "--quiet")
+    disk = a.customer_disk("d1", "16M", subscription="sub1")
     assert disk["file"].startswith(f"rbd:{lab.ceph.pool}/"), disk
     # One platform: what a made, b's CLI shows (b also exports it at its next lease sync).
     assert b.nbdserver("disk", "show", "d1")["file"] == disk["file"]
