@@ -84,6 +84,7 @@ def walk(lab: ClusterLab, trials: int) -> None:
     for name in lab.net.hosts:
         say(f"{name:6s} {lab.net.addr(name)}")
     say(f"PostgreSQL: a unix socket every host reaches ({lab.costs['postgresql']:.1f} s to start)")
+    lab.ceph_ready()  # started in the background by the lab (tests/helpers/cluster.py)
     say(f"Ceph: a monitor and a memstore OSD on host store, {lab.ceph.addr} "
         f"({lab.costs['ceph']:.1f} s to start)")
 
@@ -96,13 +97,7 @@ def walk(lab: ClusterLab, trials: int) -> None:
 
     a = lab.hosts["a"]
     step("On host a: a vault, an RSA key, an encryption set, its grant, a 16 MiB disk on RBD")
-    a.keyservice("vault", "create", "cust", "--location", "local", "--subscription", "demo",
-                 "--enable-purge-protection")
-    a.keyservice("key", "create", "cust", "k1", "--size", "2048")
-    des = a.nbdserver("des", "create", "des1", "--key-url", f"{a.ks_url}/vaults/cust/keys/k1")
-    a.keyservice("policy", "set", "cust", "--object-id", des["identity"]["objectId"],
-                 "--key-permissions", "get,wrapKey,unwrapKey")
-    disk = a.nbdserver("disk", "create", "d1", "--size", "16M", "--des", "des1", "--quiet")
+    disk = a.customer_disk("d1", "16M", subscription="demo")
     say(f"disk d1: {disk['file']}")
     step("Host b knows it: one platform")
     say(f"disk d1 on b: {lab.hosts['b'].nbdserver('disk', 'show', 'd1')['file']}")
