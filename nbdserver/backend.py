@@ -143,7 +143,10 @@ class BlockBackend(ABC):
         """The fd when `pread(buf, offset)` of `length` bytes is exactly preadv(fd, buf,
         offset) until all is read, zeros past the end of the file; None when it is not.
         The read side of `native_write`: a layer that transforms what it reads (XtsLayer
-        decrypts) can then have the read and its transform done together, natively."""
+        decrypts) can then have the read and its transform done together, natively.
+        For a backend with `io_align` 0, the class that defines this method and `pread`
+        also promises `pread(nowait=True)` to be the same preadv2 with RWF_NOWAIT (and
+        EOPNOTSUPP where the file system cannot): XtsLayer reads page-cache hits so."""
         return None
 
     def submit_read(self, queue, buf, offset: int, token) -> bool:
@@ -331,6 +334,12 @@ _SPEAKS_FOR = {
 def _owner(cls: type, name: str) -> type:
     """The class of `cls`'s MRO that defines `name`."""
     return next(k for k in cls.__mro__ if name in k.__dict__)
+
+
+def defined_together(cls: type, first: str, second: str) -> bool:
+    """Whether one class of `cls`'s MRO defines both methods, so that what it promises
+    of one (a side channel) holds for the other (the data method it speaks for)."""
+    return _owner(cls, first) is _owner(cls, second)
 
 
 def _no_native_write(self, length: int, *, fua: bool = False,

@@ -88,6 +88,8 @@ typedef struct {
     CtxPool pool[2];                  /* indexed by DECRYPT / ENCRYPT */
 } Engine;
 
+static PyTypeObject EngineType;       /* defined with the methods, below */
+
 static PyObject *
 openssl_error(const char *what)
 {
@@ -519,6 +521,78 @@ done:
     Py_RETURN_NONE;
 }
 
+/* read_decrypt(buf, fd, offset, first_sector, flags): fill buf with preadv2(fd, offset,
+ * flags) (zeros past the end of the file, like a hole), then decrypt it in place, an
+ * all-zero sector being a hole: the read side of encrypt_write, for the event loop's
+ * page-cache reads (flags RWF_NOWAIT), which otherwise cost a read call and a decrypt
+ * call, each with its own argument parsing. Returns the number of holes; OSError as the
+ * read fails (BlockingIOError for EAGAIN: buf is then garbage, to be read again). The
+ * GIL is kept for small reads, as in decrypt(): RWF_NOWAIT reads do not wait. */
+static PyObject *
+engine_read_decrypt(Engine *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer buf;
+    uint64_t lo, hi;
+    int fd, flags, rc = 0, err = 0;
+    long long offset;
+    Py_ssize_t n_holes = 0, done = 0;
+    EVP_CIPHER_CTX *ctx;
+    PyThreadState *saved = NULL;
+
+    if (nargs != 5)
+        return PyErr_Format(PyExc_TypeError,
+                            "read_decrypt(buf, fd, offset, first_sector, flags)");
+    if (self->pool[DECRYPT].proto == NULL)
+        return PyErr_Format(PyExc_ValueError, "read_decrypt on a closed Engine");
+    fd = as_int(args[1]);
+    offset = PyLong_AsLongLong(args[2]);
+    flags = as_int(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || offset < 0)
+        return PyErr_Format(PyExc_ValueError, "read_decrypt: bad fd or offset");
+    if (parse_tweak(args[3], &lo, &hi) < 0)
+        return NULL;
+    if (get_buffers(self, args[0], NULL, lo, hi, 1, &buf, &buf) < 0)
+        return NULL;
+    ctx = pool_take(&self->pool[DECRYPT]);
+    if (ctx == NULL)
+        goto done;
+    if (buf.len >= GIL_RELEASE_BYTES)
+        saved = PyEval_SaveThread();
+    while (done < buf.len) {
+        struct iovec iov = {(char *)buf.buf + done, (size_t)(buf.len - done)};
+        ssize_t r = preadv2(fd, &iov, 1, (off_t)(offset + done), flags);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            err = errno;
+            break;
+        }
+        if (r == 0) {                  /* past the end of the file: zeros */
+            memset((char *)buf.buf + done, 0, (size_t)(buf.len - done));
+            break;
+        }
+        done += r;
+    }
+    if (!err)
+        rc = xts_units(ctx, buf.buf, buf.buf, buf.len, self->unit, lo, hi, 1, &n_holes);
+    if (saved != NULL)
+        PyEval_RestoreThread(saved);
+    pool_give(&self->pool[DECRYPT], ctx);
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    } else if (rc < 0) {
+        openssl_error("read_decrypt");
+    }
+done:
+    PyBuffer_Release(&buf);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromSsize_t(n_holes);
+}
+
 /* --- decryption on the native read queue (nbdserver/_readq.c) -------------------- */
 
 /* GIL held, at submission: the read's own context, from the pool. */
@@ -580,6 +654,115 @@ engine_read_transform(Engine *self, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     Py_INCREF(self);
+    return capsule;
+}
+
+/* Two layers (double.py): the outer engine's decryption, then the inner one's, on the
+ * queue's thread, each with holes (a hole of the file is zeros after the outer layer,
+ * which the inner one reads as a hole too). The owner is a Chain; the per-read state
+ * is a pair of contexts. */
+typedef struct {
+    Engine *outer;
+    Engine *inner;
+} Chain;
+
+typedef struct {
+    EVP_CIPHER_CTX *outer;
+    EVP_CIPHER_CTX *inner;
+} ChainState;
+
+static void *
+chain_begin(void *owner)
+{
+    Chain *chain = owner;
+    ChainState *state;
+    if (chain->outer->pool[DECRYPT].proto == NULL || chain->inner->pool[DECRYPT].proto == NULL) {
+        PyErr_SetString(PyExc_ValueError, "read on a closed Engine");
+        return NULL;
+    }
+    state = PyMem_Malloc(sizeof *state);
+    if (state == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    state->outer = pool_take(&chain->outer->pool[DECRYPT]);
+    if (state->outer == NULL) {
+        PyMem_Free(state);
+        return NULL;
+    }
+    state->inner = pool_take(&chain->inner->pool[DECRYPT]);
+    if (state->inner == NULL) {
+        pool_give(&chain->outer->pool[DECRYPT], state->outer);
+        PyMem_Free(state);
+        return NULL;
+    }
+    return state;
+}
+
+static int
+chain_run(void *owner, void *state, unsigned char *buf, size_t len, uint64_t first)
+{
+    Chain *chain = owner;
+    ChainState *pair = state;
+    int rc = read_run(chain->outer, pair->outer, buf, len, first);
+    return rc ? rc : read_run(chain->inner, pair->inner, buf, len, first);
+}
+
+static void
+chain_end(void *owner, void *state)
+{
+    Chain *chain = owner;
+    ChainState *pair = state;
+    pool_give(&chain->outer->pool[DECRYPT], pair->outer);
+    pool_give(&chain->inner->pool[DECRYPT], pair->inner);
+    PyMem_Free(pair);
+}
+
+static const ReadTransform read_decrypt_chain = {chain_begin, chain_run, chain_end};
+
+static void
+chain_capsule_free(PyObject *capsule)
+{
+    Chain *chain = PyCapsule_GetContext(capsule);
+    if (chain == NULL)
+        return;
+    Py_DECREF(chain->outer);
+    Py_DECREF(chain->inner);
+    PyMem_Free(chain);
+}
+
+/* chain_read_transform(outer, inner): read_transform() for two layers; the capsule keeps
+ * both Engines alive, as a single one's does. */
+static PyObject *
+chain_read_transform(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *outer, *inner, *capsule;
+    Chain *chain;
+    if (!PyArg_ParseTuple(args, "O!O!:chain_read_transform", &EngineType, &outer,
+                          &EngineType, &inner))
+        return NULL;
+    if (((Engine *)outer)->unit != ((Engine *)inner)->unit)
+        return PyErr_Format(PyExc_ValueError, "the two layers' data units differ");
+    chain = PyMem_Malloc(sizeof *chain);
+    if (chain == NULL)
+        return PyErr_NoMemory();
+    capsule = PyCapsule_New((void *)&read_decrypt_chain, READQ_TRANSFORM_CAPSULE,
+                            chain_capsule_free);
+    if (capsule == NULL) {
+        PyMem_Free(chain);
+        return NULL;
+    }
+    Py_INCREF(outer);
+    Py_INCREF(inner);
+    chain->outer = (Engine *)outer;
+    chain->inner = (Engine *)inner;
+    if (PyCapsule_SetContext(capsule, chain) < 0) {
+        Py_DECREF(capsule);            /* chain_capsule_free finds no context */
+        Py_DECREF(outer);
+        Py_DECREF(inner);
+        PyMem_Free(chain);
+        return NULL;
+    }
     return capsule;
 }
 
@@ -682,6 +865,9 @@ static PyMethodDef engine_methods[] = {
      "encrypt_write(buf, fd, offset, first_sector, flags, /): encrypt buf in place "
      "(data unit i with tweak first_sector + i), then pwritev2 all of it to fd at offset "
      "with flags; one call without the GIL. OSError as pwritev2 fails."},
+    {"read_decrypt", (PyCFunction)(void (*)(void))engine_read_decrypt, METH_FASTCALL,
+     "read_decrypt(buf, fd, offset, first_sector, flags): preadv2 into buf (zeros past "
+     "the end), then decrypt it in place with holes; returns the number of holes."},
     {"read_transform", (PyCFunction)engine_read_transform, METH_NOARGS,
      "read_transform() -> capsule: decrypt(buf, buf, first, holes=True) for the native "
      "read queue (nbdserver._readq.ReadQueue.submit's transform), run without the GIL."},
@@ -855,6 +1041,9 @@ static PyMethodDef module_methods[] = {
     {"enable_fips", enable_fips, METH_VARARGS,
      "enable_fips(config, modules) -> (name, version, buildinfo): from now on AES-256-XTS and "
      "random bytes come from the FIPS provider, in a library context of its own."},
+    {"chain_read_transform", chain_read_transform, METH_VARARGS,
+     "chain_read_transform(outer, inner) -> capsule: the outer Engine's read_transform, "
+     "then the inner one's, for a disk encrypted twice."},
     {"wipe", wipe, METH_O, "wipe(buf): overwrite a writable buffer with zeros (OPENSSL_cleanse)."},
     {"mlock", memory_lock, METH_VARARGS,
      "mlock(buf, lock) -> bool: mlock(2) (lock=True) or munlock(2) the buffer's pages; "

@@ -76,9 +76,6 @@ class XtsSectorCipher:
     keeps one OpenSSL context per concurrent caller).
     """
 
-    # The server's native read queue may run `read_transform()` (double.py's may not).
-    native_reads = True
-
     def __init__(self, key: bytearray, sector_size: int = SECTOR_SIZE) -> None:
         check_key(key)
         self._key = key
@@ -93,6 +90,12 @@ class XtsSectorCipher:
         # GIL once. OSError as the write fails.
         self.encrypt_write: Callable[[WriteableBuffer, int, int, int, int], None] = (
             self._engine.encrypt_write)
+        # read_decrypt(buf, fd, offset, first_sector, flags): the read side, for the event
+        # loop's page-cache reads: fill `buf` with preadv2(fd, offset, flags), zeros past
+        # the end of the file, then decrypt it in place with holes. OSError as the read
+        # fails (BlockingIOError for RWF_NOWAIT's EAGAIN). Returns the number of holes.
+        self.read_decrypt: Callable[[WriteableBuffer, int, int, int, int], int] = (
+            self._engine.read_decrypt)
         # Keep the DEK out of swap where permitted; failure (RLIMIT_MEMLOCK) is not fatal:
         # the key schedule inside OpenSSL is not locked either.
         self.key_locked = _xts.mlock(key, True)

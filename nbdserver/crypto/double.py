@@ -30,13 +30,14 @@ one buffer to hand to an I/O worker, to lock in RAM and to wipe.
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from . import _xts
 from .cipher import KEY_SIZE, SECTOR_SIZE, InvalidKey, XtsSectorCipher, check_key
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
+    from typing_extensions import CapsuleType
 
 DOUBLE_KEY_SIZE = 2 * KEY_SIZE  # platform DEK || customer DEK
 
@@ -77,10 +78,8 @@ class DoubleXtsCipher(XtsSectorCipher):
     """`XtsSectorCipher` with two engines: encrypt = inner (platform) then outer
     (customer), decrypt the reverse. Owns `key` (128 bytes); `close()` wipes it.
 
-    The native read queue runs one engine's transform only, so a layer over this cipher
-    sends its cold reads down the Python path (`native_reads`)."""
-
-    native_reads = False
+    The native read queue runs both layers' decryption in one transform
+    (`_xts.chain_read_transform`), so cold reads of a double disk stay native too."""
 
     def __init__(self, key: bytearray, sector_size: int = SECTOR_SIZE) -> None:
         check_double_key(key)
@@ -95,6 +94,7 @@ class DoubleXtsCipher(XtsSectorCipher):
                 raise
         self.encrypt = self._encrypt_both
         self.encrypt_write = self._encrypt_write_both
+        self.read_decrypt = self._read_decrypt_both
         self.key_locked = _xts.mlock(key, True)
 
     @property
@@ -110,6 +110,12 @@ class DoubleXtsCipher(XtsSectorCipher):
         self._inner.encrypt(buf, buf, first_sector)
         self._outer.encrypt_write(buf, fd, offset, first_sector, flags)
 
+    def _read_decrypt_both(self, buf: WriteableBuffer, fd: int, offset: int, first_sector: int,
+                           flags: int) -> int:
+        found = self._outer.read_decrypt(buf, fd, offset, first_sector, flags)
+        self._inner.decrypt(buf, buf, first_sector, True)
+        return found
+
     def decrypt(self, src: ReadableBuffer, dst: WriteableBuffer, first_sector: int, *,
                 holes: bool = False) -> int:
         found = self._outer.decrypt(src, dst, first_sector, holes)
@@ -123,8 +129,8 @@ class DoubleXtsCipher(XtsSectorCipher):
         self._inner.decrypt(dst, dst, first_sector, True)
         return found
 
-    def read_transform(self) -> NoReturn:
-        raise NotImplementedError("the native read queue decrypts one layer only")
+    def read_transform(self) -> CapsuleType:
+        return _xts.chain_read_transform(self._outer, self._inner)
 
     def close(self) -> None:
         self._inner.close()

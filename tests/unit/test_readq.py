@@ -20,6 +20,7 @@ from nbdserver import readqueue
 from nbdserver._readq import ReadQueue
 from nbdserver.backend import FileBackend
 from nbdserver.crypto import XtsLayer, generate_dek
+from nbdserver.crypto.double import join_keys
 from tests.helpers.servers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -245,10 +246,17 @@ def test_o_direct_reads_of_any_alignment_go_through_the_bounce_buffer(queue, tmp
         backend.close()
 
 
+def layer_key(layers: str) -> bytearray:
+    """One DEK, or a double disk's two (double.py): the queue then runs both layers'
+    decryption in one transform (_xts.chain_read_transform)."""
+    return generate_dek() if layers == "single" else join_keys(generate_dek(), generate_dek())
+
+
+@pytest.mark.parametrize("layers", ["single", "double"])
 @pytest.mark.parametrize("cache", ["writeback", "none"])
-def test_xts_layer_decrypts_on_the_queue_with_holes_as_zeros(queue, tmp_path, cache):
+def test_xts_layer_decrypts_on_the_queue_with_holes_as_zeros(queue, tmp_path, cache, layers):
     path = tmp_path / "enc.img"
-    layer = XtsLayer(FileBackend(path, size=16 * MiB, cache=cache), generate_dek())
+    layer = XtsLayer(FileBackend(path, size=16 * MiB, cache=cache), layer_key(layers))
     try:
         plain = os.urandom(2 * MiB)
         layer.pwrite(plain, 4 * MiB)
@@ -298,20 +306,50 @@ def test_a_closed_layer_refuses_up_front(queue, tmp_path):
     assert queue.in_flight == 0
 
 
-def test_a_read_keeps_the_engine_usable_after_the_layer_closes(queue, tmp_path):
-    """Belt and braces under the server's drain: a read holds its own OpenSSL context
-    and a reference to the engine, so a close that came early frees nothing under it."""
+@pytest.mark.parametrize("layers", ["single", "double"])
+def test_a_read_keeps_the_engine_usable_after_the_layer_closes(queue, tmp_path, layers):
+    """Belt and braces under the server's drain: a read holds its own OpenSSL contexts
+    and references to the engines, so a close that came early frees nothing under it."""
     path = tmp_path / "e.img"
-    layer = XtsLayer(FileBackend(path, size=MiB), generate_dek())
-    layer.pwrite(os.urandom(S), 0)
+    layer = XtsLayer(FileBackend(path, size=MiB), layer_key(layers))
+    plain = os.urandom(S)
+    layer.pwrite(plain, 0)
     fd = os.dup(layer.lower.fileno())  # the file stays readable after the layer closes
     try:
         buf = bytearray(S)
-        queue.submit("r", buf, fd, 0, layer._cipher.read_transform(), 0)
+        transform = layer._cipher.read_transform()
+        queue.submit("r", buf, fd, 0, transform, 0)
         layer.close()
+        del transform, layer  # the queue's reference is what keeps the engines now
         assert collect_all(queue, 1) == {"r": S}
+        assert buf == plain
     finally:
         os.close(fd)
+    # A closed engine refuses a new read up front, and a failed start leaks nothing.
+    closed = XtsLayer(FileBackend(tmp_path / "f.img", size=MiB), layer_key(layers))
+    transform = closed._cipher.read_transform()
+    closed.close()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="closed"):
+            queue.submit("s", bytearray(S), fd, 0, transform, 0)
+    finally:
+        os.close(fd)
+    assert queue.in_flight == 0
+
+
+def test_the_chained_transform_refuses_what_is_not_two_engines():
+    from nbdserver.crypto import _xts
+    one = _xts.Engine(bytes(generate_dek()), S)
+    other = _xts.Engine(bytes(generate_dek()), 512)
+    try:
+        with pytest.raises(TypeError):
+            _xts.chain_read_transform(one, object())
+        with pytest.raises(ValueError, match="data units differ"):
+            _xts.chain_read_transform(one, other)
+    finally:
+        one.close()
+        other.close()
 
 
 # --- the ring's own cases, and the choice between the queues (nbdserver/readqueue.py)
