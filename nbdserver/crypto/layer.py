@@ -14,7 +14,9 @@ by `SectorLocks` against every other write to the same sectors.
 Copies are avoided:
 - a large read is decrypted straight out of the lower layer's file mapping into the
   caller's buffer (`BlockBackend.mapping()`, under a SIGBUS guard); a small one lands in
-  the caller's buffer and is decrypted in place;
+  the caller's buffer and is decrypted in place; a page-cache read of whole sectors on
+  the server's event loop (nowait) is read and decrypted in one engine call
+  (`read_decrypt`), over a file whose fd the layer learnt when it opened;
 - a large aligned write whose data is still arriving (an NBD WRITE payload) is staged
   (`stage_write` -> `EncryptingStage`): each piece is encrypted straight out of the
   receive buffer as it arrives, and the ciphertext written in one lower pwrite;
@@ -28,7 +30,8 @@ Copies are avoided:
 
 Cold reads (`submit_read`): a whole-sector read over a lower layer that reads natively
 (`native_read`: a plain file) goes to the server's native read queue with this layer's
-decryption as its transform, so preadv and decryption both run without the GIL.
+decryption as its transform (both layers' for a double disk), so preadv and decryption
+both run without the GIL.
 
 Over a file opened with O_DIRECT (cache=none: the lower layer's `io_align`), every lower
 write is whole aligned sectors already; what changes is where the ciphertext lives. It
