@@ -4,7 +4,9 @@ nothing half-made, and revocation still on time afterwards.
 Client threads run random lifecycle operations over HTTP against the real `nbdserver
 serve` on a small pool of disk and snapshot names, so that they collide: create
 (platform key or des1), move both ways, force delete while attached, snapshot while a
-client writes, disk from a snapshot, delete a snapshot. Meanwhile a customer-key disk
+client writes, disk from a snapshot, delete a snapshot; the encryption sets are a
+customer-key one and a double-encryption one (two DEKs per disk, issue 18), so moves
+cross between one layer and two. Meanwhile a customer-key disk
 outside the storm is written to without pause. Afterwards:
 
 - no answer was a 5xx (neither a request's nor an operation's), and every refusal was a
@@ -32,6 +34,7 @@ from tests.helpers.servers import wait_until
 
 DISKS = [f"d{i}" for i in range(6)]
 SNAPS = [f"s{i}" for i in range(4)]
+SETS = ("des1", "des2")  # customer key; platform and customer keys (double encryption)
 SIZE = 1 << 20
 LOCK_DEADLINE = 1.0  # the platform's promise: I/O stops within a second of a revocation
 
@@ -40,6 +43,7 @@ class Storm:
     def __init__(self, stack, seconds: float, clients: int):
         self.stack, self.seconds, self.clients = stack, seconds, clients
         self.codes: collections.Counter = collections.Counter()
+        self.succeeded: collections.Counter = collections.Counter()  # (what, set of a create)
         self.failures: list = []  # 5xx and anything else unexpected
         self.done = 0
         self.lock = threading.Lock()
@@ -49,6 +53,8 @@ class Storm:
         with self.lock:
             self.done += 1
             self.codes[status] += 1
+            if status < 300:
+                self.succeeded[what[0], what[2] if what[0] == "create" else None] += 1
             if status >= 500 or (status >= 400 and not (isinstance(body, dict) and body.get(
                     "error", {}).get("message"))):
                 self.failures.append((what, status, body))
@@ -74,16 +80,17 @@ class Storm:
         k = rnd.randrange(8)
         if k == 0:
             body = {"name": d, "size": SIZE}
-            if rnd.random() < 0.5:
-                body["diskEncryptionSet"] = "des1"
-            self.follow(("create", d), *api("POST", "/disks", body))
+            des = rnd.choice(SETS + (None,))
+            if des is not None:
+                body["diskEncryptionSet"] = des
+            self.follow(("create", d, des), *api("POST", "/disks", body))
         elif k == 1:
             self.follow(("snapshot", s, d), *api("POST", "/snapshots", {"name": s, "disk": d}))
         elif k == 2:
             self.follow(("from-snapshot", d, s), *api("POST", "/disks", {
                 "name": d, "source": f"snapshot:{s}"}))
         elif k in (3, 4):
-            body = {"diskEncryptionSet": "des1"} if k == 3 else {"platformKey": True}
+            body = {"diskEncryptionSet": rnd.choice(SETS)} if k == 3 else {"platformKey": True}
             self.record(("move", d, k), *api("PATCH", f"/disks/{d}", body))
         elif k == 5:
             self.record(("delete", d), *api("DELETE", f"/disks/{d}?force=true"))
@@ -140,6 +147,11 @@ def _files(stack, kind: str) -> int:
 def storm_and_check(make_stack, seconds: float, clients: int) -> dict:
     stack = make_stack()
     stack.customer_key("cust", "k1", "des1")
+    stack.customer_key("cust2", "k2")
+    shown = stack.nbdserver("des", "create", "des2", "--key-url", stack.key_url("cust2", "k2"),
+                            "--double-encryption")
+    assert shown["encryptionType"] == "EncryptionAtRestWithPlatformAndCustomerKeys"
+    stack.grant("cust2", shown["identity"]["objectId"])
     stack.customer_key("live", "kl", "des-live")
     stack.create_disk("live", "--size", "16M", "--des", "des-live")
     writer = Writer(stack, "live", span=4 << 20)
@@ -148,6 +160,8 @@ def storm_and_check(make_stack, seconds: float, clients: int) -> dict:
     storm = Storm(stack, seconds, clients)
     duration = storm.run()
     assert not storm.failures, storm.failures[:10]
+    # The storm did cross one layer and two: disks were made in each set.
+    assert all(storm.succeeded["create", des] for des in SETS + (None,)), storm.succeeded
 
     def idle():
         s, ops = stack.api("GET", "/operations")
@@ -160,6 +174,14 @@ def storm_and_check(make_stack, seconds: float, clients: int) -> dict:
     assert _files(stack, "disk") == len(disks), (disks.keys(), _files(stack, "disk"))
     assert _files(stack, "snapshot") == len(snaps), (snaps.keys(), _files(stack, "snapshot"))
     assert all(v["state"] == "ready" for v in list(disks.values()) + list(snaps.values()))
+    for name, disk in disks.items():  # a disk in the double set has both layers' keys
+        status, envelope = stack.api("GET", f"/disks/{name}/key-envelope")
+        assert status == 200, (name, envelope)
+        double = "two stacked" in envelope.get("format", "")
+        encryption = disk["encryption"]
+        in_double_set = encryption.get("diskEncryptionSet") == "des2"
+        assert double == in_double_set, (name, encryption, envelope.get("format"))
+        assert (encryption["type"] == "EncryptionAtRestWithPlatformAndCustomerKeys") == double
     import nbd
     for name in DISKS:
         if name in disks:
