@@ -65,14 +65,23 @@ class Receiver:
         self._used = n
         if n == 0 and not fds:
             return None
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or n < _LEN.size:
+        header = None
+        if not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) and n >= _LEN.size:
+            (hlen,) = _LEN.unpack_from(self.buf)
+            if hlen <= n - _LEN.size:
+                try:
+                    header = json.loads(bytes(self.buf[_LEN.size:_LEN.size + hlen]))
+                except ValueError:  # not JSON, or not UTF-8
+                    pass
+        if not isinstance(header, dict):
+            # Nothing of a malformed message is kept: its descriptors are closed (or each
+            # would stay open for the life of the process) and its bytes wiped (it may have
+            # carried a DEK).
             for fd in fds:
                 socket.close(fd)
+            self.wipe()
             raise ValueError("malformed control message")
-        view = memoryview(self.buf)[:n]
-        (hlen,) = _LEN.unpack_from(view)
-        header = json.loads(bytes(view[_LEN.size:_LEN.size + hlen]))
-        return header, view[_LEN.size + hlen:], fds
+        return header, memoryview(self.buf)[_LEN.size + hlen:n], fds
 
     def wipe(self) -> None:
         """Zero what the last message left in the buffer (it may have carried a DEK)."""

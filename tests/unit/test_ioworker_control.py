@@ -3,8 +3,13 @@ dropped, however far the main process falls behind in reading them."""
 
 from __future__ import annotations
 
+import array
 import asyncio
+import os
 import socket
+import struct
+
+import pytest
 
 from nbdserver import iowire
 from nbdserver.ioworker import IoWorker
@@ -91,3 +96,40 @@ def test_a_stop_never_forgets_a_disk_reopened_behind_it(tmp_path):
     finally:
         main.close()
         worker_end.close()
+
+def _framed(header: bytes, length: int | None = None) -> bytes:
+    return struct.pack("<I", len(header) if length is None else length) + header
+
+
+@pytest.mark.parametrize("payload", [
+    _framed(b'{"t":'),                 # the header is not JSON
+    _framed(b"[1,2,3]"),               # JSON, but not an object
+    _framed(b"{}", length=4096),       # a header length past the message
+    _framed(b"\xff\xfe"),              # not UTF-8
+    b"\x00\x01",                       # shorter than the length field
+], ids=["not-json", "not-object", "past-end", "not-utf8", "short"])
+def test_a_malformed_message_closes_its_descriptors_and_wipes_its_bytes(payload):
+    """A control message that cannot be parsed costs nothing: the descriptors it carried
+    are closed (not left open for the life of the process) and its bytes are wiped (a
+    message may carry a DEK); the next good message is read as ever."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        secret = b"K" * 64
+        a.sendmsg([payload + secret], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+        receiver = iowire.Receiver(b)
+        before = set(os.listdir("/proc/self/fd"))
+        with pytest.raises(ValueError, match="malformed"):
+            receiver.receive()
+        # The received copy of the pipe's read end is gone again.
+        assert set(os.listdir("/proc/self/fd")) <= before
+        assert secret not in receiver.buf and not any(receiver.buf[:len(payload) + 64])
+        iowire.send(a, iowire.message({"t": "hello"}, b"tail"))
+        header, tail, fds = receiver.receive()
+        assert header == {"t": "hello"} and bytes(tail) == b"tail" and fds == []
+        tail.release()
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()
