@@ -413,7 +413,9 @@ class Connection(asyncio.Protocol):
 
     # -- handshake
     def _handshake(self, data):
-        actions = self.handshake.receive(data)
+        self._handle(self.handshake.receive(data))
+
+    def _handle(self, actions):
         ready = next((a for a in actions if isinstance(a, hs.Ready)), None)
         if ready is not None:
             # The client selected its export: the catalog opens it (a disk's key is
@@ -432,9 +434,15 @@ class Connection(asyncio.Protocol):
             return
         if export is None:
             # Opening failed after the handshake had accepted the name (the key was
-            # refused meanwhile): fail closed, the selection's replies never go out.
-            log.info("connection %s: export %r could not be opened; closing", self.peer, name)
-            self.transport.close()
+            # refused meanwhile, the file is gone): fail closed, the selection's replies
+            # never go out. What the options before it answered does; then GO gets the
+            # spec's "not available" and the client may go on (EXPORT_NAME: a close).
+            log.info("connection %s: export %r could not be opened", self.peer, name)
+            i = next(i for i, a in enumerate(actions) if isinstance(a, hs.Ready))
+            self._act(actions[:i - actions[i].replies])
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+                self._handle(self.handshake.unready(f"export {name!r} is not available"))
             return
         self.export = export
         tls = self.transport.get_extra_info("ssl_object") is not None

@@ -15,6 +15,12 @@ every byte it receives to `receive(data)`, which returns a list of actions:
 - `Close(reason)`: a hard or soft disconnect (abort, violation, unknown export after
   NBD_OPT_EXPORT_NAME). The driver closes after sending what came before.
 
+The export a client selects may still fail to open after the name was accepted (its key
+refused meanwhile, its file gone): the driver then drops the selection's replies
+(`Ready.replies`) and calls `unready(message)`, which answers an NBD_OPT_GO with
+NBD_REP_ERR_UNKNOWN and goes back to option haggling, and closes after
+NBD_OPT_EXPORT_NAME (which has no error reply).
+
 No sockets, files or clocks here. Exports are looked up through a `Catalog` the driver
 passes in: a plain object answering questions, so tests drive the machine in memory.
 
@@ -137,6 +143,10 @@ class Negotiated:
 @dataclass(frozen=True)
 class Ready:
     negotiated: Negotiated
+    # How many of the Sends just before this event answer the selection itself (GO's
+    # NBD_INFO replies and ACK, or EXPORT_NAME's reply): the driver holds them back
+    # until the export has opened, and drops them if it cannot (`unready`).
+    replies: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,6 +207,7 @@ class Handshake:
         self.state = State.AWAIT_CLIENT_FLAGS
         self.shutting_down = False
         self.leftover = b""
+        self._selected_by = 0  # the option of the last Ready (GO or EXPORT_NAME)
 
     @staticmethod
     def greeting() -> bytes:
@@ -209,6 +220,22 @@ class Handshake:
         # Anything negotiated in plaintext could have been forged: start over.
         self._sel = _Selection()
         self.state = State.OPTIONS
+
+    def unready(self, message: str) -> list[Event]:
+        """The export of the last `Ready` could not be opened: take the selection back.
+        After NBD_OPT_GO, an NBD_REP_ERR_UNKNOWN error (the spec's "the requested export
+        is not available") and the options go on, with any bytes the client sent after
+        the GO read as options again; after NBD_OPT_EXPORT_NAME, a Close."""
+        if self.state is not State.DONE:
+            raise RuntimeError(f"unready() in state {self.state.value}")
+        if self._selected_by == NBD_OPT_EXPORT_NAME:
+            out: list[Event] = []
+            self._close(out, message)
+            return out
+        self.state = State.OPTIONS
+        self._buf[:0] = self.leftover
+        self.leftover = b""
+        return [Send(option_error(NBD_OPT_GO, NBD_REP_ERR_UNKNOWN, message)), *self.receive(b"")]
 
     def receive(self, data: bytes) -> list[Event]:
         if self.state in _FINAL:
@@ -341,13 +368,16 @@ class Handshake:
         if not self._no_zeroes:
             reply += bytes(124)
         out.append(Send(reply))
-        self._ready(info, out, min_block=1)  # no way to learn block sizes: byte-granular
+        # No way to learn block sizes: byte-granular.
+        self._ready(info, out, min_block=1, option=NBD_OPT_EXPORT_NAME, replies=1)
 
-    def _ready(self, info: ExportInfo, out: list[Event], *, min_block: int) -> None:
+    def _ready(self, info: ExportInfo, out: list[Event], *, min_block: int, option: int,
+               replies: int) -> None:
         contexts = self._sel.meta_contexts if self._sel.meta_export == info.name else {}
         self.state = State.DONE
+        self._selected_by = option
         out.append(Ready(Negotiated(info, self._sel.structured, dict(contexts), self._tls,
-                                    min_block)))
+                                    min_block), replies))
 
     def _list(self, data: bytes, out: list[Event]) -> None:
         if data:
@@ -390,7 +420,8 @@ class Handshake:
             # The constraints bind only a client that asked for them in this GO (an
             # earlier INFO does not count: doc/proto.md, NBD_INFO_BLOCK_SIZE).
             self._ready(info, out,
-                        min_block=info.min_block if NBD_INFO_BLOCK_SIZE in wanted else 1)
+                        min_block=info.min_block if NBD_INFO_BLOCK_SIZE in wanted else 1,
+                        option=option, replies=len(replies) + 1)
 
     def _meta_context(self, option: int, data: bytes, out: list[Event]) -> None:
         name, pos = _read_string(data, 0)

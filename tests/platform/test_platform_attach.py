@@ -8,6 +8,7 @@ the previous connection is closing finds every acknowledged write.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -130,3 +131,28 @@ def test_attach_while_the_previous_connection_closes(at_once):
             assert h.pread(len(d), o) == d, f"round {i}: the write at {o} was lost"
     h.shutdown()
     assert "disk hand closed, DEK wiped" in stack.nb.stderr_text()
+
+
+def test_a_go_whose_disk_cannot_open_is_refused_and_the_client_may_go_on(at_once):
+    """The name is known and not locked, so the handshake accepts the GO; opening the disk
+    then fails (its file was cut short). The client gets the spec's "not available" error
+    to that GO, not a dropped connection, and may ask again on the same connection."""
+    stack = at_once
+    stack.create_disk("cut", "--size", "4M")
+    stack.create_disk("fine", "--size", "4M")
+    path = stack.nb_dir / stack.disk("cut")["file"]
+    os.truncate(path, 4096)
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(stack.nbd_uri("cut"))
+    with pytest.raises(nbd.Error) as e:
+        h.opt_go()
+    # NBD_REP_ERR_UNKNOWN ("the requested export is not available"), as libnbd reports it.
+    assert e.value.errno == errno.errorcode[errno.ENOENT], e.value
+    assert h.aio_is_negotiating()  # still in option haggling, not disconnected
+    h.set_export_name("fine")
+    h.opt_go()  # the same connection selects another disk
+    h.pwrite(b"f" * 4096, 0)
+    assert h.pread(4096, 0) == b"f" * 4096
+    h.shutdown()
+    assert "export 'cut' could not be opened" in stack.nb.stderr_text()

@@ -350,6 +350,39 @@ def test_bytes_after_go_are_kept_for_transmission():
     assert h.state is State.DONE and h.leftover == b"request bytes"
 
 
+def test_a_go_whose_export_cannot_open_is_answered_and_the_options_go_on():
+    """The driver could not open the export the GO selected: the selection's own
+    replies are the last `ready.replies` Sends (held back, then dropped), unready()
+    answers the GO "not available", and bytes sent after the GO are options again."""
+    h = started()
+    actions = h.receive(opt(NBD_OPT_LIST) + opt(NBD_OPT_GO, go_data("disk", NBD_INFO_NAME))
+                        + opt(NBD_OPT_INFO, go_data("other")))
+    ready = actions[-1]
+    assert isinstance(ready, Ready) and h.state is State.DONE
+    kept = actions[:len(actions) - 1 - ready.replies]
+    assert [(o, t) for o, t, _ in replies(kept)] == [
+        (NBD_OPT_LIST, NBD_REP_SERVER), (NBD_OPT_LIST, NBD_REP_SERVER), (NBD_OPT_LIST, NBD_REP_ACK)]
+    dropped = replies(actions[len(kept):-1])
+    assert {o for o, _, _ in dropped} == {NBD_OPT_GO} and dropped[-1][1] == NBD_REP_ACK
+    again = h.unready("export 'disk' is not available")
+    got = replies(again)
+    assert got[0] == (NBD_OPT_GO, NBD_REP_ERR_UNKNOWN, b"export 'disk' is not available")
+    assert [(o, t) for o, t, _ in got[1:]][-1] == (NBD_OPT_INFO, NBD_REP_ACK)  # read after it
+    assert h.state is State.OPTIONS and h.leftover == b""
+    actions = h.receive(opt(NBD_OPT_GO, go_data("other")))  # another choice selects anew
+    assert isinstance(actions[-1], Ready) and actions[-1].negotiated.export.name == "other"
+
+
+def test_an_export_name_whose_export_cannot_open_closes():
+    h = started()
+    send, ready = h.receive(opt(NBD_OPT_EXPORT_NAME, b"disk"))
+    assert ready.replies == 1
+    [close] = h.unready("export 'disk' is not available")
+    assert isinstance(close, Close) and h.state is State.CLOSED
+    with pytest.raises(RuntimeError):
+        h.unready("twice")
+
+
 SESSION = (struct.pack(">I", CLIENT) + opt(NBD_OPT_LIST) + opt(NBD_OPT_INFO, go_data("disk", 3))
            + opt(NBD_OPT_STRUCTURED_REPLY) + opt(NBD_OPT_SET_META_CONTEXT, meta_data("disk", "base:allocation"))
            + opt(4321) + opt(NBD_OPT_GO, go_data("disk")) + b"tail")
