@@ -203,12 +203,18 @@ def check_private_file(path) -> None:
     """Refuse a secret that any user may read or write (as ssh refuses loose keys).
 
     Group read stays allowed: Debian's convention for TLS keys is 0640 root:ssl-cert, and
-    a group is a deliberate grant; "other" access never is.
+    a group is a deliberate grant; "other" access never is. The owner must be this
+    process's user or root: another user owns the file's mode too, and could widen it
+    or swap the secret at any time.
     """
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except FileNotFoundError:
         raise CaError(f"{path}: no such file") from None
+    mode = st.st_mode
     if mode & 0o027:
         raise CaError(f"{path} is readable or writable by others (mode {mode & 0o777:o}); "
                       "chmod 600 it")
+    if st.st_uid not in (0, os.geteuid()):
+        raise CaError(f"{path} is owned by uid {st.st_uid}, neither this user "
+                      f"(uid {os.geteuid()}) nor root; chown it")

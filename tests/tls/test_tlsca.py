@@ -72,6 +72,19 @@ def test_private_key_readable_by_others_is_refused(tmp_path):
         check_private_file(key)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's needs root")
+def test_private_key_owned_by_another_user_is_refused(tmp_path):
+    """ssh's rule: a 0600 file another user owns is that user's to widen or swap."""
+    key = tmp_path / "k.pem"
+    key.write_bytes(b"x")
+    key.chmod(0o600)
+    os.chown(key, 4242, 4242)
+    with pytest.raises(CaError, match="owned by uid 4242"):
+        check_private_file(key)
+    os.chown(key, 0, 4242)  # root's, with a group: Debian's root:ssl-cert shape
+    check_private_file(key)
+
+
 @pytest.mark.parametrize("cli", ["nbdserver.cli", "keyservice"])
 def test_tls_init_commands(tmp_path, cli):
     argv = [sys.executable, "-m", cli, "tls", "init", str(tmp_path / "d"), "--host", "10.1.2.3"]
