@@ -26,7 +26,11 @@ platform must keep their clocks in step (NTP), and the bound grows by their skew
 Each server also follows in its export catalog, at every renewal, what other servers
 changed (`sync_catalog`): a disk made on one is served by any, a disk deleted through
 one is closed (and its storage removed) by the one serving it, a disk grown through one
-is announced at its new size by the others.
+is announced at its new size by the others. It looks at the disks only when their
+generation moved (`State.disk_generation`, changed by every write of a disk's row), and
+at least every `FULL_LOOK_EVERY` renewals whatever it says (a server of an older release
+changes rows without it): with thousands of disks, listing them all every period held
+the event loop, and every client's I/O, for a tenth of a second each time.
 
 A server holds a lease of its own too (`server_leases`), renewed with its disks' and
 released at a clean stop, and each volume it leaves CREATING names it (`volume_creators`,
@@ -64,6 +68,7 @@ log = logging.getLogger("nbdserver.platform")
 
 DISK_LEASE = 15.0  # seconds; `nbdserver serve --disk-lease-seconds`
 FENCE = 2 / 3  # of the ttl since the last renewal: then stop serving, before it can expire
+FULL_LOOK_EVERY = 12  # renewals: a minute at the default ttl
 
 
 class DiskLeases:
@@ -77,9 +82,12 @@ class DiskLeases:
         self._last_renewal = time.monotonic()
         self._task: asyncio.Task | None = None
         self._removals: set[asyncio.Future] = set()  # referenced until done
-        # The disks' files at the last look (sync_catalog): what another server changed since.
-        self._seen = {d.name: d.path for d in self.state.list_volumes(VolumeKind.DISK)
-                      if d.state is VolumeState.READY}
+        # The disks' files at the last look (sync_catalog): what another server changed
+        # since; and the disks' generation then (None: look at the next renewal).
+        self._seen = {name: path for name, (path, state, _) in self.state.disk_rows().items()
+                      if state is VolumeState.READY}
+        self._generation: int | None = None
+        self._rounds = 0
         # Before any volume is made here: the volumes this server leaves CREATING are its.
         self.state.renew_server_lease(self.holder, time.time(), ttl)
         self.state.creator = self.holder
@@ -174,12 +182,18 @@ class DiskLeases:
         (its storage grown by that server) is served at its new size to the clients that
         attach from then on, as a local resize does. Moves and re-wraps change no DEK,
         and revocations reach every server from the key service: nothing to do here."""
+        self._rounds += 1
+        # Read before the rows: a change committed after this read moves it again, and
+        # the next renewal looks then.
+        generation = self.state.disk_generation()
+        if generation == self._generation and self._rounds % FULL_LOOK_EVERY:
+            return 0
         catalog = self.platform.catalog
-        disks = {d.name: d for d in self.state.list_volumes(VolumeKind.DISK)}
+        disks = self.state.disk_rows()
         for name, path in self._seen.items():
             export = catalog.get(name)
             now = disks.get(name)
-            if export is None or (now is not None and now.path == path):
+            if export is None or (now is not None and now[0] == path):
                 continue
             log.warning("disk %s deleted through another server: closed here", name)
             closing = self.platform.close_disks([name], "disk deleted")  # locked at once
@@ -192,20 +206,24 @@ class DiskLeases:
             self._removals.add(removal)
             removal.add_done_callback(self._removals.discard)
         added = 0
-        for disk in disks.values():
-            if disk.state is not VolumeState.READY:
+        for name, (path, state, size) in disks.items():
+            if state is not VolumeState.READY:
                 continue
-            export = catalog.get(disk.name)
+            export = catalog.get(name)
             if export is None:
-                self.platform._export_disk(disk)
-                added += 1
-            elif disk.size > export.backend.size and self._seen.get(disk.name) == disk.path:
-                log.info("disk %s grown through another server to %d bytes", disk.name, disk.size)
+                disk = self.state.get_volume(VolumeKind.DISK, name)  # the whole row: new here
+                if disk is not None and disk.state is VolumeState.READY:
+                    self.platform._export_disk(disk)
+                    added += 1
+            elif size > export.backend.size and self._seen.get(name) == path:
+                log.info("disk %s grown through another server to %d bytes", name, size)
                 if is_open(export):
-                    export.grow(disk.size)
+                    export.grow(size)
                 else:
-                    export.backend = SealedBackend(disk.size)
-        self._seen = {d.name: d.path for d in disks.values() if d.state is VolumeState.READY}
+                    export.backend = SealedBackend(size)
+        self._seen = {name: path for name, (path, state, _) in disks.items()
+                      if state is VolumeState.READY}
+        self._generation = generation
         return added
 
 

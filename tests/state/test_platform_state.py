@@ -61,6 +61,35 @@ def test_a_disk_lease_has_one_holder_until_it_expires(state):
     assert state.lease_holder("d1", now=126.0) is None
 
 
+def test_the_disks_generation_moves_with_every_disk_row_and_only_then(state):
+    """What another server's catalog follows (platform/leases.py): a disk written or
+    removed moves it, also inside a transaction; a snapshot, a lease or a re-wrap
+    does not (none changes what a catalog serves)."""
+    assert state.disk_generation() == 0 and state.disk_rows() == {}
+    disk = _disk("d1")
+    state.put_volume(disk)
+    first = state.disk_generation()
+    assert first > 0
+    [(name, (path, st, size))] = state.disk_rows().items()
+    assert (name, st, size) == ("d1", VolumeState.READY, 1 << 20) and path.endswith("disks/d1")
+    assert path == state.get_volume(VolumeKind.DISK, "d1").path  # resolved alike
+    snap = _disk("s1")
+    snap.kind = VolumeKind.SNAPSHOT
+    state.put_volume(snap)
+    state.take_lease("d1", "A", now=1.0, ttl=10.0)
+    assert state.replace_envelope(disk, disk.envelope, KeyEnvelope("http://ks/k/2", "RSA-OAEP-256",
+                                                                   b"x" * 40), "")
+    assert state.disk_generation() == first
+    with state.transaction():
+        state.put_volume(_disk("d2"))
+        state.delete_volume(VolumeKind.DISK, "d1")
+    second = state.disk_generation()
+    assert second > first
+    assert set(state.disk_rows()) == {"d2"}
+    state.delete_volume(VolumeKind.SNAPSHOT, "s1")
+    assert state.disk_generation() == second
+
+
 def test_a_state_url_of_another_kind_is_refused(tmp_path):
     with pytest.raises(StateError, match="postgresql://"):
         State(str(tmp_path / "platform.db"), state_url="mysql://db/platform")
