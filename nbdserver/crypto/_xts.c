@@ -464,6 +464,35 @@ as_int(PyObject *o)
     return (int)v;
 }
 
+/* The arguments of encrypt_write and read_decrypt, (buf, fd, offset, first_sector,
+ * flags), checked alike: on success buf is held (in place, writable) and the caller
+ * releases it; on failure -1 with an exception set and nothing held. */
+static int
+io_args(Engine *self, int dir, const char *name, PyObject *const *args, Py_ssize_t nargs,
+        Py_buffer *buf, int *fd, long long *offset, int *flags, uint64_t *lo, uint64_t *hi)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "%s(buf, fd, offset, first_sector, flags)", name);
+        return -1;
+    }
+    if (self->pool[dir].proto == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s on a closed Engine", name);
+        return -1;
+    }
+    *fd = as_int(args[1]);
+    *offset = PyLong_AsLongLong(args[2]);
+    *flags = as_int(args[4]);
+    if (PyErr_Occurred())
+        return -1;
+    if (*fd < 0 || *offset < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: bad fd or offset", name);
+        return -1;
+    }
+    if (parse_tweak(args[3], lo, hi) < 0)
+        return -1;
+    return get_buffers(self, args[0], NULL, *lo, *hi, 1, buf, buf);
+}
+
 static PyObject *
 engine_encrypt_write(Engine *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -474,21 +503,8 @@ engine_encrypt_write(Engine *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n_holes = 0, done = 0;
     EVP_CIPHER_CTX *ctx;
 
-    if (nargs != 5)
-        return PyErr_Format(PyExc_TypeError,
-                            "encrypt_write(buf, fd, offset, first_sector, flags)");
-    if (self->pool[ENCRYPT].proto == NULL)
-        return PyErr_Format(PyExc_ValueError, "encrypt_write on a closed Engine");
-    fd = as_int(args[1]);
-    offset = PyLong_AsLongLong(args[2]);
-    flags = as_int(args[4]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (fd < 0 || offset < 0)
-        return PyErr_Format(PyExc_ValueError, "encrypt_write: bad fd or offset");
-    if (parse_tweak(args[3], &lo, &hi) < 0)
-        return NULL;
-    if (get_buffers(self, args[0], NULL, lo, hi, 1, &buf, &buf) < 0)
+    if (io_args(self, ENCRYPT, "encrypt_write", args, nargs, &buf, &fd, &offset, &flags,
+                &lo, &hi) < 0)
         return NULL;
     ctx = pool_take(&self->pool[ENCRYPT]);
     if (ctx == NULL)
@@ -539,21 +555,8 @@ engine_read_decrypt(Engine *self, PyObject *const *args, Py_ssize_t nargs)
     EVP_CIPHER_CTX *ctx;
     PyThreadState *saved = NULL;
 
-    if (nargs != 5)
-        return PyErr_Format(PyExc_TypeError,
-                            "read_decrypt(buf, fd, offset, first_sector, flags)");
-    if (self->pool[DECRYPT].proto == NULL)
-        return PyErr_Format(PyExc_ValueError, "read_decrypt on a closed Engine");
-    fd = as_int(args[1]);
-    offset = PyLong_AsLongLong(args[2]);
-    flags = as_int(args[4]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (fd < 0 || offset < 0)
-        return PyErr_Format(PyExc_ValueError, "read_decrypt: bad fd or offset");
-    if (parse_tweak(args[3], &lo, &hi) < 0)
-        return NULL;
-    if (get_buffers(self, args[0], NULL, lo, hi, 1, &buf, &buf) < 0)
+    if (io_args(self, DECRYPT, "read_decrypt", args, nargs, &buf, &fd, &offset, &flags,
+                &lo, &hi) < 0)
         return NULL;
     ctx = pool_take(&self->pool[DECRYPT]);
     if (ctx == NULL)

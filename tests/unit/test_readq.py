@@ -21,6 +21,7 @@ from nbdserver._readq import ReadQueue
 from nbdserver.backend import FileBackend
 from nbdserver.crypto import XtsLayer, generate_dek
 from nbdserver.crypto.double import join_keys
+from tests.helpers.images import drop_cache
 from tests.helpers.servers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,16 +41,6 @@ def collect_all(queue: ReadQueue, n: int, timeout: float = 20.0) -> dict:
             assert token not in done
             done[token] = result
     return done
-
-
-def drop_cache(path) -> None:
-    """Make the file cold: write back its pages, then drop them (no root needed)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def ring_error() -> OSError | None:

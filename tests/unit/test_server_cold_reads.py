@@ -19,10 +19,11 @@ from nbdserver.backend import FileBackend
 from nbdserver.crypto import XtsLayer, generate_dek
 from nbdserver.exports import Export, ExportCatalog
 from nbdserver.protocol.constants import NBD_CMD_READ, NBD_EIO, NBD_REQUEST_MAGIC
+from tests.helpers.images import drop_cache
 from tests.helpers.inproc import ServerThread
 from tests.helpers.nbdraw import RawClient
 from tests.helpers.servers import wait_until
-from tests.unit.test_readq import drop_cache, ring_error
+from tests.unit.test_readq import ring_error
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20

@@ -13,7 +13,8 @@ import random
 import pytest
 
 from nbdserver.backend import aligned_buffer
-from tests.unit.test_readq import collect_all, drop_cache, ring_error
+from tests.helpers.images import drop_cache
+from tests.unit.test_readq import collect_all, ring_error
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20

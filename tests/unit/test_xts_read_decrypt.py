@@ -11,18 +11,9 @@ from nbdserver.backend import FileBackend
 from nbdserver.crypto import SECTOR_SIZE as S
 from nbdserver.crypto import XtsLayer, generate_dek
 from nbdserver.crypto.double import join_keys
-from tests.helpers.images import dmcrypt_sector
+from tests.helpers.images import dmcrypt_sector, drop_cache
 
 SIZE = 64 * S
-
-
-def drop_cache(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture(params=["single", "double"])
