@@ -125,6 +125,10 @@ WAIT_FOR_BUDGET = object()
 # Closing a TLS connection sends close_notify and waits for the peer's; an idle client
 # (libnbd between requests) never answers, and the default 30 s held every shutdown.
 TLS_SHUTDOWN_TIMEOUT = 3.0
+# Selections (GO) of a disk that then failed to open, per connection, before the server
+# closes it: each asks the key service for a DEK, which a client looping on one
+# connection must not get to do without bound.
+MAX_FAILED_SELECTIONS = 3
 
 
 class NbdServer:
@@ -280,6 +284,7 @@ class Connection(asyncio.Protocol):
         # (the TLS layer delivers them as soon as its handshake ends); None when not upgrading.
         self._tls_early: bytearray | None = None
         self._adopted: tuple | None = None  # NbdServer.adopt's negotiated parameters
+        self._failed_selections = 0
 
     # -- asyncio callbacks
     def connection_made(self, transport):
@@ -440,9 +445,18 @@ class Connection(asyncio.Protocol):
             log.info("connection %s: export %r could not be opened", self.peer, name)
             i = next(i for i, a in enumerate(actions) if isinstance(a, hs.Ready))
             self._act(actions[:i - actions[i].replies])
-            if not self.transport.is_closing():
-                self.transport.resume_reading()
-                self._handle(self.handshake.unready(f"export {name!r} is not available"))
+            if self.transport.is_closing():
+                return
+            events = self.handshake.unready(f"export {name!r} is not available")
+            self._failed_selections += 1
+            if self._failed_selections >= MAX_FAILED_SELECTIONS:
+                log.info("connection %s: %d selections failed; closing", self.peer,
+                         self._failed_selections)
+                self._act(events[:1])  # the GO's error (EXPORT_NAME's Close closes anyway)
+                self.transport.close()
+                return
+            self.transport.resume_reading()
+            self._handle(events)
             return
         self.export = export
         tls = self.transport.get_extra_info("ssl_object") is not None

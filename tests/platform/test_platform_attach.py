@@ -15,6 +15,7 @@ import threading
 import nbd
 import pytest
 
+from nbdserver.server import MAX_FAILED_SELECTIONS
 from tests.helpers.platform import connect_refused, pattern, refusal_message
 from tests.helpers.servers import wait_until
 from tests.platform.test_platform_revocation import _memory_hits, encoded_forms
@@ -156,3 +157,18 @@ def test_a_go_whose_disk_cannot_open_is_refused_and_the_client_may_go_on(at_once
     assert h.pread(4096, 0) == b"f" * 4096
     h.shutdown()
     assert "export 'cut' could not be opened" in stack.nb.stderr_text()
+
+    # Each failed selection asked the key service for a DEK: a client looping on one
+    # connection is answered twice, then the third answer is the last.
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(stack.nbd_uri("cut"))
+    for _ in range(MAX_FAILED_SELECTIONS):
+        with pytest.raises(nbd.Error) as e:
+            h.opt_go()
+        assert e.value.errno == errno.errorcode[errno.ENOENT], e.value
+    h.set_export_name("fine")
+    with pytest.raises(nbd.Error) as e:  # the server closed after the last answer
+        h.opt_go()
+    assert "disconnected" in str(e.value) or not h.aio_is_negotiating(), e.value
+    assert f"{MAX_FAILED_SELECTIONS} selections failed; closing" in stack.nb.stderr_text()
