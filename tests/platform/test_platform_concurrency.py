@@ -31,6 +31,7 @@ import pytest
 
 from tests.helpers.platform import Writer, is_eio
 from tests.helpers.servers import wait_until
+from tests.platform.test_platform_double import DOUBLE, double_set
 
 DISKS = [f"d{i}" for i in range(6)]
 SNAPS = [f"s{i}" for i in range(4)]
@@ -147,11 +148,7 @@ def _files(stack, kind: str) -> int:
 def storm_and_check(make_stack, seconds: float, clients: int) -> dict:
     stack = make_stack()
     stack.customer_key("cust", "k1", "des1")
-    stack.customer_key("cust2", "k2")
-    shown = stack.nbdserver("des", "create", "des2", "--key-url", stack.key_url("cust2", "k2"),
-                            "--double-encryption")
-    assert shown["encryptionType"] == "EncryptionAtRestWithPlatformAndCustomerKeys"
-    stack.grant("cust2", shown["identity"]["objectId"])
+    double_set(stack, "cust2", "des2")
     stack.customer_key("live", "kl", "des-live")
     stack.create_disk("live", "--size", "16M", "--des", "des-live")
     writer = Writer(stack, "live", span=4 << 20)
@@ -181,7 +178,7 @@ def storm_and_check(make_stack, seconds: float, clients: int) -> dict:
         encryption = disk["encryption"]
         in_double_set = encryption.get("diskEncryptionSet") == "des2"
         assert double == in_double_set, (name, encryption, envelope.get("format"))
-        assert (encryption["type"] == "EncryptionAtRestWithPlatformAndCustomerKeys") == double
+        assert (encryption["type"] == DOUBLE) == double
     import nbd
     for name in DISKS:
         if name in disks:

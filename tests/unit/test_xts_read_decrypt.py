@@ -10,16 +10,15 @@ import pytest
 from nbdserver.backend import FileBackend
 from nbdserver.crypto import SECTOR_SIZE as S
 from nbdserver.crypto import XtsLayer, generate_dek
-from nbdserver.crypto.double import join_keys
 from tests.helpers.images import dmcrypt_sector, drop_cache
+from tests.unit.test_readq import layer_key
 
 SIZE = 64 * S
 
 
 @pytest.fixture(params=["single", "double"])
 def layer(request, tmp_path):
-    key = generate_dek() if request.param == "single" else join_keys(generate_dek(), generate_dek())
-    layer = XtsLayer(FileBackend(tmp_path / "disk.img", size=SIZE), key)
+    layer = XtsLayer(FileBackend(tmp_path / "disk.img", size=SIZE), layer_key(request.param))
     yield layer
     layer.close()
 
