@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers.images import dmcrypt_sector
+from tests.helpers.images import dek_file, dmcrypt_sector
 from tests.helpers.servers import BaselineServer
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
@@ -42,18 +42,8 @@ def open_flags(pid: int, path) -> list[int]:
     return found
 
 
-def make_key(tmp_path):
-    key = os.urandom(64)
-    while key[:32] == key[32:]:
-        key = os.urandom(64)
-    keyfile = tmp_path / "dek.key"
-    keyfile.write_bytes(key)
-    keyfile.chmod(0o600)
-    return key, keyfile
-
-
 def test_o_direct_is_in_effect_exactly_where_cache_none_says(server_factory, tmp_path):
-    _, keyfile = make_key(tmp_path)
+    _, keyfile = dek_file(tmp_path)
     images = {name: tmp_path / f"{name}.img" for name in ("inherits", "own", "buffered")}
     srv = server_factory([f"inherits={images['inherits']},size={SIZE},key={keyfile}",
                           f"own={images['own']},size={SIZE},cache=none",
@@ -104,7 +94,7 @@ def read_back(uri: str, data: dict[int, bytes]) -> None:
 
 @pytest.mark.parametrize("first,second", [("none", "writeback"), ("writeback", "none")])
 def test_one_on_disk_format_whatever_the_mode(tmp_path, first, second):
-    key, keyfile = make_key(tmp_path)
+    key, keyfile = dek_file(tmp_path)
     image = tmp_path / "enc.img"
     spec = f"enc={image},size={SIZE},key={keyfile}"
     with BaselineServer(tmp_path, [f"{spec},cache={first}"], name="first") as srv:

@@ -22,7 +22,7 @@ from nbdserver.protocol.constants import (
     NBD_CMD_WRITE,
     NBD_REQUEST_MAGIC,
 )
-from tests.helpers.images import dmcrypt_sector
+from tests.helpers.images import dek_file, dmcrypt_sector
 from tests.helpers.nbdraw import RawClient
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
@@ -37,12 +37,7 @@ SIZE = 16 * MiB
 def encrypted(request, server_factory, tmp_path):
     """(server, image path, key): a 16 MiB encrypted export named `enc`, in each cache
     mode (none: O_DIRECT, the ciphertext written from aligned buffers)."""
-    key = os.urandom(64)
-    while key[:32] == key[32:]:
-        key = os.urandom(64)
-    keyfile = tmp_path / "dek.key"
-    keyfile.write_bytes(key)
-    keyfile.chmod(0o600)
+    key, keyfile = dek_file(tmp_path)
     image = tmp_path / "enc.img"
     srv = server_factory([f"enc={image},size={SIZE},key={keyfile},cache={request.param}"])
     return srv, image, key

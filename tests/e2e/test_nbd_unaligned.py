@@ -10,7 +10,6 @@ promised to keep them: a misaligned request from it is still EINVAL.
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 
@@ -25,7 +24,7 @@ from nbdserver.protocol.constants import (
     NBD_EINVAL,
     NBD_SIMPLE_REPLY_MAGIC,
 )
-from tests.helpers.images import dmcrypt_sector
+from tests.helpers.images import dek_file, dmcrypt_sector
 from tests.helpers.nbdraw import RawClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,12 +57,7 @@ def disk(request, server_factory, tmp_path):
         spec += ",cache=none"
     key = None
     if request.param.startswith("xts"):
-        key = os.urandom(64)
-        while key[:32] == key[32:]:
-            key = os.urandom(64)
-        keyfile = tmp_path / "dek.key"
-        keyfile.write_bytes(key)
-        keyfile.chmod(0o600)
+        key, keyfile = dek_file(tmp_path)
         spec += f",key={keyfile}"
     return server_factory([spec]), image, key
 

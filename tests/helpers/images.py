@@ -13,6 +13,18 @@ DISK_SIZE = 64 << 20
 RO_SIZE = 16 << 20
 
 
+def dek_file(tmp_path) -> tuple[bytes, object]:
+    """A random 64-byte DEK (its two halves differ, as XTS requires) and the 0600 file
+    holding it, `tmp_path/dek.key`, for a server's `key=` export option."""
+    key = os.urandom(64)
+    while key[:32] == key[32:]:
+        key = os.urandom(64)
+    keyfile = tmp_path / "dek.key"
+    keyfile.write_bytes(key)
+    keyfile.chmod(0o600)
+    return key, keyfile
+
+
 def dmcrypt_sector(key: bytes, sector: int, plaintext: bytes) -> bytes:
     """aes-xts-plain64, sector_size=4096, iv_large_sectors, by `cryptography`: the
     ciphertext of one sector in the on-disk format (docs/format.md)."""
