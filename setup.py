@@ -42,6 +42,12 @@ setup(
             libraries=["pthread"],
         ),
         Extension(
+            "nbdserver._cachedio",
+            sources=["nbdserver/_cachedio.c"],
+            depends=["nbdserver/_readq.h"],
+            extra_compile_args=warnings,
+        ),
+        Extension(
             "nbdserver._uring",
             sources=["nbdserver/_uring.c"],
             depends=["nbdserver/_readq.h"],

@@ -43,6 +43,7 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,28 @@ class BlockBackend(ABC):
         The answer for a given length, fua and nowait must not change while the backend
         is open (XtsLayer asks once, at open, for its small writes). A subclass that
         changes pwrite must change this too."""
+        return None
+
+    def page_cache_reads(self) -> tuple[int, object | None, int] | None:
+        """`(fd, transform, unit)` when `pread(buf, offset, nowait=True)` of whole
+        `unit`s is exactly preadv2(fd, RWF_NOWAIT) until all is read (zeros past the end
+        of the file), then the read transform capsule (nbdserver/_readq.h; None for
+        none) run over it in place, data unit `offset // unit` first; None when it is
+        not, or not now. The server then answers page-cache READs natively
+        (nbdserver/_cachedreads.c), asking again for every chunk it receives, so the
+        answer may change at any time. Only the class that defines `pread` can say."""
+        return None
+
+    def page_cache_writes(self) -> tuple[int, object | None, int, list[Any] | None, int] | None:
+        """`(fd, transform, unit, locks, per)` when `pwrite(data, offset, nowait=True,
+        owned=True)` of whole `unit`s inside one stripe of `locks` is exactly: that
+        stripe's lock taken without waiting (`locks[(offset // unit // per) %
+        len(locks)]`, None while not made; `locks` None for none), the write transform
+        capsule (or None) run over the data, then pwritev2(fd, flags 0) until all is
+        written. None when it is not, or not now (read-only, closed). The server then
+        answers small WRITEs natively (nbdserver/_cachedio.c). Only the class that
+        defines `pwrite` can say (FilterBackend declines it under a layer that changes
+        `pwrite`)."""
         return None
 
     def native_read(self, length: int) -> int | None:
@@ -235,9 +258,10 @@ class FilterBackend(BlockBackend):
     filters) subclasses it and overrides only what it changes.
 
     A side channel describes the data path below, so it stays true only while the
-    layer leaves that path alone: `native_write`, `submit_write` and `stage_write`
-    promise to do what `pwrite` does (and `zero` and `trim` act on what it wrote),
-    `native_read`, `submit_read` and `mapping` what `pread` does (and `block_status` and
+    layer leaves that path alone: `native_write`, `submit_write`, `stage_write` and
+    `page_cache_writes` promise to do what `pwrite` does (and `zero` and `trim` act on
+    what it wrote), `native_read`, `submit_read`, `mapping` and `page_cache_reads` what
+    `pread` does (and `block_status` and
     `cache` describe what it reads). Passed through from under a layer that encrypts,
     they would write plaintext to the disk or hand out ciphertext. So a class that
     overrides `pwrite` (or `pread`), and not one of the channels that speak for it,
@@ -317,6 +341,12 @@ class FilterBackend(BlockBackend):
     def mapping(self) -> memoryview | None:
         return self.lower.mapping()
 
+    def page_cache_reads(self) -> tuple[int, object | None, int] | None:
+        return self.lower.page_cache_reads()
+
+    def page_cache_writes(self) -> tuple[int, object | None, int, list[Any] | None, int] | None:
+        return self.lower.page_cache_writes()
+
     def grow(self, size: int) -> None:
         self.lower.grow(size)
 
@@ -326,8 +356,10 @@ class FilterBackend(BlockBackend):
 
 # Which side channels speak for which data method (FilterBackend's docstring).
 _SPEAKS_FOR = {
-    "pread": ("native_read", "submit_read", "mapping", "block_status", "cache"),
-    "pwrite": ("native_write", "submit_write", "stage_write", "zero", "trim"),
+    "pread": ("native_read", "submit_read", "mapping", "page_cache_reads", "block_status",
+              "cache"),
+    "pwrite": ("native_write", "submit_write", "stage_write", "page_cache_writes", "zero",
+               "trim"),
 }
 
 
@@ -348,6 +380,10 @@ def _no_native_write(self, length: int, *, fua: bool = False,
 
 
 def _no_native_read(self, length: int) -> int | None:
+    return None
+
+
+def _no_page_cache_io(self):  # type: ignore[no-untyped-def]
     return None
 
 
@@ -393,6 +429,7 @@ def _zeros_written(self, offset: int, length: int, *, may_trim: bool = True, fua
 
 _DECLINED = {
     "native_write": _no_native_write, "native_read": _no_native_read,
+    "page_cache_reads": _no_page_cache_io, "page_cache_writes": _no_page_cache_io,
     "submit_read": _no_submit_read, "submit_write": _no_submit_write,
     "stage_write": _no_stage_write, "mapping": _no_mapping,
     "block_status": _all_data, "cache": _no_cache, "trim": _no_trim, "zero": _zeros_written,
@@ -566,6 +603,9 @@ class FileBackend(BlockBackend):
             raise
         self._size = os.fstat(self._fd).st_size
         self._nowait_ok = True  # cleared if the kernel/filesystem rejects RWF_NOWAIT
+        # page_cache_reads speaks for this class's pread, not a subclass's own.
+        self._vouched = defined_together(type(self), "pread", "page_cache_reads")
+        self._write_vouched = defined_together(type(self), "pwrite", "page_cache_writes")
         self._mapping: memoryview | None = None  # made by mapping() on first use
         self._map_failed = False
         self._closed = threading.Event()
@@ -625,6 +665,16 @@ class FileBackend(BlockBackend):
         # pread is preadv on this fd with zeros past the end: exactly what the queue does
         # (through an aligned bounce buffer where io_align asks for one).
         return self._fd if not self._closed.is_set() else None
+
+    def page_cache_reads(self):
+        if self._direct or not self._nowait_ok or self._closed.is_set() or not self._vouched:
+            return None
+        return self._fd, None, 1
+
+    def page_cache_writes(self):
+        if self._direct or self._readonly or self._closed.is_set() or not self._write_vouched:
+            return None
+        return self._fd, None, 1, None, 0
 
     def pwrite(self, data, offset, *, fua=False, nowait=False, owned=False):
         data = memoryview(data).cast("B")

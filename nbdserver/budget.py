@@ -69,6 +69,14 @@ class BufferBudget:
         self._schedule_poll()
         return False
 
+    def try_take(self, holder, n: int) -> bool:
+        """Charge n bytes to `holder` if they fit now; never waits (no wake-up is
+        registered). For an optional fast path whose caller has another way to go."""
+        if self._fits(holder, n):
+            self.used += n
+            return True
+        return False
+
     def _fits(self, holder, n: int) -> bool:
         held = holder.budget_held
         if held + n <= self.share and self.used + n <= self.limit:

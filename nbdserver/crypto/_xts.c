@@ -642,14 +642,13 @@ read_capsule_free(PyObject *capsule)
     Py_XDECREF((PyObject *)PyCapsule_GetContext(capsule));
 }
 
-/* read_transform(): a capsule the read queue runs after each preadv; it keeps the
- * Engine object alive (not the key: close() still cleanses the schedule, and a context
- * a read holds is freed when that read is collected). */
+/* The capsule of `ops` for this engine: it keeps the Engine object alive (not the key:
+ * close() still cleanses the schedule, and a context a read holds is freed when that
+ * read is collected). */
 static PyObject *
-engine_read_transform(Engine *self, PyObject *Py_UNUSED(ignored))
+transform_capsule(Engine *self, const ReadTransform *ops)
 {
-    PyObject *capsule = PyCapsule_New((void *)&read_decrypt, READQ_TRANSFORM_CAPSULE,
-                                      read_capsule_free);
+    PyObject *capsule = PyCapsule_New((void *)ops, READQ_TRANSFORM_CAPSULE, read_capsule_free);
     if (capsule == NULL)
         return NULL;
     if (PyCapsule_SetContext(capsule, self) < 0) {
@@ -658,6 +657,56 @@ engine_read_transform(Engine *self, PyObject *Py_UNUSED(ignored))
     }
     Py_INCREF(self);
     return capsule;
+}
+
+/* read_transform(): the capsule the read queue runs after each preadv. */
+static PyObject *
+engine_read_transform(Engine *self, PyObject *Py_UNUSED(ignored))
+{
+    return transform_capsule(self, &read_decrypt);
+}
+
+/* --- encryption for nbdserver/_cachedio.c's small writes, by the same protocol ------ */
+
+static void *
+write_begin(void *owner)
+{
+    Engine *self = owner;
+    if (self->pool[ENCRYPT].proto == NULL) {
+        PyErr_SetString(PyExc_ValueError, "write on a closed Engine");
+        return NULL;
+    }
+    return pool_take(&self->pool[ENCRYPT]);
+}
+
+/* Encrypt in place (exactly encrypt(buf, buf, first)); the GIL need not be held. */
+static int
+write_run(void *owner, void *state, unsigned char *buf, size_t len, uint64_t first)
+{
+    Engine *self = owner;
+    Py_ssize_t n_holes = 0;
+    if (len % (size_t)self->unit != 0)
+        return EINVAL;
+    if (xts_units(state, buf, buf, (Py_ssize_t)len, self->unit, first, 0, 0, &n_holes) < 0) {
+        ERR_clear_error();
+        return EIO;
+    }
+    return 0;
+}
+
+static void
+write_end(void *owner, void *state)
+{
+    pool_give(&((Engine *)owner)->pool[ENCRYPT], state);
+}
+
+static const ReadTransform write_encrypt = {write_begin, write_run, write_end};
+
+/* write_transform(): the capsule of write_encrypt. */
+static PyObject *
+engine_write_transform(Engine *self, PyObject *Py_UNUSED(ignored))
+{
+    return transform_capsule(self, &write_encrypt);
 }
 
 /* Two layers (double.py): the outer engine's decryption, then the inner one's, on the
@@ -871,6 +920,9 @@ static PyMethodDef engine_methods[] = {
     {"read_decrypt", (PyCFunction)(void (*)(void))engine_read_decrypt, METH_FASTCALL,
      "read_decrypt(buf, fd, offset, first_sector, flags): preadv2 into buf (zeros past "
      "the end), then decrypt it in place with holes; returns the number of holes."},
+    {"write_transform", (PyCFunction)engine_write_transform, METH_NOARGS,
+     "write_transform() -> capsule: encrypt(buf, buf, first) by nbdserver/_readq.h's "
+     "protocol, for the server's native small writes (nbdserver/_cachedio.c)."},
     {"read_transform", (PyCFunction)engine_read_transform, METH_NOARGS,
      "read_transform() -> capsule: decrypt(buf, buf, first, holes=True) for the native "
      "read queue (nbdserver._readq.ReadQueue.submit's transform), run without the GIL."},

@@ -122,6 +122,12 @@ class XtsSectorCipher:
         after each read. It keeps the engine object alive, not the key (see close)."""
         return self._engine.read_transform()
 
+    def write_transform(self) -> CapsuleType | None:
+        """For the server's native small writes (`nbdserver._cachedio`): a capsule that
+        runs `encrypt(buf, buf, first)` (the protocol of read_transform). None when this
+        cipher has none (two layers)."""
+        return self._engine.write_transform()
+
     def close(self) -> None:
         """Free the OpenSSL contexts (cleansing the key schedule) and wipe the DEK."""
         self._engine.close()

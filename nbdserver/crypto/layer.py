@@ -56,7 +56,7 @@ import os
 import threading
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..backend import (
     BlockBackend,
@@ -135,6 +135,8 @@ class XtsLayer(FilterBackend):
         self._locks = SectorLocks(STRIPES, SECTORS_PER_STRIPE, file_fd=fileno() if fileno else None)
         self._local = threading.local()
         self._closed = False
+        # Made by page_cache_writes; two layers' ciphers have none (then False).
+        self._write_transform: CapsuleType | None | bool = None
 
     # --- BlockBackend -----------------------------------------------------------------
 
@@ -186,6 +188,30 @@ class XtsLayer(FilterBackend):
             sector = self._scratch(S)
             self._read_sectors(sector, offset + pos, nowait)
             buf[pos:] = sector[:n - pos]
+
+    def page_cache_reads(self) -> tuple[int, object | None, int] | None:
+        # pread's hot path above, as one native call per received chunk.
+        fd = self._nowait_read_fd
+        if fd is None or self._closed:
+            return None
+        transform = self._read_transform
+        if transform is None:
+            transform = self._read_transform = self._cipher.read_transform()
+        return fd, transform, S
+
+    def page_cache_writes(self) -> tuple[int, object | None, int, list[Any] | None, int] | None:
+        # pwrite's short path below (flags 0, one stripe lock), as one native call per
+        # received chunk.
+        fd = self._small_write_fd
+        if fd is None or self._closed or self.starts_requests:
+            return None
+        transform = self._write_transform
+        if transform is None:
+            transform = self._write_transform = self._cipher.write_transform() or False
+        if transform is False:
+            return None
+        locks, per = self._locks.stripes()
+        return fd, transform, S, locks, per
 
     def pwrite(self, data: memoryview, offset: int, *, fua: bool = False, nowait: bool = False,
                owned: bool = False) -> None:

@@ -87,6 +87,13 @@ class SectorLocks:
         self._per = sectors_per_stripe
         self._making = threading.Lock()
 
+    def stripes(self) -> tuple[list[threading.Lock | None], int]:
+        """The stripe locks (None until made) and the sectors per stripe: for the
+        server's native small writes (nbdserver/_cachedio.c), which take the lock of
+        sectors [first, end) as `single` would, and leave the write to Python when that
+        lock is not made yet."""
+        return self._locks, self._per
+
     def stripe(self, i: int) -> threading.Lock:
         """Stripe i's lock, made on its first use (by one thread only: two threads must
         never end up with two different locks for one stripe)."""

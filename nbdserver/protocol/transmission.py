@@ -157,6 +157,12 @@ class RequestParser:
     def buffered(self) -> int:
         return len(self._buf) + self._have
 
+    def at_boundary(self) -> bool:
+        """Whether the next byte to arrive begins a request: nothing held back (part of
+        a header, a payload) and no refused payload still being skipped. Only then may
+        another reader (the server's page-cache fast path) parse the bytes first."""
+        return not self._buf and self._partial is None and not self._skip
+
     def feed(self, data: Data) -> list[Parsed]:
         out: list[Parsed] = []
         if self._skip:

@@ -154,10 +154,10 @@ class BaselineServer(DaemonProcess):
     """`python -m nbdserver.baseline` serving files: the NBD server without the platform."""
 
     def __init__(self, workdir: Path, exports: list[str], *, extra_args: Sequence[str] = (),
-                 name: str = "nbdserver"):
+                 name: str = "nbdserver", env: dict | None = None):
         argv = [sys.executable, "-m", "nbdserver.baseline", "--listen", "127.0.0.1:0",
                 *extra_args, *exports]
-        super().__init__(argv, workdir, name=name)
+        super().__init__(argv, workdir, name=name, env=env)
         self.host = "127.0.0.1"
         self.port = 0
 

@@ -111,6 +111,28 @@ def test_oversized_write_is_skipped_across_feeds():
     assert p.buffered() == 0
 
 
+def test_the_parser_says_when_the_next_byte_begins_a_request():
+    """What the server's page-cache fast path asks before it parses a chunk itself: a
+    refused payload being skipped must never be read as requests (its bytes may be any)."""
+    p = RequestParser(max_payload=1024)
+    assert p.at_boundary()
+    p.feed(raw(NBD_CMD_READ)[:10])  # part of a header
+    assert not p.at_boundary()
+    p.feed(raw(NBD_CMD_READ)[10:])
+    assert p.at_boundary()
+    p.feed(raw(NBD_CMD_WRITE, 0, 5000, cookie=9) + b"\0" * 100)  # skipping
+    assert not p.at_boundary()
+    p.feed(b"\0" * 4900)
+    assert p.at_boundary()
+    p.feed(raw(NBD_CMD_WRITE, 0, 100, payload=b"x" * 30))  # a payload in part
+    assert not p.at_boundary()
+    p.feed(b"y" * 70)
+    assert p.at_boundary()
+    big = RequestParser()
+    big.feed(raw(NBD_CMD_WRITE, 0, 128 * 1024, payload=b"x" * 1000))  # a large one in part
+    assert not big.at_boundary()
+
+
 class RecordingStage:
     """A consumer's stage that keeps what it is given, and checks it is given no more."""
 

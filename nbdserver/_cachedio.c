@@ -1,0 +1,442 @@
+/*
+ * nbdserver._cachedio: the READs and small WRITEs at the head of a received chunk that
+ * the page cache serves, answered in one native call.
+ *
+ * Why: at queue depth 1 every request wakes the event loop alone, and the Python path of
+ * one request (parse, checks, dispatch, the layer's read or write, the reply, the
+ * statistics) runs on a cold interpreter, on the critical path between the client's
+ * request and its reply. Here the common cases are parsed, done and framed in C:
+ * - a READ of whole data units that the page cache holds: preadv2(RWF_NOWAIT), then the
+ *   layer's read transform (XTS decryption) in place;
+ * - a WRITE of whole data units inside one stripe of the layer's sector locks, payload
+ *   complete in the chunk, no FUA: the payload copied to scratch, the write transform
+ *   (XTS encryption) run over it, pwritev2 with flags 0 (a buffered write, as the
+ *   Python path's inline write does), under the stripe's lock taken without waiting.
+ * The transforms follow nbdserver/_readq.h's protocol (capsules from crypto/_xts.c).
+ * The server sends the replies with one call.
+ *
+ * answer() only ever takes a prefix of the chunk, and only requests whose answer is
+ * exactly what the Python path would send (flags 0, length in (0, max], offset and length
+ * multiples of `align`, inside the disk). It stops at the first request that is anything
+ * else, at a READ the page cache does not hold entirely (EAGAIN), at a stripe lock held
+ * by someone else, and at any failed read or write: that request and every one after it
+ * are left to the Python path, which does it again and reports any error as it always
+ * does (a write is idempotent: doing it twice lands the same bytes). So nothing here
+ * decides a protocol error, and a request it declines costs one system call at most.
+ *
+ * The caller checks the connection's and the disk's state (locked, frozen, read-only,
+ * backlogged, shutting down) before the call. Nothing in here can change it: the GIL is
+ * held except around large reads and writes, which touch no Python object.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#include "_readq.h"
+
+#define REQUEST_SIZE 28
+#define REQUEST_MAGIC 0x25609513u
+#define SIMPLE_REPLY_MAGIC 0x67446698u
+#define STRUCTURED_REPLY_MAGIC 0x668e33efu
+#define CMD_READ 0
+#define CMD_WRITE 1
+#define REPLY_FLAG_DONE 1
+#define REPLY_TYPE_OFFSET_DATA 1
+#define SIMPLE_HEAD 16                 /* magic, error, cookie */
+#define DATA_CHUNK_HEAD 28             /* magic, flags, type, cookie, length, offset */
+/* I/O this large gives the GIL up while it copies (the worker threads may want it). */
+#define GIL_RELEASE_BYTES (64 * 1024)
+
+static uint32_t
+get_be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint16_t
+get_be16(const unsigned char *p)
+{
+    return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+static uint64_t
+get_be64(const unsigned char *p)
+{
+    return (uint64_t)get_be32(p) << 32 | get_be32(p + 4);
+}
+
+static void
+put_be32(unsigned char *p, uint32_t v)
+{
+    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
+}
+
+static void
+put_be16(unsigned char *p, uint16_t v)
+{
+    p[0] = v >> 8; p[1] = v;
+}
+
+static void
+put_be64(unsigned char *p, uint64_t v)
+{
+    put_be32(p, (uint32_t)(v >> 32));
+    put_be32(p + 4, (uint32_t)v);
+}
+
+/* A transform capsule (or None), and its per-call state once begun. */
+typedef struct {
+    const ReadTransform *ops;
+    void *owner;
+    void *state;
+} Transform;
+
+static int
+transform_get(PyObject *capsule, Transform *t)
+{
+    t->ops = NULL;
+    t->owner = t->state = NULL;
+    if (capsule == Py_None)
+        return 0;
+    t->ops = PyCapsule_GetPointer(capsule, READQ_TRANSFORM_CAPSULE);
+    if (t->ops == NULL)
+        return -1;
+    t->owner = PyCapsule_GetContext(capsule);
+    if (t->owner == NULL && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+/* GIL held. 0, or -1 with an exception (a closed engine). */
+static int
+transform_begin(Transform *t)
+{
+    if (t->ops == NULL || t->state != NULL)
+        return 0;
+    t->state = t->ops->begin(t->owner);
+    return t->state == NULL ? -1 : 0;
+}
+
+static void
+transform_end(Transform *t)
+{
+    if (t->ops != NULL && t->state != NULL)
+        t->ops->end(t->owner, t->state);
+    t->state = NULL;
+}
+
+/* Fill buf from fd at offset with RWF_NOWAIT: 0, or the errno that stopped it (EAGAIN
+ * when part of it is not cached). Zeros past the end of the file, as the layers read. */
+static int
+read_cached(int fd, unsigned char *buf, size_t len, uint64_t offset)
+{
+    size_t done = 0;
+    while (done < len) {
+        struct iovec iov = {buf + done, len - done};
+        ssize_t r = preadv2(fd, &iov, 1, (off_t)(offset + done), RWF_NOWAIT);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (r == 0) {
+            memset(buf + done, 0, len - done);
+            break;
+        }
+        done += (size_t)r;
+    }
+    return 0;
+}
+
+static int
+write_all(int fd, const unsigned char *buf, size_t len, uint64_t offset)
+{
+    size_t done = 0;
+    while (done < len) {
+        struct iovec iov = {(void *)(buf + done), len - done};
+        ssize_t w = pwritev2(fd, &iov, 1, (off_t)(offset + done), 0);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        done += (size_t)w;
+    }
+    return 0;
+}
+
+/* The parameters of answer(), parsed. */
+typedef struct {
+    uint64_t size, unit, align, max_bytes, max_read, max_write;
+    int structured;
+    Py_ssize_t max_requests;
+    int read_fd, write_fd;             /* -1: that command is not answered here */
+    Transform read, write;
+    PyObject *locks;                   /* a list of stripe locks (or None), or NULL */
+    uint64_t per;                      /* sectors per stripe */
+} Params;
+
+/* Borrowed: the stripe lock of units [first, end), Py_None when there is none to take,
+ * or NULL when the range spans stripes or the lock is not made yet (Python makes it). */
+static PyObject *
+stripe_lock(const Params *p, uint64_t first, uint64_t end)
+{
+    Py_ssize_t n;
+    uint64_t g;
+    if (p->locks == NULL)
+        return Py_None;
+    g = first / p->per;
+    n = PyList_GET_SIZE(p->locks);
+    if (g != (end - 1) / p->per || n == 0)
+        return NULL;
+    PyObject *lock = PyList_GET_ITEM(p->locks, (Py_ssize_t)(g % (uint64_t)n));
+    return lock == Py_None ? NULL : lock;
+}
+
+/* 1 when taken, 0 when held by another (or not a lock), -1 with an exception. */
+static int
+lock_try(PyObject *lock)
+{
+    PyObject *r;
+    int taken;
+    if (lock == Py_None)
+        return 1;
+    r = PyObject_CallMethod(lock, "acquire", "O", Py_False);
+    if (r == NULL)
+        return -1;
+    taken = r == Py_True;
+    Py_DECREF(r);
+    return taken;
+}
+
+static int
+lock_release(PyObject *lock)
+{
+    PyObject *r;
+    if (lock == Py_None)
+        return 0;
+    r = PyObject_CallMethod(lock, "release", NULL);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* One WRITE, its payload at `payload`: 1 done, 0 declined, -1 with an exception. */
+static int
+do_write(Params *p, unsigned char *scratch, const unsigned char *payload, uint64_t offset,
+         uint32_t length)
+{
+    uint64_t first = offset / p->unit;
+    PyObject *lock = stripe_lock(p, first, first + length / p->unit);
+    PyThreadState *saved = NULL;
+    int taken, err = 0;
+    if (lock == NULL)
+        return 0;
+    if (transform_begin(&p->write) < 0)
+        return -1;
+    Py_INCREF(lock);
+    taken = lock_try(lock);
+    if (taken <= 0) {
+        Py_DECREF(lock);
+        return taken;
+    }
+    if (length >= GIL_RELEASE_BYTES)
+        saved = PyEval_SaveThread();
+    memcpy(scratch, payload, length);
+    if (p->write.ops != NULL)
+        err = p->write.ops->run(p->write.owner, p->write.state, scratch, length, first);
+    if (!err)
+        err = write_all(p->write_fd, scratch, length, offset);
+    if (saved != NULL)
+        PyEval_RestoreThread(saved);
+    taken = lock_release(lock);
+    Py_DECREF(lock);
+    if (taken < 0)
+        return -1;
+    return err ? 0 : 1;
+}
+
+/* One READ into `out` (its reply's data): 1 done, 0 declined, -1 with an exception. */
+static int
+do_read(Params *p, unsigned char *out, uint64_t offset, uint32_t length)
+{
+    PyThreadState *saved = NULL;
+    int err;
+    if (transform_begin(&p->read) < 0)
+        return -1;
+    if (length >= GIL_RELEASE_BYTES)
+        saved = PyEval_SaveThread();
+    err = read_cached(p->read_fd, out, length, offset);
+    if (!err && p->read.ops != NULL)
+        err = p->read.ops->run(p->read.owner, p->read.state, out, length, offset / p->unit);
+    if (saved != NULL)
+        PyEval_RestoreThread(saved);
+    return err ? 0 : 1;
+}
+
+static PyObject *
+answer(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer data;
+    Params p;
+    PyObject *read_transform, *write_transform, *locks, *replies = NULL, *result = NULL;
+    unsigned long long size, unit, align, max_bytes, max_read, max_write, per;
+    Py_ssize_t pos = 0, count = 0, n_reads = 0, n_writes = 0, total = 0, used = 0;
+    size_t read_bytes = 0, write_bytes = 0, bytes = 0;
+    unsigned char *scratch = NULL, *out;
+    const unsigned char *src;
+    int structured, read_fd, write_fd, rc = 0;
+    size_t head;
+
+    if (!PyArg_ParseTuple(args, "y*KKKpKnKiOKiOOK:answer", &data, &size, &unit, &align,
+                          &structured, &max_bytes, &p.max_requests, &max_read, &read_fd,
+                          &read_transform, &max_write, &write_fd, &write_transform, &locks,
+                          &per))
+        return NULL;
+    p.size = size; p.unit = unit; p.align = align; p.structured = structured;
+    p.max_bytes = max_bytes; p.max_read = max_read; p.max_write = max_write;
+    p.read_fd = read_fd; p.write_fd = write_fd; p.per = per;
+    p.locks = locks == Py_None ? NULL : locks;
+    p.read.ops = p.write.ops = NULL;
+    p.read.state = p.write.state = NULL;
+    if (unit == 0 || align == 0 || align % unit != 0 || p.max_requests < 0
+            || (p.locks != NULL && (!PyList_Check(p.locks) || per == 0))) {
+        PyErr_SetString(PyExc_ValueError, "answer: bad unit, align, max_requests or locks");
+        goto done;
+    }
+    if (transform_get(read_transform, &p.read) < 0 || transform_get(write_transform, &p.write) < 0)
+        goto done;
+    head = structured ? DATA_CHUNK_HEAD : SIMPLE_HEAD;
+    src = data.buf;
+
+    /* The prefix that may be answered here, from the headers alone; its replies' size. */
+    while (count < p.max_requests && data.len - pos >= REQUEST_SIZE) {
+        const unsigned char *h = src + pos;
+        uint16_t cmd = get_be16(h + 6);
+        uint64_t offset = get_be64(h + 16);
+        uint32_t length = get_be32(h + 24);
+        if (get_be32(h) != REQUEST_MAGIC || get_be16(h + 4) != 0 || length == 0
+                || (offset | length) % align != 0 || offset > size || length > size - offset)
+            break;
+        if (cmd == CMD_READ && read_fd >= 0 && length <= max_read
+                && bytes + length <= max_bytes) {
+            bytes += length;
+            total += (Py_ssize_t)(head + length);
+            pos += REQUEST_SIZE;
+        } else if (cmd == CMD_WRITE && write_fd >= 0 && length <= max_write
+                   && data.len - pos - REQUEST_SIZE >= (Py_ssize_t)length) {
+            total += SIMPLE_HEAD;
+            pos += REQUEST_SIZE + length;
+        } else {
+            break;
+        }
+        count++;
+    }
+    if (count == 0) {
+        result = Py_BuildValue("(ny#nnnn)", (Py_ssize_t)0, "", (Py_ssize_t)0, (Py_ssize_t)0,
+                               (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0);
+        goto done;
+    }
+    replies = PyBytes_FromStringAndSize(NULL, total);
+    if (replies == NULL)
+        goto done;
+    if (max_write > 0 && write_fd >= 0) {
+        scratch = PyMem_Malloc(max_write);
+        if (scratch == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    out = (unsigned char *)PyBytes_AS_STRING(replies);
+    pos = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const unsigned char *h = src + pos;
+        uint16_t cmd = get_be16(h + 6);
+        uint64_t cookie = get_be64(h + 8), offset = get_be64(h + 16);
+        uint32_t length = get_be32(h + 24);
+        unsigned char *r = out + used;
+        if (cmd == CMD_READ) {
+            rc = do_read(&p, r + head, offset, length);
+            if (rc <= 0)
+                break;
+            if (structured) {
+                put_be32(r, STRUCTURED_REPLY_MAGIC);
+                put_be16(r + 4, REPLY_FLAG_DONE);
+                put_be16(r + 6, REPLY_TYPE_OFFSET_DATA);
+                put_be64(r + 8, cookie);
+                put_be32(r + 16, 8 + length);
+                put_be64(r + 20, offset);
+            } else {
+                put_be32(r, SIMPLE_REPLY_MAGIC);
+                put_be32(r + 4, 0);
+                put_be64(r + 8, cookie);
+            }
+            used += (Py_ssize_t)(head + length);
+            read_bytes += length;
+            n_reads++;
+            pos += REQUEST_SIZE;
+        } else {
+            rc = do_write(&p, scratch, h + REQUEST_SIZE, offset, length);
+            if (rc <= 0)
+                break;
+            put_be32(r, SIMPLE_REPLY_MAGIC);
+            put_be32(r + 4, 0);
+            put_be64(r + 8, cookie);
+            used += SIMPLE_HEAD;
+            write_bytes += length;
+            n_writes++;
+            pos += REQUEST_SIZE + length;
+        }
+    }
+    if (rc < 0)
+        goto done;                     /* an exception: nothing was sent */
+    if (used < total && _PyBytes_Resize(&replies, used) < 0)
+        goto done;                     /* replies is NULL and freed */
+    result = Py_BuildValue("(nOnnnn)", pos, replies, n_reads, (Py_ssize_t)read_bytes, n_writes,
+                           (Py_ssize_t)write_bytes);
+done:
+    transform_end(&p.read);
+    transform_end(&p.write);
+    Py_XDECREF(replies);
+    PyMem_Free(scratch);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+static PyMethodDef cachedio_methods[] = {
+    {"answer", answer, METH_VARARGS,
+     "answer(data, size, unit, align, structured, max_bytes, max_requests, max_read, read_fd, "
+     "read_transform, max_write, write_fd, write_transform, locks, per) -> (consumed, "
+     "replies, reads, read_bytes, writes, write_bytes): answer the READs and WRITEs at the "
+     "head of data (NBD requests as received) that the page cache serves. A READ (read_fd "
+     ">= 0, length <= max_read, at most max_bytes of data in all) is read with "
+     "preadv2(read_fd, RWF_NOWAIT), then read_transform (a capsule of nbdserver/_readq.h, "
+     "or None) runs over it, data unit offset // unit first; its reply is a simple reply "
+     "or one OFFSET_DATA chunk (structured). A WRITE (write_fd >= 0, length <= max_write, "
+     "its payload in data) is encrypted by write_transform into scratch and written with "
+     "pwritev2(write_fd, flags 0) under its stripe's lock (locks[(offset // unit // per) "
+     "% len(locks)], taken without waiting; None for no locks), inside one stripe. Every "
+     "request must have flags 0 and whole `align` units inside `size`. Stops at the first "
+     "request that cannot be answered so, after max_requests; `consumed` bytes of data "
+     "were answered."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef cachedio_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "nbdserver._cachedio",
+    .m_doc = "Page-cache READs and WRITEs answered natively (see _cachedio.c).",
+    .m_size = -1,
+    .m_methods = cachedio_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__cachedio(void)
+{
+    return PyModule_Create(&cachedio_module);
+}

@@ -1,0 +1,60 @@
+"""The page-cache fast path of the transmission phase: the READs and small WRITEs at the
+head of a received chunk, answered in one native call (nbdserver/_cachedio.c).
+
+The server (`Connection._answer_cached`) calls `answer` for each chunk it receives when
+nothing else is in the way (no request pending or parsed in part, the disk neither locked
+nor frozen). The disk's backend says, per call, how its page-cache reads and writes are
+done (`BlockBackend.page_cache_reads` / `page_cache_writes`: the fd, the transform
+capsule, the sector locks); the native call does exactly that, and declines what it
+cannot do so: those requests then take the server's usual path, which sends what it
+always sent.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ._cachedio import answer as _answer
+from .backend import BlockBackend
+
+# The largest READ answered here (the server's inline reads: INLINE_READ_MAX), the most
+# READ data per call, and the largest WRITE (an encrypted disk's stripe of sector locks,
+# crypto/sector_locks.py, bounds it further).
+MAX_READ = 128 * 1024
+MAX_BYTES = 1 << 20
+MAX_WRITE = 64 * 1024
+
+
+class Answered(NamedTuple):
+    consumed: int  # bytes of the chunk answered
+    replies: bytes  # their replies, in order
+    reads: int
+    read_bytes: int
+    writes: int
+    write_bytes: int
+
+
+def answer(data: bytes | bytearray | memoryview, backend: BlockBackend, *, size: int,
+           min_block: int, structured: bool, read_only: bool, max_requests: int,
+           max_bytes: int = MAX_BYTES, reads: bool = True) -> Answered | None:
+    """Answer the requests at the head of `data` that `backend`'s page cache serves: at
+    most `max_requests` of them and `max_bytes` of READ data, for a client told the
+    disk's `size` that agreed to `min_block` (1: any) and to `structured` replies; READs
+    only with `reads` (the server stops trying on cold data). None when the backend
+    offers neither path now; else what was answered (maybe nothing)."""
+    cached = backend.page_cache_reads() if reads else None
+    # check()'s rule for a WRITE without flags: refused (EPERM) where read-only.
+    writes = None if read_only else backend.page_cache_writes()
+    if cached is None:
+        if writes is None:
+            return None
+        read_fd, read_transform, unit = -1, None, writes[2]
+    else:
+        read_fd, read_transform, unit = cached
+    if writes is None or writes[2] != unit:
+        write_fd, write_transform, locks, per = -1, None, None, 0
+    else:
+        write_fd, write_transform, _, locks, per = writes
+    return Answered(*_answer(data, size, unit, max(unit, min_block), structured, max_bytes,
+                             max_requests, MAX_READ, read_fd, read_transform, MAX_WRITE,
+                             write_fd, write_transform, locks, per))

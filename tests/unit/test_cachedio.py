@@ -1,0 +1,246 @@
+"""The page-cache fast path (nbdserver/cachedio.py over _cachedio.c): READs and small
+WRITEs at the head of a received chunk answered in one native call, exactly as the
+server's usual path would answer them, and everything else declined, untouched."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from nbdserver import cachedio
+from nbdserver._cachedio import answer as native_answer
+from nbdserver.backend import FileBackend
+from nbdserver.crypto import SECTOR_SIZE as S
+from nbdserver.crypto import XtsLayer
+from nbdserver.protocol.constants import (
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_WRITE,
+    NBD_REQUEST_MAGIC,
+)
+from nbdserver.protocol.transmission import REQUEST, read_reply_head, simple_reply
+from tests.helpers.images import dmcrypt_sector, drop_cache
+from tests.unit.test_readq import layer_key
+
+SIZE = 256 * S
+STRIPE = 16 * S  # crypto/sector_locks.py SECTORS_PER_STRIPE
+
+
+def req(cmd: int, offset: int, length: int, cookie: int = 7, flags: int = 0,
+        payload: bytes | None = None) -> bytes:
+    head = REQUEST.pack(NBD_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+    return head + (payload or b"")
+
+
+def answer(data, backend, **kw):
+    args = dict(size=SIZE, min_block=1, structured=False, read_only=False, max_requests=1000)
+    args.update(kw)
+    return cachedio.answer(data, backend, **args)
+
+
+@pytest.fixture(params=["single", "double"])
+def layer(request, tmp_path):
+    layer = XtsLayer(FileBackend(tmp_path / "disk.img", size=SIZE), layer_key(request.param))
+    yield layer
+    layer.close()
+
+
+@pytest.fixture
+def single(tmp_path):
+    key = layer_key("single")
+    keep = bytes(key)
+    layer = XtsLayer(FileBackend(tmp_path / "disk.img", size=SIZE), key)
+    yield layer, keep, tmp_path / "disk.img"
+    layer.close()
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_cached_reads_get_the_replies_the_usual_path_sends(layer, structured):
+    data = os.urandom(8 * S)
+    layer.pwrite(memoryview(bytearray(data)), 4 * S)  # sectors 4..11; the rest holes
+    chunk = (req(NBD_CMD_READ, 4 * S, 8 * S, cookie=1) + req(NBD_CMD_READ, 0, 2 * S, cookie=2)
+             + req(NBD_CMD_READ, 10 * S, 4 * S, cookie=3))
+    done = answer(chunk, layer, structured=structured)
+    assert done.consumed == len(chunk)
+    assert (done.reads, done.read_bytes, done.writes, done.write_bytes) == (3, 14 * S, 0, 0)
+    want = b"".join(read_reply_head(c, off, n, structured=structured) + expect
+                    for c, off, n, expect in [(1, 4 * S, 8 * S, data), (2, 0, 2 * S, bytes(2 * S)),
+                                              (3, 10 * S, 4 * S, data[6 * S:] + bytes(2 * S))])
+    assert done.replies == want
+
+
+def test_cached_writes_land_as_dmcrypt_and_read_back_in_the_same_chunk(single):
+    layer, key, path = single
+    a, b = os.urandom(S), os.urandom(4 * S)
+    chunk = (req(NBD_CMD_WRITE, 3 * S, S, cookie=1, payload=a)
+             + req(NBD_CMD_WRITE, 32 * S, 4 * S, cookie=2, payload=b)
+             + req(NBD_CMD_READ, 3 * S, S, cookie=3))
+    layer._locks.stripe(0)  # the stripe locks are made on first use (by the usual path)
+    layer._locks.stripe(2)
+    done = answer(chunk, layer)
+    assert done.consumed == len(chunk)
+    assert (done.reads, done.writes, done.write_bytes) == (1, 2, 5 * S)
+    assert done.replies == simple_reply(1) + simple_reply(2) + simple_reply(3) + a
+    stored = path.read_bytes()
+    assert stored[3 * S:4 * S] == dmcrypt_sector(key, 3, a)
+    for i in range(4):
+        assert stored[(32 + i) * S:(33 + i) * S] == dmcrypt_sector(key, 32 + i, b[i * S:(i + 1) * S])
+    back = bytearray(4 * S)
+    layer.pread(memoryview(back), 32 * S)
+    assert back == b
+
+
+def test_the_prefix_stops_at_the_first_request_it_cannot_answer(single):
+    layer, _, _ = single
+    layer._locks.stripe(0)
+    ok = req(NBD_CMD_READ, 0, S, cookie=1)
+    declined = [
+        req(NBD_CMD_FLUSH, 0, 0),                                    # another command
+        req(NBD_CMD_READ, 0, S, flags=NBD_CMD_FLAG_FUA),             # flags
+        req(NBD_CMD_READ, 512, S),                                   # not whole sectors
+        req(NBD_CMD_READ, 0, S + 512),
+        req(NBD_CMD_READ, SIZE - S, 2 * S),                          # past the end
+        req(NBD_CMD_READ, 0, 0),                                     # empty
+        req(NBD_CMD_READ, 0, cachedio.MAX_READ + S),                 # too large
+        req(NBD_CMD_WRITE, 0, S, flags=NBD_CMD_FLAG_FUA, payload=bytes(S)),
+        req(NBD_CMD_WRITE, 15 * S, 2 * S, payload=bytes(2 * S)),     # two stripes
+        req(NBD_CMD_WRITE, 0, 32 * S, payload=bytes(32 * S)),        # over MAX_WRITE
+        b"\x00" * 28,                                                # bad magic
+    ]
+    # Last in the chunk: a WRITE whose payload has not all arrived, a partial header.
+    last = [req(NBD_CMD_WRITE, 0, S, payload=bytes(S - 1)), ok[:27]]
+    for chunk in [ok + tail + ok for tail in declined] + [ok + tail for tail in last]:
+        done = answer(chunk, layer)
+        assert done.consumed == len(ok) and done.reads == 1, chunk[28:56].hex()
+        assert done.replies == simple_reply(1) + bytes(S)
+    # Nothing at all: no reply, nothing consumed.
+    assert answer(req(NBD_CMD_FLUSH, 0, 0), layer) == (0, b"", 0, 0, 0, 0)
+
+
+def test_the_limits_of_one_call(single):
+    layer, _, _ = single
+    chunk = b"".join(req(NBD_CMD_READ, i * S, S, cookie=i) for i in range(10))
+    assert answer(chunk, layer, max_requests=3).reads == 3
+    assert answer(chunk, layer, max_requests=0).consumed == 0
+    done = answer(chunk, layer, max_bytes=4 * S + 1)
+    assert (done.reads, done.consumed) == (4, 4 * 28)
+    # A client that agreed to 8 KiB blocks: a 4 KiB request is the usual path's (EINVAL).
+    assert answer(req(NBD_CMD_READ, S, S), layer, min_block=2 * S).consumed == 0
+    # Told a smaller size than the file's: the range is the client's.
+    assert answer(req(NBD_CMD_READ, 8 * S, S), layer, size=8 * S).consumed == 0
+
+
+def test_a_read_the_page_cache_does_not_hold_is_left_to_the_usual_path(single):
+    layer, _, path = single
+    layer.pwrite(memoryview(bytearray(os.urandom(64 * S))), 0)
+    layer.flush()
+    drop_cache(path)
+    chunk = req(NBD_CMD_READ, 8 * S, S, cookie=1)
+    assert answer(chunk, layer).consumed == 0  # RWF_NOWAIT: EAGAIN, nothing sent
+    warm = bytearray(S)
+    layer.pread(memoryview(warm), 8 * S)  # the usual path reads it (and caches it)
+    done = answer(chunk, layer)
+    assert done.replies == simple_reply(1) + warm
+    # Without `reads` (a connection on cold data stops trying) no READ is even tried.
+    assert answer(chunk, layer, reads=False).consumed == 0
+
+
+def test_a_busy_or_unmade_stripe_lock_leaves_the_write_to_the_usual_path(single):
+    layer, _, path = single
+    chunk = req(NBD_CMD_WRITE, 16 * S, S, cookie=1, payload=os.urandom(S))
+    assert answer(chunk, layer).consumed == 0  # stripe 1's lock is not made yet
+    lock = layer._locks.stripe(1)
+    with lock:  # another thread's RMW of that stripe, say
+        assert answer(chunk, layer).consumed == 0
+        assert path.read_bytes()[16 * S:17 * S] == bytes(S)  # untouched
+    assert answer(chunk, layer).writes == 1
+    assert not lock.locked()
+    # Waiting for the lock would stall the event loop: taken without waiting, so a
+    # holder in another thread makes the call return at once.
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(10)
+        assert answer(chunk, layer).consumed == 0
+    finally:
+        release.set()
+        t.join()
+
+
+def test_writes_are_refused_to_a_read_only_client_and_a_double_disk(tmp_path):
+    double = XtsLayer(FileBackend(tmp_path / "d.img", size=SIZE), layer_key("double"))
+    single = XtsLayer(FileBackend(tmp_path / "s.img", size=SIZE), layer_key("single"))
+    try:
+        single._locks.stripe(0)
+        chunk = req(NBD_CMD_WRITE, 0, S, payload=os.urandom(S))
+        assert answer(chunk, single, read_only=True).consumed == 0
+        assert answer(chunk, double).consumed == 0  # two layers: no write transform
+        assert double.page_cache_writes() is None
+        assert answer(chunk, single).writes == 1
+    finally:
+        double.close()
+        single.close()
+
+
+def test_a_plain_file_is_served_without_a_transform(tmp_path):
+    path = tmp_path / "plain.img"
+    backend = FileBackend(path, size=SIZE)
+    try:
+        data = os.urandom(2 * S)
+        chunk = (req(NBD_CMD_WRITE, 512, len(data), cookie=1, payload=data)  # any alignment
+                 + req(NBD_CMD_READ, 512, len(data), cookie=2))
+        done = answer(chunk, backend)
+        assert (done.writes, done.reads) == (1, 1)
+        assert done.replies == simple_reply(1) + simple_reply(2) + data
+        assert path.read_bytes()[512:512 + len(data)] == data
+    finally:
+        backend.close()
+
+
+def test_closed_backends_and_subclasses_offer_nothing(tmp_path):
+    class FakeCold(FileBackend):  # a subclass that changes pread alone
+        def pread(self, buf, offset, *, nowait=False):
+            if nowait:
+                raise BlockingIOError
+            super().pread(buf, offset)
+
+    fake = FakeCold(tmp_path / "f.img", size=SIZE)
+    assert fake.page_cache_reads() is None
+    assert fake.page_cache_writes() is not None  # pwrite is FileBackend's own
+    fake.close()
+    assert fake.page_cache_writes() is None
+    layer = XtsLayer(FileBackend(tmp_path / "x.img", size=SIZE), layer_key("single"))
+    layer.close()
+    assert layer.page_cache_reads() is None and layer.page_cache_writes() is None
+    direct = FileBackend(tmp_path / "o.img", size=SIZE, cache="none")
+    try:
+        assert direct.page_cache_reads() is None and direct.page_cache_writes() is None
+    finally:
+        direct.close()
+
+
+def test_bad_arguments_raise_and_a_closed_engine_is_refused(single):
+    layer, _, _ = single
+    fd, transform, unit = layer.page_cache_reads()
+    chunk = req(NBD_CMD_READ, 0, S)
+    base = [chunk, SIZE, unit, unit, False, 1 << 20, 10, 1 << 17, fd, transform,
+            0, -1, None, None, 0]
+    assert native_answer(*base)[2] == 1
+    for i, bad in [(2, 0), (3, S // 2), (6, -1), (9, object()), (13, "locks")]:
+        args = list(base)
+        args[i] = bad
+        with pytest.raises((ValueError, TypeError)):
+            native_answer(*args)
+    layer.close()  # the engine's contexts are gone; the capsule keeps the object only
+    with pytest.raises(ValueError, match="closed Engine"):
+        native_answer(*base)
