@@ -296,6 +296,7 @@ class ProductTarget(Target):
     # `nbdserver serve`'s own default unless a target says otherwise: one I/O worker
     # process per core (docs/operations.md, "I/O processes").
     serve_args: ClassVar[tuple[str, ...]] = ()
+    serve_env: ClassVar[dict[str, str]] = {}  # added to `nbdserver serve`'s environment
 
     def start(self) -> str:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -329,7 +330,8 @@ class ProductTarget(Target):
                 "--keyservice-url", self._ks_url, "--keyservice-credential", str(self._credential),
                 "--log-level", "WARNING", *self.serve_args]
         self.command = argv
-        self._server = ServerProcess(argv, self.workdir / "server.log", env=_child_env())
+        self._server = ServerProcess(argv, self.workdir / "server.log",
+                                     env=dict(_child_env(), **self.serve_env))
         self._server.start(capture_stdout=True)
         self._server.wait_for_line("READY ", START_TIMEOUT)
         if getattr(self, "_image", None) is not None:  # a restart: the disk must serve again
@@ -381,6 +383,14 @@ class ProductOneProcessTarget(ProductTarget):
     name = "product-1proc"
     description = "as product, every connection served by the main process (--io-processes 1)"
     serve_args = ("--io-processes", "1")
+
+
+@register
+class ProductPythonPathTarget(ProductTarget):
+    name = "product-python"
+    description = ("as product, the page-cache fast path off (NBDSERVER_CACHED_IO=0): every "
+                   "request on the Python path, to measure that path side by side")
+    serve_env = {"NBDSERVER_CACHED_IO": "0"}
 
 
 @register
