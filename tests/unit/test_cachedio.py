@@ -244,3 +244,82 @@ def test_bad_arguments_raise_and_a_closed_engine_is_refused(single):
     layer.close()  # the engine's contexts are gone; the capsule keeps the object only
     with pytest.raises(ValueError, match="closed Engine"):
         native_answer(*base)
+
+
+# --- against a model: any stream of requests, well-formed or not -----------------------
+
+def model_answer(stream: bytes, twin, *, stripes: bool, size: int = SIZE, max_bytes: int = 1 << 20):
+    """What the native call must do, by the rules in Python and the usual path's own
+    layer calls on a twin disk: (consumed, replies)."""
+    pos, out, read_bytes = 0, [], 0
+    unit = S if stripes else 1
+    while len(stream) - pos >= 28:
+        magic, flags, cmd, cookie, off, n = REQUEST.unpack_from(stream, pos)
+        if (magic != NBD_REQUEST_MAGIC or flags or not n or (off | n) % unit or off > size
+                or n > size - off):
+            break
+        if cmd == NBD_CMD_READ and n <= cachedio.MAX_READ and read_bytes + n <= max_bytes:
+            buf = bytearray(n)
+            twin.pread(memoryview(buf), off)
+            out.append(simple_reply(cookie) + bytes(buf))
+            read_bytes += n
+            pos += 28
+        elif (cmd == NBD_CMD_WRITE and n <= cachedio.MAX_WRITE and len(stream) - pos - 28 >= n
+              and (not stripes or off // STRIPE == (off + n - 1) // STRIPE)):
+            twin.pwrite(memoryview(bytearray(stream[pos + 28:pos + 28 + n])), off)
+            out.append(simple_reply(cookie))
+            pos += 28 + n
+        else:
+            break
+    return pos, b"".join(out)
+
+
+def request_stream(rng, unit: int) -> bytes:
+    out = []
+    for cookie in range(rng.randint(1, 6)):
+        cmd = rng.choice([NBD_CMD_READ, NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_WRITE, NBD_CMD_FLUSH])
+        n = rng.choice([1, 1, 2, 4, 16, 17, 32]) * unit + rng.choice([0] * 12 + [1, 511])
+        off = rng.randrange(0, SIZE // unit) * unit + rng.choice([0] * 12 + [512])
+        flags = rng.choice([0] * 8 + [NBD_CMD_FLAG_FUA])
+        out.append(req(cmd, off, n, cookie=cookie, flags=flags,
+                       payload=os.urandom(n) if cmd == NBD_CMD_WRITE else None))
+    data = bytearray(b"".join(out))
+    for _ in range(rng.choice([0, 0, 1, 3])):  # a few mutations: lengths, magics, cuts
+        if not data:
+            break
+        at = rng.randrange(len(data))
+        how = rng.randrange(3)
+        if how == 0:
+            data[at] ^= 1 << rng.randrange(8)
+        elif how == 1:
+            data[at:at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\x80\x00\x00\x00", b"\x00" * 4])
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["xts", "plain"])
+def test_any_stream_is_answered_as_the_model_says(tmp_path, kind):
+    import random
+
+    rng = random.Random(20261206)
+    if kind == "xts":
+        key = layer_key("single")
+        disks = [XtsLayer(FileBackend(tmp_path / f"{i}.img", size=SIZE), bytearray(key))
+                 for i in range(2)]
+        for d in disks:
+            for i in range(SIZE // STRIPE):
+                d._locks.stripe(i % 1024)
+    else:
+        disks = [FileBackend(tmp_path / f"{i}.img", size=SIZE) for i in range(2)]
+    native, twin = disks
+    try:
+        for _ in range(1000):
+            stream = request_stream(rng, S if kind == "xts" else 512)
+            done = answer(stream, native)
+            want = model_answer(stream, twin, stripes=kind == "xts")
+            assert (done.consumed, done.replies) == want
+        assert (tmp_path / "0.img").read_bytes() == (tmp_path / "1.img").read_bytes()
+    finally:
+        for d in disks:
+            d.close()
