@@ -25,8 +25,10 @@
  * decides a protocol error, and a request it declines costs one system call at most.
  *
  * The caller checks the connection's and the disk's state (locked, frozen, read-only,
- * backlogged, shutting down) before the call. Nothing in here can change it: the GIL is
- * held except around large reads and writes, which touch no Python object.
+ * backlogged, shutting down) before the call. Nothing can change it meanwhile: it changes
+ * on the event loop's thread only, which is in this call. The GIL is given up around
+ * large reads and around every write's encryption and pwritev2, which touch no Python
+ * object.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -95,30 +97,41 @@ typedef struct {
     void *state;
 } Transform;
 
+/* The capsule named `name` (a read or a write transform, never one for the other), or
+ * None for no transform. */
 static int
-transform_get(PyObject *capsule, Transform *t)
+transform_get(PyObject *capsule, const char *name, Transform *t)
 {
     t->ops = NULL;
     t->owner = t->state = NULL;
     if (capsule == Py_None)
         return 0;
-    t->ops = PyCapsule_GetPointer(capsule, READQ_TRANSFORM_CAPSULE);
+    t->ops = PyCapsule_GetPointer(capsule, name);
     if (t->ops == NULL)
         return -1;
     t->owner = PyCapsule_GetContext(capsule);
-    if (t->owner == NULL && PyErr_Occurred())
+    if (t->owner == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "answer: a transform capsule without its owner");
         return -1;
+    }
     return 0;
 }
 
-/* GIL held. 0, or -1 with an exception (a closed engine). */
+/* GIL held. 1 when the transform may run, 0 when it cannot now (a closed engine): the
+ * request is then declined, its exception dropped; the usual path meets the same state
+ * and answers it as it always does. */
 static int
 transform_begin(Transform *t)
 {
     if (t->ops == NULL || t->state != NULL)
-        return 0;
+        return 1;
     t->state = t->ops->begin(t->owner);
-    return t->state == NULL ? -1 : 0;
+    if (t->state == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
 }
 
 static void
@@ -164,6 +177,8 @@ write_all(int fd, const unsigned char *buf, size_t len, uint64_t offset)
                 continue;
             return errno;
         }
+        if (w == 0)
+            return EIO;                /* never for a regular file; never spin on it */
         done += (size_t)w;
     }
     return 0;
@@ -178,6 +193,7 @@ typedef struct {
     Transform read, write;
     PyObject *locks;                   /* a list of stripe locks (or None), or NULL */
     uint64_t per;                      /* sectors per stripe */
+    unsigned char *scratch;            /* max_write bytes, made at the first WRITE */
 } Params;
 
 /* Borrowed: the stripe lock of units [first, end), Py_None when there is none to take,
@@ -197,7 +213,7 @@ stripe_lock(const Params *p, uint64_t first, uint64_t end)
     return lock == Py_None ? NULL : lock;
 }
 
-/* 1 when taken, 0 when held by another (or not a lock), -1 with an exception. */
+/* 1 when taken, 0 when held by another (or the call failed: declined, as above). */
 static int
 lock_try(PyObject *lock)
 {
@@ -206,13 +222,17 @@ lock_try(PyObject *lock)
     if (lock == Py_None)
         return 1;
     r = PyObject_CallMethod(lock, "acquire", "O", Py_False);
-    if (r == NULL)
-        return -1;
+    if (r == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
     taken = r == Py_True;
     Py_DECREF(r);
     return taken;
 }
 
+/* 0, or -1 with an exception: a lock this call took and cannot give back is a bug the
+ * server must hear of (it then drops the connection). */
 static int
 lock_release(PyObject *lock)
 {
@@ -226,34 +246,38 @@ lock_release(PyObject *lock)
     return 0;
 }
 
-/* One WRITE, its payload at `payload`: 1 done, 0 declined, -1 with an exception. */
+/* One WRITE, its payload at `payload`: 1 done, 0 declined, -1 with an exception. The
+ * GIL is given up around the encryption and the write, whatever their size, as the
+ * usual path's encrypt_write does: a buffered write may wait (writeback throttling),
+ * and the worker threads must go on meanwhile. */
 static int
-do_write(Params *p, unsigned char *scratch, const unsigned char *payload, uint64_t offset,
-         uint32_t length)
+do_write(Params *p, const unsigned char *payload, uint64_t offset, uint32_t length)
 {
     uint64_t first = offset / p->unit;
     PyObject *lock = stripe_lock(p, first, first + length / p->unit);
-    PyThreadState *saved = NULL;
+    unsigned char *scratch;
     int taken, err = 0;
-    if (lock == NULL)
+    if (lock == NULL || !transform_begin(&p->write))
         return 0;
-    if (transform_begin(&p->write) < 0)
-        return -1;
+    if (p->scratch == NULL) {          /* at the first WRITE of the call */
+        p->scratch = PyMem_Malloc(p->max_write);
+        if (p->scratch == NULL)
+            return 0;
+    }
+    scratch = p->scratch;
     Py_INCREF(lock);
     taken = lock_try(lock);
-    if (taken <= 0) {
+    if (!taken) {
         Py_DECREF(lock);
-        return taken;
+        return 0;
     }
-    if (length >= GIL_RELEASE_BYTES)
-        saved = PyEval_SaveThread();
+    Py_BEGIN_ALLOW_THREADS
     memcpy(scratch, payload, length);
     if (p->write.ops != NULL)
         err = p->write.ops->run(p->write.owner, p->write.state, scratch, length, first);
     if (!err)
         err = write_all(p->write_fd, scratch, length, offset);
-    if (saved != NULL)
-        PyEval_RestoreThread(saved);
+    Py_END_ALLOW_THREADS
     taken = lock_release(lock);
     Py_DECREF(lock);
     if (taken < 0)
@@ -261,14 +285,14 @@ do_write(Params *p, unsigned char *scratch, const unsigned char *payload, uint64
     return err ? 0 : 1;
 }
 
-/* One READ into `out` (its reply's data): 1 done, 0 declined, -1 with an exception. */
+/* One READ into `out` (its reply's data): 1 done, 0 declined. */
 static int
 do_read(Params *p, unsigned char *out, uint64_t offset, uint32_t length)
 {
     PyThreadState *saved = NULL;
     int err;
-    if (transform_begin(&p->read) < 0)
-        return -1;
+    if (!transform_begin(&p->read))
+        return 0;
     if (length >= GIL_RELEASE_BYTES)
         saved = PyEval_SaveThread();
     err = read_cached(p->read_fd, out, length, offset);
@@ -286,17 +310,18 @@ answer(PyObject *Py_UNUSED(module), PyObject *args)
     Params p;
     PyObject *read_transform, *write_transform, *locks, *replies = NULL, *result = NULL;
     unsigned long long size, unit, align, max_bytes, max_read, max_write, per;
-    Py_ssize_t pos = 0, count = 0, n_reads = 0, n_writes = 0, total = 0, used = 0;
+    Py_ssize_t pos = 0, count = 0, n_reads = 0, n_writes = 0, total = 0, used = 0, sample;
     size_t read_bytes = 0, write_bytes = 0, bytes = 0;
-    unsigned char *scratch = NULL, *out;
+    int sampled = -1;
+    unsigned char *out;
     const unsigned char *src;
     int structured, read_fd, write_fd, rc = 0;
     size_t head;
 
-    if (!PyArg_ParseTuple(args, "y*KKKpKnKiOKiOOK:answer", &data, &size, &unit, &align,
+    if (!PyArg_ParseTuple(args, "y*KKKpKnKiOKiOOKn:answer", &data, &size, &unit, &align,
                           &structured, &max_bytes, &p.max_requests, &max_read, &read_fd,
                           &read_transform, &max_write, &write_fd, &write_transform, &locks,
-                          &per))
+                          &per, &sample))
         return NULL;
     p.size = size; p.unit = unit; p.align = align; p.structured = structured;
     p.max_bytes = max_bytes; p.max_read = max_read; p.max_write = max_write;
@@ -304,12 +329,14 @@ answer(PyObject *Py_UNUSED(module), PyObject *args)
     p.locks = locks == Py_None ? NULL : locks;
     p.read.ops = p.write.ops = NULL;
     p.read.state = p.write.state = NULL;
+    p.scratch = NULL;
     if (unit == 0 || align == 0 || align % unit != 0 || p.max_requests < 0
             || (p.locks != NULL && (!PyList_Check(p.locks) || per == 0))) {
         PyErr_SetString(PyExc_ValueError, "answer: bad unit, align, max_requests or locks");
         goto done;
     }
-    if (transform_get(read_transform, &p.read) < 0 || transform_get(write_transform, &p.write) < 0)
+    if (transform_get(read_transform, READQ_TRANSFORM_CAPSULE, &p.read) < 0
+            || transform_get(write_transform, WRITE_TRANSFORM_CAPSULE, &p.write) < 0)
         goto done;
     head = structured ? DATA_CHUNK_HEAD : SIMPLE_HEAD;
     src = data.buf;
@@ -338,20 +365,13 @@ answer(PyObject *Py_UNUSED(module), PyObject *args)
         count++;
     }
     if (count == 0) {
-        result = Py_BuildValue("(ny#nnnn)", (Py_ssize_t)0, "", (Py_ssize_t)0, (Py_ssize_t)0,
-                               (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0);
+        result = Py_BuildValue("(ny#nnnni)", (Py_ssize_t)0, "", (Py_ssize_t)0, (Py_ssize_t)0,
+                               (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0, -1);
         goto done;
     }
     replies = PyBytes_FromStringAndSize(NULL, total);
     if (replies == NULL)
         goto done;
-    if (max_write > 0 && write_fd >= 0) {
-        scratch = PyMem_Malloc(max_write);
-        if (scratch == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-    }
     out = (unsigned char *)PyBytes_AS_STRING(replies);
     pos = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -381,7 +401,7 @@ answer(PyObject *Py_UNUSED(module), PyObject *args)
             n_reads++;
             pos += REQUEST_SIZE;
         } else {
-            rc = do_write(&p, scratch, h + REQUEST_SIZE, offset, length);
+            rc = do_write(&p, h + REQUEST_SIZE, offset, length);
             if (rc <= 0)
                 break;
             put_be32(r, SIMPLE_REPLY_MAGIC);
@@ -392,18 +412,20 @@ answer(PyObject *Py_UNUSED(module), PyObject *args)
             n_writes++;
             pos += REQUEST_SIZE + length;
         }
+        if (i == sample)
+            sampled = cmd;
     }
     if (rc < 0)
-        goto done;                     /* an exception: nothing was sent */
+        goto done;                     /* a stripe lock not given back: a bug, said */
     if (used < total && _PyBytes_Resize(&replies, used) < 0)
         goto done;                     /* replies is NULL and freed */
-    result = Py_BuildValue("(nOnnnn)", pos, replies, n_reads, (Py_ssize_t)read_bytes, n_writes,
-                           (Py_ssize_t)write_bytes);
+    result = Py_BuildValue("(nOnnnni)", pos, replies, n_reads, (Py_ssize_t)read_bytes, n_writes,
+                           (Py_ssize_t)write_bytes, sampled);
 done:
     transform_end(&p.read);
     transform_end(&p.write);
     Py_XDECREF(replies);
-    PyMem_Free(scratch);
+    PyMem_Free(p.scratch);
     PyBuffer_Release(&data);
     return result;
 }
@@ -411,8 +433,8 @@ done:
 static PyMethodDef cachedio_methods[] = {
     {"answer", answer, METH_VARARGS,
      "answer(data, size, unit, align, structured, max_bytes, max_requests, max_read, read_fd, "
-     "read_transform, max_write, write_fd, write_transform, locks, per) -> (consumed, "
-     "replies, reads, read_bytes, writes, write_bytes): answer the READs and WRITEs at the "
+     "read_transform, max_write, write_fd, write_transform, locks, per, sample) -> (consumed, "
+     "replies, reads, read_bytes, writes, write_bytes, sampled): answer the READs and WRITEs at the "
      "head of data (NBD requests as received) that the page cache serves. A READ (read_fd "
      ">= 0, length <= max_read, at most max_bytes of data in all) is read with "
      "preadv2(read_fd, RWF_NOWAIT), then read_transform (a capsule of nbdserver/_readq.h, "
@@ -423,7 +445,8 @@ static PyMethodDef cachedio_methods[] = {
      "% len(locks)], taken without waiting; None for no locks), inside one stripe. Every "
      "request must have flags 0 and whole `align` units inside `size`. Stops at the first "
      "request that cannot be answered so, after max_requests; `consumed` bytes of data "
-     "were answered."},
+     "were answered. `sampled` is the command of the request at index `sample` (counting "
+     "from 0) if it was answered, else -1."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -14,6 +14,10 @@
 #include <stdint.h>
 
 #define READQ_TRANSFORM_CAPSULE "nbdserver._readq.transform"
+/* The same protocol run the other way, over data about to be written (crypto/_xts.c
+ * encrypts; nbdserver/_cachedio.c writes). Its own name, so that a write transform
+ * handed where a read transform belongs (or the reverse) is refused, never run. */
+#define WRITE_TRANSFORM_CAPSULE "nbdserver._cachedio.write_transform"
 
 typedef struct {
     /* GIL held, when the read is submitted: per-read state (an OpenSSL context), or NULL

@@ -146,7 +146,7 @@ class BlockBackend(ABC):
         of the file), then the read transform capsule (nbdserver/_readq.h; None for
         none) run over it in place, data unit `offset // unit` first; None when it is
         not, or not now. The server then answers page-cache READs natively
-        (nbdserver/_cachedreads.c), asking again for every chunk it receives, so the
+        (nbdserver/_cachedio.c), asking again for every chunk it receives, so the
         answer may change at any time. Only the class that defines `pread` can say."""
         return None
 

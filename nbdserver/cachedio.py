@@ -32,15 +32,17 @@ class Answered(NamedTuple):
     read_bytes: int
     writes: int
     write_bytes: int
+    sampled: int  # the command of the request at index `sample`, or -1 if not answered
 
 
 def answer(data: bytes | bytearray | memoryview, backend: BlockBackend, *, size: int,
            min_block: int, structured: bool, read_only: bool, max_requests: int,
-           max_bytes: int = MAX_BYTES, reads: bool = True) -> Answered | None:
+           max_bytes: int = MAX_BYTES, reads: bool = True, sample: int = -1) -> Answered | None:
     """Answer the requests at the head of `data` that `backend`'s page cache serves: at
     most `max_requests` of them and `max_bytes` of READ data, for a client told the
     disk's `size` that agreed to `min_block` (1: any) and to `structured` replies; READs
-    only with `reads` (the server stops trying on cold data). None when the backend
+    only with `reads` (the server stops trying on cold data). `sample`: the index among
+    them of the request whose latency is sampled (-1: none). None when the backend
     offers neither path now; else what was answered (maybe nothing)."""
     cached = backend.page_cache_reads() if reads else None
     # check()'s rule for a WRITE without flags: refused (EPERM) where read-only.
@@ -57,4 +59,4 @@ def answer(data: bytes | bytearray | memoryview, backend: BlockBackend, *, size:
         write_fd, write_transform, _, locks, per = writes
     return Answered(*_answer(data, size, unit, max(unit, min_block), structured, max_bytes,
                              max_requests, MAX_READ, read_fd, read_transform, MAX_WRITE,
-                             write_fd, write_transform, locks, per))
+                             write_fd, write_transform, locks, per, sample))

@@ -599,11 +599,14 @@ class Connection(asyncio.Protocol):
         if room <= 0 or not budget.try_take(self, cachedio.MAX_BYTES):
             return data
         now = monotonic_ns()
+        # Every LATENCY_SAMPLE-th request is timed, one at a time: which of these it is.
+        sample = (LATENCY_MASK - (self._started & LATENCY_MASK)
+                  if IO_STATS and self._sampled is None else -1)
         try:
             done = cachedio.answer(data, export.backend, size=self.size, min_block=self.min_block,
                                    structured=self.structured, max_requests=room,
                                    read_only=bool(export.flags & NBD_FLAG_READ_ONLY),
-                                   reads=self.nowait_misses < NOWAIT_MISSES_MAX)
+                                   reads=self.nowait_misses < NOWAIT_MISSES_MAX, sample=sample)
         except BaseException:
             budget.give(cachedio.MAX_BYTES)
             raise
@@ -612,10 +615,10 @@ class Connection(asyncio.Protocol):
             budget.give(cachedio.MAX_BYTES - read_bytes)
         if done is None or not done.consumed:
             return data
-        consumed, replies, reads_done, read_bytes, writes_done, write_bytes = done
-        self._charged += read_bytes
-        self._reply_charged(read_bytes)  # held until sent, as _send_read does
+        consumed, replies, reads_done, read_bytes, writes_done, write_bytes, sampled = done
         if reads_done:
+            self._charged += read_bytes
+            self._reply_charged(read_bytes)  # held until sent, as _send_read does
             self.nowait_misses = 0
         self.transport.write(replies)
         count = reads_done + writes_done
@@ -625,10 +628,8 @@ class Connection(asyncio.Protocol):
             stats.bytes[NBD_CMD_READ] += read_bytes
             stats.requests[NBD_CMD_WRITE] += writes_done
             stats.bytes[NBD_CMD_WRITE] += write_bytes
-            if (self._started & LATENCY_MASK) + count > LATENCY_MASK and self._sampled is None:
-                # One of them is every LATENCY_SAMPLE-th request: all of them took this
-                # long (timed as a READ if any was one, as a WRITE otherwise).
-                stats.timed(NBD_CMD_READ if reads_done else NBD_CMD_WRITE, monotonic_ns() - now)
+            if sampled >= 0:  # from the chunk's arrival to its replies' hand-off
+                stats.timed(sampled, monotonic_ns() - now)
         self._started += count
         self.budget_settle()
         return memoryview(data)[consumed:] if consumed < len(data) else b""

@@ -646,9 +646,9 @@ read_capsule_free(PyObject *capsule)
  * close() still cleanses the schedule, and a context a read holds is freed when that
  * read is collected). */
 static PyObject *
-transform_capsule(Engine *self, const ReadTransform *ops)
+transform_capsule(Engine *self, const ReadTransform *ops, const char *name)
 {
-    PyObject *capsule = PyCapsule_New((void *)ops, READQ_TRANSFORM_CAPSULE, read_capsule_free);
+    PyObject *capsule = PyCapsule_New((void *)ops, name, read_capsule_free);
     if (capsule == NULL)
         return NULL;
     if (PyCapsule_SetContext(capsule, self) < 0) {
@@ -663,7 +663,7 @@ transform_capsule(Engine *self, const ReadTransform *ops)
 static PyObject *
 engine_read_transform(Engine *self, PyObject *Py_UNUSED(ignored))
 {
-    return transform_capsule(self, &read_decrypt);
+    return transform_capsule(self, &read_decrypt, READQ_TRANSFORM_CAPSULE);
 }
 
 /* --- encryption for nbdserver/_cachedio.c's small writes, by the same protocol ------ */
@@ -706,7 +706,7 @@ static const ReadTransform write_encrypt = {write_begin, write_run, write_end};
 static PyObject *
 engine_write_transform(Engine *self, PyObject *Py_UNUSED(ignored))
 {
-    return transform_capsule(self, &write_encrypt);
+    return transform_capsule(self, &write_encrypt, WRITE_TRANSFORM_CAPSULE);
 }
 
 /* Two layers (double.py): the outer engine's decryption, then the inner one's, on the

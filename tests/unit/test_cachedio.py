@@ -117,7 +117,7 @@ def test_the_prefix_stops_at_the_first_request_it_cannot_answer(single):
         assert done.consumed == len(ok) and done.reads == 1, chunk[28:56].hex()
         assert done.replies == simple_reply(1) + bytes(S)
     # Nothing at all: no reply, nothing consumed.
-    assert answer(req(NBD_CMD_FLUSH, 0, 0), layer) == (0, b"", 0, 0, 0, 0)
+    assert answer(req(NBD_CMD_FLUSH, 0, 0), layer) == (0, b"", 0, 0, 0, 0, -1)
 
 
 def test_the_limits_of_one_call(single):
@@ -229,21 +229,41 @@ def test_closed_backends_and_subclasses_offer_nothing(tmp_path):
         direct.close()
 
 
-def test_bad_arguments_raise_and_a_closed_engine_is_refused(single):
+def test_bad_arguments_raise_and_a_closed_engine_declines(single):
     layer, _, _ = single
     fd, transform, unit = layer.page_cache_reads()
+    wfd, wtransform, _, locks, per = layer.page_cache_writes()
     chunk = req(NBD_CMD_READ, 0, S)
     base = [chunk, SIZE, unit, unit, False, 1 << 20, 10, 1 << 17, fd, transform,
-            0, -1, None, None, 0]
+            1 << 16, wfd, wtransform, locks, per, -1]
     assert native_answer(*base)[2] == 1
     for i, bad in [(2, 0), (3, S // 2), (6, -1), (9, object()), (13, "locks")]:
         args = list(base)
         args[i] = bad
         with pytest.raises((ValueError, TypeError)):
             native_answer(*args)
-    layer.close()  # the engine's contexts are gone; the capsule keeps the object only
-    with pytest.raises(ValueError, match="closed Engine"):
-        native_answer(*base)
+    # A write transform where a read transform belongs, or the reverse, is refused:
+    # run, it would encrypt what is read, or decrypt what is written.
+    for i, other in [(9, wtransform), (12, transform)]:
+        args = list(base)
+        args[i] = other
+        with pytest.raises(ValueError):
+            native_answer(*args)
+    layer.close()  # the engine's contexts are gone; the capsules keep the objects only
+    assert native_answer(*base)[:3] == (0, b"", 0)  # declined: the usual path reports it
+    layer._locks.stripe(0)
+    write = req(NBD_CMD_WRITE, 0, S, payload=bytes(S))
+    assert native_answer(write, *base[1:])[:3] == (0, b"", 0)
+
+
+def test_the_sampled_request_is_named_by_its_command(single):
+    layer, _, _ = single
+    layer._locks.stripe(0)
+    chunk = (req(NBD_CMD_READ, 0, S) + req(NBD_CMD_WRITE, S, S, payload=bytes(S))
+             + req(NBD_CMD_READ, 0, S))
+    assert [answer(chunk, layer, sample=i).sampled for i in range(4)] == [
+        NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_READ, -1]
+    assert answer(chunk, layer).sampled == -1
 
 
 # --- against a model: any stream of requests, well-formed or not -----------------------
