@@ -458,6 +458,26 @@ def _wait(predicate, timeout: float, what: str) -> None:
         delay = min(delay * 2, 0.2)
 
 
+@register
+class PythonFloorTarget(Target):
+    name = "python-floor"
+    description = ("bench/floor.py: a minimal NBD server in Python on uvloop (pread/pwrite, "
+                   "no checks, no encryption): the floor of any Python event-loop server here")
+
+    def _prepare(self) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(self.size)
+
+    def _serve(self) -> str:
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.floor", str(self.image), str(port)]
+        self._server = ServerProcess(argv, self.workdir / "server.log", env=_child_env())
+        self.command = argv
+        self._server.start(capture_stdout=True)
+        self._server.wait_for_line("LISTENING ", START_TIMEOUT)
+        return f"nbd://{HOST}:{port}/disk"
+
+
 # -- reference servers
 
 @register
