@@ -194,6 +194,7 @@ typedef struct {
     PyObject *locks;                   /* a list of stripe locks (or None), or NULL */
     uint64_t per;                      /* sectors per stripe */
     unsigned char *scratch;            /* max_write bytes, made at the first WRITE */
+    int missed;                        /* stopped at a READ the page cache lacks */
 } Params;
 
 /* Borrowed: the stripe lock of units [first, end), Py_None when there is none to take,
@@ -296,6 +297,8 @@ do_read(Params *p, unsigned char *out, uint64_t offset, uint32_t length)
     if (length >= GIL_RELEASE_BYTES)
         saved = PyEval_SaveThread();
     err = read_cached(p->read_fd, out, length, offset);
+    if (err == EAGAIN)
+        p->missed = 1;
     if (!err && p->read.ops != NULL)
         err = p->read.ops->run(p->read.owner, p->read.state, out, length, offset / p->unit);
     if (saved != NULL)
@@ -330,6 +333,7 @@ answer(PyObject *Py_UNUSED(module), PyObject *args)
     p.read.ops = p.write.ops = NULL;
     p.read.state = p.write.state = NULL;
     p.scratch = NULL;
+    p.missed = 0;
     if (unit == 0 || align == 0 || align % unit != 0 || p.max_requests < 0
             || (p.locks != NULL && (!PyList_Check(p.locks) || per == 0))) {
         PyErr_SetString(PyExc_ValueError, "answer: bad unit, align, max_requests or locks");
@@ -365,8 +369,8 @@ answer(PyObject *Py_UNUSED(module), PyObject *args)
         count++;
     }
     if (count == 0) {
-        result = Py_BuildValue("(ny#nnnni)", (Py_ssize_t)0, "", (Py_ssize_t)0, (Py_ssize_t)0,
-                               (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0, -1);
+        result = Py_BuildValue("(ny#nnnnii)", (Py_ssize_t)0, "", (Py_ssize_t)0, (Py_ssize_t)0,
+                               (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0, -1, 0);
         goto done;
     }
     replies = PyBytes_FromStringAndSize(NULL, total);
@@ -419,8 +423,8 @@ answer(PyObject *Py_UNUSED(module), PyObject *args)
         goto done;                     /* a stripe lock not given back: a bug, said */
     if (used < total && _PyBytes_Resize(&replies, used) < 0)
         goto done;                     /* replies is NULL and freed */
-    result = Py_BuildValue("(nOnnnni)", pos, replies, n_reads, (Py_ssize_t)read_bytes, n_writes,
-                           (Py_ssize_t)write_bytes, sampled);
+    result = Py_BuildValue("(nOnnnnii)", pos, replies, n_reads, (Py_ssize_t)read_bytes, n_writes,
+                           (Py_ssize_t)write_bytes, sampled, p.missed);
 done:
     transform_end(&p.read);
     transform_end(&p.write);
@@ -434,7 +438,8 @@ static PyMethodDef cachedio_methods[] = {
     {"answer", answer, METH_VARARGS,
      "answer(data, size, unit, align, structured, max_bytes, max_requests, max_read, read_fd, "
      "read_transform, max_write, write_fd, write_transform, locks, per, sample) -> (consumed, "
-     "replies, reads, read_bytes, writes, write_bytes, sampled): answer the READs and WRITEs at the "
+     "replies, reads, read_bytes, writes, write_bytes, sampled, missed): answer the READs and "
+     "WRITEs at the "
      "head of data (NBD requests as received) that the page cache serves. A READ (read_fd "
      ">= 0, length <= max_read, at most max_bytes of data in all) is read with "
      "preadv2(read_fd, RWF_NOWAIT), then read_transform (a capsule of nbdserver/_readq.h, "
@@ -446,7 +451,8 @@ static PyMethodDef cachedio_methods[] = {
      "request must have flags 0 and whole `align` units inside `size`. Stops at the first "
      "request that cannot be answered so, after max_requests; `consumed` bytes of data "
      "were answered. `sampled` is the command of the request at index `sample` (counting "
-     "from 0) if it was answered, else -1."},
+     "from 0) if it was answered, else -1. `missed` is 1 when the call stopped at a READ "
+     "the page cache did not hold (RWF_NOWAIT said EAGAIN), else 0."},
     {NULL, NULL, 0, NULL},
 };
 

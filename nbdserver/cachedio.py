@@ -33,6 +33,7 @@ class Answered(NamedTuple):
     writes: int
     write_bytes: int
     sampled: int  # the command of the request at index `sample`, or -1 if not answered
+    missed: int  # 1: it stopped at a READ the page cache lacks (tried with RWF_NOWAIT)
 
 
 def answer(data: bytes | bytearray | memoryview, backend: BlockBackend, *, size: int,

@@ -254,6 +254,8 @@ class Connection(asyncio.Protocol):
         self.min_block = 1
         self.size = 0  # the export's size as this client was told it (_transmit)
         self.nowait_misses = 0  # small READs in a row the page cache missed (NOWAIT_MISSES_MAX)
+        # The next READ's RWF_NOWAIT attempt was made, and missed, by the fast path.
+        self._tried_nowait = False
         self.inflight = 0
         self.disconnecting = False
         self.shutting_down = False
@@ -613,9 +615,14 @@ class Connection(asyncio.Protocol):
         read_bytes = done.read_bytes if done is not None else 0
         if read_bytes < cachedio.MAX_BYTES:
             budget.give(cachedio.MAX_BYTES - read_bytes)
-        if done is None or not done.consumed:
+        if done is None:
             return data
-        consumed, replies, reads_done, read_bytes, writes_done, write_bytes, sampled = done
+        if done.missed:  # the next READ was just tried with RWF_NOWAIT: not again (_read)
+            self.nowait_misses += 1
+            self._tried_nowait = True
+        if not done.consumed:
+            return data
+        consumed, replies, reads_done, read_bytes, writes_done, write_bytes, sampled, _ = done
         if reads_done:
             self._charged += read_bytes
             self._reply_charged(read_bytes)  # held until sent, as _send_read does
@@ -750,7 +757,9 @@ class Connection(asyncio.Protocol):
         buf = bytearray(req.length)
         if req.length <= INLINE_READ_MAX:
             misses = self.nowait_misses
-            if misses < NOWAIT_MISSES_MAX or not misses % PROBE_EVERY:
+            if self._tried_nowait:  # by the page-cache fast path, just now: a miss
+                self._tried_nowait = False
+            elif misses < NOWAIT_MISSES_MAX or not misses % PROBE_EVERY:
                 try:
                     backend.pread(memoryview(buf), req.offset, nowait=True)
                 except BlockingIOError:

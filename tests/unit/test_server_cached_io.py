@@ -24,6 +24,7 @@ from nbdserver.protocol.constants import (
     NBD_EIO,
     NBD_REQUEST_MAGIC,
 )
+from tests.helpers.images import drop_cache
 from tests.helpers.inproc import ServerThread
 from tests.helpers.nbdraw import RawClient
 from tests.helpers.servers import wait_until
@@ -51,6 +52,7 @@ def counted(monkeypatch):
 @pytest.fixture
 def disk(tmp_path):
     backend = XtsLayer(FileBackend(tmp_path / "d.img", size=SIZE), generate_dek())
+    backend.path = tmp_path / "d.img"
     export = Export("d", backend)
     catalog = ExportCatalog()
     catalog.add(export)
@@ -138,3 +140,28 @@ def test_requests_to_a_frozen_disk_wait_for_the_thaw(disk, counted):
         held.result(10)
         assert c.simple_reply() == (0, 2, b"")
         assert c.simple_reply(S) == (0, 3, data)
+
+
+def test_a_read_the_fast_path_found_cold_is_not_tried_again_inline(disk, counted):
+    """The native call's RWF_NOWAIT attempt missed: the usual path sends the READ to the
+    read queue without a second attempt (each costs a system call on the loop, and may
+    start read-ahead there)."""
+    srv, export = disk
+    backend = export.backend
+    data = os.urandom(S)
+    backend.pwrite(memoryview(bytearray(data)), 40 * S)
+    backend.flush()
+    drop_cache(backend.path)
+    tried = []
+    real = backend.pread
+
+    def pread(buf, offset, *, nowait=False):
+        tried.append(nowait)
+        return real(buf, offset, nowait=nowait)
+
+    backend.pread = pread  # the instance's: the class's channels are unchanged
+    with RawClient.connected(srv.address, "d") as c:
+        c.send(request(NBD_CMD_READ, 40 * S, S, 1))
+        assert c.simple_reply(S) == (0, 1, data)
+        assert True not in tried  # no inline RWF_NOWAIT attempt after the native one
+        assert srv.call(lambda: next(iter(srv.server.connections)).nowait_misses) == 1
