@@ -596,35 +596,49 @@ done:
     return PyLong_FromSsize_t(n_holes);
 }
 
-/* --- decryption on the native read queue (nbdserver/_readq.c) -------------------- */
+/* --- the transforms of nbdserver/_readq.h: decryption for the native read queue
+ * (nbdserver/_readq.c) and for the page-cache fast path's READs, encryption for its
+ * WRITEs (nbdserver/_cachedio.c). One set of helpers per direction `dir`. */
 
-/* GIL held, at submission: the read's own context, from the pool. */
+/* GIL held, at submission: the I/O's own context, from the pool of `dir`. */
 static void *
-read_begin(void *owner)
+transform_begin(Engine *self, int dir)
 {
-    Engine *self = owner;
-    if (self->pool[DECRYPT].proto == NULL) {
-        PyErr_SetString(PyExc_ValueError, "read on a closed Engine");
+    if (self->pool[dir].proto == NULL) {
+        PyErr_SetString(PyExc_ValueError,
+                        dir == DECRYPT ? "read on a closed Engine" : "write on a closed Engine");
         return NULL;
     }
-    return pool_take(&self->pool[DECRYPT]);
+    return pool_take(&self->pool[dir]);
 }
 
-/* On a queue thread, without the GIL: decrypt in place, all-zero sectors being holes
- * (exactly decrypt(buf, buf, first, holes=True)). Reads only the engine's unit, which
- * never changes, and the context this read took. */
+/* Without the GIL (a queue thread, or the loop's with the GIL given up): transform in
+ * place, exactly decrypt(buf, buf, first, holes=True) or encrypt(buf, buf, first).
+ * Reads only the engine's unit, which never changes, and the context this I/O took. */
 static int
-read_run(void *owner, void *state, unsigned char *buf, size_t len, uint64_t first)
+transform_run(Engine *self, void *state, unsigned char *buf, size_t len, uint64_t first,
+              int holes)
 {
-    Engine *self = owner;
     Py_ssize_t n_holes = 0;
     if (len % (size_t)self->unit != 0)
         return EINVAL;
-    if (xts_units(state, buf, buf, (Py_ssize_t)len, self->unit, first, 0, 1, &n_holes) < 0) {
-        ERR_clear_error();             /* the queue is per thread: leave it empty */
+    if (xts_units(state, buf, buf, (Py_ssize_t)len, self->unit, first, 0, holes, &n_holes) < 0) {
+        ERR_clear_error();             /* the error queue is per thread: leave it empty */
         return EIO;
     }
     return 0;
+}
+
+static void *
+read_begin(void *owner)
+{
+    return transform_begin(owner, DECRYPT);
+}
+
+static int
+read_run(void *owner, void *state, unsigned char *buf, size_t len, uint64_t first)
+{
+    return transform_run(owner, state, buf, len, first, 1);
 }
 
 /* GIL held, at collection: the context goes back (or is freed after close()). */
@@ -666,32 +680,16 @@ engine_read_transform(Engine *self, PyObject *Py_UNUSED(ignored))
     return transform_capsule(self, &read_decrypt, READQ_TRANSFORM_CAPSULE);
 }
 
-/* --- encryption for nbdserver/_cachedio.c's small writes, by the same protocol ------ */
-
 static void *
 write_begin(void *owner)
 {
-    Engine *self = owner;
-    if (self->pool[ENCRYPT].proto == NULL) {
-        PyErr_SetString(PyExc_ValueError, "write on a closed Engine");
-        return NULL;
-    }
-    return pool_take(&self->pool[ENCRYPT]);
+    return transform_begin(owner, ENCRYPT);
 }
 
-/* Encrypt in place (exactly encrypt(buf, buf, first)); the GIL need not be held. */
 static int
 write_run(void *owner, void *state, unsigned char *buf, size_t len, uint64_t first)
 {
-    Engine *self = owner;
-    Py_ssize_t n_holes = 0;
-    if (len % (size_t)self->unit != 0)
-        return EINVAL;
-    if (xts_units(state, buf, buf, (Py_ssize_t)len, self->unit, first, 0, 0, &n_holes) < 0) {
-        ERR_clear_error();
-        return EIO;
-    }
-    return 0;
+    return transform_run(owner, state, buf, len, first, 0);
 }
 
 static void
