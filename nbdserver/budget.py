@@ -57,12 +57,10 @@ class BufferBudget:
 
     def take(self, holder, n: int) -> bool:
         """Charge n bytes to `holder`, or register it to be woken and return False."""
-        if self._fits(holder, n):
-            self.used += n
+        if self.try_take(holder, n):
             return True
         self.settle_all()
-        if self._fits(holder, n):
-            self.used += n
+        if self.try_take(holder, n):
             return True
         if holder not in self._waiters:
             self._waiters.append(holder)
