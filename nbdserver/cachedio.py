@@ -17,10 +17,9 @@ from typing import NamedTuple
 from ._cachedio import answer as _answer
 from .backend import BlockBackend
 
-# The largest READ answered here (the server's inline reads: INLINE_READ_MAX), the most
-# READ data per call, and the largest WRITE (an encrypted disk's stripe of sector locks,
-# crypto/sector_locks.py, bounds it further).
-MAX_READ = 128 * 1024
+# The most READ data per call, and the largest WRITE (an encrypted disk's stripe of
+# sector locks, crypto/sector_locks.py, bounds it further). The largest READ is the
+# caller's (`max_read`: the server's INLINE_READ_MAX).
 MAX_BYTES = 1 << 20
 MAX_WRITE = 64 * 1024
 
@@ -38,9 +37,11 @@ class Answered(NamedTuple):
 
 def answer(data: bytes | bytearray | memoryview, backend: BlockBackend, *, size: int,
            min_block: int, structured: bool, read_only: bool, max_requests: int,
-           max_bytes: int = MAX_BYTES, reads: bool = True, sample: int = -1) -> Answered | None:
+           max_read: int, max_bytes: int = MAX_BYTES, reads: bool = True,
+           sample: int = -1) -> Answered | None:
     """Answer the requests at the head of `data` that `backend`'s page cache serves: at
-    most `max_requests` of them and `max_bytes` of READ data, for a client told the
+    most `max_requests` of them, READs of at most `max_read` bytes and `max_bytes` of
+    READ data in all, for a client told the
     disk's `size` that agreed to `min_block` (1: any) and to `structured` replies; READs
     only with `reads` (the server stops trying on cold data). `sample`: the index among
     them of the request whose latency is sampled (-1: none). None when the backend
@@ -59,5 +60,5 @@ def answer(data: bytes | bytearray | memoryview, backend: BlockBackend, *, size:
     else:
         write_fd, write_transform, _, locks, per = writes
     return Answered(*_answer(data, size, unit, max(unit, min_block), structured, max_bytes,
-                             max_requests, MAX_READ, read_fd, read_transform, MAX_WRITE,
+                             max_requests, max_read, read_fd, read_transform, MAX_WRITE,
                              write_fd, write_transform, locks, per, sample))

@@ -607,6 +607,7 @@ class Connection(asyncio.Protocol):
         try:
             done = cachedio.answer(data, export.backend, size=self.size, min_block=self.min_block,
                                    structured=self.structured, max_requests=room,
+                                   max_read=INLINE_READ_MAX,
                                    read_only=bool(export.flags & NBD_FLAG_READ_ONLY),
                                    reads=self.nowait_misses < NOWAIT_MISSES_MAX, sample=sample)
         except BaseException:

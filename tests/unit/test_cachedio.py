@@ -22,6 +22,7 @@ from nbdserver.protocol.constants import (
     NBD_REQUEST_MAGIC,
 )
 from nbdserver.protocol.transmission import REQUEST, read_reply_head, simple_reply
+from nbdserver.server import INLINE_READ_MAX
 from tests.helpers.images import dmcrypt_sector, drop_cache
 from tests.unit.test_readq import layer_key
 
@@ -36,7 +37,8 @@ def req(cmd: int, offset: int, length: int, cookie: int = 7, flags: int = 0,
 
 
 def answer(data, backend, **kw):
-    args = dict(size=SIZE, min_block=1, structured=False, read_only=False, max_requests=1000)
+    args = dict(size=SIZE, min_block=1, structured=False, read_only=False, max_requests=1000,
+                max_read=INLINE_READ_MAX)
     args.update(kw)
     return cachedio.answer(data, backend, **args)
 
@@ -104,7 +106,7 @@ def test_the_prefix_stops_at_the_first_request_it_cannot_answer(single):
         req(NBD_CMD_READ, 0, S + 512),
         req(NBD_CMD_READ, SIZE - S, 2 * S),                          # past the end
         req(NBD_CMD_READ, 0, 0),                                     # empty
-        req(NBD_CMD_READ, 0, cachedio.MAX_READ + S),                 # too large
+        req(NBD_CMD_READ, 0, INLINE_READ_MAX + S),                 # too large
         req(NBD_CMD_WRITE, 0, S, flags=NBD_CMD_FLAG_FUA, payload=bytes(S)),
         req(NBD_CMD_WRITE, 15 * S, 2 * S, payload=bytes(2 * S)),     # two stripes
         req(NBD_CMD_WRITE, 0, 32 * S, payload=bytes(32 * S)),        # over MAX_WRITE
@@ -279,7 +281,7 @@ def model_answer(stream: bytes, twin, *, stripes: bool, size: int = SIZE, max_by
         if (magic != NBD_REQUEST_MAGIC or flags or not n or (off | n) % unit or off > size
                 or n > size - off):
             break
-        if cmd == NBD_CMD_READ and n <= cachedio.MAX_READ and read_bytes + n <= max_bytes:
+        if cmd == NBD_CMD_READ and n <= INLINE_READ_MAX and read_bytes + n <= max_bytes:
             buf = bytearray(n)
             twin.pread(memoryview(buf), off)
             out.append(simple_reply(cookie) + bytes(buf))
