@@ -36,7 +36,10 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include "_readq.h"
 
@@ -195,6 +198,7 @@ typedef struct {
     uint64_t per;                      /* sectors per stripe */
     unsigned char *scratch;            /* max_write bytes, made at the first WRITE */
     int missed;                        /* stopped at a READ the page cache lacks */
+    PyThreadState *ts;                 /* in serve(): the GIL is not held (else NULL) */
 } Params;
 
 /* Borrowed: the stripe lock of units [first, end), Py_None when there is none to take,
@@ -250,37 +254,55 @@ lock_release(PyObject *lock)
 /* One WRITE, its payload at `payload`: 1 done, 0 declined, -1 with an exception. The
  * GIL is given up around the encryption and the write, whatever their size, as the
  * usual path's encrypt_write does: a buffered write may wait (writeback throttling),
- * and the worker threads must go on meanwhile. */
+ * and the worker threads must go on meanwhile. In serve() (p->ts set), the GIL is taken
+ * only to look up, take and give back the stripe's lock. */
 static int
 do_write(Params *p, const unsigned char *payload, uint64_t offset, uint32_t length)
 {
     uint64_t first = offset / p->unit;
-    PyObject *lock = stripe_lock(p, first, first + length / p->unit);
+    PyObject *lock;
     unsigned char *scratch;
     int taken, err = 0;
-    if (lock == NULL || !transform_begin(&p->write))
-        return 0;
     if (p->scratch == NULL) {          /* at the first WRITE of the call */
-        p->scratch = PyMem_Malloc(p->max_write);
-        if (p->scratch == NULL)
-            return 0;
+        if (p->ts != NULL || (p->scratch = PyMem_Malloc(p->max_write)) == NULL)
+            return 0;                  /* serve() makes it at its start */
     }
-    scratch = p->scratch;
-    Py_INCREF(lock);
-    taken = lock_try(lock);
-    if (!taken) {
-        Py_DECREF(lock);
+    if (p->ts != NULL)
+        PyEval_RestoreThread(p->ts);
+    lock = stripe_lock(p, first, first + length / p->unit);
+    if (lock == NULL || !transform_begin(&p->write)) {
+        taken = 0;
+    } else {
+        Py_INCREF(lock);
+        taken = lock_try(lock);
+        if (!taken)
+            Py_DECREF(lock);
+    }
+    if (p->ts != NULL)
+        p->ts = PyEval_SaveThread();
+    if (!taken)
         return 0;
+    scratch = p->scratch;
+    if (p->ts == NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(scratch, payload, length);
+        if (p->write.ops != NULL)
+            err = p->write.ops->run(p->write.owner, p->write.state, scratch, length, first);
+        if (!err)
+            err = write_all(p->write_fd, scratch, length, offset);
+        Py_END_ALLOW_THREADS
+    } else {
+        memcpy(scratch, payload, length);
+        if (p->write.ops != NULL)
+            err = p->write.ops->run(p->write.owner, p->write.state, scratch, length, first);
+        if (!err)
+            err = write_all(p->write_fd, scratch, length, offset);
+        PyEval_RestoreThread(p->ts);
     }
-    Py_BEGIN_ALLOW_THREADS
-    memcpy(scratch, payload, length);
-    if (p->write.ops != NULL)
-        err = p->write.ops->run(p->write.owner, p->write.state, scratch, length, first);
-    if (!err)
-        err = write_all(p->write_fd, scratch, length, offset);
-    Py_END_ALLOW_THREADS
     taken = lock_release(lock);
     Py_DECREF(lock);
+    if (p->ts != NULL)
+        p->ts = PyEval_SaveThread();
     if (taken < 0)
         return -1;
     return err ? 0 : 1;
@@ -292,9 +314,9 @@ do_read(Params *p, unsigned char *out, uint64_t offset, uint32_t length)
 {
     PyThreadState *saved = NULL;
     int err;
-    if (!transform_begin(&p->read))
-        return 0;
-    if (length >= GIL_RELEASE_BYTES)
+    if (p->ts == NULL && !transform_begin(&p->read))
+        return 0;                      /* serve() begins it at its start */
+    if (p->ts == NULL && length >= GIL_RELEASE_BYTES)
         saved = PyEval_SaveThread();
     err = read_cached(p->read_fd, out, length, offset);
     if (err == EAGAIN)
@@ -306,89 +328,83 @@ do_read(Params *p, unsigned char *out, uint64_t offset, uint32_t length)
     return err ? 0 : 1;
 }
 
-static PyObject *
-answer(PyObject *Py_UNUSED(module), PyObject *args)
+/* The prefix of src[0, len) that may be answered, from the headers alone: its request
+ * count, at most max_requests; *total is the size of its replies, at most out_cap.
+ * *need_more is 1 when it stopped for want of bytes (a header, or an answerable WRITE's
+ * payload), 0 when at a request answered elsewhere or at a limit. */
+static Py_ssize_t
+plan(const Params *p, const unsigned char *src, Py_ssize_t len, size_t out_cap, size_t *total,
+     int *need_more)
 {
-    Py_buffer data;
-    Params p;
-    PyObject *read_transform, *write_transform, *locks, *replies = NULL, *result = NULL;
-    unsigned long long size, unit, align, max_bytes, max_read, max_write, per;
-    Py_ssize_t pos = 0, count = 0, n_reads = 0, n_writes = 0, total = 0, used = 0, sample;
-    size_t read_bytes = 0, write_bytes = 0, bytes = 0;
-    int sampled = -1;
-    unsigned char *out;
-    const unsigned char *src;
-    int structured, read_fd, write_fd, rc = 0;
-    size_t head;
-
-    if (!PyArg_ParseTuple(args, "y*KKKpKnKiOKiOOKn:answer", &data, &size, &unit, &align,
-                          &structured, &max_bytes, &p.max_requests, &max_read, &read_fd,
-                          &read_transform, &max_write, &write_fd, &write_transform, &locks,
-                          &per, &sample))
-        return NULL;
-    p.size = size; p.unit = unit; p.align = align; p.structured = structured;
-    p.max_bytes = max_bytes; p.max_read = max_read; p.max_write = max_write;
-    p.read_fd = read_fd; p.write_fd = write_fd; p.per = per;
-    p.locks = locks == Py_None ? NULL : locks;
-    p.read.ops = p.write.ops = NULL;
-    p.read.state = p.write.state = NULL;
-    p.scratch = NULL;
-    p.missed = 0;
-    if (unit == 0 || align == 0 || align % unit != 0 || p.max_requests < 0
-            || (p.locks != NULL && (!PyList_Check(p.locks) || per == 0))) {
-        PyErr_SetString(PyExc_ValueError, "answer: bad unit, align, max_requests or locks");
-        goto done;
-    }
-    if (transform_get(read_transform, READQ_TRANSFORM_CAPSULE, &p.read) < 0
-            || transform_get(write_transform, WRITE_TRANSFORM_CAPSULE, &p.write) < 0)
-        goto done;
-    head = structured ? DATA_CHUNK_HEAD : SIMPLE_HEAD;
-    src = data.buf;
-
-    /* The prefix that may be answered here, from the headers alone; its replies' size. */
-    while (count < p.max_requests && data.len - pos >= REQUEST_SIZE) {
+    Py_ssize_t pos = 0, count = 0;
+    size_t head = p->structured ? DATA_CHUNK_HEAD : SIMPLE_HEAD, bytes = 0;
+    *total = 0;
+    *need_more = 0;
+    while (count < p->max_requests) {
+        if (len - pos < REQUEST_SIZE) {
+            *need_more = 1;
+            break;
+        }
         const unsigned char *h = src + pos;
         uint16_t cmd = get_be16(h + 6);
         uint64_t offset = get_be64(h + 16);
         uint32_t length = get_be32(h + 24);
         if (get_be32(h) != REQUEST_MAGIC || get_be16(h + 4) != 0 || length == 0
-                || (offset | length) % align != 0 || offset > size || length > size - offset)
+                || (offset | length) % p->align != 0 || offset > p->size
+                || length > p->size - offset)
             break;
-        if (cmd == CMD_READ && read_fd >= 0 && length <= max_read
-                && bytes + length <= max_bytes) {
+        if (cmd == CMD_READ && p->read_fd >= 0 && length <= p->max_read) {
+            if (bytes + length > p->max_bytes || *total + head + length > out_cap)
+                break;
             bytes += length;
-            total += (Py_ssize_t)(head + length);
+            *total += head + length;
             pos += REQUEST_SIZE;
-        } else if (cmd == CMD_WRITE && write_fd >= 0 && length <= max_write
-                   && data.len - pos - REQUEST_SIZE >= (Py_ssize_t)length) {
-            total += SIMPLE_HEAD;
+        } else if (cmd == CMD_WRITE && p->write_fd >= 0 && length <= p->max_write) {
+            if (len - pos - REQUEST_SIZE < (Py_ssize_t)length) {
+                *need_more = 1;
+                break;
+            }
+            if (*total + SIMPLE_HEAD > out_cap)
+                break;
+            *total += SIMPLE_HEAD;
             pos += REQUEST_SIZE + length;
         } else {
             break;
         }
         count++;
     }
-    if (count == 0) {
-        result = Py_BuildValue("(ny#nnnnii)", (Py_ssize_t)0, "", (Py_ssize_t)0, (Py_ssize_t)0,
-                               (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0, -1, 0);
-        goto done;
-    }
-    replies = PyBytes_FromStringAndSize(NULL, total);
-    if (replies == NULL)
-        goto done;
-    out = (unsigned char *)PyBytes_AS_STRING(replies);
-    pos = 0;
+    return count;
+}
+
+/* What run() did. */
+typedef struct {
+    Py_ssize_t consumed, reads, writes, used;
+    size_t read_bytes, write_bytes;
+    int sampled;                       /* the command of request `sample`, or -1 */
+} Done;
+
+/* Answer the `count` requests plan() found at src, their replies into out: 1 when all
+ * were, 0 when one was declined (it and the rest are not), -1 with an exception. */
+static int
+run(Params *p, const unsigned char *src, Py_ssize_t count, unsigned char *out, Py_ssize_t sample,
+    Done *d)
+{
+    size_t head = p->structured ? DATA_CHUNK_HEAD : SIMPLE_HEAD;
+    int rc = 1;
+    d->consumed = d->reads = d->writes = d->used = 0;
+    d->read_bytes = d->write_bytes = 0;
+    d->sampled = -1;
     for (Py_ssize_t i = 0; i < count; i++) {
-        const unsigned char *h = src + pos;
+        const unsigned char *h = src + d->consumed;
         uint16_t cmd = get_be16(h + 6);
         uint64_t cookie = get_be64(h + 8), offset = get_be64(h + 16);
         uint32_t length = get_be32(h + 24);
-        unsigned char *r = out + used;
+        unsigned char *r = out + d->used;
         if (cmd == CMD_READ) {
-            rc = do_read(&p, r + head, offset, length);
+            rc = do_read(p, r + head, offset, length);
             if (rc <= 0)
                 break;
-            if (structured) {
+            if (p->structured) {
                 put_be32(r, STRUCTURED_REPLY_MAGIC);
                 put_be16(r + 4, REPLY_FLAG_DONE);
                 put_be16(r + 6, REPLY_TYPE_OFFSET_DATA);
@@ -400,37 +416,303 @@ answer(PyObject *Py_UNUSED(module), PyObject *args)
                 put_be32(r + 4, 0);
                 put_be64(r + 8, cookie);
             }
-            used += (Py_ssize_t)(head + length);
-            read_bytes += length;
-            n_reads++;
-            pos += REQUEST_SIZE;
+            d->used += (Py_ssize_t)(head + length);
+            d->read_bytes += length;
+            d->reads++;
+            d->consumed += REQUEST_SIZE;
         } else {
-            rc = do_write(&p, h + REQUEST_SIZE, offset, length);
+            rc = do_write(p, h + REQUEST_SIZE, offset, length);
             if (rc <= 0)
                 break;
             put_be32(r, SIMPLE_REPLY_MAGIC);
             put_be32(r + 4, 0);
             put_be64(r + 8, cookie);
-            used += SIMPLE_HEAD;
-            write_bytes += length;
-            n_writes++;
-            pos += REQUEST_SIZE + length;
+            d->used += SIMPLE_HEAD;
+            d->write_bytes += length;
+            d->writes++;
+            d->consumed += REQUEST_SIZE + length;
         }
         if (i == sample)
-            sampled = cmd;
+            d->sampled = cmd;
     }
+    return rc;
+}
+
+static int
+params_init(Params *p, unsigned long long size, unsigned long long unit,
+            unsigned long long align, int structured, unsigned long long max_bytes,
+            Py_ssize_t max_requests, unsigned long long max_read, int read_fd,
+            PyObject *read_transform, unsigned long long max_write, int write_fd,
+            PyObject *write_transform, PyObject *locks, unsigned long long per,
+            const char *fn)
+{
+    p->size = size; p->unit = unit; p->align = align; p->structured = structured;
+    p->max_bytes = max_bytes; p->max_requests = max_requests; p->max_read = max_read;
+    p->max_write = max_write; p->read_fd = read_fd; p->write_fd = write_fd; p->per = per;
+    p->locks = locks == Py_None ? NULL : locks;
+    p->read.ops = p->write.ops = NULL;
+    p->read.state = p->write.state = NULL;
+    p->scratch = NULL;
+    p->missed = 0;
+    p->ts = NULL;
+    if (unit == 0 || align == 0 || align % unit != 0 || max_requests < 0
+            || (p->locks != NULL && (!PyList_Check(p->locks) || per == 0))) {
+        PyErr_Format(PyExc_ValueError, "%s: bad unit, align, max_requests or locks", fn);
+        return -1;
+    }
+    if (transform_get(read_transform, READQ_TRANSFORM_CAPSULE, &p->read) < 0
+            || transform_get(write_transform, WRITE_TRANSFORM_CAPSULE, &p->write) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *
+answer(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer data;
+    Params p;
+    PyObject *read_transform, *write_transform, *locks, *replies = NULL, *result = NULL;
+    unsigned long long size, unit, align, max_bytes, max_read, max_write, per;
+    Py_ssize_t max_requests, count, sample;
+    size_t total;
+    int structured, read_fd, write_fd, rc, need_more;
+    Done d;
+
+    if (!PyArg_ParseTuple(args, "y*KKKpKnKiOKiOOKn:answer", &data, &size, &unit, &align,
+                          &structured, &max_bytes, &max_requests, &max_read, &read_fd,
+                          &read_transform, &max_write, &write_fd, &write_transform, &locks,
+                          &per, &sample))
+        return NULL;
+    if (params_init(&p, size, unit, align, structured, max_bytes, max_requests, max_read,
+                    read_fd, read_transform, max_write, write_fd, write_transform, locks, per,
+                    "answer") < 0)
+        goto done;
+    count = plan(&p, data.buf, data.len, SIZE_MAX, &total, &need_more);
+    if (count == 0) {
+        result = Py_BuildValue("(ny#nnnnii)", (Py_ssize_t)0, "", (Py_ssize_t)0, (Py_ssize_t)0,
+                               (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0, -1, 0);
+        goto done;
+    }
+    replies = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (replies == NULL)
+        goto done;
+    rc = run(&p, data.buf, count, (unsigned char *)PyBytes_AS_STRING(replies), sample, &d);
     if (rc < 0)
         goto done;                     /* a stripe lock not given back: a bug, said */
-    if (used < total && _PyBytes_Resize(&replies, used) < 0)
+    if ((size_t)d.used < total && _PyBytes_Resize(&replies, d.used) < 0)
         goto done;                     /* replies is NULL and freed */
-    result = Py_BuildValue("(nOnnnnii)", pos, replies, n_reads, (Py_ssize_t)read_bytes, n_writes,
-                           (Py_ssize_t)write_bytes, sampled, p.missed);
+    result = Py_BuildValue("(nOnnnnii)", d.consumed, replies, d.reads, (Py_ssize_t)d.read_bytes,
+                           d.writes, (Py_ssize_t)d.write_bytes, d.sampled, p.missed);
 done:
     transform_end(&p.read);
     transform_end(&p.write);
     Py_XDECREF(replies);
     PyMem_Free(p.scratch);
     PyBuffer_Release(&data);
+    return result;
+}
+
+/* --- serve(): a connection's requests answered on a thread of their own ---------------- */
+
+#define SERVE_IN_CAP (256 * 1024)      /* received, not yet answered */
+#define SERVE_OUT_CAP (512 * 1024)     /* replies of one pass */
+#define SERVE_DECLINED 0               /* at a request answered elsewhere (or a miss) */
+#define SERVE_IDLE 1                   /* nothing received for idle_ms, or max_ms passed */
+#define SERVE_STOPPED 2                /* stop_fd was signalled */
+#define SERVE_CLOSED 3                 /* end of file or an error on the socket */
+#define SERVE_SAMPLES 1024             /* latency samples kept per call */
+
+static uint64_t
+now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static int64_t
+now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* Wait until fd is ready for `events` or stop_fd is signalled: 1 ready, 0 timed out,
+ * -SERVE_STOPPED, or -SERVE_CLOSED (an error on the socket). */
+static int
+wait_for(int fd, short events, int stop_fd, int timeout_ms)
+{
+    struct pollfd fds[2] = {{fd, events, 0}, {stop_fd, POLLIN, 0}};
+    for (;;) {
+        int r = poll(fds, 2, timeout_ms);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -SERVE_CLOSED;
+        }
+        if (r == 0)
+            return 0;
+        if (fds[1].revents)
+            return -SERVE_STOPPED;
+        return 1;                      /* readable, writable, or an error recv/send meets */
+    }
+}
+
+/* Send buf[0, len): 0 when all of it went, else why not (-SERVE_STOPPED or -SERVE_CLOSED);
+ * *sent says how much did. */
+static int
+send_all(int fd, int stop_fd, const unsigned char *buf, size_t len, size_t *sent)
+{
+    *sent = 0;
+    while (*sent < len) {
+        ssize_t w = send(fd, buf + *sent, len - *sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+            *sent += (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            int r = wait_for(fd, POLLOUT, stop_fd, -1);
+            if (r < 0)
+                return r;
+            continue;
+        }
+        return -SERVE_CLOSED;
+    }
+    return 0;
+}
+
+static PyObject *
+serve(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Params p;
+    PyObject *read_transform, *write_transform, *locks, *result = NULL;
+    unsigned long long size, unit, align, max_read, max_write, per;
+    int structured, read_fd, write_fd, sock, stop_fd, idle_ms, max_ms, every, next;
+    unsigned char *in = NULL, *out = NULL;
+    uint64_t samples[2 * SERVE_SAMPLES], seen = 0;
+    Py_ssize_t n_samples = 0;
+    Py_ssize_t have = 0, reads = 0, writes = 0;
+    size_t read_bytes = 0, write_bytes = 0, sent = 0, unsent_at = 0, unsent_len = 0;
+    int reason = SERVE_DECLINED, rc = 1;
+    int64_t deadline;
+
+    if (!PyArg_ParseTuple(args, "iiKKKpKiOKiOOKiiii:serve", &sock, &stop_fd, &size, &unit,
+                          &align, &structured, &max_read, &read_fd, &read_transform, &max_write,
+                          &write_fd, &write_transform, &locks, &per, &idle_ms, &max_ms, &every,
+                          &next))
+        return NULL;
+    if (every < 0 || (every > 0 && (next < 0 || next >= every))) {
+        PyErr_SetString(PyExc_ValueError, "serve: bad sampling (every, next)");
+        return NULL;
+    }
+    if (params_init(&p, size, unit, align, structured, SERVE_OUT_CAP, PY_SSIZE_T_MAX, max_read,
+                    read_fd, read_transform, max_write, write_fd, write_transform, locks, per,
+                    "serve") < 0)
+        goto done;
+    if (max_read + DATA_CHUNK_HEAD > SERVE_OUT_CAP || max_write + REQUEST_SIZE > SERVE_IN_CAP) {
+        PyErr_SetString(PyExc_ValueError, "serve: max_read or max_write too large");
+        goto done;
+    }
+    in = PyMem_RawMalloc(SERVE_IN_CAP);
+    out = PyMem_RawMalloc(SERVE_OUT_CAP);
+    if (p.write_fd >= 0)
+        p.scratch = PyMem_Malloc(max_write);
+    if (in == NULL || out == NULL || (p.write_fd >= 0 && p.scratch == NULL)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (!transform_begin(&p.read))     /* a closed engine: nothing to do here */
+        goto answered;
+    deadline = now_ms() + max_ms;
+    p.ts = PyEval_SaveThread();
+    for (;;) {
+        size_t total;
+        int need_more;
+        Py_ssize_t count = plan(&p, in, have, SERVE_OUT_CAP, &total, &need_more);
+        if (count > 0) {
+            Done d;
+            /* the first request of this pass that is sampled, if any */
+            Py_ssize_t sample = every ? (Py_ssize_t)((uint64_t)next + (uint64_t)every
+                                                     - seen % (uint64_t)every) % every : -1;
+            uint64_t t0 = sample >= 0 && sample < count ? now_ns() : 0;
+            rc = run(&p, in, count, out, sample, &d);
+            seen += (uint64_t)(d.reads + d.writes);
+            reads += d.reads;
+            writes += d.writes;
+            read_bytes += d.read_bytes;
+            write_bytes += d.write_bytes;
+            if (d.consumed) {
+                memmove(in, in + d.consumed, (size_t)(have - d.consumed));
+                have -= d.consumed;
+            }
+            if (d.used) {
+                int r = send_all(sock, stop_fd, out, (size_t)d.used, &sent);
+                if (r < 0) {
+                    unsent_at = sent;
+                    unsent_len = (size_t)d.used - sent;
+                    reason = -r;
+                    break;
+                }
+            }
+            if (d.sampled >= 0 && n_samples < SERVE_SAMPLES) {  /* received to sent */
+                samples[2 * n_samples] = (uint64_t)d.sampled;
+                samples[2 * n_samples + 1] = now_ns() - t0;
+                n_samples++;
+            }
+            if (rc <= 0)
+                break;                 /* declined (or an exception, said below) */
+            continue;
+        }
+        if (!need_more || have == SERVE_IN_CAP)
+            break;                     /* SERVE_DECLINED */
+        int64_t left = deadline - now_ms();
+        if (left <= 0) {
+            reason = SERVE_IDLE;
+            break;
+        }
+        ssize_t r = recv(sock, in + have, (size_t)(SERVE_IN_CAP - have), MSG_DONTWAIT);
+        if (r > 0) {
+            have += r;
+            continue;
+        }
+        if (r == 0) {
+            reason = SERVE_CLOSED;
+            break;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            reason = SERVE_CLOSED;
+            break;
+        }
+        int w = wait_for(sock, POLLIN, stop_fd, left < idle_ms ? (int)left : idle_ms);
+        if (w == 0) {
+            reason = SERVE_IDLE;
+            break;
+        }
+        if (w < 0) {
+            reason = -w;
+            break;
+        }
+    }
+    PyEval_RestoreThread(p.ts);
+    p.ts = NULL;
+    if (rc < 0)
+        goto done;                     /* a stripe lock not given back: a bug, said */
+answered:
+    result = Py_BuildValue("(iy#y#nnnniy#)", reason, (const char *)in, have,
+                           (const char *)out + unsent_at, (Py_ssize_t)unsent_len, reads,
+                           (Py_ssize_t)read_bytes, writes, (Py_ssize_t)write_bytes, p.missed,
+                           (const char *)samples, n_samples * 2 * (Py_ssize_t)sizeof(uint64_t));
+done:
+    transform_end(&p.read);
+    transform_end(&p.write);
+    PyMem_Free(p.scratch);
+    PyMem_RawFree(in);
+    PyMem_RawFree(out);
     return result;
 }
 
@@ -453,6 +735,20 @@ static PyMethodDef cachedio_methods[] = {
      "were answered. `sampled` is the command of the request at index `sample` (counting "
      "from 0) if it was answered, else -1. `missed` is 1 when the call stopped at a READ "
      "the page cache did not hold (RWF_NOWAIT said EAGAIN), else 0."},
+    {"serve", serve, METH_VARARGS,
+     "serve(sock, stop_fd, size, unit, align, structured, max_read, read_fd, read_transform, "
+     "max_write, write_fd, write_transform, locks, per, idle_ms, max_ms, every, next) -> "
+     "(reason, leftover, unsent, reads, read_bytes, writes, write_bytes, missed, samples): "
+     "answer a "
+     "connection's requests on the calling thread, the GIL given up, as answer() would "
+     "answer them one received chunk after another: receive from sock (non-blocking), "
+     "answer the requests at the head, send their replies, until a request answer() would "
+     "decline (reason 0), nothing received for idle_ms or max_ms passed (1), stop_fd "
+     "readable (2), or end of file or an error on sock (3). `leftover`: bytes received and "
+     "not answered; `unsent`: replies not yet sent (the caller sends them first). The GIL "
+     "is taken only around a WRITE's stripe lock. Every `every`-th request answered (0: "
+     "none), starting at index `next`, is timed from the pass that answers it to its "
+     "reply sent: `samples` holds (command, nanoseconds) as native uint64 pairs."},
     {NULL, NULL, 0, NULL},
 };
 

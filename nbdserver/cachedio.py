@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ._cachedio import answer as _answer
+from ._cachedio import serve as _serve
 from .backend import BlockBackend
 
 # The most READ data per call, and the largest WRITE (an encrypted disk's stripe of
@@ -46,6 +47,18 @@ def answer(data: bytes | bytearray | memoryview, backend: BlockBackend, *, size:
     only with `reads` (the server stops trying on cold data). `sample`: the index among
     them of the request whose latency is sampled (-1: none). None when the backend
     offers neither path now; else what was answered (maybe nothing)."""
+    channels = _channels(backend, reads=reads, read_only=read_only)
+    if channels is None:
+        return None
+    read_fd, read_transform, unit, write_fd, write_transform, locks, per = channels
+    return Answered(*_answer(data, size, unit, max(unit, min_block), structured, max_bytes,
+                             max_requests, max_read, read_fd, read_transform, MAX_WRITE,
+                             write_fd, write_transform, locks, per, sample))
+
+
+def _channels(backend: BlockBackend, *, reads: bool, read_only: bool) -> tuple | None:
+    """What the native calls are told of `backend` now: (read_fd, read_transform, unit,
+    write_fd, write_transform, locks, per); None when it offers neither path."""
     cached = backend.page_cache_reads() if reads else None
     # check()'s rule for a WRITE without flags: refused (EPERM) where read-only.
     writes = None if read_only else backend.page_cache_writes()
@@ -56,9 +69,40 @@ def answer(data: bytes | bytearray | memoryview, backend: BlockBackend, *, size:
     else:
         read_fd, read_transform, unit = cached
     if writes is None or writes[2] != unit:
-        write_fd, write_transform, locks, per = -1, None, None, 0
-    else:
-        write_fd, write_transform, _, locks, per = writes
-    return Answered(*_answer(data, size, unit, max(unit, min_block), structured, max_bytes,
-                             max_requests, max_read, read_fd, read_transform, MAX_WRITE,
-                             write_fd, write_transform, locks, per, sample))
+        return read_fd, read_transform, unit, -1, None, None, 0
+    write_fd, write_transform, _, locks, per = writes
+    return read_fd, read_transform, unit, write_fd, write_transform, locks, per
+
+
+class Served(NamedTuple):
+    reason: int  # why it returned: DECLINED, IDLE, STOPPED or CLOSED
+    leftover: bytes  # received and not answered: the caller's parser takes them
+    unsent: bytes  # replies not sent yet (stopped while the client did not read): sent first
+    reads: int
+    read_bytes: int
+    writes: int
+    write_bytes: int
+    missed: int  # 1: it returned at a READ the page cache lacks
+    samples: bytes  # (command, nanoseconds) as native uint64 pairs: the timed requests
+
+
+DECLINED, IDLE, STOPPED, CLOSED = range(4)
+
+
+def serve_prepared(backend: BlockBackend, *, size: int, min_block: int, structured: bool,
+                   read_only: bool, max_read: int):
+    """On the event loop: what `serve` needs of `backend` now, as a function of
+    (sock, stop_fd, idle_ms, max_ms, every, next) for a thread to run (it gives the GIL
+    up; every `every`-th request from index `next` is timed); None when the backend offers
+    neither path now."""
+    channels = _channels(backend, reads=True, read_only=read_only)
+    if channels is None:
+        return None
+    read_fd, read_transform, unit, write_fd, write_transform, locks, per = channels
+
+    def serve(sock: int, stop_fd: int, idle_ms: int, max_ms: int, every: int = 0,
+              next: int = 0) -> Served:
+        return Served(*_serve(sock, stop_fd, size, unit, max(unit, min_block), structured,
+                              max_read, read_fd, read_transform, MAX_WRITE, write_fd,
+                              write_transform, locks, per, idle_ms, max_ms, every, next))
+    return serve
