@@ -394,6 +394,14 @@ class ProductPythonPathTarget(ProductTarget):
 
 
 @register
+class ProductLoopTarget(ProductTarget):
+    name = "product-loop"
+    description = ("as product, no native sessions (NBDSERVER_NATIVE_SESSIONS=0): every request "
+                   "answered on the event loop, the fast path per received chunk")
+    serve_env = {"NBDSERVER_NATIVE_SESSIONS": "0"}
+
+
+@register
 class ProductCustomerKeyTarget(ProductTarget):
     name = "product-cmk"
     description = "nbdserver serve, platform disk under a customer-managed key (vault, key, set)"

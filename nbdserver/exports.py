@@ -123,6 +123,7 @@ class Export:
         self.lock_reason = ""
         self.flags = transmission_flags(backend, readonly)
         self._inflight = 0
+        self.sessions: set = set()  # connections a native session serves (stop_sessions)
         self._idle: asyncio.Event | None = None
         self.attachments: dict[object, Attachment] = {}  # connection -> who, since when
         self._frozen = 0
@@ -152,6 +153,7 @@ class Export:
         other processes serving it are told at once."""
         self.state = ExportState.LOCKED
         self.lock_reason = reason
+        self.stop_sessions()
         self.stop_copies()
 
     def unlock(self, backend: BlockBackend | None = None, source: ExportSource | None = None) -> None:
@@ -208,6 +210,12 @@ class Export:
         return len(self.attachments)
 
     # -- in-flight accounting, so a lock can wait for the backend to be idle
+    def stop_sessions(self) -> None:
+        """Make every thread serving a connection of this export natively
+        (server.Connection's session, counted in flight) return to its event loop."""
+        for conn in list(self.sessions):
+            conn.stop_session()
+
     def begin(self) -> None:
         self._inflight += 1
 
@@ -245,6 +253,7 @@ class Export:
     @contextlib.asynccontextmanager
     async def frozen(self):
         self._frozen += 1
+        self.stop_sessions()
         copies, token = self.copies, object()
         try:
             await self.drained()

@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import ssl
+from array import array
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from time import monotonic_ns
@@ -95,6 +96,19 @@ INLINE_READ_MAX = 128 * 1024
 # NBDSERVER_CACHED_IO=0 turns the page-cache fast path (nbdserver/cachedio.py) off, to
 # measure it against the usual path side by side; the replies are the same.
 CACHED_IO = os.environ.get("NBDSERVER_CACHED_IO", "1") != "0"
+# A connection whose received chunks the fast path answers wholly is handed to a thread of
+# its own that serves it natively, the GIL given up (cachedio.serve_prepared,
+# _cachedio.c's serve), until a request needs this loop. Why: at queue depth 1 every
+# request otherwise wakes the event loop and runs Python on a cold interpreter between
+# the client's request and its reply, and every connection of a process shares one core.
+# NBDSERVER_NATIVE_SESSIONS=0 turns it off, to measure it side by side.
+NATIVE_SESSIONS = CACHED_IO and os.environ.get("NBDSERVER_NATIVE_SESSIONS", "1") != "0"
+SESSION_MAX = 8  # threads serving connections natively at once, per process
+SESSION_IDLE_MS = 20  # a session returns after this long without a request
+SESSION_MAX_MS = 1000  # and after this long in all (its statistics are counted then)
+# After a session returned at a request it could not answer, this many chunks are
+# answered on the loop before a new session: a mixed load pays the hand-off rarely.
+SESSION_COOLDOWN = 64
 # Per connection: stop reading new requests above this many in flight.
 MAX_INFLIGHT = 64
 # Per connection: a request waiting for a worker is overtaken by at most this many later
@@ -152,6 +166,9 @@ class NbdServer:
         self.tls_mode = tls_mode
         self.tls_context = tls_context
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
+        # Threads serving connections natively (NATIVE_SESSIONS), made on first use.
+        self._session_pool: ThreadPoolExecutor | None = None
+        self.sessions = 0
         # Made on the event loop by the first cold read (it registers an eventfd there).
         self.read_queue: ReadQueue | None = None
         self.connections: set[Connection] = set()
@@ -190,6 +207,14 @@ class NbdServer:
             await s.wait_closed()
         self._close_read_queue()
         self.pool.shutdown(wait=True)
+        if self._session_pool is not None:
+            self._session_pool.shutdown(wait=True)
+
+    def session_pool(self) -> ThreadPoolExecutor:
+        if self._session_pool is None:
+            self._session_pool = ThreadPoolExecutor(max_workers=SESSION_MAX,
+                                                    thread_name_prefix="nbd-session")
+        return self._session_pool
 
     async def adopt(self, sock: socket.socket, export: Export, *, structured: bool, min_block: int,
                     meta_id: int | None, size: int, leftover: bytes) -> Connection:
@@ -293,6 +318,10 @@ class Connection(asyncio.Protocol):
         self._tls_early: bytearray | None = None
         self._adopted: tuple | None = None  # NbdServer.adopt's negotiated parameters
         self._failed_selections = 0
+        # While a thread serves this connection natively (_start_session): its stop
+        # eventfd and its own descriptor of the socket. Chunks left before the next try.
+        self._session: tuple[int, int] | None = None
+        self._session_cooldown = 0
 
     # -- asyncio callbacks
     def connection_made(self, transport):
@@ -349,6 +378,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self._release()
+        self.stop_session()
         self.server.budget.forget(self)
         self._awaiting_budget = False
         if self._charged_written:  # the transport's buffer went with it
@@ -640,7 +670,94 @@ class Connection(asyncio.Protocol):
                 stats.timed(sampled, monotonic_ns() - now)
         self._started += count
         self.budget_settle()
-        return memoryview(data)[consumed:] if consumed < len(data) else b""
+        if consumed < len(data):
+            return memoryview(data)[consumed:]
+        if NATIVE_SESSIONS:
+            if self._session_cooldown:
+                self._session_cooldown -= 1
+            else:
+                self._start_session()
+        return b""
+
+    # -- a thread serving this connection natively (NATIVE_SESSIONS)
+    def _start_session(self):
+        """Hand the socket to a session thread (cachedio.serve_prepared) when nothing
+        else of this connection is in progress: no request in flight or pending, no reply
+        waiting in the transport, the disk neither locked nor frozen, plain TCP. Reading
+        pauses meanwhile; the disk counts the session as a request in flight, so a lock
+        or a freeze (which stop it, Export.stop_sessions) waits for it to return."""
+        server, export, t = self.server, self.export, self.transport
+        if (self._session is not None or server.sessions >= SESSION_MAX or self.inflight
+                or self._pending or self._backlogged() or t.is_closing()
+                or t.get_write_buffer_size() or self.disconnecting or self.shutting_down
+                or export.locked or export.is_frozen or t.get_extra_info("ssl_object") is not None):
+            return
+        sock = t.get_extra_info("socket")
+        if sock is None:
+            return
+        serve = cachedio.serve_prepared(
+            export.backend, size=self.size, min_block=self.min_block, structured=self.structured,
+            read_only=bool(export.flags & NBD_FLAG_READ_ONLY), max_read=INLINE_READ_MAX)
+        if serve is None:
+            return
+        fd = os.dup(sock.fileno())  # the socket outlives a close of the transport meanwhile
+        stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._session = (stop, fd)
+        server.sessions += 1
+        export.begin()
+        export.sessions.add(self)
+        self._update_reading()
+        # Every LATENCY_SAMPLE-th request is timed, as on the loop.
+        every, first = ((LATENCY_MASK + 1, LATENCY_MASK - (self._started & LATENCY_MASK))
+                        if IO_STATS and self._sampled is None else (0, 0))
+        future = self.loop.run_in_executor(server.session_pool(), serve, fd, stop,
+                                           SESSION_IDLE_MS, SESSION_MAX_MS, every, first)
+        future.add_done_callback(lambda f: self._session_done(f, export))
+
+    def stop_session(self):
+        """Make the session return now (it answers the request it is at first)."""
+        if self._session is not None:
+            os.eventfd_write(self._session[0], 1)
+
+    def _session_done(self, future, export):
+        stop, fd = self._session
+        self._session = None
+        os.close(stop)
+        os.close(fd)
+        self.server.sessions -= 1
+        export.sessions.discard(self)
+        export.end()
+        try:
+            served = future.result()
+        except Exception:  # a bug must cost this client its connection, never the server
+            log.exception("connection %s: internal error; disconnecting", self.peer)
+            self.abort()
+            return
+        count = served.reads + served.writes
+        self._started += count
+        if IO_STATS and count:
+            stats = export.stats
+            stats.requests[NBD_CMD_READ] += served.reads
+            stats.bytes[NBD_CMD_READ] += served.read_bytes
+            stats.requests[NBD_CMD_WRITE] += served.writes
+            stats.bytes[NBD_CMD_WRITE] += served.write_bytes
+            timed = array("Q", served.samples)
+            for i in range(0, len(timed), 2):
+                stats.timed(timed[i], timed[i + 1])
+        if served.reason == cachedio.DECLINED:
+            self._session_cooldown = SESSION_COOLDOWN
+        if served.missed:  # the next READ was just tried with RWF_NOWAIT: not again (_read)
+            self.nowait_misses += 1
+            self._tried_nowait = True
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if served.unsent:
+            t.write(served.unsent)
+        if served.leftover:  # before anything received after it
+            self.data_received(served.leftover)
+        self._update_reading()
+        self._maybe_close()
 
     def _stage_write(self, offset, length):
         """The parser's `stage`: large WRITE payloads are staged by the disk's backend as
@@ -1064,7 +1181,7 @@ class Connection(asyncio.Protocol):
             return
         if self._charged_written:
             self.budget_settle()
-        want_pause = self._backlogged() or bool(self._pending)
+        want_pause = self._backlogged() or bool(self._pending) or self._session is not None
         if self._pending and not self._backlogged() and not self._draining:
             self._drain_pending()  # ends by calling us again
             return
@@ -1076,12 +1193,13 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _maybe_close(self):
-        if (self.disconnecting or self.shutting_down) and self.inflight == 0:
+        if (self.disconnecting or self.shutting_down) and self.inflight == 0 and self._session is None:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
 
     def begin_shutdown(self):
         self.shutting_down = True
+        self.stop_session()
         if self.handshake is not None:
             self.handshake.shutting_down = True
         if self.parser is None:  # still negotiating: nothing to finish
@@ -1092,6 +1210,7 @@ class Connection(asyncio.Protocol):
 
     def abort(self):
         self.disconnecting = True
+        self.stop_session()
         if self.transport is not None:
             self.transport.abort()
 

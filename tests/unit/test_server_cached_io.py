@@ -165,3 +165,103 @@ def test_a_read_the_fast_path_found_cold_is_not_tried_again_inline(disk, counted
         assert c.simple_reply(S) == (0, 1, data)
         assert True not in tried  # no inline RWF_NOWAIT attempt after the native one
         assert srv.call(lambda: next(iter(srv.server.connections)).nowait_misses) == 1
+
+
+# -- native sessions: a connection served on a thread of its own (Connection._start_session)
+
+@pytest.fixture
+def sessions(monkeypatch):
+    """Every native session the server starts, and what it returned."""
+    served: list = []
+    real = cachedio._serve
+
+    def serve(*args):
+        done = real(*args)
+        served.append(done)
+        return done
+
+    monkeypatch.setattr(cachedio, "_serve", serve)
+    return served
+
+
+def session_running(srv) -> bool:
+    return srv.call(lambda: any(c._session is not None for c in srv.server.connections))
+
+
+def test_a_connection_at_queue_depth_one_is_served_by_a_session_and_counted(disk, sessions):
+    srv, export = disk
+    data = os.urandom(S)
+    with RawClient.connected(srv.address, "d") as c:
+        c.send(request(NBD_CMD_WRITE, 0, S, 1, data))  # makes the stripe lock
+        assert c.simple_reply() == (0, 1, b"")
+        for i in range(2, 40):  # one at a time; the first answered whole starts a session
+            c.send(request(NBD_CMD_READ, 0, S, i))
+            assert c.simple_reply(S) == (0, i, data)
+            c.send(request(NBD_CMD_WRITE, S, S, 100 + i, data))
+            assert c.simple_reply() == (0, 100 + i, b"")
+        # Counted when the session returns: after SESSION_IDLE_MS without a request.
+        wait_until(lambda: sessions and not session_running(srv), 10, what="the session ended")
+    assert sum(s[3] for s in sessions) > 0 and sum(s[5] for s in sessions) > 0  # reads, writes
+    stats = export.stats
+    assert stats.requests[NBD_CMD_READ] == 38
+    assert stats.requests[NBD_CMD_WRITE] == 39
+    assert sum(h.count for h in stats.latency) >= 4  # every 16th timed, sessions too
+
+
+def test_a_lock_stops_a_running_session_at_once(disk, sessions):
+    """Revocation: the session returns, the disk drains, later requests fail with EIO."""
+    srv, export = disk
+    data = os.urandom(S)
+    with RawClient.connected(srv.address, "d") as c:
+        c.send(request(NBD_CMD_WRITE, 0, S, 1, data))
+        assert c.simple_reply() == (0, 1, b"")
+        c.send(request(NBD_CMD_READ, 0, S, 2))
+        assert c.simple_reply(S) == (0, 2, data)
+        wait_until(lambda: session_running(srv), 10, what="a session")
+
+        async def revoke():
+            export.lock("the key was revoked")
+            await asyncio.wait_for(export.drained(), 1.0)  # the revocation bound
+        asyncio.run_coroutine_threadsafe(revoke(), srv.loop).result(10)
+        assert [s[0] for s in sessions] == [cachedio.STOPPED]
+        c.send(request(NBD_CMD_READ, 0, S, 3) + request(NBD_CMD_WRITE, 0, S, 4, data))
+        assert c.simple_reply(S) == (NBD_EIO, 3, b"")
+        assert c.simple_reply() == (NBD_EIO, 4, b"")
+
+
+def test_a_freeze_stops_a_session_and_holds_what_follows(disk, sessions):
+    srv, export = disk
+    data = os.urandom(S)
+    thaw = asyncio.Event()
+
+    async def snapshot():
+        async with export.frozen():
+            await thaw.wait()
+
+    with RawClient.connected(srv.address, "d") as c:
+        c.send(request(NBD_CMD_WRITE, 0, S, 1, data))
+        assert c.simple_reply() == (0, 1, b"")
+        c.send(request(NBD_CMD_READ, 0, S, 2))
+        assert c.simple_reply(S) == (0, 2, data)
+        wait_until(lambda: session_running(srv), 10, what="a session")
+        held = asyncio.run_coroutine_threadsafe(snapshot(), srv.loop)
+        wait_until(lambda: srv.call(lambda: export.is_frozen and export.inflight == 0), 10,
+                   what="the disk frozen and drained")
+        c.send(request(NBD_CMD_WRITE, S, S, 3, data))
+        wait_until(lambda: srv.call(lambda: len(export._parked)) == 1, 10, what="the write parked")
+        srv.loop.call_soon_threadsafe(thaw.set)
+        held.result(10)
+        assert c.simple_reply() == (0, 3, b"")
+
+
+def test_a_client_leaving_during_a_session_leaves_nothing_in_flight(disk, sessions):
+    srv, export = disk
+    with RawClient.connected(srv.address, "d") as c:
+        c.send(request(NBD_CMD_WRITE, 0, S, 1, bytes(S)))
+        assert c.simple_reply() == (0, 1, b"")
+        c.send(request(NBD_CMD_READ, 0, S, 2))
+        assert c.simple_reply(S)[:2] == (0, 2)
+        wait_until(lambda: session_running(srv), 10, what="a session")
+    wait_until(lambda: srv.call(lambda: not srv.server.connections and export.inflight == 0
+                                and srv.server.sessions == 0), 10, what="the connection gone")
+    assert sessions[-1][0] == cachedio.CLOSED
