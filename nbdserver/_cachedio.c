@@ -518,7 +518,7 @@ done:
 #define SERVE_OUT_CAP (512 * 1024)     /* replies of one pass */
 #define SERVE_DECLINED 0               /* at a request answered elsewhere (or a miss) */
 #define SERVE_IDLE 1                   /* nothing received for idle_ms, or max_ms passed */
-#define SERVE_STOPPED 2                /* stop_fd was signalled */
+#define SERVE_STOPPED 2                /* the stop flag was set (and stop_fd signalled) */
 #define SERVE_CLOSED 3                 /* end of file or an error on the socket */
 #define SERVE_SAMPLES 1024             /* latency samples kept per call */
 
@@ -559,10 +559,21 @@ wait_for(int fd, short events, int stop_fd, int timeout_ms)
     }
 }
 
-/* Send buf[0, len): 0 when all of it went, else why not (-SERVE_STOPPED or -SERVE_CLOSED);
+/* The caller's stop flag (one byte it sets before it signals stop_fd): checked before
+ * each pass, so a client that keeps sending is stopped as promptly as an idle one. */
+static int
+stop_asked(const unsigned char *flag)
+{
+    return __atomic_load_n(flag, __ATOMIC_ACQUIRE) != 0;
+}
+
+/* Send buf[0, len) by `deadline` (ms): 0 when all of it went, else why not
+ * (-SERVE_STOPPED, -SERVE_IDLE at the deadline: a client that does not read its replies
+ * goes back to the loop, whose budget and back-pressure deal with it; -SERVE_CLOSED);
  * *sent says how much did. */
 static int
-send_all(int fd, int stop_fd, const unsigned char *buf, size_t len, size_t *sent)
+send_all(int fd, int stop_fd, const unsigned char *flag, int64_t deadline,
+         const unsigned char *buf, size_t len, size_t *sent)
 {
     *sent = 0;
     while (*sent < len) {
@@ -574,7 +585,15 @@ send_all(int fd, int stop_fd, const unsigned char *buf, size_t len, size_t *sent
         if (w < 0 && errno == EINTR)
             continue;
         if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            int r = wait_for(fd, POLLOUT, stop_fd, -1);
+            int64_t left = deadline - now_ms();
+            int r;
+            if (stop_asked(flag))
+                return -SERVE_STOPPED;
+            if (left <= 0)
+                return -SERVE_IDLE;
+            r = wait_for(fd, POLLOUT, stop_fd, (int)left);
+            if (r == 0)
+                return -SERVE_IDLE;
             if (r < 0)
                 return r;
             continue;
@@ -591,6 +610,7 @@ serve(PyObject *Py_UNUSED(module), PyObject *args)
     PyObject *read_transform, *write_transform, *locks, *result = NULL;
     unsigned long long size, unit, align, max_read, max_write, per;
     int structured, read_fd, write_fd, sock, stop_fd, idle_ms, max_ms, every, next;
+    Py_buffer stop;
     unsigned char *in = NULL, *out = NULL;
     uint64_t samples[2 * SERVE_SAMPLES], seen = 0;
     Py_ssize_t n_samples = 0;
@@ -599,14 +619,17 @@ serve(PyObject *Py_UNUSED(module), PyObject *args)
     int reason = SERVE_DECLINED, rc = 1;
     int64_t deadline;
 
-    if (!PyArg_ParseTuple(args, "iiKKKpKiOKiOOKiiii:serve", &sock, &stop_fd, &size, &unit,
-                          &align, &structured, &max_read, &read_fd, &read_transform, &max_write,
-                          &write_fd, &write_transform, &locks, &per, &idle_ms, &max_ms, &every,
-                          &next))
+    if (!PyArg_ParseTuple(args, "iiw*KKKpKiOKiOOKiiii:serve", &sock, &stop_fd, &stop, &size,
+                          &unit, &align, &structured, &max_read, &read_fd, &read_transform,
+                          &max_write, &write_fd, &write_transform, &locks, &per, &idle_ms,
+                          &max_ms, &every, &next))
         return NULL;
-    if (every < 0 || (every > 0 && (next < 0 || next >= every))) {
-        PyErr_SetString(PyExc_ValueError, "serve: bad sampling (every, next)");
-        return NULL;
+    p.read.ops = p.write.ops = NULL;   /* what done: reads, before params_init */
+    p.read.state = p.write.state = NULL;
+    p.scratch = NULL;
+    if (stop.len < 1 || every < 0 || (every > 0 && (next < 0 || next >= every))) {
+        PyErr_SetString(PyExc_ValueError, "serve: bad stop flag or sampling (every, next)");
+        goto done;
     }
     if (params_init(&p, size, unit, align, structured, SERVE_OUT_CAP, PY_SSIZE_T_MAX, max_read,
                     read_fd, read_transform, max_write, write_fd, write_transform, locks, per,
@@ -631,7 +654,12 @@ serve(PyObject *Py_UNUSED(module), PyObject *args)
     for (;;) {
         size_t total;
         int need_more;
-        Py_ssize_t count = plan(&p, in, have, SERVE_OUT_CAP, &total, &need_more);
+        Py_ssize_t count;
+        if (stop_asked(stop.buf)) {
+            reason = SERVE_STOPPED;
+            break;
+        }
+        count = plan(&p, in, have, SERVE_OUT_CAP, &total, &need_more);
         if (count > 0) {
             Done d;
             /* the first request of this pass that is sampled, if any */
@@ -649,7 +677,7 @@ serve(PyObject *Py_UNUSED(module), PyObject *args)
                 have -= d.consumed;
             }
             if (d.used) {
-                int r = send_all(sock, stop_fd, out, (size_t)d.used, &sent);
+                int r = send_all(sock, stop_fd, stop.buf, deadline, out, (size_t)d.used, &sent);
                 if (r < 0) {
                     unsent_at = sent;
                     unsent_len = (size_t)d.used - sent;
@@ -657,10 +685,13 @@ serve(PyObject *Py_UNUSED(module), PyObject *args)
                     break;
                 }
             }
-            if (d.sampled >= 0 && n_samples < SERVE_SAMPLES) {  /* received to sent */
+            if (d.sampled >= 0) {      /* received to sent */
                 samples[2 * n_samples] = (uint64_t)d.sampled;
                 samples[2 * n_samples + 1] = now_ns() - t0;
-                n_samples++;
+                if (++n_samples == SERVE_SAMPLES && rc > 0) {
+                    reason = SERVE_IDLE;   /* back to the loop, which takes them */
+                    break;
+                }
             }
             if (rc <= 0)
                 break;                 /* declined (or an exception, said below) */
@@ -713,6 +744,7 @@ done:
     PyMem_Free(p.scratch);
     PyMem_RawFree(in);
     PyMem_RawFree(out);
+    PyBuffer_Release(&stop);
     return result;
 }
 
@@ -736,15 +768,16 @@ static PyMethodDef cachedio_methods[] = {
      "from 0) if it was answered, else -1. `missed` is 1 when the call stopped at a READ "
      "the page cache did not hold (RWF_NOWAIT said EAGAIN), else 0."},
     {"serve", serve, METH_VARARGS,
-     "serve(sock, stop_fd, size, unit, align, structured, max_read, read_fd, read_transform, "
+     "serve(sock, stop_fd, stop_flag, size, unit, align, structured, max_read, read_fd, read_transform, "
      "max_write, write_fd, write_transform, locks, per, idle_ms, max_ms, every, next) -> "
      "(reason, leftover, unsent, reads, read_bytes, writes, write_bytes, missed, samples): "
      "answer a "
      "connection's requests on the calling thread, the GIL given up, as answer() would "
      "answer them one received chunk after another: receive from sock (non-blocking), "
      "answer the requests at the head, send their replies, until a request answer() would "
-     "decline (reason 0), nothing received for idle_ms or max_ms passed (1), stop_fd "
-     "readable (2), or end of file or an error on sock (3). `leftover`: bytes received and "
+     "decline (reason 0), nothing received for idle_ms, max_ms passed or the client not "
+     "reading its replies until then (1), stop_flag[0] set (2; set it, then signal "
+     "stop_fd), or end of file or an error on sock (3). `leftover`: bytes received and "
      "not answered; `unsent`: replies not yet sent (the caller sends them first). The GIL "
      "is taken only around a WRITE's stripe lock. Every `every`-th request answered (0: "
      "none), starting at index `next`, is timed from the pass that answers it to its "

@@ -90,19 +90,20 @@ DECLINED, IDLE, STOPPED, CLOSED = range(4)
 
 
 def serve_prepared(backend: BlockBackend, *, size: int, min_block: int, structured: bool,
-                   read_only: bool, max_read: int):
+                   read_only: bool, max_read: int, reads: bool = True):
     """On the event loop: what `serve` needs of `backend` now, as a function of
-    (sock, stop_fd, idle_ms, max_ms, every, next) for a thread to run (it gives the GIL
-    up; every `every`-th request from index `next` is timed); None when the backend offers
-    neither path now."""
-    channels = _channels(backend, reads=True, read_only=read_only)
+    (sock, stop_fd, stop_flag, idle_ms, max_ms, every, next) for a thread to run (it
+    gives the GIL up; every `every`-th request from index `next` is timed; to stop it, set
+    stop_flag[0] and signal the eventfd stop_fd); None when the backend offers neither
+    path now. READs only with `reads`, as for `answer`."""
+    channels = _channels(backend, reads=reads, read_only=read_only)
     if channels is None:
         return None
     read_fd, read_transform, unit, write_fd, write_transform, locks, per = channels
 
-    def serve(sock: int, stop_fd: int, idle_ms: int, max_ms: int, every: int = 0,
-              next: int = 0) -> Served:
-        return Served(*_serve(sock, stop_fd, size, unit, max(unit, min_block), structured,
+    def serve(sock: int, stop_fd: int, stop_flag: bytearray, idle_ms: int, max_ms: int,
+              every: int = 0, next: int = 0) -> Served:
+        return Served(*_serve(sock, stop_fd, stop_flag, size, unit, max(unit, min_block), structured,
                               max_read, read_fd, read_transform, MAX_WRITE, write_fd,
                               write_transform, locks, per, idle_ms, max_ms, every, next))
     return serve

@@ -320,7 +320,7 @@ class Connection(asyncio.Protocol):
         self._failed_selections = 0
         # While a thread serves this connection natively (_start_session): its stop
         # eventfd and its own descriptor of the socket. Chunks left before the next try.
-        self._session: tuple[int, int] | None = None
+        self._session: tuple[int, int, bytearray] | None = None
         self._session_cooldown = 0
 
     # -- asyncio callbacks
@@ -697,30 +697,44 @@ class Connection(asyncio.Protocol):
             return
         serve = cachedio.serve_prepared(
             export.backend, size=self.size, min_block=self.min_block, structured=self.structured,
-            read_only=bool(export.flags & NBD_FLAG_READ_ONLY), max_read=INLINE_READ_MAX)
+            read_only=bool(export.flags & NBD_FLAG_READ_ONLY), max_read=INLINE_READ_MAX,
+            reads=self.nowait_misses < NOWAIT_MISSES_MAX)
         if serve is None:
             return
-        fd = os.dup(sock.fileno())  # the socket outlives a close of the transport meanwhile
-        stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._session = (stop, fd)
+        # Every LATENCY_SAMPLE-th request is timed, as on the loop.
+        every, first = ((LATENCY_MASK + 1, LATENCY_MASK - (self._started & LATENCY_MASK))
+                        if IO_STATS and self._sampled is None else (0, 0))
+        fd = stop = -1
+        flag = bytearray(1)  # set by stop_session; the session checks it before each pass
+        try:
+            fd = os.dup(sock.fileno())  # the socket outlives a close of the transport meanwhile
+            stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            future = self.loop.run_in_executor(server.session_pool(), serve, fd, stop, flag,
+                                               SESSION_IDLE_MS, SESSION_MAX_MS, every, first)
+        except (OSError, RuntimeError) as e:  # no descriptor or thread left: serve on the loop
+            limited_log.log("native session", logging.WARNING, "no native session for %s: %s",
+                            self.peer, e)
+            for d in (fd, stop):
+                if d >= 0:
+                    os.close(d)
+            self._session_cooldown = SESSION_COOLDOWN
+            return
+        self._session = (stop, fd, flag)
         server.sessions += 1
         export.begin()
         export.sessions.add(self)
         self._update_reading()
-        # Every LATENCY_SAMPLE-th request is timed, as on the loop.
-        every, first = ((LATENCY_MASK + 1, LATENCY_MASK - (self._started & LATENCY_MASK))
-                        if IO_STATS and self._sampled is None else (0, 0))
-        future = self.loop.run_in_executor(server.session_pool(), serve, fd, stop,
-                                           SESSION_IDLE_MS, SESSION_MAX_MS, every, first)
         future.add_done_callback(lambda f: self._session_done(f, export))
 
     def stop_session(self):
-        """Make the session return now (it answers the request it is at first)."""
+        """Make the session return now (it answers at most the pass it is in first)."""
         if self._session is not None:
-            os.eventfd_write(self._session[0], 1)
+            stop, _, flag = self._session
+            flag[0] = 1
+            os.eventfd_write(stop, 1)
 
     def _session_done(self, future, export):
-        stop, fd = self._session
+        stop, fd, _ = self._session
         self._session = None
         os.close(stop)
         os.close(fd)
@@ -744,18 +758,34 @@ class Connection(asyncio.Protocol):
             timed = array("Q", served.samples)
             for i in range(0, len(timed), 2):
                 stats.timed(timed[i], timed[i + 1])
-        if served.reason == cachedio.DECLINED:
-            self._session_cooldown = SESSION_COOLDOWN
+        if served.reads:
+            self.nowait_misses = 0
         if served.missed:  # the next READ was just tried with RWF_NOWAIT: not again (_read)
             self.nowait_misses += 1
             self._tried_nowait = True
         t = self.transport
         if t is None or t.is_closing():
             return
-        if served.unsent:
+        if served.unsent:  # held until sent, as _send_read's replies are
+            n = len(served.unsent)
+            self._charged += n
+            self._reply_charged(n)
             t.write(served.unsent)
         if served.leftover:  # before anything received after it
-            self.data_received(served.leftover)
+            if served.reason == cachedio.DECLINED:
+                # It stopped at the first of these: the parser takes them (the fast path
+                # would only decline it again, or try a cold READ a second time).
+                self._session_cooldown = SESSION_COOLDOWN
+                try:
+                    self._requests(self.parser.feed(served.leftover))
+                except Exception:  # as data_received: this client's connection, not the server
+                    log.exception("connection %s: internal error; disconnecting", self.peer)
+                    self.abort()
+                    return
+            else:
+                self.data_received(served.leftover)
+        elif served.reason == cachedio.DECLINED:
+            self._session_cooldown = SESSION_COOLDOWN
         self._update_reading()
         self._maybe_close()
 

@@ -48,6 +48,7 @@ class Session:
         self.client.settimeout(30)
         self.server = server
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.stop_flag = bytearray(1)
         serve = cachedio.serve_prepared(layer, size=SIZE, min_block=1, structured=structured,
                                         read_only=read_only, max_read=INLINE_READ_MAX)
         assert serve is not None
@@ -55,7 +56,8 @@ class Session:
 
         def run():
             try:
-                self.result.set_result(serve(server.fileno(), self.stop_fd, idle_ms, max_ms))
+                self.result.set_result(serve(server.fileno(), self.stop_fd, self.stop_flag, idle_ms,
+                                             max_ms))
             except BaseException as e:  # noqa: BLE001 - the test reads it
                 self.result.set_exception(e)
         self.thread = threading.Thread(target=run)
@@ -70,6 +72,7 @@ class Session:
         return bytes(out)
 
     def stop(self) -> cachedio.Served:
+        self.stop_flag[0] = 1
         os.eventfd_write(self.stop_fd, 1)
         return self.done()
 
@@ -90,8 +93,7 @@ def sessions():
     yield made
     for s in made:
         if not s.result.done():
-            os.eventfd_write(s.stop_fd, 1)
-            s.result.result(10)
+            s.stop()
         s.close()
 
 
@@ -258,9 +260,54 @@ def test_a_closed_engine_serves_nothing(single, sessions):
     stop = os.eventfd(0, os.EFD_CLOEXEC)
     try:
         b.sendall(req(NBD_CMD_READ, 0, S, cookie=1))
-        served = serve(a.fileno(), stop, LONG, LONG)
+        served = serve(a.fileno(), stop, bytearray(1), LONG, LONG)
     finally:
         a.close()
         b.close()
         os.close(stop)
     assert (served.reason, served.reads) == (cachedio.DECLINED, 0)
+
+
+def test_a_stop_ends_a_session_whose_client_keeps_sending(single, sessions):
+    """Revocation stops a session at its next pass even when requests never stop coming
+    (the stop is not only seen while waiting for them)."""
+    layer, _, _ = single
+    s = Session(layer)
+    sessions.append(s)
+    sending = threading.Event()
+    stop_sending = threading.Event()
+
+    def client():  # eight in flight, always: the session never waits to receive
+        inflight = 0
+        try:
+            while not stop_sending.is_set():
+                while inflight < 8:
+                    s.client.sendall(req(NBD_CMD_READ, 0, S, cookie=1))
+                    inflight += 1
+                s.recv_exact(16 + S)
+                inflight -= 1
+                sending.set()
+        except (OSError, AssertionError):  # the session stopped answering; the test ends
+            pass
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    try:
+        assert sending.wait(10)
+        s.stop_flag[0] = 1
+        os.eventfd_write(s.stop_fd, 1)
+        served = s.result.result(5)  # far less than the session's LONG limits
+    finally:
+        stop_sending.set()
+    assert served.reason == cachedio.STOPPED and served.reads > 0
+
+
+def test_a_client_that_reads_no_replies_gets_them_from_the_loop_after_max_ms(single, sessions):
+    """A session never waits for a client's reading longer than its time: what the socket
+    would not take goes back, unsent, to the loop (its budget and back-pressure)."""
+    layer, _, _ = single
+    s = Session(layer, max_ms=300)
+    sessions.append(s)
+    s.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.client.sendall(b"".join(req(NBD_CMD_READ, 0, 32 * S, cookie=i) for i in range(64)))
+    served = s.result.result(10)
+    assert served.reason == cachedio.IDLE and served.unsent

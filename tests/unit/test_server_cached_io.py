@@ -265,3 +265,48 @@ def test_a_client_leaving_during_a_session_leaves_nothing_in_flight(disk, sessio
     wait_until(lambda: srv.call(lambda: not srv.server.connections and export.inflight == 0
                                 and srv.server.sessions == 0), 10, what="the connection gone")
     assert sessions[-1][0] == cachedio.CLOSED
+
+
+def test_no_descriptor_for_a_session_leaves_the_connection_on_the_loop(disk, sessions, monkeypatch):
+    srv, export = disk
+
+    def no_eventfd(*args):
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(server.os, "eventfd", no_eventfd)
+    data = os.urandom(S)
+    with RawClient.connected(srv.address, "d") as c:
+        for i in range(1, 20):
+            c.send(request(NBD_CMD_WRITE, 0, S, i, data))
+            assert c.simple_reply() == (0, i, b"")
+            c.send(request(NBD_CMD_READ, 0, S, 100 + i))
+            assert c.simple_reply(S) == (0, 100 + i, data)
+        assert not sessions
+        assert srv.call(lambda: export.inflight == 0 and srv.server.sessions == 0)
+
+
+def test_a_cold_read_a_session_stopped_at_is_not_tried_again_inline(disk, sessions):
+    srv, export = disk
+    backend = export.backend
+    data = os.urandom(S)
+    backend.pwrite(memoryview(bytearray(data)), 40 * S)
+    backend.flush()
+    drop_cache(backend.path)
+    tried = []
+    real = backend.pread
+
+    def pread(buf, offset, *, nowait=False):
+        tried.append(nowait)
+        return real(buf, offset, nowait=nowait)
+
+    with RawClient.connected(srv.address, "d") as c:
+        c.send(request(NBD_CMD_WRITE, 0, S, 1, data))
+        assert c.simple_reply() == (0, 1, b"")
+        c.send(request(NBD_CMD_READ, 0, S, 2))
+        assert c.simple_reply(S) == (0, 2, data)
+        wait_until(lambda: session_running(srv), 10, what="a session")
+        backend.pread = pread  # the instance's: the class's channels are unchanged
+        c.send(request(NBD_CMD_READ, 40 * S, S, 3))
+        assert c.simple_reply(S) == (0, 3, data)
+        assert cachedio.Served(*sessions[-1])[::7] == (cachedio.DECLINED, 1)  # reason, missed
+        assert True not in tried  # the read queue took it, without a second attempt
+        assert srv.call(lambda: next(iter(srv.server.connections)).nowait_misses) == 1
