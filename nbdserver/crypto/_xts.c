@@ -709,8 +709,9 @@ engine_write_transform(Engine *self, PyObject *Py_UNUSED(ignored))
 
 /* Two layers (double.py): the outer engine's decryption, then the inner one's, on the
  * queue's thread, each with holes (a hole of the file is zeros after the outer layer,
- * which the inner one reads as a hole too). The owner is a Chain; the per-read state
- * is a pair of contexts. */
+ * which the inner one reads as a hole too); for writes, the inner engine's encryption,
+ * then the outer one's (double.py's encrypt). The owner is a Chain; the per-I/O state
+ * is a pair of contexts of the transform's direction. */
 typedef struct {
     Engine *outer;
     Engine *inner;
@@ -722,12 +723,12 @@ typedef struct {
 } ChainState;
 
 static void *
-chain_begin(void *owner)
+chain_take(Chain *chain, int dir)
 {
-    Chain *chain = owner;
     ChainState *state;
-    if (chain->outer->pool[DECRYPT].proto == NULL || chain->inner->pool[DECRYPT].proto == NULL) {
-        PyErr_SetString(PyExc_ValueError, "read on a closed Engine");
+    if (chain->outer->pool[dir].proto == NULL || chain->inner->pool[dir].proto == NULL) {
+        PyErr_SetString(PyExc_ValueError,
+                        dir == DECRYPT ? "read on a closed Engine" : "write on a closed Engine");
         return NULL;
     }
     state = PyMem_Malloc(sizeof *state);
@@ -735,18 +736,32 @@ chain_begin(void *owner)
         PyErr_NoMemory();
         return NULL;
     }
-    state->outer = pool_take(&chain->outer->pool[DECRYPT]);
+    state->outer = pool_take(&chain->outer->pool[dir]);
     if (state->outer == NULL) {
         PyMem_Free(state);
         return NULL;
     }
-    state->inner = pool_take(&chain->inner->pool[DECRYPT]);
+    state->inner = pool_take(&chain->inner->pool[dir]);
     if (state->inner == NULL) {
-        pool_give(&chain->outer->pool[DECRYPT], state->outer);
+        pool_give(&chain->outer->pool[dir], state->outer);
         PyMem_Free(state);
         return NULL;
     }
     return state;
+}
+
+static void
+chain_give(Chain *chain, ChainState *pair, int dir)
+{
+    pool_give(&chain->outer->pool[dir], pair->outer);
+    pool_give(&chain->inner->pool[dir], pair->inner);
+    PyMem_Free(pair);
+}
+
+static void *
+chain_begin(void *owner)
+{
+    return chain_take(owner, DECRYPT);
 }
 
 static int
@@ -761,14 +776,34 @@ chain_run(void *owner, void *state, unsigned char *buf, size_t len, uint64_t fir
 static void
 chain_end(void *owner, void *state)
 {
-    Chain *chain = owner;
-    ChainState *pair = state;
-    pool_give(&chain->outer->pool[DECRYPT], pair->outer);
-    pool_give(&chain->inner->pool[DECRYPT], pair->inner);
-    PyMem_Free(pair);
+    chain_give(owner, state, DECRYPT);
 }
 
 static const ReadTransform read_decrypt_chain = {chain_begin, chain_run, chain_end};
+
+static void *
+chain_write_begin(void *owner)
+{
+    return chain_take(owner, ENCRYPT);
+}
+
+static int
+chain_write_run(void *owner, void *state, unsigned char *buf, size_t len, uint64_t first)
+{
+    Chain *chain = owner;
+    ChainState *pair = state;
+    int rc = write_run(chain->inner, pair->inner, buf, len, first);
+    return rc ? rc : write_run(chain->outer, pair->outer, buf, len, first);
+}
+
+static void
+chain_write_end(void *owner, void *state)
+{
+    chain_give(owner, state, ENCRYPT);
+}
+
+static const ReadTransform write_encrypt_chain = {chain_write_begin, chain_write_run,
+                                                  chain_write_end};
 
 static void
 chain_capsule_free(PyObject *capsule)
@@ -781,23 +816,21 @@ chain_capsule_free(PyObject *capsule)
     PyMem_Free(chain);
 }
 
-/* chain_read_transform(outer, inner): read_transform() for two layers; the capsule keeps
- * both Engines alive, as a single one's does. */
+/* The capsule `name` of `ops` over two layers; it keeps both Engines alive, as a single
+ * one's does. */
 static PyObject *
-chain_read_transform(PyObject *Py_UNUSED(module), PyObject *args)
+chain_capsule(PyObject *args, const ReadTransform *ops, const char *name, const char *fmt)
 {
     PyObject *outer, *inner, *capsule;
     Chain *chain;
-    if (!PyArg_ParseTuple(args, "O!O!:chain_read_transform", &EngineType, &outer,
-                          &EngineType, &inner))
+    if (!PyArg_ParseTuple(args, fmt, &EngineType, &outer, &EngineType, &inner))
         return NULL;
     if (((Engine *)outer)->unit != ((Engine *)inner)->unit)
         return PyErr_Format(PyExc_ValueError, "the two layers' data units differ");
     chain = PyMem_Malloc(sizeof *chain);
     if (chain == NULL)
         return PyErr_NoMemory();
-    capsule = PyCapsule_New((void *)&read_decrypt_chain, READQ_TRANSFORM_CAPSULE,
-                            chain_capsule_free);
+    capsule = PyCapsule_New((void *)ops, name, chain_capsule_free);
     if (capsule == NULL) {
         PyMem_Free(chain);
         return NULL;
@@ -814,6 +847,22 @@ chain_read_transform(PyObject *Py_UNUSED(module), PyObject *args)
         return NULL;
     }
     return capsule;
+}
+
+/* chain_read_transform(outer, inner): read_transform() for two layers. */
+static PyObject *
+chain_read_transform(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    return chain_capsule(args, &read_decrypt_chain, READQ_TRANSFORM_CAPSULE,
+                         "O!O!:chain_read_transform");
+}
+
+/* chain_write_transform(outer, inner): write_transform() for two layers. */
+static PyObject *
+chain_write_transform(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    return chain_capsule(args, &write_encrypt_chain, WRITE_TRANSFORM_CAPSULE,
+                         "O!O!:chain_write_transform");
 }
 
 static PyObject *
@@ -1097,6 +1146,9 @@ static PyMethodDef module_methods[] = {
     {"chain_read_transform", chain_read_transform, METH_VARARGS,
      "chain_read_transform(outer, inner) -> capsule: the outer Engine's read_transform, "
      "then the inner one's, for a disk encrypted twice."},
+    {"chain_write_transform", chain_write_transform, METH_VARARGS,
+     "chain_write_transform(outer, inner) -> capsule: as Engine.write_transform, for two "
+     "layers: inner's encryption, then outer's (each data unit tweaked by its number)."},
     {"wipe", wipe, METH_O, "wipe(buf): overwrite a writable buffer with zeros (OPENSSL_cleanse)."},
     {"mlock", memory_lock, METH_VARARGS,
      "mlock(buf, lock) -> bool: mlock(2) (lock=True) or munlock(2) the buffer's pages; "

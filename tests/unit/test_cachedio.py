@@ -180,19 +180,40 @@ def test_a_busy_or_unmade_stripe_lock_leaves_the_write_to_the_usual_path(single)
         t.join()
 
 
-def test_writes_are_refused_to_a_read_only_client_and_a_double_disk(tmp_path):
-    double = XtsLayer(FileBackend(tmp_path / "d.img", size=SIZE), layer_key("double"))
+def test_writes_are_refused_to_a_read_only_client(tmp_path):
     single = XtsLayer(FileBackend(tmp_path / "s.img", size=SIZE), layer_key("single"))
     try:
         single._locks.stripe(0)
         chunk = req(NBD_CMD_WRITE, 0, S, payload=os.urandom(S))
         assert answer(chunk, single, read_only=True).consumed == 0
-        assert answer(chunk, double).consumed == 0  # two layers: no write transform
-        assert double.page_cache_writes() is None
         assert answer(chunk, single).writes == 1
     finally:
-        double.close()
         single.close()
+
+
+def test_a_double_disk_writes_both_layers_in_one_transform(tmp_path):
+    """Two layers (double.py): the inner (platform) key's encryption, then the outer
+    (customer) key's, each sector tweaked by its number, as the usual path writes."""
+    key = layer_key("double")
+    inner, outer = bytes(key[:64]), bytes(key[64:])
+    path = tmp_path / "d.img"
+    double = XtsLayer(FileBackend(path, size=SIZE), key)
+    try:
+        double._locks.stripe(0)
+        a = os.urandom(3 * S)
+        chunk = req(NBD_CMD_WRITE, 2 * S, 3 * S, cookie=1, payload=a) + req(NBD_CMD_READ, 2 * S, 3 * S, cookie=2)
+        done = answer(chunk, double)
+        assert (done.consumed, done.writes, done.reads) == (len(chunk), 1, 1)
+        assert done.replies == simple_reply(1) + simple_reply(2) + a
+        stored = path.read_bytes()
+        for i in range(3):
+            plain = a[i * S:(i + 1) * S]
+            assert stored[(2 + i) * S:(3 + i) * S] == dmcrypt_sector(
+                outer, 2 + i, dmcrypt_sector(inner, 2 + i, plain))
+        double._cipher.close()  # a closed engine: declined, as for one layer
+        assert answer(chunk, double) is None or answer(chunk, double).consumed == 0
+    finally:
+        double.close()
 
 
 def test_a_plain_file_is_served_without_a_transform(tmp_path):
