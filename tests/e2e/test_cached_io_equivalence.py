@@ -6,7 +6,9 @@ bytes as a model of the disk and leaves byte-identical files.
 Each batch's requests cover disjoint ranges (NBD orders nothing between overlapping
 requests in flight), and mix what the native path takes (whole-sector READs and small
 WRITEs) with what it must leave to the usual path (unaligned and large WRITEs, FUA,
-TRIM, WRITE_ZEROES, FLUSH, reads across stripes and over 128 KiB)."""
+TRIM, WRITE_ZEROES, FLUSH, reads across stripes and over 128 KiB). Between batches,
+native requests alone, one at a time and four at a time, are served by native sessions
+(server.Connection._start_session), which each next mixed batch ends."""
 
 from __future__ import annotations
 
@@ -51,6 +53,19 @@ def random_batch(rng: random.Random) -> list[tuple]:
         else:
             ops.append(("zero", base + 2 * S, 3 * S))
     ops.append(("flush",))
+    return ops
+
+
+def native_batch(rng: random.Random) -> list[tuple]:
+    """Only what the native path answers (whole-sector READs and small WRITEs in one
+    stripe): a connection the fast path answers wholly is handed to a native session."""
+    ops: list[tuple] = []
+    for slot in rng.sample(range(SLOTS), 8):
+        base = slot * SLOT + rng.randrange(0, 48) * S
+        if rng.random() < 0.5:
+            ops.append(("read", base, rng.choice([1, 2, 4]) * S))
+        else:
+            ops.append(("write", base - base % (16 * S), rng.randbytes(rng.choice([1, 2, 4]) * S), 0))
     return ops
 
 
@@ -113,6 +128,15 @@ def test_the_native_path_changes_no_answer(tmp_path):
             want = apply(model, ops)
             for h in handles:
                 assert run_batch(h, ops) == want
+            # Then native requests one at a time (a native session serves them), and in
+            # small pipelines, until the next mixed batch ends the session.
+            for depth in (1, 1, 1, 4):
+                ops = native_batch(rng)
+                for start in range(0, len(ops), depth):
+                    part = ops[start:start + depth]
+                    want = apply(model, part)
+                    for h in handles:
+                        assert run_batch(h, part) == want
         for h in handles:
             h.shutdown()
         assert (tmp_path / "on.img").read_bytes() == (tmp_path / "off.img").read_bytes()
