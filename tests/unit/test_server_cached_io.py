@@ -310,3 +310,23 @@ def test_a_cold_read_a_session_stopped_at_is_not_tried_again_inline(disk, sessio
         assert cachedio.Served(*sessions[-1])[::7] == (cachedio.DECLINED, 1)  # reason, missed
         assert True not in tried  # the read queue took it, without a second attempt
         assert srv.call(lambda: next(iter(srv.server.connections)).nowait_misses) == 1
+
+
+def test_garbage_after_a_session_started_gets_the_usual_disconnect(disk, sessions):
+    """What a session does not answer goes to the parser as received: a wrong magic in
+    the middle of a session's stream closes that connection, and only that one."""
+    srv, export = disk
+    data = os.urandom(S)
+    with RawClient.connected(srv.address, "d") as other, RawClient.connected(srv.address, "d") as c:
+        c.send(request(NBD_CMD_WRITE, 0, S, 1, data))
+        assert c.simple_reply() == (0, 1, b"")
+        c.send(request(NBD_CMD_READ, 0, S, 2))
+        assert c.simple_reply(S) == (0, 2, data)
+        wait_until(lambda: session_running(srv), 10, what="a session")
+        c.send(request(NBD_CMD_READ, 0, S, 3) + b"\x12\x34\x56\x78" + request(NBD_CMD_READ, 0, S, 4)[4:])
+        assert c.simple_reply(S) == (0, 3, data)  # answered before the bad request
+        assert c.closed_by_server()
+        wait_until(lambda: srv.call(lambda: export.inflight == 0 and srv.server.sessions == 0), 10,
+                   what="nothing left in flight")
+        other.send(request(NBD_CMD_READ, 0, S, 5))
+        assert other.simple_reply(S) == (0, 5, data)
