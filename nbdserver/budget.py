@@ -81,6 +81,12 @@ class BufferBudget:
             return True
         return held == 0 and self.used == 0  # one oversized request alone (invariant 2)
 
+    def add(self, n: int) -> None:
+        """Charge n bytes that exist already (replies a native session could not send,
+        server.Connection._session_done), whether or not they fit: the holder hands
+        them to its transport at once, and they come back as any reply's do."""
+        self.used += n
+
     def give(self, n: int) -> None:
         self.used -= n
         if self._waiters and not self._wake_pending:

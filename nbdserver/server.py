@@ -768,6 +768,7 @@ class Connection(asyncio.Protocol):
             return
         if served.unsent:  # held until sent, as _send_read's replies are
             n = len(served.unsent)
+            self.server.budget.add(n)
             self._charged += n
             self._reply_charged(n)
             t.write(served.unsent)

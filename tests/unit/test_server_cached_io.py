@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import struct
 
 import pytest
@@ -330,3 +331,31 @@ def test_garbage_after_a_session_started_gets_the_usual_disconnect(disk, session
                    what="nothing left in flight")
         other.send(request(NBD_CMD_READ, 0, S, 5))
         assert other.simple_reply(S) == (0, 5, data)
+
+
+def test_replies_a_session_could_not_send_are_charged_and_given_back(disk, sessions):
+    """A client that stops reading: the session returns after its time with the replies
+    the socket would not take; the loop sends them, charged to the buffer budget like
+    any reply, and the budget is whole again once the client has read them."""
+    srv, export = disk
+    data = os.urandom(32 * S)
+    export.backend.pwrite(memoryview(bytearray(data)), 0)
+    with RawClient.connected(srv.address, "d") as c:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        c.send(request(NBD_CMD_READ, 0, S, 1))
+        assert c.simple_reply(S) == (0, 1, data[:S])
+        wait_until(lambda: session_running(srv), 10, what="a session")
+        c.send(b"".join(request(NBD_CMD_READ, 0, 32 * S, 10 + i) for i in range(48)))
+        wait_until(lambda: sessions, 10, what="the session's return")
+        assert cachedio.Served(*sessions[0]).unsent  # handed to the loop
+        for i in range(48):
+            assert c.simple_reply(32 * S) == (0, 10 + i, data)
+        # Invariant 1 of budget.py: what is used is what the holders hold.
+        def held():
+            conns = srv.server.connections
+            return srv.server.budget.used, sum(c.budget_held for c in conns)
+        used, holders = srv.call(held)
+        assert used == holders and used >= 0
+        c.send(request(NBD_CMD_READ, 0, S, 99))  # a write settles what was sent
+        assert c.simple_reply(S) == (0, 99, data[:S])
+        wait_until(lambda: srv.call(held)[0] < 48 * 32 * S // 4, 10, what="the replies given back")
