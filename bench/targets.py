@@ -402,6 +402,15 @@ class ProductLoopTarget(ProductTarget):
 
 
 @register
+class ProductOneLoopTarget(ProductTarget):
+    name = "product-1loop"
+    description = ("as product, one event loop does all the request work: every connection "
+                   "in the main process (--io-processes 1), no native sessions")
+    serve_args = ("--io-processes", "1")
+    serve_env = {"NBDSERVER_NATIVE_SESSIONS": "0"}
+
+
+@register
 class ProductCustomerKeyTarget(ProductTarget):
     name = "product-cmk"
     description = "nbdserver serve, platform disk under a customer-managed key (vault, key, set)"
