@@ -708,7 +708,7 @@ serve(PyObject *Py_UNUSED(module), PyObject *args)
             reason = SERVE_IDLE;
             break;
         }
-        if (wait_first) {              /* one request a pass: the next is not here yet */
+        if (wait_first) {              /* the next request is not here yet */
             int w = wait_for(sock, POLLIN, stop_fd, left < idle_ms ? (int)left : idle_ms);
             wait_first = 0;
             if (w == 0) {
@@ -736,15 +736,7 @@ serve(PyObject *Py_UNUSED(module), PyObject *args)
             reason = SERVE_CLOSED;
             break;
         }
-        int w = wait_for(sock, POLLIN, stop_fd, left < idle_ms ? (int)left : idle_ms);
-        if (w == 0) {
-            reason = SERVE_IDLE;
-            break;
-        }
-        if (w < 0) {
-            reason = -w;
-            break;
-        }
+        wait_first = 1;                /* nothing yet: wait (above), then receive */
     }
     PyEval_RestoreThread(p.ts);
     p.ts = NULL;

@@ -143,24 +143,29 @@ def test_requests_to_a_frozen_disk_wait_for_the_thaw(disk, counted):
         assert c.simple_reply(S) == (0, 3, data)
 
 
-def test_a_read_the_fast_path_found_cold_is_not_tried_again_inline(disk, counted):
-    """The native call's RWF_NOWAIT attempt missed: the usual path sends the READ to the
-    read queue without a second attempt (each costs a system call on the loop, and may
-    start read-ahead there)."""
-    srv, export = disk
-    backend = export.backend
+def cold_block(backend):
+    """Sector 40 written, then out of the page cache: its bytes, the `nowait` of every
+    pread after, and the pread that records them (to put on the instance)."""
     data = os.urandom(S)
     backend.pwrite(memoryview(bytearray(data)), 40 * S)
     backend.flush()
     drop_cache(backend.path)
-    tried = []
+    tried: list[bool] = []
     real = backend.pread
 
     def pread(buf, offset, *, nowait=False):
         tried.append(nowait)
         return real(buf, offset, nowait=nowait)
+    return data, tried, pread
 
-    backend.pread = pread  # the instance's: the class's channels are unchanged
+
+def test_a_read_the_fast_path_found_cold_is_not_tried_again_inline(disk, counted):
+    """The native call's RWF_NOWAIT attempt missed: the usual path sends the READ to the
+    read queue without a second attempt (each costs a system call on the loop, and may
+    start read-ahead there)."""
+    srv, export = disk
+    data, tried, pread = cold_block(export.backend)
+    export.backend.pread = pread  # the instance's: the class's channels are unchanged
     with RawClient.connected(srv.address, "d") as c:
         c.send(request(NBD_CMD_READ, 40 * S, S, 1))
         assert c.simple_reply(S) == (0, 1, data)
@@ -189,6 +194,16 @@ def session_running(srv) -> bool:
     return srv.call(lambda: any(c._session is not None for c in srv.server.connections))
 
 
+def start_session(srv, c: RawClient, data: bytes) -> None:
+    """`data` written at 0 (the usual path makes the stripe lock), then read back: the
+    fast path answers that chunk wholly, and a session takes the connection."""
+    c.send(request(NBD_CMD_WRITE, 0, S, 1, data))
+    assert c.simple_reply() == (0, 1, b"")
+    c.send(request(NBD_CMD_READ, 0, S, 2))
+    assert c.simple_reply(S) == (0, 2, data)
+    wait_until(lambda: session_running(srv), 10, what="a session")
+
+
 def test_a_connection_at_queue_depth_one_is_served_by_a_session_and_counted(disk, sessions):
     srv, export = disk
     data = os.urandom(S)
@@ -214,11 +229,7 @@ def test_a_lock_stops_a_running_session_at_once(disk, sessions):
     srv, export = disk
     data = os.urandom(S)
     with RawClient.connected(srv.address, "d") as c:
-        c.send(request(NBD_CMD_WRITE, 0, S, 1, data))
-        assert c.simple_reply() == (0, 1, b"")
-        c.send(request(NBD_CMD_READ, 0, S, 2))
-        assert c.simple_reply(S) == (0, 2, data)
-        wait_until(lambda: session_running(srv), 10, what="a session")
+        start_session(srv, c, data)
 
         async def revoke():
             export.lock("the key was revoked")
@@ -240,11 +251,7 @@ def test_a_freeze_stops_a_session_and_holds_what_follows(disk, sessions):
             await thaw.wait()
 
     with RawClient.connected(srv.address, "d") as c:
-        c.send(request(NBD_CMD_WRITE, 0, S, 1, data))
-        assert c.simple_reply() == (0, 1, b"")
-        c.send(request(NBD_CMD_READ, 0, S, 2))
-        assert c.simple_reply(S) == (0, 2, data)
-        wait_until(lambda: session_running(srv), 10, what="a session")
+        start_session(srv, c, data)
         held = asyncio.run_coroutine_threadsafe(snapshot(), srv.loop)
         wait_until(lambda: srv.call(lambda: export.is_frozen and export.inflight == 0), 10,
                    what="the disk frozen and drained")
@@ -258,11 +265,7 @@ def test_a_freeze_stops_a_session_and_holds_what_follows(disk, sessions):
 def test_a_client_leaving_during_a_session_leaves_nothing_in_flight(disk, sessions):
     srv, export = disk
     with RawClient.connected(srv.address, "d") as c:
-        c.send(request(NBD_CMD_WRITE, 0, S, 1, bytes(S)))
-        assert c.simple_reply() == (0, 1, b"")
-        c.send(request(NBD_CMD_READ, 0, S, 2))
-        assert c.simple_reply(S)[:2] == (0, 2)
-        wait_until(lambda: session_running(srv), 10, what="a session")
+        start_session(srv, c, bytes(S))
     wait_until(lambda: srv.call(lambda: not srv.server.connections and export.inflight == 0
                                 and srv.server.sessions == 0), 10, what="the connection gone")
     assert sessions[-1][0] == cachedio.CLOSED
@@ -287,25 +290,10 @@ def test_no_descriptor_for_a_session_leaves_the_connection_on_the_loop(disk, ses
 
 def test_a_cold_read_a_session_stopped_at_is_not_tried_again_inline(disk, sessions):
     srv, export = disk
-    backend = export.backend
-    data = os.urandom(S)
-    backend.pwrite(memoryview(bytearray(data)), 40 * S)
-    backend.flush()
-    drop_cache(backend.path)
-    tried = []
-    real = backend.pread
-
-    def pread(buf, offset, *, nowait=False):
-        tried.append(nowait)
-        return real(buf, offset, nowait=nowait)
-
+    data, tried, pread = cold_block(export.backend)
     with RawClient.connected(srv.address, "d") as c:
-        c.send(request(NBD_CMD_WRITE, 0, S, 1, data))
-        assert c.simple_reply() == (0, 1, b"")
-        c.send(request(NBD_CMD_READ, 0, S, 2))
-        assert c.simple_reply(S) == (0, 2, data)
-        wait_until(lambda: session_running(srv), 10, what="a session")
-        backend.pread = pread  # the instance's: the class's channels are unchanged
+        start_session(srv, c, data)
+        export.backend.pread = pread  # the instance's: the class's channels are unchanged
         c.send(request(NBD_CMD_READ, 40 * S, S, 3))
         assert c.simple_reply(S) == (0, 3, data)
         assert cachedio.Served(*sessions[-1])[::7] == (cachedio.DECLINED, 1)  # reason, missed
@@ -319,11 +307,7 @@ def test_garbage_after_a_session_started_gets_the_usual_disconnect(disk, session
     srv, export = disk
     data = os.urandom(S)
     with RawClient.connected(srv.address, "d") as other, RawClient.connected(srv.address, "d") as c:
-        c.send(request(NBD_CMD_WRITE, 0, S, 1, data))
-        assert c.simple_reply() == (0, 1, b"")
-        c.send(request(NBD_CMD_READ, 0, S, 2))
-        assert c.simple_reply(S) == (0, 2, data)
-        wait_until(lambda: session_running(srv), 10, what="a session")
+        start_session(srv, c, data)
         c.send(request(NBD_CMD_READ, 0, S, 3) + b"\x12\x34\x56\x78" + request(NBD_CMD_READ, 0, S, 4)[4:])
         assert c.simple_reply(S) == (0, 3, data)  # answered before the bad request
         assert c.closed_by_server()
