@@ -261,13 +261,12 @@ do_write(Params *p, const unsigned char *payload, uint64_t offset, uint32_t leng
 {
     uint64_t first = offset / p->unit;
     PyObject *lock;
-    unsigned char *scratch;
     int taken, err = 0;
     if (p->scratch == NULL) {          /* at the first WRITE of the call */
         if (p->ts != NULL || (p->scratch = PyMem_Malloc(p->max_write)) == NULL)
             return 0;                  /* serve() makes it at its start */
     }
-    if (p->ts != NULL)
+    if (p->ts != NULL)                 /* serve(): the GIL for the lock only */
         PyEval_RestoreThread(p->ts);
     lock = stripe_lock(p, first, first + length / p->unit);
     if (lock == NULL || !transform_begin(&p->write)) {
@@ -278,12 +277,8 @@ do_write(Params *p, const unsigned char *payload, uint64_t offset, uint32_t leng
         if (!taken)
             Py_DECREF(lock);
     }
-    if (p->ts != NULL)
-        p->ts = PyEval_SaveThread();
-    if (!taken)
-        return 0;
-    scratch = p->scratch;
-    if (p->ts == NULL) {
+    if (taken) {
+        unsigned char *scratch = p->scratch;
         Py_BEGIN_ALLOW_THREADS
         memcpy(scratch, payload, length);
         if (p->write.ops != NULL)
@@ -291,20 +286,13 @@ do_write(Params *p, const unsigned char *payload, uint64_t offset, uint32_t leng
         if (!err)
             err = write_all(p->write_fd, scratch, length, offset);
         Py_END_ALLOW_THREADS
-    } else {
-        memcpy(scratch, payload, length);
-        if (p->write.ops != NULL)
-            err = p->write.ops->run(p->write.owner, p->write.state, scratch, length, first);
-        if (!err)
-            err = write_all(p->write_fd, scratch, length, offset);
-        PyEval_RestoreThread(p->ts);
+        taken = lock_release(lock) < 0 ? -1 : 1;
+        Py_DECREF(lock);
     }
-    taken = lock_release(lock);
-    Py_DECREF(lock);
     if (p->ts != NULL)
         p->ts = PyEval_SaveThread();
-    if (taken < 0)
-        return -1;
+    if (taken <= 0)
+        return taken;                  /* declined (0), or a lock not given back (-1) */
     return err ? 0 : 1;
 }
 
@@ -533,9 +521,7 @@ now_ns(void)
 static int64_t
 now_ms(void)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+    return (int64_t)(now_ns() / 1000000u);
 }
 
 /* Wait until fd is ready for `events` or stop_fd is signalled: 1 ready, 0 timed out,
@@ -625,17 +611,14 @@ serve(PyObject *Py_UNUSED(module), PyObject *args)
                           &max_write, &write_fd, &write_transform, &locks, &per, &idle_ms,
                           &max_ms, &every, &next))
         return NULL;
-    p.read.ops = p.write.ops = NULL;   /* what done: reads, before params_init */
-    p.read.state = p.write.state = NULL;
-    p.scratch = NULL;
-    if (stop.len < 1 || every < 0 || (every > 0 && (next < 0 || next >= every))) {
-        PyErr_SetString(PyExc_ValueError, "serve: bad stop flag or sampling (every, next)");
-        goto done;
-    }
     if (params_init(&p, size, unit, align, structured, SERVE_OUT_CAP, PY_SSIZE_T_MAX, max_read,
                     read_fd, read_transform, max_write, write_fd, write_transform, locks, per,
                     "serve") < 0)
         goto done;
+    if (stop.len < 1 || every < 0 || (every > 0 && (next < 0 || next >= every))) {
+        PyErr_SetString(PyExc_ValueError, "serve: bad stop flag or sampling (every, next)");
+        goto done;
+    }
     if (max_read + DATA_CHUNK_HEAD > SERVE_OUT_CAP || max_write + REQUEST_SIZE > SERVE_IN_CAP) {
         PyErr_SetString(PyExc_ValueError, "serve: max_read or max_write too large");
         goto done;
