@@ -442,9 +442,14 @@ class Connection(asyncio.Protocol):
         if self._tls_early is not None:
             self._tls_early += data
             return
+        self._received(data, fast=CACHED_IO)
+
+    def _received(self, data, *, fast: bool):
+        """Received bytes, in order: first to the page-cache fast path (with `fast`), then
+        to the parser (or the handshake)."""
         try:
             if self.parser is not None:
-                if len(data) >= REQUEST_SIZE and CACHED_IO:
+                if fast and len(data) >= REQUEST_SIZE:
                     data = self._answer_cached(data)
                     if not data:
                         return
@@ -648,27 +653,17 @@ class Connection(asyncio.Protocol):
             budget.give(cachedio.MAX_BYTES - read_bytes)
         if done is None:
             return data
-        if done.missed:  # the next READ was just tried with RWF_NOWAIT: not again (_read)
-            self.nowait_misses += 1
-            self._tried_nowait = True
+        self._count_native(export, done.reads, done.read_bytes, done.writes, done.write_bytes,
+                           done.missed)
         if not done.consumed:
             return data
-        consumed, replies, reads_done, read_bytes, writes_done, write_bytes, sampled, _ = done
+        consumed, replies, reads_done, read_bytes = done[:4]
         if reads_done:
             self._charged += read_bytes
             self._reply_charged(read_bytes)  # held until sent, as _send_read does
-            self.nowait_misses = 0
         self.transport.write(replies)
-        count = reads_done + writes_done
-        if IO_STATS:
-            stats = export.stats
-            stats.requests[NBD_CMD_READ] += reads_done
-            stats.bytes[NBD_CMD_READ] += read_bytes
-            stats.requests[NBD_CMD_WRITE] += writes_done
-            stats.bytes[NBD_CMD_WRITE] += write_bytes
-            if sampled >= 0:  # from the chunk's arrival to its replies' hand-off
-                stats.timed(sampled, monotonic_ns() - now)
-        self._started += count
+        if IO_STATS and done.sampled >= 0:  # from the chunk's arrival to its replies' hand-off
+            export.stats.timed(done.sampled, monotonic_ns() - now)
         self.budget_settle()
         if consumed < len(data):
             return memoryview(data)[consumed:]
@@ -678,6 +673,24 @@ class Connection(asyncio.Protocol):
             else:
                 self._start_session()
         return b""
+
+    def _count_native(self, export, reads, read_bytes, writes, write_bytes, missed):
+        """What the native code answered (the fast path's call, or a session): started,
+        counted in the disk's statistics; a READ answered ends a run of misses, and one
+        found uncached (just tried with RWF_NOWAIT) is not tried inline again (_read)."""
+        count = reads + writes
+        self._started += count
+        if IO_STATS and count:
+            stats = export.stats
+            stats.requests[NBD_CMD_READ] += reads
+            stats.bytes[NBD_CMD_READ] += read_bytes
+            stats.requests[NBD_CMD_WRITE] += writes
+            stats.bytes[NBD_CMD_WRITE] += write_bytes
+        if reads:
+            self.nowait_misses = 0
+        if missed:
+            self.nowait_misses += 1
+            self._tried_nowait = True
 
     # -- a thread serving this connection natively (NATIVE_SESSIONS)
     def _start_session(self):
@@ -747,22 +760,14 @@ class Connection(asyncio.Protocol):
             log.exception("connection %s: internal error; disconnecting", self.peer)
             self.abort()
             return
-        count = served.reads + served.writes
-        self._started += count
-        if IO_STATS and count:
-            stats = export.stats
-            stats.requests[NBD_CMD_READ] += served.reads
-            stats.bytes[NBD_CMD_READ] += served.read_bytes
-            stats.requests[NBD_CMD_WRITE] += served.writes
-            stats.bytes[NBD_CMD_WRITE] += served.write_bytes
+        self._count_native(export, served.reads, served.read_bytes, served.writes,
+                           served.write_bytes, served.missed)
+        if IO_STATS and served.samples:
             timed = array("Q", served.samples)
             for i in range(0, len(timed), 2):
-                stats.timed(timed[i], timed[i + 1])
-        if served.reads:
-            self.nowait_misses = 0
-        if served.missed:  # the next READ was just tried with RWF_NOWAIT: not again (_read)
-            self.nowait_misses += 1
-            self._tried_nowait = True
+                export.stats.timed(timed[i], timed[i + 1])
+        if served.reason == cachedio.DECLINED:
+            self._session_cooldown = SESSION_COOLDOWN
         t = self.transport
         if t is None or t.is_closing():
             return
@@ -773,20 +778,9 @@ class Connection(asyncio.Protocol):
             self._reply_charged(n)
             t.write(served.unsent)
         if served.leftover:  # before anything received after it
-            if served.reason == cachedio.DECLINED:
-                # It stopped at the first of these: the parser takes them (the fast path
-                # would only decline it again, or try a cold READ a second time).
-                self._session_cooldown = SESSION_COOLDOWN
-                try:
-                    self._requests(self.parser.feed(served.leftover))
-                except Exception:  # as data_received: this client's connection, not the server
-                    log.exception("connection %s: internal error; disconnecting", self.peer)
-                    self.abort()
-                    return
-            else:
-                self.data_received(served.leftover)
-        elif served.reason == cachedio.DECLINED:
-            self._session_cooldown = SESSION_COOLDOWN
+            # Declined: it stopped at the first of these, so the parser takes them (the
+            # fast path would only decline it again, or try a cold READ a second time).
+            self._received(served.leftover, fast=served.reason != cachedio.DECLINED)
         self._update_reading()
         self._maybe_close()
 
