@@ -118,27 +118,36 @@ def test_a_locked_disk_is_never_served_natively(disk, counted):
         assert len(counted) == calls  # not even asked
 
 
-def test_requests_to_a_frozen_disk_wait_for_the_thaw(disk, counted):
-    srv, export = disk
-    data = os.urandom(S)
+def hold_frozen(srv, export):
+    """A snapshot's freeze of `export`, held on the server's loop; the function returned
+    thaws it and waits for the freeze to end."""
     thaw = asyncio.Event()
 
     async def snapshot():
         async with export.frozen():
             await thaw.wait()
+    held = asyncio.run_coroutine_threadsafe(snapshot(), srv.loop)
 
+    def release():
+        srv.loop.call_soon_threadsafe(thaw.set)
+        held.result(10)
+    return release
+
+
+def test_requests_to_a_frozen_disk_wait_for_the_thaw(disk, counted):
+    srv, export = disk
+    data = os.urandom(S)
     with RawClient.connected(srv.address, "d") as c:
         c.send(request(NBD_CMD_WRITE, 0, S, 1, data))
         assert c.simple_reply() == (0, 1, b"")
-        held = asyncio.run_coroutine_threadsafe(snapshot(), srv.loop)
+        thaw = hold_frozen(srv, export)
         wait_until(lambda: srv.call(lambda: export.is_frozen), 10, what="the disk frozen")
         calls = len(counted)
         c.send(request(NBD_CMD_WRITE, S, S, 2, data) + request(NBD_CMD_READ, 0, S, 3))
         wait_until(lambda: srv.call(lambda: len(export._parked)) == 2, 10,
                    what="both requests parked")
         assert len(counted) == calls
-        srv.loop.call_soon_threadsafe(thaw.set)
-        held.result(10)
+        thaw()
         assert c.simple_reply() == (0, 2, b"")
         assert c.simple_reply(S) == (0, 3, data)
 
@@ -244,21 +253,14 @@ def test_a_lock_stops_a_running_session_at_once(disk, sessions):
 def test_a_freeze_stops_a_session_and_holds_what_follows(disk, sessions):
     srv, export = disk
     data = os.urandom(S)
-    thaw = asyncio.Event()
-
-    async def snapshot():
-        async with export.frozen():
-            await thaw.wait()
-
     with RawClient.connected(srv.address, "d") as c:
         start_session(srv, c, data)
-        held = asyncio.run_coroutine_threadsafe(snapshot(), srv.loop)
+        thaw = hold_frozen(srv, export)
         wait_until(lambda: srv.call(lambda: export.is_frozen and export.inflight == 0), 10,
                    what="the disk frozen and drained")
         c.send(request(NBD_CMD_WRITE, S, S, 3, data))
         wait_until(lambda: srv.call(lambda: len(export._parked)) == 1, 10, what="the write parked")
-        srv.loop.call_soon_threadsafe(thaw.set)
-        held.result(10)
+        thaw()
         assert c.simple_reply() == (0, 3, b"")
 
 
