@@ -38,6 +38,7 @@ from nbdserver.protocol.constants import (  # noqa: E402
     NBD_OPT_STRUCTURED_REPLY,
     NBD_REQUEST_MAGIC,
 )
+from tests.helpers.mutate import mutate  # noqa: E402
 
 SIZE = 4 << 20
 
@@ -80,27 +81,6 @@ def transcript(rng: random.Random) -> bytes:
         out.append(req(cmd, off, n, rng.choice([0, 0, 1, 2, 8, 16]), cookie, payload))
     out.append(req(NBD_CMD_DISC, 0, 0))
     return b"".join(out)
-
-
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    b = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        how = rng.randrange(6)
-        pos = rng.randrange(len(b)) if b else 0
-        if how == 0 and b:
-            b[pos] ^= 1 << rng.randrange(8)
-        elif how == 1 and b:
-            b[pos] = rng.choice([0, 0xff, 0x7f, 0x80, rng.randrange(256)])
-        elif how == 2:
-            b[pos:pos] = rng.randbytes(rng.randint(1, 32))
-        elif how == 3 and b:
-            del b[pos:pos + rng.randint(1, 32)]
-        elif how == 4:
-            del b[pos:]
-        else:  # overwrite a 4-byte field, lengths and counts included
-            b[pos:pos + 4] = struct.pack(">I", rng.choice([0, 1, 0xffffffff, 1 << 25, 1 << 31,
-                                                           rng.randrange(1 << 32)]))
-    return bytes(b)
 
 
 def session(address, data: bytes) -> None:

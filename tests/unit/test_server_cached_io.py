@@ -23,12 +23,12 @@ from nbdserver.protocol.constants import (
     NBD_CMD_READ,
     NBD_CMD_WRITE,
     NBD_EIO,
-    NBD_REQUEST_MAGIC,
 )
 from tests.helpers.images import drop_cache
 from tests.helpers.inproc import ServerThread
 from tests.helpers.nbdraw import RawClient
 from tests.helpers.servers import wait_until
+from tests.helpers.sessions import record_sessions, request, session_running, start_session
 
 pytestmark = pytest.mark.timeout(60)
 S = 4096
@@ -60,10 +60,6 @@ def disk(tmp_path):
     with ServerThread(asyncio.new_event_loop, catalog) as srv:
         yield srv, export
     backend.close()
-
-
-def request(cmd: int, offset: int, length: int, cookie: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, cmd, cookie, offset, length) + payload
 
 
 def test_pipelined_reads_and_writes_are_answered_natively_and_counted(disk, counted):
@@ -187,30 +183,7 @@ def test_a_read_the_fast_path_found_cold_is_not_tried_again_inline(disk, counted
 @pytest.fixture
 def sessions(monkeypatch):
     """Every native session the server starts, and what it returned."""
-    served: list = []
-    real = cachedio._serve
-
-    def serve(*args):
-        done = real(*args)
-        served.append(done)
-        return done
-
-    monkeypatch.setattr(cachedio, "_serve", serve)
-    return served
-
-
-def session_running(srv) -> bool:
-    return srv.call(lambda: any(c._session is not None for c in srv.server.connections))
-
-
-def start_session(srv, c: RawClient, data: bytes) -> None:
-    """`data` written at 0 (the usual path makes the stripe lock), then read back: the
-    fast path answers that chunk wholly, and a session takes the connection."""
-    c.send(request(NBD_CMD_WRITE, 0, S, 1, data))
-    assert c.simple_reply() == (0, 1, b"")
-    c.send(request(NBD_CMD_READ, 0, S, 2))
-    assert c.simple_reply(S) == (0, 2, data)
-    wait_until(lambda: session_running(srv), 10, what="a session")
+    return record_sessions(monkeypatch)
 
 
 def test_a_connection_at_queue_depth_one_is_served_by_a_session_and_counted(disk, sessions):
