@@ -34,7 +34,7 @@ from keyservice.client import KeyServiceError
 
 from . import keys
 from .errors import AccessMissing, KeyUnavailable, NotFound
-from .model import KeyUrl, VolumeKind
+from .model import KeyUrl
 
 log = logging.getLogger("nbdserver.access")
 
@@ -97,7 +97,7 @@ class KeyAccess:
             self._timers.pop(key).cancel()
 
     def scopes(self) -> set[str]:
-        return {v.des for v in self.platform.state.list_volumes(VolumeKind.DISK)}
+        return self.platform.state.disk_scopes()
 
     # -- triggers
     def poke(self, scope: str) -> None:
@@ -192,27 +192,26 @@ class KeyAccess:
         started = self.clock()
         self._started[scope] = self._started.get(scope, 0) + 1
         learned = self._learned.pop(scope, None) or time.monotonic()
-        disks = [v for v in p.state.list_volumes(VolumeKind.DISK, des=scope)]
-        if not disks:
+        # Names and one envelope per key version, not whole volumes: on the way to the
+        # first lock, and its cost grows with the disks.
+        by_kid = p.state.disk_key_groups(scope)
+        if not by_kid:
             return
         try:
             client = p.client_for(scope)
         except NotFound:  # the set was deleted since the poke
             return
-        by_kid: dict[str, list] = {}
-        for d in disks:
-            by_kid.setdefault(d.envelope.kid, []).append(d)
         reachable = True
-        for kid, group in by_kid.items():
+        for kid, (envelope, group) in by_kid.items():
             try:
                 # The unwrap first: its refusal alone is a revocation (disabled, expired,
                 # deleted, permission removed), so disks lock one round trip after the event.
-                keys.wipe(await keys.unwrap(client, group[0].envelope))
+                keys.wipe(await keys.unwrap(client, envelope))
                 attrs = await keys.key_attributes(client, kid)
             except AccessMissing as e:
-                for d in group:
-                    self.cause[d.name] = "revoked"
-                await self._close(group, f"key access revoked: {e.message}", started,
+                for name in group:
+                    self.cause[name] = "revoked"
+                await self._close(kid, group, f"key access revoked: {e.message}", started,
                                   learned=learned)
                 continue
             except KeyUnavailable as e:
@@ -220,8 +219,8 @@ class KeyAccess:
                 self._unreachable(scope, group, e.message)
                 continue
             self._schedule_expiry(scope, kid, attrs)
-            locked = [d.name for d in group
-                      if (x := p.catalog.get(d.name)) is not None and x.locked]
+            locked = [name for name in group
+                      if (x := p.catalog.get(name)) is not None and x.locked]
             if locked:
                 opened = await p.open_disks(locked)
                 for name in locked:
@@ -235,7 +234,7 @@ class KeyAccess:
         if reachable:
             self.last_ok[scope] = self.clock()
 
-    async def _close(self, group: list, reason: str, started: float, *,
+    async def _close(self, kid: str, group: list[str], reason: str, started: float, *,
                      learned: float | None = None) -> None:
         """Lock every disk of the group at once (no await between two locks), then give
         their drains `drain_bound` seconds together: a request stuck in the file system
@@ -243,10 +242,10 @@ class KeyAccess:
         `learned`: when the platform learned of the refusal (see `poke`), for the log line
         that times the platform's share: to every disk locked, and to every DEK wiped."""
         catalog = self.platform.catalog
-        newly = sum(1 for d in group if (x := catalog.get(d.name)) is not None and not x.locked)
-        closes = self.platform.close_disks([d.name for d in group], reason)
+        newly = sum(1 for name in group if (x := catalog.get(name)) is not None and not x.locked)
+        closes = self.platform.close_disks(group, reason)
         if learned is not None and newly:  # a lease check of a revoked key times nothing
-            _time_revocation(group[0].envelope.kid, newly, learned, closes)
+            _time_revocation(kid, newly, learned, closes)
         if newly:
             self.revocations += newly
             self.revocation_latency.observe(self.clock() - started)
@@ -259,16 +258,16 @@ class KeyAccess:
             log.warning("%d disk(s) locked, still draining in-flight requests after %.1fs; their "
                         "DEKs are wiped when those finish", len(pending), self.drain_bound)
 
-    def _unreachable(self, scope: str, group: list, message: str) -> None:
+    def _unreachable(self, scope: str, group: list[str], message: str) -> None:
         since = self.clock() - self.last_ok.setdefault(scope, self.clock())
         if since < self.grace:
             log.warning("key service unreachable for %s (%.0fs of the %.0fs grace period); disks "
                         "keep serving on the keys they hold: %s", scope, since, self.grace, message)
             return
-        for d in group:
-            self.cause[d.name] = "unreachable"
+        for name in group:
+            self.cause[name] = "unreachable"
         for t in self.platform.close_disks(
-                [d.name for d in group],
+                group,
                 f"key service unreachable for more than the {self.grace:.0f}s grace period"):
             t.add_done_callback(_report)
 

@@ -90,6 +90,26 @@ def test_the_disks_generation_moves_with_every_disk_row_and_only_then(state):
     assert state.disk_generation() == second
 
 
+def test_a_revocation_check_gets_each_scopes_disks_by_key_version(state):
+    """What platform/access.py asks on the way to a revocation's first lock: the scopes
+    that wrap some disk, and per scope the disks' names by key version with one envelope
+    each. Snapshots and other scopes' disks are not in them."""
+    assert state.disk_scopes() == set() and state.disk_key_groups("") == {}
+    v1 = KeyEnvelope("http://ks/vaults/v/keys/k/1", "RSA-OAEP-256", b"w" * 40)
+    v2 = KeyEnvelope("http://ks/vaults/v/keys/k/2", "RSA-OAEP-256", b"\x00two\xff")
+    for name, envelope, des in (("b", v1, "set1"), ("a", v1, "set1"), ("c", v2, "set1"), ("d", v1, "")):
+        disk = _disk(name)
+        disk.envelope, disk.des = envelope, des
+        state.put_volume(disk)
+    snap = _disk("s")
+    snap.kind, snap.des = VolumeKind.SNAPSHOT, "set2"
+    state.put_volume(snap)
+    assert state.disk_scopes() == {"set1", ""}
+    assert state.disk_key_groups("set1") == {v1.kid: (v1, ["a", "b"]), v2.kid: (v2, ["c"])}
+    assert state.disk_key_groups("") == {v1.kid: (v1, ["d"])}
+    assert state.disk_key_groups("set2") == {}
+
+
 def test_a_state_url_of_another_kind_is_refused(tmp_path):
     with pytest.raises(StateError, match="postgresql://"):
         State(str(tmp_path / "platform.db"), state_url="mysql://db/platform")
