@@ -156,6 +156,15 @@ class Export:
         self.stop_sessions()
         self.stop_copies()
 
+    def replace_backend(self, backend: BlockBackend) -> None:
+        """Serve `backend` from now on, unlocked (a sealed one when the disk closes without
+        a revocation: no client left, or its lease lost to another server). What still
+        serves the old backend stops now, as for a lock: native sessions return after the
+        pass they are in, and other processes drop their copies."""
+        self.backend = backend
+        self.stop_sessions()
+        self.stop_copies()
+
     def unlock(self, backend: BlockBackend | None = None, source: ExportSource | None = None) -> None:
         if backend is not None:
             self.backend = backend

@@ -146,8 +146,7 @@ class DiskServing:
         if export.clients or export.locked or not is_open(export):
             return
         backend = export.backend
-        export.backend = SealedBackend(backend.size)  # unattached: sealed, not locked
-        export.stop_copies()
+        export.replace_backend(SealedBackend(backend.size))  # unattached: sealed, not locked
         self._start_retire(export, backend, "no client attached", idle=True)
         if self.leases is not None:
             self.leases.release(export.name)  # another server may serve it at once
@@ -161,8 +160,7 @@ class DiskServing:
             return
         self._cancel_idle(export)
         backend = export.backend
-        export.backend = SealedBackend(backend.size)
-        export.stop_copies()
+        export.replace_backend(SealedBackend(backend.size))
         self._start_retire(export, backend, reason)
 
     # -- opening

@@ -18,6 +18,7 @@ from nbdserver import cachedio, server
 from nbdserver.backend import FileBackend
 from nbdserver.crypto import XtsLayer, generate_dek
 from nbdserver.exports import Export, ExportCatalog
+from nbdserver.platform.serving import DiskServing
 from nbdserver.protocol.constants import (
     NBD_CMD_FLUSH,
     NBD_CMD_READ,
@@ -206,7 +207,32 @@ def test_a_connection_at_queue_depth_one_is_served_by_a_session_and_counted(disk
     assert sum(h.count for h in stats.latency) >= 4  # every 16th timed, sessions too
 
 
-def test_a_lock_stops_a_running_session_at_once(disk, sessions):
+@pytest.fixture
+def long_sessions(monkeypatch):
+    """Sessions that return only when stopped (or after 20 s): a test that stops one is
+    not passed by a session that went idle meanwhile."""
+    monkeypatch.setattr(server, "SESSION_IDLE_MS", 10_000)
+    monkeypatch.setattr(server, "SESSION_MAX_MS", 20_000)
+
+
+def test_a_disk_closed_without_a_lock_stops_its_running_session(disk, sessions, long_sessions):
+    """Its lease lost to another server (DiskServing.unserve): a sealed backend goes in,
+    unlocked, and the running session returns, so no later request reaches the file the
+    other server may be writing (a session kept writing it for up to a second)."""
+    srv, export = disk
+    data = os.urandom(S)
+    with RawClient.connected(srv.address, "d") as c:
+        start_session(srv, c, data)
+        serving = DiskServing(None, srv.server.catalog, None, None)  # type: ignore[arg-type]
+        srv.call(lambda: serving.unserve("d", "the disk's lease was lost"))
+        wait_until(lambda: sessions, 10, what="the session returned")
+        assert sessions[-1][0] == cachedio.STOPPED
+        c.send(request(NBD_CMD_WRITE, S, S, 3, os.urandom(S)))
+        assert c.simple_reply() == (NBD_EIO, 3, b"")
+        assert not export.locked  # unlocked: served again if this server gets the lease back
+
+
+def test_a_lock_stops_a_running_session_at_once(disk, sessions, long_sessions):
     """Revocation: the session returns, the disk drains, later requests fail with EIO."""
     srv, export = disk
     data = os.urandom(S)
@@ -223,7 +249,7 @@ def test_a_lock_stops_a_running_session_at_once(disk, sessions):
         assert c.simple_reply() == (NBD_EIO, 4, b"")
 
 
-def test_a_freeze_stops_a_session_and_holds_what_follows(disk, sessions):
+def test_a_freeze_stops_a_session_and_holds_what_follows(disk, sessions, long_sessions):
     srv, export = disk
     data = os.urandom(S)
     with RawClient.connected(srv.address, "d") as c:
