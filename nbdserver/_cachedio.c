@@ -525,16 +525,24 @@ now_ms(void)
 }
 
 /* Wait until fd is ready for `events` or stop_fd is signalled: 1 ready, 0 timed out,
- * -SERVE_STOPPED, or -SERVE_CLOSED (an error on the socket). */
+ * -SERVE_STOPPED, or -SERVE_CLOSED (an error on the socket). A signal does not restart
+ * the wait whole: signals more frequent than the timeout would otherwise keep an idle
+ * session waiting past its deadline. */
 static int
 wait_for(int fd, short events, int stop_fd, int timeout_ms)
 {
     struct pollfd fds[2] = {{fd, events, 0}, {stop_fd, POLLIN, 0}};
+    int64_t end = now_ms() + timeout_ms;
     for (;;) {
         int r = poll(fds, 2, timeout_ms);
         if (r < 0) {
-            if (errno == EINTR)
+            if (errno == EINTR) {
+                int64_t left = end - now_ms();
+                if (left <= 0)
+                    return 0;
+                timeout_ms = (int)left;
                 continue;
+            }
             return -SERVE_CLOSED;
         }
         if (r == 0)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import threading
-from concurrent.futures import Future
+import time
+from concurrent.futures import Future, wait
 
 import pytest
 
@@ -42,7 +44,8 @@ def single(tmp_path):
 class Session:
     """serve() on a thread, over one end of a socketpair; the test is the client."""
 
-    def __init__(self, layer, *, idle_ms=LONG, max_ms=LONG, structured=False, read_only=False):
+    def __init__(self, layer, *, idle_ms=LONG, max_ms=LONG, structured=False, read_only=False,
+                 hold: threading.Event | None = None):
         self.client, server = socket.socketpair()
         server.setblocking(False)
         self.client.settimeout(30)
@@ -60,6 +63,8 @@ class Session:
                                              max_ms))
             except BaseException as e:  # noqa: BLE001 - the test reads it
                 self.result.set_exception(e)
+            if hold is not None:  # the thread lives on until the test lets it go
+                hold.wait(30)
         self.thread = threading.Thread(target=run)
         self.thread.start()
 
@@ -181,6 +186,28 @@ def test_an_idle_session_returns_with_a_partial_request_kept(single, sessions):
     s.client.sendall(partial)
     served = s.done()
     assert (served.reason, served.leftover) == (cachedio.IDLE, partial)
+
+
+def test_signals_do_not_keep_an_idle_session_past_its_time(single, sessions):
+    """A signal interrupts the wait for a request; the wait goes on for what is left of
+    its time, not for all of it again, so signals every 5 ms cannot keep a 50 ms idle
+    session waiting (they did: it never returned)."""
+    layer, _, _ = single
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    hold = threading.Event()
+    try:
+        s = Session(layer, idle_ms=50, hold=hold)
+        sessions.append(s)
+        deadline = time.monotonic() + 5
+        # The thread is alive until `hold` is set, so it can be signalled until then.
+        while not s.result.done() and time.monotonic() < deadline:
+            signal.pthread_kill(s.thread.ident, signal.SIGUSR1)
+            wait([s.result], timeout=0.005)  # a signal every 5 ms until it returns
+        assert s.result.done(), "still waiting after 5 s of signals"
+    finally:
+        hold.set()
+        signal.signal(signal.SIGUSR1, previous)
+    assert s.done().reason == cachedio.IDLE
 
 
 def test_a_busy_session_returns_after_its_longest_time(single, sessions):
