@@ -778,9 +778,11 @@ class Connection(asyncio.Protocol):
             self._reply_charged(n)
             t.write(served.unsent)
         if served.leftover:  # before anything received after it
-            # Declined: it stopped at the first of these, so the parser takes them (the
+            # Declined, or stopped at a cold READ (whose pass's replies then could not all
+            # be sent): it stopped at the first of these, so the parser takes them (the
             # fast path would only decline it again, or try a cold READ a second time).
-            self._received(served.leftover, fast=served.reason != cachedio.DECLINED)
+            self._received(served.leftover,
+                           fast=served.reason != cachedio.DECLINED and not served.missed)
         self._update_reading()
         self._maybe_close()
 
