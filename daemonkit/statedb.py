@@ -47,6 +47,9 @@ class Database(Protocol):
 
     def transaction(self) -> AbstractContextManager[None]: ...
 
+    @property
+    def in_transaction(self) -> bool: ...  # a transaction of this store's user is open
+
     def schema_version(self) -> int: ...
 
     def set_schema_version(self, version: int) -> None: ...

@@ -193,6 +193,10 @@ class PostgresDatabase:
                     raise self._unavailable() from None
                 retry = False
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._depth > 0
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         if self._depth:  # nested: a savepoint on the open transaction's connection

@@ -110,6 +110,32 @@ def test_a_revocation_check_gets_each_scopes_disks_by_key_version(state):
     assert state.disk_key_groups("set2") == {}
 
 
+def test_a_volume_row_is_written_with_one_commit(tmp_path):
+    """SQLite with synchronous=FULL: each commit is an fsync of the log, on the event
+    loop. A disk's row, its creator's row and the disks' generation are one commit, or
+    part of the caller's transaction when one is open."""
+    state = State(str(tmp_path / "platform.db"), str(tmp_path))
+    state.creator = "server-a"
+    statements: list[str] = []
+    state.db._db.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    disk = _disk("d1")
+    disk.state = VolumeState.CREATING
+    state.put_volume(disk)
+    disk.state = VolumeState.READY
+    state.put_volume(disk)
+    state.delete_volume(VolumeKind.DISK, "d1")
+    ends = [s for s in statements if s.split()[0].upper() in ("BEGIN", "COMMIT", "ROLLBACK")]
+    assert ends == ["BEGIN IMMEDIATE", "COMMIT"] * 3, statements
+    statements.clear()
+    with state.transaction():
+        state.put_volume(_disk("d2"))
+        state.delete_volume(VolumeKind.DISK, "d2")
+    assert [s for s in statements if s.split()[0].upper() in ("BEGIN", "COMMIT")] == \
+        ["BEGIN IMMEDIATE", "COMMIT"]
+    assert state.disk_generation() == 5  # each of the five writes moved it
+    state.close()
+
+
 def test_a_state_url_of_another_kind_is_refused(tmp_path):
     with pytest.raises(StateError, match="postgresql://"):
         State(str(tmp_path / "platform.db"), state_url="mysql://db/platform")
