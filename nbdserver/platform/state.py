@@ -307,21 +307,18 @@ class State:
         return nullcontext() if self.db.in_transaction else self.transaction()
 
     def put_volume(self, v: Volume) -> None:
+        # The creator's row with the volume's and gone with its last write: no sweep sees
+        # a CREATING volume without it while its creator lives.
         with self._one_commit():
-            self._put_volume(v)
-
-    def _put_volume(self, v: Volume) -> None:
-        # The creator's row first and gone last: no sweep sees a CREATING volume without
-        # it while its creator lives.
-        if v.state is VolumeState.CREATING and self.creator is not None:
-            self.db.execute(_upsert("volume_creators", "kind, name, holder", "kind, name"),
-                            (v.kind.value, v.name, self.creator))
-        self._put_volume_row(v)
-        if v.state is not VolumeState.CREATING:
-            self.db.execute("DELETE FROM volume_creators WHERE kind=? AND name=?",
-                            (v.kind.value, v.name))
-        if v.kind is VolumeKind.DISK:
-            self._disk_changed()
+            if v.state is VolumeState.CREATING and self.creator is not None:
+                self.db.execute(_upsert("volume_creators", "kind, name, holder", "kind, name"),
+                                (v.kind.value, v.name, self.creator))
+            self._put_volume_row(v)
+            if v.state is not VolumeState.CREATING:
+                self.db.execute("DELETE FROM volume_creators WHERE kind=? AND name=?",
+                                (v.kind.value, v.name))
+            if v.kind is VolumeKind.DISK:
+                self._disk_changed()
 
     def _put_volume_row(self, v: Volume) -> None:
         self.db.execute(
@@ -372,15 +369,18 @@ class State:
 
     # -- long operations (platform.oplog): the view a client sees, as JSON
     def put_operation(self, op: dict) -> None:
-        # As put_volume's creator: the runner's row first and gone last (leases.py).
+        # As put_volume's creator: the runner's row with the operation's, one commit
+        # (leases.py).
         running = op["status"] == "running"
-        if running and self.creator is not None:
-            self.db.execute(_upsert("operation_runners", "id, holder", "id"), (op["id"], self.creator))
-        self.db.execute(_upsert("operations", "id, kind, status, started, ended, view", "id"),
-                        (op["id"], op["kind"], op["status"], op["started"], op.get("ended"),
-                         json.dumps(op)))
-        if not running:
-            self.db.execute("DELETE FROM operation_runners WHERE id=?", (op["id"],))
+        with self._one_commit():
+            if running and self.creator is not None:
+                self.db.execute(_upsert("operation_runners", "id, holder", "id"),
+                                (op["id"], self.creator))
+            self.db.execute(_upsert("operations", "id, kind, status, started, ended, view", "id"),
+                            (op["id"], op["kind"], op["status"], op["started"], op.get("ended"),
+                             json.dumps(op)))
+            if not running:
+                self.db.execute("DELETE FROM operation_runners WHERE id=?", (op["id"],))
 
     def get_operation(self, op_id: str) -> dict | None:
         row = self.db.execute("SELECT view FROM operations WHERE id=?", (op_id,)).fetchone()

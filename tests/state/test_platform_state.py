@@ -112,8 +112,9 @@ def test_a_revocation_check_gets_each_scopes_disks_by_key_version(state):
 
 def test_a_volume_row_is_written_with_one_commit(tmp_path):
     """SQLite with synchronous=FULL: each commit is an fsync of the log, on the event
-    loop. A disk's row, its creator's row and the disks' generation are one commit, or
-    part of the caller's transaction when one is open."""
+    loop. A disk's row, its creator's row and the disks' generation are one commit (an
+    operation's row and its runner's too), or part of the caller's transaction when one
+    is open."""
     state = State(str(tmp_path / "platform.db"), str(tmp_path))
     state.creator = "server-a"
     statements: list[str] = []
@@ -124,8 +125,11 @@ def test_a_volume_row_is_written_with_one_commit(tmp_path):
     disk.state = VolumeState.READY
     state.put_volume(disk)
     state.delete_volume(VolumeKind.DISK, "d1")
+    op = {"id": "op1", "kind": "disk.create", "status": "running", "started": 1.0}
+    state.put_operation(op)  # with its runner's row
+    state.put_operation(dict(op, status="succeeded", ended=2.0))  # the runner's row goes
     ends = [s for s in statements if s.split()[0].upper() in ("BEGIN", "COMMIT", "ROLLBACK")]
-    assert ends == ["BEGIN IMMEDIATE", "COMMIT"] * 3, statements
+    assert ends == ["BEGIN IMMEDIATE", "COMMIT"] * 5, statements
     statements.clear()
     with state.transaction():
         state.put_volume(_disk("d2"))
