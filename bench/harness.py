@@ -22,12 +22,21 @@ process) is read right before fio starts and right after it ends. fio counts I/O
 its ramp only, while the server worked through the ramp too, so the I/Os of the whole
 sampled span are taken as the measured IOPS x (ramp + runtime). A server is idle outside
 fio's run, so the seconds fio spends starting and connecting add nothing.
+
+Client CPU per I/O and host busy: fio's own CPU time (its rusage, read as the harness's
+reaped children's before and after the run: nothing else is reaped meanwhile) is divided
+the same way, and /proc/stat says what share of all CPUs was busy while fio ran. On a host
+this small the client costs about as much as the server, so together they say how close a
+run came to what the CPUs allow at all: `cpu_bound_iops`, all CPUs divided by server plus
+client CPU per I/O (softirq and writeback charged to neither are left out, so it is an
+upper bound).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -45,9 +54,11 @@ from .process import ServerStartError, process_tree_cpu
 from .targets import REGISTRY, Target
 from .workloads import Workload
 
-METRICS = ("iops", "bw_bytes", "clat_p50_us", "clat_p99_us", "clat_p999_us", "cpu_us_per_io")
+METRICS = ("iops", "bw_bytes", "clat_p50_us", "clat_p99_us", "clat_p999_us", "cpu_us_per_io",
+           "client_cpu_us_per_io", "host_busy", "cpu_bound_iops")
 CHUNK = 8 << 20
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+PROC_STAT = Path("/proc/stat")
 DEVICE = "device"
 
 
@@ -140,6 +151,33 @@ def cpu_us_per_io(cpu_seconds: float, iops: float, seconds: float) -> float | No
     docstring); None when nothing was done."""
     ios = iops * seconds
     return cpu_seconds * 1e6 / ios if ios > 0 else None
+
+
+def cpu_times(stat: Path = PROC_STAT) -> tuple[int, int]:
+    """(all, idle) clock ticks of all CPUs since boot, from /proc/stat's first line (idle
+    and iowait count as idle)."""
+    fields = [int(x) for x in stat.read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields), fields[3] + fields[4]
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of all CPUs busy between two `cpu_times()` samples."""
+    total = after[0] - before[0]
+    return 1 - (after[1] - before[1]) / total if total > 0 else None
+
+
+def children_cpu() -> float:
+    """CPU seconds of the harness's children reaped so far (fio's, around one run)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_bound_iops(nproc: int, server_us: float | None, client_us: float | None) -> float | None:
+    """The IOPS at which server and client together would keep every CPU busy: what a run
+    could reach on this host at those costs, whatever the server's design."""
+    if server_us is None or client_us is None or server_us + client_us <= 0:
+        return None
+    return nproc * 1e6 / (server_us + client_us)
 
 
 def _uri_of(target: Target) -> str:
@@ -260,8 +298,10 @@ class Bench:
                                           ramp=s.ramp, output=str(out))
             pid = target.pid
             cpu_before = process_tree_cpu(pid) if pid else None
+            client_before, host_before = children_cpu(), cpu_times()
             done = subprocess.run(argv, capture_output=True, text=True,
                                   timeout=s.runtime + s.ramp + 120)
+            client_after, host_after = children_cpu(), cpu_times()
             cpu_after = process_tree_cpu(pid) if pid else None
             if done.returncode:
                 raise fio.FioOutputError(f"fio exit {done.returncode}: {done.stderr.strip()[-300:]}")
@@ -270,12 +310,21 @@ class Bench:
                 record["server_cpu_s"] = round(cpu_after - cpu_before, 3)
                 record["cpu_us_per_io"] = cpu_us_per_io(cpu_after - cpu_before, record["iops"],
                                                         s.runtime + s.ramp)
+            record["client_cpu_us_per_io"] = cpu_us_per_io(client_after - client_before,
+                                                           record["iops"], s.runtime + s.ramp)
+            record["host_busy"] = busy_share(host_before, host_after)
+            # The device target has no server: fio is all the CPU an I/O costs.
+            server_us = record.get("cpu_us_per_io") if pid else 0.0
+            record["cpu_bound_iops"] = cpu_bound_iops(os.cpu_count() or 1, server_us,
+                                                      record["client_cpu_us_per_io"])
             cpu = record.get("cpu_us_per_io")
+            client = record["client_cpu_us_per_io"]
             self.log(f"run {run}/{s.runs} {w.name:17} {target.name:14} "
                      f"{record['bw_bytes'] / (1 << 20):9.1f} MiB/s {record['iops']:10.0f} IOPS "
                      f"p50 {record['clat_p50_us']:8.1f} p99 {record['clat_p99_us']:8.1f} "
                      f"p99.9 {record['clat_p999_us'] or 0:8.1f} us"
-                     + (f" cpu {cpu:6.1f} us/io" if cpu is not None else ""))
+                     + (f" cpu {cpu:6.1f} us/io" if cpu is not None else "")
+                     + (f" client {client:6.1f} us/io" if client is not None else ""))
         except (fio.FioOutputError, ServerStartError, subprocess.SubprocessError, OSError) as e:
             record["error"] = _one_line(e)
             self.log(f"run {run}/{s.runs} {w.name:17} {target.name:14} ERROR {record['error']}")

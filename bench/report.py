@@ -80,7 +80,10 @@ def markdown(results: dict) -> str:
         "At qd1 the cell shows median / p99 / p99.9 completion latency. "
         "IOPS spread is (max − min) / median over the runs: differences smaller than it are noise. "
         "CPU µs/IO is the server's CPU time (all its threads and processes) per I/O, which does "
-        "not depend on how fast the host is. "
+        "not depend on how fast the host is; client CPU µs/IO is fio's. Host busy is the share "
+        "of all CPUs busy during the run; CPU-bound IOPS is all CPUs divided by server plus "
+        "client CPU per I/O, the most a run could reach here at those costs (in brackets, the "
+        "share this run reached). "
         "Workload states: warm (image wholly in the page cache), cold (server restarted and "
         "page cache dropped before each run), seqfill (image written once with 1 MiB "
         "sequential writes through the server, not read back); `vs device` compares cold "
@@ -100,8 +103,9 @@ def markdown(results: dict) -> str:
         "## Detail",
         "",
         f"| workload | target | MiB/s | IOPS | p50 µs | p99 µs | p99.9 µs | CPU µs/IO | "
+        f"client CPU µs/IO | host busy | CPU-bound IOPS (reached) | "
         f"vs `{ref}` | vs device | IOPS spread | runs ok |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for w in results["workloads"]:
         for n in names:
@@ -113,6 +117,8 @@ def markdown(results: dict) -> str:
                 f"| {w['name']} | {n} | {_num(bw, 1)} | {_num(m['iops'])} | "
                 f"{_num(m['clat_p50_us'], 1)} | {_num(m['clat_p99_us'], 1)} | "
                 f"{_num(m.get('clat_p999_us'), 1)} | {_num(m.get('cpu_us_per_io'), 1)} | "
+                f"{_num(m.get('client_cpu_us_per_io'), 1)} | {_percent(m.get('host_busy'))} | "
+                f"{_bound(m)} | "
                 f"{_ratio(m.get('ratio'))} | {_ratio(m.get('device_ratio'))} | "
                 f"{_percent(m.get('iops_spread'))} | {m['runs_ok']}/{m['runs']} |")
     lines += ["", "## Targets", "", "| target | status | what | command |", "|---|---|---|---|"]
@@ -121,6 +127,16 @@ def markdown(results: dict) -> str:
         cmd = " ".join(t["command"]) if t["command"] else ""
         lines.append(f"| {n} | {_escape(status)} | {t['description']} | `{_escape(cmd)}` |")
     return "\n".join(lines) + "\n"
+
+
+def _bound(m: dict) -> str:
+    """The IOPS server and client together would reach with every CPU busy, and the share
+    of it this target reached."""
+    bound = m.get("cpu_bound_iops")
+    if bound is None:
+        return "–"
+    reached = f" ({_percent(m['iops'] / bound)})" if m.get("iops") is not None else ""
+    return _num(bound) + reached
 
 
 def _escape(text: str) -> str:

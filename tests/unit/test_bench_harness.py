@@ -93,6 +93,26 @@ def test_cpu_per_io_counts_the_ramp_too():
     assert harness.cpu_us_per_io(1.0, 0, 6) is None
 
 
+def test_host_busy_share_from_two_proc_stat_samples(tmp_path):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq: idle and iowait are the idle ones
+    stat.write_text("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n")
+    before = harness.cpu_times(stat)
+    assert before == (1000, 850)
+    stat.write_text("cpu  250 0 100 850 50 0 0 0 0 0\ncpu0 1 2 3\n")
+    # 250 ticks passed, 50 of them idle
+    assert harness.busy_share(before, harness.cpu_times(stat)) == pytest.approx(0.8)
+    assert harness.busy_share(before, before) is None
+
+
+def test_cpu_bound_iops_is_all_cpus_over_server_plus_client():
+    # 2 CPUs, 12 us of server and 8 us of client per I/O: 100,000 IOPS at most.
+    assert harness.cpu_bound_iops(2, 12.0, 8.0) == pytest.approx(100_000)
+    assert harness.cpu_bound_iops(2, 0.0, 20.0) == pytest.approx(100_000)  # no server: fio alone
+    assert harness.cpu_bound_iops(2, None, 8.0) is None
+    assert harness.cpu_bound_iops(2, 12.0, None) is None
+
+
 def test_device_ratio_and_not_applicable_pairs():
     runs = [run("plain", "cold", 1, 20_000), run("device", "cold", 1, 80_000),
             run("plain", "warm", 1, 100_000)]

@@ -11,7 +11,8 @@ def results() -> dict:
     def m(iops, ratio, bw=None):
         return {"iops": iops, "bw_bytes": bw if bw is not None else iops * 4096,
                 "clat_p50_us": 31.5, "clat_p99_us": 120.25, "clat_p999_us": 480.5,
-                "cpu_us_per_io": 12.25, "runs_ok": 3, "runs": 3, "ratio": ratio,
+                "cpu_us_per_io": 12.25, "client_cpu_us_per_io": 7.75, "host_busy": 0.875,
+                "cpu_bound_iops": 100_000.0, "runs_ok": 3, "runs": 3, "ratio": ratio,
                 "device_ratio": None, "iops_spread": 0.125}
     return {
         "date": "2026-01-01T00:00:00+00:00", "duration_s": 1.0,
@@ -59,10 +60,12 @@ def test_markdown_summary_shows_headline_figures_and_ratios():
 
 def test_markdown_detail_and_targets():
     md = report.markdown(results())
-    assert "| seqread | xts | 500.0 | 500 | 31.5 | 120.2 | 480.5 | 12.2 | 0.50× | – | 12% | 3/3 |" in md
-    assert "| randread-qd1 | xts | – | – | – | – | – | – | – | – | – | 0/3 |" in md
+    assert ("| seqread | xts | 500.0 | 500 | 31.5 | 120.2 | 480.5 | 12.2 | 7.8 | 88% | 100,000 (0%) "
+            "| 0.50× | – | 12% | 3/3 |") in md
+    assert "| randread-qd1 | xts | – | – | – | – | – | – | – | – | – | – | – | – | 0/3 |" in md
     # a target with no server has no CPU figure; a pair not run has no detail row
-    assert "| randread-qd1 | device | 156.2 | 40,000 | 31.5 | 120.2 | 480.5 | – | 2.00× | 1.00× |" in md
+    assert ("| randread-qd1 | device | 156.2 | 40,000 | 31.5 | 120.2 | 480.5 | – | 7.8 | 88% "
+            "| 100,000 (40%) | 2.00× | 1.00× |") in md
     assert "| seqread | device |" not in md
     assert "skipped: not installed: nbdkit" in md
     assert "`srv a\\|b`" in md  # a pipe in a command must not break the table
