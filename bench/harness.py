@@ -28,8 +28,8 @@ reaped children's before and after the run: nothing else is reaped meanwhile) is
 the same way, and /proc/stat says what share of all CPUs was busy while fio ran. On a host
 this small the client costs about as much as the server, so together they say how close a
 run came to what the CPUs allow at all: `cpu_bound_iops`, all CPUs divided by server plus
-client CPU per I/O (softirq and writeback charged to neither are left out, so it is an
-upper bound).
+client CPU per I/O: an estimate, good to about 10% (softirq and writeback charged to
+neither are left out, and the ramp's CPU is spread over the measured rate).
 """
 
 from __future__ import annotations

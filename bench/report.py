@@ -82,7 +82,7 @@ def markdown(results: dict) -> str:
         "CPU µs/IO is the server's CPU time (all its threads and processes) per I/O, which does "
         "not depend on how fast the host is; client CPU µs/IO is fio's. Host busy is the share "
         "of all CPUs busy during the run; CPU-bound IOPS is all CPUs divided by server plus "
-        "client CPU per I/O, the most a run could reach here at those costs (in brackets, the "
+        "client CPU per I/O, about the most a run could reach here at those costs (in brackets, the "
         "share this run reached). "
         "Workload states: warm (image wholly in the page cache), cold (server restarted and "
         "page cache dropped before each run), seqfill (image written once with 1 MiB "
