@@ -246,6 +246,15 @@ class WriteStage(ABC):
     def take(self, data: memoryview) -> None:
         """The next `len(data)` bytes of the write (at most what is still missing)."""
 
+    def space(self) -> memoryview | None:
+        """The room the rest of the data can be received into in place (then `took`), or
+        None when this stage only takes pieces (the default)."""
+        return None
+
+    def took(self, n: int) -> None:
+        """`n` more bytes were received at the start of `space()`."""
+        raise NotImplementedError(f"{type(self).__name__} takes no data in place")
+
     @abstractmethod
     def commit(self, *, fua: bool = False, nowait: bool = False) -> None:
         """Write the staged data, as `backend.pwrite` would. A BlockingIOError (nowait)

@@ -1,7 +1,7 @@
 """The asyncio NBD server: a thin loop over the pure protocol.
 
-One `Connection` (an asyncio Protocol) per client. It feeds bytes to the handshake
-machine, then to the request parser, checks each request with `transmission.check`,
+One `Connection` (an asyncio buffered protocol) per client. It feeds bytes to the
+handshake machine, then to the request parser, checks each request with `transmission.check`,
 and runs it against the export's backend as its entry in `COMMANDS` says:
 
 - inline on the event loop when the backend says it can finish without blocking
@@ -93,6 +93,8 @@ limited_log = LogLimiter(log)
 # Reads above this size go to a worker even when cached: decryption of a large request
 # then runs beside the event loop (the native engine releases the GIL).
 INLINE_READ_MAX = 128 * 1024
+# The shared receive buffer's size, as uvloop's own for a plain protocol.
+RECV_BUFFER = 256 * 1024
 # NBDSERVER_CACHED_IO=0 turns the page-cache fast path (nbdserver/cachedio.py) off, to
 # measure it against the usual path side by side; the replies are the same.
 CACHED_IO = os.environ.get("NBDSERVER_CACHED_IO", "1") != "0"
@@ -172,6 +174,9 @@ class NbdServer:
         # Made on the event loop by the first cold read (it registers an eventfd there).
         self.read_queue: ReadQueue | None = None
         self.connections: set[Connection] = set()
+        # Where every connection of this server receives, but for large WRITE payloads
+        # (Connection.get_buffer); the loop fills it for one connection at a time.
+        self.recv_buffer = memoryview(bytearray(RECV_BUFFER))
         # Where plain-TCP connections go once in transmission (nbdserver/iopool.py's
         # I/O worker processes); None: every connection is served here.
         self.handoff = handoff
@@ -264,7 +269,12 @@ class NbdServer:
             self._complete_reads(queue.close())
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
+    """One client. Bytes are received into the server's shared receive buffer and go on
+    as a copy (`data_received`), except the rest of a large WRITE's payload: that is
+    received straight into its own buffer (or its encrypting stage's), which saves a
+    copy of every byte of an image copy or a restore."""
+
     def __init__(self, server: NbdServer):
         self.server = server
         self.loop = asyncio.get_running_loop()
@@ -322,6 +332,8 @@ class Connection(asyncio.Protocol):
         # eventfd and its own descriptor of the socket. Chunks left before the next try.
         self._session: tuple[int, int, bytearray] | None = None
         self._session_cooldown = 0
+        # get_buffer handed out the parser's payload room, not the shared buffer.
+        self._into_payload = False
 
     # -- asyncio callbacks
     def connection_made(self, transport):
@@ -437,6 +449,30 @@ class Connection(asyncio.Protocol):
     def resume_writing(self):
         self._writing_paused = False
         self._update_reading()
+
+    def get_buffer(self, sizehint):
+        parser = self.parser
+        if parser is not None:
+            room = parser.payload_space()
+            if room is not None:
+                self._into_payload = True
+                return room
+        self._into_payload = False
+        return self.server.recv_buffer
+
+    def buffer_updated(self, nbytes):
+        if self._into_payload:
+            self._into_payload = False
+            try:
+                events = self.parser.payload_received(nbytes)
+                if events:
+                    self._requests(events)
+            except Exception:  # a bug must cost this client its connection, never the server
+                log.exception("connection %s: internal error; disconnecting", self.peer)
+                self.abort()
+            return
+        # Copied out first: the buffer is every connection's (the loop fills one at a time).
+        self.data_received(bytes(self.server.recv_buffer[:nbytes]))
 
     def data_received(self, data):
         if self._tls_early is not None:

@@ -706,9 +706,11 @@ class EncryptingStage(WriteStage):
 
     Each whole sector of a piece is encrypted straight out of the receive buffer into
     `buffer`: one pass over the data, where copying the payload and then encrypting it
-    in place would be two (on 2 cores the difference between 0.8 and 0.9 of the plain
-    server's write rate). A sector split between two pieces is gathered as plaintext,
-    then encrypted in place once complete. `commit` writes the ciphertext as one lower
+    in place would be two. A sector split between two pieces is gathered as plaintext,
+    then encrypted in place once complete. The data can also be received straight into
+    `buffer` (`space`, `took`): each sector is then encrypted in place as soon as all of
+    it is in, and the receive buffer's copy is saved too. Either way no byte of
+    `buffer` is written before all of it is ciphertext. `commit` writes it as one lower
     write; a stage whose layer was closed meanwhile (the key revoked) fails with EIO.
     """
 
@@ -751,6 +753,28 @@ class EncryptingStage(WriteStage):
             # The key was revoked (the layer and its engine closed) while the write
             # arrived: take the rest without encrypting it; commit fails with EIO.
             self.failed = True
+
+    def space(self) -> memoryview | None:
+        return self.view[self.received:]
+
+    def took(self, n: int) -> None:
+        at = self.received
+        if not 0 < n <= self.length - at:
+            raise ValueError(f"{n} bytes received for {self.length - at} still to come")
+        self.received = at + n
+        if self.failed:
+            return
+        # From the sector `at` fell in (take() leaves a split sector's start as
+        # plaintext) to the last sector now whole.
+        start, stop = at - at % S, self.received - self.received % S
+        if stop > start:
+            sectors = self.view[start:stop]
+            try:
+                self._encrypt(sectors, sectors, self._first + start // S)
+            except ValueError:
+                if not self._layer._closed:
+                    raise  # a bug, not a revocation: the connection ends
+                self.failed = True  # as in take()
 
     def commit(self, *, fua: bool = False, nowait: bool = False) -> None:
         self._layer._commit(self, fua, nowait)

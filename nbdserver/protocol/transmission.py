@@ -111,6 +111,12 @@ class PayloadStage(Protocol):
 
     def take(self, piece: memoryview) -> None: ...
 
+    def space(self) -> memoryview | None:
+        """The rest of the payload's room, to receive it in place, or None (then `take`)."""
+
+    def took(self, n: int) -> None:
+        """`n` more bytes were received into `space()`."""
+
 
 # A WRITE payload at least this large goes, piece by piece as it arrives, to the
 # consumer's stage if it offers one, or else (when it has not fully arrived) into a
@@ -140,7 +146,13 @@ class RequestParser:
     order, in as many pieces as they arrive, each piece a memoryview valid only during
     the call. The request then carries that object as `stage` and no `payload`. (The
     server passes its disk's `stage_write`: an encrypting layer encrypts each piece
-    straight out of the receive buffer.)"""
+    straight out of the receive buffer.)
+
+    A large WRITE's payload still to come can also be received straight into its place,
+    with no copy: `payload_space()` is that room (the rest of the payload's buffer, or of
+    the stage's, if it has one), and `payload_received(n)` says `n` bytes were written at
+    its start. A caller that reads the socket itself (a buffered protocol) uses them;
+    `feed` alone is enough for any other."""
 
     def __init__(self, max_payload: int = MAX_BLOCK_SIZE, *,
                  stage: Callable[[int, int], PayloadStage | None] | None = None):
@@ -231,6 +243,35 @@ class RequestParser:
         elif pos < end:
             buf += memoryview(src)[pos:end]
         return out
+
+    def payload_space(self) -> memoryview | None:
+        """Where the large WRITE being received takes its next bytes in place (see the
+        class), or None: no such WRITE, or a stage that cannot."""
+        if self._partial is None:
+            return None
+        length, payload, stage = self._partial[4], self._partial[5], self._partial[6]
+        if stage is not None:
+            return stage.space()
+        if payload is not None:  # one of the two is, always
+            return memoryview(payload)[self._have:length]
+        return None
+
+    def payload_received(self, n: int) -> list[Parsed]:
+        """`n` bytes were written at the start of `payload_space()`: the WRITE, once its
+        payload is complete."""
+        if self._partial is None:
+            raise RuntimeError("payload_received() without a partial WRITE")
+        cmd, flags, cookie, offset, length, payload, stage = self._partial
+        if not 0 < n <= length - self._have:
+            raise ValueError(f"{n} bytes received for {length - self._have} still to come")
+        if stage is not None:
+            stage.took(n)
+        self._have += n
+        if self._have < length:
+            return []
+        self._partial = None
+        self._have = 0
+        return [Request(cmd, flags, cookie, offset, length, payload, stage)]
 
     def _fill(self, data: Data, out: list[Parsed]) -> Data:
         """Copy arriving bytes into the partial WRITE's payload; returns the rest of

@@ -73,3 +73,34 @@ def test_a_write_whose_disk_changes_mid_payload_fails_and_writes_nothing(tmp_pat
         assert c.simple_reply(len(plain)) == (0, 3, plain)
     if not close_old:
         old.close()
+
+
+def test_the_rest_of_a_large_payload_is_received_straight_into_its_stage(tmp_path):
+    """What arrives after a large WRITE's header chunk goes from the socket into the
+    stage's own buffer (Connection.get_buffer), not through the receive buffer."""
+    path = tmp_path / "d.img"
+    key = generate_dek()
+    layer = Recording(FileBackend(path, size=8 * MiB), bytearray(key))
+    catalog = ExportCatalog()
+    catalog.add(Export("enc", layer))
+    plain = os.urandom(MiB)
+    first = 1000
+    in_place = []
+    with ServerThread(asyncio.new_event_loop, catalog) as srv, \
+            RawClient.connected(srv.address, "enc") as c:
+        c.request(NBD_CMD_WRITE, MiB, len(plain), cookie=1, payload=plain[:first])
+        wait_until(lambda: layer.stages and layer.stages[0].received == first,
+                   what="the header's chunk taken")
+        stage = layer.stages[0]
+        took = stage.took
+
+        def counted(n):
+            in_place.append(n)
+            took(n)
+        stage.took = counted
+        c.send(plain[first:])
+        assert c.simple_reply()[:2] == (0, 1)
+        c.request(NBD_CMD_READ, MiB, len(plain), cookie=2)
+        assert c.simple_reply(len(plain)) == (0, 2, plain)
+    assert sum(in_place) == len(plain) - first
+    layer.close()

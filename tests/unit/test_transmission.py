@@ -147,6 +147,49 @@ class RecordingStage:
         self.pieces += 1
         assert len(self.data) <= self.length
 
+    def space(self):
+        return None  # takes pieces only
+
+
+class InPlaceStage(RecordingStage):
+    """A stage that can also be received into in place, as the encrypting one can."""
+
+    def __init__(self, offset, length):
+        super().__init__(offset, length)
+        self.room = bytearray(length)
+        self.in_place = 0
+
+    def take(self, view):
+        self.room[len(self.data):len(self.data) + len(view)] = view
+        super().take(view)
+
+    def space(self):
+        return memoryview(self.room)[len(self.data):]
+
+    def took(self, n):
+        assert 0 < n <= self.length - len(self.data)
+        self.data += self.room[len(self.data):len(self.data) + n]
+        self.in_place += n
+
+
+def buffered_reader(p, stream, rng):
+    """Read `stream` as the server's buffered protocol does: before each receive, ask
+    for the payload's room, receive at most that much into it, else a chunk of any size
+    into a buffer that is then fed."""
+    got, at, in_place = [], 0, 0
+    while at < len(stream):
+        n = rng.randrange(1, DIRECT_PAYLOAD_MIN // 2)  # so every large payload spans reads
+        room = p.payload_space()
+        if room is None:
+            got += p.feed(stream[at:at + n])
+            at += n
+            continue
+        n = min(n, len(room), len(stream) - at)
+        room[:n] = stream[at:at + n]
+        got += p.payload_received(n)
+        at += n
+        in_place += n
+    return got, in_place
 
 @pytest.mark.parametrize("seed", range(8))
 def test_large_writes_go_to_the_consumers_stage_piece_by_piece(seed):
@@ -184,6 +227,55 @@ def test_large_writes_go_to_the_consumers_stage_piece_by_piece(seed):
     assert got[1].payload == small and got[1].stage is None
     assert type(got[4].payload) is bytearray and got[4].payload == declined
     assert any(s.pieces > 1 for s in stages)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_buffered_reader_receives_large_payloads_in_place(seed):
+    rng = random.Random(seed)
+    big = [rng.randbytes(DIRECT_PAYLOAD_MIN + rng.randrange(0, 3 * DIRECT_PAYLOAD_MIN)) for _ in range(4)]
+    small = rng.randbytes(DIRECT_PAYLOAD_MIN - 1)
+    stream = (raw(NBD_CMD_WRITE, 0, len(big[0]), cookie=1, payload=big[0])
+              + raw(NBD_CMD_WRITE, 1 << 20, len(small), cookie=2, payload=small)
+              + raw(NBD_CMD_WRITE, 2 << 20, len(big[1]), cookie=3, payload=big[1])
+              + raw(NBD_CMD_FLUSH, cookie=4)
+              + raw(NBD_CMD_WRITE, 3 << 20, len(big[2]), cookie=5, payload=big[2])
+              + raw(NBD_CMD_WRITE, 4 << 20, len(big[3]), cookie=6, payload=big[3]))
+    stages = []
+
+    def stage(offset, length):
+        if offset == 3 << 20:
+            return None  # declined: a payload buffer of the parser's, received into in place too
+        stages.append((InPlaceStage if offset != 4 << 20 else RecordingStage)(offset, length))
+        return stages[-1]
+
+    p = RequestParser(stage=stage)
+    got, in_place = buffered_reader(p, stream, rng)
+    assert p.buffered() == 0 and p.payload_space() is None
+    assert [r.cookie for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [bytes(r.stage.data) for r in got if r.stage is not None] == [big[0], big[1], big[3]]
+    assert got[1].payload == small
+    assert type(got[4].payload) is bytearray and got[4].payload == big[2]
+    # Every byte received in place went to a stage with room or to the declined payload.
+    staged_in_place = sum(s.in_place for s in stages if isinstance(s, InPlaceStage))
+    assert staged_in_place > 0 and staged_in_place <= in_place <= staged_in_place + len(big[2])
+    assert stages[-1].pieces >= 1  # a stage without room took its pieces as before
+
+
+def test_payload_received_refuses_what_was_not_asked():
+    p = RequestParser()
+    with pytest.raises(RuntimeError):
+        p.payload_received(1)
+    p.feed(raw(NBD_CMD_WRITE, 0, DIRECT_PAYLOAD_MIN, payload=b"x" * 100))
+    room = p.payload_space()
+    assert len(room) == DIRECT_PAYLOAD_MIN - 100
+    with pytest.raises(ValueError):
+        p.payload_received(len(room) + 1)
+    with pytest.raises(ValueError):
+        p.payload_received(0)
+    room[:] = b"y" * len(room)
+    [r] = p.payload_received(len(room))
+    assert r.payload == b"x" * 100 + b"y" * (DIRECT_PAYLOAD_MIN - 100)
+    assert p.payload_space() is None and p.at_boundary()
 
 
 def test_a_payload_that_arrives_whole_is_staged_too():

@@ -636,6 +636,65 @@ def test_a_staged_write_cut_anywhere_writes_dmcrypt_ciphertext(disk, seed):
     assert read(layer, first * S, len(plain)) == plain
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_staged_write_received_in_place_writes_the_same_ciphertext(disk, seed):
+    """The server's buffered protocol receives the rest of a payload straight into the
+    stage (`space`, `took`), after a first piece or more taken from its receive buffer:
+    each sector is encrypted once all of it is in, whichever way its bytes came."""
+    layer, path, key = disk
+    rng = random.Random(seed)
+    first = rng.randrange(0, 40)
+    count = rng.randrange(16, SIZE // S - first + 1)
+    plain = rng.randbytes(count * S)
+    stage = layer.stage_write(first * S, len(plain))
+    for piece in pieces(plain, rng, cuts=rng.choice([1, 5, 40])):
+        if rng.random() < 0.3:
+            stage.take(piece)
+            continue
+        room = stage.space()
+        assert len(room) == len(plain) - stage.received
+        room[:len(piece)] = piece
+        stage.took(len(piece))
+    assert stage.received == len(plain)
+    stage.commit()
+    on_disk = file_bytes(path)
+    for i in range(count):
+        s = first + i
+        assert on_disk[s * S:(s + 1) * S] == dmcrypt_sector(key, s, plain[i * S:(i + 1) * S])
+
+
+def test_a_stage_received_in_place_holds_only_ciphertext_of_whole_sectors(disk):
+    """No plaintext of a whole sector stays in the stage's buffer once it arrived."""
+    layer, _, key = disk
+    plain = os.urandom(16 * S)
+    stage = layer.stage_write(0, len(plain))
+    stage.space()[:3 * S + 5] = plain[:3 * S + 5]
+    stage.took(3 * S + 5)
+    buffer = bytes(stage.buffer)
+    for s in range(3):
+        assert buffer[s * S:(s + 1) * S] == dmcrypt_sector(key, s, plain[s * S:(s + 1) * S])
+    assert buffer[3 * S:3 * S + 5] == plain[3 * S:3 * S + 5]  # the split sector, until complete
+    with pytest.raises(ValueError):
+        stage.took(13 * S)  # more than is left
+    with pytest.raises(ValueError):
+        stage.took(0)
+
+
+def test_a_stage_received_in_place_outlives_its_closed_disk_without_harm(tmp_path):
+    path = tmp_path / "d"
+    layer = XtsLayer(FileBackend(path, size=SIZE), generate_dek())
+    stage = layer.stage_write(0, 32 * S)
+    stage.space()[:10 * S + 7] = os.urandom(10 * S + 7)
+    stage.took(10 * S + 7)
+    layer.close()
+    stage.space()[:22 * S - 7] = os.urandom(22 * S - 7)
+    stage.took(22 * S - 7)  # received, not encrypted: the key is gone
+    with pytest.raises(OSError) as refused:
+        stage.commit()
+    assert refused.value.errno == errno.EIO
+    assert file_bytes(path) == bytes(os.path.getsize(path))
+
+
 def test_stage_write_takes_only_whole_sectors_inside_an_open_disk(disk):
     layer, _, _ = disk
     assert layer.stage_write(512, 16 * S) is None          # unaligned start: RMW needed
