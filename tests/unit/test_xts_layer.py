@@ -616,8 +616,12 @@ def pieces(data: bytes, rng: random.Random, cuts: int):
     return [memoryview(data)[a:b] for a, b in itertools.pairwise(points) if a < b <= len(data)]
 
 
+@pytest.mark.parametrize("in_place", [0.0, 0.7], ids=["taken", "mostly-received-in-place"])
 @pytest.mark.parametrize("seed", range(6))
-def test_a_staged_write_cut_anywhere_writes_dmcrypt_ciphertext(disk, seed):
+def test_a_staged_write_cut_anywhere_writes_dmcrypt_ciphertext(disk, seed, in_place):
+    """Pieces are taken from the receive buffer (`take`) or, as the server's buffered
+    protocol does with all but the first, received straight into the stage (`space`,
+    `took`): each sector is encrypted once all of it is in, whichever way its bytes came."""
     layer, path, key = disk
     rng = random.Random(seed)
     first = rng.randrange(0, 40)
@@ -626,29 +630,7 @@ def test_a_staged_write_cut_anywhere_writes_dmcrypt_ciphertext(disk, seed):
     stage = layer.stage_write(first * S, len(plain))
     assert stage is not None
     for piece in pieces(plain, rng, cuts=rng.choice([1, 5, 40])):
-        stage.take(piece)
-    assert stage.received == len(plain)
-    stage.commit()
-    on_disk = file_bytes(path)
-    for i in range(count):
-        s = first + i
-        assert on_disk[s * S:(s + 1) * S] == dmcrypt_sector(key, s, plain[i * S:(i + 1) * S])
-    assert read(layer, first * S, len(plain)) == plain
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_a_staged_write_received_in_place_writes_the_same_ciphertext(disk, seed):
-    """The server's buffered protocol receives the rest of a payload straight into the
-    stage (`space`, `took`), after a first piece or more taken from its receive buffer:
-    each sector is encrypted once all of it is in, whichever way its bytes came."""
-    layer, path, key = disk
-    rng = random.Random(seed)
-    first = rng.randrange(0, 40)
-    count = rng.randrange(16, SIZE // S - first + 1)
-    plain = rng.randbytes(count * S)
-    stage = layer.stage_write(first * S, len(plain))
-    for piece in pieces(plain, rng, cuts=rng.choice([1, 5, 40])):
-        if rng.random() < 0.3:
+        if rng.random() >= in_place:
             stage.take(piece)
             continue
         room = stage.space()
@@ -661,6 +643,7 @@ def test_a_staged_write_received_in_place_writes_the_same_ciphertext(disk, seed)
     for i in range(count):
         s = first + i
         assert on_disk[s * S:(s + 1) * S] == dmcrypt_sector(key, s, plain[i * S:(i + 1) * S])
+    assert read(layer, first * S, len(plain)) == plain
 
 
 def test_a_stage_received_in_place_holds_only_ciphertext_of_whole_sectors(disk):
