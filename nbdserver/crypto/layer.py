@@ -733,26 +733,19 @@ class EncryptingStage(WriteStage):
         if self.failed:
             return
         view = self.view
-        try:
-            if at % S:  # complete the sector an earlier piece began
-                k = min(n, S - at % S)
-                view[at:at + k] = data[:k]
-                data = data[k:]
-                at += k
-                if at % S == 0:
-                    sector = view[at - S:at]
-                    self._encrypt(sector, sector, self._first + at // S - 1)
-            whole = len(data) // S * S
-            if whole:
-                self._encrypt(data[:whole], view[at:at + whole], self._first + at // S)
-            if whole < len(data):  # the start of a sector the next piece completes
-                view[at + whole:at + len(data)] = data[whole:]
-        except ValueError:
-            if not self._layer._closed:
-                raise  # a bug, not a revocation: the connection ends
-            # The key was revoked (the layer and its engine closed) while the write
-            # arrived: take the rest without encrypting it; commit fails with EIO.
-            self.failed = True
+        if at % S:  # complete the sector an earlier piece began
+            k = min(n, S - at % S)
+            view[at:at + k] = data[:k]
+            data = data[k:]
+            at += k
+            if at % S == 0:
+                sector = view[at - S:at]
+                self._seal(sector, sector, at // S - 1)
+        whole = len(data) // S * S
+        if whole:
+            self._seal(data[:whole], view[at:at + whole], at // S)
+        if whole < len(data):  # the start of a sector the next piece completes
+            view[at + whole:at + len(data)] = data[whole:]
 
     def space(self) -> memoryview | None:
         return self.view[self.received:]
@@ -769,12 +762,20 @@ class EncryptingStage(WriteStage):
         start, stop = at - at % S, self.received - self.received % S
         if stop > start:
             sectors = self.view[start:stop]
-            try:
-                self._encrypt(sectors, sectors, self._first + start // S)
-            except ValueError:
-                if not self._layer._closed:
-                    raise  # a bug, not a revocation: the connection ends
-                self.failed = True  # as in take()
+            self._seal(sectors, sectors, start // S)
+
+    def _seal(self, src: memoryview, dst: memoryview, sector: int) -> None:
+        """Encrypt whole sectors into `dst`, `sector` the first's index in this write."""
+        if self.failed:
+            return
+        try:
+            self._encrypt(src, dst, self._first + sector)
+        except ValueError:
+            if not self._layer._closed:
+                raise  # a bug, not a revocation: the connection ends
+            # The key was revoked (the layer and its engine closed) while the write
+            # arrived: take the rest without encrypting it; commit fails with EIO.
+            self.failed = True
 
     def commit(self, *, fua: bool = False, nowait: bool = False) -> None:
         self._layer._commit(self, fua, nowait)

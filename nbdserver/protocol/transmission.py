@@ -249,7 +249,7 @@ class RequestParser:
         class), or None: no such WRITE, or a stage that cannot."""
         if self._partial is None:
             return None
-        length, payload, stage = self._partial[4], self._partial[5], self._partial[6]
+        *_, length, payload, stage = self._partial
         if stage is not None:
             return stage.space()
         if payload is not None:  # one of the two is, always
@@ -261,35 +261,40 @@ class RequestParser:
         payload is complete."""
         if self._partial is None:
             raise RuntimeError("payload_received() without a partial WRITE")
-        cmd, flags, cookie, offset, length, payload, stage = self._partial
+        length, stage = self._partial[4], self._partial[6]
         if not 0 < n <= length - self._have:
             raise ValueError(f"{n} bytes received for {length - self._have} still to come")
         if stage is not None:
             stage.took(n)
+        done = self._advance(n)
+        return [] if done is None else [done]
+
+    def _advance(self, n: int) -> Request | None:
+        """`n` more bytes of the partial WRITE's payload are in: the WRITE, once all are."""
+        assert self._partial is not None
+        cmd, flags, cookie, offset, length, payload, stage = self._partial
         self._have += n
         if self._have < length:
-            return []
+            return None
         self._partial = None
         self._have = 0
-        return [Request(cmd, flags, cookie, offset, length, payload, stage)]
+        return Request(cmd, flags, cookie, offset, length, payload, stage)
 
     def _fill(self, data: Data, out: list[Parsed]) -> Data:
         """Copy arriving bytes into the partial WRITE's payload; returns the rest of
         `data` (the next requests) once the payload is complete."""
         if self._partial is None:
             raise RuntimeError("_fill() without a partial WRITE")
-        cmd, flags, cookie, offset, length, payload, stage = self._partial
+        *_, length, payload, stage = self._partial
         take = min(length - self._have, len(data))
         if stage is not None:
             stage.take(memoryview(data)[:take])
         elif payload is not None:  # one of the two is, always
             payload[self._have:self._have + take] = memoryview(data)[:take]
-        self._have += take
-        if self._have < length:
+        done = self._advance(take)
+        if done is None:
             return b""
-        self._partial = None
-        self._have = 0
-        out.append(Request(cmd, flags, cookie, offset, length, payload, stage))
+        out.append(done)
         return memoryview(data)[take:]
 
 
